@@ -30,10 +30,10 @@ def _open(path: str | Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise ImageError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS, refuses above twice that
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(f"too many pixels, possible decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image PIL can read") from None
@@ -52,9 +52,7 @@ def probe_image(path: str | Path, full: bool = False) -> tuple[int, int]:
             orientation = None
         if full:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    img.load()
+                img.load()
             except Exception as e:
                 raise ImageError(f"cannot decode: {e}") from None
     if orientation in _ROTATED:
@@ -88,14 +86,12 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Open, decode and orient an image; always an 8-bit RGB picture or an `ImageError`."""
     img = _open(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:  # broken EXIF: keep the pixels as stored
-                pass
-            return to_rgb(img)
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # broken EXIF: keep the pixels as stored
+            pass
+        return to_rgb(img)
     except ImageError:
         raise
     except Exception as e:

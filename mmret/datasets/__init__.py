@@ -17,7 +17,12 @@ import pandas as pd
 
 from mmret import __version__
 from mmret.config import PrepareConfig, data_root, to_dict
-from mmret.datasets import coco, example, flickr8k, flickr30k, folder  # noqa: F401  (register readers)
+# importing the readers registers them, in the order the help text lists them
+from mmret.datasets import flickr30k  # noqa: F401, I001
+from mmret.datasets import coco  # noqa: F401
+from mmret.datasets import flickr8k  # noqa: F401
+from mmret.datasets import folder  # noqa: F401
+from mmret.datasets import example  # noqa: F401
 from mmret.datasets.base import (
     READER_HELP, READERS, SPLITS, Problem, assign_random_splits, check_files, clean_captions,
     merge_duplicate_ids, problem_counts, to_tables,
