@@ -64,3 +64,153 @@ class PrepareConfig:
         if self.root is not None:
             self.root = Path(self.root).expanduser().absolute()
         self.data_dir = data_root(self.data_dir)
+
+
+# ---------------------------------------------------------------------------- training runs
+
+
+def _check_positive(name: str, value: float | int | None) -> None:
+    if value is not None and value <= 0:
+        raise MmretError(f"--{name} must be positive, got {value}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "example"  # prepared dataset under the data root
+    folds: int = 0  # k-fold cross-validation over all images (0: use the dataset's own splits)
+    fold: int = 0  # which fold is the test split when folds > 0
+    data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
+
+    def __post_init__(self) -> None:
+        if self.folds == 1 or self.folds < 0:
+            raise MmretError(f"--folds must be 0 (off) or at least 2, got {self.folds}")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise MmretError(f"--fold must be in [0, {self.folds}), got {self.fold}")
+        self.data_dir = data_root(self.data_dir)
+
+
+@dataclass
+class EncoderConfig:
+    vision: str = "dino-vits16"  # frozen image tower: preset, hub id or local folder
+    text: str = "distilbert"  # frozen text tower: preset, hub id or local folder
+    model: str | None = None  # a CLIP whose two towers are adapted (lora/prefix/adapter/full)
+    max_length: int = 64  # text tokens per caption
+    tokens: bool = False  # whether the method reads token states (set by the method)
+
+
+@dataclass
+class MethodConfig:
+    method: str = "bridge"  # heads | bridge | lora | prefix | adapter | full | scratch
+    embed_dim: int = 512  # size of the shared embedding space
+    head_layers: int = 2  # projection heads: 1 = linear, 2+ = MLP
+    head_hidden: int | None = None  # hidden width of MLP heads (default: the input width)
+    dropout: float = 0.1  # dropout in heads and bridge
+    queries: int = 32  # bridge: learnable query vectors
+    bridge_layers: int = 2  # bridge: cross-attention blocks
+    bridge_width: int = 384  # bridge: width of queries and blocks
+    bridge_heads: int = 6  # bridge: attention heads
+    mixup: float = 0.0  # latent mixup Beta(alpha, alpha) on cached features (0: off)
+    init_temperature: float = 0.07  # initial softmax temperature (logit scale 1/T)
+    rank: int = 8  # lora: rank r
+    alpha: float | None = None  # lora: scaling alpha (default 2 x rank)
+    lora_dropout: float = 0.1  # lora: dropout on the low-rank path
+    targets: str = "q,v"  # lora: attention projections to adapt (q, k, v, o, mlp)
+    tower: str = "both"  # which tower is adapted: text | vision | both
+    prefix_tokens: int = 16  # prefix: virtual tokens per tower
+    adapter_dim: int = 64  # adapter: bottleneck width
+    arch: str = "miniclip"  # scratch: miniclip | clip-tiny | clip-b16
+    linformer_k: int = 16  # scratch: Linformer projected sequence length
+    tokenizer: str = "bpe"  # scratch: bpe (trained on the captions) or a transformers tokenizer
+    vocab_size: int = 2000  # scratch: BPE vocabulary size
+    temperature: str = "learned"  # learned | fixed | dynamic
+    pretrained_image: bool = False  # scratch: start the ResNet from ImageNet weights
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "head_layers", "queries", "bridge_layers", "bridge_width", "bridge_heads",
+                     "rank", "prefix_tokens", "adapter_dim", "linformer_k", "vocab_size"):
+            _check_positive(name.replace("_", "-"), getattr(self, name))
+        if not 0 <= self.dropout < 1 or not 0 <= self.lora_dropout < 1:
+            raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
+        if self.mixup < 0:
+            raise MmretError(f"--mixup must be 0 (off) or a positive Beta alpha, got {self.mixup}")
+        if self.tower not in ("text", "vision", "both"):
+            raise MmretError(f"--tower must be text, vision or both, got {self.tower!r}")
+        if self.temperature not in ("learned", "fixed", "dynamic"):
+            raise MmretError(f"--temperature must be learned, fixed or dynamic, got {self.temperature!r}")
+        if self.bridge_width % self.bridge_heads:
+            raise MmretError(f"--bridge-width {self.bridge_width} must be divisible by --bridge-heads {self.bridge_heads}")
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # passes over the training images
+    batch_size: int = 128  # pairs in one contrastive loss
+    micro_batch: int | None = None  # pairs per forward pass (default: the whole batch)
+    accumulation: str = "cache"  # cache: every pair sees the whole batch's negatives; plain: only its micro-batch's
+    lr: float | None = None  # peak learning rate (default: the method's)
+    weight_decay: float = 0.05  # AdamW decay (never on norms, biases or the temperature)
+    warmup: float = 0.05  # fraction of all steps spent warming up linearly
+    grad_clip: float = 1.0  # clip the global gradient norm (0: off)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA)
+    patience: int = 5  # stop after this many evaluations without a better val mean recall (0: never)
+    seed: int = 0  # seeds data order, initialisation and dropout
+    workers: int | None = None  # DataLoader workers for pixel inputs (default: CPU count, at most 4)
+    grad_checkpointing: bool = False  # recompute tower activations in backward to save memory
+    sam: bool = False  # sharpness-aware minimisation
+    sam_rho: float = 0.05  # SAM neighbourhood size
+    save_every: int = 0  # also keep a checkpoint every N epochs (0: only best and last)
+    max_steps: int | None = None  # stop after this many optimizer steps (for quick checks)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "micro_batch", "lr", "max_steps"):
+            _check_positive(name.replace("_", "-"), getattr(self, name))
+        if self.micro_batch is not None and self.micro_batch > self.batch_size:
+            raise MmretError(f"--micro-batch {self.micro_batch} cannot exceed --batch-size {self.batch_size}")
+        if self.accumulation not in ("cache", "plain"):
+            raise MmretError(f"--accumulation must be cache or plain, got {self.accumulation!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise MmretError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0 <= self.warmup < 1:
+            raise MmretError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
+        if self.patience < 0 or self.save_every < 0 or self.grad_clip < 0:
+            raise MmretError("--patience, --save-every and --grad-clip cannot be negative")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs, saved as `runs/<run>/config.json` to rebuild its model."""
+
+    name: str | None = None  # run folder name (default: date-method-dataset)
+    runs_dir: Path | None = None  # runs root (default $MMRET_RUNS_DIR or ./runs)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.runs_dir = runs_root(self.runs_dir)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "runs_dir": str(self.runs_dir)}
+        for part in ("data", "encoders", "method", "train"):
+            out[part] = to_dict(getattr(self, part))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        parts = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfig, "train": TrainConfig}
+        unknown = set(data) - set(parts) - {"name", "runs_dir"}
+        if unknown:
+            raise MmretError(f"unknown config sections: {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {"name": data.get("name"), "runs_dir": data.get("runs_dir")}
+        for key, kind in parts.items():
+            section = data.get(key, {})
+            names = {f.name for f in dataclasses.fields(kind)}
+            bad = set(section) - names
+            if bad:
+                raise MmretError(f"unknown {key} settings in config: {', '.join(sorted(bad))}")
+            kwargs[key] = kind(**section)
+        return cls(**kwargs)
