@@ -1,0 +1,150 @@
+"""The dual encoder: two towers into one normalised embedding space, and a temperature.
+
+A tower is any `nn.Module` that maps a batch to (B, embed_dim): a head over cached pooled
+features, a bridge over cached token states, or a frozen pretrained encoder (with LoRA inside)
+followed by a head. A batch is a tensor, passed as `tower(x)`, or a dict of tensors, passed as
+`tower(**x)`, so tokenizer output and {"tokens", "mask"} feature batches both work. The temperature
+is a `mmret.models.temperature` module; the default is CLIP's learned log-scale, initialised at
+log(1/0.07) and kept at most log(100).
+
+The contract `gradcache.py` relies on (shared with `MiniCLIP`): `encode_image(batch)`,
+`encode_text(batch)` and `logit_scale_for(image_emb, text_emb)` over the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmret.errors import MmretError
+from mmret.models.bridge import QueryBridge
+from mmret.models.heads import ProjectionHead
+from mmret.models.temperature import Temperature, build_temperature, logit_scale_for
+
+Batch = Tensor | Mapping[str, Any]
+
+
+class DualOutput(NamedTuple):
+    image_emb: Tensor  # (B, D), normalised
+    text_emb: Tensor  # (B, D), normalised
+    logit_scale: Tensor  # () the multiplier 1/temperature that `clip_loss` takes
+
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower → normalised (B, embed_dim) embeddings, and a logit scale."""
+
+    def __init__(
+        self,
+        image_tower: nn.Module,
+        text_tower: nn.Module,
+        embed_dim: int = 512,
+        temperature: Temperature | None = None,  # default: learned, 1/0.07 at start, at most 100
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.temperature = temperature if temperature is not None else build_temperature("learned")
+
+    @property
+    def logit_scale(self) -> Tensor | None:
+        """The stored log-scale (open_clip's `model.logit_scale`); None for a dynamic temperature."""
+        return getattr(self.temperature, "log_scale", None)
+
+    def logit_scale_for(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        """The multiplier for this batch's similarities (a dynamic temperature reads them)."""
+        return logit_scale_for(self.temperature, image_emb, text_emb)  # ()
+
+    def clamp_logit_scale_(self) -> None:
+        """Call after each optimiser step, as open_clip does, so the scale stays in its range."""
+        self.temperature.clamp_()
+
+    def _encode(self, which: str, tower: nn.Module, x: Batch | None, inputs: dict, normalize: bool) -> Tensor:
+        x = inputs if x is None else x
+        out = tower(**x) if isinstance(x, Mapping) else tower(x)
+        if out.dim() != 2 or out.shape[1] != self.embed_dim:
+            raise MmretError(
+                f"the {which} tower returned shape {tuple(out.shape)}, expected (batch, {self.embed_dim}); "
+                "set its output size to the model's embedding size"
+            )
+        return F.normalize(out, dim=-1) if normalize else out  # (B, D)
+
+    def encode_image(self, x: Batch | None = None, /, normalize: bool = True, **inputs: Tensor) -> Tensor:
+        """A tensor, a dict of tensors, or the tensors as keywords → (B, embed_dim)."""
+        return self._encode("image", self.image_tower, x, inputs, normalize)
+
+    def encode_text(self, x: Batch | None = None, /, normalize: bool = True, **inputs: Tensor) -> Tensor:
+        """A tensor, a dict of tensors (e.g. input_ids, attention_mask), or keywords → (B, embed_dim)."""
+        return self._encode("text", self.text_tower, x, inputs, normalize)
+
+    def forward(self, images: Batch, texts: Batch) -> DualOutput:
+        image_emb, text_emb = self.encode_image(images), self.encode_text(texts)
+        return DualOutput(image_emb, text_emb, self.logit_scale_for(image_emb, text_emb))
+
+    def named_parts(self) -> dict[str, nn.Module]:
+        """The parts for a parameter table; a tower with its own `named_parts` is listed by sub-part."""
+        parts: dict[str, nn.Module] = {}
+        for name, tower in (("image", self.image_tower), ("text", self.text_tower)):
+            sub = tower.named_parts() if callable(getattr(tower, "named_parts", None)) else None
+            parts.update({f"{name}.{k}": m for k, m in sub.items()} if sub else {name: tower})
+        parts["temperature"] = self.temperature
+        return parts
+
+
+@dataclass(frozen=True)
+class PartCount:
+    part: str
+    total: int
+    trainable: int
+
+    @property
+    def percent_trainable(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def count_part(module: nn.Module, name: str = "total") -> PartCount:
+    """Total and trainable parameter counts of a module (shared tensors counted once)."""
+    params = list(module.parameters())  # parameters() already skips repeated (tied) tensors
+    return PartCount(name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+
+
+def parameter_table(model: nn.Module) -> list[PartCount]:
+    """One row per part of `model.named_parts()` (if it has them), then a "total" row over the model."""
+    parts = model.named_parts() if callable(getattr(model, "named_parts", None)) else {}
+    return [count_part(m, name) for name, m in parts.items()] + [count_part(model)]
+
+
+def heads_model(
+    image_dim: int,
+    text_dim: int,
+    embed_dim: int = 512,
+    layers: int = 1,
+    hidden_dim: int | None = None,
+    dropout: float = 0.0,
+    temperature: Temperature | None = None,
+) -> DualEncoder:
+    """The "heads" method: a projection head on each side over cached pooled features."""
+    return DualEncoder(
+        ProjectionHead(image_dim, embed_dim, layers, hidden_dim, dropout),
+        ProjectionHead(text_dim, embed_dim, layers, hidden_dim, dropout),
+        embed_dim,
+        temperature,
+    )
+
+
+def bridge_model(image_dim: int, text_dim: int, embed_dim: int = 512, text_layers: int = 1,
+                 dropout: float = 0.0, temperature: Temperature | None = None, **bridge: Any) -> DualEncoder:
+    """The "bridge" method: a querying bridge over cached image tokens, a head over pooled text.
+
+    `bridge` holds QueryBridge's other settings (num_queries, depth, width, heads, mlp_ratio).
+    """
+    return DualEncoder(
+        QueryBridge(image_dim, embed_dim, dropout=dropout, **bridge),
+        ProjectionHead(text_dim, embed_dim, text_layers, dropout=dropout),
+        embed_dim,
+        temperature,
+    )
