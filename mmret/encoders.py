@@ -358,8 +358,17 @@ def _processor_class_name(model_type: str) -> str | None:
     return names
 
 
+# What the published checkpoints' preprocessor_config.json holds where it differs from the processor
+# class's own defaults (facebook/dinov2-*: ImageNet statistics, resize 256 then crop 224, as DINOv2's
+# evaluation transform), for folders that come without that file.
+_PUBLISHED_PROCESSORS: dict[str, dict[str, Any]] = {
+    "dinov2": dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3),
+}
+
+
 def _hf_image_processor(folder: Path, model_type: str) -> tuple[Any, str]:
-    """The folder's image processor, or the defaults of the processor class for its model type."""
+    """The folder's image processor, or the published settings / class defaults for its model type."""
     import transformers
 
     if (folder / "preprocessor_config.json").is_file():
@@ -369,6 +378,9 @@ def _hf_image_processor(folder: Path, model_type: str) -> tuple[Any, str]:
     if not name or not hasattr(transformers, name):
         raise MmretError(f"{folder} has no preprocessor_config.json and transformers knows no image processor "
                          f"for model type {model_type!r}; add a preprocessor_config.json to the folder")
+    if model_type in _PUBLISHED_PROCESSORS:
+        return (getattr(transformers, name)(**_PUBLISHED_PROCESSORS[model_type]),
+                f"{name} with the published {model_type} settings (defaults: no preprocessor_config.json in the folder)")
     return getattr(transformers, name)(), f"{name} defaults (no preprocessor_config.json in the folder)"
 
 

@@ -100,15 +100,14 @@ def _one_level(enc: ImageEncoder) -> float:
     return 1.01 / 255 / min(enc.std)
 
 
-def test_dinov2_without_processor_config_uses_the_type_defaults_and_says_so(towers, caplog):
-    from transformers import BitImageProcessorPil, Dinov2Model
+def test_dinov2_without_processor_config_uses_the_published_settings_and_says_so(towers, caplog):
+    from transformers import Dinov2Model
 
     with caplog.at_level(logging.WARNING, logger="mmret.encoders"):
         enc = load_image_encoder(str(towers["dinov2"]), image_size=32)
-    assert "no preprocessor_config.json; using BitImageProcessorPil defaults" in caplog.text
-    defaults = BitImageProcessorPil()
-    assert enc.mean == tuple(defaults.image_mean) and enc.std == tuple(defaults.image_std)
-    assert enc.image_size == (32, 32) and enc.preprocessing.resize == 32  # 224/224 kept at 32 px
+    assert "no preprocessor_config.json; using BitImageProcessorPil with the published dinov2 settings" in caplog.text
+    assert enc.mean == (0.485, 0.456, 0.406) and enc.std == (0.229, 0.224, 0.225)  # ImageNet, as facebook/dinov2-*
+    assert enc.image_size == (32, 32) and enc.preprocessing.resize == 37  # 256/224 kept at 32 px
     ref = Dinov2Model.from_pretrained(towers["dinov2"]).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
