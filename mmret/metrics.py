@@ -1,0 +1,327 @@
+"""Retrieval metrics for image–text search: a rank per query, then recalls, MRR, median rank,
+mAP and RSUM, with seeded bootstrap confidence intervals and paired comparisons of two runs.
+
+Protocol (CLIP paper, CLIP_benchmark): every caption is a text→image query with exactly one right
+image; every image is an image→text query whose right answers are all of its captions, and it is a
+hit at k when any of them is in the top k. Image→text mAP ranks all of an image's captions.
+
+Scores are dot products (of normalised embeddings: cosine similarity) computed in float32, one
+block of query rows at a time, so a COCO 5K test never holds its 5000 x 25010 score matrix.
+
+Tie rule (pessimistic): a wrong item that scores exactly as high as a right one is ranked above
+it, so rank = 1 + the number of wrong items scoring >= the right one. It is deterministic, it
+cannot flatter a collapsed model whose scores are all equal, and without ties it agrees with any
+tie order (CLIP_benchmark's `torch.topk` leaves the order of ties undefined).
+
+Values: `*_r{k}`, `*_mrr` and `i2t_map` are fractions in [0, 1]; `*_medr` is a rank (the lower
+median: the smallest rank that at least half of the queries reach); `rsum` is the sum of the
+recalls of both directions in percent (600 is perfect with the default ks 1, 5, 10).
+Per-query ranks are kept so that `bootstrap_ci` and `paired_bootstrap` can resample queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from mmret.errors import MmretError
+
+DEFAULT_KS = (1, 5, 10)
+_BLOCK_ELEMENTS = 1 << 24  # scores per block (64 MB of float32): bounded memory, still large BLAS calls
+_BOOT_BATCH = 100  # bootstrap replicates resampled at once: (100, n_queries) int64 weights
+UNITS = ("image", "query")
+
+Block = Callable[[int, int], torch.Tensor]  # (start, end) -> float32 scores of query rows start:end
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    metrics: dict[str, float]  # see the module docstring for names and units
+    t2i_ranks: torch.Tensor  # (n_text,) int64: 1-based rank of each caption's image among all images
+    i2t_ranks: torch.Tensor  # (n_image,) int64: 1-based rank of each image's best caption; 0 = it has none
+    i2t_ap: torch.Tensor  # (n_image,) float64: average precision over each image's captions; nan = none
+    text_image: torch.Tensor  # (n_text,) int64: the image (row of image_emb) each caption describes
+    ks: tuple[int, ...]
+
+    def hits(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-query hits at k: (n_text,) text→image and (n_image,) image→text booleans."""
+        return self.t2i_ranks <= k, (self.i2t_ranks > 0) & (self.i2t_ranks <= k)
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    delta: float  # metric of run b minus metric of run a, on all queries
+    low: float  # bootstrap confidence interval of delta
+    high: float
+    p_value: float  # two-sided: how often resampling gives a difference of the other sign
+
+    @property
+    def significant(self) -> bool:
+        """True when the confidence interval of the difference excludes zero."""
+        return self.low > 0 or self.high < 0
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
+) -> RetrievalResult:
+    """Rank every caption's image and every image's captions; `chunk` = query rows per block.
+
+    image_emb (n_image, D) and text_emb (n_text, D) are normalised embeddings of any float dtype;
+    text_image (n_text,) gives the row of image_emb that each caption describes.
+    """
+    n_image, n_text = _check_embeddings(image_emb, text_emb)
+    text_image = _check_text_image(text_image, n_text, n_image)
+    image32, text32 = image_emb.float(), text_emb.float()  # exact for float16 inputs
+    t2i = _t2i_ranks(lambda s, e: text32[s:e] @ image32.T, text_image.to(text32.device), n_image, chunk)
+    i2t, ap = _i2t_ranks(lambda s, e: image32[s:e] @ text32.T, text_image.to(text32.device), n_image, chunk)
+    return _result(t2i, i2t, ap, text_image, ks)
+
+
+def metrics_from_scores(
+    scores: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
+) -> RetrievalResult:
+    """The same metrics from a given (n_text, n_image) score matrix, e.g. from a re-ranker."""
+    if scores.ndim != 2 or 0 in scores.shape:
+        raise MmretError(f"scores must be a non-empty (n_text, n_image) matrix, got shape {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise MmretError("the score matrix holds NaN or inf values; check the model that produced it")
+    n_text, n_image = scores.shape
+    text_image = _check_text_image(text_image, n_text, n_image)
+    gt = text_image.to(scores.device)
+    t2i = _t2i_ranks(lambda s, e: scores[s:e].float(), gt, n_image, chunk)
+    i2t, ap = _i2t_ranks(lambda s, e: scores[:, s:e].T.float(), gt, n_image, chunk)
+    return _result(t2i, i2t, ap, text_image, ks)
+
+
+def metrics_from_ranks(
+    t2i_ranks: torch.Tensor, i2t_ranks: torch.Tensor, i2t_ap: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
+    """Recalls, MRR, median ranks, mAP and RSUM from per-query ranks (images of rank 0 are skipped)."""
+    ks = _check_ks(ks)
+    w_text = torch.ones(1, len(t2i_ranks), dtype=torch.int64)
+    w_image = (i2t_ranks > 0).to(torch.int64)[None]
+    stats = _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks)
+    return {name: value.item() for name, value in stats.items()}
+
+
+def bootstrap_ci(
+    result: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95, unit: str = "image",
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence interval of every metric from `n_boot` resamples of the queries.
+
+    unit="image" resamples images and takes each drawn image's captions with it (captions of one
+    picture succeed or fail together, so resampling them one by one would understate the spread);
+    unit="query" resamples captions and images independently. Same seed, same intervals.
+    """
+    (reps,) = _replicates([result], n_boot, seed, unit)
+    return {name: _percentile_interval(values, level) for name, values in reps.items()}
+
+
+def paired_bootstrap(
+    a: RetrievalResult, b: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+    unit: str = "image",
+) -> dict[str, PairedDiff]:
+    """Whether run b differs from run a on the same queries: both are scored on the same resamples."""
+    if not torch.equal(a.text_image, b.text_image) or len(a.i2t_ranks) != len(b.i2t_ranks) or a.ks != b.ks:
+        raise MmretError("the two runs were not evaluated on the same queries (same dataset, split "
+                         "and ks); evaluate both on the same split and compare again")
+    reps_a, reps_b = _replicates([a, b], n_boot, seed, unit)
+    out = {}
+    for name, va in reps_a.items():
+        diff = reps_b[name] - va  # (n_boot,)
+        beyond = min(int((diff <= 0).sum()), int((diff >= 0).sum()))
+        low, high = _percentile_interval(diff, level)
+        p_value = min(1.0, 2 * (beyond + 1) / (n_boot + 1))  # +1: a resample can never prove p = 0
+        out[name] = PairedDiff(b.metrics[name] - a.metrics[name], low, high, p_value)
+    return out
+
+
+# --- ranks -------------------------------------------------------------------------------------
+
+
+def _rows_per_block(chunk: int | None, n_cols: int) -> int:
+    if chunk is not None and chunk < 1:
+        raise MmretError(f"chunk must be a positive number of rows, got {chunk}")
+    return chunk or max(1, _BLOCK_ELEMENTS // n_cols)
+
+
+def _t2i_ranks(block: Block, text_image: torch.Tensor, n_image: int, chunk: int | None) -> torch.Tensor:
+    n_text = len(text_image)
+    rows = _rows_per_block(chunk, n_image)
+    ranks = torch.empty(n_text, dtype=torch.int64)
+    flags = None
+    for start in range(0, n_text, rows):
+        scores = block(start, start + rows)  # (c, n_image)
+        flags = _flags_for(scores, flags)
+        right = scores.gather(1, text_image[start:start + rows, None])  # (c, 1)
+        # counts the right image itself and every image tied with it: the pessimistic rank
+        ranks[start:start + rows] = _count_at_least(scores, right, flags).cpu()
+    return ranks
+
+
+def _flags_for(scores: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:
+    """A scratch buffer for `_count_at_least`, reused across blocks: a fresh 64 MB tensor per
+    call costs more in page faults than the comparison itself."""
+    if flags is None or flags.shape[0] < scores.shape[0]:
+        dtype = torch.float32 if scores.shape[1] < 2**24 else torch.float64  # exact integer counts
+        flags = torch.empty(scores.shape, dtype=dtype, device=scores.device)
+    return flags
+
+
+def _count_at_least(scores: torch.Tensor, threshold: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """(c,) int64 entries of each row >= its threshold. Summing 0/1 floats is several times faster
+    than summing booleans on CPU."""
+    return torch.ge(scores, threshold, out=flags[:len(scores)]).sum(1).long()
+
+
+def _i2t_ranks(block: Block, text_image: torch.Tensor, n_image: int, chunk: int | None):
+    positives, n_pos = _captions_per_image(text_image, n_image)  # (n_image, P), (n_image,)
+    rows = _rows_per_block(chunk, len(text_image))
+    ranks = torch.zeros(n_image, dtype=torch.int64)
+    ap = torch.full((n_image,), float("nan"), dtype=torch.float64)
+    flags = None
+    for start in range(0, n_image, rows):
+        end = min(start + rows, n_image)
+        scores = block(start, end)  # (c, n_text)
+        flags = _flags_for(scores, flags)
+        ranks[start:end], ap[start:end] = _i2t_block(scores, positives[start:end], n_pos[start:end], flags)
+    return ranks, ap
+
+
+def _captions_per_image(text_image: torch.Tensor, n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_image, P) caption indices of each image padded with 0, and (n_image,) how many are real."""
+    device = text_image.device
+    n_pos = torch.bincount(text_image, minlength=n_image)
+    order = torch.argsort(text_image, stable=True)  # captions grouped by image
+    first = torch.cumsum(n_pos, 0) - n_pos  # where each image's group starts in `order`
+    slot = torch.arange(len(order), device=device) - first[text_image[order]]
+    positives = torch.zeros(n_image, max(1, int(n_pos.max())), dtype=torch.int64, device=device)
+    positives[text_image[order], slot] = order
+    return positives, n_pos
+
+
+def _i2t_block(scores: torch.Tensor, positives: torch.Tensor, n_pos: torch.Tensor, flags: torch.Tensor):
+    """Best-caption rank and average precision of each image row of a (c, n_text) score block."""
+    c, width = positives.shape
+    slots = torch.arange(width, device=scores.device)
+    real = slots < n_pos[:, None]  # (c, P)
+    pos = scores.gather(1, positives).masked_fill(~real, float("-inf"))
+    pos = pos.sort(1, descending=True).values  # (c, P) right captions, best first
+    # right captions scoring >= each of them (ties between right captions do not change AP)
+    pos_ge = torch.searchsorted(-pos, -pos, right=True)  # (c, P)
+    all_ge = torch.zeros(c, width, dtype=torch.int64, device=scores.device)
+    for j in range(width):  # one pass per caption slot, over the images that have that many captions
+        has = (n_pos > j).nonzero().squeeze(1)
+        sub = scores if len(has) == c else scores[has]
+        all_ge[has, j] = _count_at_least(sub, pos[has, j:j + 1], flags)
+    rank = all_ge - pos_ge + slots + 1  # (c, P) wrong captions above, plus the right ones so far
+    precision = torch.where(real, (slots + 1) / rank.clamp(min=1).double(), 0.0)  # padding slots add 0
+    ap = precision.sum(1) / n_pos  # 0 / 0 = nan for an image without captions
+    return torch.where(n_pos > 0, rank[:, 0], 0).cpu(), ap.cpu()
+
+
+def _result(t2i, i2t, ap, text_image, ks) -> RetrievalResult:
+    ks = _check_ks(ks)
+    metrics = metrics_from_ranks(t2i, i2t, ap, ks)
+    return RetrievalResult(metrics, t2i, i2t, ap, text_image.cpu(), ks)
+
+
+# --- weighted statistics: one code path for point estimates and bootstrap replicates -----------
+
+
+def _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks) -> dict[str, torch.Tensor]:
+    """Every metric under B query weightings at once: w_text (B, n_text), w_image (B, n_image)."""
+    out = {}
+    for prefix, ranks, w in (("t2i", t2i_ranks, w_text), ("i2t", i2t_ranks, w_image)):
+        wf = w.double()
+        total = wf.sum(1)  # (B,)
+        for k in ks:
+            out[f"{prefix}_r{k}"] = wf @ (ranks <= k).double() / total
+        out[f"{prefix}_mrr"] = wf @ (1.0 / ranks.clamp(min=1).double()) / total
+        out[f"{prefix}_medr"] = _weighted_lower_median(ranks, w).double()
+    out["i2t_map"] = w_image.double() @ torch.nan_to_num(i2t_ap) / w_image.sum(1).double()
+    out["rsum"] = 100 * sum(out[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in ks)
+    return out
+
+
+def _weighted_lower_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B,) smallest value whose cumulative weight reaches half of the total, for each row of weights."""
+    order = torch.argsort(values, stable=True)
+    cum = weights[:, order].cumsum(1)  # (B, n) integer, so the comparison with half is exact
+    first = torch.searchsorted(2 * cum, cum[:, -1:].contiguous())  # first position with 2*cum >= total
+    return values[order][first.squeeze(1)]
+
+
+def _replicates(results: list[RetrievalResult], n_boot: int, seed: int, unit: str) -> list[dict[str, torch.Tensor]]:
+    """Each result's metrics on the same `n_boot` resamples of the queries: name -> (n_boot,)."""
+    if n_boot < 2:
+        raise MmretError(f"the bootstrap needs at least 2 resamples (1000 is usual), got {n_boot}")
+    if unit not in UNITS:
+        raise MmretError(f"bootstrap unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    first = results[0]
+    gen = torch.Generator().manual_seed(seed)
+    image_pool = (first.i2t_ranks > 0).nonzero().squeeze(1)  # images that are queries
+    parts: list[dict[str, list]] = [{} for _ in results]
+    for done in range(0, n_boot, _BOOT_BATCH):
+        batch = min(_BOOT_BATCH, n_boot - done)
+        w_image = _draw_counts(image_pool, batch, len(first.i2t_ranks), gen)
+        if unit == "image":
+            w_text = w_image[:, first.text_image]  # each drawn image brings all of its captions
+        else:
+            w_text = _draw_counts(torch.arange(len(first.text_image)), batch, len(first.text_image), gen)
+        for r, acc in zip(results, parts):
+            stats = _weighted_metrics(r.t2i_ranks, r.i2t_ranks, r.i2t_ap, w_text, w_image, r.ks)
+            for name, values in stats.items():
+                acc.setdefault(name, []).append(values)
+    return [{name: torch.cat(v) for name, v in acc.items()} for acc in parts]
+
+
+def _draw_counts(pool: torch.Tensor, batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, size) how often each index was drawn in len(pool) draws with replacement from pool."""
+    draws = pool[torch.randint(len(pool), (batch, len(pool)), generator=gen)]
+    return torch.zeros(batch, size, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
+
+
+def _percentile_interval(values: torch.Tensor, level: float) -> tuple[float, float]:
+    if not 0 < level < 1:
+        raise MmretError(f"confidence level must be between 0 and 1 (0.95 is usual), got {level}")
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(values.double(), q).tolist()
+    return low, high
+
+
+# --- input checks ------------------------------------------------------------------------------
+
+
+def _check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[int, int]:
+    for name, x in (("image", image_emb), ("text", text_emb)):
+        if x.ndim != 2 or len(x) == 0:
+            raise MmretError(f"{name} embeddings must be a non-empty (n, dim) matrix, got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise MmretError(f"{name} embeddings hold NaN or inf values; the run may have diverged, "
+                             "recompute them from a good checkpoint")
+    if image_emb.shape[1] != text_emb.shape[1]:
+        raise MmretError(f"image embeddings have {image_emb.shape[1]} dims but text embeddings have "
+                         f"{text_emb.shape[1]}; both must come from the same run")
+    return len(image_emb), len(text_emb)
+
+
+def _check_text_image(text_image: torch.Tensor, n_text: int, n_image: int) -> torch.Tensor:
+    text_image = torch.as_tensor(text_image)
+    if text_image.ndim != 1 or len(text_image) != n_text or text_image.is_floating_point():
+        raise MmretError(f"text_image must hold one integer image index per caption ({n_text}), "
+                         f"got {text_image.dtype} of shape {tuple(text_image.shape)}")
+    if n_text and (int(text_image.min()) < 0 or int(text_image.max()) >= n_image):
+        raise MmretError(f"text_image points outside the {n_image} images; captions and images "
+                         "must come from the same dataset split")
+    return text_image.long()
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    if not ks or ks[0] < 1:
+        raise MmretError(f"recall cut-offs k must be positive integers, got {ks}")
+    return ks
