@@ -47,7 +47,7 @@ def command(fn: Callable) -> Callable:
             if debug():
                 raise
             ui.print_error(str(e))
-            raise typer.Exit(1) from None
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
         except KeyboardInterrupt:
             if debug():
                 raise
@@ -121,6 +121,199 @@ def _show_prepare(result) -> None:
         if len(result.problems) > 5:
             ui.console.print(f"  ... all {len(result.problems)} listed in {result.path / 'dataset.json'}", highlight=False)
     ui.console.print(f"wrote {result.path} in {result.seconds:.1f}s", highlight=False)
+
+
+# ---------------------------------------------------------------------------- precompute-embeddings
+
+def _encoder_help(modality: str) -> str:
+    from mmret.encoders import ENCODERS
+
+    presets = "; ".join(f"{name} ({entry.help.rstrip('.')})" for name, entry in ENCODERS.items()
+                        if modality in entry.builders)
+    return f"Frozen {modality} tower: a preset, a hub id (owner/name) or a local model folder. Presets: {presets}."
+
+
+@app.command("precompute-embeddings")
+@command
+def precompute_embeddings(
+    dataset: Annotated[str, typer.Option(help="Prepared dataset to encode.", show_default=False)],
+    vision: Annotated[Optional[str], typer.Option(help=_encoder_help("image"), show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option(help=_encoder_help("text"), show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Rows to compute now: all, train, val or test (one cache spans every split).")] = "all",
+    tokens: Annotated[bool, typer.Option("--tokens", help="Also keep the token states (N, T, D), for methods that read them.")] = False,
+    batch_size: Annotated[str, typer.Option(help="Rows per forward pass, or auto.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 when it matches fp32 and is faster; AMP on CUDA), fp32, bf16, or fp16 (CUDA only).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    image_size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the model's own).", show_default=False)] = None,
+    max_length: Annotated[int, typer.Option(help="Text tokens per caption.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(help="Image decoding workers (default: CPU count - 1, at most 4).", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the image tower with torch.compile first: a minute or so once, then faster (worth it for thousands of images).")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Encode a dataset's images and captions once with frozen towers into data/<ds>/features/.
+
+    A cache that is already complete is reused; an interrupted run resumes where it stopped.
+    """
+    from mmret import ui
+    from mmret.config import PrecomputeConfig
+    from mmret.features import precompute_embeddings as run_precompute
+
+    cfg = PrecomputeConfig(dataset=dataset, vision=vision, text=text, split=split, tokens=tokens,
+                           batch_size=batch_size, precision=precision, device=device, image_size=image_size,
+                           max_length=max_length, workers=workers, compile=compile, data_dir=data_dir)
+    _show_precompute(run_precompute(cfg, ui.RichReporter()))
+
+
+def _show_precompute(result) -> None:
+    from mmret import ui
+
+    rows = []
+    for name, feats in result.parts:
+        s = feats.stats
+        rate = f"{s.rows_per_second:,.1f}" if s.encoded else "-"
+        tokens = str(tuple(feats.tokens.shape)) if feats.tokens is not None else "-"
+        rows.append((feats.which, name, f"{s.encoded:,} / {s.reused:,}", str(tuple(feats.pooled.shape)),
+                     tokens, s.precision or "-", ui.human_bytes(feats.disk_bytes), f"{s.seconds:.1f}s", rate))
+    columns = ["rows", "tower", "new / reused", "pooled", "tokens", "precision", "disk", "time", "rows/s"]
+    ui.console.print(ui.table(f"{result.dataset}: frozen features on {result.device}", columns, rows))
+    for name, feats in result.parts:
+        if feats.stats.precision_reason:
+            ui.console.print(f"{feats.which} precision: {feats.stats.precision_reason}", highlight=False)
+        if feats.failed:
+            ui.print_note(f"{len(feats.failed)} {feats.which} could not be read (rows left NaN, valid=False):")
+            for item, reason in list(feats.failed.items())[:5]:
+                ui.console.print(f"  {item}: {reason}", highlight=False, soft_wrap=True)
+        ui.console.print(f"{feats.which} cache: {feats.path}", highlight=False, soft_wrap=True)
+    ui.console.print(f"done in {result.seconds:.1f}s", highlight=False)
+
+
+# ---------------------------------------------------------------------------- train
+
+def _method_help() -> str:
+    from mmret.methods import method_help
+
+    return "Training method. " + method_help()
+
+
+def _recipe_help() -> str:
+    from mmret.adapters import RECIPE_HELP
+
+    return "A named LoRA recipe (options given beside it win): " + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())
+
+
+RunsDir = Annotated[Optional[Path], typer.Option(
+    "--runs-dir", envvar="MMRET_RUNS_DIR", show_envvar=True, help="Folder holding the runs (default: ./runs).")]
+
+
+@app.command()
+@command
+def train(
+    method: Annotated[Optional[str], typer.Option(help=_method_help(), show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to train on [default: example].", show_default=False)] = None,
+    vision: Annotated[Optional[str], typer.Option(help="Frozen image tower: preset, hub id or folder [default: dino-vits16].", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option(help="Frozen text tower: preset, hub id or folder [default: distilbert].", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images [default: 20].", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Pairs in one contrastive loss [default: 128].", show_default=False)] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Pairs per forward pass; smaller than --batch-size uses gradient caching, so every pair still sees the whole batch's negatives.", show_default=False)] = None,
+    accumulation: Annotated[Optional[str], typer.Option(help="With --micro-batch: cache (exact, default) or plain accumulation (each micro-batch sees only its own negatives).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: the method's].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay on weight matrices [default: 0.05].", show_default=False)] = None,
+    warmup: Annotated[Optional[float], typer.Option(help="Fraction of steps spent warming up [default: 0.05].", show_default=False)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm; 0 turns it off [default: 1.0].", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 (CUDA only, with loss scaling) [default: auto].", show_default=False)] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better val mean recall; 0 never stops early [default: 5].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data order, initialisation and dropout [default: 0].", show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].", show_default=False)] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Also keep a checkpoint every N epochs [default: 0, off].", show_default=False)] = None,
+    embed_dim: Annotated[Optional[int], typer.Option(help="Size of the shared embedding space [default: 512].", show_default=False)] = None,
+    head_layers: Annotated[Optional[int], typer.Option(help="Projection heads: 1 linear, 2 or more an MLP [default: 2].", show_default=False)] = None,
+    head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of MLP heads [default: the input width].", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout in heads and bridge [default: 0.1].", show_default=False)] = None,
+    queries: Annotated[Optional[int], typer.Option(help="Bridge: learnable queries K [default: 32].", show_default=False)] = None,
+    bridge_layers: Annotated[Optional[int], typer.Option(help="Bridge: cross-attention blocks L [default: 2].", show_default=False)] = None,
+    bridge_width: Annotated[Optional[int], typer.Option(help="Bridge: width [default: 384].", show_default=False)] = None,
+    bridge_heads: Annotated[Optional[int], typer.Option(help="Bridge: attention heads [default: 6].", show_default=False)] = None,
+    mixup: Annotated[Optional[float], typer.Option(help="Latent mixup Beta(alpha, alpha) on cached features, as in FuseMix; 0 is off.", show_default=False)] = None,
+    temperature: Annotated[Optional[str], typer.Option(help="learned, fixed or dynamic [default: learned].", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers lora/prefix/adapter/full adapt.", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option(help=_recipe_help(), show_default=False)] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r [default: 8].", show_default=False)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha [default: 2 x rank].", show_default=False)] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA path [default: 0.1].", show_default=False)] = None,
+    targets: Annotated[Optional[str], typer.Option(help="LoRA targets among q, k, v, o, mlp, comma-separated [default: q,v].", show_default=False)] = None,
+    tower: Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adapter adapt: text, vision or both [default: both].", show_default=False)] = None,
+    prefix_tokens: Annotated[Optional[int], typer.Option(help="Prefix: learned prompt tokens per block [default: 16].", show_default=False)] = None,
+    adapter_dim: Annotated[Optional[int], typer.Option(help="Adapter: bottleneck width [default: 64].", show_default=False)] = None,
+    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute tower activations in backward to save memory.", show_default=False)] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips of training pictures [default: on unless captions say left or right].", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Picture decoding workers [default: CPU count - 1, at most 4].", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Scratch: miniclip (ResNet + Linformer), clip-tiny or clip-b16 [default: miniclip].", show_default=False)] = None,
+    image_model: Annotated[Optional[str], typer.Option(help="Scratch miniclip: timm CNN of the image tower [default: resnet34].", show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Scratch: picture side in pixels [default: 64].", show_default=False)] = None,
+    text_width: Annotated[Optional[int], typer.Option(help="Scratch miniclip: Linformer width [default: 256].", show_default=False)] = None,
+    text_depth: Annotated[Optional[int], typer.Option(help="Scratch miniclip: Linformer blocks [default: 4].", show_default=False)] = None,
+    linformer_k: Annotated[Optional[int], typer.Option(help="Scratch miniclip: keys and values projected to this length [default: 16].", show_default=False)] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Scratch: bpe (trained on the captions, saved in the run) or a transformers tokenizer id or folder [default: bpe].", show_default=False)] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Scratch: BPE vocabulary size [default: 2000].", show_default=False)] = None,
+    pretrained_image: Annotated[Optional[bool], typer.Option("--pretrained-image/--random-image", help="Scratch miniclip: start the ResNet from ImageNet weights (needs the hub or its cache).", show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Text tokens per caption [default: 64].", show_default=False)] = None,
+    sam: Annotated[Optional[bool], typer.Option("--sam/--no-sam", help="Sharpness-aware minimisation (two passes a step).", show_default=False)] = None,
+    sam_rho: Annotated[Optional[float], typer.Option(help="SAM neighbourhood size rho [default: 0.05].", show_default=False)] = None,
+    folds: Annotated[Optional[int], typer.Option(help="k-fold cross-validation: re-split all images into k folds.", show_default=False)] = None,
+    fold: Annotated[Optional[int], typer.Option(help="With --folds: the fold used as test split.", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name [default: date-method-dataset].", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one probe-memory saved); options given here override it.", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue this stopped run (name or folder) from its last checkpoint.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the parameter table and the resolved config, and stop.")] = False,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Train a retrieval model: a run folder with checkpoints, metrics and plots."""
+    from mmret import ui
+    from mmret import train as training
+    from mmret.config import RunConfig, with_overrides
+    from mmret.io import read_json
+    from mmret.runs import resolve_run
+
+    if resume:
+        result = training.resume(resolve_run(resume, runs_dir), ui.RichReporter())
+        _show_train(result)
+        return
+    base = RunConfig.from_dict(read_json(config)) if config else RunConfig()
+    values = dict(locals())
+    for key in ("config", "resume", "dry_run", "ui", "training", "RunConfig", "with_overrides", "read_json",
+                "resolve_run", "base", "recipe"):
+        values.pop(key, None)
+    if recipe:
+        from mmret.adapters import recipe_values
+
+        values.update(recipe_values(recipe, {k: values.get(k) for k in ("method", "tower", "rank", "alpha", "targets", "lora_dropout")}))
+    cfg = with_overrides(base, values)
+    if dry_run:
+        _show_dry_run(training.dry_run(cfg))
+        return
+    _show_train(training.train(cfg, ui.RichReporter()))
+
+
+def _show_dry_run(plan) -> None:
+    import json
+
+    from mmret import ui
+
+    rows = [(r.part, r.total, r.trainable, f"{r.percent_trainable:.2f}%") for r in plan.rows]
+    ui.console.print(ui.table(f"parameters: {plan.method}", ["part", "parameters", "trainable", "% trainable"], rows))
+    ui.console.print(json.dumps(plan.config, indent=2, sort_keys=True), highlight=False, soft_wrap=True)
+
+
+def _show_train(result) -> None:
+    from mmret import ui
+
+    keys = [k for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall") if k in result.best]
+    ui.console.print(ui.table("best validation", ["metric", "value"], [(k, f"{result.best[k]:.4f}") for k in keys]))
+    ui.console.print(f"{result.stopped} after {result.epochs} epochs, {result.steps} steps, "
+                     f"{result.seconds:.1f}s ({result.precision} on {result.device})", highlight=False)
+    ui.console.print(f"run: {result.run_dir}", highlight=False)
 
 
 def main() -> None:

@@ -110,6 +110,7 @@ class MethodConfig:
     bridge_width: int = 384  # bridge: width of queries and blocks
     bridge_heads: int = 6  # bridge: attention heads
     mixup: float = 0.0  # latent mixup Beta(alpha, alpha) on cached features (0: off)
+    input_norm: bool = True  # standardise cached features at the tower inputs (initialised from train data)
     init_temperature: float = 0.07  # initial softmax temperature (logit scale 1/T)
     rank: int = 8  # lora: rank r
     alpha: float | None = None  # lora: scaling alpha (default 2 x rank)
@@ -119,6 +120,10 @@ class MethodConfig:
     prefix_tokens: int = 16  # prefix: virtual tokens per tower
     adapter_dim: int = 64  # adapter: bottleneck width
     arch: str = "miniclip"  # scratch: miniclip | clip-tiny | clip-b16
+    image_model: str = "resnet34"  # scratch miniclip: timm CNN of the image tower
+    image_size: int = 64  # scratch: picture side in pixels
+    text_width: int = 256  # scratch miniclip: Linformer width
+    text_depth: int = 4  # scratch miniclip: Linformer blocks
     linformer_k: int = 16  # scratch: Linformer projected sequence length
     tokenizer: str = "bpe"  # scratch: bpe (trained on the captions) or a transformers tokenizer
     vocab_size: int = 2000  # scratch: BPE vocabulary size
@@ -127,7 +132,8 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "head_layers", "queries", "bridge_layers", "bridge_width", "bridge_heads",
-                     "rank", "prefix_tokens", "adapter_dim", "linformer_k", "vocab_size"):
+                     "rank", "prefix_tokens", "adapter_dim", "linformer_k", "vocab_size", "image_size",
+                     "text_width", "text_depth"):
             _check_positive(name.replace("_", "-"), getattr(self, name))
         if not 0 <= self.dropout < 1 or not 0 <= self.lora_dropout < 1:
             raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
@@ -158,6 +164,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order, initialisation and dropout
     workers: int | None = None  # DataLoader workers for pixel inputs (default: CPU count, at most 4)
     grad_checkpointing: bool = False  # recompute tower activations in backward to save memory
+    hflip: bool | None = None  # random horizontal flips of training pictures (default: unless captions say left/right)
     sam: bool = False  # sharpness-aware minimisation
     sam_rho: float = 0.05  # SAM neighbourhood size
     save_every: int = 0  # also keep a checkpoint every N epochs (0: only best and last)
@@ -214,3 +221,68 @@ class RunConfig:
                 raise MmretError(f"unknown {key} settings in config: {', '.join(sorted(bad))}")
             kwargs[key] = kind(**section)
         return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- feature caches
+
+
+@dataclass
+class PrecomputeConfig:
+    dataset: str  # prepared dataset under the data root
+    vision: str | None = None  # frozen image tower: preset, hub id or local folder
+    text: str | None = None  # frozen text tower: preset, hub id or local folder
+    split: str = "all"  # all | train | val | test: which rows to compute now (the cache spans all)
+    tokens: bool = False  # also keep token states (N, T, D), for methods that read them
+    batch_size: int | str = "auto"  # rows per forward pass, or auto
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    image_size: int | None = None  # square input size (default: the model's own)
+    max_length: int = 64  # text tokens per caption (as EncoderConfig.max_length, so training reuses the cache)
+    workers: int | None = None  # image decoding workers (default: CPU count - 1, at most 4)
+    compile: bool = False  # torch.compile the image tower first (pays off over thousands of images)
+    data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
+
+    def __post_init__(self) -> None:
+        if not self.vision and not self.text:
+            raise MmretError("pass --vision ENCODER and/or --text ENCODER: there is nothing to encode")
+        if self.split not in ("all", "train", "val", "test"):
+            raise MmretError(f"--split must be all, train, val or test, got {self.split!r}")
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            if not self.batch_size.isdigit():
+                raise MmretError(f"--batch-size must be a positive number or auto, got {self.batch_size!r}")
+            self.batch_size = int(self.batch_size)
+        _check_positive("batch-size", None if self.batch_size == "auto" else self.batch_size)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise MmretError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.image_size is not None and self.image_size < 16:
+            raise MmretError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+        if self.max_length < 2:
+            raise MmretError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        if self.workers is not None and self.workers < 0:
+            raise MmretError(f"--workers cannot be negative, got {self.workers}")
+        self.data_dir = data_root(self.data_dir)
+
+
+SECTIONS = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfig, "train": TrainConfig}
+
+
+def section_of(option: str) -> str:
+    """The config section a flat option name (e.g. `rank`, `epochs`) belongs to."""
+    for section, kind in SECTIONS.items():
+        if option in {f.name for f in dataclasses.fields(kind)}:
+            return section
+    raise MmretError(f"unknown setting {option!r}")
+
+
+def with_overrides(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with flat option values (None: not given) applied, validated again."""
+    given = {k: v for k, v in values.items() if v is not None}
+    top = {k: given.pop(k) for k in ("name", "runs_dir") if k in given}
+    parts = {}
+    for section in SECTIONS:
+        current = getattr(cfg, section)
+        changes = {k: v for k, v in given.items() if section_of(k) == section}
+        if section == "method" and "rank" in changes and "alpha" not in changes:
+            changes["alpha"] = None  # the default alpha follows the rank
+        parts[section] = dataclasses.replace(current, **changes)
+    return RunConfig(name=top.get("name", cfg.name), runs_dir=top.get("runs_dir", cfg.runs_dir), **parts)

@@ -124,6 +124,23 @@ class PreparedDataset:
         return PreparedDataset(self.name, self.path, self.info, images, captions)
 
 
+    def with_folds(self, folds: int, fold: int, seed: int = 0, val: float = 0.1) -> "PreparedDataset":
+        """Splits for k-fold cross-validation: fold `fold` of a seeded partition of the images is
+        test, a seeded `val` fraction of the rest is val, the remainder train."""
+        import numpy as np
+
+        ids = np.array(sorted(self.images["image_id"]))
+        rng = np.random.default_rng(seed)
+        ids = ids[rng.permutation(len(ids))]
+        test = set(ids[fold::folds])
+        rest = [i for i in ids if i not in test]
+        n_val = max(1, round(len(rest) * val))
+        split = {i: "test" for i in test} | {i: "val" for i in rest[:n_val]} | {i: "train" for i in rest[n_val:]}
+        images = self.images.assign(split=self.images["image_id"].map(split))
+        captions = self.captions.assign(split=self.captions["image_id"].map(split))
+        return PreparedDataset(self.name, self.path, self.info, images, captions)
+
+
 def prepared_names(data_dir: Path) -> list[str]:
     if not data_dir.is_dir():
         return []

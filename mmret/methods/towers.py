@@ -1,0 +1,77 @@
+"""What the methods that adapt the towers share: loading the two towers, their input pipelines,
+and the model (adapted encoder + projection head on each side).
+
+`--model clip-b32` takes both towers from one CLIP, whose projected embeddings already share a
+space: no head when the embedding size is CLIP's projection width, and the temperature starts at
+CLIP's trained value (logit scale 100). `--vision ENC --text ENC` pairs two experts, each followed
+by an input norm and a projection head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mmret.adapters import apply_peft, set_grad_checkpointing
+from mmret.models import DualEncoder, ProjectionHead
+from mmret.models.heads import InputNorm
+from mmret.models.temperature import build_temperature
+from mmret.models.towers import EncoderTower
+
+CLIP_TEMPERATURE = 0.01  # CLIP's logit scale ends training at its cap, 100
+
+
+@dataclass
+class Towers:
+    image: nn.Module  # ImageEncoder
+    text: nn.Module  # TextEncoder
+
+
+def load_towers(cfg: Any, run_dir: Any = None) -> Towers:
+    from mmret.encoders import load_image_encoder, load_text_encoder
+
+    vision = cfg.encoders.model or cfg.encoders.vision
+    text = cfg.encoders.model or cfg.encoders.text
+    return Towers(load_image_encoder(vision), load_text_encoder(text, max_length=cfg.encoders.max_length))
+
+
+def tower_inputs(cfg: Any, towers: Towers, tables: Any) -> tuple[Any, Any, Any]:
+    """(training transform, evaluation transform, tokenize) from the towers' own preprocessing."""
+    from mmret.pairs import mentions_sides
+
+    hflip = cfg.train.hflip if cfg.train.hflip is not None else not mentions_sides(tables.captions["caption"].tolist())
+    return towers.image.transform(train=True, hflip=hflip), towers.image.transform(), towers.text.tokenize
+
+
+def _head(encoder: nn.Module, m: Any) -> nn.Module | None:
+    if encoder.pooling == "proj" and encoder.dim == m.embed_dim:
+        return None  # a CLIP tower already ends in the shared space
+    return nn.Sequential(InputNorm(encoder.dim), ProjectionHead(encoder.dim, m.embed_dim, m.head_layers,
+                                                                m.head_hidden, m.dropout))
+
+
+def build_tower_model(cfg: Any, towers: Towers, method: str) -> DualEncoder:
+    """Adapt both towers with `method` (in place) and join them with heads into a dual encoder."""
+    m = cfg.method
+    for encoder in (towers.image, towers.text):
+        apply_peft(encoder, method, m)
+        if cfg.train.grad_checkpointing:
+            set_grad_checkpointing(encoder, True)
+    heads = [_head(enc, m) for enc in (towers.image, towers.text)]
+    clip = all(h is None for h in heads)
+    temperature = build_temperature(m.temperature, CLIP_TEMPERATURE if clip else m.init_temperature)
+    return DualEncoder(EncoderTower(towers.image, heads[0]), EncoderTower(towers.text, heads[1]),
+                       m.embed_dim, temperature)
+
+
+def register_tower_method(name: str, help: str, lr: float):
+    """Register `name` as a method that adapts the towers with `apply_peft(..., name, ...)`."""
+    from mmret.methods import register_method
+
+    def build(cfg: Any, towers: Towers) -> DualEncoder:
+        return build_tower_model(cfg, towers, name)
+
+    register_method(name, help=help, inputs="pixels", lr=lr, context=load_towers, inputs_for=tower_inputs)(build)
+    return build
