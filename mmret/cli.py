@@ -136,7 +136,9 @@ def _encoder_help(modality: str) -> str:
 @app.command("precompute-embeddings")
 @command
 def precompute_embeddings(
-    dataset: Annotated[str, typer.Option(help="Prepared dataset to encode.", show_default=False)],
+    dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to encode (with --run: default the run's).", show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option(help="Write this trained run's final embeddings (name, folder or latest) to runs/<run>/embeddings/<ds>-<split>/.", show_default=False)] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(help="Write the final embeddings of a pretrained CLIP as it is (e.g. clip-b32).", show_default=False)] = None,
     vision: Annotated[Optional[str], typer.Option(help=_encoder_help("image"), show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option(help=_encoder_help("text"), show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Rows to compute now: all, train, val or test (one cache spans every split).")] = "all",
@@ -149,8 +151,10 @@ def precompute_embeddings(
     workers: Annotated[Optional[int], typer.Option(help="Image decoding workers (default: CPU count - 1, at most 4).", show_default=False)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the image tower with torch.compile first: a minute or so once, then faster (worth it for thousands of images).")] = False,
     data_dir: DataDir = None,
+    runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", envvar="MMRET_RUNS_DIR", help="Folder holding the runs (default: ./runs).")] = None,
 ) -> None:
-    """Encode a dataset's images and captions once with frozen towers into data/<ds>/features/.
+    """Encode a dataset's images and captions once with frozen towers into data/<ds>/features/,
+    or with --run, write a trained run's final embeddings for eval and search.
 
     A cache that is already complete is reused; an interrupted run resumes where it stopped.
     """
@@ -158,10 +162,35 @@ def precompute_embeddings(
     from mmret.config import PrecomputeConfig
     from mmret.features import precompute_embeddings as run_precompute
 
+    if run or zero_shot:
+        from mmret.embeddings import write_run_embeddings
+
+        run_dir = _run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir)
+        emb = write_run_embeddings(run_dir, dataset, split, device=device, reporter=ui.RichReporter())
+        ui.console.print(f"{emb.dataset}-{emb.split}: {emb.images.shape[0]:,} images and {emb.captions.shape[0]:,} "
+                         f"captions, {emb.images.shape[1]}-d float16, in {emb.path}", highlight=False)
+        return
+    if dataset is None:
+        raise MmretError("precompute-embeddings needs --dataset (or --run RUN for a trained run's embeddings)")
     cfg = PrecomputeConfig(dataset=dataset, vision=vision, text=text, split=split, tokens=tokens,
                            batch_size=batch_size, precision=precision, device=device, image_size=image_size,
                            max_length=max_length, workers=workers, compile=compile, data_dir=data_dir)
     _show_precompute(run_precompute(cfg, ui.RichReporter()))
+
+
+def _run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir) -> Path:
+    """The run folder named by --run, or the one standing for --zero-shot MODEL on --dataset."""
+    from mmret.runs import load_run_config, resolve_run
+
+    if zero_shot:
+        from mmret.embeddings import zero_shot_run
+
+        if dataset is None:
+            dataset = load_run_config(resolve_run(run, runs_dir)).data.dataset if run else None
+        if dataset is None:
+            raise MmretError("--zero-shot needs --dataset: the prepared dataset to evaluate on")
+        return zero_shot_run(zero_shot, dataset, data_dir, runs_dir)
+    return resolve_run(run, runs_dir)
 
 
 def _show_precompute(result) -> None:
@@ -314,6 +343,227 @@ def _show_train(result) -> None:
     ui.console.print(f"{result.stopped} after {result.epochs} epochs, {result.steps} steps, "
                      f"{result.seconds:.1f}s ({result.precision} on {result.device})", highlight=False)
     ui.console.print(f"run: {result.run_dir}", highlight=False)
+
+
+# ---------------------------------------------------------------------------- eval and search
+
+
+def _runs_list(values: list[str] | None) -> list[str]:
+    return [v for value in values or [] for v in value.split(",") if v]
+
+
+@app.command("eval")
+@command
+def eval_command(
+    run: Annotated[Optional[str], typer.Option(help="Run to evaluate: name, folder or latest [default: the newest run].", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset [default: the run's].", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
+    compare: Annotated[Optional[list[str]], typer.Option(help="Runs to put side by side (repeat the option or separate with commas); differences from the first are tested with a paired bootstrap.", show_default=False)] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(help="Also (or only) evaluate a pretrained CLIP as it is, e.g. clip-b32: the baseline row.", show_default=False)] = None,
+    bootstrap: Annotated[int, typer.Option(help="Resamples for 95% confidence intervals (0: none; 1000 is usual).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    format: Annotated[str, typer.Option(help="Output: table, markdown or json.")] = "table",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    runs_dir: RunsDir = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Recall@1/5/10, MRR, median rank, mAP and RSUM in both directions, as papers report them."""
+    from mmret import ui
+    from mmret.evaluate import compare_runs, evaluate_run
+    from mmret.runs import load_run_config, resolve_run
+
+    if format not in ("table", "markdown", "json"):
+        raise MmretError(f"--format must be table, markdown or json, got {format!r}")
+    names = _runs_list(compare) or ([run] if run or not zero_shot else [])
+    run_dirs = [resolve_run(name, runs_dir) for name in names]
+    if zero_shot:
+        ds = dataset or (load_run_config(run_dirs[0]).data.dataset if run_dirs else None)
+        run_dirs.insert(0, _run_or_zero_shot(None, zero_shot, ds, data_dir, runs_dir))
+    reporter = ui.RichReporter()
+    if len(run_dirs) == 1:
+        results = [evaluate_run(run_dirs[0], dataset, split, bootstrap, seed, checkpoint, device, reporter)]
+    else:
+        results = compare_runs(run_dirs, dataset, split, bootstrap, seed, checkpoint, device, reporter)
+    _show_eval(results, format)
+
+
+def _show_eval(results, format: str) -> None:
+    import json
+
+    from mmret import ui
+    from mmret.evaluate import HEADLINE
+
+    if format == "json":
+        ui.console.print_json(json.dumps([r.to_json() for r in results]))
+        return
+    first = results[0]
+    columns = ["metric"] + [r.run for r in results]
+    rows = []
+    for key in HEADLINE:
+        cells = [key]
+        for r in results:
+            cell = f"{r.metrics[key]:.4f}" if key not in ("rsum",) and not key.endswith("medr") else f"{r.metrics[key]:.1f}"
+            if r.ci:
+                lo, hi = r.ci[key]
+                cell += f" [{lo:.3f}, {hi:.3f}]" if not key.endswith(("medr", "rsum")) else f" [{lo:.0f}, {hi:.0f}]"
+            if r.diffs and r.diffs[key].significant:
+                cell += " *"
+            cells.append(cell)
+        rows.append(cells)
+    rows.append(["chance R@1/5/10"] + [" / ".join(f"{min(1, k / r.n_images):.3f}" for k in (1, 5, 10)) for r in results])
+    title = f"{first.dataset} {first.split}: {first.n_images:,} images, {first.n_captions:,} captions"
+    if format == "markdown":
+        print(f"**{title}**\n")
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        ui.console.print(ui.table(title, columns, rows))
+    if any(r.diffs and any(d.significant for d in r.diffs.values()) for r in results):
+        ui.console.print(f"* differs from {first.run} (paired bootstrap, 95%)", highlight=False)
+    for r in results:
+        ui.console.print(f"saved {r.path}", highlight=False)
+
+
+@app.command()
+@command
+def search(
+    query: Annotated[Optional[list[str]], typer.Argument(help="Text queries (each one searched), e.g. \"a dog on the beach\".", show_default=False)] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Search with this picture instead: similar pictures and the captions that fit it.", show_default=False)] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="A file with one query per line (- reads standard input), searched in one batch.", show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option(help="Run whose model searches [default: the newest run].", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset whose pictures form the gallery [default: the run's].", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Gallery split: all, train, val or test.")] = "all",
+    k: Annotated[int, typer.Option("-k", "--top", help="Results per query.")] = 10,
+    index: Annotated[str, typer.Option(help="exact, or ivf / hnsw (FAISS, needs the faiss extra) for galleries of millions.")] = "exact",
+    rebuild_index: Annotated[bool, typer.Option("--rebuild-index", help="Build the cached index again (e.g. after the run improved).")] = False,
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON for scripts.")] = False,
+    grid: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the results (PNG) here.", show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    runs_dir: RunsDir = None,
+) -> None:
+    """The best-matching pictures for text queries (or pictures and captions for a picture)."""
+    import sys
+
+    from mmret import ui
+    from mmret.runs import resolve_run
+    from mmret.search import search as run_search
+
+    texts = list(query or [])
+    if queries is not None:
+        try:
+            source = sys.stdin.read() if str(queries) == "-" else queries.read_text(encoding="utf-8")
+        except OSError as e:
+            raise MmretError(f"cannot read --queries {queries}: {e.strerror}") from None
+        texts += [line.strip() for line in source.splitlines() if line.strip()]
+    result = run_search(resolve_run(run, runs_dir), texts, image, dataset, split, k, index, rebuild_index, device,
+                        checkpoint, ui.NullReporterIfJson(json_output))
+    if grid is not None:
+        from mmret.plots import contact_sheet
+
+        contact_sheet([(h.path, f"{q.query[:12]} #{h.rank} {h.score:.3f}") for q in result.results for h in q.images], grid)
+    if json_output:
+        import json
+
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    _show_search(result, grid)
+
+
+def _show_search(result, grid) -> None:
+    from mmret import ui
+
+    for q in result.results:
+        rows = [(h.rank, f"{h.score:.4f}", h.image_id, h.path, " | ".join(h.captions[:2])) for h in q.images]
+        ui.console.print(ui.table(f"{q.query!r}: pictures", ["#", "score", "image", "path", "captions"], rows))
+        if q.captions:
+            rows = [(h.rank, f"{h.score:.4f}", h.captions[0], h.image_id) for h in q.captions]
+            ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", "of image"], rows))
+    ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search", highlight=False)
+    if grid is not None:
+        ui.console.print(f"contact sheet: {grid}", highlight=False)
+
+
+# ---------------------------------------------------------------------------- probe-memory
+
+@app.command("probe-memory")
+@command
+def probe_memory(
+    vram: Annotated[float, typer.Option(help="GPU memory to fit in, in GB (2^30 bytes): 6 for a 6 GB card.", show_default=False)],
+    method: Annotated[Optional[str], typer.Option(help=_method_help(), show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers lora/prefix/adapter/full adapt.", show_default=False)] = None,
+    vision: Annotated[Optional[str], typer.Option(help="Image tower: preset, hub id or folder [default: dino-vits16]. Only its config is read.", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option(help="Text tower: preset, hub id or folder [default: distilbert]. Only its config is read.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Pairs in one contrastive loss [default: 128].", show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Text tokens per caption [default: 64].", show_default=False)] = None,
+    embed_dim: Annotated[Optional[int], typer.Option(help="Size of the shared embedding space [default: 512].", show_default=False)] = None,
+    recipe: Annotated[Optional[str], typer.Option(help=_recipe_help(), show_default=False)] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r [default: 8].", show_default=False)] = None,
+    targets: Annotated[Optional[str], typer.Option(help="LoRA targets among q, k, v, o, mlp [default: q,v].", show_default=False)] = None,
+    tower: Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adapter adapt: text, vision or both [default: both].", show_default=False)] = None,
+    accumulation: Annotated[Optional[str], typer.Option(help="With a micro-batch: cache (exact, default) or plain accumulation.", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset the saved config trains on [default: example]; its size bounds the input-norm sample.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one saved before); options given here override it.", show_default=False)] = None,
+    reserve: Annotated[Optional[float], typer.Option(help="GB of the budget kept for the CUDA context and other programs [default: measured on a GPU, else 0.5].", show_default=False)] = None,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Estimate on fake tensors even when a CUDA GPU is present (to plan for another GPU).")] = False,
+    save: Annotated[Optional[Path], typer.Option(help="Write the recommended configuration here, for `mmret train --config FILE`.", show_default=False)] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Find the training configuration that fits a GPU memory budget and runs fastest.
+
+    Tries every micro-batch, precision (fp32, bf16, fp16) and gradient checkpointing setting. On a
+    CUDA GPU it measures real training steps; without one it estimates them on fake tensors,
+    building the towers from their configs without weights.
+    """
+    from mmret import ui
+    from mmret.config import RunConfig, with_overrides
+    from mmret.io import read_json
+    from mmret.memory import probe_memory as run_probe
+    from mmret.memory import save_config
+
+    if config is not None and not config.is_file():
+        raise MmretError(f"--config {config}: no such file")
+    base = RunConfig.from_dict(read_json(config)) if config else RunConfig()
+    values = dict(method=method, model=model, vision=vision, text=text, batch_size=batch_size, max_length=max_length,
+                  embed_dim=embed_dim, rank=rank, targets=targets, tower=tower, accumulation=accumulation,
+                  dataset=dataset, data_dir=data_dir)
+    if recipe:
+        from mmret.adapters import recipe_values
+
+        values.update(recipe_values(recipe, {k: values.get(k) for k in ("method", "tower", "rank", "targets")}))
+    report = run_probe(with_overrides(base, values), vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
+    _show_memory(report)
+    if save is not None:
+        ui.console.print(f"saved {save_config(report.config, save)}: train with `mmret train --config {save}`",
+                         highlight=False, soft_wrap=True)
+
+
+def _show_memory(report) -> None:
+    from mmret import ui
+    from mmret.memory import CATEGORIES, describe, needed
+
+    size, rows = ui.human_bytes, []
+    for r in report.rows:
+        c, m = r.candidate, r.step
+        step = [size(getattr(m, k)) for k in CATEGORIES] + [size(m.total)] if m else ["-"] * 5 + ["out of memory"]
+        others = [size(r.phases[k]) if r.phases[k] is not None else "out of memory" for k in ("eval", "setup")]
+        fits = "best" if r is report.best else "yes" if r.fits else "no"
+        rows.append((c.micro_batch, c.precision, "on" if c.grad_checkpointing else "off", *step, *others, r.phase, fits))
+    columns = ["micro-batch", "precision", "checkpointing", *CATEGORIES, "step peak", "eval", "setup", "peak in", "fits"]
+    title = f"{report.method}, batch {report.batch_size}: peak training memory against {report.vram:g} GB"
+    ui.console.print(ui.table(title, columns, rows))
+    ui.console.print(report.how, highlight=False, soft_wrap=True)
+    for note in report.notes:
+        ui.console.print(f"- {note}", highlight=False, soft_wrap=True)
+    best, tc = report.best, report.config.train
+    flags = f"--micro-batch {tc.micro_batch or tc.batch_size} --precision {tc.precision}"
+    flags += " --grad-checkpointing" if tc.grad_checkpointing else ""
+    ui.console.print(f"recommended: {describe(best.candidate, report.batch_size)}; peak {size(best.peak)} "
+                     f"({size(needed(best.peak))} with the margin) of {size(report.usable)} usable; "
+                     f"mmret train {flags}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

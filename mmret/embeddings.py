@@ -84,7 +84,7 @@ class Embeddings:
 
     @property
     def caption_image(self) -> torch.Tensor:
-        return torch.from_numpy(self.caption_table["image"].to_numpy(np.int64))
+        return torch.tensor(self.caption_table["image"].to_numpy(np.int64))
 
 
 def open_embeddings(path: Path) -> Embeddings:
@@ -138,3 +138,76 @@ def write_run_embeddings(run_dir: Path, dataset: str | None = None, split: str =
                                            "images": len(images), "captions": len(captions),
                                            "seconds": round(time.perf_counter() - start, 2)})
     return open_embeddings(target)
+
+
+# ---------------------------------------------------------------------------- a run as a query encoder
+
+
+class RunEncoder:
+    """A trained run as an encoder of new captions and pictures (search queries): the frozen
+    towers for features methods, or the run's own towers and inputs for pixel methods."""
+
+    def __init__(self, run_dir: Path, which: str = "best", device: str = "auto"):
+        from mmret.encoders import load_image_encoder, load_text_encoder
+        from mmret.methods import FeatureDims
+
+        cfg = load_run_config(run_dir)
+        self.method = get_method(cfg.method.method)
+        self.device = pick_device(device)
+        self.towers = None
+        if self.method.inputs == "features":
+            image_enc = load_image_encoder(cfg.encoders.vision)
+            text_enc = load_text_encoder(cfg.encoders.text, max_length=cfg.encoders.max_length)
+            context: Any = FeatureDims(image_enc.dim, image_enc.token_dim, text_enc.dim)
+            self.towers = (image_enc.to(self.device).eval(), text_enc.to(self.device).eval())
+            self.transform, self.tokenize = image_enc.transform(), text_enc.tokenize
+        else:
+            context = self.method.context(cfg, run_dir)
+        self.run = load_run_model(run_dir, context, which)
+        if self.towers is None:
+            _, self.transform, self.tokenize = self.method.inputs_for(cfg, context, None)
+        self.model = self.run.model.to(self.device)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """(Q, D) normalized float32 embeddings of captions or queries."""
+        tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts)).items()}
+        if self.towers is not None:
+            return self.model.encode_text(self.towers[1](**tokens).pooled).float().cpu()
+        return self.model.encode_text(**tokens).float().cpu()
+
+    @torch.inference_mode()
+    def encode_images(self, paths: list[str | Path]) -> torch.Tensor:
+        """(Q, D) normalized float32 embeddings of pictures on disk."""
+        from mmret.images import ImageError, load_rgb
+
+        pictures = []
+        for path in paths:
+            try:
+                pictures.append(self.transform(load_rgb(path)))
+            except ImageError as e:
+                raise MmretError(f"cannot read the query picture {path}: {e}") from None
+        pixels = torch.stack(pictures).to(self.device)
+        if self.towers is not None:
+            out = self.towers[0](pixels)
+            return self.model.encode_image(out.tokens if self.method.image_tokens else out.pooled).float().cpu()
+        return self.model.encode_image(pixels).float().cpu()
+
+
+def zero_shot_run(model: str, dataset: str, data_dir: Any = None, runs_dir: Any = None) -> Path:
+    """The run folder that stands for a pretrained CLIP evaluated as it is (made on first use)."""
+    from safetensors.torch import save_file
+
+    from mmret.config import DataConfig, EncoderConfig, MethodConfig
+    from mmret.runs import create_run_dir, slug
+
+    cfg = RunConfig(name=f"zeroshot-{slug(model)}", runs_dir=runs_dir, data=DataConfig(dataset=dataset, data_dir=data_dir),
+                    encoders=EncoderConfig(vision=model, text=model), method=MethodConfig(method="zeroshot"))
+    path = cfg.runs_dir / cfg.name
+    if not (path / "config.json").is_file():
+        path = create_run_dir(cfg, latest=False)
+    best = path / "checkpoints" / "best.safetensors"
+    if not best.is_file():
+        best.parent.mkdir(parents=True, exist_ok=True)
+        save_file({}, str(best), metadata={"mmret": '{"zero_shot": true}'})
+    return path

@@ -11,7 +11,9 @@ block of query rows at a time, so a COCO 5K test never holds its 5000 x 25010 sc
 Tie rule (pessimistic): a wrong item that scores exactly as high as a right one is ranked above
 it, so rank = 1 + the number of wrong items scoring >= the right one. It is deterministic, it
 cannot flatter a collapsed model whose scores are all equal, and without ties it agrees with any
-tie order (CLIP_benchmark's `torch.topk` leaves the order of ties undefined).
+tie order (CLIP_benchmark's `torch.topk` leaves the order of ties undefined). A tie means equal
+float32 scores: two identical images may still differ in the last bit, since BLAS kernels do
+not promise the same summation order for every column.
 
 Values: `*_r{k}`, `*_mrr` and `i2t_map` are fractions in [0, 1]; `*_medr` is a rank (the lower
 median: the smallest rank that at least half of the queries reach); `rsum` is the sum of the

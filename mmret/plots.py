@@ -34,3 +34,29 @@ def learning_curve(history: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def contact_sheet(items: list[tuple[str, str]], path: Path, columns: int = 5, thumb: int = 160) -> None:
+    """A grid of pictures, each with a label under it (e.g. rank and score), written as one PNG."""
+    from PIL import Image, ImageDraw
+
+    from mmret.images import ImageError, load_rgb
+
+    if not items:
+        return
+    label_h = 28
+    rows = (len(items) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for n, (picture, label) in enumerate(items):
+        x, y = (n % columns) * thumb, (n // columns) * (thumb + label_h)
+        try:
+            img = load_rgb(picture)
+            img.thumbnail((thumb - 8, thumb - 8))
+            sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+        except ImageError as e:
+            draw.text((x + 6, y + thumb // 2), f"unreadable: {e}"[:24], fill=(200, 0, 0))
+        draw.text((x + 6, y + thumb + 4), label[:26], fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")

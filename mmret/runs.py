@@ -22,6 +22,13 @@ def default_name(cfg: RunConfig) -> str:
     return f"{stamp}-{cfg.method.method}-{cfg.data.dataset}"
 
 
+def slug(text: str) -> str:
+    """A file-name-safe short form of a model name or path."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1]).strip("-") or "model"
+
+
 def run_names(runs_dir: Path) -> list[str]:
     if not runs_dir.is_dir():
         return []
@@ -43,7 +50,7 @@ def resolve_run(name: str | Path | None, runs_dir: str | Path | None = None) -> 
     raise MmretError(f"no run {name!r} in {root}{hint}; pass a run name or folder")
 
 
-def create_run_dir(cfg: RunConfig) -> Path:
+def create_run_dir(cfg: RunConfig, latest: bool = True) -> Path:
     """A new, empty run folder holding the run's config; refuses to overwrite an existing run."""
     cfg.name = cfg.name or default_name(cfg)
     path = cfg.runs_dir / cfg.name
@@ -52,7 +59,8 @@ def create_run_dir(cfg: RunConfig) -> Path:
     for sub in ("checkpoints", "plots"):
         (path / sub).mkdir(parents=True, exist_ok=True)
     write_json(path / "config.json", cfg.to_dict())
-    point_latest(cfg.runs_dir, path)
+    if latest:
+        point_latest(cfg.runs_dir, path)
     return path
 
 

@@ -44,6 +44,7 @@ from mmret.runs import create_run_dir, load_run_config, point_latest
 _logger = logging.getLogger(__name__)
 
 SELECT_METRIC = "mean_recall"  # mean of Recall@1/5/10 in both directions, on val
+PLOT_EVERY = 30.0  # seconds between redraws of the learning curve during training (and once at the end)
 
 
 class TrainingInterrupted(MmretError):
@@ -122,6 +123,7 @@ class Session:
     sam: Any = None  # SAM wrapper around the optimizer, with --sam
     started: float = field(default_factory=time.perf_counter)
     step_rng: torch.Tensor = field(default_factory=torch.get_rng_state)  # CPU RNG after the last whole step
+    plotted: float = field(default_factory=time.perf_counter)  # when the learning curve was last drawn
 
     def autocast(self):
         return autocast_context(self.device, self.precision)
@@ -158,7 +160,7 @@ def _seed_everything(seed: int) -> None:
 
 def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = None) -> Session:
     """Everything a run needs; from `resume_dir`'s last checkpoint when resuming."""
-    method = get_method(cfg.method.method)
+    method = get_method(cfg.method.method, training=True)
     device = pick_device(cfg.train.device)
     precision = training_precision(device, cfg.train.precision, method)
     _seed_everything(cfg.train.seed)
@@ -350,7 +352,8 @@ def finish_epoch(s: Session, partial: bool = False) -> bool:
     if not partial:
         st.epoch, st.batch, st.loss_sum, st.pairs = st.epoch + 1, 0, 0.0, 0
     write_parquet(s.run_dir / "metrics.parquet", pd.DataFrame(st.history))
-    _plot(s.run_dir, st.history)
+    if time.perf_counter() - s.plotted > PLOT_EVERY:
+        _plot(s)
     _checkpoint(s, metrics)
     ckpt = s.run_dir / "checkpoints"
     if improved:
@@ -361,10 +364,12 @@ def finish_epoch(s: Session, partial: bool = False) -> bool:
     return bool(cfg.patience) and st.bad_evals >= cfg.patience
 
 
-def _plot(run_dir: Path, history: list[dict]) -> None:
+def _plot(s: Session) -> None:
     from mmret.plots import learning_curve
 
-    learning_curve(pd.DataFrame(history), run_dir / "plots" / "learning_curve.png")
+    if s.state.history:
+        learning_curve(pd.DataFrame(s.state.history), s.run_dir / "plots" / "learning_curve.png")
+    s.plotted = time.perf_counter()
 
 
 # ---------------------------------------------------------------------------- the run
@@ -395,6 +400,7 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
         except KeyboardInterrupt:
             torch.set_rng_state(s.step_rng)  # as if the interrupted step had never started
             _checkpoint(s, {})
+            _plot(s)
             s.log(f"interrupted at step {st.step}; saved last")
             raise TrainingInterrupted(f"interrupted at step {st.step}: saved {s.run_dir / 'checkpoints' / 'last.safetensors'}; "
                                       f"continue with `mmret train --resume {s.run_dir.name}`") from None
@@ -403,6 +409,7 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
 
 def _result(s: Session, stopped: str) -> RunResult:
     st = s.state
+    _plot(s)
     s.log(f"done: {stopped}; best val {SELECT_METRIC} {st.best:.4f} at epoch {st.best_epoch}")
     point_latest(s.cfg.runs_dir, s.run_dir)
     best = read_meta(s.run_dir / "checkpoints" / "best.safetensors").get("metrics", {})
@@ -430,7 +437,7 @@ def dry_run(cfg: RunConfig) -> DryRun:
     """The parameter table and the resolved config, without computing features or training."""
     from mmret.models import PartCount, parameter_table
 
-    method = get_method(cfg.method.method)
+    method = get_method(cfg.method.method, training=True)
     if method.inputs == "pixels":
         model = method.build(cfg, method.context(cfg, None))
         return DryRun(method.name, parameter_table(model), cfg.to_dict())

@@ -85,6 +85,13 @@ class RichReporter:
             self.progress = None
 
 
+def NullReporterIfJson(json_output: bool):
+    """Progress bars go to stderr, but scripts reading --json want a quiet terminal."""
+    from mmret.progress import NULL
+
+    return NULL if json_output else RichReporter()
+
+
 def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     out = Table(title=title, title_justify="left", header_style="bold")
     columns = list(columns)

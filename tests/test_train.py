@@ -167,7 +167,7 @@ def test_cli_train_dry_run_and_bad_method(world, tmp_path, monkeypatch):
     assert re.search(r"│ image\s+│\s+328 │\s+328 │\s+100.00% │", result.stdout)  # 2*32 + 32*8 + 8
     assert '"method": "heads"' in result.stdout
     bad = runner.invoke(app, ["train", "--method", "magic"])
-    assert (bad.exit_code, bad.stderr.strip()) == (1, "error: unknown method 'magic'; choose one of heads, bridge")
+    assert (bad.exit_code, bad.stderr.strip()) == (1, "error: unknown method 'magic'; choose one of heads, bridge, lora, prefix, adapter, full, scratch")
     missing = runner.invoke(app, ["train", "--method", "heads", "--dataset", "nope", "--vision", world["vit"], "--text", world["bert"]])
     assert missing.exit_code == 1 and missing.stderr.startswith("error: no prepared dataset 'nope'")
     no_run = runner.invoke(app, ["train", "--resume", "ghost"])

@@ -30,17 +30,38 @@ def vocab() -> list[str]:
 def _save_bert_tokenizer(folder: Path, model_max_length: int = 64) -> None:
     from transformers import BertTokenizerFast
 
+    # the vocabulary goes in as a dict: transformers 5 silently ignores `vocab_file=` and would
+    # leave a tokenizer that knows only the special tokens (every word [UNK])
+    import inspect
+
+    words = vocab()
     vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab()) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=model_max_length)
+    vocab_file.write_text("\n".join(words) + "\n", encoding="utf-8")
+    source = ({"vocab": {w: i for i, w in enumerate(words)}} if "vocab" in inspect.signature(BertTokenizerFast).parameters
+              else {"vocab_file": str(vocab_file)})  # transformers 4
+    tok = BertTokenizerFast(**source, do_lower_case=True, model_max_length=model_max_length)
     tok.save_pretrained(folder)
+    if tok.tokenize("a red circle") != ["a", "red", "circle"]:
+        raise RuntimeError(f"tiny tokenizer is broken: {tok.tokenize('a red circle')}")
 
 
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_tiny_bert(folder: str | Path, kind: str = "bert", pooling_config: str | None = None, seed: int = 0) -> Path:
+@torch.no_grad()
+def _spread(model: torch.nn.Module, factor: float, where: str) -> None:
+    """Scale the weight matrices of the blocks (names containing `where`): with `factor` > 1 the
+    blocks' updates outweigh the constant class token, so different inputs give clearly different
+    outputs (a randomly initialised tower otherwise maps every input to nearly the same vector)."""
+    if factor != 1.0:
+        for name, weight in model.named_parameters():
+            if where in name and weight.ndim == 2:
+                weight.mul_(factor)
+
+
+def save_tiny_bert(folder: str | Path, kind: str = "bert", pooling_config: str | None = None, seed: int = 0,
+                   spread: float = 1.0) -> Path:
     """A 2-layer BERT (`kind="bert"`) or DistilBERT (`kind="distilbert"`) with a WordPiece tokenizer.
 
     `pooling_config` ("mean" | "cls") also writes a sentence-transformers `1_Pooling/config.json`,
@@ -58,6 +79,7 @@ def save_tiny_bert(folder: str | Path, kind: str = "bert", pooling_config: str |
     else:
         model = BertModel(BertConfig(vocab_size=n, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=64, pad_token_id=0))
+    _spread(model, spread, "layer")
     model.save_pretrained(folder)
     _save_bert_tokenizer(folder)
     if pooling_config:
@@ -106,7 +128,7 @@ def save_tiny_dinov2(folder: str | Path, seed: int = 0, with_processor: bool = F
     return folder
 
 
-def save_tiny_timm_vit(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_timm_vit(folder: str | Path, seed: int = 0, spread: float = 1.0) -> Path:
     """timm's vit_small_patch16_224.dino architecture shrunk to 2 layers of width 32 on 32 px images
     (8 px patches: 17 tokens), saved with `timm.models.save_for_hf` (config.json + model.safetensors)."""
     import timm
@@ -116,6 +138,7 @@ def save_tiny_timm_vit(folder: str | Path, seed: int = 0) -> Path:
     _seed(seed)
     args = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=HIDDEN, depth=2, num_heads=2)
     model = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0, **args)
+    _spread(model, spread, "blocks")
     save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
     return folder
 

@@ -53,9 +53,10 @@ def register_method(name: str, *, help: str, inputs: str, lr: float, image_token
     return wrap
 
 
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise MmretError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+def get_method(name: str, training: bool = False) -> Method:
+    if name not in METHODS or (training and not METHODS[name].trainable):
+        names = [m.name for m in METHODS.values() if m.trainable or not training]
+        raise MmretError(f"unknown method {name!r}; choose one of {', '.join(names)}")
     return METHODS[name]
 
 
@@ -75,3 +76,4 @@ from mmret.methods import prefix  # noqa: E402, F401
 from mmret.methods import adapter  # noqa: E402, F401
 from mmret.methods import full  # noqa: E402, F401
 from mmret.methods import scratch  # noqa: E402, F401
+from mmret.methods import zeroshot  # noqa: E402, F401

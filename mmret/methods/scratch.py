@@ -55,7 +55,9 @@ def inputs_for(cfg: Any, ctx: ScratchContext, tables: Any) -> tuple[Any, Any, An
     from mmret.pairs import mentions_sides
 
     size = cfg.method.image_size
-    hflip = cfg.train.hflip if cfg.train.hflip is not None else not mentions_sides(tables.captions["caption"].tolist())
+    hflip = cfg.train.hflip
+    if hflip is None:
+        hflip = tables is not None and not mentions_sides(tables.captions["caption"].tolist())
     train = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size)]
                       + ([T.RandomHorizontalFlip()] if hflip else [])
                       + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

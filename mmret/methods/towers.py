@@ -41,7 +41,9 @@ def tower_inputs(cfg: Any, towers: Towers, tables: Any) -> tuple[Any, Any, Any]:
     """(training transform, evaluation transform, tokenize) from the towers' own preprocessing."""
     from mmret.pairs import mentions_sides
 
-    hflip = cfg.train.hflip if cfg.train.hflip is not None else not mentions_sides(tables.captions["caption"].tolist())
+    hflip = cfg.train.hflip
+    if hflip is None:
+        hflip = tables is not None and not mentions_sides(tables.captions["caption"].tolist())
     return towers.image.transform(train=True, hflip=hflip), towers.image.transform(), towers.text.tokenize
 
 

@@ -1,0 +1,122 @@
+"""Pairs per second of a bridge epoch over cached features vs. the same epoch re-running the frozen
+image tower on pixels, in one run and one precision.
+
+Both paths train the same querying bridge with the same batches and optimizer step; the only
+difference is where the image token states come from: the memory-mapped feature cache, or
+decoding + resizing the pictures (DataLoader workers) and a forward pass of the frozen tower.
+The feature cache is filled before timing (that is a one-off cost, shared by every later epoch
+and run). Also prints the FLOPs of one pair on each path, which bound the ratio a perfect
+implementation could reach.
+
+    python benchmarks/train_speed.py --dataset tuxpaint --vision ~/.cache/mmret-offline/models/dinov2-small \
+        --text ~/.cache/mmret-offline/models/all-minilm-l6-v2 --images 192
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from mmret.config import RunConfig, with_overrides
+from mmret.datasets import load_dataset
+from mmret.encoders import load_image_encoder
+from mmret.gradcache import contrastive_step
+from mmret.losses import clip_loss
+from mmret.methods import FeatureDims, get_method
+from mmret.pairs import FeatureSource, PixelSource, epoch_batches, feature_caches, split_frames
+from mmret.progress import NULL
+from mmret.train import param_groups
+
+
+def step(model, optimizer, images, texts):
+    optimizer.zero_grad(set_to_none=True)
+    loss = contrastive_step(model, images, texts, len(texts), loss_fn=clip_loss)
+    optimizer.step()
+    return float(loss)
+
+
+def timed_epoch(model, optimizer, batches, images_of, texts_of) -> float:
+    """Seconds for one pass over `batches`; `images_of(batch)` yields the bridge's image input."""
+    start = time.perf_counter()
+    for (img_idx, cap_idx), images in zip(batches, images_of(batches)):
+        step(model, optimizer, images, texts_of(cap_idx))
+    return time.perf_counter() - start
+
+
+def flops_per_pair(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    home = os.path.expanduser("~/.cache/mmret-offline/models")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="tuxpaint")
+    parser.add_argument("--vision", default=f"{home}/dinov2-small")
+    parser.add_argument("--text", default=f"{home}/all-minilm-l6-v2")
+    parser.add_argument("--images", type=int, default=192, help="training pictures in the timed epoch")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = with_overrides(RunConfig(), dict(method="bridge", dataset=args.dataset, vision=args.vision, text=args.text,
+                                           batch_size=args.batch_size))
+    dataset = load_dataset(args.dataset)
+    image_feats, text_feats, image_enc, _ = feature_caches(cfg, dataset, True, torch.device("cpu"), NULL)
+    tables = split_frames(dataset, "train")
+    cached = FeatureSource(tables, image_feats, text_feats, image_tokens=True)
+    n = min(args.images, cached.num_images)
+    batches = [b for b in epoch_batches(cached.tables.captions_of, args.batch_size, 0, 0)]
+    batches = [(i[i < n], c[i < n]) for i, c in batches]
+    batches = [b for b in batches if len(b[0]) > 1]
+    pairs = sum(len(b[0]) for b in batches)
+    dims = FeatureDims(image_feats.pooled.shape[1], image_enc.token_dim, text_feats.pooled.shape[1])
+    method = get_method("bridge")
+
+    def fresh():
+        torch.manual_seed(0)
+        model = method.build(cfg, dims)
+        return model, torch.optim.AdamW(param_groups(model, 0.05), lr=5e-4)
+
+    texts_of = cached.text_batch
+    model, opt = fresh()
+    timed_epoch(model, opt, batches[:1], lambda bs: (cached.image_batch(b[0]) for b in bs), texts_of)  # warm-up
+    model, opt = fresh()
+    t_cached = timed_epoch(model, opt, batches, lambda bs: (cached.image_batch(b[0]) for b in bs), texts_of)
+
+    encoder = load_image_encoder(args.vision).eval()
+    pixels = PixelSource(cached.tables, encoder.transform(), encoder.transform(), None, workers=args.workers)
+
+    def tower_tokens(bs):
+        keys = [[(0, int(i)) for i in b[0]] for b in bs]
+        for batch in pixels._loader(pixels.eval_pictures, keys):
+            with torch.inference_mode():
+                tokens = encoder(batch).tokens
+            yield tokens.clone()
+
+    model, opt = fresh()
+    t_pixels = timed_epoch(model, opt, batches, tower_tokens, texts_of)
+
+    b = args.batch_size
+    one = cached.image_batch(np.arange(b)), cached.text_batch(np.arange(b))
+    model, opt = fresh()
+    bridge_flops = flops_per_pair(lambda: contrastive_step(model, one[0], one[1], b)) / b
+    with torch.inference_mode():
+        tower_flops = flops_per_pair(lambda: encoder(torch.zeros(b, 3, *encoder.image_size))) / b
+    print(f"dataset {args.dataset}: {pairs} pairs in {len(batches)} batches of <= {b}, {torch.get_num_threads()} threads, fp32")
+    print(f"cached features: {t_cached:7.2f} s  {pairs / t_cached:8.1f} pairs/s")
+    print(f"tower on pixels: {t_pixels:7.2f} s  {pairs / t_pixels:8.1f} pairs/s  (decode + resize in {args.workers} workers, frozen forward)")
+    print(f"ratio: {t_pixels / t_cached:.1f}x  (target >= 50x)")
+    print(f"FLOPs per pair: bridge step {bridge_flops / 1e9:.2f} G, frozen tower forward {tower_flops / 1e9:.2f} G; "
+          f"compute-bound ratio {(bridge_flops + tower_flops) / bridge_flops:.1f}x before decoding")
+
+
+if __name__ == "__main__":
+    main()

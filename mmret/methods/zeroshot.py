@@ -1,0 +1,24 @@
+"""`zeroshot`: a pretrained CLIP evaluated as it is, the baseline row of every fine-tuning table.
+
+Its "model" has no trainable part: the towers' projected embeddings (cached like any frozen
+features) are the embeddings, compared with CLIP's trained logit scale. It cannot be trained;
+`mmret eval --zero-shot clip-b32` makes a run folder for it so eval and search treat it as any run.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmret.errors import MmretError
+from mmret.methods import FeatureDims, register_method
+from mmret.models import DualEncoder
+from mmret.models.temperature import build_temperature
+
+
+@register_method("zeroshot", help="a pretrained CLIP as it is (made by eval --zero-shot)", inputs="features",
+                 lr=0.0, trainable=False)
+def build(cfg, dims: FeatureDims) -> DualEncoder:
+    if dims.image_dim != dims.text_dim:
+        raise MmretError(f"zero-shot needs towers that share an embedding space; {cfg.encoders.vision} gives "
+                         f"{dims.image_dim} and {cfg.encoders.text} gives {dims.text_dim} dimensions")
+    return DualEncoder(nn.Identity(), nn.Identity(), dims.image_dim, build_temperature("fixed", 0.01))

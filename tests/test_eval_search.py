@@ -1,0 +1,121 @@
+"""`mmret eval` and `mmret search` end to end on tiny towers: saved results, comparisons with a
+zero-shot row, the right picture first for its own caption, JSON output, and stale indexes refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import tiny_models
+from mmret import train as training
+from mmret.cli import app
+from mmret.config import PrepareConfig, RunConfig, with_overrides
+from mmret.datasets import load_dataset, prepare
+from mmret.embeddings import write_run_embeddings
+from mmret.errors import MmretError
+from mmret.evaluate import evaluate_run
+from mmret.metrics import retrieval_metrics
+from mmret.search import search
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 12-picture dataset that a heads run memorises, and a tiny CLIP for the zero-shot row."""
+    root = tmp_path_factory.mktemp("evalsearch")
+    data, runs = root / "data", root / "runs"
+    prepare(PrepareConfig(source="example", count=12, val=0.2, test=0.2, data_dir=data))
+    vit = tiny_models.save_tiny_timm_vit(root / "vit", spread=20.0)  # a random ViT that tells pictures apart
+    bert = tiny_models.save_tiny_bert(root / "bert", pooling_config="mean")
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=str(vit), text=str(bert),
+                                           data_dir=data, runs_dir=runs, epochs=60, batch_size=8, lr=1e-2,
+                                           dropout=0.0, embed_dim=32, patience=0, name="memorised"))
+    run = training.train(cfg).run_dir
+    return {"root": root, "data": data, "runs": runs, "run": run, "clip": tiny_models.save_tiny_clip(root / "clip")}
+
+
+@pytest.fixture
+def env(world, monkeypatch):
+    monkeypatch.setenv("MMRET_DATA_DIR", str(world["data"]))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(world["runs"]))
+    return world
+
+
+def test_eval_saves_what_the_metrics_give(world):
+    result = evaluate_run(world["run"], split="test", bootstrap=100)
+    emb = write_run_embeddings(world["run"], split="test")
+    direct = retrieval_metrics(torch.tensor(np.asarray(emb.images, np.float32)),
+                               torch.tensor(np.asarray(emb.captions, np.float32)), emb.caption_image).metrics
+    saved = json.loads((world["run"] / "eval" / "example-test.json").read_text())
+    assert saved["metrics"] == pytest.approx(direct) and result.metrics == pytest.approx(direct)
+    assert saved["n_images"] == 2 and saved["n_captions"] == 10
+    lo, hi = saved["ci95"]["t2i_r5"]
+    assert lo <= direct["t2i_r5"] <= hi
+
+
+def test_cli_eval_compares_with_a_zero_shot_row(env):
+    result = runner.invoke(app, ["eval", "--zero-shot", str(env["clip"]), "--compare", "memorised", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["run"] for r in rows] == ["zeroshot-clip", "memorised"]
+    assert set(rows[1]["vs_first"]["t2i_r1"]) == {"delta", "low", "high", "p", "significant"}
+    table = runner.invoke(app, ["eval", "--run", "memorised", "--split", "train"])
+    assert table.exit_code == 0 and "example train: 8 images, 40 captions" in table.stdout
+
+
+def test_search_puts_the_right_picture_first_for_its_own_caption(world):
+    ds = load_dataset("example", world["data"]).split("train")
+    captions = ds.captions.groupby("image_id").caption.first()
+    result = search(world["run"], captions.tolist(), split="train", k=3, which="last")  # last: memorised
+    firsts = [r.images[0].image_id for r in result.results]
+    assert firsts == captions.index.tolist()
+    assert all(r.images[0].score >= r.images[1].score >= r.images[2].score for r in result.results)
+
+
+def test_search_with_a_picture_finds_itself_and_its_captions(world):
+    ds = load_dataset("example", world["data"]).split("train")
+    path, image_id = ds.images.path.iloc[3], ds.images.image_id.iloc[3]
+    result = search(world["run"], [], image=path, split="train", k=2, which="last")
+    (hit,) = result.results
+    assert hit.images[0].image_id == image_id
+    assert hit.captions[0].image_id == image_id
+
+
+def test_cli_search_json_parses_and_reads_queries_from_stdin(env, tmp_path):
+    result = runner.invoke(app, ["search", "--queries", "-", "--run", "memorised", "-k", "2", "--json",
+                                 "--grid", str(tmp_path / "sheet.png")], input="a red circle\n\na blue square\n")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [q["query"] for q in data["results"]] == ["a red circle", "a blue square"]
+    assert len(data["results"][0]["images"]) == 2 and (tmp_path / "sheet.png").stat().st_size > 0
+
+
+def test_cli_search_without_a_query(env):
+    result = runner.invoke(app, ["search", "--run", "memorised"])
+    assert (result.exit_code, result.stderr.strip()) == (
+        1, "error: nothing to search for: give a query text, --queries FILE, or --image PATH")
+
+
+def test_an_index_of_other_embeddings_is_refused(world, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(world["run"], run, ignore=shutil.ignore_patterns("index", "embeddings"))
+    search(run, ["a red circle"], split="train", k=1)  # builds the index
+    weights = load_file(str(run / "checkpoints" / "best.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(run / "checkpoints" / "best.safetensors"))
+    with pytest.raises(MmretError, match=r"was built for checkpoint=.*: it belongs to another model or dataset and "
+                                         r"will not be used; delete .* or pass --rebuild-index to build it again"):
+        search(run, ["a red circle"], split="train", k=1)
+    assert search(run, ["a red circle"], split="train", k=1, rebuild_index=True).results
+
+
+def test_eval_of_a_run_that_does_not_exist(env):
+    result = runner.invoke(app, ["eval", "--run", "ghost"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: no run 'ghost' in ")
