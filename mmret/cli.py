@@ -566,6 +566,30 @@ def _show_memory(report) -> None:
                      f"mmret train {flags}", highlight=False, soft_wrap=True)
 
 
+# ---------------------------------------------------------------------------- quickstart
+
+
+@app.command()
+@command
+def quickstart(
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs [default: 15].", show_default=False)] = None,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """The whole pipeline offline on the built-in example: prepare, train a small scratch model,
+    evaluate it on held-out pictures, and search with a caption (a few minutes on a laptop CPU)."""
+    from mmret import ui
+    from mmret.quickstart import quickstart as run_quickstart
+
+    result = run_quickstart(data_dir, runs_dir, epochs, ui.RichReporter())
+    _show_prepare(result.prepared)
+    _show_train(result.trained)
+    _show_eval([result.evaluated], "table")
+    _show_search(result.searched, None)
+    ui.console.print(f"quick start done in {result.seconds:.0f}s; the run is {result.trained.run_dir.name} "
+                     f"(try `mmret search \"a green triangle left of a purple square\"`)", highlight=False)
+
+
 def main() -> None:
     app()
 

@@ -166,13 +166,17 @@ class RunEncoder:
         self.run = load_run_model(run_dir, context, which)
         if self.towers is None:
             _, self.transform, self.tokenize = self.method.inputs_for(cfg, context, None)
+            side = getattr(context, "cached", None)  # a frozen tower read from the cache in training
+            if side is not None:
+                frozen = (context.image if side == "image" else context.text).to(self.device).eval()
+                self.towers = (frozen, None) if side == "image" else (None, frozen)
         self.model = self.run.model.to(self.device)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """(Q, D) normalized float32 embeddings of captions or queries."""
         tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts)).items()}
-        if self.towers is not None:
+        if self.towers is not None and self.towers[1] is not None:
             return self.model.encode_text(self.towers[1](**tokens).pooled).float().cpu()
         return self.model.encode_text(**tokens).float().cpu()
 
@@ -188,7 +192,7 @@ class RunEncoder:
             except ImageError as e:
                 raise MmretError(f"cannot read the query picture {path}: {e}") from None
         pixels = torch.stack(pictures).to(self.device)
-        if self.towers is not None:
+        if self.towers is not None and self.towers[0] is not None:
             out = self.towers[0](pixels)
             return self.model.encode_image(out.tokens if self.method.image_tokens else out.pooled).float().cpu()
         return self.model.encode_image(pixels).float().cpu()

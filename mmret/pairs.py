@@ -76,12 +76,15 @@ class FeatureSource:
     Images whose features could not be computed (unreadable files) are left out, and counted.
     """
 
-    def __init__(self, tables: SplitTables, image_feats: CachedFeatures, text_feats: CachedFeatures,
+    def __init__(self, tables: SplitTables, image_feats: CachedFeatures | None, text_feats: CachedFeatures | None,
                  image_tokens: bool = False):
         if image_tokens and image_feats.tokens is None:
             raise MmretError("this method reads image token states, but the image cache holds pooled features only")
-        rows = image_feats.row_of()
-        keep = np.array([i in rows and bool(image_feats.valid[rows[i]]) for i in tables.image_ids], dtype=bool)
+        if image_feats is not None:
+            rows = image_feats.row_of()
+            keep = np.array([i in rows and bool(image_feats.valid[rows[i]]) for i in tables.image_ids], dtype=bool)
+        else:
+            keep = np.ones(len(tables.image_ids), dtype=bool)
         self.dropped = int((~keep).sum())
         if self.dropped:
             _logger.warning("%d images without features are left out", self.dropped)
@@ -93,11 +96,13 @@ class FeatureSource:
                                   remap[tables.caption_image[caption_keep]],
                                   [c for c, k in zip(tables.captions, caption_keep) if k],
                                   [p for p, k in zip(tables.paths, keep) if k])
-        self.image_rows = np.array([rows[i] for i in self.tables.image_ids], dtype=np.int64)
-        text_rows = text_feats.row_of()
-        self.caption_rows = np.array([text_rows[int(c)] for c in self.tables.caption_ids], dtype=np.int64)
-        self.image_array = image_feats.tokens if image_tokens else image_feats.pooled
-        self.text_array = text_feats.pooled
+        if image_feats is not None:
+            self.image_rows = np.array([rows[i] for i in self.tables.image_ids], dtype=np.int64)
+            self.image_array = image_feats.tokens if image_tokens else image_feats.pooled
+        if text_feats is not None:
+            text_rows = text_feats.row_of()
+            self.caption_rows = np.array([text_rows[int(c)] for c in self.tables.caption_ids], dtype=np.int64)
+            self.text_array = text_feats.pooled
 
     @property
     def num_images(self) -> int:
@@ -183,7 +188,11 @@ class PixelSource:
     """
 
     def __init__(self, tables: SplitTables, train_transform: Any, eval_transform: Any,
-                 tokenize: Any, seed: int = 0, workers: int | None = None, pin_memory: bool = False):
+                 tokenize: Any, seed: int = 0, workers: int | None = None, pin_memory: bool = False,
+                 cached: FeatureSource | None = None, cached_side: str | None = None):
+        # a frozen side (`cached_side`: image or text) is read from the feature cache instead
+        self.cached, self.cached_side = cached, cached_side
+        tables = cached.tables if cached is not None else tables
         self.tables, self.tokenize = tables, tokenize
         self.train_pictures = _Pictures(tables.paths, train_transform, seed)
         self.eval_pictures = _Pictures(tables.paths, eval_transform, seed)
@@ -203,29 +212,36 @@ class PixelSource:
         return torch.utils.data.DataLoader(pictures, batch_sampler=batches, num_workers=workers,
                                            pin_memory=self.pin_memory, persistent_workers=False)
 
-    def text_batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    def text_batch(self, idx: np.ndarray) -> Any:
+        if self.cached_side == "text":
+            return self.cached.text_batch(idx)
         return self.tokenize([self.tables.captions[i] for i in idx])
+
+    def _image_batches(self, pictures: _Pictures, keys: list[list[tuple[int, int]]]):
+        if self.cached_side == "image":
+            return (self.cached.image_batch(np.array([i for _, i in batch])) for batch in keys)
+        return self._loader(pictures, keys)
 
     def iter_pairs(self, batches: list[Batch], epoch: int = 0):
         keys = [[(epoch, int(i)) for i in images] for images, _ in batches]
-        for pixels, (_, captions) in zip(self._loader(self.train_pictures, keys), batches):
+        for pixels, (_, captions) in zip(self._image_batches(self.train_pictures, keys), batches):
             yield pixels, self.text_batch(captions)
 
     def iter_images(self, batch_size: int):
         keys = [[(0, i) for i in range(a, min(a + batch_size, self.num_images))]
                 for a in range(0, self.num_images, batch_size)]
-        yield from self._loader(self.eval_pictures, keys)
+        yield from self._image_batches(self.eval_pictures, keys)
 
     def iter_texts(self, batch_size: int):
         for a in range(0, self.num_captions, batch_size):
             yield self.text_batch(np.arange(a, min(a + batch_size, self.num_captions)))
 
-    def sample(self, n: int = 128, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Up to `n` evaluation-transformed pictures and `n` tokenized captions, drawn at random."""
+    def sample(self, n: int = 128, seed: int = 0) -> tuple[Any, Any]:
+        """Up to `n` evaluation inputs of pictures and of captions, drawn at random."""
         rng = np.random.default_rng(seed)
         images = np.sort(rng.choice(self.num_images, min(n, self.num_images), replace=False))
         captions = np.sort(rng.choice(self.num_captions, min(n, self.num_captions), replace=False))
-        pixels = next(iter(self._loader(self.eval_pictures, [[(0, int(i)) for i in images]])))
+        pixels = next(iter(self._image_batches(self.eval_pictures, [[(0, int(i)) for i in images]])))
         return pixels, self.text_batch(captions)
 
 
@@ -279,13 +295,27 @@ def split_sources(cfg: Any, method: Any, dataset: Any, splits: tuple[str, ...], 
     if method.inputs == "pixels":
         context = method.context(cfg, run_dir)
         train_t, eval_t, tokenize = method.inputs_for(cfg, context, tables)
-        workers = cfg.train.workers
-        sources = [PixelSource(split_frames(tables, s), train_t, eval_t, tokenize, cfg.train.seed, workers,
-                               pin_memory=device.type == "cuda") for s in splits]
+        side = getattr(context, "cached", None)  # a frozen tower whose outputs come from the feature cache
+        feats = _frozen_side_cache(context, side, dataset, device, reporter) if side else None
+        sources = []
+        for split in splits:
+            split_tables = split_frames(tables, split)
+            cached = FeatureSource(split_tables, *feats) if feats else None
+            sources.append(PixelSource(split_tables, train_t, eval_t, tokenize, cfg.train.seed, cfg.train.workers,
+                                       device.type == "cuda", cached, side))
         return sources, context
     image_feats, text_feats, image_enc, _ = feature_caches(cfg, dataset, method.image_tokens, device, reporter)
     dims = FeatureDims(image_feats.pooled.shape[1], image_enc.token_dim, text_feats.pooled.shape[1])
     return [FeatureSource(split_frames(tables, s), image_feats, text_feats, method.image_tokens) for s in splits], dims
+
+
+def _frozen_side_cache(context: Any, side: str, dataset: Any, device: torch.device, reporter: Any) -> tuple:
+    """(image features, None) or (None, caption features) of the tower that stays frozen."""
+    from mmret.features import ensure_features
+
+    if side == "image":
+        return ensure_features(dataset, context.image, "images", reporter=reporter, device=device), None
+    return None, ensure_features(dataset, context.text, "captions", reporter=reporter, device=device)
 
 
 def feature_caches(cfg: Any, dataset: Any, image_tokens: bool, device: torch.device, reporter: Any):

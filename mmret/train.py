@@ -439,8 +439,16 @@ def dry_run(cfg: RunConfig) -> DryRun:
 
     method = get_method(cfg.method.method, training=True)
     if method.inputs == "pixels":
-        model = method.build(cfg, method.context(cfg, None))
-        return DryRun(method.name, parameter_table(model), cfg.to_dict())
+        context = method.context(cfg, None)
+        model = method.build(cfg, context)
+        rows = parameter_table(model)
+        side = getattr(context, "cached", None)
+        if side is not None:  # the frozen tower is outside the model: its outputs are cached
+            enc = context.image if side == "image" else context.text
+            n = sum(p.numel() for p in enc.parameters())
+            frozen = PartCount(f"{side} encoder ({enc.name}, frozen, cached)", n, 0)
+            rows = [frozen] + rows[:-1] + [PartCount("total", rows[-1].total + n, rows[-1].trainable)]
+        return DryRun(method.name, rows, cfg.to_dict())
     from mmret.encoders import load_image_encoder, load_text_encoder
     from mmret.methods import FeatureDims
 

@@ -111,3 +111,28 @@ def test_no_flip_when_captions_say_left_or_right(world, tmp_path):
     flip = with_overrides(cfg, {"hflip": True})
     train_t, _, _ = tower_inputs(flip, load_towers(flip), load_dataset("example", world["root"] / "data"))
     assert "HorizontalFlip" in repr(train_t)
+
+
+def test_a_frozen_tower_is_read_from_the_feature_cache_not_run(world, tmp_path, monkeypatch):
+    from mmret.datasets import load_dataset
+    from mmret.encoders import TimmImageEncoder, load_image_encoder
+    from mmret.features import ensure_features
+    from mmret.models.towers import EncoderTower
+    from mmret.search import search
+
+    ensure_features(load_dataset("example", world["root"] / "data"), load_image_encoder(world["vit"]), "images")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the frozen image tower ran during training")
+
+    monkeypatch.setattr(TimmImageEncoder, "forward", refuse)
+    cfg = config(world, tmp_path, method="lora", tower="text", epochs=2, **towers(world, "experts"))
+    result = training.train(cfg)
+    model = training.setup(config(world, tmp_path, method="lora", tower="text", name="probe", **towers(world, "experts"))).model
+    assert isinstance(model.text_tower, EncoderTower) and not isinstance(model.image_tower, EncoderTower)
+    rows = {r.part: r for r in training.dry_run(cfg).rows}
+    assert any("frozen, cached" in part for part in rows)
+    monkeypatch.undo()  # a picture query does run the frozen tower, once
+    emb = write_run_embeddings(result.run_dir, split="test")
+    hits = search(result.run_dir, [], image=emb.image_table.path.iloc[0], split="test", k=1, which="last")
+    assert hits.results[0].images[0].image_id == emb.image_table.image_id.iloc[0]

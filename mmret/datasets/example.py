@@ -53,15 +53,19 @@ def render(first: tuple[str, str], second: tuple[str, str], relation: str, rng: 
     return img
 
 
+def _an(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
 def captions_for(first: tuple[str, str], second: tuple[str, str], relation: str) -> list[str]:
     a, b = " ".join(first), " ".join(second)
     opposite, first_word, second_word = RELATIONS[relation]
     over, under = ("over", "under") if relation == "above" else ("to the left of", "to the right of")
     return [
-        f"a {a} {relation} a {b}",
-        f"a {b} {opposite} a {a}",
-        f"a picture of a {a} {over} a {b}",
-        f"there is a {b} {under} a {a}",
+        f"{_an(a)} {relation} {_an(b)}",
+        f"{_an(b)} {opposite} {_an(a)}",
+        f"a picture of {_an(a)} {over} {_an(b)}",
+        f"there is {_an(b)} {under} {_an(a)}",
         f"{a} {first_word}, {b} {second_word}",
     ]
 

@@ -27,6 +27,14 @@ CLIP_TEMPERATURE = 0.01  # CLIP's logit scale ends training at its cap, 100
 class Towers:
     image: nn.Module  # ImageEncoder
     text: nn.Module  # TextEncoder
+    cached: str | None = None  # the side that stays frozen and is read from the feature cache: image | text
+
+
+def frozen_side(cfg: Any) -> str | None:
+    """The tower that `--tower` leaves frozen (its outputs can then be cached), if any."""
+    if cfg.method.method == "full" or cfg.method.tower == "both":
+        return None
+    return "image" if cfg.method.tower == "text" else "text"
 
 
 def load_towers(cfg: Any, run_dir: Any = None) -> Towers:
@@ -34,7 +42,8 @@ def load_towers(cfg: Any, run_dir: Any = None) -> Towers:
 
     vision = cfg.encoders.model or cfg.encoders.vision
     text = cfg.encoders.model or cfg.encoders.text
-    return Towers(load_image_encoder(vision), load_text_encoder(text, max_length=cfg.encoders.max_length))
+    return Towers(load_image_encoder(vision), load_text_encoder(text, max_length=cfg.encoders.max_length),
+                  frozen_side(cfg))
 
 
 def tower_inputs(cfg: Any, towers: Towers, tables: Any) -> tuple[Any, Any, Any]:
@@ -55,17 +64,24 @@ def _head(encoder: nn.Module, m: Any) -> nn.Module | None:
 
 
 def build_tower_model(cfg: Any, towers: Towers, method: str) -> DualEncoder:
-    """Adapt both towers with `method` (in place) and join them with heads into a dual encoder."""
+    """Adapt the towers with `method` (in place) and join them with heads into a dual encoder.
+
+    A tower that stays frozen and is read from the feature cache (`towers.cached`) is not part of
+    the model: only its head is, over the cached pooled features."""
     m = cfg.method
-    for encoder in (towers.image, towers.text):
+    sides = []
+    for side, encoder in (("image", towers.image), ("text", towers.text)):
+        head = _head(encoder, m)
+        if side == towers.cached:
+            sides.append(head if head is not None else nn.Identity())
+            continue
         apply_peft(encoder, method, m)
         if cfg.train.grad_checkpointing:
             set_grad_checkpointing(encoder, True)
-    heads = [_head(enc, m) for enc in (towers.image, towers.text)]
-    clip = all(h is None for h in heads)
+        sides.append(EncoderTower(encoder, head))
+    clip = all(_head(enc, m) is None for enc in (towers.image, towers.text))
     temperature = build_temperature(m.temperature, CLIP_TEMPERATURE if clip else m.init_temperature)
-    return DualEncoder(EncoderTower(towers.image, heads[0]), EncoderTower(towers.text, heads[1]),
-                       m.embed_dim, temperature)
+    return DualEncoder(sides[0], sides[1], m.embed_dim, temperature)
 
 
 def register_tower_method(name: str, help: str, lr: float):
