@@ -184,19 +184,25 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     return session
 
 
-def init_heads(model: nn.Module, source: Any, device: torch.device, seed: int) -> None:
-    """Initialise the input norms of the heads from a sample of training inputs (through the
-    frozen encoder first, for towers that run in the loop)."""
+def init_heads(model: nn.Module, source: Any, device: torch.device, seed: int, chunk: int = 32) -> None:
+    """Initialise the input norms of the heads from a sample of training inputs. Cached features
+    are summarised where they are (the CPU); towers that run in the loop encode the sample on the
+    device a chunk at a time, so the sample never sits on the device whole."""
     from mmret.models.heads import InputNorm
 
     if not any(isinstance(m, InputNorm) for m in model.modules()):
         return
     images, texts = source.sample(seed=seed)
     for tower, x in ((model.image_tower, images), (model.text_tower, texts)):
-        x = _to(x, device)
         if hasattr(tower, "pooled_sample"):
-            x = tower.pooled_sample(**x) if isinstance(x, dict) else tower.pooled_sample(x)
+            n = len(x["input_ids"]) if isinstance(x, dict) else len(x)
+            parts = [_call(tower.pooled_sample, _to(_rows(x, a, a + chunk), device)).cpu() for a in range(0, n, chunk)]
+            x = torch.cat(parts)
         init_input_norms(tower, x)
+
+
+def _rows(x: Any, a: int, b: int) -> Any:
+    return {k: v[a:b] for k, v in x.items()} if isinstance(x, dict) else x[a:b]
 
 
 def _restore(s: Session) -> None:

@@ -23,7 +23,7 @@ def data(tmp_path_factory):
 
 def config(data, tmp_path, **options) -> RunConfig:
     base = dict(method="scratch", dataset="example", data_dir=data, runs_dir=tmp_path / "runs", epochs=4, batch_size=16,
-                patience=0, image_model="resnet18", text_width=32, text_depth=1, embed_dim=32, vocab_size=300,
+                patience=0, image_model="resnet10t", text_width=32, text_depth=1, embed_dim=32, vocab_size=300,
                 max_length=24, workers=0, lr=2e-3, image_size=32)
     return with_overrides(RunConfig(), {**base, **options})
 
