@@ -77,12 +77,14 @@ def main() -> None:
     parser.add_argument("--text", required=True)
     parser.add_argument("--methods", default="heads,bridge")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--only", help="comma-separated folds to run (default: all), e.g. for a quick check")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--json", help="also write the per-fold scores here")
     parser.add_argument("options", nargs="*", help="training options as key=value")
     args = parser.parse_args()
     extra = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.options)}
-    results = {m: [run_fold(args, m, k, extra) for k in range(args.folds)] for m in args.methods.split(",")}
+    folds = [int(k) for k in args.only.split(",")] if args.only else range(args.folds)
+    results = {m: [run_fold(args, m, k, extra) for k in folds] for m in args.methods.split(",")}
     print()
     print(f"{args.folds}-fold cross-validation on {args.dataset}, options {extra or 'default'}:")
     print(table(results))

@@ -42,7 +42,7 @@ def step(model, optimizer, images, texts):
 def timed_epoch(model, optimizer, batches, images_of, texts_of) -> float:
     """Seconds for one pass over `batches`; `images_of(batch)` yields the bridge's image input."""
     start = time.perf_counter()
-    for (img_idx, cap_idx), images in zip(batches, images_of(batches)):
+    for (_, cap_idx), images in zip(batches, images_of(batches)):
         step(model, optimizer, images, texts_of(cap_idx))
     return time.perf_counter() - start
 

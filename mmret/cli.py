@@ -205,7 +205,7 @@ def _show_precompute(result) -> None:
                      tokens, s.precision or "-", ui.human_bytes(feats.disk_bytes), f"{s.seconds:.1f}s", rate))
     columns = ["rows", "tower", "new / reused", "pooled", "tokens", "precision", "disk", "time", "rows/s"]
     ui.console.print(ui.table(f"{result.dataset}: frozen features on {result.device}", columns, rows))
-    for name, feats in result.parts:
+    for _, feats in result.parts:
         if feats.stats.precision_reason:
             ui.console.print(f"{feats.which} precision: {feats.stats.precision_reason}", highlight=False)
         if feats.failed:

@@ -6,7 +6,8 @@ rescores them exactly and *proves* the result exact: every row left out scored a
 in the screen, so its true score is at most `a_min + E`, where E bounds the screen's rounding
 error (from the query norm, the largest gallery norm and the unit roundoffs). When the k-th
 rescored candidate beats that, the top k is exact; a query that cannot be proven (masses of
-near-duplicates) is scored exactly over the whole gallery. The screen is what makes a CPU fast:
+near-duplicates) is screened again alone, keeping every row the bound cannot rule out. The
+screen is what makes a CPU fast:
 one query is a float16 matrix-vector product that streams the gallery once; a batch is a
 bfloat16 matrix product (avx512_bf16 through oneDNN), about twice as fast as float32 and far
 faster than float16 products, for which CPUs without avx512_fp16 have no instructions. Of each
@@ -14,9 +15,9 @@ block of scores, only groups of rows whose maximum can still enter a query's can
 merged: a max over groups costs a fraction of a top-k over every score.
 `benchmarks/search.py` measures all of this.
 
-Exact scores are dot products of the float32 query with the float16 gallery rows computed in
-float64 and rounded to float32 (normalised embeddings: cosine similarity); equal scores go to the
-smaller row.
+Exact scores are float32 dot products of the query with the float16 gallery rows (converted
+exactly), summed in the same order for every row so that identical rows tie; equal scores go to
+the smaller row. Normalised embeddings give cosine similarity.
 
 The index folder (`runs/<run>/index/<gallery>/` by convention) holds `meta.json` (the caller's
 fingerprint, sizes, a digest of the vectors, and for each FAISS index its parameters and the
@@ -65,8 +66,10 @@ _BREADTH = {"ivf": "nprobe", "hnsw": "efSearch"}
 class IndexConfig:
     kind: str = "exact"  # exact | ivf | hnsw (the last two need faiss-cpu)
     nlist: int = 0  # ivf: number of lists (0: the power of two nearest sqrt(n))
-    hnsw_m: int = 32  # hnsw: links per node; more gives better recall, more memory and build time
-    ef_construction: int = 80  # hnsw: candidates examined per insertion while building
+    # hnsw graph quality: on a 1M x 512 gallery, 48/200 reached recall@10 0.95 at efSearch 104 (1.1 ms
+    # a query) where 32/80 needed 512 (2.8 ms), for 2.5x the build time (benchmarks/search.py)
+    hnsw_m: int = 48  # hnsw: links per node; more gives better recall, more memory and build time
+    ef_construction: int = 200  # hnsw: candidates examined per insertion while building
     nprobe: int = 0  # ivf: lists searched per query (0: the fewest that reach target_recall)
     ef_search: int = 0  # hnsw: candidates examined per query (0: the fewest that reach target_recall)
     target_recall: float = 0.95  # recall@10 against exact search that automatic tuning aims for
@@ -127,27 +130,46 @@ class ExactIndex:
 
     def _search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         precision = self._screen_precision(q)
-        if precision is None:
-            return _scan_exact(q, self.gallery, k)
+        if precision in ("fp32", "fp16-scan"):
+            return self._scan(q, k)
         n_cand = min(self.n, k + _SLACK)
         screen = _screen_fp16 if precision == "fp16" else _screen_bf16
         approx, cand = screen(q, self.gallery, n_cand)  # (B, C) screen scores and their rows
-        scores, ids = _top_k_by_score_then_row(_rescore(q, self.gallery, cand), cand, k)
+        scores, ids = _top_k_by_score_then_row(_exact_scores(q, self.gallery, cand), cand, k)
         if n_cand < self.n:  # otherwise every row was rescored: exact already
             bound = _screen_error_bound(q, self.max_norm, precision)  # (B,)
-            unproven = scores[:, -1] <= approx.min(1).values + bound  # rows left out scored <= that
+            unproven = scores[:, -1] <= approx.min(1).values + bound  # rows left out score <= that
             if unproven.any():
                 rows = unproven.nonzero().squeeze(1)
                 _logger.debug("%d of %d queries rescanned", len(rows), len(q))
-                scores[rows], ids[rows] = _scan_exact(q[rows], self.gallery, k)
+                scores[rows], ids[rows] = self._scan(q[rows], k)
         return scores, ids
 
-    def _screen_precision(self, q: torch.Tensor) -> str | None:
-        """fp16 for one or two queries, bf16 for more, None (a full exact scan) if the kernel misbehaves."""
-        largest = float(q.norm(dim=1).max()) * self.max_norm
-        if len(q) <= _FP16_MAX_QUERIES and largest < 3e4 and _screen_within_bound("fp16"):  # no fp16 overflow
+    def _scan(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query at a time: screen every row, rescore every row the bound cannot rule out.
+
+        With E = bound, a row screened below (k-th screen score - 2E) scores below the k-th exact
+        score, so the top k (ties included) is among the rest, however many tie."""
+        precision = "fp16" if self._screen_precision(q[:1]) == "fp16" else "fp32"
+        out = torch.empty(len(q), k), torch.empty(len(q), k, dtype=torch.int64)
+        for b in range(len(q)):
+            row = q[b:b + 1]
+            approx = _screen_all(row, self.gallery, precision)  # (N,)
+            floor = approx.topk(k).values[-1] - 2 * _screen_error_bound(row, self.max_norm, precision)
+            cand = (approx >= floor).nonzero().T  # (1, C)
+            out[0][b], out[1][b] = _top_k_by_score_then_row(_exact_scores(row, self.gallery, cand), cand, k)
+        return out
+
+    def _screen_precision(self, q: torch.Tensor) -> str:
+        """fp16 for one or two queries, bf16 for more; a one-by-one scan (fp16, else fp32) on a
+        machine whose kernels fail their check."""
+        no_overflow = float(q.norm(dim=1).max()) * self.max_norm < 3e4
+        fp16 = no_overflow and _screen_within_bound("fp16")
+        if len(q) <= _FP16_MAX_QUERIES and fp16:
             return "fp16"
-        return "bf16" if _screen_within_bound("bf16") else None
+        if _screen_within_bound("bf16"):
+            return "bf16"
+        return "fp16-scan" if fp16 else "fp32"
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:
@@ -204,9 +226,11 @@ def _screen_bf16(q: torch.Tensor, gallery: torch.Tensor, n_cand: int) -> tuple[t
         # float16 -> float32 -> bfloat16 in reused buffers: 5x faster than torch's direct conversion
         cbf = asbf[:len(chunk)].copy_(as32[:len(chunk)].copy_(chunk))
         scores = _bf16_to_f32(qb @ cbf.T, bits)  # (B, c)
-        if best is None or best[0].shape[1] < n_cand:
-            rows = torch.arange(start, start + len(chunk)).expand(len(q), -1)
-            best = _merge_top(*(best or (scores[:, :0], rows[:, :0])), scores, rows, n_cand)
+        if best is None:
+            top = scores.topk(min(n_cand, len(chunk)), dim=1)
+            best = top.values, top.indices + start
+        elif best[0].shape[1] < n_cand:  # k beyond one chunk: not full yet, nothing to skip
+            best = _merge_top(*best, scores, torch.arange(start, start + len(chunk)).expand(len(q), -1), n_cand)
         else:
             best = _merge_better(*best, scores, start)
     return best
@@ -262,16 +286,16 @@ def _screen_error_bound(q: torch.Tensor, max_norm: float, precision: str) -> tor
     """(B,) bound on |screen score - exact score| over every gallery row.
 
     The screen rounds the query (u_q) and the gallery (u_g), multiplies exactly, adds D products
-    in float32 (gamma_D) and rounds the result (u_out); each error is relative to
-    sum |q_i g_i| <= |q| max|g| (Cauchy-Schwarz). One more float32 roundoff covers rounding the exact
-    scores to float32, `tiny` values below the format's normal range (float16 subnormals), and 10%
-    the float32 norms themselves.
+    in float32 (gamma_D) and rounds the result (u_out); the exact scores carry float32 summation
+    error too (gamma_D). Each error is relative to sum |q_i g_i| <= |q| max|g| (Cauchy-Schwarz);
+    `tiny` covers values below the format's normal range (float16 subnormals), and 10% the
+    float32 norms themselves.
     """
-    u_q, u_g, u_out, tiny = ((_U16, 0.0, _U16, 2.0**-25) if precision == "fp16"
-                             else (_UBF16, _UBF16, _UBF16, 2.0**-126))
+    u_q, u_g, u_out, tiny = {"fp16": (_U16, 0.0, _U16, 2.0**-25), "bf16": (_UBF16, _UBF16, _UBF16, 2.0**-126),
+                             "fp32": (0.0, 0.0, 0.0, 2.0**-126)}[precision]
     d = q.shape[1]
     gamma = d * _U32 / (1 - d * _U32)
-    relative = (1 + u_q) * (1 + u_g) * (1 + gamma) * (1 + u_out) * (1 + _U32) - 1
+    relative = (1 + u_q) * (1 + u_g) * (1 + gamma) * (1 + u_out) - 1 + gamma
     absolute = tiny * (1 + math.sqrt(d) * max_norm)
     return 1.1 * (relative * q.norm(dim=1) * max_norm + absolute)
 
@@ -293,11 +317,16 @@ def _screen_within_bound(precision: str) -> bool:
     return ok
 
 
-def _rescore(q: torch.Tensor, gallery: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """Exact scores of the candidates: float64 (every product exact), rounded to float32, so
-    identical rows get identical scores wherever they sit (float32 BLAS does not promise that)."""
-    rows = gallery[cand.reshape(-1)].double().view(*cand.shape, -1)  # (B, C, D)
-    return torch.bmm(rows, q.double()[:, :, None]).squeeze(2).float()  # (B, C)
+def _exact_scores(q: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, C) float32 dot products of each query with its candidate rows, every one summed in the
+    same order so identical rows tie exactly (float32 BLAS does not promise that across columns).
+    32 queries at a time keep the gathered rows in cache."""
+    out = torch.empty(rows.shape)
+    for s in range(0, len(q), 32):
+        part = rows[s:s + 32]
+        g = torch.index_select(gallery, 0, part.reshape(-1)).float().view(*part.shape, -1)  # (b, C, D)
+        out[s:s + 32] = (g * q[s:s + 32, None, :]).sum(-1)
+    return out
 
 
 def _top_k_by_score_then_row(scores, rows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,18 +336,12 @@ def _top_k_by_score_then_row(scores, rows, k: int) -> tuple[torch.Tensor, torch.
     return scores.gather(1, order), rows.gather(1, order)
 
 
-def _scan_exact(q: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact scores against every row, for queries the screen cannot prove (and machines whose
-    low-precision kernels fail their check). Stable sorts keep equal scores in row order."""
-    q64 = q.double()
-    best_v, best_i = torch.empty(len(q), 0), torch.empty(len(q), 0, dtype=torch.int64)
-    for start in range(0, len(gallery), _ROWS_PER_CHUNK):
-        scores = (q64 @ gallery[start:start + _ROWS_PER_CHUNK].double().T).float()
-        v, i = scores.sort(dim=1, descending=True, stable=True)
-        v, i = torch.cat([best_v, v[:, :k]], 1), torch.cat([best_i, i[:, :k] + start], 1)  # earlier rows first
-        order = v.argsort(dim=1, descending=True, stable=True)[:, :k]
-        best_v, best_i = v.gather(1, order), i.gather(1, order)
-    return best_v, best_i
+def _screen_all(row: torch.Tensor, gallery: torch.Tensor, precision: str) -> torch.Tensor:
+    """(N,) screen scores of one query (1, D) against every row, in float16 or float32."""
+    if precision == "fp16":
+        return torch.mv(gallery, row[0].half()).float()
+    return torch.cat([torch.mv(gallery[s:s + _ROWS_PER_CHUNK].float(), row[0])
+                      for s in range(0, len(gallery), _ROWS_PER_CHUNK)])
 
 
 # --- FAISS --------------------------------------------------------------------------------------

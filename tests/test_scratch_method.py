@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from mmret import train as training
 from mmret.config import PrepareConfig, RunConfig, with_overrides

@@ -56,7 +56,6 @@ def test_tower_method_learns_and_saves_only_its_weights(world, tmp_path, method,
 
 
 def batch(world, n=6):
-    from PIL import Image
 
     from mmret.datasets import load_dataset
 
