@@ -150,10 +150,10 @@ class ExactIndex:
 
         With E = bound, a row screened below (k-th screen score - 2E) scores below the k-th exact
         score, so the top k (ties included) is among the rest, however many tie."""
-        precision = "fp16" if self._screen_precision(q[:1]) == "fp16" else "fp32"
         out = torch.empty(len(q), k), torch.empty(len(q), k, dtype=torch.int64)
         for b in range(len(q)):
             row = q[b:b + 1]
+            precision = "fp16" if self._screen_precision(row) == "fp16" else "fp32"
             approx = _screen_all(row, self.gallery, precision)  # (N,)
             floor = approx.topk(k).values[-1] - 2 * _screen_error_bound(row, self.max_norm, precision)
             cand = (approx >= floor).nonzero().T  # (1, C)

@@ -70,7 +70,25 @@ class SplitTables:
         self.captions_of = group_captions(self.caption_image, len(self.image_ids))
 
 
-class FeatureSource:
+class Source:
+    """What every source has: the split's tables, and captions in evaluation order."""
+
+    tables: SplitTables
+
+    @property
+    def num_images(self) -> int:
+        return len(self.tables.image_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.tables.caption_ids)
+
+    def iter_texts(self, batch_size: int):
+        for a in range(0, self.num_captions, batch_size):
+            yield self.text_batch(np.arange(a, min(a + batch_size, self.num_captions)))
+
+
+class FeatureSource(Source):
     """A split read from feature caches: pooled or token image features, pooled caption features.
 
     Images whose features could not be computed (unreadable files) are left out, and counted.
@@ -104,14 +122,6 @@ class FeatureSource:
             self.caption_rows = np.array([text_rows[int(c)] for c in self.tables.caption_ids], dtype=np.int64)
             self.text_array = text_feats.pooled
 
-    @property
-    def num_images(self) -> int:
-        return len(self.tables.image_ids)
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.tables.caption_ids)
-
     @staticmethod
     def _gather(array: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         order = np.argsort(rows)  # sorted reads are kind to the page cache; then undo the sort
@@ -141,10 +151,6 @@ class FeatureSource:
     def iter_images(self, batch_size: int):
         for a in range(0, self.num_images, batch_size):
             yield self.image_batch(np.arange(a, min(a + batch_size, self.num_images)))
-
-    def iter_texts(self, batch_size: int):
-        for a in range(0, self.num_captions, batch_size):
-            yield self.text_batch(np.arange(a, min(a + batch_size, self.num_captions)))
 
 
 # ---------------------------------------------------------------------------- pixels and tokens
@@ -179,7 +185,7 @@ def default_workers() -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-class PixelSource:
+class PixelSource(Source):
     """A split read as pictures and token ids, for methods that run the towers at every step.
 
     Pictures are decoded and transformed in DataLoader workers (`train_transform` with random
@@ -198,14 +204,6 @@ class PixelSource:
         self.eval_pictures = _Pictures(tables.paths, eval_transform, seed)
         self.workers = default_workers() if workers is None else workers
         self.pin_memory = pin_memory
-
-    @property
-    def num_images(self) -> int:
-        return len(self.tables.image_ids)
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.tables.caption_ids)
 
     def _loader(self, pictures: _Pictures, batches: list[list[tuple[int, int]]]):
         workers = min(self.workers, len(batches))
@@ -231,10 +229,6 @@ class PixelSource:
         keys = [[(0, i) for i in range(a, min(a + batch_size, self.num_images))]
                 for a in range(0, self.num_images, batch_size)]
         yield from self._image_batches(self.eval_pictures, keys)
-
-    def iter_texts(self, batch_size: int):
-        for a in range(0, self.num_captions, batch_size):
-            yield self.text_batch(np.arange(a, min(a + batch_size, self.num_captions)))
 
     def sample(self, n: int = 128, seed: int = 0) -> tuple[Any, Any]:
         """Up to `n` evaluation inputs of pictures and of captions, drawn at random."""
