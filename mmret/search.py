@@ -56,7 +56,11 @@ def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, 
                    "split": emb.split, "gallery": which,
                    "fingerprint": emb.manifest[f"{which}_fingerprint" if which == "images" else "captions_fingerprint"]}
     folder = run_dir / "index" / f"{emb.dataset}-{emb.split}-{which}"
-    return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, rebuild=rebuild, reporter=reporter)
+    # an approximate index's recall is measured with the other modality's embeddings as queries,
+    # which is how it will be searched
+    queries = np.asarray(emb.captions if which == "images" else emb.images, dtype=np.float32)
+    return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries[:cfg.check_queries],
+                        rebuild=rebuild, reporter=reporter)
 
 
 def _image_hits(emb: Embeddings, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
