@@ -58,8 +58,9 @@ def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, 
     folder = run_dir / "index" / f"{emb.dataset}-{emb.split}-{which}"
     # an approximate index's recall is measured with the other modality's embeddings as queries,
     # which is how it will be searched
-    queries = np.asarray(emb.captions if which == "images" else emb.images, dtype=np.float32)
-    return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries[:cfg.check_queries],
+    other = emb.captions if which == "images" else emb.images
+    queries = np.asarray(other[:cfg.check_queries], dtype=np.float32) if cfg.kind != "exact" else None
+    return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries,
                         rebuild=rebuild, reporter=reporter)
 
 
