@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=192, help="training pictures in the timed epoch")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--token-pool", type=int, nargs="+", default=[1, 2, 4],
+                        help="bridge --token-pool settings to time (each with both paths)")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = with_overrides(RunConfig(), dict(method="bridge", dataset=args.dataset, vision=args.vision, text=args.text,
@@ -80,19 +82,9 @@ def main() -> None:
     dims = FeatureDims(image_feats.pooled.shape[1], image_enc.token_dim, text_feats.pooled.shape[1])
     method = get_method("bridge")
 
-    def fresh():
-        torch.manual_seed(0)
-        model = method.build(cfg, dims)
-        return model, torch.optim.AdamW(param_groups(model, 0.05), lr=5e-4)
-
-    texts_of = cached.text_batch
-    model, opt = fresh()
-    timed_epoch(model, opt, batches[:1], lambda bs: (cached.image_batch(b[0]) for b in bs), texts_of)  # warm-up
-    model, opt = fresh()
-    t_cached = timed_epoch(model, opt, batches, lambda bs: (cached.image_batch(b[0]) for b in bs), texts_of)
-
     encoder = load_image_encoder(args.vision).eval()
     pixels = PixelSource(cached.tables, encoder.transform(), encoder.transform(), None, workers=args.workers)
+    texts_of = cached.text_batch
 
     def tower_tokens(bs):
         keys = [[(0, int(i)) for i in b[0]] for b in bs]
@@ -101,21 +93,37 @@ def main() -> None:
                 tokens = encoder(batch).tokens
             yield tokens.clone()
 
-    model, opt = fresh()
-    t_pixels = timed_epoch(model, opt, batches, tower_tokens, texts_of)
+    def cached_tokens(bs):
+        return (cached.image_batch(b[0]) for b in bs)
 
     b = args.batch_size
-    one = cached.image_batch(np.arange(b)), cached.text_batch(np.arange(b))
-    model, opt = fresh()
-    bridge_flops = flops_per_pair(lambda: contrastive_step(model, one[0], one[1], b)) / b
     with torch.inference_mode():
         tower_flops = flops_per_pair(lambda: encoder(torch.zeros(b, 3, *encoder.image_size))) / b
-    print(f"dataset {args.dataset}: {pairs} pairs in {len(batches)} batches of <= {b}, {torch.get_num_threads()} threads, fp32")
-    print(f"cached features: {t_cached:7.2f} s  {pairs / t_cached:8.1f} pairs/s")
-    print(f"tower on pixels: {t_pixels:7.2f} s  {pairs / t_pixels:8.1f} pairs/s  (decode + resize in {args.workers} workers, frozen forward)")
-    print(f"ratio: {t_pixels / t_cached:.1f}x  (target >= 50x)")
-    print(f"FLOPs per pair: bridge step {bridge_flops / 1e9:.2f} G, frozen tower forward {tower_flops / 1e9:.2f} G; "
-          f"compute-bound ratio {(bridge_flops + tower_flops) / bridge_flops:.1f}x before decoding")
+    print(f"dataset {args.dataset}: {pairs} pairs in {len(batches)} batches of <= {b}, {torch.get_num_threads()} threads, "
+          f"fp32; frozen tower forward {tower_flops / 1e9:.2f} GFLOP per pair")
+    for pool in args.token_pool:
+        bridge_cfg = with_overrides(cfg, {"token_pool": pool})
+
+        def fresh():
+            torch.manual_seed(0)
+            model = method.build(bridge_cfg, dims)
+            return model, torch.optim.AdamW(param_groups(model, 0.05), lr=5e-4)
+
+        model, opt = fresh()
+        timed_epoch(model, opt, batches[:1], cached_tokens, texts_of)  # warm-up
+        model, opt = fresh()
+        t_cached = timed_epoch(model, opt, batches, cached_tokens, texts_of)
+        model, opt = fresh()
+        t_pixels = timed_epoch(model, opt, batches, tower_tokens, texts_of)
+        one = cached.image_batch(np.arange(b)), cached.text_batch(np.arange(b))
+        model, opt = fresh()
+        bridge_flops = flops_per_pair(lambda: contrastive_step(model, one[0], one[1], b)) / b
+        print(f"--token-pool {pool}: bridge step {bridge_flops / 1e9:.2f} GFLOP per pair")
+        print(f"  cached features: {t_cached:7.2f} s  {pairs / t_cached:8.1f} pairs/s")
+        print(f"  tower on pixels: {t_pixels:7.2f} s  {pairs / t_pixels:8.1f} pairs/s  "
+              f"(decode + resize in {args.workers} workers, frozen forward)")
+        print(f"  ratio: {t_pixels / t_cached:.1f}x (target >= 50x); FLOP bound before decoding "
+              f"{(bridge_flops + tower_flops) / bridge_flops:.1f}x")
 
 
 if __name__ == "__main__":

@@ -263,6 +263,7 @@ def train(
     bridge_layers: Annotated[Optional[int], typer.Option(help="Bridge: cross-attention blocks L [default: 2].", show_default=False)] = None,
     bridge_width: Annotated[Optional[int], typer.Option(help="Bridge: width [default: 384].", show_default=False)] = None,
     bridge_heads: Annotated[Optional[int], typer.Option(help="Bridge: attention heads [default: 6].", show_default=False)] = None,
+    token_pool: Annotated[Optional[int], typer.Option(help="Bridge: average-pool the patch grid by this factor first; 2 reads about 4x fewer tokens [default: 1].", show_default=False)] = None,
     mixup: Annotated[Optional[float], typer.Option(help="Latent mixup Beta(alpha, alpha) on cached features, as in FuseMix; 0 is off.", show_default=False)] = None,
     temperature: Annotated[Optional[str], typer.Option(help="learned, fixed or dynamic [default: learned].", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option(help="A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers lora/prefix/adapter/full adapt.", show_default=False)] = None,

@@ -109,6 +109,7 @@ class MethodConfig:
     bridge_layers: int = 2  # bridge: cross-attention blocks
     bridge_width: int = 384  # bridge: width of queries and blocks
     bridge_heads: int = 6  # bridge: attention heads
+    token_pool: int = 1  # bridge: average-pool the patch grid by this factor first (2: about 4x fewer tokens)
     mixup: float = 0.0  # latent mixup Beta(alpha, alpha) on cached features (0: off)
     input_norm: bool = True  # standardise cached features at the tower inputs (initialised from train data)
     init_temperature: float = 0.07  # initial softmax temperature (logit scale 1/T)
@@ -132,7 +133,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "head_layers", "queries", "bridge_layers", "bridge_width", "bridge_heads",
-                     "rank", "prefix_tokens", "adapter_dim", "linformer_k", "vocab_size", "image_size",
+                     "token_pool", "rank", "prefix_tokens", "adapter_dim", "linformer_k", "vocab_size", "image_size",
                      "text_width", "text_depth"):
             _check_positive(name.replace("_", "-"), getattr(self, name))
         if not 0 <= self.dropout < 1 or not 0 <= self.lora_dropout < 1:

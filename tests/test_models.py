@@ -247,3 +247,18 @@ def test_mixup_of_token_states_unites_masks_and_refuses_token_ids():
         latent_mixup(torch.randn(3, 2), torch.randn(4, 2), 1.0, torch.Generator())
     with pytest.raises(MmretError, match="--mixup-alpha must be positive"):
         sample_mixup(3, 0.0, torch.Generator())
+
+
+def test_token_pool_averages_the_patch_grid_and_keeps_the_class_token():
+    from mmret.models.bridge import QueryBridge, pool_patch_grid
+
+    x = torch.randn(2, 1 + 16, 3)
+    y = pool_patch_grid(x, 2)
+    grid = x[:, 1:].reshape(2, 4, 4, 3)
+    assert y.shape == (2, 1 + 4, 3) and torch.equal(y[:, 0], x[:, 0])
+    assert torch.allclose(y[:, 1], grid[:, :2, :2].mean(dim=(1, 2)))
+    assert pool_patch_grid(torch.randn(1, 197, 4), 2).shape == (1, 50, 4)  # 14x14 -> 7x7, ceil
+    with pytest.raises(MmretError, match="square patch grid"):
+        pool_patch_grid(torch.randn(1, 20, 4), 2)
+    bridge = QueryBridge(3, 8, num_queries=2, depth=1, width=4, heads=2, token_pool=2)
+    assert bridge(x).shape == (2, 8)

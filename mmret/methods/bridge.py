@@ -18,7 +18,7 @@ from mmret.models.temperature import build_temperature
 def build(cfg, dims: FeatureDims) -> DualEncoder:
     m = cfg.method
     bridge = QueryBridge(dims.image_token_dim, m.embed_dim, num_queries=m.queries, depth=m.bridge_layers,
-                         width=m.bridge_width, heads=m.bridge_heads, dropout=m.dropout)
+                         width=m.bridge_width, heads=m.bridge_heads, dropout=m.dropout, token_pool=m.token_pool)
     text = ProjectionHead(dims.text_dim, m.embed_dim, m.head_layers, m.head_hidden, m.dropout)
     return DualEncoder(with_input_norm(dims.image_token_dim, bridge, m.input_norm),
                        with_input_norm(dims.text_dim, text, m.input_norm),

@@ -12,6 +12,8 @@ per block 2*(4w² + 4w) + 3*2w + (2wh + h + w), final norm 2w, projection w*out 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,6 +65,25 @@ class BridgeBlock(nn.Module):
         return x + self.mlp(self.norm3(x))  # (B, Q, W)
 
 
+def pool_patch_grid(tokens: Tensor, factor: int) -> Tensor:
+    """Average-pool the square patch grid of ViT token states by `factor`, keeping the leading
+    class (and register) tokens: (B, prefix + g*g, D) → (B, prefix + ceil(g/f)^2, D).
+
+    The cross-attention's keys and values over every token are most of a bridge step's work;
+    pooling 2x2 patches cuts them by about 4 while every query still sees the whole picture.
+    """
+    B, T, D = tokens.shape
+    for prefix in (1, 5, 0):  # class token; class + 4 registers; no prefix (CNN feature maps)
+        g = math.isqrt(T - prefix)
+        if g > 0 and g * g == T - prefix:
+            break
+    else:
+        raise MmretError(f"bridge: --token-pool needs a square patch grid, got {T} tokens")
+    grid = tokens[:, prefix:].transpose(1, 2).reshape(B, D, g, g)  # (B, D, g, g)
+    pooled = F.avg_pool2d(grid, factor, ceil_mode=True).flatten(2).transpose(1, 2)  # (B, g'*g', D)
+    return torch.cat([tokens[:, :prefix], pooled], dim=1)
+
+
 class QueryBridge(nn.Module):
     """Token states (B, T, in_dim) [+ mask (B, T), True/1 = real token] → (B, out_dim)."""
 
@@ -76,16 +97,17 @@ class QueryBridge(nn.Module):
         heads: int = 6,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        token_pool: int = 1,
     ) -> None:
         super().__init__()
         check_dims("bridge", in_dim=in_dim, out_dim=out_dim, num_queries=num_queries,
-                   depth=depth, width=width, heads=heads)
+                   depth=depth, width=width, heads=heads, token_pool=token_pool)
         check_dropout("bridge", dropout)
         if width % heads:
             raise MmretError(f"bridge: width {width} must be divisible by heads {heads}")
         if mlp_ratio <= 0 or int(width * mlp_ratio) < 1:
             raise MmretError(f"bridge: mlp_ratio must be positive, got {mlp_ratio}")
-        self.in_dim, self.width, self.out_dim = in_dim, width, out_dim
+        self.in_dim, self.width, self.out_dim, self.token_pool = in_dim, width, out_dim, token_pool
         # std 0.02 as BLIP-2 initialises its query tokens
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
         self.input_proj = nn.Linear(in_dim, width) if in_dim != width else nn.Identity()
@@ -100,6 +122,10 @@ class QueryBridge(nn.Module):
                 f"bridge expects token states (batch, tokens, {self.in_dim}), got {tuple(tokens.shape)}; "
                 "cache the encoder's token states (not pooled features) for the bridge method"
             )
+        if self.token_pool > 1:
+            if mask is not None:
+                raise MmretError("bridge: --token-pool pools a picture's patch grid; it does not apply to masked tokens")
+            tokens = pool_patch_grid(tokens, self.token_pool)  # (B, T', in_dim)
         tokens = self.token_norm(self.input_proj(tokens))  # (B, T, W)
         mask = None if mask is None else mask.to(torch.bool)
         x = self.queries.expand(tokens.shape[0], -1, -1)  # (B, Q, W)
