@@ -606,6 +606,10 @@ def micro_batches(batch_size: int) -> list[int]:
         m = -(-m // 2)
 
 
+def _fixed(images: Any, texts: Any) -> "_Sample":
+    return _Sample(lambda: images, lambda: texts)
+
+
 class _Sample:
     """Stands in for a data source: `init_heads` draws its sample, `embed_source` one batch each way.
     Tensors are made when asked for, so a model without input norms never allocates the sample."""
@@ -686,11 +690,16 @@ class Probe:
         from mmret.train import init_heads
 
         images, texts = self.norm_rows
+        if not (images and texts):
+            with self.tracked(optimizer=False) as live:
+                pass
+            return live.breakdown()
+        # the sources hand the sample over on the CPU and init_heads moves only what a tower encodes,
+        # a chunk at a time: the sample exists before tracking starts, so only that work is counted
+        with self.mode or nullcontext():
+            sample = _fixed(self.inputs.images(images, self.device), self.inputs.texts(texts, self.device))
         with self.tracked(optimizer=False) as live:
-            if images and texts:
-                sample = _Sample(lambda: self.inputs.images(images, self.device),
-                                 lambda: self.inputs.texts(texts, self.device))
-                init_heads(self.model, sample, self.device, 0)
+            init_heads(self.model, sample, self.device, 0)
         return live.breakdown()
 
     def warm_up(self) -> None:
