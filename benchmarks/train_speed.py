@@ -66,10 +66,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--token-pool", type=int, nargs="+", default=[1, 2, 4],
                         help="bridge --token-pool settings to time (each with both paths)")
+    parser.add_argument("--bridge", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="other bridge settings for every timing, e.g. queries=8 bridge_width=192")
     args = parser.parse_args()
     torch.manual_seed(0)
+    extra = {k: int(v) for k, v in (o.split("=", 1) for o in args.bridge)}
     cfg = with_overrides(RunConfig(), dict(method="bridge", dataset=args.dataset, vision=args.vision, text=args.text,
-                                           batch_size=args.batch_size))
+                                           batch_size=args.batch_size, **extra))
     dataset = load_dataset(args.dataset)
     image_feats, text_feats, image_enc, _ = feature_caches(cfg, dataset, True, torch.device("cpu"), NULL)
     tables = split_frames(dataset, "train")
@@ -100,7 +103,8 @@ def main() -> None:
     with torch.inference_mode():
         tower_flops = flops_per_pair(lambda: encoder(torch.zeros(b, 3, *encoder.image_size))) / b
     print(f"dataset {args.dataset}: {pairs} pairs in {len(batches)} batches of <= {b}, {torch.get_num_threads()} threads, "
-          f"fp32; frozen tower forward {tower_flops / 1e9:.2f} GFLOP per pair")
+          f"fp32; frozen tower forward {tower_flops / 1e9:.2f} GFLOP per pair; bridge: queries {cfg.method.queries}, "
+          f"layers {cfg.method.bridge_layers}, width {cfg.method.bridge_width}")
     for pool in args.token_pool:
         bridge_cfg = with_overrides(cfg, {"token_pool": pool})
 
