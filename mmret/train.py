@@ -103,6 +103,7 @@ class LoopState:
     pairs: int = 0  # pairs seen this epoch
     seconds: float = 0.0  # training time before this session
     history: list[dict] = field(default_factory=list)  # one row per evaluation
+    finished: str = ""  # why the run ended, once it has (a finished run is not resumed)
 
 
 @dataclass
@@ -214,6 +215,9 @@ def _restore(s: Session) -> None:
         raise MmretError(f"the last checkpoint of {s.run_dir.name} is torn (weights at step {weights.get('step')}, "
                          f"optimizer at step {meta['loop']['step']}); resume from best or start again")
     s.state = LoopState(**meta["loop"])
+    if s.state.finished:
+        raise MmretError(f"run {s.run_dir.name} has already finished ({s.state.finished}); nothing to resume. "
+                         f"Train a new run (`mmret train --config {s.run_dir / 'config.json'} ...`) to go further")
     s.step_rng = torch.get_rng_state()
     if meta.get("scaler"):
         s.scaler.load_state_dict(meta["scaler"])
@@ -334,13 +338,14 @@ def evaluate(s: Session) -> dict[str, float]:
 # ---------------------------------------------------------------------------- end of an epoch
 
 
-def _checkpoint(s: Session, metrics: dict[str, float]) -> None:
+def _checkpoint(s: Session, metrics: dict[str, float], weights: bool = True) -> None:
     ckpt, st = s.run_dir / "checkpoints", s.state
     meta = {"step": st.step, "epoch": st.epoch, "metrics": metrics}
     loop = asdict(st) | {"seconds": st.seconds + time.perf_counter() - s.started}
     save_state(s.optimizer, ckpt / "last.state.safetensors",
                {"loop": loop, "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None})
-    save_weights(s.model, ckpt / "last.safetensors", meta)
+    if weights:
+        save_weights(s.model, ckpt / "last.safetensors", meta)
 
 
 def finish_epoch(s: Session, partial: bool = False) -> bool:
@@ -414,6 +419,8 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
 
 def _result(s: Session, stopped: str) -> RunResult:
     st = s.state
+    st.finished = stopped
+    _checkpoint(s, {}, weights=False)  # the weights of `last` are already saved; mark the state finished
     _plot(s)
     s.log(f"done: {stopped}; best val {SELECT_METRIC} {st.best:.4f} at epoch {st.best_epoch}")
     point_latest(s.cfg.runs_dir, s.run_dir)

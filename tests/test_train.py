@@ -181,3 +181,9 @@ def test_cli_trains_and_prints_the_best_validation_table(world, tmp_path, monkey
                                       "--epochs", "2", "--batch-size", "16", "--name", "cli"])
     assert result.exit_code == 0, result.output
     assert "best validation" in result.stdout and "finished all epochs after 2 epochs, 6 steps" in result.stdout
+
+
+def test_a_finished_run_is_not_resumed(world, tmp_path):
+    result = training.train(config(world, tmp_path, method="heads", epochs=1, name="done"))
+    with pytest.raises(MmretError, match=r"run done has already finished \(finished all epochs\); nothing to resume"):
+        training.resume(result.run_dir)
