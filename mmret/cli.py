@@ -29,6 +29,10 @@ DEBUG_ENV = "MMRET_DEBUG"
 DataDir = Annotated[Optional[Path], typer.Option(
     "--data-dir", envvar="MMRET_DATA_DIR", show_envvar=True,
     help="Folder holding the prepared datasets (default: ./data).")]
+RunsDir = Annotated[Optional[Path], typer.Option(
+    "--runs-dir", envvar="MMRET_RUNS_DIR", show_envvar=True, help="Folder holding the runs (default: ./runs).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Checkpoint = Annotated[str, typer.Option(help="Which checkpoint: best or last.")]
 
 
 def debug() -> bool:
@@ -145,13 +149,13 @@ def precompute_embeddings(
     tokens: Annotated[bool, typer.Option("--tokens", help="Also keep the token states (N, T, D), for methods that read them.")] = False,
     batch_size: Annotated[str, typer.Option(help="Rows per forward pass, or auto.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 when it matches fp32 and is faster; AMP on CUDA), fp32, bf16, or fp16 (CUDA only).")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     image_size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the model's own).", show_default=False)] = None,
     max_length: Annotated[int, typer.Option(help="Text tokens per caption.")] = 64,
     workers: Annotated[Optional[int], typer.Option(help="Image decoding workers (default: CPU count - 1, at most 4).", show_default=False)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the image tower with torch.compile first: a minute or so once, then faster (worth it for thousands of images).")] = False,
     data_dir: DataDir = None,
-    runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", envvar="MMRET_RUNS_DIR", help="Folder holding the runs (default: ./runs).")] = None,
+    runs_dir: RunsDir = None,
 ) -> None:
     """Encode a dataset's images and captions once with frozen towers into data/<ds>/features/,
     or with --run, write a trained run's final embeddings for eval and search.
@@ -230,19 +234,26 @@ def _recipe_help() -> str:
     return "A named LoRA recipe (options given beside it win): " + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())
 
 
-RunsDir = Annotated[Optional[Path], typer.Option(
-    "--runs-dir", envvar="MMRET_RUNS_DIR", show_envvar=True, help="Folder holding the runs (default: ./runs).")]
+# options train and probe-memory share
+Method = Annotated[Optional[str], typer.Option(help=_method_help(), show_default=False)]
+ClipModel = Annotated[Optional[str], typer.Option(help="A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers lora/prefix/adapter/full adapt.", show_default=False)]
+PairBatch = Annotated[Optional[int], typer.Option(help="Pairs in one contrastive loss [default: 128].", show_default=False)]
+MaxLength = Annotated[Optional[int], typer.Option(help="Text tokens per caption [default: 64].", show_default=False)]
+EmbedDim = Annotated[Optional[int], typer.Option(help="Size of the shared embedding space [default: 512].", show_default=False)]
+Recipe = Annotated[Optional[str], typer.Option(help=_recipe_help(), show_default=False)]
+Rank = Annotated[Optional[int], typer.Option(help="LoRA rank r [default: 8].", show_default=False)]
+Tower = Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adapter adapt: text, vision or both [default: both].", show_default=False)]
 
 
 @app.command()
 @command
 def train(
-    method: Annotated[Optional[str], typer.Option(help=_method_help(), show_default=False)] = None,
+    method: Method = None,
     dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to train on [default: example].", show_default=False)] = None,
     vision: Annotated[Optional[str], typer.Option(help="Frozen image tower: preset, hub id or folder [default: dino-vits16].", show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option(help="Frozen text tower: preset, hub id or folder [default: distilbert].", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images [default: 20].", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Pairs in one contrastive loss [default: 128].", show_default=False)] = None,
+    batch_size: PairBatch = None,
     micro_batch: Annotated[Optional[int], typer.Option(help="Pairs per forward pass; smaller than --batch-size uses gradient caching, so every pair still sees the whole batch's negatives.", show_default=False)] = None,
     accumulation: Annotated[Optional[str], typer.Option(help="With --micro-batch: cache (exact, default) or plain accumulation (each micro-batch sees only its own negatives).", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: the method's].", show_default=False)] = None,
@@ -255,7 +266,7 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].", show_default=False)] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Also keep a checkpoint every N epochs [default: 0, off].", show_default=False)] = None,
-    embed_dim: Annotated[Optional[int], typer.Option(help="Size of the shared embedding space [default: 512].", show_default=False)] = None,
+    embed_dim: EmbedDim = None,
     head_layers: Annotated[Optional[int], typer.Option(help="Projection heads: 1 linear, 2 or more an MLP [default: 2].", show_default=False)] = None,
     head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of MLP heads [default: the input width].", show_default=False)] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout in heads and bridge [default: 0.1].", show_default=False)] = None,
@@ -266,13 +277,13 @@ def train(
     token_pool: Annotated[Optional[int], typer.Option(help="Bridge: average-pool the patch grid by this factor first; 2 reads about 4x fewer tokens [default: 1].", show_default=False)] = None,
     mixup: Annotated[Optional[float], typer.Option(help="Latent mixup Beta(alpha, alpha) on cached features, as in FuseMix; 0 is off.", show_default=False)] = None,
     temperature: Annotated[Optional[str], typer.Option(help="learned, fixed or dynamic [default: learned].", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option(help="A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers lora/prefix/adapter/full adapt.", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option(help=_recipe_help(), show_default=False)] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r [default: 8].", show_default=False)] = None,
+    model: ClipModel = None,
+    recipe: Recipe = None,
+    rank: Rank = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha [default: 2 x rank].", show_default=False)] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA path [default: 0.1].", show_default=False)] = None,
     targets: Annotated[Optional[str], typer.Option(help="LoRA targets among q, k, v, o, mlp, comma-separated [default: q,v].", show_default=False)] = None,
-    tower: Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adapter adapt: text, vision or both [default: both].", show_default=False)] = None,
+    tower: Tower = None,
     prefix_tokens: Annotated[Optional[int], typer.Option(help="Prefix: learned prompt tokens per block [default: 16].", show_default=False)] = None,
     adapter_dim: Annotated[Optional[int], typer.Option(help="Adapter: bottleneck width [default: 64].", show_default=False)] = None,
     grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute tower activations in backward to save memory.", show_default=False)] = None,
@@ -287,7 +298,7 @@ def train(
     tokenizer: Annotated[Optional[str], typer.Option(help="Scratch: bpe (trained on the captions, saved in the run) or a transformers tokenizer id or folder [default: bpe].", show_default=False)] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Scratch: BPE vocabulary size [default: 2000].", show_default=False)] = None,
     pretrained_image: Annotated[Optional[bool], typer.Option("--pretrained-image/--random-image", help="Scratch miniclip: start the ResNet from ImageNet weights (needs the hub or its cache).", show_default=False)] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Text tokens per caption [default: 64].", show_default=False)] = None,
+    max_length: MaxLength = None,
     sam: Annotated[Optional[bool], typer.Option("--sam/--no-sam", help="Sharpness-aware minimisation (two passes a step).", show_default=False)] = None,
     sam_rho: Annotated[Optional[float], typer.Option(help="SAM neighbourhood size rho [default: 0.05].", show_default=False)] = None,
     folds: Annotated[Optional[int], typer.Option(help="k-fold cross-validation: re-split all images into k folds.", show_default=False)] = None,
@@ -363,9 +374,9 @@ def eval_command(
     zero_shot: Annotated[Optional[str], typer.Option(help="Also (or only) evaluate a pretrained CLIP as it is, e.g. clip-b32: the baseline row.", show_default=False)] = None,
     bootstrap: Annotated[int, typer.Option(help="Resamples for 95% confidence intervals (0: none; 1000 is usual).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    checkpoint: Checkpoint = "best",
     format: Annotated[str, typer.Option(help="Output: table, markdown or json.")] = "table",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     runs_dir: RunsDir = None,
     data_dir: DataDir = None,
 ) -> None:
@@ -440,10 +451,10 @@ def search(
     k: Annotated[int, typer.Option("-k", "--top", help="Results per query.")] = 10,
     index: Annotated[str, typer.Option(help="exact, or ivf / hnsw (FAISS, needs the faiss extra) for galleries of millions.")] = "exact",
     rebuild_index: Annotated[bool, typer.Option("--rebuild-index", help="Build the cached index again (e.g. after the run improved).")] = False,
-    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best or last.")] = "best",
+    checkpoint: Checkpoint = "best",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON for scripts.")] = False,
     grid: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the results (PNG) here.", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     runs_dir: RunsDir = None,
 ) -> None:
     """The best-matching pictures for text queries (or pictures and captions for a picture)."""
@@ -494,17 +505,17 @@ def _show_search(result, grid) -> None:
 @command
 def probe_memory(
     vram: Annotated[float, typer.Option(help="GPU memory to fit in, in GB (2^30 bytes): 6 for a 6 GB card.", show_default=False)],
-    method: Annotated[Optional[str], typer.Option(help=_method_help(), show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option(help="A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers lora/prefix/adapter/full adapt.", show_default=False)] = None,
+    method: Method = None,
+    model: ClipModel = None,
     vision: Annotated[Optional[str], typer.Option(help="Image tower: preset, hub id or folder [default: dino-vits16]. Only its config is read.", show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option(help="Text tower: preset, hub id or folder [default: distilbert]. Only its config is read.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Pairs in one contrastive loss [default: 128].", show_default=False)] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Text tokens per caption [default: 64].", show_default=False)] = None,
-    embed_dim: Annotated[Optional[int], typer.Option(help="Size of the shared embedding space [default: 512].", show_default=False)] = None,
-    recipe: Annotated[Optional[str], typer.Option(help=_recipe_help(), show_default=False)] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r [default: 8].", show_default=False)] = None,
+    batch_size: PairBatch = None,
+    max_length: MaxLength = None,
+    embed_dim: EmbedDim = None,
+    recipe: Recipe = None,
+    rank: Rank = None,
     targets: Annotated[Optional[str], typer.Option(help="LoRA targets among q, k, v, o, mlp [default: q,v].", show_default=False)] = None,
-    tower: Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adapter adapt: text, vision or both [default: both].", show_default=False)] = None,
+    tower: Tower = None,
     accumulation: Annotated[Optional[str], typer.Option(help="With a micro-batch: cache (exact, default) or plain accumulation.", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset the saved config trains on [default: example]; its size bounds the input-norm sample.", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one saved before); options given here override it.", show_default=False)] = None,
