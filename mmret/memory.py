@@ -322,16 +322,9 @@ def _config_folder(name: str) -> Path:
                      "cache nor reachable on the hub; pass a preset or a local model folder (weights not needed)")
 
 
-def _read_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MmretError(f"cannot read {folder / 'config.json'}: {e}") from None
-
-
 def _architecture(name: str) -> tuple[Architecture, Path | None]:
     """The architecture of a preset, `timm:NAME`, local folder or hub id, and its folder if any."""
-    from mmret.encoders import ENCODERS
+    from mmret.encoders import ENCODERS, _read_config
 
     if name in ARCHITECTURES:
         return ARCHITECTURES[name], None
@@ -362,6 +355,7 @@ def _source(name: str, arch: Architecture) -> Any:
 
 def _is_clip(arch: Architecture, folder: Path | None, tower: str) -> bool:
     from mmret.encoders import _is_clip as is_clip
+    from mmret.encoders import _read_config
 
     return is_clip(_read_config(folder) if folder else {"model_type": arch.name}, tower)
 
