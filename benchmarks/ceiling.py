@@ -14,10 +14,10 @@ import argparse
 import numpy as np
 import torch
 
-from mmret.datasets import load_dataset
+from mmret.data import load_dataset
 from mmret.encoders import load_image_encoder, load_text_encoder
 from mmret.features import ensure_features
-from mmret.metrics import retrieval_metrics
+from mmret.inference.metrics import retrieval_metrics
 
 
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:

@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from mmret.config import RunConfig, with_overrides
-from mmret.embeddings import write_run_embeddings
-from mmret.metrics import retrieval_metrics
-from mmret.train import train
+from mmret.runs import RunConfig, with_overrides
+from mmret.inference.embeddings import write_run_embeddings
+from mmret.inference.metrics import retrieval_metrics
+from mmret.training import train
 
 KS = (1, 5, 10)
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from mmret.adapters import recipe_values
-from mmret.config import RunConfig, with_overrides
+from mmret.methods.towers import recipe_values
+from mmret.runs import RunConfig, with_overrides
 from mmret.errors import MmretError
 from mmret.memory import CATEGORIES, MemoryReport, describe, needed, probe_memory
 

@@ -2,8 +2,8 @@
 
 For each architecture and method the two CLIP towers (as mmret loads them:
 `CLIPVisionModelWithProjection`, `CLIPTextModelWithProjection`) are built on the meta device from
-their configs, so no weights are read or downloaded, adapted with `mmret.adapters.adapt_model`
-exactly as training adapts them, joined in a `DualEncoder` (which adds the learned temperature)
+the presets' published configs, so no weights are read or downloaded, adapted with the method's
+`tune_model` exactly as training adapts them, joined in a `DualEncoder` (which adds the learned temperature)
 and counted per part with `mmret.models.dual.parameter_table`. The methods:
 
   lora text-r8   recipe text-r8: LoRA r=8, alpha=16 on q and v of the text tower
@@ -12,62 +12,55 @@ and counted per part with `mmret.models.dual.parameter_table`. The methods:
   adapter        bottleneck adapters of width 64 after attention and MLP in every block, both towers
   full           every tower weight trains
 
-The config values are those of openai/clip-vit-base-patch32 and -patch16 (also transformers'
-CLIPVisionConfig / CLIPTextConfig defaults); the two differ only in the patch size.
+The config values are those of openai/clip-vit-base-patch32 and -patch16 (the `clip-b32` and
+`clip-b16` presets of `mmret.encoders.presets`); the two differ only in the patch size.
 
     python benchmarks/params.py
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
-from mmret.adapters import adapt_model, apply_recipe, covers
-from mmret.config import MethodConfig
+from mmret.encoders import load_image_encoder, load_text_encoder
+from mmret.methods import MethodConfig, config_for, get_method
+from mmret.methods.towers import apply_recipe
 from mmret.models.dual import DualEncoder, PartCount, parameter_table
 from mmret.models.temperature import build_temperature
+from mmret.models.tuners import covers
 
-VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              image_size=224, projection_dim=512)
-TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=8, max_position_embeddings=77, projection_dim=512)
-PATCH = {"ViT-B/32": 32, "ViT-B/16": 16}
+PRESET = {"ViT-B/32": "clip-b32", "ViT-B/16": "clip-b16"}
 EMBED_DIM = 512
 
 
 def settings() -> dict[str, tuple[str, MethodConfig]]:
-    """label -> (method, its MethodConfig)."""
+    """label -> (method, its config)."""
     base = MethodConfig()
     return {
         "lora text-r8": ("lora", apply_recipe(base, "text-r8")),
         "lora both-r64": ("lora", apply_recipe(base, "both-r64")),
-        "prefix": ("prefix", dataclasses.replace(base, method="prefix")),
-        "adapter": ("adapter", dataclasses.replace(base, method="adapter")),
-        "full": ("full", dataclasses.replace(base, method="full")),
+        "prefix": ("prefix", config_for("prefix")),
+        "adapter": ("adapter", config_for("adapter")),
+        "full": ("full", config_for("full")),
     }
 
 
 def clip_towers(arch: str) -> tuple[nn.Module, nn.Module]:
-    """The frozen image and text towers of CLIP `arch`, on the meta device (no memory, no weights)."""
-    from transformers import (
-        CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection,
-    )
-
-    with torch.device("meta"):
-        image = CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=PATCH[arch], **VISION))
-        text = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT))
-    return image.requires_grad_(False), text.requires_grad_(False)
+    """The frozen image and text models of CLIP `arch` (the preset's published architecture), on
+    the meta device (no memory, no weights)."""
+    image = load_image_encoder(PRESET[arch], meta=True).model
+    text = load_text_encoder(PRESET[arch], meta=True, max_length=77).model
+    return image, text
 
 
 def adapted_clip(arch: str, method: str, cfg: MethodConfig) -> DualEncoder:
     """Both towers of `arch` with `method` applied to the towers `cfg.tower` covers."""
     towers = dict(zip(("image", "text"), clip_towers(arch)))
+    tuner = get_method(method)
     for modality, model in towers.items():
-        if covers(cfg.tower, modality):
-            adapt_model(model, modality, method, cfg)
+        if covers(tuner.adapted_tower(cfg), modality):
+            tuner.tune_model(model, modality, cfg)
     with torch.device("meta"):
         temperature = build_temperature("learned")
     return DualEncoder(towers["image"], towers["text"], EMBED_DIM, temperature)
@@ -92,7 +85,7 @@ def format_table(arch: str, rows: dict[str, list[PartCount]]) -> str:
 
 
 def main() -> None:
-    for arch in PATCH:
+    for arch in PRESET:
         print(format_table(arch, tables(arch)), end="\n\n")
     method, cfg = settings()["lora both-r64"]
     n = tower_trainable(adapted_clip("ViT-B/16", method, cfg))

@@ -33,11 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmret.config import PrepareConfig
-from mmret.datasets import load_dataset, prepare
+from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder
 from mmret.features import ensure_features
-from mmret.images import load_rgb
+from mmret.modalities.image import load_rgb
 
 OFFLINE = Path("~/.cache/mmret-offline/models/dinov2-small").expanduser()
 

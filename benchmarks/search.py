@@ -42,7 +42,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mmret.index import ExactIndex, IndexConfig, ensure_index, recall_at_k  # noqa: E402
+from mmret.inference.index import ExactIndex, IndexConfig, ensure_index, recall_at_k  # noqa: E402
 
 DIM = 512
 N_QUERIES = 1000

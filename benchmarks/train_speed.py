@@ -21,15 +21,14 @@ import time
 import numpy as np
 import torch
 
-from mmret.config import RunConfig, with_overrides
-from mmret.datasets import load_dataset
-from mmret.encoders import load_image_encoder
-from mmret.gradcache import contrastive_step
-from mmret.losses import clip_loss
-from mmret.methods import FeatureDims, get_method
-from mmret.pairs import FeatureSource, PixelSource, epoch_batches, feature_caches, split_frames
-from mmret.progress import NULL
-from mmret.train import param_groups
+from mmret.common.progress import NULL
+from mmret.data import load_dataset
+from mmret.data.pairs import FileSource, epoch_batches
+from mmret.methods import get_method
+from mmret.runs import RunConfig, with_overrides
+from mmret.training.gradcache import contrastive_step
+from mmret.training.losses import clip_loss
+from mmret.training.step import make_optimizer
 
 
 def step(model, optimizer, images, texts):
@@ -74,24 +73,22 @@ def main() -> None:
     cfg = with_overrides(RunConfig(), dict(method="bridge", dataset=args.dataset, vision=args.vision, text=args.text,
                                            batch_size=args.batch_size, **extra))
     dataset = load_dataset(args.dataset)
-    image_feats, text_feats, image_enc, _ = feature_caches(cfg, dataset, True, torch.device("cpu"), NULL)
-    tables = split_frames(dataset, "train")
-    cached = FeatureSource(tables, image_feats, text_feats, image_tokens=True)
+    method = get_method("bridge")
+    context = method.open(cfg, dataset)
+    (cached,) = method.sources(cfg, context, dataset, ("train",), torch.device("cpu"), NULL)
     n = min(args.images, cached.num_images)
     batches = [b for b in epoch_batches(cached.tables.captions_of, args.batch_size, 0, 0)]
     batches = [(i[i < n], c[i < n]) for i, c in batches]
     batches = [b for b in batches if len(b[0]) > 1]
     pairs = sum(len(b[0]) for b in batches)
-    dims = FeatureDims(image_feats.pooled.shape[1], image_enc.token_dim, text_feats.pooled.shape[1])
-    method = get_method("bridge")
 
-    encoder = load_image_encoder(args.vision).eval()
-    pixels = PixelSource(cached.tables, encoder.transform(), encoder.transform(), None, workers=args.workers)
+    encoder = context.image.with_weights().eval()
+    pixels = FileSource(cached.tables, encoder.item_loader(), encoder.item_loader(), None, workers=args.workers)
     texts_of = cached.text_batch
 
     def tower_tokens(bs):
         keys = [[(0, int(i)) for i in b[0]] for b in bs]
-        for batch in pixels._loader(pixels.eval_pictures, keys):
+        for batch in pixels._loader(pixels.eval_items, keys):
             with torch.inference_mode():
                 tokens = encoder(batch).tokens
             yield tokens.clone()
@@ -110,8 +107,8 @@ def main() -> None:
 
         def fresh():
             torch.manual_seed(0)
-            model = method.build(bridge_cfg, dims)
-            return model, torch.optim.AdamW(param_groups(model, 0.05), lr=5e-4)
+            model = method.build(bridge_cfg, context)
+            return model, make_optimizer(model, 5e-4, 0.05)
 
         model, opt = fresh()
         timed_epoch(model, opt, batches[:1], cached_tokens, texts_of)  # warm-up

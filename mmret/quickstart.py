@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmret.config import PrepareConfig, RunConfig, with_overrides
-from mmret.progress import NULL, Reporter
+from mmret.common.progress import NULL, Reporter
+from mmret.data import PrepareConfig
+from mmret.runs import RunConfig, with_overrides
 
 QUERY = "a red circle above a blue square"
 # the `mmret train` options of the quick start; the README shows the same command spelled out
@@ -34,10 +35,10 @@ class QuickstartResult:
 
 def quickstart(data_dir: Path | None = None, runs_dir: Path | None = None, epochs: int | None = None,
                reporter: Reporter = NULL) -> QuickstartResult:
-    from mmret.datasets import prepare
-    from mmret.evaluate import evaluate_run
-    from mmret.search import search
-    from mmret.train import train
+    from mmret.data import prepare
+    from mmret.inference.evaluate import evaluate_run
+    from mmret.inference.search import search
+    from mmret.training import train
 
     start = time.perf_counter()
     prepared = prepare(PrepareConfig(source="example", force=True, data_dir=data_dir), reporter)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmret.config import PrepareConfig
-from mmret.datasets import load_dataset, prepare
+from mmret.data import PrepareConfig
+from mmret.data import load_dataset, prepare
 
 
 @pytest.fixture

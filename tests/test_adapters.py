@@ -6,7 +6,6 @@ lowers a toy contrastive loss, and the CLIP ViT-B/16 count is checked on the met
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import logging
 import math
@@ -18,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import tiny_models
-from mmret.adapters import (
-    RECIPES, apply_peft, apply_recipe, merge_lora, recipe_values, set_grad_checkpointing, target_modules,
-)
-from mmret.checkpoint import load_weights, save_weights
-from mmret.config import MethodConfig
+from mmret.methods.towers import RECIPES, LoraConfig, apply_peft, apply_recipe, recipe_values
+from mmret.models.tuners import set_grad_checkpointing
+from mmret.models.tuners.lora import merge_lora, target_modules
+from mmret.runs.checkpoint import load_weights, save_weights
+from mmret.methods import MethodConfig, config_for
 from mmret.encoders import EncoderOutput, load_image_encoder, load_text_encoder
 from mmret.errors import MmretError
-from mmret.losses import clip_loss
+from mmret.training.losses import clip_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle above a blue square", "two green shapes", "a yellow triangle left of a circle",
@@ -67,8 +66,8 @@ def batch_for(enc, n: int = 4, seed: int = 0):
 
 
 def cfg_for(method: str, **kw) -> MethodConfig:
-    settings = dict(method=method, targets="q,k,v", lora_dropout=0.0, prefix_tokens=4, adapter_dim=8)
-    return MethodConfig(**{**settings, **kw})
+    settings = dict(targets="q,k,v", lora_dropout=0.0, prefix_tokens=4, adapter_dim=8)
+    return config_for(method, **{**settings, **kw})
 
 
 def param_names(module: nn.Module, trainable: bool) -> set[str]:
@@ -137,7 +136,7 @@ def test_tower_option_leaves_the_other_tower_frozen(towers):
     text = apply_peft(load(towers, "text", "clip"), "lora", cfg)
     assert not param_names(image, True) and not any("lora_" in n for n, _ in image.named_parameters())
     assert param_names(text, True)
-    vision_only = dataclasses.replace(cfg, tower="vision")
+    vision_only = cfg_for("adapter", tower="vision")
     assert param_names(apply_peft(load(towers, "image", "dinov2"), "adapter", vision_only), True)
     assert not param_names(apply_peft(load(towers, "text", "bert"), "adapter", vision_only), True)
 
@@ -365,7 +364,7 @@ def test_recipes_are_one_flag_away():
     assert (text.targets, text.lora_dropout) == ("q,v", 0.1)
     both = apply_recipe(MethodConfig(), "both-r64")
     assert (both.tower, both.rank, both.alpha, both.targets) == ("both", 64, 128.0, "q,k,v")
-    assert MethodConfig(**recipe_values("text-r8", {"rank": 4, "targets": None})).alpha == 8.0  # alpha follows a new rank
+    assert LoraConfig(**recipe_values("text-r8", {"rank": 4, "targets": None})).alpha == 8.0  # alpha follows a new rank
     assert recipe_values("both-r64", {"alpha": 32.0, "rank": 16})["alpha"] == 32.0
     with pytest.raises(MmretError, match="unknown --recipe 'r8'; choose one of text-r8, both-r64"):
         recipe_values("r8")

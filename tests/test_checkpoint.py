@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmret.checkpoint import load_state, load_weights, read_meta, save_state, save_weights, trainable_state
+from mmret.runs.checkpoint import load_state, load_weights, read_meta, save_state, save_weights, trainable_state
 from mmret.errors import MmretError
 
 

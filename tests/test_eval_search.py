@@ -12,15 +12,16 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tiny_models
-from mmret import train as training
+from mmret import training
 from mmret.cli import app
-from mmret.config import PrepareConfig, RunConfig, with_overrides
-from mmret.datasets import load_dataset, prepare
-from mmret.embeddings import write_run_embeddings
+from mmret.data import PrepareConfig
+from mmret.runs import RunConfig, with_overrides
+from mmret.data import load_dataset, prepare
+from mmret.inference.embeddings import write_run_embeddings
 from mmret.errors import MmretError
-from mmret.evaluate import evaluate_run
-from mmret.metrics import retrieval_metrics
-from mmret.search import search
+from mmret.inference.evaluate import evaluate_run
+from mmret.inference.metrics import retrieval_metrics
+from mmret.inference.search import search
 
 runner = CliRunner()
 

@@ -14,15 +14,15 @@ import torch
 from typer.testing import CliRunner
 
 import tiny_models
-from mmret import device as dev
-from mmret import features
+from mmret.common import device as dev
+from mmret.features import encode as features
 from mmret.cli import app
-from mmret.config import PrepareConfig
-from mmret.datasets import load_dataset, prepare
+from mmret.data import PrepareConfig
+from mmret.data import load_dataset, prepare
 from mmret.encoders import load_image_encoder, load_text_encoder
 from mmret.errors import MmretError
 from mmret.features import FeatureCache, cache_rows, ensure_features, feature_key, open_features
-from mmret.images import load_rgb
+from mmret.modalities.image import load_rgb
 
 runner = CliRunner()
 
@@ -210,7 +210,9 @@ def test_device_and_precision_errors():
         dev.check_precision(torch.device("cpu"), "fp16")
     with pytest.raises(MmretError, match="unknown --precision 'fp8'"):
         dev.check_precision(torch.device("cpu"), "fp8")
-    assert dev.training_precision(torch.device("cpu")) == "fp32"
+    from mmret.training.step import training_precision
+
+    assert training_precision(torch.device("cpu"), "auto", runs_towers=False) == "fp32"
     assert not dev.grad_scaler(torch.device("cpu"), "bf16").is_enabled()
 
 

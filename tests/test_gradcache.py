@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from mmret import gradcache
+from mmret.training import gradcache
 from mmret.errors import MmretError
-from mmret.gradcache import accumulate_step, contrastive_step, full_step, slice_batch
-from mmret.losses import clip_loss
-from mmret.models import DualEncoder, ProjectionHead, bridge_model, heads_model
+from mmret.models.batch import slice_batch
+from mmret.training.gradcache import accumulate_step, contrastive_step, full_step
+from mmret.training.losses import clip_loss
+from mmret.models import DualEncoder, ProjectionHead
+from tiny_models import bridge_model, heads_model
 from mmret.models.temperature import build_temperature
 
 B, MICRO = 10, 3  # uneven on purpose: micro-batches of 3, 3, 3, 1

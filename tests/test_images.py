@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mmret.encoders import ImagePreprocess, ImageTransform
-from mmret.images import ImageError, load_rgb, probe_image
+from mmret.modalities.image import ImageError, load_rgb, probe_image
 
 RED = (220, 30, 30)
 

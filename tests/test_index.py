@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import mmret.index as index_mod
+import mmret.inference.exact as index_mod
 from mmret.errors import MmretError
-from mmret.index import (
+from mmret.inference.index import (
     ExactIndex, IndexConfig, build_index, ensure_index, open_index, recall_at_k, vectors_digest,
 )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmret.losses import clip_logits, clip_loss
+from mmret.training.losses import clip_logits, clip_loss
 
 
 def test_two_by_two_by_hand():

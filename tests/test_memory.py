@@ -12,17 +12,17 @@ from typer.testing import CliRunner
 
 import tiny_models
 from mmret.cli import app
-from mmret.config import RunConfig, with_overrides
+from mmret.runs import RunConfig, with_overrides
 from mmret.errors import MmretError
+from mmret.encoders import load_image_encoder, load_text_encoder
 from mmret.memory import (
-    Breakdown, Candidate, LiveBytes, NothingFits, Probe, Row, _fake_mode, _measure_rows, build_model, describe,
-    fake_probe,
-    largest_fitting, measured, micro_batches, needed, probe_memory, recommend, size_text, skeleton_image_encoder,
-    smallest_row,
-    skeleton_text_encoder,
+    Breakdown, Candidate, LiveBytes, NothingFits, Probe, Row, build_model, describe, fake_probe, largest_fitting,
+    measured, micro_batches, needed, probe_memory, recommend, size_text, smallest_row,
 )
+from mmret.memory.plan import _measure_rows
+from mmret.memory.probe import _fake_mode
 from mmret.methods import get_method
-from mmret.progress import NULL
+from mmret.common.progress import NULL
 
 runner = CliRunner()
 
@@ -85,16 +85,14 @@ def _profiled_peak(probe: Probe, precision: str, micro_batch: int) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    from mmret.train import train_step
-
-    probe.configure(precision, probe.cfg.train.batch_size, micro_batch)
-    probe.session.optimizer.zero_grad(set_to_none=True)
+    step = probe.configure(precision, probe.cfg.train.batch_size, micro_batch)
+    probe.optimizer.zero_grad(set_to_none=True)
     probe.model.train()
     alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
              for t in [*probe.model.parameters(), *probe.model.buffers(),
-                       *(v for st in probe.session.optimizer.state.values() for v in st.values())]}
+                       *(v for st in probe.optimizer.state.values() for v in st.values())]}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-        train_step(probe.session, *probe.inputs.make(probe.cfg.train.batch_size))
+        step(*probe.inputs.make(probe.cfg.train.batch_size), 0)
     stack, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
     while stack:
         event = stack.pop()
@@ -154,10 +152,16 @@ def test_features_methods_count_no_tower_and_bf16_keeps_fp32_master_weights(towe
 # ---------------------------------------------------------------------------- towers from configs
 
 
+def skeleton_image_encoder(name: str):
+    return load_image_encoder(name, meta=True)
+
+
+def skeleton_text_encoder(name: str, max_length: int | None = None):
+    return load_text_encoder(name, max_length=max_length, meta=True)
+
+
 @pytest.mark.parametrize("kind", ["timm", "dinov2", "clip"])
 def test_skeleton_image_towers_match_the_loaded_ones(towers, kind):
-    from mmret.encoders import load_image_encoder
-
     real, skeleton = load_image_encoder(towers[kind]), skeleton_image_encoder(towers[kind])
     assert next(skeleton.parameters()).device.type == "meta"
     assert sum(p.numel() for p in skeleton.parameters()) == sum(p.numel() for p in real.parameters())
@@ -167,8 +171,6 @@ def test_skeleton_image_towers_match_the_loaded_ones(towers, kind):
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "minilm", "clip"])
 def test_skeleton_text_towers_match_the_loaded_ones(towers, kind):
-    from mmret.encoders import load_text_encoder
-
     real, skeleton = load_text_encoder(towers[kind], max_length=64), skeleton_text_encoder(towers[kind], 64)
     assert sum(p.numel() for p in skeleton.parameters()) == sum(p.numel() for p in real.parameters())
     assert (skeleton.dim, skeleton.token_dim, skeleton.max_length, skeleton.pooling) == \
@@ -184,7 +186,7 @@ def test_presets_have_the_published_sizes():
 
 
 def test_an_unknown_encoder_is_one_line():
-    with pytest.raises(MmretError, match="unknown encoder 'nope'"):
+    with pytest.raises(MmretError, match="unknown image encoder 'nope'"):
         skeleton_image_encoder("nope")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmret.errors import MmretError
-from mmret.metrics import (
+from mmret.inference.metrics import (
     _weighted_metrics, bootstrap_ci, metrics_from_ranks, metrics_from_scores, paired_bootstrap,
     retrieval_metrics,
 )

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mmret.errors import MmretError
-from mmret.images import load_rgb
+from mmret.modalities.image import load_rgb
 from mmret.models.miniclip import MiniCLIP, MiniCLIPConfig, count_parameters, image_transform
-from mmret.tokenizer import train_bpe
+from mmret.data.tokenizer import train_bpe
 
 B = 8
 SMALL = dict(vocab_size=300, max_length=24, text_width=32, text_depth=2, text_heads=2, linformer_k=8,

@@ -10,17 +10,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmret.errors import MmretError
-from mmret.mixup import latent_mixup, mix, sample_mixup
+from mmret.models.mixup import latent_mixup, mix, sample_mixup
 from mmret.models.temperature import build_temperature
 from mmret.models import (
     DualEncoder,
     ProjectionHead,
     QueryBridge,
-    bridge_model,
     count_part,
-    heads_model,
     parameter_table,
 )
+from tiny_models import bridge_model, heads_model
 
 
 def n_params(module: nn.Module) -> int:

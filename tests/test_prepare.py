@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmret.config import PrepareConfig
-from mmret.datasets import load_dataset, prepare
-from mmret.datasets.base import split_counts
+from mmret.data import PrepareConfig
+from mmret.data import load_dataset, prepare
+from mmret.data.tables import split_counts
 from mmret.errors import MmretError
 
 
@@ -330,7 +330,7 @@ def test_failed_force_leaves_the_old_dataset_untouched(tmp_path, data_dir):
 
 
 def test_interrupted_prepare_leaves_nothing(tmp_path, data_dir, monkeypatch):
-    import mmret.datasets as datasets
+    import mmret.data.create as datasets
 
     def boom(*a, **k):
         raise KeyboardInterrupt

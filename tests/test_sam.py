@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mmret.errors import MmretError
-from mmret.sam import SAM, frozen_norm_stats
+from mmret.training.sam import SAM, frozen_norm_stats
 
 W0 = (1.0, 0.5)
 RHO, LR, WD, BETAS, EPS = 0.5, 0.1, 0.1, (0.9, 0.999), 1e-8

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mmret import train as training
-from mmret.config import PrepareConfig, RunConfig, with_overrides
-from mmret.datasets import prepare
-from mmret.embeddings import write_run_embeddings
+from mmret import training
+from mmret.training import loop
+from mmret.data import PrepareConfig
+from mmret.runs import RunConfig, with_overrides
+from mmret.data import prepare
+from mmret.inference.embeddings import write_run_embeddings
 from mmret.errors import MmretError
 
 
@@ -48,17 +50,17 @@ def test_scratch_variants_train(data, tmp_path, options):
 
 def test_scratch_resume_is_exact(data, tmp_path, monkeypatch):
     whole = training.train(config(data, tmp_path, name="whole", epochs=2))
-    real = training.train_step
+    real = loop.train_step
 
     def kill_at_step_4(s, images, texts):
         if s.state.step == 4:
             raise KeyboardInterrupt
         return real(s, images, texts)
 
-    monkeypatch.setattr(training, "train_step", kill_at_step_4)
+    monkeypatch.setattr(loop, "train_step", kill_at_step_4)
     with pytest.raises(training.TrainingInterrupted):
         training.train(config(data, tmp_path, name="killed", epochs=2))
-    monkeypatch.setattr(training, "train_step", real)
+    monkeypatch.setattr(loop, "train_step", real)
     resumed = training.resume(tmp_path / "runs" / "killed")
     cols = ["train_loss", "val_loss", "t2i_r1", "i2t_r5", "mean_recall"]
     pd.testing.assert_frame_equal(pd.read_parquet(whole.run_dir / "metrics.parquet")[cols],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmret.errors import MmretError
-from mmret.tokenizer import BpeTokenizer, HfTokenizer, load_tokenizer, train_bpe
+from mmret.data.tokenizer import BpeTokenizer, HfTokenizer, load_tokenizer, train_bpe
 
 UNSEEN = ["A Café with ÜBER-long   spacing!", "日本語のキャプション 🎉", "tab\tand\nnewline"]
 

@@ -10,12 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_models
-from mmret import train as training
-from mmret.adapters import merge_lora
-from mmret.config import PrepareConfig, RunConfig, with_overrides
-from mmret.datasets import prepare
-from mmret.embeddings import load_run_model, write_run_embeddings
-from mmret.methods.towers import load_towers
+from mmret import training
+from mmret.models.tuners.lora import merge_lora
+from mmret.data import PrepareConfig
+from mmret.runs import RunConfig, with_overrides
+from mmret.data import prepare
+from mmret.inference.embeddings import write_run_embeddings
+from mmret.inference.loaded import LoadedRun
+from mmret.methods import get_method
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_tower_method_learns_and_saves_only_its_weights(world, tmp_path, method,
 
 def batch(world, n=6):
 
-    from mmret.datasets import load_dataset
+    from mmret.data import load_dataset
 
     ds = load_dataset("example", world["root"] / "data")
     return ds.images.path.tolist()[:n], ds.captions.caption.tolist()[:n]
@@ -76,13 +78,12 @@ def test_a_saved_run_reloads_to_identical_embeddings_and_merged_lora_matches(wor
     cfg = config(world, tmp_path, method="lora", epochs=2, **towers(world, "clip"))
     result = training.train(cfg)
     paths, captions = batch(world)
-    first_towers, second_towers = load_towers(cfg), load_towers(cfg)
-    a = load_run_model(result.run_dir, first_towers, "last").model
-    b = load_run_model(result.run_dir, second_towers, "last").model
+    first_towers, a = LoadedRun(result.run_dir, "last").model()
+    second_towers, b = LoadedRun(result.run_dir, "last").model()
     ea, eb = embed(a, first_towers, paths, captions), embed(b, second_towers, paths, captions)
     assert all(torch.equal(x, y) for x, y in zip(ea, eb))
-    base_towers = load_towers(cfg)
-    base = training.get_method("lora").build(cfg, base_towers).eval()
+    base_towers = get_method("lora").open(cfg)
+    base = get_method("lora").build(cfg, base_towers).eval()
     differs = embed(base, base_towers, paths, captions)
     assert not torch.allclose(differs[1], ea[1], atol=1e-4)  # training changed the text tower
     assert merge_lora(a.image_tower.encoder) + merge_lora(a.text_tower.encoder) > 0
@@ -101,23 +102,28 @@ def test_run_embeddings_of_a_tower_run(world, tmp_path):
 
 
 def test_no_flip_when_captions_say_left_or_right(world, tmp_path):
-    from mmret.methods.towers import tower_inputs
-    from mmret.datasets import load_dataset
+    from mmret.common.progress import NULL
+    from mmret.data import load_dataset
+
+    def tower_inputs(cfg, dataset):
+        lora = get_method("lora")
+        (source,) = lora.sources(cfg, lora.open(cfg, dataset), dataset, ("train",), torch.device("cpu"), NULL)
+        return source.train_items.load, source.eval_items.load, source.tokenize
 
     cfg = config(world, tmp_path, method="lora", **towers(world, "clip"))
-    train_t, _, _ = tower_inputs(cfg, load_towers(cfg), load_dataset("example", world["root"] / "data"))
+    train_t, _, _ = tower_inputs(cfg, load_dataset("example", world["root"] / "data"))
     assert "HorizontalFlip" not in repr(train_t)
     flip = with_overrides(cfg, {"hflip": True})
-    train_t, _, _ = tower_inputs(flip, load_towers(flip), load_dataset("example", world["root"] / "data"))
+    train_t, _, _ = tower_inputs(flip, load_dataset("example", world["root"] / "data"))
     assert "HorizontalFlip" in repr(train_t)
 
 
 def test_a_frozen_tower_is_read_from_the_feature_cache_not_run(world, tmp_path, monkeypatch):
-    from mmret.datasets import load_dataset
+    from mmret.data import load_dataset
     from mmret.encoders import TimmImageEncoder, load_image_encoder
     from mmret.features import ensure_features
     from mmret.models.towers import EncoderTower
-    from mmret.search import search
+    from mmret.inference.search import search
 
     ensure_features(load_dataset("example", world["root"] / "data"), load_image_encoder(world["vit"]), "images")
 

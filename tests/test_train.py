@@ -14,13 +14,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import tiny_models
-from mmret import train as training
-from mmret.checkpoint import read_meta
+from mmret import training
+from mmret.training import loop
+from mmret.training import step as step_module
+from mmret.runs.checkpoint import read_meta
 from mmret.cli import app
-from mmret.config import PrepareConfig, RunConfig, with_overrides
-from mmret.datasets import prepare
+from mmret.data import PrepareConfig
+from mmret.runs import RunConfig, with_overrides
+from mmret.data import prepare
 from mmret.errors import MmretError
-from mmret.pairs import epoch_batches
+from mmret.data.pairs import epoch_batches
 
 RECALLS = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall", "train_loss", "val_loss"]
 
@@ -68,17 +71,17 @@ def test_checkpoints_hold_only_the_trainable_part(world, tmp_path):
 
 def test_killed_and_resumed_run_ends_with_the_same_metrics(world, tmp_path, monkeypatch):
     whole = training.train(config(world, tmp_path, method="bridge", name="whole"))
-    real_step = training.train_step
+    real_step = loop.train_step
 
     def step_then_kill(s, images, texts):
         if s.state.step == 5:  # in the middle of epoch 2 (3 steps an epoch)
             raise KeyboardInterrupt
         return real_step(s, images, texts)
 
-    monkeypatch.setattr(training, "train_step", step_then_kill)
+    monkeypatch.setattr(loop, "train_step", step_then_kill)
     with pytest.raises(training.TrainingInterrupted, match="continue with `mmret train --resume killed`"):
         training.train(config(world, tmp_path, method="bridge", name="killed"))
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(loop, "train_step", real_step)
     resumed = training.resume(tmp_path / "runs" / "killed")
     pd.testing.assert_frame_equal(metrics(whole.run_dir)[RECALLS], metrics(resumed.run_dir)[RECALLS])
     a = load_file(str(whole.run_dir / "checkpoints" / "last.safetensors"))
@@ -113,7 +116,7 @@ def test_early_stopping_when_validation_stops_improving(world, tmp_path):
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(world, tmp_path, monkeypatch):
-    real = training.contrastive_step
+    real = step_module.contrastive_step
     calls = {"n": 0}
 
     def nan_after_an_epoch(*args, **kwargs):
@@ -121,7 +124,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(training, "contrastive_step", nan_after_an_epoch)
+    monkeypatch.setattr(step_module, "contrastive_step", nan_after_an_epoch)
     with pytest.raises(MmretError, match=r"the loss became nan at step 5 \(epoch 2\); training stopped and the last good checkpoint is kept"):
         training.train(config(world, tmp_path, method="heads", name="nan"))
     assert read_meta(tmp_path / "runs" / "nan" / "checkpoints" / "last.safetensors")["step"] == 3

@@ -182,3 +182,43 @@ def install_in_hub_cache(folder: str | Path, cache_dir: str | Path, repo_id: str
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+# ---------------------------------------------------------------------------- dual encoders for tests
+
+from typing import Any  # noqa: E402
+
+from mmret.models import DualEncoder, ProjectionHead, QueryBridge  # noqa: E402
+from mmret.models.temperature import Temperature  # noqa: E402
+
+
+def heads_model(
+    image_dim: int,
+    text_dim: int,
+    embed_dim: int = 512,
+    layers: int = 1,
+    hidden_dim: int | None = None,
+    dropout: float = 0.0,
+    temperature: Temperature | None = None,
+) -> DualEncoder:
+    """The "heads" method: a projection head on each side over cached pooled features."""
+    return DualEncoder(
+        ProjectionHead(image_dim, embed_dim, layers, hidden_dim, dropout),
+        ProjectionHead(text_dim, embed_dim, layers, hidden_dim, dropout),
+        embed_dim,
+        temperature,
+    )
+
+
+def bridge_model(image_dim: int, text_dim: int, embed_dim: int = 512, text_layers: int = 1,
+                 dropout: float = 0.0, temperature: Temperature | None = None, **bridge: Any) -> DualEncoder:
+    """The "bridge" method: a querying bridge over cached image tokens, a head over pooled text.
+
+    `bridge` holds QueryBridge's other settings (num_queries, depth, width, heads, mlp_ratio).
+    """
+    return DualEncoder(
+        QueryBridge(image_dim, embed_dim, dropout=dropout, **bridge),
+        ProjectionHead(text_dim, embed_dim, text_layers, dropout=dropout),
+        embed_dim,
+        temperature,
+    )

@@ -5,6 +5,7 @@ MLP shared by both), or `--arch clip-tiny` / `clip-b16` (a CLIP built from a con
 weights). Text goes through a byte-pair tokenizer trained on the training captions (`--tokenizer
 bpe`, saved in the run as `tokenizer.json`) or any transformers tokenizer (`--tokenizer ID`).
 Pictures are resized to `--image-size`; training adds random flips unless captions say left/right.
+Both towers are picture and text models: the dataset must hold pictures.
 """
 
 from __future__ import annotations
@@ -12,11 +13,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable
 
-from mmret.methods import register_method
+import torch
+
+from mmret.data.pairs import FileSource, mentions_sides, split_tables
+from mmret.data.prepared import run_tables
+from mmret.errors import MmretError
+from mmret.methods.base import SIDES, Inputs, Method, MethodConfig, check_positive, register_method
+from mmret.methods.queries import item_batch
+from mmret.modalities.base import ItemLoader
+from mmret.modalities.image import load_rgb
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class ScratchConfig(MethodConfig):
+    method: str = "scratch"
+    arch: str = "miniclip"  # miniclip | clip-tiny | clip-b16
+    image_model: str = "resnet34"  # miniclip: timm CNN of the image tower
+    image_size: int = 64  # picture side in pixels
+    text_width: int = 256  # miniclip: Linformer width
+    text_depth: int = 4  # miniclip: Linformer blocks
+    linformer_k: int = 16  # Linformer projected sequence length
+    tokenizer: str = "bpe"  # bpe (trained on the captions) or a transformers tokenizer
+    vocab_size: int = 2000  # BPE vocabulary size
+    pretrained_image: bool = False  # start the ResNet from ImageNet weights
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("linformer_k", "vocab_size", "image_size", "text_width", "text_depth"):
+            check_positive(name.replace("_", "-"), getattr(self, name))
 
 
 @dataclass
@@ -25,58 +54,94 @@ class ScratchContext:
     trained: bool  # a BPE tokenizer trained for this run (to be saved in it)
 
 
-def training_captions(cfg: Any) -> list[str]:
-    from mmret.datasets import load_dataset
-    from mmret.pairs import run_splits
+class ScratchMethod(Method):
+    name = "scratch"
+    help = "a small CLIP trained from scratch (MiniCLIP: ResNet + Linformer, or a random CLIP)"
+    lr = 1e-3
+    config = ScratchConfig
+    runs_towers = True
 
-    dataset = run_splits(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir))
-    return dataset.split("train").captions["caption"].tolist()
+    def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
+             need: tuple[str, ...] = SIDES) -> ScratchContext:
+        """The run's tokenizer: saved in the run, trained on the training captions of `dataset`,
+        or a transformers one; without a dataset or run, a stand-in of the configured size."""
+        from mmret.data.tokenizer import load_tokenizer, train_bpe
+
+        m = cfg.method
+        if run_dir is not None and (Path(run_dir) / TOKENIZER_FILE).is_file():
+            return ScratchContext(load_tokenizer(Path(run_dir) / TOKENIZER_FILE), False)
+        if m.tokenizer != "bpe":
+            return ScratchContext(load_tokenizer(m.tokenizer), False)
+        if dataset is None:  # shapes only (memory probing): a vocabulary of the configured size
+            return ScratchContext(SimpleNamespace(vocab_size=m.vocab_size), False)
+        captions = split_tables(run_tables(cfg, dataset), "train").captions
+        return ScratchContext(train_bpe(captions, m.vocab_size), True)
+
+    def save(self, ctx: ScratchContext, run_dir: Any) -> None:
+        if ctx.trained:
+            ctx.tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+
+    def _loaders(self, cfg: Any, hflip: bool) -> tuple[ItemLoader, ItemLoader]:
+        from torchvision import transforms as T
+
+        from mmret.models.miniclip import IMAGENET_MEAN, IMAGENET_STD, image_transform
+
+        size = cfg.method.image_size
+        train = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                           T.CenterCrop(size)] + ([T.RandomHorizontalFlip()] if hflip else [])
+                          + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        return ItemLoader(load_rgb, train), ItemLoader(load_rgb, image_transform(size))
+
+    def _tokenize(self, cfg: Any, ctx: ScratchContext) -> Callable:
+        return partial(ctx.tokenizer.tokenize, max_length=cfg.encoders.max_length)
+
+    def sources(self, cfg: Any, ctx: ScratchContext, dataset: Any, splits: tuple[str, ...], device: torch.device,
+                reporter: Any) -> list[Any]:
+        if dataset.modality.name != "image":
+            raise MmretError(f"--method scratch trains a picture model; dataset {dataset.name!r} holds "
+                             f"{dataset.modality.plural}: use heads, bridge or a tower method")
+        tables = run_tables(cfg, dataset)
+        hflip = cfg.train.hflip
+        if hflip is None:
+            hflip = not mentions_sides(tables.captions["caption"].tolist())
+        train, evaluation = self._loaders(cfg, hflip)
+        return [FileSource(split_tables(tables, s), train, evaluation, self._tokenize(cfg, ctx), cfg.train.seed,
+                           cfg.train.workers, device.type == "cuda") for s in splits]
+
+    def build(self, cfg: Any, ctx: ScratchContext):
+        m = cfg.method
+        if m.arch != "miniclip":
+            from mmret.models.scratch_clip import random_clip
+
+            return random_clip(m.arch, ctx.tokenizer.vocab_size, cfg.encoders.max_length, m.embed_dim, m.image_size,
+                               m.temperature, m.init_temperature)
+        from mmret.models.miniclip import MiniCLIP, MiniCLIPConfig
+
+        return MiniCLIP(MiniCLIPConfig(
+            image_model=m.image_model, image_pretrained=m.pretrained_image, image_size=m.image_size,
+            vocab_size=ctx.tokenizer.vocab_size, max_length=cfg.encoders.max_length, text_width=m.text_width,
+            text_depth=m.text_depth, linformer_k=min(m.linformer_k, cfg.encoders.max_length), dropout=m.dropout,
+            embed_dim=m.embed_dim, temperature=m.temperature, temperature_init=m.init_temperature))
+
+    def query_inputs(self, cfg: Any, ctx: ScratchContext, side: str, device: torch.device) -> Callable[[list], Any]:
+        if side == "text":
+            tokenize = self._tokenize(cfg, ctx)
+            return lambda texts: {k: v.to(device) for k, v in tokenize(list(texts)).items()}
+        _, load = self._loaders(cfg, hflip=False)
+        picture = SimpleNamespace(modality="image", input_name="pixels")
+        return lambda paths: {k: v.to(device) for k, v in item_batch(picture, load, paths).items()}
+
+    def input_shapes(self, cfg: Any, ctx: ScratchContext, num_tokens: Callable) -> Inputs:
+        m = cfg.method
+        return Inputs((3, m.image_size, m.image_size), None, cfg.encoders.max_length, ctx.tokenizer.vocab_size)
+
+    def shapes_config(self, cfg: Any) -> Any:
+        import dataclasses
+
+        return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, pretrained_image=False))
+
+    def memory_cuts(self, cfg: Any) -> list[str]:
+        return ["a shorter --max-length", "a smaller --arch"]
 
 
-def context(cfg: Any, run_dir: Path | None = None) -> ScratchContext:
-    from mmret.tokenizer import load_tokenizer, train_bpe
-
-    if run_dir is not None and (run_dir / TOKENIZER_FILE).is_file():
-        return ScratchContext(load_tokenizer(run_dir / TOKENIZER_FILE), False)
-    if cfg.method.tokenizer == "bpe":
-        return ScratchContext(train_bpe(training_captions(cfg), cfg.method.vocab_size), True)
-    return ScratchContext(load_tokenizer(cfg.method.tokenizer), False)
-
-
-def save_context(ctx: ScratchContext, run_dir: Path) -> None:
-    if ctx.trained:
-        ctx.tokenizer.save(run_dir / TOKENIZER_FILE)
-
-
-def inputs_for(cfg: Any, ctx: ScratchContext, tables: Any) -> tuple[Any, Any, Any]:
-    from torchvision import transforms as T
-
-    from mmret.models.miniclip import IMAGENET_MEAN, IMAGENET_STD, image_transform
-    from mmret.pairs import mentions_sides
-
-    size = cfg.method.image_size
-    hflip = cfg.train.hflip
-    if hflip is None:
-        hflip = tables is not None and not mentions_sides(tables.captions["caption"].tolist())
-    train = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size)]
-                      + ([T.RandomHorizontalFlip()] if hflip else [])
-                      + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return train, image_transform(size), partial(ctx.tokenizer.tokenize, max_length=cfg.encoders.max_length)
-
-
-@register_method("scratch", help="a small CLIP trained from scratch (MiniCLIP: ResNet + Linformer, or a random CLIP)",
-                 inputs="pixels", lr=1e-3, context=context, inputs_for=inputs_for, save_context=save_context)
-def build(cfg: Any, ctx: ScratchContext):
-    m = cfg.method
-    if m.arch != "miniclip":
-        from mmret.models.scratch_clip import random_clip
-
-        return random_clip(m.arch, ctx.tokenizer.vocab_size, cfg.encoders.max_length, m.embed_dim, m.image_size,
-                           m.temperature, m.init_temperature)
-    from mmret.models.miniclip import MiniCLIP, MiniCLIPConfig
-
-    return MiniCLIP(MiniCLIPConfig(
-        image_model=m.image_model, image_pretrained=m.pretrained_image, image_size=m.image_size,
-        vocab_size=ctx.tokenizer.vocab_size, max_length=cfg.encoders.max_length, text_width=m.text_width,
-        text_depth=m.text_depth, linformer_k=min(m.linformer_k, cfg.encoders.max_length), dropout=m.dropout,
-        embed_dim=m.embed_dim, temperature=m.temperature, temperature_init=m.init_temperature))
+register_method(ScratchMethod())

@@ -1,59 +1,205 @@
-"""What the methods that adapt the towers share: loading the two towers, their input pipelines,
-and the model (adapted encoder + projection head on each side).
+"""The methods that adapt pretrained towers and run them at every step: `lora`, `prefix`,
+`adapter` and `full`.
 
 `--model clip-b32` takes both towers from one CLIP, whose projected embeddings already share a
 space: no head when the embedding size is CLIP's projection width, and the temperature starts at
 CLIP's trained value (logit scale 100). `--vision ENC --text ENC` pairs two experts, each followed
-by an input norm and a projection head.
+by an input norm and a projection head. `--tower text|vision` adapts one tower; the other stays
+frozen, never runs in training and is read from the feature cache.
+
+Each method is a `TowerMethod` that says how it puts its parameters inside a bare tower
+(`inject`, with the layers of `mmret.models.tuners`) and whether the tower's own weights train.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
-from mmret.adapters import apply_peft, set_grad_checkpointing
+from mmret.data.pairs import FileSource, mentions_sides, split_tables
+from mmret.data.prepared import run_tables
+from mmret.encoders import load_text_encoder, load_tower
+from mmret.errors import MmretError
+from mmret.features import CAPTIONS, FeatureSource, ensure_features
+from mmret.methods.base import (
+    METHODS, SIDES, FrozenPart, Inputs, Method, MethodConfig, check_positive, register_method,
+)
+from mmret.methods.queries import encode_with_tower, item_batch
 from mmret.models import DualEncoder, ProjectionHead
 from mmret.models.heads import InputNorm
 from mmret.models.temperature import build_temperature
 from mmret.models.towers import EncoderTower
+from mmret.models.tuners import covers, set_grad_checkpointing, tune
+
+_logger = logging.getLogger(__name__)
 
 CLIP_TEMPERATURE = 0.01  # CLIP's logit scale ends training at its cap, 100
 
 
 @dataclass
+class TowerConfig(MethodConfig):
+    """What every tower-adapting method has: a head over each expert and the tower(s) it adapts."""
+
+    head_layers: int = 2  # projection heads over the experts: 1 = linear, 2+ = MLP
+    head_hidden: int | None = None  # hidden width of MLP heads (default: the input width)
+    tower: str = "both"  # which tower is adapted: text | vision | both
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("head-layers", self.head_layers)
+        if self.tower not in ("text", "vision", "both"):
+            raise MmretError(f"--tower must be text, vision or both, got {self.tower!r}")
+
+
+@dataclass
 class Towers:
-    image: nn.Module  # ImageEncoder
-    text: nn.Module  # TextEncoder
+    image: nn.Module  # the item tower (picture or sound)
+    text: nn.Module
     cached: str | None = None  # the side that stays frozen and is read from the feature cache: image | text
+    loaded: dict[str, nn.Module] | None = None  # the frozen side with weights, for queries
 
 
-def frozen_side(cfg: Any) -> str | None:
-    """The tower that `--tower` leaves frozen (its outputs can then be cached), if any."""
-    if cfg.method.method == "full" or cfg.method.tower == "both":
+class TowerMethod(Method):
+    """Adapt the pretrained towers in place and train them with a head on each side."""
+
+    lr = 1e-4
+    config = TowerConfig
+    runs_towers = True
+    checkpointable = True
+    train_base = False  # the towers' own weights train too (full fine-tuning)
+
+    # -- what each method puts inside a tower
+    def inject(self, model: nn.Module, modality: str, m: Any) -> None:
+        """Put this method's trainable parameters inside a bare transformers/timm tower."""
+
+    def prepare(self, encoder: nn.Module, m: Any) -> None:
+        """Adjust the wrapped tower before `inject` (prompt tokens shorten the text)."""
+
+    def tune_model(self, model: nn.Module, modality: str, m: Any) -> nn.Module:
+        """`inject` into a bare tower, freezing its own weights unless they train; in place."""
+        return tune(model, self.name, lambda bare: self.inject(bare, modality, m), self.train_base)
+
+    def adapt(self, encoder: nn.Module, m: Any) -> nn.Module:
+        """Adapt a loaded tower in place when `m.tower` covers it (a tower it does not cover stays
+        frozen). Returns the encoder, whose forward still gives `EncoderOutput(pooled, tokens, mask)`."""
+        if not covers(self.adapted_tower(m), encoder.modality):
+            _logger.info("%s tower %s stays frozen (--tower %s)", encoder.modality, encoder.name, m.tower)
+            return encoder
+        self.prepare(encoder, m)
+        self.tune_model(encoder.model, encoder.modality, m)
+        trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        _logger.info("%s tower %s: %s, %d trainable parameters", encoder.modality, encoder.name, self.name, trainable)
+        return encoder
+
+    def adapted_tower(self, m: Any) -> str:
+        return m.tower
+
+    # -- Method
+    def cached_sides(self, cfg: Any) -> tuple[str, ...]:
+        tower = self.adapted_tower(cfg.method)
+        return () if tower == "both" else ("image",) if tower == "text" else ("text",)
+
+    def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
+             need: tuple[str, ...] = SIDES) -> Towers:
+        """Both towers; a side that stays frozen, or that is not needed, is built without weights."""
+        cached = self.cached_sides(cfg)
+        real = {side: weights and side in need and side not in cached for side in SIDES}
+        vision = cfg.encoders.model or cfg.encoders.vision
+        text = cfg.encoders.model or cfg.encoders.text
+        return Towers(load_tower(vision, cfg.data.modality, meta=not real["image"]),
+                      load_text_encoder(text, max_length=cfg.encoders.max_length, meta=not real["text"]),
+                      cached[0] if cached else None, {})
+
+    def sources(self, cfg: Any, ctx: Towers, dataset: Any, splits: tuple[str, ...], device: torch.device,
+                reporter: Any) -> list[Any]:
+        tables = run_tables(cfg, dataset)
+        hflip = cfg.train.hflip
+        if hflip is None:
+            hflip = not mentions_sides(tables.captions["caption"].tolist())
+        frozen = self._frozen_caches(ctx, dataset, device, reporter)
+        train_load, eval_load = ctx.image.item_loader(train=True, hflip=hflip), ctx.image.item_loader()
+        sources = []
+        for split in splits:
+            part = split_tables(tables, split)
+            cached = FeatureSource(part, *frozen) if frozen else None
+            sources.append(FileSource(part, train_load, eval_load, ctx.text.tokenize, cfg.train.seed,
+                                      cfg.train.workers, device.type == "cuda", cached, ctx.cached))
+        return sources
+
+    @staticmethod
+    def _frozen_caches(ctx: Towers, dataset: Any, device: torch.device, reporter: Any) -> tuple | None:
+        """(item features, None) or (None, caption features) of the tower that stays frozen."""
+        if ctx.cached == "image":
+            return ensure_features(dataset, ctx.image, dataset.modality.plural, reporter=reporter, device=device), None
+        if ctx.cached == "text":
+            return None, ensure_features(dataset, ctx.text, CAPTIONS, reporter=reporter, device=device)
         return None
-    return "image" if cfg.method.tower == "text" else "text"
 
+    def build(self, cfg: Any, ctx: Towers) -> DualEncoder:
+        """Adapt the towers (in place) and join them with heads into a dual encoder. A tower that
+        stays frozen and is read from the feature cache is not part of the model: only its head is,
+        over the cached pooled features."""
+        m = cfg.method
+        sides = []
+        for side, encoder in (("image", ctx.image), ("text", ctx.text)):
+            head = _head(encoder, m)
+            if side == ctx.cached:
+                sides.append(head if head is not None else nn.Identity())
+                continue
+            self.adapt(encoder, m)
+            if cfg.train.grad_checkpointing:
+                set_grad_checkpointing(encoder, True)
+            sides.append(EncoderTower(encoder, head))
+        clip = all(_head(enc, m) is None for enc in (ctx.image, ctx.text))
+        temperature = build_temperature(m.temperature, CLIP_TEMPERATURE if clip else m.init_temperature)
+        return DualEncoder(sides[0], sides[1], m.embed_dim, temperature)
 
-def load_towers(cfg: Any, run_dir: Any = None) -> Towers:
-    from mmret.encoders import load_image_encoder, load_text_encoder
+    def query_inputs(self, cfg: Any, ctx: Towers, side: str, device: torch.device) -> Callable[[list], Any]:
+        encoder = ctx.image if side == "image" else ctx.text
+        if side == ctx.cached:  # the frozen tower runs once on the query; the model reads its pooled output
+            if side not in ctx.loaded:
+                ctx.loaded[side] = encoder.with_weights().to(device).eval()
+            frozen = ctx.loaded[side]
+            if side == "text":
+                return lambda texts: encode_with_tower(frozen, frozen.tokenize(list(texts)), device).pooled
+            load = frozen.item_loader()
+            return lambda paths: encode_with_tower(frozen, item_batch(frozen, load, paths), device).pooled
+        if side == "text":
+            return lambda texts: {k: v.to(device) for k, v in encoder.tokenize(list(texts)).items()}
+        load = encoder.item_loader()
+        return lambda paths: {k: v.to(device) for k, v in item_batch(encoder, load, paths).items()}
 
-    vision = cfg.encoders.model or cfg.encoders.vision
-    text = cfg.encoders.model or cfg.encoders.text
-    return Towers(load_image_encoder(vision), load_text_encoder(text, max_length=cfg.encoders.max_length),
-                  frozen_side(cfg))
+    def input_shapes(self, cfg: Any, ctx: Towers, num_tokens: Callable[[nn.Module], int]) -> Inputs:
+        text = ctx.text
+        if ctx.cached == "image":
+            image_row: tuple[int, ...] = (ctx.image.dim,)
+        else:
+            image_row = tuple(ctx.image.blank_inputs(1, "meta")[ctx.image.input_name].shape[1:])
+        return Inputs(image_row, (text.dim,) if ctx.cached == "text" else None, text.max_length,
+                      text.model.config.vocab_size)
 
+    def frozen_parts(self, cfg: Any, ctx: Towers) -> list[FrozenPart]:
+        if ctx.cached is None:
+            return []
+        enc = ctx.image if ctx.cached == "image" else ctx.text
+        return [FrozenPart(f"{ctx.cached} encoder ({enc.name}, frozen, cached)", sum(p.numel() for p in enc.parameters()))]
 
-def tower_inputs(cfg: Any, towers: Towers, tables: Any) -> tuple[Any, Any, Any]:
-    """(training transform, evaluation transform, tokenize) from the towers' own preprocessing."""
-    from mmret.pairs import mentions_sides
+    def memory_notes(self, cfg: Any) -> list[str]:
+        cached = self.cached_sides(cfg)
+        if not cached:
+            return []
+        frozen = "vision" if cached == ("image",) else "text"
+        return [f"the frozen {frozen} tower never runs in training: its outputs come from the feature cache "
+                "and it is not counted"]
 
-    hflip = cfg.train.hflip
-    if hflip is None:
-        hflip = tables is not None and not mentions_sides(tables.captions["caption"].tolist())
-    return towers.image.transform(train=True, hflip=hflip), towers.image.transform(), towers.text.tokenize
+    def memory_cuts(self, cfg: Any) -> list[str]:
+        cuts = ["adapting one tower (--tower text)"] if self.adapted_tower(cfg.method) == "both" else []
+        return cuts + ["cached features (--method bridge or heads: the towers never run in training)",
+                       "a shorter --max-length", "smaller towers"]
 
 
 def _head(encoder: nn.Module, m: Any) -> nn.Module | None:
@@ -63,33 +209,175 @@ def _head(encoder: nn.Module, m: Any) -> nn.Module | None:
                                                                 m.head_hidden, m.dropout))
 
 
-def build_tower_model(cfg: Any, towers: Towers, method: str) -> DualEncoder:
-    """Adapt the towers with `method` (in place) and join them with heads into a dual encoder.
-
-    A tower that stays frozen and is read from the feature cache (`towers.cached`) is not part of
-    the model: only its head is, over the cached pooled features."""
-    m = cfg.method
-    sides = []
-    for side, encoder in (("image", towers.image), ("text", towers.text)):
-        head = _head(encoder, m)
-        if side == towers.cached:
-            sides.append(head if head is not None else nn.Identity())
-            continue
-        apply_peft(encoder, method, m)
-        if cfg.train.grad_checkpointing:
-            set_grad_checkpointing(encoder, True)
-        sides.append(EncoderTower(encoder, head))
-    clip = all(_head(enc, m) is None for enc in (towers.image, towers.text))
-    temperature = build_temperature(m.temperature, CLIP_TEMPERATURE if clip else m.init_temperature)
-    return DualEncoder(sides[0], sides[1], m.embed_dim, temperature)
+def tower_methods() -> list[str]:
+    return [name for name, method in METHODS.items() if isinstance(method, TowerMethod)]
 
 
-def register_tower_method(name: str, help: str, lr: float):
-    """Register `name` as a method that adapts the towers with `apply_peft(..., name, ...)`."""
-    from mmret.methods import register_method
+def apply_peft(encoder: nn.Module, method: str, m: Any) -> nn.Module:
+    """Adapt a loaded tower in place with the tower method called `method` (see `TowerMethod.adapt`)."""
+    found = METHODS.get(method)
+    if not isinstance(found, TowerMethod):
+        raise MmretError(f"method {method!r} does not adapt a pretrained tower; choose one of "
+                         f"{', '.join(tower_methods())}")
+    return found.adapt(encoder, m)
 
-    def build(cfg: Any, towers: Towers) -> DualEncoder:
-        return build_tower_model(cfg, towers, name)
 
-    register_method(name, help=help, inputs="pixels", lr=lr, context=load_towers, inputs_for=tower_inputs)(build)
-    return build
+# ---------------------------------------------------------------------------- the four methods
+
+
+@dataclass
+class LoraConfig(TowerConfig):
+    method: str = "lora"
+    rank: int = 8  # LoRA rank r
+    alpha: float | None = None  # LoRA scaling alpha (default 2 x rank)
+    lora_dropout: float = 0.1  # dropout on the low-rank path
+    targets: str = "q,v"  # attention projections to adapt (q, k, v, o, mlp)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("rank", self.rank)
+        if not 0 <= self.lora_dropout < 1:
+            raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+
+
+class LoraMethod(TowerMethod):
+    """LoRA (peft) on the attention projections; see `mmret.models.tuners.lora` for the names.
+
+    The two recipes people copy are `--recipe text-r8` and `--recipe both-r64` (`RECIPES`)."""
+
+    name = "lora"
+    help = "LoRA (peft) inside one or both towers, with heads over experts"
+    lr = 1e-4
+    config = LoraConfig
+
+    def inject(self, model: nn.Module, modality: str, m: LoraConfig) -> None:
+        from mmret.models.tuners.lora import add_lora
+
+        add_lora(model, m.rank, m.alpha, m.lora_dropout, m.targets)
+
+    def memory_cuts(self, cfg: Any) -> list[str]:
+        return [f"a lower --rank than {cfg.method.rank}"] + super().memory_cuts(cfg)
+
+
+@dataclass
+class PrefixConfig(TowerConfig):
+    method: str = "prefix"
+    prefix_tokens: int = 16  # virtual tokens per tower
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("prefix-tokens", self.prefix_tokens)
+
+
+class PrefixMethod(TowerMethod):
+    """Learned prompt tokens at the input of every block (deep prompt tuning; see
+    `mmret.models.tuners.prompts` for why this is our own small module rather than peft's)."""
+
+    name = "prefix"
+    help = "learned prompt tokens in every block of the towers (deep prompt tuning)"
+    lr = 1e-3
+    config = PrefixConfig
+
+    def prepare(self, encoder: nn.Module, m: PrefixConfig) -> None:
+        """Text prompts take positions: lower `max_length` so captions and prompts fit (raises first)."""
+        from mmret.models.tuners.prompts import prompted_text_length
+
+        if encoder.modality != "text":
+            return
+        length = prompted_text_length(encoder, m.prefix_tokens)
+        if length < encoder.max_length:
+            _logger.warning("%s reads at most %d positions: max_length lowered from %d to %d to make room for %d "
+                            "prompt tokens", encoder.name, length + m.prefix_tokens, encoder.max_length, length,
+                            m.prefix_tokens)
+            encoder.max_length = length
+
+    def inject(self, model: nn.Module, modality: str, m: PrefixConfig) -> None:
+        from mmret.models.tuners.prompts import add_prompts
+
+        add_prompts(model, "text" if modality == "text" else "image", m.prefix_tokens)
+
+
+@dataclass
+class AdapterConfig(TowerConfig):
+    method: str = "adapter"
+    adapter_dim: int = 64  # bottleneck width
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("adapter-dim", self.adapter_dim)
+
+
+class AdapterMethod(TowerMethod):
+    """Bottleneck adapters after the attention and the MLP of every block (`--adapter-dim`)."""
+
+    name = "adapter"
+    help = "bottleneck adapters after attention and MLP in every block"
+    lr = 5e-4
+    config = AdapterConfig
+
+    def inject(self, model: nn.Module, modality: str, m: AdapterConfig) -> None:
+        from mmret.models.tuners.bottleneck import add_adapters
+
+        add_adapters(model, m.adapter_dim)
+
+
+@dataclass
+class FullConfig(TowerConfig):
+    method: str = "full"
+
+
+class FullMethod(TowerMethod):
+    """Every weight of the towers trains; the reference row of any comparison."""
+
+    name = "full"
+    help = "full fine-tuning of both towers (the reference row)"
+    lr = 1e-5
+    config = FullConfig
+    train_base = True
+
+    def adapted_tower(self, m: Any) -> str:
+        return "both"
+
+    def memory_cuts(self, cfg: Any) -> list[str]:
+        return ["LoRA instead of full fine-tuning (--method lora)"] + super().memory_cuts(cfg)
+
+
+for _method in (LoraMethod(), PrefixMethod(), AdapterMethod(), FullMethod()):
+    register_method(_method)
+
+
+# ---------------------------------------------------------------------------- LoRA recipes
+
+# Named recipes a user picks with one flag; keys are LoraConfig fields.
+RECIPES: dict[str, dict[str, Any]] = {
+    "text-r8": dict(method="lora", tower="text", rank=8, alpha=16.0, targets="q,v", lora_dropout=0.1),
+    "both-r64": dict(method="lora", tower="both", rank=64, alpha=128.0, targets="q,k,v", lora_dropout=0.1),
+}
+RECIPE_HELP = {
+    "text-r8": "LoRA r=8, alpha=16 on q and v of the text tower only, dropout 0.1",
+    "both-r64": "LoRA r=64, alpha=128 on q, k and v of both towers, dropout 0.1",
+}
+
+
+def recipe_values(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A recipe's settings with the user's own flags (`given`, None: not given) on top.
+
+    A rank given without an alpha drops the recipe's alpha, so alpha follows the rank (2 x rank).
+    """
+    if name not in RECIPES:
+        raise MmretError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    values = {**RECIPES[name], **given}
+    if "rank" in given and "alpha" not in given:
+        values["alpha"] = None
+    return values
+
+
+def apply_recipe(m: MethodConfig, name: str) -> LoraConfig:
+    """The LoRA config of recipe `name` on top of `m`'s shared settings (validated)."""
+    from dataclasses import fields
+
+    shared = {f.name: getattr(m, f.name) for f in fields(MethodConfig)}
+    return LoraConfig(**{**shared, **recipe_values(name)})

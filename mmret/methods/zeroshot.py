@@ -10,15 +10,25 @@ from __future__ import annotations
 from torch import nn
 
 from mmret.errors import MmretError
-from mmret.methods import FeatureDims, register_method
+from mmret.methods.base import MethodConfig, register_method
+from mmret.methods.features import FeatureContext, FeaturesMethod
 from mmret.models import DualEncoder
 from mmret.models.temperature import build_temperature
 
 
-@register_method("zeroshot", help="a pretrained CLIP as it is (made by eval --zero-shot)", inputs="features",
-                 lr=0.0, trainable=False)
-def build(cfg, dims: FeatureDims) -> DualEncoder:
-    if dims.image_dim != dims.text_dim:
-        raise MmretError(f"zero-shot needs towers that share an embedding space; {cfg.encoders.vision} gives "
-                         f"{dims.image_dim} and {cfg.encoders.text} gives {dims.text_dim} dimensions")
-    return DualEncoder(nn.Identity(), nn.Identity(), dims.image_dim, build_temperature("fixed", 0.01))
+class ZeroShotMethod(FeaturesMethod):
+    name = "zeroshot"
+    help = "a pretrained CLIP as it is (made by eval --zero-shot)"
+    lr = 0.0
+    config = MethodConfig
+    trainable = False
+
+    def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
+        dims = ctx.dims
+        if dims.image_dim != dims.text_dim:
+            raise MmretError(f"zero-shot needs towers that share an embedding space; {cfg.encoders.vision} gives "
+                             f"{dims.image_dim} and {cfg.encoders.text} gives {dims.text_dim} dimensions")
+        return DualEncoder(nn.Identity(), nn.Identity(), dims.image_dim, build_temperature("fixed", 0.01))
+
+
+register_method(ZeroShotMethod())

@@ -1,7 +1,10 @@
 """Trainable model parts and the dual encoder that joins two towers.
 
 `heads` (projection heads, the shared `Mlp`), `bridge` (the querying bridge over token states),
-`dual` (`DualEncoder`, the parameter table, and builders for the heads and bridge methods).
+`dual` (`DualEncoder` and the parameter table), `towers` (a pretrained tower with its head),
+`miniclip`, `linformer`, `scratch_clip` (from-scratch models), `temperature`, `mixup` (latent
+mixup of cached features), `batch` and `embed` (batches, and embedding a whole source), and
+`tuners` (LoRA, prompt tokens and adapters put inside a pretrained tower).
 """
 
 from mmret.models.bridge import QueryBridge
@@ -9,9 +12,7 @@ from mmret.models.dual import (
     DualEncoder,
     DualOutput,
     PartCount,
-    bridge_model,
     count_part,
-    heads_model,
     parameter_table,
 )
 from mmret.models.heads import Mlp, ProjectionHead
@@ -23,8 +24,6 @@ __all__ = [
     "PartCount",
     "ProjectionHead",
     "QueryBridge",
-    "bridge_model",
     "count_part",
-    "heads_model",
     "parameter_table",
 ]

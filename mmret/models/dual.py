@@ -13,19 +13,15 @@ The contract `gradcache.py` relies on (shared with `MiniCLIP`): `encode_image(ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmret.errors import MmretError
-from mmret.models.bridge import QueryBridge
-from mmret.models.heads import ProjectionHead
+from mmret.models.batch import Batch, call
 from mmret.models.temperature import Temperature, build_temperature, logit_scale_for
-
-Batch = Tensor | Mapping[str, Any]
 
 
 class DualOutput(NamedTuple):
@@ -65,7 +61,7 @@ class DualEncoder(nn.Module):
 
     def _encode(self, which: str, tower: nn.Module, x: Batch | None, inputs: dict, normalize: bool) -> Tensor:
         x = inputs if x is None else x
-        out = tower(**x) if isinstance(x, Mapping) else tower(x)
+        out = call(tower, x)
         if out.dim() != 2 or out.shape[1] != self.embed_dim:
             raise MmretError(
                 f"the {which} tower returned shape {tuple(out.shape)}, expected (batch, {self.embed_dim}); "
@@ -116,35 +112,3 @@ def parameter_table(model: nn.Module) -> list[PartCount]:
     """One row per part of `model.named_parts()` (if it has them), then a "total" row over the model."""
     parts = model.named_parts() if callable(getattr(model, "named_parts", None)) else {}
     return [count_part(m, name) for name, m in parts.items()] + [count_part(model)]
-
-
-def heads_model(
-    image_dim: int,
-    text_dim: int,
-    embed_dim: int = 512,
-    layers: int = 1,
-    hidden_dim: int | None = None,
-    dropout: float = 0.0,
-    temperature: Temperature | None = None,
-) -> DualEncoder:
-    """The "heads" method: a projection head on each side over cached pooled features."""
-    return DualEncoder(
-        ProjectionHead(image_dim, embed_dim, layers, hidden_dim, dropout),
-        ProjectionHead(text_dim, embed_dim, layers, hidden_dim, dropout),
-        embed_dim,
-        temperature,
-    )
-
-
-def bridge_model(image_dim: int, text_dim: int, embed_dim: int = 512, text_layers: int = 1,
-                 dropout: float = 0.0, temperature: Temperature | None = None, **bridge: Any) -> DualEncoder:
-    """The "bridge" method: a querying bridge over cached image tokens, a head over pooled text.
-
-    `bridge` holds QueryBridge's other settings (num_queries, depth, width, heads, mlp_ratio).
-    """
-    return DualEncoder(
-        QueryBridge(image_dim, embed_dim, dropout=dropout, **bridge),
-        ProjectionHead(text_dim, embed_dim, text_layers, dropout=dropout),
-        embed_dim,
-        temperature,
-    )

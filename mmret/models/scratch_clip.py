@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from mmret.encoders.presets import CLIP_TEXT_B, CLIP_VISION_B
 from mmret.errors import MmretError
 from mmret.models.dual import DualEncoder
 from mmret.models.temperature import build_temperature
 
 ARCHS = {
-    "clip-b16": dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                                 patch_size=16, image_size=224),
-                     text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)),
+    "clip-b16": dict(vision={**CLIP_VISION_B, "patch_size": 16}, text=CLIP_TEXT_B),
     "clip-tiny": dict(vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                                   patch_size=8, image_size=64),
                       text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)),

@@ -1,0 +1,3 @@
+from mmret.cli import main
+
+main()

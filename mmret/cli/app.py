@@ -1,0 +1,90 @@
+"""The Typer app every command registers on, the one-line error handling, and the options
+several commands share."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from mmret import __version__
+from mmret.errors import MmretError
+
+app = typer.Typer(
+    name="mmret",
+    help="Image-text retrieval you can train on one consumer GPU or a laptop CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+DEBUG_ENV = "MMRET_DEBUG"
+
+DataDir = Annotated[Optional[Path], typer.Option(
+    "--data-dir", envvar="MMRET_DATA_DIR", show_envvar=True,
+    help="Folder holding the prepared datasets (default: ./data).")]
+RunsDir = Annotated[Optional[Path], typer.Option(
+    "--runs-dir", envvar="MMRET_RUNS_DIR", show_envvar=True, help="Folder holding the runs (default: ./runs).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Checkpoint = Annotated[str, typer.Option(help="Which checkpoint: best or last.")]
+
+
+def debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def command(fn: Callable) -> Callable:
+    """Turn an `MmretError` into one red line and exit code 1 (a traceback with MMRET_DEBUG=1)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mmret.cli import ui
+
+        try:
+            return fn(*args, **kwargs)
+        except MmretError as e:
+            if debug():
+                raise
+            ui.print_error(str(e))
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
+        except KeyboardInterrupt:
+            if debug():
+                raise
+            ui.print_error("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mmret {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Image-text retrieval you can train on one consumer GPU or a laptop CPU."""
+    logging.basicConfig(level=logging.DEBUG if debug() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir) -> Path:
+    """The run folder named by --run, or the one standing for --zero-shot MODEL on --dataset."""
+    from mmret.runs import load_run_config, resolve_run
+
+    if zero_shot:
+        from mmret.inference.zeroshot import zero_shot_run
+
+        if dataset is None:
+            dataset = load_run_config(resolve_run(run, runs_dir)).data.dataset if run else None
+        if dataset is None:
+            raise MmretError("--zero-shot needs --dataset: the prepared dataset to evaluate on")
+        return zero_shot_run(zero_shot, dataset, data_dir, runs_dir)
+    return resolve_run(run, runs_dir)

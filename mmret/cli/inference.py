@@ -1,0 +1,103 @@
+"""`mmret eval` and `mmret search`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mmret.cli import show
+from mmret.cli.app import Checkpoint, DataDir, Device, RunsDir, app, command, run_or_zero_shot
+from mmret.errors import MmretError
+
+
+# ---------------------------------------------------------------------------- eval and search
+
+
+def _runs_list(values: list[str] | None) -> list[str]:
+    return [v for value in values or [] for v in value.split(",") if v]
+
+
+@app.command("eval")
+@command
+def eval_command(
+    run: Annotated[Optional[str], typer.Option(help="Run to evaluate: name, folder or latest [default: the newest run].", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset [default: the run's].", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
+    compare: Annotated[Optional[list[str]], typer.Option(help="Runs to put side by side (repeat the option or separate with commas); differences from the first are tested with a paired bootstrap.", show_default=False)] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(help="Also (or only) evaluate a pretrained CLIP as it is, e.g. clip-b32: the baseline row.", show_default=False)] = None,
+    bootstrap: Annotated[int, typer.Option(help="Resamples for 95% confidence intervals (0: none; 1000 is usual).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    checkpoint: Checkpoint = "best",
+    format: Annotated[str, typer.Option(help="Output: table, markdown or json.")] = "table",
+    device: Device = "auto",
+    runs_dir: RunsDir = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Recall@1/5/10, MRR, median rank, mAP and RSUM in both directions, as papers report them."""
+    from mmret.cli import ui
+    from mmret.inference.evaluate import compare_runs, evaluate_run
+    from mmret.runs import load_run_config, resolve_run
+
+    if format not in ("table", "markdown", "json"):
+        raise MmretError(f"--format must be table, markdown or json, got {format!r}")
+    names = _runs_list(compare) or ([run] if run or not zero_shot else [])
+    run_dirs = [resolve_run(name, runs_dir) for name in names]
+    if zero_shot:
+        ds = dataset or (load_run_config(run_dirs[0]).data.dataset if run_dirs else None)
+        run_dirs.insert(0, run_or_zero_shot(None, zero_shot, ds, data_dir, runs_dir))
+    reporter = ui.RichReporter()
+    if len(run_dirs) == 1:
+        results = [evaluate_run(run_dirs[0], dataset, split, bootstrap, seed, checkpoint, device, reporter)]
+    else:
+        results = compare_runs(run_dirs, dataset, split, bootstrap, seed, checkpoint, device, reporter)
+    show.show_eval(results, format)
+
+
+@app.command()
+@command
+def search(
+    query: Annotated[Optional[list[str]], typer.Argument(help="Text queries (each one searched), e.g. \"a dog on the beach\".", show_default=False)] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Search with this picture instead: similar pictures and the captions that fit it.", show_default=False)] = None,
+    queries: Annotated[Optional[Path], typer.Option(help="A file with one query per line (- reads standard input), searched in one batch.", show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option(help="Run whose model searches [default: the newest run].", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset whose pictures form the gallery [default: the run's].", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Gallery split: all, train, val or test.")] = "all",
+    k: Annotated[int, typer.Option("-k", "--top", help="Results per query.")] = 10,
+    index: Annotated[str, typer.Option(help="exact, or ivf / hnsw (FAISS, needs the faiss extra) for galleries of millions.")] = "exact",
+    rebuild_index: Annotated[bool, typer.Option("--rebuild-index", help="Build the cached index again (e.g. after the run improved).")] = False,
+    checkpoint: Checkpoint = "best",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON for scripts.")] = False,
+    grid: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the results (PNG) here.", show_default=False)] = None,
+    device: Device = "auto",
+    runs_dir: RunsDir = None,
+) -> None:
+    """The best-matching pictures for text queries (or pictures and captions for a picture)."""
+    import sys
+
+    from mmret.cli import ui
+    from mmret.runs import resolve_run
+    from mmret.inference.search import search as run_search
+
+    texts = list(query or [])
+    if queries is not None:
+        try:
+            source = sys.stdin.read() if str(queries) == "-" else queries.read_text(encoding="utf-8")
+        except OSError as e:
+            raise MmretError(f"cannot read --queries {queries}: {e.strerror}") from None
+        texts += [line.strip() for line in source.splitlines() if line.strip()]
+    result = run_search(resolve_run(run, runs_dir), texts, image, dataset, split, k, index, rebuild_index, device,
+                        checkpoint, ui.NullReporterIfJson(json_output))
+    if grid is not None:
+        from mmret.modalities import get_modality
+
+        get_modality(result.modality).results_sheet([(h.path, f"{q.query[:12]} #{h.rank} {h.score:.3f}") for q in result.results for h in q.images], grid)
+    if json_output:
+        import json
+
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    show.show_search(result, grid)
+
+

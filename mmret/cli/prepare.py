@@ -1,0 +1,102 @@
+"""`mmret prepare` and `mmret precompute-embeddings`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mmret.cli import show
+from mmret.cli.app import DataDir, Device, RunsDir, app, command, run_or_zero_shot
+from mmret.errors import MmretError
+
+
+# ---------------------------------------------------------------------------- prepare
+
+def _source_help() -> str:
+    from mmret.data.readers import READER_HELP
+
+    return "Dataset format: " + "; ".join(f"{k} ({v})" for k, v in READER_HELP.items())
+
+
+@app.command()
+@command
+def prepare(
+    source: Annotated[str, typer.Argument(help=_source_help(), show_default=False)],
+    root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name of the prepared dataset under the data folder (default: SOURCE).")] = None,
+    val: Annotated[float, typer.Option(help="Fraction of images for validation when the source has no official split.")] = 0.1,
+    test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the random split (and of the generated example).")] = 0,
+    check_images: Annotated[bool, typer.Option("--check-images", help="Decode every image fully and drop broken ones (slower).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the dataset if it was prepared before.")] = False,
+    count: Annotated[int, typer.Option(help="Number of pictures in the generated `example` dataset.")] = 500,
+    data_dir: DataDir = None,
+) -> None:
+    """Read a raw dataset and write its image and caption tables with train/val/test splits."""
+    from mmret.cli import ui
+    from mmret.data import PrepareConfig
+    from mmret.data import prepare as run_prepare
+
+    cfg = PrepareConfig(source=source, root=root, name=name, val=val, test=test, seed=seed,
+                        check_images=check_images, force=force, count=count, data_dir=data_dir)
+    result = run_prepare(cfg, ui.RichReporter())
+    show.show_prepare(result)
+
+
+# ---------------------------------------------------------------------------- precompute-embeddings
+
+def _encoder_help(modality: str) -> str:
+    from mmret.encoders import ENCODERS
+
+    presets = "; ".join(f"{name} ({preset.help.rstrip('.')})" for name, preset in ENCODERS.items()
+                        if modality in preset.modalities)
+    return f"Frozen {modality} tower: a preset, a hub id (owner/name) or a local model folder. Presets: {presets}."
+
+
+@app.command("precompute-embeddings")
+@command
+def precompute_embeddings(
+    dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to encode (with --run: default the run's).", show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option(help="Write this trained run's final embeddings (name, folder or latest) to runs/<run>/embeddings/<ds>-<split>/.", show_default=False)] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(help="Write the final embeddings of a pretrained CLIP as it is (e.g. clip-b32).", show_default=False)] = None,
+    vision: Annotated[Optional[str], typer.Option(help=_encoder_help("image"), show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option(help=_encoder_help("text"), show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Rows to compute now: all, train, val or test (one cache spans every split).")] = "all",
+    tokens: Annotated[bool, typer.Option("--tokens", help="Also keep the token states (N, T, D), for methods that read them.")] = False,
+    batch_size: Annotated[str, typer.Option(help="Rows per forward pass, or auto.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 when it matches fp32 and is faster; AMP on CUDA), fp32, bf16, or fp16 (CUDA only).")] = "auto",
+    device: Device = "auto",
+    image_size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the model's own).", show_default=False)] = None,
+    max_length: Annotated[int, typer.Option(help="Text tokens per caption.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(help="Image decoding workers (default: CPU count - 1, at most 4).", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the image tower with torch.compile first: a minute or so once, then faster (worth it for thousands of images).")] = False,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Encode a dataset's images and captions once with frozen towers into data/<ds>/features/,
+    or with --run, write a trained run's final embeddings for eval and search.
+
+    A cache that is already complete is reused; an interrupted run resumes where it stopped.
+    """
+    from mmret.cli import ui
+    from mmret.features.precompute import PrecomputeConfig
+    from mmret.features.precompute import precompute_embeddings as run_precompute
+
+    if run or zero_shot:
+        from mmret.inference.embeddings import write_run_embeddings
+
+        run_dir = run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir)
+        emb = write_run_embeddings(run_dir, dataset, split, device=device, reporter=ui.RichReporter())
+        ui.console.print(f"{emb.dataset}-{emb.split}: {emb.images.shape[0]:,} images and {emb.captions.shape[0]:,} "
+                         f"captions, {emb.images.shape[1]}-d float16, in {emb.path}", highlight=False)
+        return
+    if dataset is None:
+        raise MmretError("precompute-embeddings needs --dataset (or --run RUN for a trained run's embeddings)")
+    cfg = PrecomputeConfig(dataset=dataset, vision=vision, text=text, split=split, tokens=tokens,
+                           batch_size=batch_size, precision=precision, device=device, image_size=image_size,
+                           max_length=max_length, workers=workers, compile=compile, data_dir=data_dir)
+    show.show_precompute(run_precompute(cfg, ui.RichReporter()))
+
+

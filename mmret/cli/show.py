@@ -1,0 +1,134 @@
+"""How command results are drawn: tables, notes and the lines that close a command. Only the
+command modules use it; library code returns results and never prints."""
+
+from __future__ import annotations
+
+
+from mmret.cli import ui
+
+
+def show_prepare(result) -> None:
+    rows = []
+    for split, c in result.counts.items():
+        per = f"{c['captions'] / c['images']:.2f}" if c["images"] else "-"
+        rows.append((split, c["images"], c["captions"], per, c["dropped images"]))
+    ui.console.print(ui.table(f"{result.name} ({result.source})", ["split", "images", "captions", "captions/image", "dropped images"], rows))
+    ui.console.print(f"splits: {result.split_note}", highlight=False)
+    if result.problems:
+        ui.console.print("dropped or fixed: " + ", ".join(f"{n} {k}" for k, n in result.dropped.items()), highlight=False)
+        for p in result.problems[:5]:
+            ui.console.print(f"  {p.kind}: {p.item}: {p.reason}", highlight=False, soft_wrap=True)
+        if len(result.problems) > 5:
+            ui.console.print(f"  ... all {len(result.problems)} listed in {result.path / 'dataset.json'}", highlight=False)
+    ui.console.print(f"wrote {result.path} in {result.seconds:.1f}s", highlight=False)
+
+
+def show_precompute(result) -> None:
+    rows = []
+    for name, feats in result.parts:
+        s = feats.stats
+        rate = f"{s.rows_per_second:,.1f}" if s.encoded else "-"
+        tokens = str(tuple(feats.tokens.shape)) if feats.tokens is not None else "-"
+        rows.append((feats.which, name, f"{s.encoded:,} / {s.reused:,}", str(tuple(feats.pooled.shape)),
+                     tokens, s.precision or "-", ui.human_bytes(feats.disk_bytes), f"{s.seconds:.1f}s", rate))
+    columns = ["rows", "tower", "new / reused", "pooled", "tokens", "precision", "disk", "time", "rows/s"]
+    ui.console.print(ui.table(f"{result.dataset}: frozen features on {result.device}", columns, rows))
+    for _, feats in result.parts:
+        if feats.stats.precision_reason:
+            ui.console.print(f"{feats.which} precision: {feats.stats.precision_reason}", highlight=False)
+        if feats.failed:
+            ui.print_note(f"{len(feats.failed)} {feats.which} could not be read (rows left NaN, valid=False):")
+            for item, reason in list(feats.failed.items())[:5]:
+                ui.console.print(f"  {item}: {reason}", highlight=False, soft_wrap=True)
+        ui.console.print(f"{feats.which} cache: {feats.path}", highlight=False, soft_wrap=True)
+    ui.console.print(f"done in {result.seconds:.1f}s", highlight=False)
+
+
+def show_dry_run(plan) -> None:
+    import json
+
+    rows = [(r.part, r.total, r.trainable, f"{r.percent_trainable:.2f}%") for r in plan.rows]
+    ui.console.print(ui.table(f"parameters: {plan.method}", ["part", "parameters", "trainable", "% trainable"], rows))
+    ui.console.print(json.dumps(plan.config, indent=2, sort_keys=True), highlight=False, soft_wrap=True)
+
+
+def show_train(result) -> None:
+    keys = [k for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall") if k in result.best]
+    ui.console.print(ui.table("best validation", ["metric", "value"], [(k, f"{result.best[k]:.4f}") for k in keys]))
+    ui.console.print(f"{result.stopped} after {result.epochs} epochs, {result.steps} steps, "
+                     f"{result.seconds:.1f}s ({result.precision} on {result.device})", highlight=False)
+    ui.console.print(f"run: {result.run_dir}", highlight=False)
+
+
+def show_memory(report) -> None:
+    from mmret.memory import CATEGORIES, describe, needed
+
+    size, rows = ui.human_bytes, []
+    for r in report.rows:
+        c, m = r.candidate, r.step
+        step = [size(getattr(m, k)) for k in CATEGORIES] + [size(m.total)] if m else ["-"] * 5 + ["out of memory"]
+        others = [size(r.phases[k]) if r.phases[k] is not None else "out of memory" for k in ("eval", "setup")]
+        fits = "best" if r is report.best else "yes" if r.fits else "no"
+        rows.append((c.micro_batch, c.precision, "on" if c.grad_checkpointing else "off", *step, *others, r.phase, fits))
+    columns = ["micro-batch", "precision", "checkpointing", *CATEGORIES, "step peak", "eval", "setup", "peak in", "fits"]
+    title = f"{report.method}, batch {report.batch_size}: peak training memory against {report.vram:g} GB"
+    ui.console.print(ui.table(title, columns, rows))
+    ui.console.print(report.how, highlight=False, soft_wrap=True)
+    for note in report.notes:
+        ui.console.print(f"- {note}", highlight=False, soft_wrap=True)
+    best, tc = report.best, report.config.train
+    flags = f"--micro-batch {tc.micro_batch or tc.batch_size} --precision {tc.precision}"
+    flags += " --grad-checkpointing" if tc.grad_checkpointing else ""
+    ui.console.print(f"recommended: {describe(best.candidate, report.batch_size)}; peak {size(best.peak)} "
+                     f"({size(needed(best.peak))} with the margin) of {size(report.usable)} usable; "
+                     f"mmret train {flags}", highlight=False, soft_wrap=True)
+
+
+def show_eval(results, format: str) -> None:
+    import json
+
+    from mmret.inference.evaluate import HEADLINE
+
+    if format == "json":
+        ui.console.print_json(json.dumps([r.to_json() for r in results]))
+        return
+    first = results[0]
+    columns = ["metric"] + [r.run for r in results]
+    rows = []
+    for key in HEADLINE:
+        cells = [key]
+        for r in results:
+            cell = f"{r.metrics[key]:.4f}" if key not in ("rsum",) and not key.endswith("medr") else f"{r.metrics[key]:.1f}"
+            if r.ci:
+                lo, hi = r.ci[key]
+                cell += f" [{lo:.3f}, {hi:.3f}]" if not key.endswith(("medr", "rsum")) else f" [{lo:.0f}, {hi:.0f}]"
+            if r.diffs and r.diffs[key].significant:
+                cell += " *"
+            cells.append(cell)
+        rows.append(cells)
+    rows.append(["chance R@1/5/10"] + [" / ".join(f"{min(1, k / r.n_images):.3f}" for k in (1, 5, 10)) for r in results])
+    title = f"{first.dataset} {first.split}: {first.n_images:,} images, {first.n_captions:,} captions"
+    if format == "markdown":
+        print(f"**{title}**\n")
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        ui.console.print(ui.table(title, columns, rows))
+    if any(r.diffs and any(d.significant for d in r.diffs.values()) for r in results):
+        ui.console.print(f"* differs from {first.run} (paired bootstrap, 95%)", highlight=False)
+    for r in results:
+        ui.console.print(f"saved {r.path}", highlight=False)
+
+
+def show_search(result, grid) -> None:
+    for q in result.results:
+        rows = [(h.rank, f"{h.score:.4f}", h.image_id, h.path, " | ".join(h.captions[:2])) for h in q.images]
+        ui.console.print(ui.table(f"{q.query!r}: pictures", ["#", "score", "image", "path", "captions"], rows))
+        if q.captions:
+            rows = [(h.rank, f"{h.score:.4f}", h.captions[0], h.image_id) for h in q.captions]
+            ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", "of image"], rows))
+    ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search", highlight=False)
+    if grid is not None:
+        ui.console.print(f"contact sheet: {grid}", highlight=False)

@@ -1,0 +1,185 @@
+"""`mmret train` and `mmret probe-memory`, and the options they share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mmret.cli import show
+from mmret.cli.app import DataDir, RunsDir, app, command
+from mmret.errors import MmretError
+
+
+# ---------------------------------------------------------------------------- train
+
+def _method_help() -> str:
+    from mmret.methods import method_help
+
+    return "Training method. " + method_help()
+
+
+def _recipe_help() -> str:
+    from mmret.methods.towers import RECIPE_HELP
+
+    return "A named LoRA recipe (options given beside it win): " + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())
+
+
+# options train and probe-memory share
+Method = Annotated[Optional[str], typer.Option(help=_method_help(), show_default=False)]
+ClipModel = Annotated[Optional[str], typer.Option(help="A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers lora/prefix/adapter/full adapt.", show_default=False)]
+PairBatch = Annotated[Optional[int], typer.Option(help="Pairs in one contrastive loss [default: 128].", show_default=False)]
+MaxLength = Annotated[Optional[int], typer.Option(help="Text tokens per caption [default: 64].", show_default=False)]
+EmbedDim = Annotated[Optional[int], typer.Option(help="Size of the shared embedding space [default: 512].", show_default=False)]
+Recipe = Annotated[Optional[str], typer.Option(help=_recipe_help(), show_default=False)]
+Rank = Annotated[Optional[int], typer.Option(help="LoRA rank r [default: 8].", show_default=False)]
+Tower = Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adapter adapt: text, vision or both [default: both].", show_default=False)]
+
+
+@app.command()
+@command
+def train(
+    method: Method = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to train on [default: example].", show_default=False)] = None,
+    vision: Annotated[Optional[str], typer.Option(help="Frozen image tower: preset, hub id or folder [default: dino-vits16].", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option(help="Frozen text tower: preset, hub id or folder [default: distilbert].", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images [default: 20].", show_default=False)] = None,
+    batch_size: PairBatch = None,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Pairs per forward pass; smaller than --batch-size uses gradient caching, so every pair still sees the whole batch's negatives.", show_default=False)] = None,
+    accumulation: Annotated[Optional[str], typer.Option(help="With --micro-batch: cache (exact, default) or plain accumulation (each micro-batch sees only its own negatives).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: the method's].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay on weight matrices [default: 0.05].", show_default=False)] = None,
+    warmup: Annotated[Optional[float], typer.Option(help="Fraction of steps spent warming up [default: 0.05].", show_default=False)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm; 0 turns it off [default: 1.0].", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 (CUDA only, with loss scaling) [default: auto].", show_default=False)] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better val mean recall; 0 never stops early [default: 5].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data order, initialisation and dropout [default: 0].", show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N [default: auto].", show_default=False)] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Also keep a checkpoint every N epochs [default: 0, off].", show_default=False)] = None,
+    embed_dim: EmbedDim = None,
+    head_layers: Annotated[Optional[int], typer.Option(help="Projection heads: 1 linear, 2 or more an MLP [default: 2].", show_default=False)] = None,
+    head_hidden: Annotated[Optional[int], typer.Option(help="Hidden width of MLP heads [default: the input width].", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout in heads and bridge [default: 0.1].", show_default=False)] = None,
+    queries: Annotated[Optional[int], typer.Option(help="Bridge: learnable queries K [default: 32].", show_default=False)] = None,
+    bridge_layers: Annotated[Optional[int], typer.Option(help="Bridge: cross-attention blocks L [default: 2].", show_default=False)] = None,
+    bridge_width: Annotated[Optional[int], typer.Option(help="Bridge: width [default: 384].", show_default=False)] = None,
+    bridge_heads: Annotated[Optional[int], typer.Option(help="Bridge: attention heads [default: 6].", show_default=False)] = None,
+    token_pool: Annotated[Optional[int], typer.Option(help="Bridge: average-pool the patch grid by this factor first; 2 reads about 4x fewer tokens [default: 1].", show_default=False)] = None,
+    mixup: Annotated[Optional[float], typer.Option(help="Latent mixup Beta(alpha, alpha) on cached features, as in FuseMix; 0 is off.", show_default=False)] = None,
+    temperature: Annotated[Optional[str], typer.Option(help="learned, fixed or dynamic [default: learned].", show_default=False)] = None,
+    model: ClipModel = None,
+    recipe: Recipe = None,
+    rank: Rank = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha [default: 2 x rank].", show_default=False)] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA path [default: 0.1].", show_default=False)] = None,
+    targets: Annotated[Optional[str], typer.Option(help="LoRA targets among q, k, v, o, mlp, comma-separated [default: q,v].", show_default=False)] = None,
+    tower: Tower = None,
+    prefix_tokens: Annotated[Optional[int], typer.Option(help="Prefix: learned prompt tokens per block [default: 16].", show_default=False)] = None,
+    adapter_dim: Annotated[Optional[int], typer.Option(help="Adapter: bottleneck width [default: 64].", show_default=False)] = None,
+    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute tower activations in backward to save memory.", show_default=False)] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips of training pictures [default: on unless captions say left or right].", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Picture decoding workers [default: CPU count - 1, at most 4].", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Scratch: miniclip (ResNet + Linformer), clip-tiny or clip-b16 [default: miniclip].", show_default=False)] = None,
+    image_model: Annotated[Optional[str], typer.Option(help="Scratch miniclip: timm CNN of the image tower [default: resnet34].", show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Scratch: picture side in pixels [default: 64].", show_default=False)] = None,
+    text_width: Annotated[Optional[int], typer.Option(help="Scratch miniclip: Linformer width [default: 256].", show_default=False)] = None,
+    text_depth: Annotated[Optional[int], typer.Option(help="Scratch miniclip: Linformer blocks [default: 4].", show_default=False)] = None,
+    linformer_k: Annotated[Optional[int], typer.Option(help="Scratch miniclip: keys and values projected to this length [default: 16].", show_default=False)] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Scratch: bpe (trained on the captions, saved in the run) or a transformers tokenizer id or folder [default: bpe].", show_default=False)] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Scratch: BPE vocabulary size [default: 2000].", show_default=False)] = None,
+    pretrained_image: Annotated[Optional[bool], typer.Option("--pretrained-image/--random-image", help="Scratch miniclip: start the ResNet from ImageNet weights (needs the hub or its cache).", show_default=False)] = None,
+    max_length: MaxLength = None,
+    sam: Annotated[Optional[bool], typer.Option("--sam/--no-sam", help="Sharpness-aware minimisation (two passes a step).", show_default=False)] = None,
+    sam_rho: Annotated[Optional[float], typer.Option(help="SAM neighbourhood size rho [default: 0.05].", show_default=False)] = None,
+    folds: Annotated[Optional[int], typer.Option(help="k-fold cross-validation: re-split all images into k folds.", show_default=False)] = None,
+    fold: Annotated[Optional[int], typer.Option(help="With --folds: the fold used as test split.", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name [default: date-method-dataset].", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one probe-memory saved); options given here override it.", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue this stopped run (name or folder) from its last checkpoint.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the parameter table and the resolved config, and stop.")] = False,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Train a retrieval model: a run folder with checkpoints, metrics and plots."""
+    from mmret.cli import ui
+    from mmret import training
+    from mmret.runs import RunConfig, with_overrides
+    from mmret.common.io import read_json
+    from mmret.runs import resolve_run
+
+    if resume:
+        result = training.resume(resolve_run(resume, runs_dir), ui.RichReporter())
+        show.show_train(result)
+        return
+    base = RunConfig.from_dict(read_json(config)) if config else RunConfig()
+    values = dict(locals())
+    for key in ("config", "resume", "dry_run", "ui", "training", "RunConfig", "with_overrides", "read_json",
+                "resolve_run", "base", "recipe"):
+        values.pop(key, None)
+    if recipe:
+        from mmret.methods.towers import recipe_values
+
+        values.update(recipe_values(recipe, {k: values.get(k) for k in ("method", "tower", "rank", "alpha", "targets", "lora_dropout")}))
+    cfg = with_overrides(base, values)
+    if dry_run:
+        show.show_dry_run(training.dry_run(cfg))
+        return
+    show.show_train(training.train(cfg, ui.RichReporter()))
+
+
+# ---------------------------------------------------------------------------- probe-memory
+
+@app.command("probe-memory")
+@command
+def probe_memory(
+    vram: Annotated[float, typer.Option(help="GPU memory to fit in, in GB (2^30 bytes): 6 for a 6 GB card.", show_default=False)],
+    method: Method = None,
+    model: ClipModel = None,
+    vision: Annotated[Optional[str], typer.Option(help="Image tower: preset, hub id or folder [default: dino-vits16]. Only its config is read.", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option(help="Text tower: preset, hub id or folder [default: distilbert]. Only its config is read.", show_default=False)] = None,
+    batch_size: PairBatch = None,
+    max_length: MaxLength = None,
+    embed_dim: EmbedDim = None,
+    recipe: Recipe = None,
+    rank: Rank = None,
+    targets: Annotated[Optional[str], typer.Option(help="LoRA targets among q, k, v, o, mlp [default: q,v].", show_default=False)] = None,
+    tower: Tower = None,
+    accumulation: Annotated[Optional[str], typer.Option(help="With a micro-batch: cache (exact, default) or plain accumulation.", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset the saved config trains on [default: example]; its size bounds the input-norm sample.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one saved before); options given here override it.", show_default=False)] = None,
+    reserve: Annotated[Optional[float], typer.Option(help="GB of the budget kept for the CUDA context and other programs [default: measured on a GPU, else 0.5].", show_default=False)] = None,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Estimate on fake tensors even when a CUDA GPU is present (to plan for another GPU).")] = False,
+    save: Annotated[Optional[Path], typer.Option(help="Write the recommended configuration here, for `mmret train --config FILE`.", show_default=False)] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Find the training configuration that fits a GPU memory budget and runs fastest.
+
+    Tries every micro-batch, precision (fp32, bf16, fp16) and gradient checkpointing setting. On a
+    CUDA GPU it measures real training steps; without one it estimates them on fake tensors,
+    building the towers from their configs without weights.
+    """
+    from mmret.cli import ui
+    from mmret.runs import RunConfig, with_overrides
+    from mmret.common.io import read_json
+    from mmret.memory import probe_memory as run_probe
+    from mmret.memory import save_config
+
+    if config is not None and not config.is_file():
+        raise MmretError(f"--config {config}: no such file")
+    base = RunConfig.from_dict(read_json(config)) if config else RunConfig()
+    values = dict(method=method, model=model, vision=vision, text=text, batch_size=batch_size, max_length=max_length,
+                  embed_dim=embed_dim, rank=rank, targets=targets, tower=tower, accumulation=accumulation,
+                  dataset=dataset, data_dir=data_dir)
+    if recipe:
+        from mmret.methods.towers import recipe_values
+
+        values.update(recipe_values(recipe, {k: values.get(k) for k in ("method", "tower", "rank", "targets")}))
+    report = run_probe(with_overrides(base, values), vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
+    show.show_memory(report)
+    if save is not None:
+        ui.console.print(f"saved {save_config(report.config, save)}: train with `mmret train --config {save}`",
+                         highlight=False, soft_wrap=True)
+
+

@@ -1,0 +1,114 @@
+"""Terminal output for the command layer: rich progress bars behind the library's `Reporter`,
+the one-line error format, and small table helpers. Only `cli.py` imports this module.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    """The one red line a user sees for an `MmretError`."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def print_note(message: str) -> None:
+    err_console.print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="cyan")
+
+
+def _format_fields(fields: dict[str, Any]) -> str:
+    parts = []
+    for key, value in fields.items():
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return "  ".join(parts)
+
+
+class _RichTask:
+    def __init__(self, reporter: "RichReporter", task_id: int):
+        self.reporter, self.task_id = reporter, task_id
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        update = {"info": _format_fields(fields)} if fields else {}
+        self.reporter.progress.update(self.task_id, advance=n, **update)
+
+    def close(self) -> None:
+        self.reporter._close(self.task_id)
+
+    def __enter__(self) -> "_RichTask":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RichReporter:
+    """One live rich display shared by all open tasks (rich allows only one at a time)."""
+
+    def __init__(self, console: Console = err_console):
+        self.console = console
+        self.progress: Progress | None = None
+        self.open: set[int] = set()
+
+    def task(self, description: str, total: int | None = None, unit: str = "it") -> _RichTask:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                console=self.console, transient=False,
+            )
+            self.progress.start()
+        task_id = self.progress.add_task(description, total=total, unit=unit, info="")
+        self.open.add(task_id)
+        return _RichTask(self, task_id)
+
+    def _close(self, task_id: int) -> None:
+        self.open.discard(task_id)
+        if not self.open and self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def NullReporterIfJson(json_output: bool):
+    """Progress bars go to stderr, but scripts reading --json want a quiet terminal."""
+    from mmret.common.progress import NULL
+
+    return NULL if json_output else RichReporter()
+
+
+def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    out = Table(title=title, title_justify="left", header_style="bold")
+    columns = list(columns)
+    for i, col in enumerate(columns):
+        out.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        out.add_row(*[f"{v:,}" if isinstance(v, int) else str(v) for v in row])
+    return out
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()

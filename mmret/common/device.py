@@ -1,0 +1,152 @@
+"""Where and in what precision tensors are computed: one place that every encoding and training
+path asks, so CUDA (AMP fp16 + GradScaler, or bf16) and CPU (fp32, or bf16 where it is both
+accurate and faster) are chosen the same way everywhere.
+
+Precision names: `auto` (decide here), `fp32`, `bf16`, `fp16` (CUDA only). For inference,
+`choose_inference_precision` runs a real batch in float32 and in the reduced precision and keeps
+the reduced one only when every pooled output stays within a cosine similarity of 0.999 of the
+float32 one (and, on the CPU, only when it also takes less CPU time: bf16 kernels are not faster
+for every model on every processor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from mmret.errors import MmretError
+
+_logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+COSINE_THRESHOLD = 0.999
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto` is the first CUDA GPU when there is one, else the CPU."""
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MmretError(f"--device {requested}: no CUDA GPU is visible to torch; use --device cpu")
+        return torch.device(requested)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise MmretError(f"unknown --device {requested!r}; choose one of {', '.join(DEVICES)}")
+
+
+def check_precision(device: torch.device, precision: str) -> str:
+    """Validate a precision name for a device (fp16 needs CUDA)."""
+    if precision not in PRECISIONS:
+        raise MmretError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise MmretError("--precision fp16 needs a CUDA GPU (CPUs compute float16 slowly and "
+                         "without loss scaling); use --precision bf16 or fp32 on the CPU")
+    if precision == "bf16" and not bf16_supported(device):
+        raise MmretError(f"--precision bf16 is not supported on this {device.type}; use --precision fp32")
+    return precision
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # without native bf16 instructions oneDNN emulates it, which is slower than float32
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def reduced_precision(device: torch.device) -> str | None:
+    """The reduced precision worth trying on a device, or None: bf16 where native, fp16 on old GPUs."""
+    if bf16_supported(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else None
+
+
+def autocast_context(device: torch.device, precision: str) -> ContextManager:
+    """Autocast for bf16/fp16 (matmuls in low precision, reductions in float32); a no-op for fp32."""
+    check_precision(device, precision)
+    if precision in ("fp32", "auto"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling is needed for fp16 only; for the others the scaler is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16" and device.type == "cuda"))
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding workers: on the CPU leave the cores to the model but one; on a GPU use more."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if device.type == "cuda" else min(4, max(1, cpus - 1))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Smallest row-wise cosine similarity between two (B, D) outputs, computed in float32."""
+    a, b = a.float().flatten(1), b.float().flatten(1)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).min())
+
+
+@dataclass
+class PrecisionChoice:
+    precision: str  # what will be used: fp32 | bf16 | fp16
+    reason: str  # one line for the summary, e.g. "bf16: cosine 0.9996 to fp32, 1.8x faster"
+    cosine: float | None = None  # min cosine of the reduced precision's pooled outputs to fp32
+    speedup: float | None = None  # fp32 time / reduced time on the same batch
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """Run `fn` and measure it: wall time on a GPU; on the CPU the process's CPU time, which other
+    programs competing for the cores inflate far less than wall time."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    synchronize(device)
+    start = clock()
+    out = fn()
+    synchronize(device)
+    return out, clock() - start
+
+
+def choose_inference_precision(forward: Callable[[str], torch.Tensor], device: torch.device,
+                               requested: str = "auto", threshold: float = COSINE_THRESHOLD,
+                               warmup: Callable[[str], Any] | None = None) -> PrecisionChoice:
+    """Decide the precision of an inference run by trying it on a real batch.
+
+    `forward(precision)` encodes the batch and returns its pooled output (B, D); `warmup(precision)`
+    (a tiny batch) lets one-time kernel setup happen before timing. An explicit `requested` other
+    than `auto` is used as is.
+    """
+    check_precision(device, requested)
+    if requested != "auto":
+        return PrecisionChoice(requested, f"{requested}: requested")
+    low = reduced_precision(device)
+    if low is None:
+        return PrecisionChoice("fp32", "fp32: this CPU has no native bf16")
+    for p in ("fp32", low):
+        if warmup is not None:
+            warmup(p)
+    ref, t32 = _timed(lambda: forward("fp32"), device)
+    out, tlow = _timed(lambda: forward(low), device)
+    cos, speedup = min_cosine(ref, out), t32 / max(tlow, 1e-9)
+    timings = {"fp32": t32, low: tlow}
+    if not cos >= threshold:  # also catches NaN from an overflow
+        return PrecisionChoice("fp32", f"fp32: {low} cosine to fp32 only {cos:.4f} < {threshold}", cos, speedup, timings)
+    if device.type == "cpu" and speedup <= 1.0:
+        return PrecisionChoice("fp32", f"fp32: {low} is accurate (cosine {cos:.4f}) but not faster here "
+                               f"({speedup:.2f}x)", cos, speedup, timings)
+    return PrecisionChoice(low, f"{low}: cosine to fp32 {cos:.4f} >= {threshold}, {speedup:.2f}x faster",
+                           cos, speedup, timings)

@@ -1,0 +1,39 @@
+"""Where datasets and runs live, and the names allowed for them.
+
+`data/<ds>/` and `runs/<run>/` sit in the working directory unless an option or an environment
+variable moves them. A dataset or run name is one path component of letters, digits, '-', '_'
+and '.', so that a name from an option can never reach outside its root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from mmret.errors import MmretError
+
+DATA_DIR_ENV = "MMRET_DATA_DIR"
+RUNS_DIR_ENV = "MMRET_RUNS_DIR"
+
+
+def data_root(override: str | Path | None = None) -> Path:
+    """The folder holding `data/<ds>/`: the option, else $MMRET_DATA_DIR, else ./data."""
+    return Path(override or os.environ.get(DATA_DIR_ENV) or "data").expanduser().absolute()
+
+
+def runs_root(override: str | Path | None = None) -> Path:
+    """The folder holding `runs/<run>/`: the option, else $MMRET_RUNS_DIR, else ./runs."""
+    return Path(override or os.environ.get(RUNS_DIR_ENV) or "runs").expanduser().absolute()
+
+
+def check_name(option: str, name: str) -> str:
+    """`name` if it may name a folder under a root (letters, digits, '-', '_', '.'), else a one-line error."""
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise MmretError(f"{option} {name!r} may hold only letters, digits, '-', '_' and '.'")
+    return name
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A short lower-case file-name form of a model name or path (its last component)."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.rstrip("/").split("/")[-1].lower()).strip("-")[:limit] or "model"

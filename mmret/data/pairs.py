@@ -1,0 +1,189 @@
+"""What a training step and an evaluation see: item-caption pairs of one split.
+
+A source holds the items (pictures, or sounds) of a split, the captions of each item, and turns
+row indices into model inputs. `FileSource` reads the files (decoded in DataLoader workers by an
+item loader the method gives it) and tokenizes captions; `mmret.features.source.FeatureSource`
+reads cached frozen-tower outputs instead. The order of an epoch is a pure function of (seed,
+epoch): every item once, shuffled, each with one of its captions drawn at random. That is what
+makes a resumed run continue exactly where the interrupted one would have gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mmret.common.device import default_workers
+from mmret.errors import MmretError
+from mmret.modalities import ItemError
+
+Batch = tuple[np.ndarray, np.ndarray]  # (item indices, caption indices) into a source
+
+
+def epoch_batches(captions_of: list[np.ndarray], batch_size: int, seed: int, epoch: int) -> list[Batch]:
+    """Every item once per epoch in a seeded order, each with one random caption of its own.
+
+    A last batch of a single pair (no negatives) joins the one before it.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(captions_of))
+    picks = np.array([caps[rng.integers(len(caps))] for caps in captions_of], dtype=np.int64)
+    cuts = list(range(0, len(order), batch_size))
+    if len(cuts) > 1 and len(order) - cuts[-1] < 2:
+        cuts.pop()
+    bounds = cuts[1:] + [len(order)]
+    return [(order[a:b], picks[order[a:b]]) for a, b in zip(cuts, bounds)]
+
+
+def group_captions(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
+    """Caption indices of each item, from the item index of each caption."""
+    order = np.argsort(caption_image, kind="stable")
+    counts = np.bincount(caption_image, minlength=n_images)
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
+@dataclass
+class SplitTables:
+    """The items and captions of one split; `caption_image[j]` is the item index of caption j."""
+
+    image_ids: np.ndarray  # (N,) str
+    caption_ids: np.ndarray  # (M,) int
+    caption_image: np.ndarray  # (M,) int64 index into image_ids
+    captions: list[str]
+    paths: list[str]
+
+    @classmethod
+    def from_frames(cls, images: pd.DataFrame, captions: pd.DataFrame) -> "SplitTables":
+        index = {k: i for i, k in enumerate(images["image_id"])}
+        captions = captions[captions["image_id"].isin(index)]
+        return cls(images["image_id"].to_numpy(), captions["caption_id"].to_numpy(),
+                   captions["image_id"].map(index).to_numpy(np.int64), captions["caption"].tolist(),
+                   images["path"].tolist())
+
+    def __post_init__(self) -> None:
+        self.captions_of = group_captions(self.caption_image, len(self.image_ids))
+
+    def keep(self, keep: np.ndarray) -> "SplitTables":
+        """The tables without the items where `keep` is False (and without their captions)."""
+        kept = np.flatnonzero(keep)
+        remap = np.full(len(keep), -1, dtype=np.int64)
+        remap[kept] = np.arange(len(kept))
+        caption_keep = keep[self.caption_image]
+        return SplitTables(self.image_ids[keep], self.caption_ids[caption_keep],
+                           remap[self.caption_image[caption_keep]],
+                           [c for c, k in zip(self.captions, caption_keep) if k],
+                           [p for p, k in zip(self.paths, keep) if k])
+
+
+def split_tables(dataset: Any, split: str) -> SplitTables:
+    """The tables of one split of a prepared dataset; a split with no items is a one-line error."""
+    part = dataset.split(split)
+    if part.images.empty:
+        raise MmretError(f"dataset {dataset.name!r} has no {split} images; prepare it with a {split} split "
+                         f"(e.g. --{split} 0.1) or train with --folds")
+    return SplitTables.from_frames(part.images, part.captions)
+
+
+def mentions_sides(captions: list[str], share: float = 0.05) -> bool:
+    """Whether enough captions say "left" or "right" that a mirrored picture would contradict them."""
+    if not captions:
+        return False
+    hits = sum(("left" in c.lower().split()) or ("right" in c.lower().split()) for c in captions)
+    return hits / len(captions) >= share
+
+
+class Source:
+    """What every source has: the split's tables, and captions in evaluation order."""
+
+    tables: SplitTables
+    sample_size = 128  # rows `sample` draws by default (the input-norm sample of `init_heads`)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.tables.image_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.tables.caption_ids)
+
+    def iter_texts(self, batch_size: int):
+        for a in range(0, self.num_captions, batch_size):
+            yield self.text_batch(np.arange(a, min(a + batch_size, self.num_captions)))
+
+
+class _Items(torch.utils.data.Dataset):
+    """Decoded, transformed items; keys are (epoch, index) so that augmentation is a pure
+    function of (seed, epoch, index) whichever worker runs it."""
+
+    def __init__(self, paths: list[str], load: Any, seed: int):
+        self.paths, self.load, self.seed = paths, load, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, i = key
+        torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF)  # worker-local generator
+        try:
+            return self.load(self.paths[i])
+        except ItemError as e:
+            raise MmretError(f"cannot read {self.paths[i]}: {e}; prepare the dataset again with --check-images "
+                             "--force to leave broken files out") from None
+
+
+class FileSource(Source):
+    """A split read from its files and captions, for methods that run the towers at every step.
+
+    Items are decoded and transformed in DataLoader workers by item loaders (path -> tensor):
+    `train_load` (with random crops and flips, say) for training pairs, `eval_load` for evaluation;
+    captions are tokenized in the main process, which is fast next to the towers. A side whose
+    tower stays frozen (`cached_side`: image or text) is read from `cached`, a feature source.
+    """
+
+    def __init__(self, tables: SplitTables, train_load: Any, eval_load: Any, tokenize: Any, seed: int = 0,
+                 workers: int | None = None, pin_memory: bool = False, cached: Source | None = None,
+                 cached_side: str | None = None):
+        self.cached, self.cached_side = cached, cached_side
+        tables = cached.tables if cached is not None else tables
+        self.tables, self.tokenize = tables, tokenize
+        self.train_items = _Items(tables.paths, train_load, seed)
+        self.eval_items = _Items(tables.paths, eval_load, seed)
+        self.workers = default_workers(torch.device("cpu")) if workers is None else workers
+        self.pin_memory = pin_memory
+
+    def _loader(self, items: _Items, batches: list[list[tuple[int, int]]]):
+        workers = min(self.workers, len(batches))
+        return torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers,
+                                           pin_memory=self.pin_memory, persistent_workers=False)
+
+    def text_batch(self, idx: np.ndarray) -> Any:
+        if self.cached_side == "text":
+            return self.cached.text_batch(idx)
+        return self.tokenize([self.tables.captions[i] for i in idx])
+
+    def _image_batches(self, items: _Items, keys: list[list[tuple[int, int]]]):
+        if self.cached_side == "image":
+            return (self.cached.image_batch(np.array([i for _, i in batch])) for batch in keys)
+        return self._loader(items, keys)
+
+    def iter_pairs(self, batches: list[Batch], epoch: int = 0):
+        keys = [[(epoch, int(i)) for i in images] for images, _ in batches]
+        for pixels, (_, captions) in zip(self._image_batches(self.train_items, keys), batches):
+            yield pixels, self.text_batch(captions)
+
+    def iter_images(self, batch_size: int):
+        keys = [[(0, i) for i in range(a, min(a + batch_size, self.num_images))]
+                for a in range(0, self.num_images, batch_size)]
+        yield from self._image_batches(self.eval_items, keys)
+
+    def sample(self, n: int = Source.sample_size, seed: int = 0) -> tuple[Any, Any]:
+        """Up to `n` evaluation inputs of items and of captions, drawn at random."""
+        rng = np.random.default_rng(seed)
+        images = np.sort(rng.choice(self.num_images, min(n, self.num_images), replace=False))
+        captions = np.sort(rng.choice(self.num_captions, min(n, self.num_captions), replace=False))
+        pixels = next(iter(self._image_batches(self.eval_items, [[(0, int(i)) for i in images]])))
+        return pixels, self.text_batch(captions)

@@ -1,0 +1,88 @@
+"""A prepared dataset read back from `data/<ds>/`: what every step after `prepare` reads.
+
+`load_dataset(name)` gives a `PreparedDataset`: its item table (`images.parquet`, with `path`
+resolved to absolute paths), its caption table, its `dataset.json` and its modality. `split`
+selects one split; `with_folds` re-splits it for k-fold cross-validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mmret.common.io import read_json
+from mmret.common.paths import check_name, data_root
+from mmret.data.readers.base import SPLITS
+from mmret.errors import MmretError
+from mmret.modalities import Modality, get_modality
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset read back from `data/<name>/`; `path` columns resolved to absolute paths."""
+
+    name: str
+    path: Path
+    info: dict
+    images: pd.DataFrame
+    captions: pd.DataFrame
+
+    @property
+    def modality(self) -> Modality:
+        """What the items are: `dataset.json`'s modality (image for datasets that do not say)."""
+        return get_modality(self.info.get("modality"))
+
+    def split(self, split: str) -> "PreparedDataset":
+        """The images and captions of one split (`all` keeps everything)."""
+        if split == "all":
+            return self
+        if split not in SPLITS:
+            raise MmretError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
+        images = self.images[self.images["split"] == split].reset_index(drop=True)
+        captions = self.captions[self.captions["split"] == split].reset_index(drop=True)
+        return PreparedDataset(self.name, self.path, self.info, images, captions)
+
+    def with_folds(self, folds: int, fold: int, seed: int = 0, val: float = 0.1) -> "PreparedDataset":
+        """Splits for k-fold cross-validation: fold `fold` of a seeded partition of the images is
+        test, a seeded `val` fraction of the rest is val, the remainder train."""
+        import numpy as np
+
+        ids = np.array(sorted(self.images["image_id"]))
+        rng = np.random.default_rng(seed)
+        ids = ids[rng.permutation(len(ids))]
+        test = set(ids[fold::folds])
+        rest = [i for i in ids if i not in test]
+        n_val = max(1, round(len(rest) * val))
+        split = {i: "test" for i in test} | {i: "val" for i in rest[:n_val]} | {i: "train" for i in rest[n_val:]}
+        images = self.images.assign(split=self.images["image_id"].map(split))
+        captions = self.captions.assign(split=self.captions["image_id"].map(split))
+        return PreparedDataset(self.name, self.path, self.info, images, captions)
+
+
+def prepared_names(data_dir: Path) -> list[str]:
+    if not data_dir.is_dir():
+        return []
+    return sorted(p.name for p in data_dir.iterdir() if (p / "dataset.json").is_file())
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDataset:
+    root = data_root(data_dir)
+    path = root / check_name("--dataset", name)
+    if not (path / "dataset.json").is_file():
+        known = prepared_names(root)
+        hint = f" (prepared: {', '.join(known)})" if known else ""
+        raise MmretError(f"no prepared dataset {name!r} in {root}{hint}; run `mmret prepare` first")
+    images = pd.read_parquet(path / "images.parquet")
+    images["path"] = [str(path / p) for p in images["path"]]  # absolute paths stay as they are
+    return PreparedDataset(name, path, read_json(path / "dataset.json"), images,
+                           pd.read_parquet(path / "captions.parquet"))
+
+
+def run_tables(cfg: Any, dataset: PreparedDataset) -> PreparedDataset:
+    """The dataset with a run's splits: its own, or the run's cross-validation folds (`cfg.data`)."""
+    if cfg.data.folds and dataset.name == cfg.data.dataset:
+        return dataset.with_folds(cfg.data.folds, cfg.data.fold)
+    return dataset

@@ -1,0 +1,108 @@
+"""What every reader produces, the reader registry, and small helpers readers share.
+
+A reader parses one source format into `SourceData`: item records (id, file, captions, the
+official split if the source has one), the modality of its items, and the problems it met.
+`mmret.data.tables` then turns that into the tables `prepare` writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mmret.modalities.image import IMAGE_EXTENSIONS
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageRecord:
+    """One item (a picture, or a sound for an audio dataset) and its captions."""
+
+    image_id: str
+    path: str  # absolute, or relative to the dataset folder for files the dataset owns
+    captions: list[str]
+    split: str | None = None  # the source's official split, if it has one
+
+
+@dataclass
+class Problem:
+    kind: str  # short category shown in the summary, e.g. "missing image"
+    item: str  # the file, line or image concerned
+    reason: str
+    split: str | None = None
+
+
+@dataclass
+class SourceData:
+    images: list[ImageRecord]
+    files: list[str]  # the annotation files that were read
+    split_note: str  # where the splits come from, said in the summary
+    # a random split for images without an official one: (val, test) fractions, or counts with the
+    # dataset size they were set for (Flickr30k: 1014 and 1000 of 31014), scaled down for smaller sets
+    split_sizes: tuple[float, float] | tuple[int, int, int] | None = None
+    problems: list[Problem] = field(default_factory=list)
+    modality: str = "image"  # what the items are (see mmret.modalities)
+
+
+Reader = Callable[[Path, "PrepareConfig"], SourceData]  # noqa: F821  (config imported lazily)
+READERS: dict[str, Reader] = {}
+READER_HELP: dict[str, str] = {}
+
+
+def register_reader(name: str, help: str) -> Callable[[Reader], Reader]:
+    def wrap(fn: Reader) -> Reader:
+        READERS[name] = fn
+        READER_HELP[name] = help
+        return fn
+
+    return wrap
+
+
+# ---------------------------------------------------------------- helpers for readers
+
+
+def decode_text(raw: bytes, item: str, problems: list[Problem]) -> str | None:
+    """UTF-8 (with or without BOM); else cp1252, reported; else None, reported."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:
+        problems.append(Problem("caption not UTF-8", item, "undecodable bytes; caption dropped"))
+        return None
+    problems.append(Problem("caption not UTF-8", item, "read as cp1252 (Windows-1252)"))
+    return text
+
+
+def index_images(root: Path) -> dict[str, Path]:
+    """Every picture file under `root` by its base name (the first found wins, sorted walk)."""
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.setdefault(name, Path(dirpath) / name)
+    return found
+
+
+def find_file(root: Path, names: tuple[str, ...], depth: int = 3) -> Path | None:
+    """The first of `names` found in `root` or its sub-folders down to `depth` levels."""
+    level = [root]
+    for _ in range(depth + 1):
+        for folder in level:
+            for name in names:
+                if (folder / name).is_file():
+                    return folder / name
+        level = [d for f in level for d in sorted(f.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    return None
+
+
+def locate(name: str, index: dict[str, Path], root: Path) -> str:
+    """Absolute path of an image named in an annotation file; a path under root if not indexed."""
+    hit = index.get(Path(name).name)
+    return str(hit if hit is not None else root / name)

@@ -1,0 +1,111 @@
+"""Any folder of items with captions: pictures (or another modality's files, found by ending).
+
+Either a caption file beside each item (`x.jpg` + `x.txt`, one caption per non-empty line), or
+one table at the root, `captions.csv`, `captions.jsonl` or `captions.parquet`, with an `image`
+column (path relative to the root) and a `caption` column, one row per caption. Pictures are
+jpg, png, webp, bmp or gif, in any sub-folder. Splits are seeded fractions (`--val`, `--test`).
+The modality is the one whose files the folder (or the table's `image` column) holds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text, register_reader
+from mmret.errors import MmretError
+from mmret.modalities import MODALITIES, Modality
+
+TABLES = ("captions.csv", "captions.jsonl", "captions.parquet")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace")
+        elif path.suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True, dtype=False)
+        else:
+            frame = pd.read_parquet(path)
+    except Exception as e:
+        raise MmretError(f"cannot read {path}: {e}") from None
+    missing = {"image", "caption"} - set(frame.columns)
+    if missing:
+        raise MmretError(f"{path.name} needs columns 'image' and 'caption'; it has {', '.join(map(str, frame.columns))}")
+    return frame
+
+
+def records_from_table(path: Path, root: Path) -> list[ImageRecord]:
+    frame = read_table(path)
+    records: dict[str, ImageRecord] = {}
+    for image, caption in zip(frame["image"], frame["caption"]):
+        image = str(image).strip()
+        caption = "" if caption is None or (isinstance(caption, float) and pd.isna(caption)) else str(caption)
+        if image not in records:
+            records[image] = ImageRecord(Path(image).as_posix(), str((root / image).absolute()), [])
+        records[image].captions.append(caption)
+    return list(records.values())
+
+
+def item_files(root: Path) -> tuple[Modality, list[Path]]:
+    """Every item file under `root` (sorted walk, hidden folders skipped) and their modality;
+    a folder that mixes the files of two modalities is refused."""
+    found: dict[str, list[Path]] = {name: [] for name in MODALITIES}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            for modality in MODALITIES.values():
+                if modality.is_item_file(name):
+                    found[modality.name].append(Path(dirpath) / name)
+    kinds = [name for name, files in found.items() if files]
+    if len(kinds) > 1:
+        raise MmretError(f"{root} holds both {' and '.join(MODALITIES[k].plural for k in kinds)}; prepare each "
+                         "kind from a folder of its own")
+    modality = MODALITIES[kinds[0] if kinds else "image"]
+    return modality, found[modality.name]
+
+
+def table_modality(records: list[ImageRecord]) -> str:
+    """The modality whose files the table names (image when none matches)."""
+    for modality in MODALITIES.values():
+        if any(modality.is_item_file(Path(r.path).name) for r in records):
+            return modality.name
+    return "image"
+
+
+def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]) -> list[ImageRecord]:
+    records = []
+    for image in files:
+        rel = image.relative_to(root).as_posix()
+        sidecar = image.with_suffix(".txt")
+        if not sidecar.is_file():
+            problems.append(Problem("no caption", rel, f"no caption file {sidecar.name} beside it"))
+            continue
+        text = decode_text(sidecar.read_bytes(), sidecar.relative_to(root).as_posix(), problems)
+        captions = [] if text is None else [line for line in text.splitlines() if line.strip()]
+        if text is not None and not captions:
+            problems.append(Problem("empty caption", rel, f"{sidecar.name} holds no caption"))
+            continue
+        records.append(ImageRecord(rel, str(image), captions))
+    return records
+
+
+@register_reader("folder", "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet")
+def read_folder(root: Path, cfg) -> SourceData:
+    problems: list[Problem] = []
+    table = next((root / name for name in TABLES if (root / name).is_file()), None)
+    note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the images"
+    if table is not None:
+        records = records_from_table(table, root)
+        return SourceData(records, [str(table)], note, split_sizes=(cfg.val, cfg.test), problems=problems,
+                          modality=table_modality(records))
+    modality, files = item_files(root)
+    records = records_from_sidecars(root, files, problems)
+    if not records and not problems:
+        endings = ", ".join(e for m in MODALITIES.values() for e in m.extensions)
+        raise MmretError(f"no captioned images under {root}: expected images ({endings}) "
+                         f"with a .txt caption file beside each, or one of {', '.join(TABLES)}")
+    return SourceData(records, [f"{len(records)} caption files"], note, split_sizes=(cfg.val, cfg.test),
+                      problems=problems, modality=modality.name)

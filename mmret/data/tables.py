@@ -1,0 +1,125 @@
+"""The shared steps that turn a reader's records into the two tables `prepare` writes: clean the
+captions, check the item files (through their modality), assign splits, and build the frames.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmret.common.progress import NULL, Reporter
+from mmret.data.readers.base import ImageRecord, Problem
+from mmret.modalities import ItemError, Modality
+
+_SPACES = re.compile(r"\s+")
+
+
+def clean_captions(records: list[ImageRecord], problems: list[Problem]) -> list[ImageRecord]:
+    """Strip captions, drop empty ones and duplicates within an image, drop images left with none."""
+    kept = []
+    for rec in records:
+        seen, captions = set(), []
+        for cap in rec.captions:
+            cap = _SPACES.sub(" ", cap).strip()
+            if not cap:
+                problems.append(Problem("empty caption", rec.image_id, "empty caption dropped", rec.split))
+                continue
+            key = cap.lower()
+            if key in seen:
+                problems.append(Problem("duplicate caption", rec.image_id, f"repeated caption dropped: {cap!r}", rec.split))
+                continue
+            seen.add(key)
+            captions.append(cap)
+        if captions:
+            kept.append(ImageRecord(rec.image_id, rec.path, captions, rec.split))
+        else:
+            problems.append(Problem("no caption", rec.image_id, "image has no usable caption", rec.split))
+    return kept
+
+
+def merge_duplicate_ids(records: list[ImageRecord]) -> list[ImageRecord]:
+    """One record per image id, captions concatenated in order (annotation files list them per row)."""
+    merged: dict[str, ImageRecord] = {}
+    for rec in records:
+        if rec.image_id in merged:
+            merged[rec.image_id].captions.extend(rec.captions)
+        else:
+            merged[rec.image_id] = ImageRecord(rec.image_id, rec.path, list(rec.captions), rec.split)
+    return list(merged.values())
+
+
+def check_files(records: list[ImageRecord], base: Path, full: bool, problems: list[Problem], modality: Modality,
+                reporter: Reporter = NULL) -> tuple[list[ImageRecord], list[dict[str, int]]]:
+    """Keep records whose file opens (and with `full`, decodes); return them with their table
+    columns (a picture's width and height)."""
+    def probe(rec: ImageRecord):
+        try:
+            return modality.probe(base / rec.path, full)
+        except ItemError as e:
+            return e
+
+    kept, columns = [], []
+    with ThreadPoolExecutor(max_workers=8) as pool, reporter.task(
+        f"checking {modality.plural}" if full else f"reading {modality.name} sizes", total=len(records),
+        unit=modality.unit
+    ) as task:
+        for rec, result in zip(records, pool.map(probe, records, chunksize=64)):
+            task.advance()
+            if isinstance(result, ItemError):
+                kind = f"missing {modality.name}" if str(result) == "file not found" else f"broken {modality.name}"
+                problems.append(Problem(kind, rec.path, str(result), rec.split))
+                continue
+            kept.append(rec)
+            columns.append(result)
+    return kept, columns
+
+
+def split_counts(n: int, sizes: tuple) -> tuple[int, int]:
+    """Numbers of val and test images out of `n` for fractions or (val, test, reference) counts."""
+    if len(sizes) == 3:
+        val, test, reference = sizes
+        if n > 2 * (val + test):
+            return int(val), int(test)
+        val, test = val / reference, test / reference
+    else:
+        val, test = sizes
+    n_val, n_test = round(n * val), round(n * test)
+    if n >= 3:  # a tiny dataset still gets one image in each requested split
+        n_val = max(n_val, 1 if val > 0 else 0)
+        n_test = max(n_test, 1 if test > 0 else 0)
+    return n_val, n_test
+
+
+def assign_random_splits(records: list[ImageRecord], sizes: tuple, seed: int) -> None:
+    """Seeded split of records without an official split (by image, so captions never leak)."""
+    todo = sorted((r for r in records if r.split is None), key=lambda r: r.image_id)
+    random.Random(seed).shuffle(todo)
+    n_val, n_test = split_counts(len(todo), sizes)
+    for i, rec in enumerate(todo):
+        rec.split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+
+
+def to_tables(records: list[ImageRecord], columns: list[dict[str, int]],
+              modality: Modality) -> tuple[pd.DataFrame, pd.DataFrame]:
+    order = sorted(range(len(records)), key=lambda i: records[i].image_id)
+    images = pd.DataFrame({
+        "image_id": [records[i].image_id for i in order],
+        "path": [records[i].path for i in order],
+        "split": [records[i].split for i in order],
+    })
+    for name in modality.columns:
+        images[name] = np.asarray([columns[i][name] for i in order], dtype=np.int32)
+    rows = [(records[i].image_id, cap, records[i].split) for i in order for cap in records[i].captions]
+    captions = pd.DataFrame(rows, columns=["image_id", "caption", "split"])
+    captions.insert(0, "caption_id", range(len(captions)))
+    return images, captions
+
+
+def problem_counts(problems: list[Problem]) -> dict[str, int]:
+    return dict(sorted(Counter(p.kind for p in problems).items()))

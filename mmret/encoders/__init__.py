@@ -1,0 +1,45 @@
+"""Frozen pretrained towers: load by preset, hub id or local folder, with each model's own
+preprocessing, pooling and output shapes, with weights or (for shapes only) without.
+
+Every tower is an `nn.Module` wrapper around the library's own model (`.model`: a transformers or
+timm module, so peft can put adapters inside it):
+
+- `ImageEncoder.forward(pixels (B, 3, H, W)) -> EncoderOutput(pooled (B, D), tokens (B, T, Dt))`
+- `TextEncoder.forward(input_ids (B, L), attention_mask (B, L)) -> EncoderOutput(pooled, tokens, mask)`
+
+`forward` never turns gradients off (later methods train inside the towers); callers that only
+encode wrap it in `torch.inference_mode()`. Parameters start frozen (`requires_grad=False`) and
+the model in eval mode.
+
+Where the weights come from, in the order tried:
+- a preset name (`ENCODERS`, e.g. `dinov2-vits14`) stands for a hub id and a pooling;
+- a local folder: transformers if its `config.json` has a `model_type`, timm if it names an
+  `architecture` (what `timm.models.save_for_hf` writes) next to a weights file;
+- `timm:NAME` for a timm model by name (weights from the hub, or from `weights=` a local file);
+- a hub id `owner/name[@revision]`: the local Hugging Face cache first, the network only when the
+  cache lacks it, with short timeouts, so an offline machine fails at once with one clear line.
+A hub id and the folder it was downloaded to load through the same code.
+
+`.spec` holds everything that changes the numbers (model id and revision or a hash of the folder's
+files, pooling, image size and normalisation, text length): the feature cache key is its hash.
+
+Modules: `hub` (where weights come from), `presets` (the names users type), `load` (by name, with
+or without weights; each modality's family registers its builder), `base` (what every tower
+shares), `preprocess` (a picture tower's resize/crop/normalise), `image` and `text` (the families).
+"""
+
+from mmret.encoders.base import DEFAULT_MAX_LENGTH, EncoderOutput, Tower
+from mmret.encoders.hub import ModelSource, resolve_source
+from mmret.encoders.image import ImageEncoder, TimmImageEncoder, TransformersImageEncoder, build_image_encoder
+from mmret.encoders.load import LOADS, load_image_encoder, load_text_encoder, load_tower, register_family
+from mmret.encoders.preprocess import ImagePreprocess, ImageTransform
+from mmret.encoders.presets import ENCODERS, Preset, encoder_names, register_preset
+from mmret.encoders.text import TextEncoder, build_text_encoder
+
+register_family("image", build_image_encoder)
+register_family("text", build_text_encoder)
+
+__all__ = ["DEFAULT_MAX_LENGTH", "ENCODERS", "EncoderOutput", "ImageEncoder", "ImagePreprocess", "ImageTransform",
+           "LOADS", "ModelSource", "Preset", "TextEncoder", "TimmImageEncoder", "Tower", "TransformersImageEncoder",
+           "encoder_names", "load_image_encoder", "load_text_encoder", "load_tower", "register_family",
+           "register_preset", "resolve_source"]

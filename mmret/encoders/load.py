@@ -1,0 +1,116 @@
+"""Loading a frozen tower by preset, hub id, local folder or `timm:NAME`, with its weights or
+(`meta=True`) without them.
+
+Each modality's family registers its builder (`register_family`): a function from a resolved
+`ModelSource` to a tower. The loaders here resolve the name, apply a preset's options, build, and
+give a tower built without weights the way to load them later (`Tower.with_weights`).
+
+A preset built without weights uses the local Hugging Face cache when it holds the checkpoint
+(so its spec, and with it the feature-cache key, is the real one), else its published
+architecture; it never goes to the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from mmret.encoders.base import Tower
+from mmret.encoders.hub import ARCHITECTURE_ONLY, ModelSource, resolve_source
+from mmret.encoders.presets import ENCODERS, Preset, encoder_names
+from mmret.errors import MmretError
+
+_logger = logging.getLogger(__name__)
+
+FAMILIES: dict[str, Callable[..., Tower]] = {}  # modality -> build(source, weights, **options)
+LOADS: dict[str, int] = {}  # towers loaded with weights in this process, per modality (tests count them)
+
+
+def register_family(modality: str, build: Callable[..., Tower]) -> None:
+    FAMILIES[modality] = build
+
+
+def _unknown(name: str, modality: str) -> MmretError:
+    preset = ENCODERS.get(name)
+    presets = ", ".join(encoder_names(modality))
+    if preset is not None:
+        other = "/".join(preset.modalities)
+        return MmretError(f"{name!r} is a {other} encoder, not an {modality} encoder; {modality} presets: {presets}")
+    return MmretError(f"unknown {modality} encoder {name!r}: use a preset ({presets}), "
+                      "a hub id such as owner/name, or a local model folder")
+
+
+def _architecture_source(preset: Preset) -> ModelSource:
+    arch = preset.architecture
+    config = {"model_type": arch.name, **arch.values} if arch.library == "transformers" else {}
+    return ModelSource(preset.name if arch.library == "transformers" else arch.name, arch.library,
+                       ARCHITECTURE_ONLY, config=config, input_size=arch.input_size)
+
+
+def _preset_source(preset: Preset, meta: bool) -> ModelSource:
+    if not meta:
+        return resolve_source(preset.source)
+    try:
+        return resolve_source(preset.source, need_weights=False, local_only=True)
+    except MmretError:
+        return _architecture_source(preset)
+
+
+def _source(name: str, modality: str, weights_file: str | Path | None, meta: bool) -> ModelSource:
+    if weights_file is not None and not name.startswith("timm:"):
+        raise MmretError("weights= applies to timm:NAME models only; a folder or hub id brings its own weights")
+    source = resolve_source(name, weights_file, need_weights=not meta)
+    if source is None:
+        raise _unknown(name, modality)
+    return source
+
+
+def load_tower(name: str, modality: str, *, meta: bool = False, weights: str | Path | None = None,
+               **options: Any) -> Tower:
+    """The frozen `modality` tower `name` (preset, hub id, folder, or `timm:NAME` with `weights=FILE`).
+
+    `options` go to the family's builder (`image_size`, `pooling`, `max_length`, ...; None: the
+    preset's or the model's own). With `meta=True` nothing is read but configs: the tower has
+    every shape and its spec, and `with_weights()` loads it for real.
+    """
+    if modality not in FAMILIES:
+        raise MmretError(f"no encoder family for {modality!r}; known: {', '.join(FAMILIES)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    preset = ENCODERS.get(name)
+    if preset is not None:
+        if modality not in preset.modalities:
+            raise _unknown(name, modality)
+        source = _preset_source(preset, meta)
+        options = {**preset.options[modality], **given}
+    else:
+        source, options = _source(name, modality, weights, meta), given
+    tower = FAMILIES[modality](source, not meta, **options)
+    if preset is not None:
+        tower.name = name
+    if meta:
+        tower.reload = functools.partial(load_tower, name, modality, weights=weights, **given)
+    else:
+        LOADS[modality] = LOADS.get(modality, 0) + 1
+        _logger.info("%s encoder %s: %s", modality, name, tower.spec)
+    return tower
+
+
+def load_image_encoder(name_or_path: str, image_size: int | None = None, pooling: str | None = None,
+                       weights: str | Path | None = None, meta: bool = False) -> Tower:
+    """A frozen image tower from a preset, hub id, local folder or `timm:NAME` (+ `weights=FILE`).
+
+    `image_size` changes the square input size (position embeddings are interpolated);
+    `pooling` overrides the preset's (cls | mean, or proj for CLIP).
+    """
+    return load_tower(name_or_path, "image", meta=meta, weights=weights, image_size=image_size, pooling=pooling)
+
+
+def load_text_encoder(name_or_path: str, pooling: str | None = None, max_length: int | None = None,
+                      meta: bool = False) -> Tower:
+    """A frozen text tower from a preset, hub id or local transformers folder.
+
+    `max_length` (tokens) defaults to 64 (DEFAULT_MAX_LENGTH), capped by the model's position limit.
+    """
+    return load_tower(name_or_path, "text", meta=meta, pooling=pooling, max_length=max_length)

@@ -1,0 +1,315 @@
+"""The feature cache: frozen-tower outputs computed once and read back memory-mapped.
+
+`data/<ds>/features/<key>/` holds
+
+    manifest.json   what the arrays are (encoder spec, rows per split, shards done, failures, precision)
+    ids.json        image_id or caption_id of every row, in row order
+    pooled.npy      (N, D) float16
+    tokens.npy      (N, T, Dt) float16, only with tokens
+    mask.npy        (N, T) uint8, captions with tokens only (1 = real token)
+
+Rows cover the whole dataset, grouped by split (train, then val, then test; the table's order
+inside each), so training, validation and test read one cache and a split is a contiguous slice.
+`ensure_features(split="test")` computes only the test rows of that cache and leaves the rest for
+later.
+
+`<key>` hashes everything that changes the numbers: the encoder's spec (model id and revision or
+a hash of its files, pooling, image size and normalisation, text length), which table is encoded,
+whether token states are kept, and a fingerprint of the table itself plus the time the dataset was
+prepared, so a re-prepared dataset never meets a stale cache.
+
+Writing: the arrays are allocated at full size up front and filled shard by shard (a few hundred
+rows); after each shard the arrays are flushed and then the manifest, rewritten atomically, records
+the shard as done. An interrupted run therefore loses at most the shard in flight and the next run
+resumes after the last recorded one. A complete cache is opened read-only and never written again.
+(Filling preallocated arrays avoids a second copy of what can be many gigabytes of token states.)
+
+Items that cannot be read do not stop the run: their rows are NaN, `valid` is False for them,
+and `failed` maps their ids to the reason. (`mmret.features.encode` fills a cache.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from mmret.common.io import read_json, write_json
+from mmret.common.paths import slug
+from mmret.data.prepared import PreparedDataset
+from mmret.data.readers.base import SPLITS
+from mmret.errors import MmretError
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout or the meaning of the arrays changes
+CAPTIONS = "captions"  # `which` of a caption cache; an item cache's `which` is its modality's plural ("images")
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def check_which(dataset: PreparedDataset, which: str) -> None:
+    if which not in (dataset.modality.plural, CAPTIONS):
+        raise MmretError(f"which must be one of {dataset.modality.plural}, {CAPTIONS}, got {which!r}")
+
+
+def cache_rows(dataset: PreparedDataset, which: str) -> pd.DataFrame:
+    """The rows a cache holds, in its order: grouped by split (train, val, test), table order inside."""
+    check_which(dataset, which)
+    table = dataset.captions if which == CAPTIONS else dataset.images
+    rank = table["split"].map({s: i for i, s in enumerate(SPLITS)}).fillna(len(SPLITS))
+    return table.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+def dataset_fingerprint(dataset: PreparedDataset, which: str) -> str:
+    """A hash of the encoded table (ids, files relative to the dataset, splits, captions) and of
+    when the dataset was prepared."""
+    rows = cache_rows(dataset, which)
+    if which != CAPTIONS:
+        base = str(dataset.path) + os.sep
+        rel = [p[len(base):] if p.startswith(base) else p for p in rows["path"]]
+        table = pd.DataFrame({"id": rows["image_id"].astype(str), "path": rel, "split": rows["split"],
+                              **{c: rows[c] for c in dataset.modality.columns}})
+    else:
+        table = rows[["caption_id", "image_id", "caption", "split"]].astype(str)
+    h = hashlib.sha256(str(dataset.info.get("created", "")).encode())
+    h.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def feature_key(encoder: Any, dataset: PreparedDataset, which: str = "images", tokens: bool = False,
+                fingerprint: str | None = None) -> str:
+    """`<model>-<which>[-tokens]-<hash>`: the hash covers the encoder spec, the table and `tokens`.
+    `fingerprint` saves re-hashing the table when the caller already has it."""
+    payload = {"format": FORMAT, "encoder": encoder.spec, "which": which, "tokens": bool(tokens),
+               "dataset": fingerprint or dataset_fingerprint(dataset, which)}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    return f"{slug(encoder.source.id)}-{which}{'-tokens' if tokens else ''}-{digest}"
+
+
+def features_root(dataset: PreparedDataset) -> Path:
+    return dataset.path / "features"
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@dataclass
+class EncodeStats:
+    """What one `ensure_features` call did."""
+
+    encoded: int = 0  # rows computed now
+    reused: int = 0  # rows read from the cache
+    failed: int = 0  # rows whose image could not be read (in this call)
+    seconds: float = 0.0  # encoding time
+    precision: str = ""
+    precision_reason: str = ""
+    batch_size: int = 0
+    device: str = ""
+    compiled: bool = False  # the tower ran through torch.compile
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class CachedFeatures:
+    """Rows of a feature cache (all of it, or one split), arrays memory-mapped read-only."""
+
+    key: str
+    path: Path
+    which: str  # images | captions
+    split: str  # all | train | val | test
+    ids: np.ndarray  # (N,) image_id (str) or caption_id (int), row order
+    splits: np.ndarray  # (N,) split of each row
+    pooled: np.ndarray  # (N, D) float16
+    tokens: np.ndarray | None  # (N, T, Dt) float16
+    mask: np.ndarray | None  # (N, T) uint8, captions with tokens
+    valid: np.ndarray  # (N,) bool: False where the image could not be read (rows are NaN)
+    failed: dict[str, str]  # id -> reason, for the rows returned
+    manifest: dict
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, split: str) -> "CachedFeatures":
+        """One split of an `all` view (a contiguous slice, still memory-mapped)."""
+        if split == self.split or split == "all":
+            return self
+        if self.split != "all":
+            raise MmretError(f"these features hold only the {self.split} split, not {split}")
+        return _view(self.path, self.manifest, split, self.tokens is not None, self.stats)
+
+    def row_of(self) -> dict:
+        """id -> row index."""
+        return {k: i for i, k in enumerate(self.ids.tolist())}
+
+    @property
+    def disk_bytes(self) -> int:
+        arrays = {"pooled": self.pooled, "tokens": self.tokens, "mask": self.mask}
+        return sum((self.path / f"{n}.npy").stat().st_size for n, a in arrays.items() if a is not None)
+
+
+def _view(path: Path, manifest: dict, split: str, tokens: bool, stats: EncodeStats | None = None) -> CachedFeatures:
+    lo, hi = (0, manifest["rows"]) if split == "all" else manifest["splits"][split]
+    ids = np.asarray(read_json(path / "ids.json"))[lo:hi]
+    splits = np.repeat(np.array(SPLITS + ("?",)), _split_counts(manifest))[lo:hi]
+    arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in manifest["arrays"]}
+    names = set(map(str, ids.tolist()))
+    failed = {k: v for k, v in manifest["failed"].items() if k in names}
+    valid = ~np.isin(ids.astype(str), list(failed)) if failed else np.ones(len(ids), bool)
+    return CachedFeatures(
+        manifest["key"], path, manifest["which"], split, ids, splits, arrays["pooled"][lo:hi],
+        arrays["tokens"][lo:hi] if tokens and "tokens" in arrays else None,
+        arrays["mask"][lo:hi] if tokens and "mask" in arrays else None,
+        valid, failed, manifest, stats or EncodeStats(reused=hi - lo, precision=manifest.get("precision") or "",
+                                                       precision_reason=manifest.get("precision_reason") or ""))
+
+
+def _split_counts(manifest: dict) -> list[int]:
+    counts = [manifest["splits"][s][1] - manifest["splits"][s][0] for s in SPLITS]
+    return counts + [manifest["rows"] - sum(counts)]
+
+
+def _covers(manifest: dict, split: str) -> bool:
+    """True when every shard holding rows of `split` is done."""
+    done = set(manifest["done"])
+    return all(i in done for i in _split_shards(manifest, split))
+
+
+def _split_shards(manifest: dict, split: str) -> list[int]:
+    lo, hi = (0, manifest["rows"]) if split == "all" else manifest["splits"][split]
+    return [i for i, (a, b) in enumerate(manifest["shards"]) if a < hi and b > lo]
+
+
+def open_features(dataset: PreparedDataset, encoder: Any, which: str = "images", tokens: bool = False,
+                  split: str = "all", fingerprint: str | None = None) -> CachedFeatures | None:
+    """The cached features if they are complete for `split` (a token cache serves pooled requests
+    too), else None. Never computes anything."""
+    fingerprint = fingerprint or dataset_fingerprint(dataset, which)
+    for with_tokens in ((True,) if tokens else (False, True)):
+        path = features_root(dataset) / feature_key(encoder, dataset, which, with_tokens, fingerprint)
+        manifest = _read_manifest(path)
+        if manifest is not None and _covers(manifest, split):
+            return _view(path, manifest, split, tokens)
+    return None
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        manifest = read_json(path / "manifest.json")
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("format") == FORMAT else None
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class FeatureCache:
+    """One cache folder being filled: allocation, shard commits and the lock that keeps a second
+    process from writing the same folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.manifest: dict = {}
+        self.arrays: dict[str, np.memmap] = {}
+        self._lock_file = None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["FeatureCache"]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.path / ".lock", "w")
+        try:
+            _try_lock(self._lock_file, self.path)
+            yield self
+        finally:
+            self.arrays = {}  # drop the memory maps before the lock goes
+            self._lock_file.close()
+
+    def create(self, manifest: dict, ids: list, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+        """Allocate the arrays (sparse files on most file systems) and write ids and manifest."""
+        for name in ("pooled", "tokens", "mask"):
+            (self.path / f"{name}.npy").unlink(missing_ok=True)
+        write_json(self.path / "ids.json", ids)
+        for name, shape in shapes.items():
+            arr = np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+", dtype=dtypes[name], shape=shape)
+            arr.flush()
+            del arr
+        manifest["arrays"] = {n: {"shape": list(s), "dtype": dtypes[n]} for n, s in shapes.items()}
+        self.manifest = manifest
+        self.save()
+
+    def open(self, manifest: dict) -> bool:
+        """Open a half-built cache for writing; False if its arrays are missing or do not match."""
+        self.manifest = manifest
+        try:
+            for name, meta in manifest["arrays"].items():
+                arr = np.load(self.path / f"{name}.npy", mmap_mode="r+")
+                if list(arr.shape) != meta["shape"] or str(arr.dtype) != meta["dtype"]:
+                    return False
+                self.arrays[name] = arr
+        except (OSError, ValueError, KeyError):
+            return False
+        return True
+
+    def writable(self) -> None:
+        self.arrays = {n: np.load(self.path / f"{n}.npy", mmap_mode="r+") for n in self.manifest["arrays"]}
+
+    def write(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        for name, value in values.items():
+            self.arrays[name][rows] = value
+
+    def commit(self, shard: int, failed: dict[str, str]) -> None:
+        """Flush the arrays, then record the shard (and its failed rows) in the manifest."""
+        for arr in self.arrays.values():
+            arr.flush()
+        self.manifest["done"] = sorted(set(self.manifest["done"]) | {shard})
+        self.manifest["failed"].update(failed)
+        if len(self.manifest["done"]) == len(self.manifest["shards"]):
+            self.manifest["status"] = "complete"
+            self.manifest["finished"] = _now()
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path / "manifest.json", self.manifest)
+
+
+def _try_lock(f: Any, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent writers are the user's business
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise MmretError(f"another mmret process is writing {path}; wait for it to finish") from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _layout(rows: pd.DataFrame, shard_rows: int) -> tuple[dict, list[list[int]]]:
+    """Row range of each split, and shards that never cross a split boundary."""
+    splits, shards, start = {}, [], 0
+    for split in SPLITS:
+        n = int((rows["split"] == split).sum())
+        splits[split] = [start, start + n]
+        shards += [[a, min(a + shard_rows, start + n)] for a in range(start, start + n, shard_rows)]
+        start += n
+    if start < len(rows):  # rows without a known split (not written by `prepare`)
+        shards += [[a, min(a + shard_rows, len(rows))] for a in range(start, len(rows), shard_rows)]
+    return splits, shards

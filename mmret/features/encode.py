@@ -1,0 +1,368 @@
+"""Filling a feature cache: frozen towers run over a dataset's items or captions, shard by shard.
+
+`ensure_features` opens a complete cache or computes what it lacks: items are decoded and
+preprocessed in DataLoader workers by the encoder's own item loader (a file that cannot be read
+yields a blank input, a NaN row and a reason), captions are tokenized; the first batch of a new
+cache chooses its precision (`mmret.common.device`), and `compile` runs the tower through
+torch.compile. See `mmret.features.cache` for the layout and the resume rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mmret import __version__
+from mmret.common.device import (
+    COSINE_THRESHOLD, PrecisionChoice, autocast_context, check_precision, choose_inference_precision,
+    default_workers, min_cosine, synchronize,
+)
+from mmret.common.io import read_json
+from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import PreparedDataset
+from mmret.data.readers.base import SPLITS
+from mmret.errors import MmretError
+from mmret.features.cache import (
+    CAPTIONS, FORMAT, CachedFeatures, EncodeStats, FeatureCache, _layout, _now, _read_manifest, _split_shards, _view,
+    cache_rows, dataset_fingerprint, feature_key, features_root, open_features,
+)
+from mmret.modalities import ItemError, get_modality
+
+_logger = logging.getLogger(__name__)
+
+SHARD_ROWS = {"items": 256, CAPTIONS: 2048}  # rows per shard: at most this much work is lost to a kill
+CPU_BATCH = {"items": 32, CAPTIONS: 256}
+
+
+def _kind(which: str) -> str:
+    return CAPTIONS if which == CAPTIONS else "items"
+
+
+
+
+class _ItemRows(torch.utils.data.Dataset):
+    """Decode + preprocess in DataLoader workers; a bad file yields a blank input and its reason."""
+
+    def __init__(self, rows: np.ndarray, paths: list[str], load: Any, blank: torch.Tensor):
+        self.rows, self.paths, self.load, self.blank = rows, paths, load, blank
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            return int(self.rows[i]), self.load(self.paths[i]), ""
+        except ItemError as e:
+            reason = str(e)
+        except Exception as e:  # a transform failing on an odd file fails that item only
+            reason = f"cannot preprocess: {e}"
+        return int(self.rows[i]), torch.zeros_like(self.blank), reason
+
+
+def _item_batches(rows: pd.DataFrame, todo: np.ndarray, encoder: Any, batch_size: int, workers: int,
+                  device: torch.device) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
+    paths = rows["path"].to_numpy()[todo].tolist()
+    blank = encoder.blank_inputs(1, "cpu")[encoder.input_name][0]
+    data = _ItemRows(todo, paths, encoder.item_loader(), blank)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
+    for idx, items, reasons in loader:
+        yield idx.numpy(), {encoder.input_name: items.to(device, non_blocking=True)}, list(reasons)
+
+
+def _caption_batches(rows: pd.DataFrame, todo: np.ndarray, encoder: Any, batch_size: int, tokens: bool,
+                     device: torch.device) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
+    texts = rows["caption"].to_numpy()
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        batch = encoder.tokenize(texts[idx].tolist(), pad_to_max_length=tokens)
+        yield idx, {k: v.to(device) for k, v in batch.items()}, [""] * len(idx)
+
+
+def _forward(encoder: Any, inputs: dict, device: torch.device, precision: str) -> Any:
+    with torch.inference_mode(), autocast_context(device, precision):
+        return encoder(**inputs)
+
+
+def _slice(inputs: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in inputs.items()}
+
+
+def _choose_precision(encoder: Any, inputs: dict, device: torch.device, requested: str) -> tuple[PrecisionChoice, dict]:
+    """Try the first real batch in fp32 and bf16/fp16; keep every output so none is computed twice."""
+    outputs: dict[str, Any] = {}
+
+    def run(p: str) -> torch.Tensor:
+        outputs[p] = _forward(encoder, inputs, device, p)
+        return outputs[p].pooled
+
+    choice = choose_inference_precision(run, device, requested,
+                                        warmup=lambda p: _forward(encoder, _slice(inputs, 2), device, p))
+    return choice, outputs
+
+
+def _to_arrays(out: Any, tokens: bool, ok: np.ndarray) -> dict[str, np.ndarray]:
+    pooled = out.pooled.float()
+    if not torch.isfinite(pooled[torch.from_numpy(ok).to(pooled.device)]).all():
+        raise MmretError("the encoder produced NaN or infinite values; run again with --precision fp32")
+    values = {"pooled": pooled.to(torch.float16).cpu().numpy()}
+    if tokens:
+        values["tokens"] = out.tokens.to(torch.float16).cpu().numpy()
+        if out.mask is not None:
+            values["mask"] = out.mask.to(torch.uint8).cpu().numpy()
+    if not np.isfinite(values["pooled"][ok]).all():
+        raise MmretError("features exceed the float16 range (65504) and cannot be cached")
+    for name in ("pooled", "tokens"):
+        if name in values:
+            values[name][~ok] = np.nan  # rows of images that could not be read
+    return values
+
+
+def _probe_shapes(encoder: Any, which: str, n: int, tokens: bool, device: torch.device) -> tuple[dict, dict]:
+    """Array shapes from one forward pass of a blank input (T is only known after a pass)."""
+    out = _forward(encoder, encoder.blank_inputs(1, device), device, "fp32")
+    shapes = {"pooled": (n, out.pooled.shape[-1])}
+    dtypes = {"pooled": "float16", "tokens": "float16", "mask": "uint8"}
+    if tokens:
+        shapes["tokens"] = (n, *out.tokens.shape[1:])
+        if which == CAPTIONS:
+            shapes["mask"] = (n, out.tokens.shape[1])
+    return shapes, dtypes
+
+
+def auto_batch_size(encoder: Any, which: str, device: torch.device) -> int:
+    """CPU: a fixed size past which throughput stops growing. CUDA: the largest power of two that
+    runs in inference (doubling until out of memory or 1024), halved for headroom."""
+    if device.type != "cuda":
+        return CPU_BATCH[_kind(which)]
+    best, size = 8, 8
+    while size <= 1024:
+        try:
+            inputs = encoder.blank_inputs(size, device)
+            _forward(encoder, inputs, device, "fp16" if not torch.cuda.is_bf16_supported() else "bf16")
+            best, size = size, size * 2
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    return max(8, best // 2)
+
+
+@dataclass
+class _Job:
+    """One `ensure_features` call: what to encode and how."""
+
+    dataset: PreparedDataset
+    encoder: Any
+    which: str
+    tokens: bool
+    split: str
+    rows: pd.DataFrame  # cache_rows(dataset, which)
+    fingerprint: str
+    device: torch.device
+    precision: str  # auto | fp32 | bf16 | fp16
+    batch_size: int | str
+    workers: int | None
+    shard_rows: int
+    reporter: Reporter
+    compile: bool = False  # torch.compile the item tower (see _Runner)
+
+    @property
+    def key(self) -> str:
+        return feature_key(self.encoder, self.dataset, self.which, self.tokens, self.fingerprint)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.asarray(self.rows["caption_id" if self.which == CAPTIONS else "image_id"])
+
+    def prepare(self, cache: FeatureCache) -> None:
+        """Open the half-built cache in the folder, or allocate a new one."""
+        manifest = _read_manifest(cache.path)
+        if manifest is not None and cache.open(manifest):
+            _logger.info("resuming %s: %d of %d shards done", cache.path.name, len(manifest["done"]), len(manifest["shards"]))
+            return
+        splits, shards = _layout(self.rows, self.shard_rows)
+        shapes, dtypes = _probe_shapes(self.encoder, self.which, len(self.rows), self.tokens, self.device)
+        cache.create({
+            "format": FORMAT, "key": self.key, "status": "building", "which": self.which, "tokens": self.tokens,
+            "encoder": self.encoder.spec, "encoder_name": self.encoder.name,
+            "dataset": {"name": self.dataset.name, "fingerprint": self.fingerprint,
+                        "created": self.dataset.info.get("created")},
+            "rows": len(self.rows), "splits": splits, "shard_rows": self.shard_rows, "shards": shards, "done": [],
+            "failed": {}, "precision": None, "precision_reason": None, "mmret_version": __version__,
+            "created": _now(),
+        }, self.ids.tolist(), shapes, {n: dtypes[n] for n in shapes})
+        cache.writable()
+
+    def batches(self, todo: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
+        if self.which != CAPTIONS:
+            workers = default_workers(self.device) if self.workers is None else self.workers
+            return _item_batches(self.rows, todo, self.encoder, batch_size, workers, self.device)
+        return _caption_batches(self.rows, todo, self.encoder, batch_size, self.tokens, self.device)
+
+    def run(self, cache: FeatureCache) -> CachedFeatures:
+        self.prepare(cache)
+        manifest = cache.manifest
+        done = set(manifest["done"])
+        todo_shards = [i for i in _split_shards(manifest, self.split) if i not in done]
+        todo = np.concatenate([np.arange(*manifest["shards"][i]) for i in todo_shards] or [np.arange(0)])
+        batch_size = auto_batch_size(self.encoder, self.which, self.device) if self.batch_size == "auto" else int(self.batch_size)
+        lo, hi = (0, manifest["rows"]) if self.split == "all" else manifest["splits"][self.split]
+        stats = EncodeStats(reused=(hi - lo) - len(todo), batch_size=batch_size, device=str(self.device))
+        if len(todo):
+            self.encode(cache, _Progress(cache, todo_shards), todo, batch_size, stats)
+        stats.precision = manifest.get("precision") or ""
+        stats.precision_reason = manifest.get("precision_reason") or ""
+        cache.arrays = {}
+        return _view(cache.path, read_json(cache.path / "manifest.json"), self.split, self.tokens, stats)
+
+    def encode(self, cache: FeatureCache, progress: "_Progress", todo: np.ndarray, batch_size: int,
+               stats: EncodeStats) -> None:
+        manifest, ids = cache.manifest, self.ids
+        if self.precision != "auto":
+            manifest["precision"], manifest["precision_reason"] = self.precision, f"{self.precision}: requested"
+        unit = "cap" if self.which == CAPTIONS else get_modality(self.encoder.modality).unit
+        start = time.perf_counter()
+        with self.reporter.task(f"{self.which} · {self.encoder.name}", total=len(todo), unit=unit) as task:
+            runner = _Runner(self.encoder, self.device, manifest, self.compile and self.which != CAPTIONS,
+                             batch_size, lambda note: task.advance(0, status=note))
+            for idx, inputs, reasons in self.batches(todo, batch_size):
+                ok = np.array([not r for r in reasons])
+                cache.write(idx, _to_arrays(runner(inputs), self.tokens, ok))
+                stats.failed += progress.record(idx, reasons, ids)
+                stats.encoded += len(idx)
+                task.advance(len(idx))
+        synchronize(self.device)
+        stats.seconds = time.perf_counter() - start
+        stats.compiled = runner.compiled is not None
+
+
+class _Runner:
+    """Encodes batches in the cache's precision. The first batch of a new cache decides it (fp32
+    against bf16/fp16, see `mmret.common.device`). With `compile`, the tower is compiled once with
+    torch.compile (inductor, weights frozen as constants) at a fixed batch size (the last batch is
+    padded, so nothing recompiles) and its first output is checked against fp32 like the
+    precision; a compiler that fails or disagrees leaves the run eager."""
+
+    def __init__(self, encoder: Any, device: torch.device, manifest: dict, compile: bool, batch_size: int,
+                 status: Any = None):
+        self.encoder, self.device, self.manifest, self.batch_size = encoder, device, manifest, batch_size
+        self.want_compile, self.compiled = compile, None
+        self.status = status or (lambda note: None)
+
+    def __call__(self, inputs: dict) -> Any:
+        reference = out = None
+        if self.manifest["precision"] is None:
+            choice, outputs = _choose_precision(self.encoder, inputs, self.device, "auto")
+            self.manifest["precision"], self.manifest["precision_reason"] = choice.precision, choice.reason
+            _logger.info("precision for %s: %s", self.encoder.name, choice.reason)
+            reference, out = outputs.get("fp32"), outputs[choice.precision]
+        if self.want_compile:
+            self.want_compile = False
+            compiled = self._start_compiled(inputs, reference)
+            if compiled is not None:
+                return compiled
+        if self.compiled is not None:
+            return self._run_compiled(inputs)
+        return out if out is not None else self._eager(inputs)
+
+    def _eager(self, inputs: dict) -> Any:
+        return _forward(self.encoder, inputs, self.device, self.manifest["precision"])
+
+    def _run_compiled(self, inputs: dict) -> Any:
+        n = len(next(iter(inputs.values())))
+        if n < self.batch_size:
+            inputs = {k: torch.cat([v, v.new_zeros(self.batch_size - n, *v.shape[1:])]) for k, v in inputs.items()}
+        out = _forward(self.compiled, inputs, self.device, self.manifest["precision"])
+        return type(out)(*(t[:n] if t is not None else None for t in out))
+
+    def _start_compiled(self, inputs: dict, reference: Any) -> Any:
+        """Compile, encode the first batch, and keep the compiled tower only if it matches fp32."""
+        self.status("compiling")
+        if reference is None:
+            reference = _forward(self.encoder, inputs, self.device, "fp32")
+        try:
+            self.compiled = torch.compile(self.encoder, dynamic=False, options={"freezing": True})
+            out = self._run_compiled(inputs)
+        except Exception as e:  # no C++ compiler, an unsupported op, ...: eager still works
+            _logger.warning("torch.compile failed, encoding without it: %s", (str(e) or repr(e)).splitlines()[0])
+            self.compiled = None
+            return None
+        finally:
+            self.status("")
+        cosine = min_cosine(reference.pooled, out.pooled)
+        if not cosine >= COSINE_THRESHOLD:
+            _logger.warning("the compiled tower disagrees with fp32 (cosine %.4f); encoding without it", cosine)
+            self.compiled = None
+            return None
+        self.manifest["precision_reason"] += f"; compiled, cosine to fp32 {cosine:.4f}"
+        return out
+
+
+@dataclass
+class _Progress:
+    """Counts the rows written per shard and commits each shard as soon as it is complete."""
+
+    cache: FeatureCache
+    todo_shards: list[int]
+    failed: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shards = self.cache.manifest["shards"]
+        self.remaining = {i: b - a for i, (a, b) in enumerate(shards)}
+        self.shard_of = np.zeros(self.cache.manifest["rows"], dtype=np.int64)  # (N,) shard of each row
+        for i, (a, b) in enumerate(shards):
+            self.shard_of[a:b] = i
+
+    def record(self, idx: np.ndarray, reasons: list[str], ids: np.ndarray) -> int:
+        """Count written rows and commit the shards they complete. Returns the failures among them."""
+        bad = 0
+        for row, reason in zip(idx.tolist(), reasons):
+            shard = int(self.shard_of[row])
+            self.remaining[shard] -= 1
+            if reason:
+                self.failed.setdefault(shard, {})[str(ids[row])] = reason
+                bad += 1
+        for shard in [s for s in self.todo_shards if self.remaining[s] == 0]:
+            self.cache.commit(shard, self.failed.pop(shard, {}))
+            self.todo_shards.remove(shard)
+        return bad
+
+
+def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images", tokens: bool = False,
+                    split: str = "all", batch_size: int | str = "auto", reporter: Reporter = NULL,
+                    device: torch.device | str | None = None, precision: str = "auto",
+                    workers: int | None = None, shard_rows: int | None = None, compile: bool = False) -> CachedFeatures:
+    """The features of `dataset`'s images or captions under `encoder`, computing what the cache
+    lacks for `split` (all | train | val | test) and reusing what is valid.
+
+    Pass the whole prepared dataset (not `.split(...)`), so every split shares one cache. Returns
+    the requested split's rows, memory-mapped read-only; `.stats` says what was done. `precision`
+    auto tries bf16 (fp16 on older GPUs) on the first batch against fp32; see `mmret.common.device`.
+    `encoder` may be built without weights (on the meta device): its weights are loaded only
+    when something has to be computed.
+    `compile` runs the image tower through torch.compile: a minute or so once, then faster.
+    """
+    if split != "all" and split not in SPLITS:
+        raise MmretError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
+    rows = cache_rows(dataset, which)
+    if rows.empty:
+        raise MmretError(f"dataset {dataset.name!r} has no {which} to encode")
+    fingerprint = dataset_fingerprint(dataset, which)
+    found = open_features(dataset, encoder, which, tokens, split, fingerprint)
+    if found is not None:
+        return found
+    encoder = encoder.with_weights()
+    device = torch.device(device) if device is not None else encoder.device
+    check_precision(device, precision)
+    job = _Job(dataset, encoder.to(device), which, tokens, split, rows, fingerprint, device, precision,
+               batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter, compile)
+    with FeatureCache(features_root(dataset) / job.key).locked() as cache:
+        return job.run(cache)

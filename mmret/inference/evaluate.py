@@ -1,0 +1,83 @@
+"""`mmret eval`: retrieval metrics of trained runs on a dataset split, the way papers report them.
+
+A run's final embeddings of the split (written once by `mmret.inference.embeddings`) are scored
+with `mmret.inference.metrics`: text→image and image→text Recall@1/5/10, MRR, median rank, mAP and RSUM, with
+optional bootstrap confidence intervals. Several runs on the same split are compared with a
+paired bootstrap that marks significant differences from the first run. Each result is saved to
+`runs/<run>/eval/<ds>-<split>.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmret.common.io import write_json
+from mmret.common.progress import NULL, Reporter
+from mmret.inference.embeddings import write_run_embeddings
+from mmret.inference.loaded import LoadedRun
+from mmret.inference.metrics import PairedDiff, RetrievalResult, bootstrap_ci, paired_bootstrap, retrieval_metrics
+
+HEADLINE = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_mrr", "i2t_mrr", "t2i_medr",
+            "i2t_medr", "i2t_map", "rsum"]
+
+
+@dataclass
+class EvalResult:
+    run: str
+    dataset: str
+    split: str
+    metrics: dict[str, float]
+    n_images: int
+    n_captions: int
+    ci: dict[str, tuple[float, float]] | None = None  # 95% bootstrap interval per metric
+    diffs: dict[str, PairedDiff] | None = None  # against the first run of a comparison
+    path: Path | None = None  # where the result was saved
+    ranks: RetrievalResult | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"run": self.run, "dataset": self.dataset, "split": self.split, "metrics": self.metrics,
+               "n_images": self.n_images, "n_captions": self.n_captions,
+               "chance": {f"r{k}": min(1.0, k / self.n_images) for k in (1, 5, 10)}}
+        if self.ci:
+            out["ci95"] = {k: list(v) for k, v in self.ci.items()}
+        if self.diffs:
+            out["vs_first"] = {k: {"delta": d.delta, "low": d.low, "high": d.high, "p": d.p_value,
+                                   "significant": d.significant} for k, d in self.diffs.items()}
+        return out
+
+
+def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test", bootstrap: int = 0,
+                 seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL) -> EvalResult:
+    """Score one run on a split; saves `runs/<run>/eval/<ds>-<split>.json`."""
+    emb = write_run_embeddings(LoadedRun(run_dir, which, device), dataset, split, reporter=reporter)
+    images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
+    captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
+    ranks = retrieval_metrics(images, captions, emb.caption_image)
+    ci = bootstrap_ci(ranks, bootstrap, seed) if bootstrap else None
+    result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(images), len(captions), ci, ranks=ranks)
+    result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
+    write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,
+                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return result
+
+
+def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", bootstrap: int = 1000,
+                 seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL) -> list[EvalResult]:
+    """Every run on the same split; each after the first carries a paired bootstrap against it."""
+    from mmret.runs import load_run_config
+
+    dataset = dataset or load_run_config(run_dirs[0]).data.dataset
+    results = [evaluate_run(r, dataset, split, 0, seed, which, device, reporter) for r in run_dirs]
+    first = results[0]
+    for result in results[1:]:
+        result.diffs = paired_bootstrap(first.ranks, result.ranks, max(bootstrap, 100), seed)
+    if bootstrap:
+        for result in results:
+            result.ci = bootstrap_ci(result.ranks, bootstrap, seed)
+    return results

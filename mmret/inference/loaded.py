@@ -1,0 +1,78 @@
+"""One trained run, loaded once for inference: its config read once, its checkpoint hashed once,
+and a model built for the sides a task needs, so a text query builds only the text tower (and,
+for a method over cached features, loads only the frozen text tower's weights).
+
+Everything inference does with a run goes through `LoadedRun`: encoding captions or item files
+(search queries), and embedding a dataset split (eval and the search gallery).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmret.common.device import autocast_context, pick_device
+from mmret.common.digest import file_digest
+from mmret.common.progress import NULL, Reporter
+from mmret.methods import SIDES, get_method
+from mmret.models.batch import call
+from mmret.models.embed import embed_source, move_real
+from mmret.runs import checkpoint_path, load_run_config
+from mmret.runs.checkpoint import load_weights
+
+
+class LoadedRun:
+    def __init__(self, run_dir: Path, which: str = "best", device: str = "auto"):
+        self.run_dir, self.which = Path(run_dir), which
+        self.cfg = load_run_config(self.run_dir)
+        self.method = get_method(self.cfg.method.method)
+        self.checkpoint = checkpoint_path(self.run_dir, which)
+        self.digest = file_digest(self.checkpoint)  # identifies the checkpoint's bytes
+        self.device = pick_device(device)
+        self._built: dict[frozenset, tuple[Any, nn.Module]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    def model(self, need: tuple[str, ...] = SIDES) -> tuple[Any, nn.Module]:
+        """(context, model) with the towers of the `need` sides real; reused for any task that
+        needs no more than an earlier one."""
+        for sides, built in self._built.items():
+            if sides >= set(need):
+                return built
+        ctx = self.method.open(self.cfg, None, self.run_dir, need=tuple(need))
+        model = self.method.build(self.cfg, ctx)
+        load_weights(model, self.checkpoint)
+        built = (ctx, move_real(model.eval(), self.device))
+        self._built[frozenset(need)] = built
+        return built
+
+    @torch.inference_mode()
+    def encode(self, side: str, queries: list) -> torch.Tensor:
+        """(Q, D) normalized float32 embeddings of captions (`text`) or item files (`image`)."""
+        ctx, model = self.model((side,))
+        inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
+        encode = model.encode_text if side == "text" else model.encode_image
+        return call(encode, inputs).float().cpu()
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encode("text", texts)
+
+    def encode_items(self, paths: list[str | Path]) -> torch.Tensor:
+        return self.encode("image", paths)
+
+    def embed(self, dataset: Any, split: str, batch_size: int = 256,
+              reporter: Reporter = NULL) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(source, item embeddings, caption embeddings) of one split of a prepared dataset."""
+        ctx, model = self.model(SIDES)
+        (source,) = self.method.sources(self.cfg, ctx, dataset, (split,), self.device, reporter)
+        with reporter.task(f"embedding {dataset.name}-{split}", total=source.num_images + source.num_captions,
+                           unit="rows") as task:
+            images, captions = embed_source(model, source, batch_size, self.device,
+                                            lambda: autocast_context(self.device, "fp32"))
+            task.advance(source.num_images + source.num_captions)
+        return source, images, captions

@@ -1,0 +1,211 @@
+"""What a training method is: one object that owns everything in which methods differ.
+
+A method says what it reads (cached frozen-tower outputs, or files and tokens), which side is read
+from the feature cache, how to build its model and from what (`open` gives that context: the
+frozen towers, their widths, a tokenizer), how a search query becomes the model's input, which
+parts are frozen, and the input shapes memory probing needs. Each method has its own config
+dataclass (as peft gives each tuner its own), holding what it shares with every method
+(`MethodConfig`) and its own settings. Everything outside `mmret.methods` asks the method; nothing
+there branches on which method it is.
+
+The registry lives here; `mmret.methods` imports the method modules, which register themselves.
+A method defined anywhere (a test file, a plugin) registers the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmret.errors import MmretError
+
+
+def check_positive(name: str, value: float | int | None) -> None:
+    if value is not None and value <= 0:
+        raise MmretError(f"--{name} must be positive, got {value}")
+
+
+@dataclass
+class MethodConfig:
+    """The settings every method has; a method's own config class adds its own."""
+
+    method: str = "bridge"  # the method's registered name
+    embed_dim: int = 512  # size of the shared embedding space
+    dropout: float = 0.1  # dropout in heads, bridge and scratch towers
+    temperature: str = "learned"  # learned | fixed | dynamic
+    init_temperature: float = 0.07  # initial softmax temperature (logit scale 1/T)
+
+    def __post_init__(self) -> None:
+        check_positive("embed-dim", self.embed_dim)
+        if not 0 <= self.dropout < 1:
+            raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
+        if self.temperature not in ("learned", "fixed", "dynamic"):
+            raise MmretError(f"--temperature must be learned, fixed or dynamic, got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
+class FeatureDims:
+    """Widths of the cached features a features-method is built over."""
+
+    image_dim: int  # pooled item feature D
+    image_token_dim: int  # item token state width Dt
+    text_dim: int  # pooled caption feature D
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The shapes of one training pair as the method reads it (for memory probing)."""
+
+    image: tuple[int, ...]  # one item row: pooled feature (D,), token states (T, Dt), or pixels (3, H, W)
+    text: tuple[int, ...] | None  # one caption's pooled feature (D,), or None for token ids
+    length: int = 0  # token ids per caption (padded to the longest allowed: the worst case)
+    vocab: int = 2  # ids are drawn below this
+
+    def make(self, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, Any]:
+        """A batch of `n` pairs: random values of the right shapes (token ids below `vocab`, no padding)."""
+        return self.images(n, device), self.texts(n, device)
+
+    def images(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.randn(n, *self.image, device=device)
+
+    def texts(self, n: int, device: torch.device | str = "cpu") -> Any:
+        if self.text is not None:
+            return torch.randn(n, *self.text, device=device)
+        ids = torch.randint(0, self.vocab, (n, self.length), device=device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def row_bytes(self) -> int:
+        text = 4 * math.prod(self.text) if self.text is not None else 2 * 8 * self.length
+        return 4 * math.prod(self.image) + text
+
+
+@dataclass(frozen=True)
+class FrozenPart:
+    """A pretrained tower that is not part of the trained model (its outputs are cached)."""
+
+    label: str  # e.g. "image encoder (dinov2-small, frozen)"
+    parameters: int
+
+
+SIDES = ("image", "text")  # the item side (a picture or a sound) and the caption side
+
+
+class Method:
+    """Base of every method. Subclasses set the class attributes and implement `open`, `sources`,
+    `build` and `query_inputs`; the rest has defaults that fit most."""
+
+    name: str = ""
+    help: str = ""
+    lr: float = 1e-3  # default peak learning rate
+    config: type[MethodConfig] = MethodConfig
+    trainable: bool = True  # False for a pretrained model evaluated as is (zero-shot)
+    runs_towers: bool = False  # pretrained towers (or whole models) run at every step
+    checkpointable: bool = False  # --grad-checkpointing changes something
+    sample_size: int = 128  # rows `init_heads` draws from a training source to start the input norms
+
+    # -- what the model is built from, and what it reads
+    def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
+             need: tuple[str, ...] = SIDES) -> Any:
+        """What `build` takes: frozen towers (on the meta device unless needed with `weights`), their
+        widths, a tokenizer. `dataset` (the run's tables, or None) is where a tokenizer may be
+        trained; `run_dir` where a saved one is found."""
+        raise NotImplementedError
+
+    def sources(self, cfg: Any, ctx: Any, dataset: Any, splits: tuple[str, ...], device: torch.device,
+                reporter: Any) -> list[Any]:
+        """A source for each of `splits` of `dataset` (see `mmret.data.pairs`); feature caches
+        the method reads are computed on the way."""
+        raise NotImplementedError
+
+    def build(self, cfg: Any, ctx: Any) -> nn.Module:
+        """The model: `encode_image`, `encode_text`, `logit_scale_for`, `clamp_logit_scale_`."""
+        raise NotImplementedError
+
+    def save(self, ctx: Any, run_dir: Any) -> None:
+        """Keep in a new run's folder what `open` made that the run needs again (a tokenizer)."""
+
+    def cached_sides(self, cfg: Any) -> tuple[str, ...]:
+        """The sides whose frozen towers never run in training: their outputs come from the cache."""
+        return ()
+
+    # -- search queries
+    def query_inputs(self, cfg: Any, ctx: Any, side: str, device: torch.device) -> Callable[[list], Any]:
+        """A function from raw queries (captions, or item files) to the model's input for `side`."""
+        raise NotImplementedError
+
+    # -- memory probing and the parameter table
+    def input_shapes(self, cfg: Any, ctx: Any, num_tokens: Callable[[nn.Module], int]) -> Inputs:
+        """The shapes of one training pair; `num_tokens(tower)` counts an item tower's token states."""
+        raise NotImplementedError
+
+    def shapes_config(self, cfg: Any) -> Any:
+        """`cfg` as built for shapes alone (memory probing): nothing that would fetch weights."""
+        return cfg
+
+    def batch_transform(self, cfg: Any) -> Callable | None:
+        """An augmentation of each training batch, `(images, texts, generator) -> (images, texts)`, or None."""
+        return None
+
+    def frozen_parts(self, cfg: Any, ctx: Any) -> list[FrozenPart]:
+        """Frozen towers outside the model, for the parameter table."""
+        return []
+
+    def memory_cuts(self, cfg: Any) -> list[str]:
+        """What this method could change to need less memory, for the nothing-fits line."""
+        return []
+
+    def memory_notes(self, cfg: Any) -> list[str]:
+        """What the memory estimate leaves out and why."""
+        return []
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Register a method object under its name (`mmret train --method NAME`)."""
+    if not method.name:
+        raise ValueError("a method needs a name")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str, training: bool = False) -> Method:
+    if name not in METHODS or (training and not METHODS[name].trainable):
+        names = [m.name for m in METHODS.values() if m.trainable]
+        raise MmretError(f"unknown method {name!r}; choose one of {', '.join(names)}")
+    return METHODS[name]
+
+
+def method_help() -> str:
+    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values() if m.trainable)
+
+
+def _fields(kind: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)}
+
+
+def method_settings() -> set[str]:
+    """Every setting of every registered method's config."""
+    return set().union(*(_fields(m.config) for m in METHODS.values())) if METHODS else _fields(MethodConfig)
+
+
+def config_for(name: str, **values: Any) -> MethodConfig:
+    """The config of method `name` from `values`; settings that belong to other methods are left
+    out (a config.json written before methods had configs of their own holds them all)."""
+    kind = get_method(name).config
+    unknown = set(values) - method_settings()
+    if unknown:
+        raise MmretError(f"unknown method settings in config: {', '.join(sorted(unknown))}")
+    own = _fields(kind) - {"method"}
+    return kind(**{k: v for k, v in values.items() if k in own}, method=name)
+
+
+def owners(setting: str) -> list[str]:
+    """The registered methods whose config has `setting`."""
+    return [m.name for m in METHODS.values() if setting in _fields(m.config)]

@@ -1,0 +1,104 @@
+"""What the methods that train over cached frozen-tower outputs share (heads, bridge, zeroshot).
+
+Both towers stay frozen and never run in training: their outputs are computed once into the
+feature cache (`mmret.features`) and read back memory-mapped. The towers are opened on the meta
+device (shapes, preprocessing and the spec that names the cache, no weights); a tower gets its
+weights only when something must be encoded: a cache that is not complete yet, or a search query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmret.data.pairs import split_tables
+from mmret.data.prepared import run_tables
+from mmret.encoders import load_text_encoder, load_tower
+from mmret.features import CAPTIONS, FeatureSource, ensure_features
+from mmret.methods.base import SIDES, FeatureDims, FrozenPart, Inputs, Method
+from mmret.methods.queries import encode_with_tower, item_batch
+
+
+@dataclass
+class FeatureContext:
+    """The two frozen towers (built without weights until needed) and the widths of their outputs."""
+
+    image: nn.Module  # item tower (a picture or a sound tower)
+    text: nn.Module
+    loaded: dict[str, nn.Module] = field(default_factory=dict)  # side -> the tower with weights, on its device
+
+    @property
+    def dims(self) -> FeatureDims:
+        return FeatureDims(self.image.dim, self.image.token_dim, self.text.dim)
+
+    def tower(self, side: str, device: torch.device) -> nn.Module:
+        """The tower of `side` with its weights, on `device` (loaded on first use)."""
+        if side not in self.loaded:
+            frozen = self.image if side == "image" else self.text
+            self.loaded[side] = frozen.with_weights().to(device).eval()
+        return self.loaded[side]
+
+
+def open_frozen_towers(cfg: Any, vision: str, text: str) -> FeatureContext:
+    """Both towers of a run on the meta device, the item tower of the run's modality."""
+    image = load_tower(vision, cfg.data.modality, meta=True)
+    return FeatureContext(image, load_text_encoder(text, max_length=cfg.encoders.max_length, meta=True))
+
+
+class FeaturesMethod(Method):
+    """A method whose model reads cached pooled (or, with `image_tokens`, token) features."""
+
+    image_tokens = False  # read the item tower's token states (bridge), not its pooled output
+    sample_size = FeatureSource.sample_size
+
+    def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
+             need: tuple[str, ...] = SIDES) -> FeatureContext:
+        return open_frozen_towers(cfg, cfg.encoders.vision, cfg.encoders.text)
+
+    def caches(self, ctx: FeatureContext, dataset: Any, device: torch.device, reporter: Any) -> tuple[Any, Any]:
+        """The item and caption caches of the whole dataset (computed where they are missing)."""
+        items = ensure_features(dataset, ctx.image, dataset.modality.plural, tokens=self.image_tokens,
+                                reporter=reporter, device=device)
+        captions = ensure_features(dataset, ctx.text, CAPTIONS, reporter=reporter, device=device)
+        return items, captions
+
+    def sources(self, cfg: Any, ctx: FeatureContext, dataset: Any, splits: tuple[str, ...], device: torch.device,
+                reporter: Any) -> list[Any]:
+        items, captions = self.caches(ctx, dataset, device, reporter)
+        tables = run_tables(cfg, dataset)
+        return [FeatureSource(split_tables(tables, s), items, captions, self.image_tokens) for s in splits]
+
+    def cached_sides(self, cfg: Any) -> tuple[str, ...]:
+        return SIDES
+
+    def batch_transform(self, cfg: Any) -> Callable | None:
+        """Latent mixup of cached features (`--mixup`), or None."""
+        from mmret.models.mixup import latent_mixup
+
+        alpha = getattr(cfg.method, "mixup", 0.0)
+        return (lambda images, texts, gen: latent_mixup(images, texts, alpha, gen)[:2]) if alpha > 0 else None
+
+    def query_inputs(self, cfg: Any, ctx: FeatureContext, side: str, device: torch.device) -> Callable[[list], Any]:
+        tower = ctx.tower(side, device)
+        if side == "text":
+            return lambda texts: encode_with_tower(tower, tower.tokenize(list(texts)), device).pooled
+        load = tower.item_loader()
+        out = "tokens" if self.image_tokens else "pooled"
+        return lambda paths: getattr(encode_with_tower(tower, item_batch(tower, load, paths), device), out)
+
+    def input_shapes(self, cfg: Any, ctx: FeatureContext, num_tokens: Callable[[nn.Module], int]) -> Inputs:
+        image = (num_tokens(ctx.image), ctx.image.token_dim) if self.image_tokens else (ctx.image.dim,)
+        return Inputs(image, (ctx.text.dim,))
+
+    def frozen_parts(self, cfg: Any, ctx: FeatureContext) -> list[FrozenPart]:
+        return [FrozenPart(f"{side} encoder ({enc.name}, frozen)", sum(p.numel() for p in enc.parameters()))
+                for side, enc in (("image", ctx.image), ("text", ctx.text))]
+
+    def memory_notes(self, cfg: Any) -> list[str]:
+        return [f"{self.name} trains from cached features: the towers never run in training and are not counted"]
+
+    def memory_cuts(self, cfg: Any) -> list[str]:
+        return [f"a smaller --embed-dim than {cfg.method.embed_dim}", "smaller towers"]

@@ -1,0 +1,42 @@
+"""Embedding a whole source with a model: every item and every caption, normalized, float32 on
+the CPU. Validation during training and a run's final embeddings both come from here."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmret.models.batch import call, to_device
+
+
+@torch.inference_mode()
+def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.device,
+                 autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized embeddings of every item and every caption of a source, as float32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    with autocast():
+        images = torch.cat([call(model.encode_image, to_device(x, device)).float().cpu()
+                            for x in source.iter_images(batch_size)])
+        texts = torch.cat([call(model.encode_text, to_device(x, device)).float().cpu()
+                           for x in source.iter_texts(batch_size)])
+    model.train(was_training)
+    return images, texts
+
+
+def move_real(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """`module.to(device)` for every part that has real tensors; parts built on the meta device (a
+    tower a query does not need) stay where they are. In place; returns the module."""
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if not any(t.is_meta for t in tensors):
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(p.to(device), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
+    for child in module.children():
+        move_real(child, device)
+    return module

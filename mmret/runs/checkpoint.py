@@ -1,0 +1,123 @@
+"""Checkpoints in safetensors, never pickle: trainable weights only, plus optimizer, scheduler
+and RNG state for an exact resume.
+
+`<stem>.safetensors` holds the trainable parameters (and the buffers of modules that train),
+with the step and metrics as metadata; `<stem>.state.safetensors` holds the optimizer tensors
+and RNG states, with everything that is not a tensor as JSON metadata. Each file is written
+under a temporary name and renamed, and both carry the step so a torn pair is detected.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmret.errors import MmretError
+from mmret.common.io import atomic_path
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train, and the persistent buffers of modules that own such parameters."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for mod_name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        for buf_name, buf in module.named_buffers(recurse=False):
+            if buf_name not in module._non_persistent_buffers_set:
+                state[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf.detach()
+    return state
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> None:
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"mmret": json.dumps(meta)})
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("mmret", "{}"))
+
+
+def save_weights(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    _save(trainable_state(model), path, meta)
+
+
+def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
+    """Load trainable weights saved by `save_weights`; every trainable tensor must be present.
+    Parts of the model built on the meta device (a tower a query does not need) are left as they are."""
+    if not path.is_file():
+        raise MmretError(f"no checkpoint at {path}")
+    weights = load_file(str(path))
+    expected = trainable_state(model)
+    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or unexpected:
+        some = sorted(missing or unexpected)[:3]
+        raise MmretError(f"checkpoint {path} does not fit this model ({'missing' if missing else 'unexpected'} "
+                         f"{', '.join(some)}); was it made with another configuration?")
+    model.load_state_dict({k: v for k, v in weights.items() if not expected[k].is_meta}, strict=False)
+    return read_meta(path)
+
+
+# ---------------------------------------------------------------- optimizer and RNG state
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    np_state = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    py = random.getstate()
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    name, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, py_gauss = meta["python"]
+    random.setstate((version, tuple(state), py_gauss))
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_state(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
+    """Optimizer tensors and RNG state; `meta` (step, epoch, scaler, best...) goes in as JSON."""
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in opt["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    rng_tensors, rng_meta = rng_state()
+    tensors.update(rng_tensors)
+    _save(tensors, path, {**meta, "param_groups": opt["param_groups"], "optim_scalars": scalars, "rng": rng_meta})
+
+
+def load_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
+    """Restore what `save_state` wrote (optimizer and RNG); returns the JSON metadata."""
+    tensors, meta = load_file(str(path)), read_meta(path)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, slot = key.split(".", 2)
+            state.setdefault(int(idx), {})[slot] = value
+    for key, value in meta["optim_scalars"].items():
+        idx, slot = key.split(".", 1)
+        state.setdefault(int(idx), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    set_rng_state(tensors, meta["rng"])
+    return meta

@@ -1,0 +1,168 @@
+"""A training run's configuration: one dataclass per concern, validated on creation and saved as
+`runs/<run>/config.json`, enough to rebuild the run's model.
+
+The `method` section is the method's own config class (`mmret.methods`): the settings every
+method shares plus its own. A config.json written before methods had configs of their own (every
+method's settings in one section) still loads: the settings of other methods are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmret.common.paths import data_root, runs_root
+from mmret.errors import MmretError
+
+_logger = logging.getLogger(__name__)
+from mmret.common.io import config_dict
+from mmret.methods import MethodConfig, config_for, method_settings, owners
+from mmret.methods.base import check_positive
+
+@dataclass
+class DataConfig:
+    dataset: str = "example"  # prepared dataset under the data root
+    folds: int = 0  # k-fold cross-validation over all images (0: use the dataset's own splits)
+    fold: int = 0  # which fold is the test split when folds > 0
+    data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
+    modality: str = "image"  # what the dataset's items are (set from the dataset when training starts)
+
+    def __post_init__(self) -> None:
+        if self.folds == 1 or self.folds < 0:
+            raise MmretError(f"--folds must be 0 (off) or at least 2, got {self.folds}")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise MmretError(f"--fold must be in [0, {self.folds}), got {self.fold}")
+        self.data_dir = data_root(self.data_dir)
+
+
+@dataclass
+class EncoderConfig:
+    vision: str = "dino-vits16"  # frozen image tower: preset, hub id or local folder
+    text: str = "distilbert"  # frozen text tower: preset, hub id or local folder
+    model: str | None = None  # a CLIP whose two towers are adapted (lora/prefix/adapter/full)
+    max_length: int = 64  # text tokens per caption
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # passes over the training images
+    batch_size: int = 128  # pairs in one contrastive loss
+    micro_batch: int | None = None  # pairs per forward pass (default: the whole batch)
+    accumulation: str = "cache"  # cache: every pair sees the whole batch's negatives; plain: only its micro-batch's
+    lr: float | None = None  # peak learning rate (default: the method's)
+    weight_decay: float = 0.05  # AdamW decay (never on norms, biases or the temperature)
+    warmup: float = 0.05  # fraction of all steps spent warming up linearly
+    grad_clip: float = 1.0  # clip the global gradient norm (0: off)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA)
+    patience: int = 5  # stop after this many evaluations without a better val mean recall (0: never)
+    seed: int = 0  # seeds data order, initialisation and dropout
+    workers: int | None = None  # DataLoader workers for pixel inputs (default: CPU count, at most 4)
+    grad_checkpointing: bool = False  # recompute tower activations in backward to save memory
+    hflip: bool | None = None  # random horizontal flips of training pictures (default: unless captions say left/right)
+    sam: bool = False  # sharpness-aware minimisation
+    sam_rho: float = 0.05  # SAM neighbourhood size
+    save_every: int = 0  # also keep a checkpoint every N epochs (0: only best and last)
+    max_steps: int | None = None  # stop after this many optimizer steps (for quick checks)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "micro_batch", "lr", "max_steps"):
+            check_positive(name.replace("_", "-"), getattr(self, name))
+        if self.micro_batch is not None and self.micro_batch > self.batch_size:
+            raise MmretError(f"--micro-batch {self.micro_batch} cannot exceed --batch-size {self.batch_size}")
+        if self.accumulation not in ("cache", "plain"):
+            raise MmretError(f"--accumulation must be cache or plain, got {self.accumulation!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise MmretError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0 <= self.warmup < 1:
+            raise MmretError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
+        if self.patience < 0 or self.save_every < 0 or self.grad_clip < 0:
+            raise MmretError("--patience, --save-every and --grad-clip cannot be negative")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs, saved as `runs/<run>/config.json` to rebuild its model."""
+
+    name: str | None = None  # run folder name (default: date-method-dataset)
+    runs_dir: Path | None = None  # runs root (default $MMRET_RUNS_DIR or ./runs)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    method: MethodConfig = field(default_factory=lambda: config_for("bridge"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.runs_dir = runs_root(self.runs_dir)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "runs_dir": str(self.runs_dir)}
+        for part in SECTIONS:
+            out[part] = config_dict(getattr(self, part))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        unknown = set(data) - set(SECTIONS) - {"name", "runs_dir"}
+        if unknown:
+            raise MmretError(f"unknown config sections: {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {"name": data.get("name"), "runs_dir": data.get("runs_dir")}
+        for key, kind in SECTIONS.items():
+            section = dict(data.get(key, {}))
+            if key == "method":
+                kwargs[key] = config_for(section.pop("method", MethodConfig.method), **section)
+                continue
+            section = {k: v for k, v in section.items() if (key, k) not in RETIRED}
+            names = {f.name for f in dataclasses.fields(kind)}
+            bad = set(section) - names
+            if bad:
+                raise MmretError(f"unknown {key} settings in config: {', '.join(sorted(bad))}")
+            kwargs[key] = kind(**section)
+        return cls(**kwargs)
+
+
+SECTIONS = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfig, "train": TrainConfig}
+RETIRED = {("encoders", "tokens")}  # settings old config.json files hold that nothing reads any more
+
+
+def section_of(option: str) -> str:
+    """The config section a flat option name (e.g. `rank`, `epochs`) belongs to."""
+    if option in method_settings():
+        return "method"
+    for section, kind in SECTIONS.items():
+        if option in {f.name for f in dataclasses.fields(kind)}:
+            return section
+    raise MmretError(f"unknown setting {option!r}")
+
+
+def _method_section(current: MethodConfig, changes: dict[str, Any]) -> MethodConfig:
+    """The method section with `changes`; a new method keeps only the settings every method shares.
+    A setting the chosen method does not have is left out, with a warning naming the methods that
+    have it."""
+    name = changes.pop("method", current.method)
+    base = dataclasses.asdict(current) if name == current.method else {
+        f.name: getattr(current, f.name) for f in dataclasses.fields(MethodConfig)}
+    if "rank" in changes and "alpha" not in changes:
+        changes["alpha"] = None  # the default alpha follows the rank
+    cfg = config_for(name, **{**base, **changes})
+    for key in sorted(k for k in changes if not hasattr(cfg, k)):
+        _logger.warning("--%s is a setting of %s; --method %s has no use for it", key.replace("_", "-"),
+                        ", ".join(owners(key)), name)
+    return cfg
+
+
+def with_overrides(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with flat option values (None: not given) applied, validated again."""
+    given = {k: v for k, v in values.items() if v is not None}
+    top = {k: given.pop(k) for k in ("name", "runs_dir") if k in given}
+    parts = {}
+    for section in SECTIONS:
+        current = getattr(cfg, section)
+        changes = {k: v for k, v in given.items() if section_of(k) == section}
+        if section == "method":
+            parts[section] = _method_section(current, changes)
+        else:
+            parts[section] = dataclasses.replace(current, **changes)
+    return RunConfig(name=top.get("name", cfg.name), runs_dir=top.get("runs_dir", cfg.runs_dir), **parts)

@@ -1,0 +1,203 @@
+"""Gradient caching: a contrastive loss over a batch larger than what fits in memory at once.
+
+`--batch-size` is the number of pairs in one loss (every pair sees the others as negatives);
+`--micro-batch` is how many pass through the model with a graph at a time. `contrastive_step`
+(Gao et al. 2021, GradCache) embeds the whole batch micro-batch by micro-batch without a graph,
+takes the loss over the whole batch and its gradient with respect to the embeddings (the
+temperature's parameters get theirs there too), then re-runs each micro-batch with a graph and
+back-propagates the cached gradients. The parameter gradients equal those of one backward through
+the whole batch. The CPU and CUDA RNG states are replayed per micro-batch so dropout draws the same
+masks in both passes. BatchNorm (the from-scratch ResNet) normalises by micro-batch statistics,
+so there the gradients are those of the whole-batch loss over micro-batch-normalised embeddings;
+its running statistics move once per micro-batch (the first pass puts them back).
+
+`accumulate_step` is plain gradient accumulation, kept for comparison and for users who ask for
+it: each micro-batch's loss sees only its own negatives, which is a different objective.
+
+The model offers `encode_image(x)`, `encode_text(x)` and `logit_scale_for(image_emb, text_emb)`
+(as `DualEncoder` and `MiniCLIP` do). An input is a tensor, passed as is, or a dict of tensors,
+passed as keywords; both are cut along dim 0. Under DistributedDataParallel pass the wrapped
+module: the negatives are those of this process's batch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmret.errors import MmretError
+from mmret.models.batch import Batch, batch_size, call, slice_batch
+from mmret.training.losses import clip_loss
+
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# a context manager entered once per forward (e.g. torch.autocast(...), which may be re-entered in
+# turn), or a function that makes one (e.g. partial(torch.autocast, "cpu", dtype=torch.bfloat16))
+Autocast = AbstractContextManager | Callable[[], AbstractContextManager]
+
+
+def _spans(images: Batch, texts: Batch, micro_batch: int) -> list[tuple[int, int]]:
+    n = batch_size(images)
+    if batch_size(texts) != n:
+        raise MmretError(f"a batch needs as many images as captions, got {n} and {batch_size(texts)}")
+    if micro_batch < 1:
+        raise MmretError(f"--micro-batch must be at least 1, got {micro_batch}")
+    return [(a, min(a + micro_batch, n)) for a in range(0, n, micro_batch)]
+
+
+def _enter(autocast: Autocast) -> AbstractContextManager:
+    return autocast if isinstance(autocast, AbstractContextManager) else autocast()
+
+
+def _embed(model: nn.Module, images: Batch, texts: Batch) -> tuple[Tensor, Tensor]:
+    return call(model.encode_image, images), call(model.encode_text, texts)  # (b, D), (b, D)
+
+
+def _backward(loss: Tensor, scaler: Any) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _cuda_devices() -> list[int]:
+    # CUDA generators exist only once CUDA is initialised; before that nothing can draw from them
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
+
+
+class RngState:
+    """The CPU and CUDA generator states at one moment, to run code again with the same draws."""
+
+    def __init__(self) -> None:
+        self.devices = _cuda_devices()
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the block from the saved state; afterwards the generators are as they were before."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for device, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
+def full_step(model: nn.Module, images: Batch, texts: Batch, loss_fn: LossFn = clip_loss,
+              scaler: Any = None, autocast: Autocast = nullcontext) -> Tensor:
+    """One forward and backward through the whole batch; returns the detached loss."""
+    with _enter(autocast):
+        image_emb, text_emb = _embed(model, images, texts)
+        loss = loss_fn(image_emb, text_emb, model.logit_scale_for(image_emb, text_emb))
+    _backward(loss, scaler)
+    return loss.detach()
+
+
+_NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextmanager
+def _keep_norm_stats(model: nn.Module) -> Iterator[None]:
+    """Undo the running-statistics updates of BatchNorm layers in training mode made inside the block."""
+    saved = [
+        (m, {k: getattr(m, k).clone() for k in _NORM_STATS if isinstance(getattr(m, k, None), Tensor)})
+        for m in model.modules()
+        if m.training and getattr(m, "track_running_stats", False)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
+
+
+def _embed_without_graph(
+    model: nn.Module, images: Batch, texts: Batch, spans: list[tuple[int, int]], autocast: Autocast
+) -> tuple[list[RngState], Tensor, Tensor]:
+    """Pass 1: the embeddings of the whole batch, and the RNG state each micro-batch started from."""
+    states, image_parts, text_parts = [], [], []
+    # the replay pass updates BatchNorm running statistics; updating them here too would count twice
+    with torch.no_grad(), _keep_norm_stats(model):
+        for a, b in spans:
+            states.append(RngState())
+            with _enter(autocast):
+                image_emb, text_emb = _embed(model, slice_batch(images, a, b), slice_batch(texts, a, b))
+            image_parts.append(image_emb)
+            text_parts.append(text_emb)
+    return states, torch.cat(image_parts), torch.cat(text_parts)  # (B, D), (B, D)
+
+
+def _batch_loss(model: nn.Module, loss_fn: LossFn, image_emb: Tensor, text_emb: Tensor,
+                scaler: Any, autocast: Autocast) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The whole batch's loss, back-propagated into the temperature and the embedding leaves.
+
+    The loss is scaled before backward, so a GradScaler's factor is in every cached gradient and
+    in the temperature's, as in a plain scaled backward.
+    """
+    image_emb.requires_grad_()
+    text_emb.requires_grad_()
+    with _enter(autocast):
+        loss = loss_fn(image_emb, text_emb, model.logit_scale_for(image_emb, text_emb))
+    _backward(loss, scaler)
+    return loss.detach(), image_emb.grad, text_emb.grad
+
+
+def contrastive_step(
+    model: nn.Module,
+    images: Batch,
+    texts: Batch,
+    micro_batch: int,
+    loss_fn: LossFn = clip_loss,
+    scaler: Any = None,
+    autocast: Autocast = nullcontext,
+) -> Tensor:
+    """Add to `.grad` what `loss_fn` over the whole batch would, holding one micro-batch's graph at a time.
+
+    `scaler` is a GradScaler (or None): gradients come out scaled, ready for `scaler.step`.
+    `autocast` is the context each forward and the loss run in. Returns the detached, unscaled loss.
+    """
+    spans = _spans(images, texts, micro_batch)
+    if len(spans) == 1:
+        return full_step(model, images, texts, loss_fn, scaler, autocast)
+    states, image_emb, text_emb = _embed_without_graph(model, images, texts, spans, autocast)
+    loss, g_image, g_text = _batch_loss(model, loss_fn, image_emb, text_emb, scaler, autocast)
+    for (a, b), state in zip(spans, states):
+        with state.replay(), _enter(autocast):
+            image_part, text_part = _embed(model, slice_batch(images, a, b), slice_batch(texts, a, b))
+        # d(surrogate)/d(embedding) is the cached gradient, so backward carries it into the weights
+        surrogate = sum(
+            (part.float() * grad[a:b].float()).sum()
+            for part, grad in ((image_part, g_image), (text_part, g_text))
+            if grad is not None and part.requires_grad
+        )
+        if isinstance(surrogate, Tensor):  # else no trainable part before the embeddings
+            surrogate.backward()
+    return loss
+
+
+def accumulate_step(
+    model: nn.Module,
+    images: Batch,
+    texts: Batch,
+    micro_batch: int,
+    loss_fn: LossFn = clip_loss,
+    scaler: Any = None,
+    autocast: Autocast = nullcontext,
+) -> Tensor:
+    """Plain gradient accumulation: the size-weighted mean of per-micro-batch losses.
+
+    Each micro-batch's pairs see only that micro-batch's negatives (and a dynamic temperature only
+    its similarities), so with micro < batch this is a weaker objective than `contrastive_step`;
+    it is here for comparison and on request. Returns the detached, unscaled loss.
+    """
+    spans = _spans(images, texts, micro_batch)
+    n, losses = spans[-1][1], []
+    for a, b in spans:
+        loss = full_step(model, slice_batch(images, a, b), slice_batch(texts, a, b),
+                         lambda i, t, s: loss_fn(i, t, s) * ((b - a) / n), scaler, autocast)
+        losses.append(loss)
+    return torch.stack(losses).sum()

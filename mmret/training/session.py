@@ -1,0 +1,181 @@
+"""Everything a run needs while it trains: `setup` builds it (data sources, model, optimizer, the
+step, the loop's state, possibly restored from a checkpoint), `init_heads` starts the input
+norms from a sample of training inputs, `restore` puts a stopped run back where it was.
+
+`World` is the process a run trains in: alone here (the only writer, nothing to wait for). A run
+on several processes brings its own world (rank, who writes, a barrier) and wraps this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmret.common.device import autocast_context, grad_scaler, pick_device
+from mmret.common.progress import NULL, Reporter
+from mmret.data.pairs import epoch_batches
+from mmret.data.prepared import load_dataset
+from mmret.errors import MmretError
+from mmret.methods import Method, get_method
+from mmret.models.batch import call, to_device
+from mmret.models.heads import InputNorm, init_input_norms
+from mmret.runs import RunConfig, create_run_dir
+from mmret.runs.checkpoint import load_state, load_weights
+from mmret.training.sam import SAM
+from mmret.training.step import Stepper, make_optimizer, training_precision
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class World:
+    """The processes a run trains in: one, by default."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (metrics, plots, checkpoints)."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (nothing to wait for alone)."""
+
+
+@dataclass
+class LoopState:
+    """Where the run is; saved with every checkpoint."""
+
+    epoch: int = 0  # current epoch, 0-based
+    batch: int = 0  # next batch inside the epoch
+    step: int = 0  # optimizer steps done
+    best: float = -1.0  # best validation mean recall so far
+    best_epoch: int = -1
+    bad_evals: int = 0  # evaluations since the best one
+    loss_sum: float = 0.0  # training loss summed over this epoch's pairs so far
+    pairs: int = 0  # pairs seen this epoch
+    seconds: float = 0.0  # training time before this session
+    history: list[dict] = field(default_factory=list)  # one row per evaluation
+    finished: str = ""  # why the run ended, once it has (a finished run is not resumed)
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    precision: str
+    method: Method
+    train: Any  # the training split's source (see mmret.data.pairs)
+    val: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stepper: Stepper
+    state: LoopState
+    steps_per_epoch: int
+    world: World = field(default_factory=World)
+    started: float = field(default_factory=time.perf_counter)
+    step_rng: torch.Tensor = field(default_factory=torch.get_rng_state)  # CPU RNG after the last whole step
+    plotted: float = field(default_factory=time.perf_counter)  # when the learning curve was last drawn
+
+    @property
+    def total_steps(self) -> int:
+        return self.stepper.total_steps
+
+    def autocast(self):
+        return autocast_context(self.device, self.precision)
+
+    def log(self, message: str) -> None:
+        if self.world.is_main:
+            with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+                f.write(f"{datetime.now().isoformat(timespec='seconds')} {message}\n")
+        _logger.info(message)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = None,
+          world: World | None = None) -> Session:
+    """Everything a run needs; from `resume_dir`'s last checkpoint when resuming."""
+    method = get_method(cfg.method.method, training=True)
+    device = pick_device(cfg.train.device)
+    precision = training_precision(device, cfg.train.precision, method.runs_towers)
+    _seed_everything(cfg.train.seed)
+    dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    cfg.data.modality = dataset.modality.name
+    context = method.open(cfg, dataset, resume_dir)
+    train, val = method.sources(cfg, context, dataset, ("train", "val"), device, reporter)
+    model = method.build(cfg, context).to(device)
+    if resume_dir is None:
+        init_heads(model, train, device, cfg.train.seed)
+    optimizer = make_optimizer(model, cfg.train.lr or method.lr, cfg.train.weight_decay)
+    steps_per_epoch = len(epoch_batches(train.tables.captions_of, cfg.train.batch_size, cfg.train.seed, 0))
+    world = world or World()
+    run_dir = resume_dir or create_run_dir(cfg)
+    if resume_dir is None:
+        method.save(context, run_dir)
+    scaler = grad_scaler(device, precision)
+    stepper = Stepper(model, optimizer, cfg.train, cfg.train.lr or method.lr,
+                      cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, device, precision, scaler,
+                      SAM(optimizer, cfg.train.sam_rho, scaler) if cfg.train.sam else None,
+                      method.batch_transform(cfg))
+    session = Session(cfg, run_dir, device, precision, method, train, val, model, optimizer, stepper, LoopState(),
+                      steps_per_epoch, world)
+    if resume_dir is not None:
+        restore(session)
+    return session
+
+
+def init_heads(model: nn.Module, source: Any, device: torch.device, seed: int, chunk: int = 32) -> None:
+    """Initialise the input norms of the heads from a sample of training inputs. Cached features
+    are summarised where they are (the CPU); towers that run in the loop encode the sample on the
+    device a chunk at a time, so the sample never sits on the device whole."""
+    if not any(isinstance(m, InputNorm) for m in model.modules()):
+        return
+    images, texts = source.sample(seed=seed)
+    for tower, x in ((model.image_tower, images), (model.text_tower, texts)):
+        if hasattr(tower, "pooled_sample"):
+            n = len(x["input_ids"]) if isinstance(x, dict) else len(x)
+            parts = [call(tower.pooled_sample, to_device(_rows(x, a, a + chunk), device)).cpu()
+                     for a in range(0, n, chunk)]
+            x = torch.cat(parts)
+        init_input_norms(tower, x)
+
+
+def _rows(x: Any, a: int, b: int) -> Any:
+    return {k: v[a:b] for k, v in x.items()} if isinstance(x, dict) else x[a:b]
+
+
+def restore(s: Session) -> None:
+    """Load the last checkpoint of `s.run_dir` (weights, optimizer, loss scale, RNG, loop state)."""
+    ckpt = s.run_dir / "checkpoints"
+    if not (ckpt / "last.state.safetensors").is_file():
+        raise MmretError(f"run {s.run_dir.name} has no checkpoint to resume from; start it again")
+    weights = load_weights(s.model, ckpt / "last.safetensors")
+    meta = load_state(s.optimizer, ckpt / "last.state.safetensors")
+    if weights.get("step") != meta["loop"]["step"]:
+        raise MmretError(f"the last checkpoint of {s.run_dir.name} is torn (weights at step {weights.get('step')}, "
+                         f"optimizer at step {meta['loop']['step']}); resume from best or start again")
+    s.state = LoopState(**meta["loop"])
+    if s.state.finished:
+        raise MmretError(f"run {s.run_dir.name} has already finished ({s.state.finished}); nothing to resume. "
+                         f"Train a new run (`mmret train --config {s.run_dir / 'config.json'} ...`) to go further")
+    s.step_rng = torch.get_rng_state()
+    if meta.get("scaler"):
+        s.stepper.scaler.load_state_dict(meta["scaler"])
+    s.log(f"resumed at epoch {s.state.epoch + 1}, batch {s.state.batch}, step {s.state.step}")

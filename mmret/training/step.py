@@ -1,0 +1,127 @@
+"""One optimizer step over one contrastive batch, and the pure pieces around it: the learning-rate
+schedule, AdamW's parameter groups, and the training precision.
+
+`Stepper` holds what a step needs (model, optimizer, loss scaler, SAM, the schedule) and nothing
+about runs, folders or data, so the training loop, memory probing and a distributed wrapper all
+run the same step. A step computes the exact contrastive loss over the whole batch (gradient
+caching when `--micro-batch` is smaller), clips, steps the optimizer and clamps the temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmret.common.device import autocast_context, bf16_supported, check_precision, reduced_precision
+from mmret.models.batch import to_device
+from mmret.training.gradcache import accumulate_step, contrastive_step
+from mmret.training.losses import clip_loss
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only, never on norms, biases or the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "temperature" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, foreach: bool | None = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=foreach)
+
+
+def training_precision(device: torch.device, requested: str, runs_towers: bool) -> str:
+    """`auto`: AMP on CUDA (bf16 where supported, else fp16 with a GradScaler); on the CPU bf16
+    autocast for methods that run the towers (where the matrix products dominate), else fp32."""
+    check_precision(device, requested)
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return reduced_precision(device) or "fp32"
+    return "bf16" if runs_towers and bf16_supported(device) else "fp32"
+
+
+class NonFiniteLoss(Exception):
+    """The loss of a step was NaN or infinite; the optimizer was not stepped."""
+
+    def __init__(self, loss: float):
+        super().__init__(str(loss))
+        self.loss = loss
+
+
+@dataclass
+class Stepper:
+    """What one step needs. `batch_transform(images, texts, generator)` augments a batch (latent
+    mixup); `keep_grads` accumulates into gradients that already exist instead of zeroing them
+    (memory probing measures a step at steady state that way); `loss_fn` is the contrastive loss
+    over the batch's embeddings (a distributed wrapper gathers them first)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train: Any  # TrainConfig: batch, micro-batch, accumulation, warmup, clipping, seed
+    peak_lr: float
+    total_steps: int
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    scaler: Any  # torch.amp.GradScaler (a pass-through unless fp16 on CUDA)
+    sam: Any = None  # SAM wrapper around the optimizer, with --sam
+    batch_transform: Callable | None = None
+    keep_grads: bool = False
+    loss_fn: Callable = clip_loss
+    autocast: Callable[[], Any] | None = None  # default: autocast_context(device, precision)
+
+    def __post_init__(self) -> None:
+        if self.autocast is None:
+            self.autocast = lambda: autocast_context(self.device, self.precision)
+
+    def __call__(self, images: Any, texts: Any, step: int) -> float:
+        """Step `step` (0-based) of the run over one batch; returns its loss. Raises
+        `NonFiniteLoss` before the optimizer moves when the loss is not finite."""
+        cfg = self.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, int(cfg.warmup * self.total_steps), self.peak_lr)
+        images, texts = to_device(images, self.device), to_device(texts, self.device)
+        if self.batch_transform is not None:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            images, texts = self.batch_transform(images, texts, gen)
+        step_fn = contrastive_step if cfg.accumulation == "cache" else accumulate_step
+        micro = cfg.micro_batch or cfg.batch_size
+
+        def forward_backward() -> torch.Tensor:
+            return step_fn(self.model, images, texts, micro, loss_fn=self.loss_fn, scaler=self.scaler,
+                           autocast=self.autocast)
+
+        if self.sam is not None:
+            loss_t, _ = self.sam.step(forward_backward, module=self.model, max_grad_norm=cfg.grad_clip or None)
+            loss = _finite(float(loss_t))
+        else:
+            if not self.keep_grads:
+                self.optimizer.zero_grad(set_to_none=True)
+            loss = _finite(float(forward_backward()))
+            self.scaler.unscale_(self.optimizer)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.model.clamp_logit_scale_()
+        return loss
+
+
+def _finite(loss: float) -> float:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(loss)
+    return loss
