@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mmret.data import PrepareConfig
-from mmret.data import load_dataset, prepare
+import tiny_models
+from mmret.data import PrepareConfig, load_dataset, prepare
 
 
 @pytest.fixture
@@ -22,3 +22,13 @@ def example_ds(data_dir):
     """60 generated pictures (48 train / 6 val / 6 test), five captions each."""
     prepare(PrepareConfig(source="example", count=60, data_dir=data_dir))
     return load_dataset("example", data_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A prepared example dataset (60 pictures) and a tiny timm ViT and BERT saved as model
+    folders, shared by a module (so its feature caches are reused)."""
+    root = tmp_path_factory.mktemp("world")
+    prepare(PrepareConfig(source="example", count=60, data_dir=root / "data"))
+    return {"root": root, "vit": str(tiny_models.save_tiny_timm_vit(root / "vit")),
+            "bert": str(tiny_models.save_tiny_bert(root / "bert"))}

@@ -13,15 +13,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret import training
 from mmret.training import loop
 from mmret.training import step as step_module
 from mmret.runs.checkpoint import read_meta
 from mmret.cli import app
-from mmret.data import PrepareConfig
 from mmret.runs import RunConfig, with_overrides
-from mmret.data import prepare
 from mmret.errors import MmretError
 from mmret.data.pairs import epoch_batches
 
@@ -29,12 +26,8 @@ RECALLS = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_r
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A prepared example dataset and tiny towers, shared by the module (feature caches reused)."""
-    root = tmp_path_factory.mktemp("world")
-    prepare(PrepareConfig(source="example", count=60, data_dir=root / "data"))
-    return {"root": root, "vit": str(tiny_models.save_tiny_timm_vit(root / "vit")),
-            "bert": str(tiny_models.save_tiny_bert(root / "bert"))}
+def world(tiny_world):
+    return tiny_world
 
 
 def config(world, tmp_path, **options) -> RunConfig:

@@ -287,10 +287,10 @@ def ensure_index(
         raise MmretError(f"the embeddings changed since the index in {folder} was built; "
                          f"delete {folder} or pass --rebuild-index to build it again")
     if cfg.kind != "exact" and _stale_entry(meta["faiss"].get(cfg.kind), cfg, queries):
-        exact = open_index(folder, fingerprint)
+        exact = _open(folder, meta, "exact", array)
         meta["faiss"][cfg.kind] = _faiss_entry(exact, cfg, queries, folder, reporter, meta["faiss"].get(cfg.kind))
         write_json(folder / "meta.json", meta)
-    return open_index(folder, fingerprint, cfg.kind)
+    return _open(folder, meta, cfg.kind, array)
 
 
 def _stale_entry(entry: dict | None, cfg: IndexConfig, queries: Any | None) -> bool:
@@ -312,12 +312,20 @@ def open_index(folder: str | Path, fingerprint: dict[str, Any], kind: str = "exa
     folder = Path(folder)
     meta = _read_meta(folder)
     _check_fingerprint(folder, meta, fingerprint)
-    try:
-        array = np.load(folder / "vectors.npy", mmap_mode="r")
-    except (OSError, ValueError):
-        array = None
-    if array is None or array.shape != (meta["n"], meta["dim"]) or vectors_digest(array) != meta["digest"]:
-        raise MmretError(f"the vectors in {folder} do not match its meta.json; delete {folder} to rebuild the index")
+    return _open(folder, meta, kind)
+
+
+def _open(folder: Path, meta: dict, kind: str, verified: np.ndarray | None = None) -> ExactIndex | FaissIndex:
+    """The index of a checked `meta`; `verified`: the caller's vectors, already matched to `meta`."""
+    if verified is not None:
+        array = verified
+    else:
+        try:
+            array = np.load(folder / "vectors.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            array = None
+        if array is None or array.shape != (meta["n"], meta["dim"]) or vectors_digest(array) != meta["digest"]:
+            raise MmretError(f"the vectors in {folder} do not match its meta.json; delete {folder} to rebuild the index")
     exact = ExactIndex(array, max_norm=meta["max_norm"], info={"folder": str(folder)})
     if kind == "exact":
         return exact

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from mmret.errors import MmretError
 from mmret.methods.base import check_positive, register_method
-from mmret.methods.features import FeatureContext, FeaturesMethod
-from mmret.methods.heads import HeadsConfig, with_input_norm
+from mmret.methods.features import FeatureContext
+from mmret.methods.heads import HeadsConfig, HeadsMethod, with_input_norm
 from mmret.models import DualEncoder, ProjectionHead, QueryBridge
 from mmret.models.temperature import build_temperature
 
@@ -34,7 +34,7 @@ class BridgeConfig(HeadsConfig):
             raise MmretError(f"--bridge-width {self.bridge_width} must be divisible by --bridge-heads {self.bridge_heads}")
 
 
-class BridgeMethod(FeaturesMethod):
+class BridgeMethod(HeadsMethod):
     name = "bridge"
     help = "a querying bridge (small Q-Former) over cached image tokens, a head over text"
     lr = 5e-4

@@ -74,13 +74,6 @@ class FeaturesMethod(Method):
     def cached_sides(self, cfg: Any) -> tuple[str, ...]:
         return SIDES
 
-    def batch_transform(self, cfg: Any) -> Callable | None:
-        """Latent mixup of cached features (`--mixup`), or None."""
-        from mmret.models.mixup import latent_mixup
-
-        alpha = getattr(cfg.method, "mixup", 0.0)
-        return (lambda images, texts, gen: latent_mixup(images, texts, alpha, gen)[:2]) if alpha > 0 else None
-
     def query_inputs(self, cfg: Any, ctx: FeatureContext, side: str, device: torch.device) -> Callable[[list], Any]:
         tower = ctx.tower(side, device)
         if side == "text":

@@ -8,6 +8,7 @@ epoch costs a few matrix products.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from mmret.methods.base import MethodConfig, check_positive, register_method
 from mmret.methods.features import FeatureContext, FeaturesMethod
 from mmret.models import DualEncoder, ProjectionHead
 from mmret.models.heads import InputNorm
+from mmret.models.mixup import latent_mixup
 from mmret.models.temperature import build_temperature
 
 
@@ -43,6 +45,11 @@ class HeadsMethod(FeaturesMethod):
     help = "projection heads over cached pooled features of both frozen towers"
     lr = 1e-3
     config = HeadsConfig
+
+    def batch_transform(self, cfg: Any) -> Callable | None:
+        """Latent mixup of the cached features (`--mixup`, FuseMix), or None."""
+        alpha = cfg.method.mixup
+        return (lambda images, texts, gen: latent_mixup(images, texts, alpha, gen)[:2]) if alpha > 0 else None
 
     def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
         m, dims = cfg.method, ctx.dims
