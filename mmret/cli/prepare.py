@@ -27,11 +27,12 @@ def prepare(
     root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the prepared dataset under the data folder (default: SOURCE).")] = None,
     val: Annotated[float, typer.Option(help="Fraction of images for validation when the source has no official split.")] = 0.1,
-    test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split.")] = 0.1,
+    test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split (1.0: all of them, a set for evaluation only).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the random split (and of the generated example).")] = 0,
     check_images: Annotated[bool, typer.Option("--check-images", help="Decode every image fully and drop broken ones (slower).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the dataset if it was prepared before.")] = False,
     count: Annotated[int, typer.Option(help="Number of pictures in the generated `example` dataset.")] = 500,
+    allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let a captions table name files outside --root (they are left out otherwise).")] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Read a raw dataset and write its image and caption tables with train/val/test splits."""
@@ -40,7 +41,8 @@ def prepare(
     from mmret.data import prepare as run_prepare
 
     cfg = PrepareConfig(source=source, root=root, name=name, val=val, test=test, seed=seed,
-                        check_images=check_images, force=force, count=count, data_dir=data_dir)
+                        check_images=check_images, force=force, count=count, data_dir=data_dir,
+                        allow_outside_root=allow_outside_root)
     result = run_prepare(cfg, ui.RichReporter())
     show.show_prepare(result)
 

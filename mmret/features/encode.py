@@ -217,7 +217,7 @@ class _Job:
         lo, hi = (0, manifest["rows"]) if self.split == "all" else manifest["splits"][self.split]
         stats = EncodeStats(reused=(hi - lo) - len(todo), batch_size=batch_size, device=str(self.device))
         if len(todo):
-            self.encode(cache, _Progress(cache, todo_shards), todo, batch_size, stats)
+            self.encode(cache, _Progress(cache, todo_shards, self.dataset), todo, batch_size, stats)
         stats.precision = manifest.get("precision") or ""
         stats.precision_reason = manifest.get("precision_reason") or ""
         cache.arrays = {}
@@ -312,6 +312,7 @@ class _Progress:
 
     cache: FeatureCache
     todo_shards: list[int]
+    dataset: PreparedDataset  # checked to be the one read at the start before each commit
     failed: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -331,6 +332,7 @@ class _Progress:
                 self.failed.setdefault(shard, {})[str(ids[row])] = reason
                 bad += 1
         for shard in [s for s in self.todo_shards if self.remaining[s] == 0]:
+            self.dataset.check_current("precompute-embeddings")
             self.cache.commit(shard, self.failed.pop(shard, {}))
             self.todo_shards.remove(shard)
         return bad
@@ -356,7 +358,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
     if rows.empty:
         raise MmretError(f"dataset {dataset.name!r} has no {which} to encode")
     fingerprint = dataset_fingerprint(dataset, which)
-    found = open_features(dataset, encoder, which, tokens, split, fingerprint)
+    found = open_features(dataset, encoder, which, tokens, split, fingerprint, repair=True)
     if found is not None:
         return found
     encoder = encoder.with_weights()

@@ -73,6 +73,5 @@ class LoadedRun:
         with reporter.task(f"embedding {dataset.name}-{split}", total=source.num_images + source.num_captions,
                            unit="rows") as task:
             images, captions = embed_source(model, source, batch_size, self.device,
-                                            lambda: autocast_context(self.device, "fp32"))
-            task.advance(source.num_images + source.num_captions)
+                                            lambda: autocast_context(self.device, "fp32"), task.advance)
         return source, images, captions

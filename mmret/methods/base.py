@@ -19,10 +19,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
+from mmret.common.lazy import import_all
 from mmret.errors import MmretError
+from mmret.methods.catalog import BUILTIN_METHODS
+
+if TYPE_CHECKING:  # torch is imported by the methods themselves, so that the registry's names cost nothing
+    import torch
+    from torch import nn
 
 
 def check_positive(name: str, value: float | int | None) -> None:
@@ -71,9 +76,13 @@ class Inputs:
         return self.images(n, device), self.texts(n, device)
 
     def images(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        import torch
+
         return torch.randn(n, *self.image, device=device)
 
     def texts(self, n: int, device: torch.device | str = "cpu") -> Any:
+        import torch
+
         if self.text is not None:
             return torch.randn(n, *self.text, device=device)
         ids = torch.randint(0, self.vocab, (n, self.length), device=device)
@@ -165,6 +174,19 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+_builtins: list[bool] = []  # [True] once the built-in methods are imported
+
+
+def registry() -> dict[str, Method]:
+    """Every registered method, the built-in ones imported on first use, in `--help`'s order."""
+    if not _builtins:
+        _builtins.append(True)
+        import_all(tuple(dict.fromkeys(module for module, _, _ in BUILTIN_METHODS.values())))
+        builtin = {name: METHODS[name] for name in BUILTIN_METHODS if name in METHODS}
+        others = {name: m for name, m in METHODS.items() if name not in builtin}
+        METHODS.clear()
+        METHODS.update({**builtin, **others})
+    return METHODS
 
 
 def register_method(method: Method) -> Method:
@@ -176,14 +198,13 @@ def register_method(method: Method) -> Method:
 
 
 def get_method(name: str, training: bool = False) -> Method:
-    if name not in METHODS or (training and not METHODS[name].trainable):
-        names = [m.name for m in METHODS.values() if m.trainable]
+    known = name in METHODS or name in BUILTIN_METHODS  # an unknown name is answered without importing torch
+    methods = registry() if known else METHODS
+    if name not in methods or (training and not methods[name].trainable):
+        names = [n for n, (_, _, trainable) in BUILTIN_METHODS.items() if trainable]
+        names += [m.name for m in METHODS.values() if m.trainable and m.name not in names]
         raise MmretError(f"unknown method {name!r}; choose one of {', '.join(names)}")
-    return METHODS[name]
-
-
-def method_help() -> str:
-    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values() if m.trainable)
+    return methods[name]
 
 
 def _fields(kind: type) -> set[str]:
@@ -192,7 +213,7 @@ def _fields(kind: type) -> set[str]:
 
 def method_settings() -> set[str]:
     """Every setting of every registered method's config."""
-    return set().union(*(_fields(m.config) for m in METHODS.values())) if METHODS else _fields(MethodConfig)
+    return set().union(_fields(MethodConfig), *(_fields(m.config) for m in registry().values()))
 
 
 def config_for(name: str, **values: Any) -> MethodConfig:
@@ -208,4 +229,4 @@ def config_for(name: str, **values: Any) -> MethodConfig:
 
 def owners(setting: str) -> list[str]:
     """The registered methods whose config has `setting`."""
-    return [m.name for m in METHODS.values() if setting in _fields(m.config)]
+    return [m.name for m in registry().values() if setting in _fields(m.config)]

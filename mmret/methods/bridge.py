@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmret.errors import MmretError
+from mmret.methods.catalog import help_of
 from mmret.methods.base import check_positive, register_method
 from mmret.methods.features import FeatureContext
 from mmret.methods.heads import HeadsConfig, HeadsMethod, with_input_norm
@@ -36,7 +37,7 @@ class BridgeConfig(HeadsConfig):
 
 class BridgeMethod(HeadsMethod):
     name = "bridge"
-    help = "a querying bridge (small Q-Former) over cached image tokens, a head over text"
+    help = help_of("bridge")
     lr = 5e-4
     config = BridgeConfig
     image_tokens = True

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from mmret.errors import MmretError
+from mmret.methods.catalog import help_of
 from mmret.methods.base import MethodConfig, check_positive, register_method
 from mmret.methods.features import FeatureContext, FeaturesMethod
 from mmret.models import DualEncoder, ProjectionHead
@@ -42,7 +43,7 @@ def with_input_norm(dim: int, tower: nn.Module, enabled: bool) -> nn.Module:
 
 class HeadsMethod(FeaturesMethod):
     name = "heads"
-    help = "projection heads over cached pooled features of both frozen towers"
+    help = help_of("heads")
     lr = 1e-3
     config = HeadsConfig
 

@@ -21,6 +21,7 @@ import torch
 from mmret.data.pairs import FileSource, mentions_sides, split_tables
 from mmret.data.prepared import run_tables
 from mmret.errors import MmretError
+from mmret.methods.catalog import help_of
 from mmret.methods.base import SIDES, Inputs, Method, MethodConfig, check_positive, register_method
 from mmret.methods.queries import item_batch
 from mmret.modalities.base import ItemLoader
@@ -56,7 +57,7 @@ class ScratchContext:
 
 class ScratchMethod(Method):
     name = "scratch"
-    help = "a small CLIP trained from scratch (MiniCLIP: ResNet + Linformer, or a random CLIP)"
+    help = help_of("scratch")
     lr = 1e-3
     config = ScratchConfig
     runs_towers = True

@@ -13,15 +13,23 @@ from mmret.models.batch import call, to_device
 
 @torch.inference_mode()
 def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.device,
-                 autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized embeddings of every item and every caption of a source, as float32 on the CPU."""
+                 autocast: Callable[[], Any], advance: Callable[[int], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized embeddings of every item and every caption of a source, as float32 on the CPU;
+    `advance(rows)` is told after each batch (a progress bar)."""
     was_training = model.training
     model.eval()
+
+    def embed(encode: Callable, batches: Any) -> torch.Tensor:
+        out = []
+        for x in batches:
+            out.append(call(encode, to_device(x, device)).float().cpu())
+            if advance is not None:
+                advance(len(out[-1]))
+        return torch.cat(out)
+
     with autocast():
-        images = torch.cat([call(model.encode_image, to_device(x, device)).float().cpu()
-                            for x in source.iter_images(batch_size)])
-        texts = torch.cat([call(model.encode_text, to_device(x, device)).float().cpu()
-                           for x in source.iter_texts(batch_size)])
+        images = embed(model.encode_image, source.iter_images(batch_size))
+        texts = embed(model.encode_text, source.iter_texts(batch_size))
     model.train(was_training)
     return images, texts
 

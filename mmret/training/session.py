@@ -75,6 +75,7 @@ class Session:
     device: torch.device
     precision: str
     method: Method
+    dataset: Any  # the prepared dataset (checked to be unchanged at every epoch)
     train: Any  # the training split's source (see mmret.data.pairs)
     val: Any
     model: nn.Module
@@ -126,7 +127,7 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     optimizer = make_optimizer(model, cfg.train.lr or method.lr, cfg.train.weight_decay)
     steps_per_epoch = len(epoch_batches(train.tables.captions_of, cfg.train.batch_size, cfg.train.seed, 0))
     world = world or World()
-    run_dir = resume_dir or create_run_dir(cfg)
+    run_dir = resume_dir or create_run_dir(cfg, latest=False)  # runs/latest moves once a checkpoint exists
     if resume_dir is None:
         method.save(context, run_dir)
     scaler = grad_scaler(device, precision)
@@ -134,8 +135,8 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
                       cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, device, precision, scaler,
                       SAM(optimizer, cfg.train.sam_rho, scaler) if cfg.train.sam else None,
                       method.batch_transform(cfg))
-    session = Session(cfg, run_dir, device, precision, method, train, val, model, optimizer, stepper, LoopState(),
-                      steps_per_epoch, world)
+    session = Session(cfg, run_dir, device, precision, method, dataset, train, val, model, optimizer, stepper,
+                      LoopState(), steps_per_epoch, world)
     if resume_dir is not None:
         restore(session)
     return session
