@@ -37,12 +37,13 @@ def prepare(
 ) -> None:
     """Read a raw dataset and write its image and caption tables with train/val/test splits."""
     from mmret.cli import ui
-    from mmret.data import PrepareConfig
-    from mmret.data import prepare as run_prepare
+    from mmret.data.config import PrepareConfig
 
     cfg = PrepareConfig(source=source, root=root, name=name, val=val, test=test, seed=seed,
                         check_images=check_images, force=force, count=count, data_dir=data_dir,
                         allow_outside_root=allow_outside_root)
+    from mmret.data.create import prepare as run_prepare
+
     result = run_prepare(cfg, ui.RichReporter())
     show.show_prepare(result)
 
@@ -83,8 +84,7 @@ def precompute_embeddings(
     A cache that is already complete is reused; an interrupted run resumes where it stopped.
     """
     from mmret.cli import ui
-    from mmret.features.precompute import PrecomputeConfig
-    from mmret.features.precompute import precompute_embeddings as run_precompute
+    from mmret.features.config import PrecomputeConfig
 
     if run or zero_shot:
         from mmret.inference.embeddings import write_run_embeddings
@@ -99,6 +99,8 @@ def precompute_embeddings(
     cfg = PrecomputeConfig(dataset=dataset, vision=vision, text=text, split=split, tokens=tokens,
                            batch_size=batch_size, precision=precision, device=device, image_size=image_size,
                            max_length=max_length, workers=workers, compile=compile, data_dir=data_dir)
+    from mmret.features.precompute import precompute_embeddings as run_precompute
+
     show.show_precompute(run_precompute(cfg, ui.RichReporter()))
 
 

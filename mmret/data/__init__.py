@@ -6,7 +6,7 @@ tokenizer a from-scratch model trains on the captions (`tokenizer`)."""
 from mmret.common.lazy import lazy_names
 
 __getattr__ = lazy_names(globals(), {
-    "PrepareConfig": "mmret.data.create",
+    "PrepareConfig": "mmret.data.config",
     "PrepareResult": "mmret.data.create",
     "PreparedDataset": "mmret.data.prepared",
     "READERS": "mmret.data.readers.base",

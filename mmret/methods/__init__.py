@@ -15,7 +15,7 @@ __getattr__ = lazy_names(globals(), {
     "Inputs": "mmret.methods.base",
     "METHODS": "mmret.methods.base",
     "Method": "mmret.methods.base",
-    "MethodConfig": "mmret.methods.base",
+    "MethodConfig": "mmret.methods.config",
     "SIDES": "mmret.methods.base",
     "config_for": "mmret.methods.base",
     "get_method": "mmret.methods.base",

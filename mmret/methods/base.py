@@ -24,33 +24,11 @@ from typing import TYPE_CHECKING
 from mmret.common.lazy import import_all
 from mmret.errors import MmretError
 from mmret.methods.catalog import BUILTIN_METHODS
+from mmret.methods.config import BUILTIN_CONFIGS, MethodConfig, check_positive  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch is imported by the methods themselves, so that the registry's names cost nothing
     import torch
     from torch import nn
-
-
-def check_positive(name: str, value: float | int | None) -> None:
-    if value is not None and value <= 0:
-        raise MmretError(f"--{name} must be positive, got {value}")
-
-
-@dataclass
-class MethodConfig:
-    """The settings every method has; a method's own config class adds its own."""
-
-    method: str = "bridge"  # the method's registered name
-    embed_dim: int = 512  # size of the shared embedding space
-    dropout: float = 0.1  # dropout in heads, bridge and scratch towers
-    temperature: str = "learned"  # learned | fixed | dynamic
-    init_temperature: float = 0.07  # initial softmax temperature (logit scale 1/T)
-
-    def __post_init__(self) -> None:
-        check_positive("embed-dim", self.embed_dim)
-        if not 0 <= self.dropout < 1:
-            raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
-        if self.temperature not in ("learned", "fixed", "dynamic"):
-            raise MmretError(f"--temperature must be learned, fixed or dynamic, got {self.temperature!r}")
 
 
 @dataclass(frozen=True)
@@ -211,15 +189,29 @@ def _fields(kind: type) -> set[str]:
     return {f.name for f in dataclasses.fields(kind)}
 
 
+def config_class(name: str) -> type[MethodConfig]:
+    """The config class of method `name`, without importing the method's code when it is a built-in."""
+    if name in METHODS:
+        return METHODS[name].config
+    if name in BUILTIN_METHODS:
+        return BUILTIN_CONFIGS[name]
+    get_method(name)  # the one-line error for an unknown method
+    raise AssertionError(name)
+
+
+def _configs() -> dict[str, type[MethodConfig]]:
+    return {**BUILTIN_CONFIGS, **{name: m.config for name, m in METHODS.items()}}
+
+
 def method_settings() -> set[str]:
-    """Every setting of every registered method's config."""
-    return set().union(_fields(MethodConfig), *(_fields(m.config) for m in registry().values()))
+    """Every setting of every method's config (the built-in ones and any registered since)."""
+    return set().union(_fields(MethodConfig), *(_fields(c) for c in _configs().values()))
 
 
 def config_for(name: str, **values: Any) -> MethodConfig:
     """The config of method `name` from `values`; settings that belong to other methods are left
     out (a config.json written before methods had configs of their own holds them all)."""
-    kind = get_method(name).config
+    kind = config_class(name)
     unknown = set(values) - method_settings()
     if unknown:
         raise MmretError(f"unknown method settings in config: {', '.join(sorted(unknown))}")
@@ -229,4 +221,4 @@ def config_for(name: str, **values: Any) -> MethodConfig:
 
 def owners(setting: str) -> list[str]:
     """The registered methods whose config has `setting`."""
-    return [m.name for m in registry().values() if setting in _fields(m.config)]
+    return [name for name, c in _configs().items() if setting in _fields(c)]

@@ -26,8 +26,9 @@ from mmret.encoders import load_text_encoder, load_tower
 from mmret.errors import MmretError
 from mmret.features import CAPTIONS, FeatureSource, ensure_features
 from mmret.methods.catalog import help_of, recipe_values
+from mmret.methods.config import TowerConfig, LoraConfig, PrefixConfig, AdapterConfig, FullConfig
 from mmret.methods.base import (
-    SIDES, FrozenPart, Inputs, Method, MethodConfig, check_positive, register_method, registry,
+    SIDES, FrozenPart, Inputs, Method, MethodConfig, register_method, registry,
 )
 from mmret.methods.queries import encode_with_tower, item_batch
 from mmret.models import DualEncoder, ProjectionHead
@@ -39,21 +40,6 @@ from mmret.models.tuners import covers, set_grad_checkpointing, tune
 _logger = logging.getLogger(__name__)
 
 CLIP_TEMPERATURE = 0.01  # CLIP's logit scale ends training at its cap, 100
-
-
-@dataclass
-class TowerConfig(MethodConfig):
-    """What every tower-adapting method has: a head over each expert and the tower(s) it adapts."""
-
-    head_layers: int = 2  # projection heads over the experts: 1 = linear, 2+ = MLP
-    head_hidden: int | None = None  # hidden width of MLP heads (default: the input width)
-    tower: str = "both"  # which tower is adapted: text | vision | both
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("head-layers", self.head_layers)
-        if self.tower not in ("text", "vision", "both"):
-            raise MmretError(f"--tower must be text, vision or both, got {self.tower!r}")
 
 
 @dataclass
@@ -226,23 +212,6 @@ def apply_peft(encoder: nn.Module, method: str, m: Any) -> nn.Module:
 # ---------------------------------------------------------------------------- the four methods
 
 
-@dataclass
-class LoraConfig(TowerConfig):
-    method: str = "lora"
-    rank: int = 8  # LoRA rank r
-    alpha: float | None = None  # LoRA scaling alpha (default 2 x rank)
-    lora_dropout: float = 0.1  # dropout on the low-rank path
-    targets: str = "q,v"  # attention projections to adapt (q, k, v, o, mlp)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("rank", self.rank)
-        if not 0 <= self.lora_dropout < 1:
-            raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
-        if self.alpha is None:
-            self.alpha = 2.0 * self.rank
-
-
 class LoraMethod(TowerMethod):
     """LoRA (peft) on the attention projections; see `mmret.models.tuners.lora` for the names.
 
@@ -260,16 +229,6 @@ class LoraMethod(TowerMethod):
 
     def memory_cuts(self, cfg: Any) -> list[str]:
         return [f"a lower --rank than {cfg.method.rank}"] + super().memory_cuts(cfg)
-
-
-@dataclass
-class PrefixConfig(TowerConfig):
-    method: str = "prefix"
-    prefix_tokens: int = 16  # virtual tokens per tower
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("prefix-tokens", self.prefix_tokens)
 
 
 class PrefixMethod(TowerMethod):
@@ -300,16 +259,6 @@ class PrefixMethod(TowerMethod):
         add_prompts(model, "text" if modality == "text" else "image", m.prefix_tokens)
 
 
-@dataclass
-class AdapterConfig(TowerConfig):
-    method: str = "adapter"
-    adapter_dim: int = 64  # bottleneck width
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("adapter-dim", self.adapter_dim)
-
-
 class AdapterMethod(TowerMethod):
     """Bottleneck adapters after the attention and the MLP of every block (`--adapter-dim`)."""
 
@@ -322,11 +271,6 @@ class AdapterMethod(TowerMethod):
         from mmret.models.tuners.bottleneck import add_adapters
 
         add_adapters(model, m.adapter_dim)
-
-
-@dataclass
-class FullConfig(TowerConfig):
-    method: str = "full"
 
 
 class FullMethod(TowerMethod):

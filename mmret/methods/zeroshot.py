@@ -11,7 +11,8 @@ from torch import nn
 
 from mmret.errors import MmretError
 from mmret.methods.catalog import help_of
-from mmret.methods.base import MethodConfig, register_method
+from mmret.methods.base import register_method
+from mmret.methods.config import MethodConfig
 from mmret.methods.features import FeatureContext, FeaturesMethod
 from mmret.models import DualEncoder
 from mmret.models.temperature import build_temperature
