@@ -64,6 +64,7 @@ def search(
     image: Annotated[Optional[Path], typer.Option(help="Search with this picture instead: similar pictures and the captions that fit it.", show_default=False)] = None,
     queries: Annotated[Optional[Path], typer.Option(help="A file with one query per line (- reads standard input), searched in one batch.", show_default=False)] = None,
     run: Annotated[Optional[str], typer.Option(help="Run whose model searches [default: the newest run].", show_default=False)] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(help="Search with a pretrained CLIP as it is instead (e.g. clip-b32); needs --dataset.", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset whose pictures form the gallery [default: the run's].", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Gallery split: all, train, val or test.")] = "all",
     k: Annotated[int, typer.Option("-k", "--top", help="Results per query.")] = 10,
@@ -80,7 +81,6 @@ def search(
     import sys
 
     from mmret.cli import ui
-    from mmret.runs import resolve_run
     from mmret.inference.search import search as run_search
 
     texts = list(query or [])
@@ -92,8 +92,8 @@ def search(
         texts += [line.strip() for line in source.splitlines() if line.strip()]
     if grid is not None:
         check_writable(grid, "--grid")
-    result = run_search(resolve_run(run, runs_dir), texts, image, dataset, split, k, index, rebuild_index, device,
-                        checkpoint, ui.NullReporterIfJson(json_output), data_dir)
+    result = run_search(run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir), texts, image, dataset, split, k,
+                        index, rebuild_index, device, checkpoint, ui.NullReporterIfJson(json_output), data_dir)
     if grid is not None:
         from mmret.modalities import get_modality
 

@@ -33,6 +33,7 @@ def prepare(
     force: Annotated[bool, typer.Option("--force", help="Replace the dataset if it was prepared before.")] = False,
     count: Annotated[int, typer.Option(help="Number of pictures in the generated `example` dataset.")] = 500,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let a captions table name files outside --root (they are left out otherwise).")] = False,
+    no_captions: Annotated[bool, typer.Option("--no-captions", help="A gallery to search, not to train on: every picture, with or without captions (all in test). Prepare it again with --force to add new pictures; only they are embedded next time.")] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Read a raw dataset and write its image and caption tables with train/val/test splits."""
@@ -41,7 +42,7 @@ def prepare(
 
     cfg = PrepareConfig(source=source, root=root, name=name, val=val, test=test, seed=seed,
                         check_images=check_images, force=force, count=count, data_dir=data_dir,
-                        allow_outside_root=allow_outside_root)
+                        allow_outside_root=allow_outside_root, captions=not no_captions)
     from mmret.data.create import prepare as run_prepare
 
     result = run_prepare(cfg, ui.RichReporter())

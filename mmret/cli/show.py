@@ -41,6 +41,8 @@ def show_precompute(result) -> None:
             for item, reason in list(feats.failed.items())[:5]:
                 ui.console.print(f"  {item}: {reason}", highlight=False, soft_wrap=True)
         ui.console.print(f"{feats.which} cache: {feats.path}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        ui.print_note(note)
     ui.console.print(f"done in {result.seconds:.1f}s", highlight=False)
 
 

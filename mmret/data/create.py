@@ -3,10 +3,17 @@
 `data/<ds>/` holds `dataset.json`, `images.parquet` (image_id, path, split, width, height) and
 `captions.parquet` (caption_id, image_id, caption, split). The whole folder is built under a
 temporary name and renamed into place, so a failed or interrupted prepare leaves nothing behind.
+
+With `captions=False` (`--no-captions`) the items are a gallery to search, not pairs to train on:
+every item is kept whatever captions it has, the caption table is empty, and every item is in the
+test split. A dataset prepared again (`--force`) keeps the caches computed from the old one
+(`features/`, `thumbnails/`): their rows are reused item by item wherever the file has not changed
+(see `mmret.data.stamps`), so a folder that gained pictures costs only the new ones.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -20,7 +27,7 @@ from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.config import PrepareConfig
 from mmret.data.readers import get_reader
-from mmret.data.readers.base import SPLITS, Problem
+from mmret.data.readers.base import SPLITS, ImageRecord, Problem
 from mmret.data.tables import (
     assign_random_splits, check_files, clean_captions, inside_root, merge_duplicate_ids, problem_counts, to_tables,
 )
@@ -70,6 +77,21 @@ def _counts(images: pd.DataFrame, captions: pd.DataFrame, problems: list[Problem
     return counts
 
 
+CARRIED = ("features", "thumbnails")  # caches whose rows are reused item by item after a new prepare
+GALLERY_NOTE = "no captions: every item is in test (a gallery to search, not to train on)"
+
+
+def _without_captions(records: list[ImageRecord]) -> list[ImageRecord]:
+    return [ImageRecord(r.image_id, r.path, [], "test") for r in records]
+
+
+def _carry_caches(old: Path, new: Path) -> None:
+    """Move the caches of the dataset being replaced into its new folder (see the module docstring)."""
+    for name in CARRIED:
+        if (old / name).is_dir():
+            os.replace(old / name, new / name)
+
+
 def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
     """Read a raw dataset, clean and split it, and write `data/<name>/` in one atomic step."""
     reader = get_reader(cfg.source)
@@ -81,13 +103,16 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         records = merge_duplicate_ids(source.images)
         if not cfg.allow_outside_root:
             records = inside_root(records, tmp if cfg.source == "example" else cfg.root, problems)
-        records = clean_captions(records, problems)
+        records = clean_captions(records, problems) if cfg.captions else _without_captions(records)
         records, columns = check_files(records, tmp, cfg.check_images, problems, modality, reporter)
         if not records:
             kinds = ", ".join(f"{n} {k}" for k, n in problem_counts(problems).items()) or f"no {modality.plural} listed"
-            raise MmretError(f"no usable {modality.plural} in {cfg.root}: {kinds}")
-        if source.split_sizes is not None:
+            hint = ("; --no-captions prepares them as a gallery to search" if any(p.kind == "no caption" for p in problems)
+                    else "")
+            raise MmretError(f"no usable {modality.plural} in {cfg.root}: {kinds}{hint}")
+        if source.split_sizes is not None and cfg.captions:
             assign_random_splits(records, source.split_sizes, cfg.seed)
+        split_note = source.split_note if cfg.captions else GALLERY_NOTE
         images, captions = to_tables(records, columns, modality)
         counts = _counts(images, captions, problems, modality)
         write_parquet(tmp / "images.parquet", images)
@@ -96,8 +121,9 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
             "name": cfg.name, "source": cfg.source, "modality": modality.name, "root": str(cfg.root or target),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generation": uuid.uuid4().hex,
             "mmret_version": __version__,
-            "arguments": config_dict(cfg), "split_note": source.split_note, "annotation_files": source.files,
+            "arguments": config_dict(cfg), "split_note": split_note, "annotation_files": source.files,
             "counts": counts, "dropped": problem_counts(problems), "problems": [asdict(p) for p in problems],
         })
-    return PrepareResult(cfg.name, target, cfg.source, source.split_note, counts, problems,
+        _carry_caches(target, tmp)
+    return PrepareResult(cfg.name, target, cfg.source, split_note, counts, problems,
                          time.perf_counter() - start)

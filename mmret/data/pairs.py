@@ -110,9 +110,11 @@ class Source:
     def num_captions(self) -> int:
         return len(self.tables.caption_ids)
 
-    def iter_texts(self, batch_size: int):
-        for a in range(0, self.num_captions, batch_size):
-            yield self.text_batch(np.arange(a, min(a + batch_size, self.num_captions)))
+    def iter_texts(self, batch_size: int, rows: np.ndarray | None = None):
+        """Batches of caption inputs in order: every caption, or the given rows."""
+        rows = np.arange(self.num_captions) if rows is None else np.asarray(rows, dtype=np.int64)
+        for a in range(0, len(rows), batch_size):
+            yield self.text_batch(rows[a:a + batch_size])
 
 
 class _Items(torch.utils.data.Dataset):
@@ -175,9 +177,9 @@ class FileSource(Source):
         for pixels, (_, captions) in zip(self._image_batches(self.train_items, keys), batches):
             yield pixels, self.text_batch(captions)
 
-    def iter_images(self, batch_size: int):
-        keys = [[(0, i) for i in range(a, min(a + batch_size, self.num_images))]
-                for a in range(0, self.num_images, batch_size)]
+    def iter_images(self, batch_size: int, rows: np.ndarray | None = None):
+        rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
+        keys = [[(0, int(i)) for i in rows[a:a + batch_size]] for a in range(0, len(rows), batch_size)]
         yield from self._image_batches(self.eval_items, keys)
 
     def sample(self, n: int = Source.sample_size, seed: int = 0) -> tuple[Any, Any]:

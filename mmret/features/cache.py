@@ -4,6 +4,7 @@
 
     manifest.json   what the arrays are (encoder spec, rows per split, shards done, failures, precision)
     ids.json        image_id or caption_id of every row, in row order
+    stamps.json     the stamp of every row (`mmret.data.stamps`: an item's file, a caption's text)
     pooled.npy      (N, D) float16
     tokens.npy      (N, T, Dt) float16, only with tokens
     mask.npy        (N, T) uint8, captions with tokens only (1 = real token)
@@ -32,6 +33,11 @@ taken when the shard is committed. Opening a cache checks the shards it reads: a
 they add up to at most `VERIFY_ALL_BYTES`, else a seeded sample (`mmret verify` checks everything).
 A damaged shard is computed again by `ensure_features`; anything else that meets one stops with a
 line naming it. Caches written before checksums existed are read as they are.
+
+Reuse by row: a new cache (the dataset was prepared again: new pictures in the folder) first
+copies the rows that an older cache of the same tower holds under the same stamp, so only new or
+changed items are encoded; the older cache, which no table can open any more, is then removed.
+Caches written before stamps existed still open by their key; they just lend no rows.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from mmret.common.io import damaged, ensure_free_space, load_npy, read_json, res
 from mmret.common.paths import slug
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
+from mmret.data.stamps import caption_stamps, item_stamps
 from mmret.errors import MmretError
 
 _logger = logging.getLogger(__name__)
@@ -93,6 +100,13 @@ def dataset_fingerprint(dataset: PreparedDataset, which: str) -> str:
     h = hashlib.sha256(str(dataset.info.get("created", "")).encode())
     h.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def row_stamps(dataset: PreparedDataset, which: str, rows: pd.DataFrame) -> np.ndarray:
+    """The stamp of each row of a cache (`rows` as `cache_rows` gives them)."""
+    if which == CAPTIONS:
+        return caption_stamps(rows["caption"])
+    return item_stamps(rows["image_id"], rows["path"], dataset.path)
 
 
 def feature_key(encoder: Any, dataset: PreparedDataset, which: str = "images", tokens: bool = False,
@@ -293,14 +307,16 @@ class FeatureCache:
             self.arrays = {}  # drop the memory maps before the lock goes
             self._lock_file.close()
 
-    def create(self, manifest: dict, ids: list, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
-        """Allocate the arrays and write ids and manifest. The disk space is claimed now
+    def create(self, manifest: dict, ids: list, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
+               stamps: list[str]) -> None:
+        """Allocate the arrays and write ids, stamps and manifest. The disk space is claimed now
         (`reserve`), so a full disk is one clear line here rather than a crash half-way."""
         for name in ("pooled", "tokens", "mask"):
             (self.path / f"{name}.npy").unlink(missing_ok=True)
         sizes = {n: int(np.prod(shape)) * np.dtype(dtypes[n]).itemsize for n, shape in shapes.items()}
         ensure_free_space(self.path, sum(sizes.values()), "the feature cache")
         write_json(self.path / "ids.json", ids)
+        write_json(self.path / STAMPS, stamps)
         for name, shape in shapes.items():
             file = self.path / f"{name}.npy"
             arr = np.lib.format.open_memmap(file, mode="w+", dtype=dtypes[name], shape=shape)
@@ -348,6 +364,62 @@ class FeatureCache:
 
     def save(self) -> None:
         write_json(self.path / "manifest.json", self.manifest)
+
+
+STAMPS = "stamps.json"
+
+
+def _spec_text(spec: Any) -> str:
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def sibling_caches(dataset: PreparedDataset, encoder: Any, which: str, tokens: bool,
+                   exclude: Path) -> list[tuple[Path, dict]]:
+    """Other caches of the same tower, table and token setting in the dataset's features folder
+    (older preparations of the dataset), newest first."""
+    root, spec = features_root(dataset), _spec_text(encoder.spec)
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        manifest = _read_manifest(path) if path != exclude and path.is_dir() else None
+        if (manifest is not None and manifest.get("which") == which and bool(manifest.get("tokens")) == tokens
+                and _spec_text(manifest.get("encoder")) == spec):
+            found.append((path, manifest))
+    return sorted(found, key=lambda pm: str(pm[1].get("created", "")), reverse=True)
+
+
+def lendable_rows(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(stamps, rows) of a cache's rows that are computed and valid, or None for a cache without stamps."""
+    try:
+        stamps = np.asarray(read_json(path / STAMPS), dtype=object)
+        ids = np.asarray(read_json(path / "ids.json")).astype(str)
+    except (OSError, ValueError):
+        return None
+    if len(stamps) != manifest["rows"] or len(ids) != manifest["rows"]:
+        return None
+    done = np.zeros(manifest["rows"], dtype=bool)
+    try:
+        damaged = set(damaged_shards(path, manifest, list(manifest["done"])))  # a damaged row is never lent
+    except MmretError:
+        return None
+    for shard in manifest["done"]:
+        if shard not in damaged:
+            done[slice(*manifest["shards"][shard])] = True
+    if manifest["failed"]:
+        done &= ~np.isin(ids, list(manifest["failed"]))
+    rows = np.flatnonzero(done)
+    return stamps[rows], rows
+
+
+def remove_cache(path: Path) -> bool:
+    """Delete a cache folder unless a process is writing it (its lock is held); True if removed."""
+    import shutil
+
+    try:
+        with FeatureCache(path).locked():
+            shutil.rmtree(path, ignore_errors=True)
+    except MmretError:
+        return False
+    return True
 
 
 def _try_lock(f: Any, path: Path) -> None:

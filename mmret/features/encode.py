@@ -9,6 +9,7 @@ torch.compile. See `mmret.features.cache` for the layout and the resume rules.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
 from mmret.errors import MmretError
+from mmret.data.stamps import match
 from mmret.features.cache import (
     CAPTIONS, FORMAT, CachedFeatures, EncodeStats, FeatureCache, _layout, _now, _read_manifest, _split_shards, _view,
-    cache_rows, dataset_fingerprint, feature_key, features_root, open_features,
+    cache_rows, dataset_fingerprint, feature_key, features_root, lendable_rows, open_features, remove_cache,
+    row_stamps, sibling_caches,
 )
 from mmret.modalities import ItemError, get_modality
 
@@ -182,6 +185,10 @@ class _Job:
     def ids(self) -> np.ndarray:
         return np.asarray(self.rows["caption_id" if self.which == CAPTIONS else "image_id"])
 
+    @functools.cached_property
+    def stamps(self) -> np.ndarray:
+        return row_stamps(self.dataset, self.which, self.rows)
+
     def prepare(self, cache: FeatureCache) -> None:
         """Open the half-built cache in the folder, or allocate a new one."""
         manifest = _read_manifest(cache.path)
@@ -194,11 +201,11 @@ class _Job:
             "format": FORMAT, "key": self.key, "status": "building", "which": self.which, "tokens": self.tokens,
             "encoder": self.encoder.spec, "encoder_name": self.encoder.name,
             "dataset": {"name": self.dataset.name, "fingerprint": self.fingerprint,
-                        "created": self.dataset.info.get("created")},
+                        "created": self.dataset.info.get("created"), "generation": self.dataset.generation},
             "rows": len(self.rows), "splits": splits, "shard_rows": self.shard_rows, "shards": shards, "done": [],
             "failed": {}, "precision": None, "precision_reason": None, "mmret_version": __version__,
             "created": _now(),
-        }, self.ids.tolist(), shapes, {n: dtypes[n] for n in shapes})
+        }, self.ids.tolist(), shapes, {n: dtypes[n] for n in shapes}, self.stamps.tolist())
         cache.writable()
 
     def batches(self, todo: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
@@ -217,11 +224,51 @@ class _Job:
         lo, hi = (0, manifest["rows"]) if self.split == "all" else manifest["splits"][self.split]
         stats = EncodeStats(reused=(hi - lo) - len(todo), batch_size=batch_size, device=str(self.device))
         if len(todo):
-            self.encode(cache, _Progress(cache, todo_shards, self.dataset), todo, batch_size, stats)
+            progress = _Progress(cache, todo_shards, self.dataset)
+            todo = self.reuse(cache, progress, todo, stats)
+            if len(todo):
+                self.encode(cache, progress, todo, batch_size, stats)
         stats.precision = manifest.get("precision") or ""
         stats.precision_reason = manifest.get("precision_reason") or ""
         cache.arrays = {}
         return _view(cache.path, read_json(cache.path / "manifest.json"), self.split, self.tokens, stats)
+
+    def reuse(self, cache: FeatureCache, progress: "_Progress", todo: np.ndarray, stats: EncodeStats) -> np.ndarray:
+        """Copy into `cache` the rows of `todo` that another cache of this tower computed under the
+        same stamp (the same unchanged file, or the same caption); returns the rows left to encode.
+        A cache computed in another precision than the one requested lends nothing."""
+        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path):
+            lent = lendable_rows(path, manifest)
+            if not len(todo) or lent is None or not self._compatible(cache.manifest, manifest):
+                continue
+            found, missing = match(self.stamps[todo], lent[0])
+            rows, source = todo[found >= 0], lent[1][found[found >= 0]]
+            arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in cache.arrays}
+            order = np.argsort(source)  # sorted reads of the old arrays
+            for a in range(0, len(rows), self.shard_rows):
+                part = order[a:a + self.shard_rows]
+                cache.write(rows[part], {n: np.asarray(arr[source[part]]) for n, arr in arrays.items()})
+            if len(rows) and cache.manifest["precision"] is None:
+                cache.manifest["precision"] = manifest["precision"]
+                cache.manifest["precision_reason"] = f"{manifest['precision_reason']} (kept from {path.name})"
+            progress.record(rows, [""] * len(rows), self.ids)
+            stats.reused += len(rows)
+            todo = todo[missing]
+        return todo
+
+    def _compatible(self, mine: dict, theirs: dict) -> bool:
+        same_arrays = all(n in theirs["arrays"] and theirs["arrays"][n]["shape"][1:] == meta["shape"][1:]
+                          and theirs["arrays"][n]["dtype"] == meta["dtype"] for n, meta in mine["arrays"].items())
+        precision = mine["precision"] or (self.precision if self.precision != "auto" else None)
+        return same_arrays and theirs.get("precision") is not None and precision in (None, theirs["precision"])
+
+    def prune(self, cache: FeatureCache) -> None:
+        """Remove the other caches of this tower once this one is complete: they were made from
+        an older preparation of the dataset, which no table opens any more."""
+        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path):
+            made_from = manifest["dataset"].get("generation") or manifest["dataset"].get("created") or ""
+            if str(made_from) != self.dataset.generation and remove_cache(path):
+                _logger.info("removed %s: superseded by %s", path.name, cache.path.name)
 
     def encode(self, cache: FeatureCache, progress: "_Progress", todo: np.ndarray, batch_size: int,
                stats: EncodeStats) -> None:
@@ -367,4 +414,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
     job = _Job(dataset, encoder.to(device), which, tokens, split, rows, fingerprint, device, precision,
                batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter, compile)
     with FeatureCache(features_root(dataset) / job.key).locked() as cache:
-        return job.run(cache)
+        result = job.run(cache)
+    if result.manifest.get("status") == "complete":
+        job.prune(cache)
+    return result

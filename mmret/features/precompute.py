@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmret.common.device import check_precision, pick_device
@@ -18,6 +18,7 @@ class PrecomputeResult:
     device: str
     parts: list[tuple[str, CachedFeatures]]  # (encoder name, features) for images and/or captions
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what was left out and why
 
 
 def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResult:
@@ -34,7 +35,10 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
     if cfg.vision:
         encoder = load_tower(cfg.vision, dataset.modality.name, image_size=cfg.image_size)
         towers.append((dataset.modality.plural, encoder))
-    if cfg.text:
+    notes = []
+    if cfg.text and dataset.captions.empty:
+        notes.append(f"{dataset.name} has no captions: the text tower has nothing to encode")
+    elif cfg.text:
         towers.append((CAPTIONS, load_text_encoder(cfg.text, max_length=cfg.max_length)))
     parts = []
     for which, encoder in towers:
@@ -43,4 +47,4 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
                                 precision=cfg.precision, workers=cfg.workers, compile=cfg.compile)
         parts.append((encoder.name, feats))
         encoder.to("cpu")
-    return PrecomputeResult(dataset.name, str(device), parts, time.perf_counter() - start)
+    return PrecomputeResult(dataset.name, str(device), parts, time.perf_counter() - start, notes)

@@ -71,6 +71,7 @@ class FeatureSource(Source):
         for images, captions in batches:
             yield self.image_batch(images), self.text_batch(captions)
 
-    def iter_images(self, batch_size: int):
-        for a in range(0, self.num_images, batch_size):
-            yield self.image_batch(np.arange(a, min(a + batch_size, self.num_images)))
+    def iter_images(self, batch_size: int, rows: np.ndarray | None = None):
+        rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
+        for a in range(0, len(rows), batch_size):
+            yield self.image_batch(rows[a:a + batch_size])

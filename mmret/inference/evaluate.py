@@ -19,6 +19,8 @@ import torch
 
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import load_dataset
+from mmret.errors import MmretError
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
 from mmret.inference.metrics import PairedDiff, RetrievalResult, bootstrap_ci, paired_bootstrap, retrieval_metrics
@@ -56,7 +58,12 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
                  data_dir: Path | None = None) -> EvalResult:
     """Score one run on a split; saves `runs/<run>/eval/<ds>-<split>.json`."""
-    emb = write_run_embeddings(LoadedRun(run_dir, which, device), dataset, split, reporter=reporter, data_dir=data_dir)
+    run = LoadedRun(run_dir, which, device)
+    name = dataset or run.cfg.data.dataset
+    if load_dataset(name, data_dir or run.cfg.data.data_dir).captions.empty:
+        raise MmretError(f"dataset {name!r} has no captions, so there is nothing to score; a gallery without "
+                         "captions is for mmret search and mmret serve")
+    emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
     images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
     ranks = retrieval_metrics(images, captions, emb.caption_image)

@@ -35,7 +35,12 @@ from mmret.errors import MmretError
 _logger = logging.getLogger(__name__)
 
 _SLACK = 54  # candidates the screen keeps beyond k, so that rounding rarely forces a rescan
-_FP16_MAX_QUERIES = 2  # up to this many queries, one float16 matrix-vector product each is fastest
+# up to this many queries, one float16 matrix-vector product each is fastest: the bfloat16 screen
+# converts the whole gallery once per batch, which costs about as much as 8-9 products. Measured on
+# the 100K x 512 gallery of benchmarks/serve.py (2 shared cores, load 12): 4 queries 388 ms batched
+# against 188 ms one by one, 8: 444 / 418, 16: 433 / 795. A server batching a few concurrent text
+# queries sits right in that range; it was 2.
+_FP16_MAX_QUERIES = 8
 _QUERY_BLOCK = 1024  # queries screened together: bounds the (queries, rows) score block
 _ROWS_PER_CHUNK = 16384  # gallery rows converted and multiplied at once (16 MB of bfloat16 at 512-d)
 _GROUP = 32  # the bfloat16 screen skips groups of this many rows that cannot enter the top

@@ -65,13 +65,25 @@ class LoadedRun:
     def encode_items(self, paths: list[str | Path]) -> torch.Tensor:
         return self.encode("image", paths)
 
+    def source(self, dataset: Any, split: str, reporter: Reporter = NULL) -> Any:
+        """The method's source of one split of a prepared dataset (feature caches filled on the way)."""
+        ctx, _ = self.model(SIDES)
+        (source,) = self.method.sources(self.cfg, ctx, dataset, (split,), self.device, reporter)
+        return source
+
+    def embed_rows(self, source: Any, image_rows: Any = None, caption_rows: Any = None, batch_size: int = 256,
+                   reporter: Reporter = NULL, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """(item embeddings, caption embeddings) of the given rows of a source (None: every row)."""
+        _, model = self.model(SIDES)
+        total = sum(n if rows is None else len(rows) for n, rows in
+                    ((source.num_images, image_rows), (source.num_captions, caption_rows)))
+        with reporter.task(f"embedding {label}".strip(), total=total, unit="rows") as task:
+            return embed_source(model, source, batch_size, self.device, lambda: autocast_context(self.device, "fp32"),
+                                task.advance, image_rows, caption_rows)
+
     def embed(self, dataset: Any, split: str, batch_size: int = 256,
               reporter: Reporter = NULL) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """(source, item embeddings, caption embeddings) of one split of a prepared dataset."""
-        ctx, model = self.model(SIDES)
-        (source,) = self.method.sources(self.cfg, ctx, dataset, (split,), self.device, reporter)
-        with reporter.task(f"embedding {dataset.name}-{split}", total=source.num_images + source.num_captions,
-                           unit="rows") as task:
-            images, captions = embed_source(model, source, batch_size, self.device,
-                                            lambda: autocast_context(self.device, "fp32"), task.advance)
-        return source, images, captions
+        source = self.source(dataset, split, reporter)
+        return (source, *self.embed_rows(source, batch_size=batch_size, reporter=reporter,
+                                         label=f"{dataset.name}-{split}"))

@@ -1,10 +1,13 @@
-"""`mmret search`: the gallery items that best match text queries or a query picture.
+"""Search a run's gallery: the items that best match text queries, a query item, or an item of
+the gallery itself (more like this), and the captions that fit a query item.
 
-The gallery is a run's final embeddings of a dataset split (default: every image of the run's
-dataset), searched through an index cached in `runs/<run>/index/<ds>-<split>-<images|captions>/`
-(exact by default, FAISS IVF or HNSW on request). The index carries a fingerprint of the run's
-checkpoint and the dataset: when they changed (the run trained on, the dataset was prepared
-again) it is built again, as the embeddings are; it is never used for other embeddings.
+A `Gallery` is loaded once and answers many queries: the run (`LoadedRun`), its final embeddings
+of a dataset split (default: every item of the run's dataset) and the indexes over them, cached in
+`runs/<run>/index/<ds>-<split>-<images|captions>/` (exact by default, FAISS IVF or HNSW on
+request). `mmret search` opens one per command, `mmret serve` one per process. An index carries a
+fingerprint of the run's checkpoint and the dataset: when they changed (the run trained on, the
+dataset was prepared again after items were added) it is built again, as the embeddings are; it is
+never used for other embeddings.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from mmret.errors import MmretError
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.index import IndexConfig, StaleIndex, ensure_index
 from mmret.inference.loaded import LoadedRun
+from mmret.modalities import Modality, get_modality
 
 _logger = logging.getLogger(__name__)
 
@@ -29,17 +33,17 @@ _logger = logging.getLogger(__name__)
 class Hit:
     rank: int
     score: float
-    image_id: str
+    image_id: str  # the gallery item's id (a picture's, or a sound's)
     path: str
-    captions: list[str]  # the image's captions (text queries); or the one matching caption (caption hits)
+    captions: list[str]  # the item's captions (item hits); or the one matching caption (caption hits)
     right: bool | None = None  # the query is one of the gallery's captions: whether this is its item
 
 
 @dataclass
 class QueryResult:
-    query: str  # the text, or the picture's path
-    images: list[Hit]  # best-matching pictures
-    captions: list[Hit] = field(default_factory=list)  # best-matching captions (picture queries)
+    query: str  # the text, the item file's path, or the gallery id
+    images: list[Hit]  # best-matching items
+    captions: list[Hit] = field(default_factory=list)  # best-matching captions (item queries)
     known: bool = False  # the query text is one of the gallery's captions (so its right item is known)
 
     def sheet_row(self) -> tuple[str, list]:
@@ -71,7 +75,7 @@ class SearchResult:
 
 
 def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, rebuild: bool, reporter: Reporter):
-    """The cached index over the run's image (or caption) embeddings."""
+    """The cached index over the run's item (or caption) embeddings."""
     fingerprint = {"run": run_dir.name, "checkpoint": emb.manifest["checkpoint"], "dataset": emb.dataset,
                    "split": emb.split, "gallery": which,
                    "fingerprint": emb.manifest[f"{which}_fingerprint" if which == "images" else "captions_fingerprint"]}
@@ -79,7 +83,7 @@ def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, 
     # an approximate index's recall is measured with the other modality's embeddings as queries,
     # which is how it will be searched
     other = emb.captions if which == "images" else emb.images
-    queries = np.asarray(other[:cfg.check_queries], dtype=np.float32) if cfg.kind != "exact" else None
+    queries = np.asarray(other[:cfg.check_queries], dtype=np.float32) if cfg.kind != "exact" and len(other) else None
     try:
         return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries,
                             rebuild=rebuild, reporter=reporter)
@@ -89,52 +93,154 @@ def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, 
                             reporter=reporter)
 
 
-def _image_hits(emb: Embeddings, scores: np.ndarray, ids: np.ndarray, query: str | None = None) -> list[Hit]:
-    captions = emb.caption_table.groupby("image")["caption"].apply(list)
-    table = emb.image_table
-    return [Hit(rank + 1, float(s), str(table.image_id.iloc[i]), str(table.path.iloc[i]), captions.get(int(i), []),
-                None if query is None else query in captions.get(int(i), []))
-            for rank, (s, i) in enumerate(zip(scores, ids))]
+class Gallery:
+    """A run's gallery, loaded once: the model, the final embeddings and the indexes over them.
 
+    Queries become embeddings through the run (`encode_texts`, `encode_items`) or are gallery rows
+    (`vectors`); `items_for` and `captions_for` turn query embeddings into hits."""
 
-def _caption_hits(emb: Embeddings, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
-    rows = emb.caption_table
-    out = []
-    for rank, (s, i) in enumerate(zip(scores, ids)):
-        image = int(rows.image.iloc[i])
-        out.append(Hit(rank + 1, float(s), str(emb.image_table.image_id.iloc[image]),
-                       str(emb.image_table.path.iloc[image]), [str(rows.caption.iloc[i])]))
-    return out
+    def __init__(self, run: LoadedRun, emb: Embeddings, images_index: Any, captions_index: Any | None,
+                 index: str = "exact"):
+        self.run, self.emb, self.index = run, emb, index
+        self.images_index, self.captions_index = images_index, captions_index
+        self.ids = emb.image_table["image_id"].astype(str).tolist()
+        self.paths = emb.image_table["path"].astype(str).tolist()
+        self.row_of = {item: row for row, item in enumerate(self.ids)}
+        self.caption_texts = emb.caption_table["caption"].astype(str).tolist()
+        self.caption_items = emb.caption_table["image"].to_numpy(np.int64)
+        self.known_captions = set(self.caption_texts)
+        self.captions_of: list[list[str]] = [[] for _ in self.ids]
+        for text, row in zip(self.caption_texts, self.caption_items.tolist()):
+            self.captions_of[row].append(text)
+
+    @classmethod
+    def open(cls, run: LoadedRun | Path, dataset: str | None = None, split: str = "all", index: str = "exact",
+             rebuild_index: bool = False, captions: bool = True, device: str = "auto", which: str = "best",
+             reporter: Reporter = NULL, data_dir: Path | None = None) -> "Gallery":
+        """Load `run` (a folder or a loaded run) and its gallery; `captions` also opens the caption
+        index (for item queries), when the gallery has captions."""
+        run = run if isinstance(run, LoadedRun) else LoadedRun(run, which, device)
+        emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
+        cfg = IndexConfig(kind=index)
+        images_index = gallery_index(run.run_dir, emb, "images", cfg, rebuild_index, reporter)
+        captions_index = None
+        if captions and len(emb.captions):
+            captions_index = gallery_index(run.run_dir, emb, "captions", cfg, rebuild_index, reporter)
+        return cls(run, emb, images_index, captions_index, index)
+
+    # -- what the gallery is
+    @property
+    def modality(self) -> Modality:
+        return get_modality(self.run.cfg.data.modality)
+
+    @property
+    def dataset(self) -> str:
+        return self.emb.dataset
+
+    @property
+    def split(self) -> str:
+        return self.emb.split
+
+    @property
+    def n_items(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.caption_texts)
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.images.shape[1])
+
+    # -- queries into embeddings
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """(Q, D) float32 embeddings of captions."""
+        return self.run.encode_texts(list(texts)).numpy()
+
+    def encode_items(self, paths: list[str | Path]) -> np.ndarray:
+        """(Q, D) float32 embeddings of item files (the run's modality)."""
+        return self.run.encode_items(list(paths)).numpy()
+
+    def rows(self, ids: list[str]) -> list[int]:
+        """Gallery rows of item ids; an unknown id is a one-line error."""
+        missing = [i for i in ids if i not in self.row_of]
+        if missing:
+            raise MmretError(f"no item {missing[0]!r} in the gallery {self.dataset}-{self.split}")
+        return [self.row_of[i] for i in ids]
+
+    def vectors(self, rows: list[int]) -> np.ndarray:
+        """(Q, D) float32 gallery embeddings of rows: the query of "more like this"."""
+        return np.asarray(self.emb.images[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+
+    # -- embeddings into hits
+    def items_for(self, queries: np.ndarray, k: int, leave_out: list[int] | None = None) -> list[list[Hit]]:
+        """The top-k items of each query embedding, best first; `leave_out[q]` is a row that query
+        q must not return (the item a "more like this" query started from)."""
+        extra = 1 if leave_out is not None else 0
+        scores, ids = self.images_index.search(queries, min(k + extra, self.n_items))
+        out = []
+        for q, (s, i) in enumerate(zip(scores, ids)):
+            keep = (i >= 0) & (i != (leave_out[q] if leave_out is not None else -1))
+            s, i = s[keep][:k], i[keep][:k]
+            out.append([Hit(r + 1, float(score), self.ids[row], self.paths[row], list(self.captions_of[row]))
+                        for r, (score, row) in enumerate(zip(s.tolist(), i.tolist()))])
+        return out
+
+    def captions_for(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """The top-k captions of each query embedding (none when the gallery has no captions)."""
+        if self.captions_index is None:
+            return [[] for _ in range(len(queries))]
+        scores, ids = self.captions_index.search(queries, min(k, self.n_captions))
+        out = []
+        for s, i in zip(scores, ids):
+            hits = []
+            for r, (score, row) in enumerate((a, b) for a, b in zip(s.tolist(), i.tolist()) if b >= 0):
+                item = int(self.caption_items[row])
+                hits.append(Hit(r + 1, float(score), self.ids[item], self.paths[item], [self.caption_texts[row]]))
+            out.append(hits)
+        return out
+
+    # -- whole queries
+    def search_texts(self, texts: list[str], k: int) -> list[QueryResult]:
+        """The items of each text; a text that is one of the gallery's captions marks its item right."""
+        hits = self.items_for(self.encode_texts(texts), k)
+        out = []
+        for text, found in zip(texts, hits):
+            known = text in self.known_captions
+            for h in found:
+                h.right = text in h.captions if known else None
+            out.append(QueryResult(text, found, known=known))
+        return out
+
+    def search_items(self, paths: list[str | Path], k: int) -> list[QueryResult]:
+        queries = self.encode_items(paths)
+        return [QueryResult(str(p), h, c) for p, h, c in zip(paths, self.items_for(queries, k), self.captions_for(queries, k))]
+
+    def search_ids(self, ids: list[str], k: int) -> list[QueryResult]:
+        """More like each gallery item: its nearest other items, and the captions that fit it."""
+        rows = self.rows(ids)
+        queries = self.vectors(rows)
+        items, captions = self.items_for(queries, k, leave_out=rows), self.captions_for(queries, k)
+        return [QueryResult(i, h, c) for i, h, c in zip(ids, items, captions)]
 
 
 def search(run_dir: Path, queries: list[str], image: Path | None = None, dataset: str | None = None,
            split: str = "all", k: int = 10, index: str = "exact", rebuild_index: bool = False,
            device: str = "auto", which: str = "best", reporter: Reporter = NULL,
            data_dir: Path | None = None) -> SearchResult:
-    """Top-k pictures for each text query, or pictures and captions for a query picture."""
+    """Top-k items for each text query, or items and captions for a query item."""
     if not queries and image is None:
         raise MmretError("nothing to search for: give a query text, --queries FILE, or --image PATH")
+    if k < 1:
+        raise MmretError(f"-k must be at least 1, got {k}")
     if any(not q.strip() for q in queries):
         raise MmretError("a query is empty; give the words to search for")
     if image is not None and Path(image).is_dir():
         raise MmretError(f"--image {image} is a folder; give the path of one file to search with")
-    if k < 1:
-        raise MmretError(f"-k must be at least 1, got {k}")
-    run = LoadedRun(run_dir, which, device)
-    emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
-    cfg = IndexConfig(kind=index)
-    images_index = gallery_index(run_dir, emb, "images", cfg, rebuild_index, reporter)
-    k_images = min(k, len(emb.images))
-    results = []
-    if queries:
-        scores, ids = images_index.search(run.encode_texts(queries).numpy(), k_images)
-        known = set(emb.caption_table["caption"])
-        results += [QueryResult(q, _image_hits(emb, s, i, q if q in known else None), known=q in known)
-                    for q, s, i in zip(queries, scores, ids)]
+    gallery = Gallery.open(run_dir, dataset, split, index, rebuild_index, captions=image is not None,
+                           device=device, which=which, reporter=reporter, data_dir=data_dir)
+    results = gallery.search_texts(queries, k) if queries else []
     if image is not None:
-        query = run.encode_items([image]).numpy()
-        scores, ids = images_index.search(query, k_images)
-        captions_index = gallery_index(run_dir, emb, "captions", cfg, rebuild_index, reporter)
-        c_scores, c_ids = captions_index.search(query, min(k, len(emb.captions)))
-        results.append(QueryResult(str(image), _image_hits(emb, scores[0], ids[0]), _caption_hits(emb, c_scores[0], c_ids[0])))
-    return SearchResult(run_dir.name, emb.dataset, split, index, results, run.cfg.data.modality)
+        results += gallery.search_items([image], k)
+    return SearchResult(run_dir.name, gallery.dataset, split, index, results, gallery.modality.name)

@@ -59,9 +59,12 @@ class FeaturesMethod(Method):
         return open_frozen_towers(cfg, cfg.encoders.vision, cfg.encoders.text)
 
     def caches(self, ctx: FeatureContext, dataset: Any, device: torch.device, reporter: Any) -> tuple[Any, Any]:
-        """The item and caption caches of the whole dataset (computed where they are missing)."""
+        """The item and caption caches of the whole dataset (computed where they are missing; no
+        caption cache for a gallery without captions)."""
         items = ensure_features(dataset, ctx.image, dataset.modality.plural, tokens=self.image_tokens,
                                 reporter=reporter, device=device)
+        if dataset.captions.empty:
+            return items, None
         captions = ensure_features(dataset, ctx.text, CAPTIONS, reporter=reporter, device=device)
         return items, captions
 

@@ -122,8 +122,10 @@ class TowerMethod(Method):
         """(item features, None) or (None, caption features) of the tower that stays frozen."""
         if ctx.cached == "image":
             return ensure_features(dataset, ctx.image, dataset.modality.plural, reporter=reporter, device=device), None
-        if ctx.cached == "text":
-            return None, ensure_features(dataset, ctx.text, CAPTIONS, reporter=reporter, device=device)
+        if ctx.cached == "text":  # a gallery without captions has none to read
+            captions = None if dataset.captions.empty else ensure_features(dataset, ctx.text, CAPTIONS,
+                                                                            reporter=reporter, device=device)
+            return None, captions
         return None
 
     def build(self, cfg: Any, ctx: Towers) -> DualEncoder:

@@ -25,6 +25,7 @@ class Modality:
     decode: Callable[[Path], Any]  # path -> the decoded item (a PIL picture), or ItemError
     columns: tuple[str, ...]  # the columns `probe` fills in the item table
     results_sheet: Callable[..., None] | None = None  # ([(title, [SheetItem])], path): results for people to look at
+    thumbnail: Callable[[Path, int], bytes] | None = None  # (path, size in px) -> a small JPEG to show, or ItemError
 
     def is_item_file(self, name: str) -> bool:
         return name.lower().endswith(self.extensions) and not name.startswith(".")

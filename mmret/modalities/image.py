@@ -4,7 +4,7 @@
 white, palette / greyscale / CMYK / 16-bit converted, EXIF orientation applied). `probe_image`
 reads just the size, or with `full=True` decodes everything to catch truncated files.
 Both raise `ImageError` with a short reason instead of PIL's many exception types.
-`contact_sheet` draws search results as one picture.
+`contact_sheet` draws search results as one picture; `make_thumbnail` the small JPEG a web page shows.
 """
 
 from __future__ import annotations
@@ -166,6 +166,30 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
         sheet.save(tmp, format="PNG")
 
 
+def make_thumbnail(path: str | Path, size: int = 256, quality: int = 85) -> bytes:
+    """A JPEG of the picture fitting in size x size, oriented and in RGB. JPEGs are decoded at a
+    reduced scale (`draft`), so a thumbnail of a large photo costs a fraction of its full decode."""
+    import io
+
+    img = _open(path)
+    try:
+        img.draft("RGB", (2 * size, 2 * size))  # no-op for other formats
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # broken EXIF: keep the pixels as stored
+            pass
+        img = to_rgb(img)
+        img.thumbnail((size, size), Image.Resampling.BICUBIC)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(f"cannot decode: {e}") from None
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
 def _probe_columns(path: Path, full: bool) -> dict[str, int]:
     width, height = probe_image(path, full=full)
     return {"width": width, "height": height}
@@ -173,4 +197,5 @@ def _probe_columns(path: Path, full: bool) -> dict[str, int]:
 
 IMAGE = register_modality(Modality(
     name="image", plural="images", short="i", noun="picture", unit="img", extensions=IMAGE_EXTENSIONS,
-    probe=_probe_columns, decode=load_rgb, columns=("width", "height"), results_sheet=contact_sheet))
+    probe=_probe_columns, decode=load_rgb, columns=("width", "height"), results_sheet=contact_sheet,
+    thumbnail=make_thumbnail))

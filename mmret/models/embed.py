@@ -13,25 +13,31 @@ from mmret.models.batch import call, to_device
 
 @torch.inference_mode()
 def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.device,
-                 autocast: Callable[[], Any], advance: Callable[[int], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized embeddings of every item and every caption of a source, as float32 on the CPU;
-    `advance(rows)` is told after each batch (a progress bar)."""
+                 autocast: Callable[[], Any], advance: Callable[[int], Any] | None = None, image_rows: Any = None,
+                 caption_rows: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized embeddings of every item and every caption of a source (or of the given rows
+    only), as float32 on the CPU; `advance(rows)` is told after each batch (a progress bar). No
+    rows give a (0, D) tensor ((0, 0) when D is unknown)."""
     was_training = model.training
     model.eval()
 
-    def embed(encode: Callable, batches: Any) -> torch.Tensor:
+    def embed(encode: Callable, batches: Any) -> list[torch.Tensor]:
         out = []
         for x in batches:
             out.append(call(encode, to_device(x, device)).float().cpu())
             if advance is not None:
                 advance(len(out[-1]))
-        return torch.cat(out)
+        return out
 
+    # rows are passed only when given, so sources that iterate everything (stand-ins) still fit
+    image_batches = source.iter_images(batch_size) if image_rows is None else source.iter_images(batch_size, image_rows)
+    text_batches = source.iter_texts(batch_size) if caption_rows is None else source.iter_texts(batch_size, caption_rows)
     with autocast():
-        images = embed(model.encode_image, source.iter_images(batch_size))
-        texts = embed(model.encode_text, source.iter_texts(batch_size))
+        images = embed(model.encode_image, image_batches)
+        texts = embed(model.encode_text, text_batches)
     model.train(was_training)
-    return images, texts
+    dim = next((t.shape[1] for t in images + texts), 0)
+    return tuple(torch.cat(parts) if parts else torch.zeros(0, dim) for parts in (images, texts))
 
 
 def move_real(module: nn.Module, device: torch.device | str) -> nn.Module:

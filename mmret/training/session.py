@@ -118,6 +118,9 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     precision = training_precision(device, cfg.train.precision, method.runs_towers)
     _seed_everything(cfg.train.seed)
     dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    if dataset.captions.empty:
+        raise MmretError(f"dataset {dataset.name!r} has no captions: a gallery without captions can be searched "
+                         "(mmret search, mmret serve) but not trained on")
     cfg.data.modality = dataset.modality.name
     context = method.open(cfg, dataset, resume_dir)
     train, val = method.sources(cfg, context, dataset, ("train", "val"), device, reporter)

@@ -58,7 +58,8 @@ BUILTIN_READERS = {
     "coco": ("mmret.data.readers.coco", "MS-COCO: captions_{train,val}2014.json and/or Karpathy's dataset_coco.json"),
     "flickr8k": ("mmret.data.readers.flickr8k", "Flickr8k: Flickr8k.token.txt with Flickr_8k.{train,dev,test}Images.txt"),
     "folder": ("mmret.data.readers.folder",
-               "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet"),
+               "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet; "
+               "with --no-captions, any folder of images"),
     "example": ("mmret.data.readers.example",
                 "a built-in set of coloured-shape pictures with captions, generated with no download"),
 }

@@ -5,6 +5,7 @@ one table at the root, `captions.csv`, `captions.jsonl` or `captions.parquet`, w
 column (path relative to the root) and a `caption` column, one row per caption. Pictures are
 jpg, png, webp, bmp or gif, in any sub-folder. Splits are seeded fractions (`--val`, `--test`).
 The modality is the one whose files the folder (or the table's `image` column) holds.
+With `--no-captions` every item file under the root is read and caption files are not looked for.
 """
 
 from __future__ import annotations
@@ -102,8 +103,19 @@ def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]
     return records
 
 
+def records_without_captions(root: Path) -> SourceData:
+    modality, files = item_files(root)
+    if not files:
+        endings = ", ".join(e for m in MODALITIES.values() for e in m.extensions)
+        raise MmretError(f"no items under {root}: expected files ending in {endings}")
+    records = [ImageRecord(f.relative_to(root).as_posix(), str(f), []) for f in files]
+    return SourceData(records, [], "", modality=modality.name)
+
+
 @register_reader("folder")
 def read_folder(root: Path, cfg) -> SourceData:
+    if not cfg.captions:
+        return records_without_captions(root)
     problems: list[Problem] = []
     table = next((root / name for name in TABLES if (root / name).is_file()), None)
     note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the images"
@@ -116,6 +128,7 @@ def read_folder(root: Path, cfg) -> SourceData:
     if not records and not problems:
         endings = ", ".join(e for m in MODALITIES.values() for e in m.extensions)
         raise MmretError(f"no captioned images under {root}: expected images ({endings}) "
-                         f"with a .txt caption file beside each, or one of {', '.join(TABLES)}")
+                         f"with a .txt caption file beside each, or one of {', '.join(TABLES)} "
+                         "(or --no-captions for a gallery to search)")
     return SourceData(records, [f"{len(records)} caption files"], note, split_sizes=(cfg.val, cfg.test),
                       problems=problems, modality=modality.name)

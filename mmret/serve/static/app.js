@@ -1,0 +1,252 @@
+// The mmret search page: plain JavaScript, no build step, nothing fetched but this server's API.
+// Text and ids go in the address (#q=..., #id=...), so Back and Forward replay searches.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, key: sessionStorage.getItem("mmret-key") || "", objectUrls: [] };
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  if (state.key) h["X-API-Key"] = state.key;
+  return h;
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options || {});
+  opts.headers = headers(opts.headers);
+  const response = await fetch(path, opts);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (response.status === 401) {
+    $("key-form").hidden = false;
+    $("key").focus();
+  }
+  if (!response.ok) throw new Error((body && body.error) || `the server answered ${response.status}`);
+  return body;
+}
+
+function showError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+
+function setStatus(text) { $("status").textContent = text; }
+
+function plural(n, one, many) { return `${n.toLocaleString()} ${n === 1 ? one : many}`; }
+
+// Media: a plain URL, or with an API key, fetched with the key and shown from a blob.
+function loadMedia(element, url) {
+  if (!state.key) { element.src = url; return; }
+  fetch(url, { headers: headers() }).then((r) => (r.ok ? r.blob() : null)).then((blob) => {
+    if (!blob) return;
+    const local = URL.createObjectURL(blob);
+    state.objectUrls.push(local);
+    element.src = local;
+  });
+}
+
+function releaseMedia() {
+  state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
+  state.objectUrls = [];
+}
+
+function mediaElement(hit) {
+  const kind = state.info ? state.info.modality : "image";
+  if (kind === "image") {
+    const img = document.createElement("img");
+    img.alt = hit.captions && hit.captions.length ? hit.captions[0] : hit.id;
+    img.loading = "lazy";
+    img.decoding = "async";
+    loadMedia(img, hit.thumbnail);
+    return img;
+  }
+  if (kind === "audio") {
+    const audio = document.createElement("audio");
+    audio.controls = true;
+    audio.preload = "none";
+    loadMedia(audio, hit.url);
+    return audio;
+  }
+  const span = document.createElement("span");
+  span.textContent = hit.id;
+  return span;
+}
+
+function card(hit) {
+  const li = document.createElement("li");
+  li.className = "hit";
+  li.dataset.id = hit.id;
+  const link = document.createElement("a");
+  link.className = "media";
+  link.href = hit.url;
+  link.target = "_blank";
+  link.rel = "noopener";
+  link.title = `Open ${hit.id}`;
+  link.appendChild(mediaElement(hit));
+  if (state.key) {
+    link.addEventListener("click", (event) => {  // a new tab cannot send the key: open the loaded blob
+      const media = link.querySelector("img, audio");
+      if (media && media.src.startsWith("blob:")) { event.preventDefault(); window.open(media.src, "_blank"); }
+    });
+  }
+  li.appendChild(link);
+  const body = document.createElement("div");
+  body.className = "body";
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const id = document.createElement("span");
+  id.className = "id";
+  id.textContent = `#${hit.rank} ${hit.id}`;
+  id.title = hit.id;
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.score.toFixed(3);
+  score.title = "cosine similarity";
+  meta.append(id, score);
+  body.appendChild(meta);
+  (hit.captions || []).slice(0, 2).forEach((text) => {
+    const p = document.createElement("p");
+    p.className = "caption";
+    p.textContent = text;
+    body.appendChild(p);
+  });
+  if (hit.captions && hit.captions.length > 2) body.lastChild.title = hit.captions.join("\n");
+  const more = document.createElement("button");
+  more.type = "button";
+  more.className = "more";
+  more.textContent = "More like this";
+  more.setAttribute("aria-label", `More like ${hit.id}`);
+  more.addEventListener("click", () => go({ id: hit.id }));
+  body.appendChild(more);
+  li.appendChild(body);
+  return li;
+}
+
+function render(answer, label) {
+  releaseMedia();
+  const list = $("results");
+  list.replaceChildren(...answer.results.map(card));
+  const captions = answer.captions || [];
+  $("captions").replaceChildren(...captions.map((c) => {
+    const li = document.createElement("li");
+    li.textContent = `${c.caption} `;
+    const s = document.createElement("span");
+    s.className = "score";
+    s.textContent = `(${c.score.toFixed(3)})`;
+    li.appendChild(s);
+    return li;
+  }));
+  $("captions-box").hidden = captions.length === 0;
+  const noun = state.info ? [state.info.noun, `${state.info.noun}s`] : ["result", "results"];
+  setStatus(`${plural(answer.results.length, noun[0], noun[1])} ${label} · ${answer.ms.toFixed(1)} ms in the server`);
+  document.body.dataset.state = "done";
+}
+
+function k() { return parseInt($("k").value, 10) || 24; }
+
+async function run(query) {
+  showError("");
+  document.body.dataset.state = "searching";
+  setStatus("Searching…");
+  try {
+    if (query.text !== undefined) {
+      $("q").value = query.text;
+      render(await api("/api/search", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ text: query.text, k: k() }) }), `for “${query.text}”`);
+    } else if (query.id !== undefined) {
+      render(await api("/api/search", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ id: query.id, k: k() }) }), `like ${query.id}`);
+    }
+  } catch (e) {
+    document.body.dataset.state = "error";
+    setStatus("");
+    showError(e.message);
+  }
+}
+
+async function upload(file) {
+  if (!file) return;
+  showError("");
+  document.body.dataset.state = "searching";
+  setStatus(`Searching with ${file.name}…`);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("k", String(k()));
+  try {
+    render(await api("/api/search/upload", { method: "POST", body: form }), `like ${file.name}`);
+    history.replaceState(null, "", location.pathname);
+  } catch (e) {
+    document.body.dataset.state = "error";
+    setStatus("");
+    showError(e.message);
+  }
+}
+
+// The address holds the query: a new search is a new history entry, Back replays the last one.
+function go(query) {
+  const hash = query.text !== undefined ? `#q=${encodeURIComponent(query.text)}` : `#id=${encodeURIComponent(query.id)}`;
+  if (location.hash === hash) run(query); else location.hash = hash;
+  window.scrollTo({ top: 0 });
+}
+
+function fromHash() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (params.has("q")) return { text: params.get("q") };
+  if (params.has("id")) return { id: params.get("id") };
+  return null;
+}
+
+async function loadInfo() {
+  try {
+    state.info = await api("/api/info");
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
+  const i = state.info;
+  $("about").textContent = `${i.dataset} · ${plural(i.items, i.noun, `${i.noun}s`)}` +
+    (i.captions ? ` · ${plural(i.captions, "caption", "captions")}` : "") + ` · run ${i.run} (${i.method})`;
+  $("q").placeholder = `Describe a ${i.noun}, press Enter`;
+  $("file-label").textContent = `Search with a ${i.noun}`;
+  $("k").value = [12, 24, 48, 96].includes(i.k) ? String(i.k) : $("k").value;
+  const query = fromHash();
+  if (query) run(query);
+}
+
+function setUp() {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("q").value.trim();
+    if (text) go({ text });
+  });
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.key = $("key").value;
+    sessionStorage.setItem("mmret-key", state.key);
+    $("key-form").hidden = true;
+    showError("");
+    loadInfo();
+  });
+  $("file").addEventListener("change", () => upload($("file").files[0]));
+  $("file-label").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file").click(); }
+  });
+  window.addEventListener("hashchange", () => { const q = fromHash(); if (q) run(q); });
+  document.addEventListener("keydown", (event) => {
+    const typing = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);
+    if (event.key === "/" && !typing) { event.preventDefault(); $("q").focus(); $("q").select(); }
+  });
+  let depth = 0;  // dragenter/dragleave fire for every child element crossed
+  document.addEventListener("dragenter", (event) => { event.preventDefault(); depth += 1; $("drop").hidden = false; });
+  document.addEventListener("dragleave", () => { depth = Math.max(0, depth - 1); if (!depth) $("drop").hidden = true; });
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    $("drop").hidden = true;
+    if (event.dataTransfer.files.length) upload(event.dataTransfer.files[0]);
+  });
+  loadInfo();
+}
+
+document.addEventListener("DOMContentLoaded", setUp);
