@@ -131,6 +131,8 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
                       "stamp": stamps[1]}).to_parquet(tmp / "captions.parquet", index=False)
         write_json(tmp / "manifest.json", {**expected, "dataset": ds.name, "run": run.name, "dim": dim,
                                            "images": len(images), "captions": len(captions), "digests": _digests(tmp),
+                                           "reused": {"images": len(images) - len(image_todo),
+                                                      "captions": len(captions) - len(caption_todo)},
                                            "seconds": round(time.perf_counter() - start, 2)})
     return open_embeddings(target)
 
