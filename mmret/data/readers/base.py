@@ -26,6 +26,7 @@ class ImageRecord:
     path: str  # absolute, or relative to the dataset folder for files the dataset owns
     captions: list[str]
     split: str | None = None  # the source's official split, if it has one
+    label: str | None = None  # its class, in a dataset for classification (`prepare classes`)
 
 
 @dataclass
@@ -59,6 +60,9 @@ BUILTIN_READERS = {
     "flickr8k": ("mmret.data.readers.flickr8k", "Flickr8k: Flickr8k.token.txt with Flickr_8k.{train,dev,test}Images.txt"),
     "folder": ("mmret.data.readers.folder",
                "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet"),
+    "classes": ("mmret.data.readers.classes",
+                "items sorted into class folders (root/<class>/...), or a labels.csv/.jsonl/.parquet of image and "
+                "label; for eval --task classification and linear-probe"),
     "example": ("mmret.data.readers.example",
                 "a built-in set of coloured-shape pictures with captions, generated with no download"),
 }
