@@ -25,6 +25,9 @@ class Modality:
     decode: Callable[[Path], Any]  # path -> the decoded item (a PIL picture), or ItemError
     columns: tuple[str, ...]  # the columns `probe` fills in the item table
     results_sheet: Callable[..., None] | None = None  # ([(title, [SheetItem])], path): results for people to look at
+    # (path, size) -> an (H, W, 3) uint8 picture of the item at most size pixels a side, for
+    # embedding maps and failure galleries (a sound may draw its spectrogram); or ItemError
+    thumbnail: Callable[[Path, int], Any] | None = None
 
     def is_item_file(self, name: str) -> bool:
         return name.lower().endswith(self.extensions) and not name.startswith(".")

@@ -4,7 +4,7 @@
 white, palette / greyscale / CMYK / 16-bit converted, EXIF orientation applied). `probe_image`
 reads just the size, or with `full=True` decodes everything to catch truncated files.
 Both raise `ImageError` with a short reason instead of PIL's many exception types.
-`contact_sheet` draws search results as one picture.
+`contact_sheet` draws search results as one picture; `thumbnail` a small copy for maps and galleries.
 """
 
 from __future__ import annotations
@@ -166,6 +166,13 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
         sheet.save(tmp, format="PNG")
 
 
+def thumbnail(path: str | Path, size: int) -> np.ndarray:
+    """(H, W, 3) uint8: the picture shrunk to at most `size` pixels a side, aspect kept."""
+    img = load_rgb(path)
+    img.thumbnail((size, size))
+    return np.asarray(img)
+
+
 def _probe_columns(path: Path, full: bool) -> dict[str, int]:
     width, height = probe_image(path, full=full)
     return {"width": width, "height": height}
@@ -173,4 +180,5 @@ def _probe_columns(path: Path, full: bool) -> dict[str, int]:
 
 IMAGE = register_modality(Modality(
     name="image", plural="images", short="i", noun="picture", unit="img", extensions=IMAGE_EXTENSIONS,
-    probe=_probe_columns, decode=load_rgb, columns=("width", "height"), results_sheet=contact_sheet))
+    probe=_probe_columns, decode=load_rgb, columns=("width", "height"), results_sheet=contact_sheet,
+    thumbnail=thumbnail))
