@@ -134,6 +134,15 @@ def test_zero_shot_clip_classifies_too(env):
     assert rows[0]["train_overlap"] is None and rows[1]["train_overlap"] == 0
 
 
+def test_classification_reads_a_dataset_from_data_dir(env, tmp_path):
+    elsewhere = tmp_path / "data"
+    prepare(PrepareConfig(source="classes", root=env["root"] / "raw", name="moved", test=0.5, data_dir=elsewhere))
+    out = runner.invoke(app, ["eval", "--task", "classification", "--dataset", "moved", "--data-dir", str(elsewhere),
+                              "--format", "json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)[0]["n_items"] == 15
+
+
 def test_linear_probe(world):
     (result,) = run_eval([world["run"]], EvalConfig(task="linear-probe")).results
     assert result.sizes == {"train": 15, "val": 6, "test": 9}
