@@ -69,10 +69,10 @@ def test_label_table_with_captions_official_split_and_problems(tmp_path, data_di
     for name in ("a.png", "b.png", "c.png", "d.png", "e.png"):
         picture(root / "pics" / name)
     pd.DataFrame({
-        "image": ["pics/a.png", "pics/a.png", "pics/b.png", "pics/c.png", "pics/c.png", "pics/d.png", "pics/e.png"],
-        "label": ["cat", "cat", "dog", "cat", "dog", "", "dog"],
-        "caption": ["a cat asleep", "a grey cat", None, None, None, "x", None],
-        "split": ["test", "test", "train", "", "", "", "TRAIN"],
+        "image": ["pics/a.png", "pics/a.png", "pics/b.png", "pics/c.png", "pics/c.png", "pics/d.png", "pics/e.png", ""],
+        "label": ["cat", "cat", "dog", "cat", "dog", "", "dog", "cat"],
+        "caption": ["a cat asleep", "a grey cat", None, None, None, "x", None, None],
+        "split": ["test", "test", "train", "", "", "", "TRAIN", ""],
     }).to_csv(root / "labels.csv", index=False)
     result = run(root, data_dir)
     ds = load_dataset("classes", data_dir)
@@ -83,7 +83,7 @@ def test_label_table_with_captions_official_split_and_problems(tmp_path, data_di
     assert ds.captions[ds.captions.image_id == "pics/a.png"]["caption"].tolist() == ["a cat asleep", "a grey cat"]
     assert ds.captions[ds.captions.image_id == "pics/b.png"]["caption"].tolist() == ["dog"]
     kinds = sorted((p.kind, p.item) for p in result.problems)
-    assert kinds == [("conflicting labels", "pics/c.png"), ("no label", "pics/d.png")]
+    assert kinds == [("conflicting labels", "pics/c.png"), ("no file", "row 9"), ("no label", "pics/d.png")]
     assert result.split_note.startswith("official split from labels.csv where given")
 
 

@@ -33,8 +33,10 @@ class FailuresResult:
 def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, count: int = 8,
                   above: int = 5) -> list[GalleryRow]:
     """The `count` captions whose item ranked lowest, with up to `above` items ranked over it."""
-    if count < 1 or above < 0:
+    if count < 1:
         raise MmretError(f"--worst must be at least 1, got {count}")
+    if above < 0:
+        raise MmretError(f"the items shown above the right one cannot be fewer than 0, got {above}")
     images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
     truth = emb.caption_image

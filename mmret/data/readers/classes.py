@@ -80,7 +80,11 @@ def _from_table(path: Path, root: Path, problems: list[Problem]) -> tuple[list[I
     records: dict[str, ImageRecord] = {}
     conflicts: dict[str, set[str]] = {}
     for row, (image, label, caption, split) in enumerate(zip(frame["image"], frame["label"], captions, splits), 2):
-        image, label = Path(_cell(image)).as_posix(), _cell(label)
+        image, label = _cell(image), _cell(label)
+        if not image:
+            problems.append(Problem("no file", f"row {row}", "empty image cell; left out"))
+            continue
+        image = Path(image).as_posix()
         if not label:
             problems.append(Problem("no label", image, f"row {row} has an empty label; left out"))
             continue
