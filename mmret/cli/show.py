@@ -53,6 +53,8 @@ def show_dry_run(plan) -> None:
 
 
 def show_train(result) -> None:
+    if result.rank != 0:  # one of several processes: the first one reports
+        return
     keys = [k for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall") if k in result.best]
     ui.console.print(ui.table("best validation", ["metric", "value"], [(k, f"{result.best[k]:.4f}") for k in keys]))
     ui.console.print(f"{result.stopped} after {result.epochs} epochs, {result.steps} steps, "

@@ -99,10 +99,15 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one probe-memory saved); options given here override it.", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue this stopped run (name or folder) from its last checkpoint.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the parameter table and the resolved config, and stop.")] = False,
+    nproc: Annotated[int, typer.Option(help="Train on this many processes on this machine (torchrun's launcher, started here): one per GPU, or CPU processes with gloo. Under torchrun or srun leave it at 1.")] = 1,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
-    """Train a retrieval model: a run folder with checkpoints, metrics and plots."""
+    """Train a retrieval model: a run folder with checkpoints, metrics and plots.
+
+    On several GPUs or machines start it with `torchrun --nproc_per_node N -m mmret train ...`
+    (or under srun): --batch-size stays the pairs in one contrastive loss, split across processes.
+    """
     from mmret.cli import ui
     from mmret import training
     from mmret.runs import RunConfig, with_overrides
@@ -110,13 +115,16 @@ def train(
     from mmret.runs import resolve_run
 
     if resume:
+        if nproc > 1:
+            training.train_on_processes(nproc, resume_dir=resolve_run(resume, runs_dir))
+            return
         result = training.resume(resolve_run(resume, runs_dir), ui.RichReporter())
         show.show_train(result)
         return
     base = RunConfig.from_dict(read_json(config)) if config else RunConfig()
     values = dict(locals())
     for key in ("config", "resume", "dry_run", "ui", "training", "RunConfig", "with_overrides", "read_json",
-                "resolve_run", "base", "recipe"):
+                "resolve_run", "base", "recipe", "nproc"):
         values.pop(key, None)
     if recipe:
         from mmret.methods.towers import recipe_values
@@ -125,6 +133,9 @@ def train(
     cfg = with_overrides(base, values)
     if dry_run:
         show.show_dry_run(training.dry_run(cfg))
+        return
+    if nproc > 1:
+        training.train_on_processes(nproc, cfg)
         return
     show.show_train(training.train(cfg, ui.RichReporter()))
 

@@ -25,9 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -205,12 +208,20 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
     DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DDP(module, device_ids=device_ids, broadcast_buffers=False)
+    import inspect
+
+    # newer torch names it forward_sync_buffers (buffers are still made equal once, at the start)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(module, device_ids=device_ids, **{sync: False})
 
 
 def distribute_step(stepper: Any, world: DistributedWorld, accumulation: str) -> None:
     """Make a `Stepper` step over this process's slice of the global batch: DDP averages its
     gradients, the loss is gathered (exact, with or without gradient caching) and averaged."""
+    batch = stepper.train.batch_size
+    if batch < 2 * world.size:
+        raise MmretError(f"--batch-size {batch} is split over {world.size} processes; use at least {2 * world.size} "
+                         "(two pairs a process)")
     ddp = wrap_ddp(stepper.model, stepper.device)
     stepper.sync_embed = ddp
     stepper.mean_loss = world.mean
@@ -218,3 +229,95 @@ def distribute_step(stepper: Any, world: DistributedWorld, accumulation: str) ->
         stepper.loss_fn = GatheredClipLoss(world, stepper.model.logit_scale_for)
     else:  # plain accumulation: each micro-batch sees only its own negatives, here as on one process
         stepper.loss_fn = local_clip_loss
+
+
+# ---------------------------------------------------------------------------- a run on many processes
+
+
+class ProcessStopped(BaseException):
+    """The launcher (torchrun, srun) asked this process to stop, usually because another one died."""
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    raise ProcessStopped(signal.Signals(signum).name)
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    if isinstance(e, (ProcessStopped, torch.distributed.DistError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(k in text for k in ("Connection closed by peer", "remote worker",
+                                                                   "gloo", "NCCL", "Connection reset"))
+
+
+def last_good(run_dir: Path | None) -> str:
+    """Where the run's last good checkpoint is and how to continue from it."""
+    from mmret.runs.checkpoint import read_meta
+
+    last = run_dir / "checkpoints" / "last.safetensors" if run_dir is not None else None
+    if last is None or not last.is_file():
+        return "no checkpoint was written yet: start it again"
+    step = read_meta(last).get("step")
+    return (f"`last` ({last}) is the last good checkpoint (step {step}): continue with "
+            f"`mmret train --resume {run_dir.name}` on any number of processes")
+
+
+def run_on_world(fn: Callable[[], Any], world: World, cfg: Any, resume_dir: Path | None) -> Any:
+    """Run `fn` (the training loop) on this process of a world, turning the death of another
+    process (a failed collective) or the launcher's SIGTERM into one line that says which process
+    saw it and where the last good checkpoint is. Nothing is written on the way out: `last` stays
+    the last checkpoint every process had finished the steps of."""
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        return fn()
+    except BaseException as e:
+        if not _is_collective_failure(e):
+            raise
+        run_dir = resume_dir or (cfg.runs_dir / cfg.name if cfg.name else None)
+        why = f"stopped by {e}" if isinstance(e, ProcessStopped) else "lost contact with another process"
+        raise MmretError(f"process {world.rank} of {world.size} {why}; the run ends here. {last_good(run_dir)}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def launch_local(nproc: int, args: list[str]) -> None:
+    """`mmret train --nproc N`: torchrun's launcher (torch.distributed's elastic agent), started in
+    this process, runs `python -m mmret train ARGS` N times on this machine. A process that fails
+    ends the others and this call, with one line naming it."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise MmretError(f"--nproc must be at least 1, got {nproc}")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mmret-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    try:
+        elastic_launch(config, sys.executable)("-m", "mmret", "train", *args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        raise MmretError(f"process {rank} of {nproc} failed ({how}); the others were stopped. Its own error is "
+                         f"printed above; an interrupted run continues with `mmret train --resume RUN`") from None
+
+
+def train_on_processes(nproc: int, cfg: Any = None, resume_dir: Path | None = None) -> None:
+    """`mmret train --nproc N`: the run configured by `cfg` (or the stopped run `resume_dir`) on N
+    processes of this machine. The resolved config goes to the processes as a file, so each
+    builds exactly the same run; the first process prints what one process would."""
+    import tempfile
+
+    from mmret.common.io import write_json
+
+    if resume_dir is not None:
+        return launch_local(nproc, ["--resume", str(resume_dir)])
+    if cfg.train.batch_size < 2 * nproc:
+        raise MmretError(f"--batch-size {cfg.train.batch_size} is split over {nproc} processes; use at least {2 * nproc} "
+                         "(two pairs a process)")
+    if not torch.cuda.is_available():  # CPU processes share the cores instead of each taking all of them
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with tempfile.TemporaryDirectory(prefix="mmret-nproc-") as tmp:
+        path = Path(tmp) / "config.json"
+        write_json(path, cfg.to_dict())
+        return launch_local(nproc, ["--config", str(path)])
