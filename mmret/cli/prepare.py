@@ -72,6 +72,8 @@ def precompute_embeddings(
     max_length: Annotated[int, typer.Option(help="Text tokens per caption.")] = 64,
     workers: Annotated[Optional[int], typer.Option(help="Image decoding workers (default: CPU count - 1, at most 4).", show_default=False)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the image tower with torch.compile first: a minute or so once, then faster (worth it for thousands of images).")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="i/N: this process encodes the i-th of N disjoint slices into the same cache (N machines or GPUs fill one cache; the last to finish seals it). Under torchrun each process takes its rank.", show_default=False)] = None,
+    finalize: Annotated[bool, typer.Option("--finalize", help="Seal a cache whose slices were all encoded by --shard processes.")] = False,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
@@ -88,7 +90,12 @@ def precompute_embeddings(
         from mmret.inference.embeddings import write_run_embeddings
 
         run_dir = run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir)
-        emb = write_run_embeddings(run_dir, dataset, split, device=device, reporter=ui.RichReporter())
+        emb = write_run_embeddings(run_dir, dataset, split, device=device, reporter=ui.RichReporter(),
+                                   shard=shard, finalize=finalize)
+        if emb is None:
+            ui.console.print(f"shard {shard or 'of this process'} written; the last shard to finish seals "
+                             f"{run_dir.name}'s embeddings (or run --finalize)", highlight=False)
+            return
         ui.console.print(f"{emb.dataset}-{emb.split}: {emb.images.shape[0]:,} images and {emb.captions.shape[0]:,} "
                          f"captions, {emb.images.shape[1]}-d float16, in {emb.path}", highlight=False)
         return
@@ -96,7 +103,8 @@ def precompute_embeddings(
         raise MmretError("precompute-embeddings needs --dataset (or --run RUN for a trained run's embeddings)")
     cfg = PrecomputeConfig(dataset=dataset, vision=vision, text=text, split=split, tokens=tokens,
                            batch_size=batch_size, precision=precision, device=device, image_size=image_size,
-                           max_length=max_length, workers=workers, compile=compile, data_dir=data_dir)
+                           max_length=max_length, workers=workers, compile=compile, shard=shard, finalize=finalize,
+                           data_dir=data_dir)
     show.show_precompute(run_precompute(cfg, ui.RichReporter()))
 
 

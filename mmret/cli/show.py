@@ -24,6 +24,16 @@ def show_prepare(result) -> None:
 
 
 def show_precompute(result) -> None:
+    for name, shard in result.shards:
+        index, count = shard.shard
+        state = ("sealed the cache" if shard.sealed is not None and shard.encoded else
+                 "the cache is complete" if shard.sealed is not None else
+                 f"{len(shard.missing)} cache shards still to encode by other processes; the last one to finish "
+                 "seals it (or run --finalize)")
+        ui.console.print(f"{shard.which} · {name}: shard {index}/{count} encoded {len(shard.encoded)} cache shards "
+                         f"({shard.stats.encoded:,} rows); {state}", highlight=False, soft_wrap=True)
+    if not result.parts:
+        return
     rows = []
     for name, feats in result.parts:
         s = feats.stats

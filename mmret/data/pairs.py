@@ -113,9 +113,11 @@ class Source:
     def num_captions(self) -> int:
         return len(self.tables.caption_ids)
 
-    def iter_texts(self, batch_size: int):
-        for a in range(0, self.num_captions, batch_size):
-            yield self.text_batch(np.arange(a, min(a + batch_size, self.num_captions)))
+    def iter_texts(self, batch_size: int, rows: range | None = None):
+        """Caption inputs in batches of `batch_size`, over `rows` (default: all) in order."""
+        rows = range(self.num_captions) if rows is None else rows
+        for a in range(rows.start, rows.stop, batch_size):
+            yield self.text_batch(np.arange(a, min(a + batch_size, rows.stop)))
 
 
 class _Items(torch.utils.data.Dataset):
@@ -178,9 +180,9 @@ class FileSource(Source):
         for pixels, (_, captions) in zip(self._image_batches(self.train_items, keys), batches):
             yield pixels, self.text_batch(captions)
 
-    def iter_images(self, batch_size: int):
-        keys = [[(0, i) for i in range(a, min(a + batch_size, self.num_images))]
-                for a in range(0, self.num_images, batch_size)]
+    def iter_images(self, batch_size: int, rows: range | None = None):
+        rows = range(self.num_images) if rows is None else rows
+        keys = [[(0, i) for i in range(a, min(a + batch_size, rows.stop))] for a in range(rows.start, rows.stop, batch_size)]
         yield from self._image_batches(self.eval_items, keys)
 
     def sample(self, n: int = Source.sample_size, seed: int = 0) -> tuple[Any, Any]:

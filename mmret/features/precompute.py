@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmret.common.device import check_precision, pick_device
 from mmret.common.paths import data_root
 from mmret.common.progress import NULL, Reporter
+from mmret.common.shards import parse_shard, shard_of
 from mmret.errors import MmretError
 from mmret.features.cache import CAPTIONS, CachedFeatures
 from mmret.features.encode import ensure_features
@@ -29,6 +30,8 @@ class PrecomputeConfig:
     max_length: int = 64  # text tokens per caption (as EncoderConfig.max_length, so training reuses the cache)
     workers: int | None = None  # decoding workers (default: CPU count - 1, at most 4)
     compile: bool = False  # torch.compile the item tower first (pays off over thousands of items)
+    shard: str | None = None  # i/N: encode only this process's shards of the caches (default: torchrun's rank)
+    finalize: bool = False  # seal caches whose shards were all encoded by --shard processes; encode nothing
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
 
     def __post_init__(self) -> None:
@@ -50,6 +53,10 @@ class PrecomputeConfig:
             raise MmretError(f"--max-length must be at least 2 tokens, got {self.max_length}")
         if self.workers is not None and self.workers < 0:
             raise MmretError(f"--workers cannot be negative, got {self.workers}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+        if self.finalize and self.shard:
+            raise MmretError("--finalize seals what the --shard processes encoded; pass one or the other")
         self.data_dir = data_root(self.data_dir)
 
 
@@ -57,8 +64,9 @@ class PrecomputeConfig:
 class PrecomputeResult:
     dataset: str
     device: str
-    parts: list[tuple[str, CachedFeatures]]  # (encoder name, features) for images and/or captions
+    parts: list[tuple[str, CachedFeatures]]  # (encoder name, features) for images and/or captions, once complete
     seconds: float
+    shards: list[tuple[str, Any]] = field(default_factory=list)  # (encoder name, ShardResult) with --shard
 
 
 def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResult:
@@ -77,11 +85,24 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
         towers.append((dataset.modality.plural, encoder))
     if cfg.text:
         towers.append((CAPTIONS, load_text_encoder(cfg.text, max_length=cfg.max_length)))
-    parts = []
+    from mmret.features.shards import encode_shard, seal_features
+
+    shard = shard_of(cfg.shard)
+    parts, shards = [], []
     for which, encoder in towers:
-        feats = ensure_features(dataset, encoder.to(device), which, tokens=cfg.tokens, split=cfg.split,
-                                batch_size=cfg.batch_size, reporter=reporter, device=device,
-                                precision=cfg.precision, workers=cfg.workers, compile=cfg.compile)
-        parts.append((encoder.name, feats))
+        if cfg.finalize:
+            parts.append((encoder.name, seal_features(dataset, encoder, which, cfg.tokens, cfg.split)))
+            continue
+        if shard is not None:
+            done = encode_shard(dataset, encoder.to(device), which, shard, cfg.tokens, cfg.split, cfg.batch_size,
+                                reporter, device, cfg.precision, cfg.workers)
+            shards.append((encoder.name, done))
+            if done.sealed is not None:
+                parts.append((encoder.name, done.sealed))
+        else:
+            parts.append((encoder.name, ensure_features(dataset, encoder.to(device), which, tokens=cfg.tokens,
+                                                        split=cfg.split, batch_size=cfg.batch_size, reporter=reporter,
+                                                        device=device, precision=cfg.precision, workers=cfg.workers,
+                                                        compile=cfg.compile)))
         encoder.to("cpu")
-    return PrecomputeResult(dataset.name, str(device), parts, time.perf_counter() - start)
+    return PrecomputeResult(dataset.name, str(device), parts, time.perf_counter() - start, shards)

@@ -13,17 +13,21 @@ from mmret.models.batch import call, to_device
 
 @torch.inference_mode()
 def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.device,
-                 autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized embeddings of every item and every caption of a source, as float32 on the CPU."""
+                 autocast: Callable[[], Any], items: range | None = None,
+                 captions: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized embeddings of every item and every caption of a source (or of the `items` and
+    `captions` rows: batches start at the first of them), as float32 on the CPU."""
     was_training = model.training
     model.eval()
     with autocast():
-        images = torch.cat([call(model.encode_image, to_device(x, device)).float().cpu()
-                            for x in source.iter_images(batch_size)])
-        texts = torch.cat([call(model.encode_text, to_device(x, device)).float().cpu()
-                           for x in source.iter_texts(batch_size)])
+        images = [call(model.encode_image, to_device(x, device)).float().cpu() for x in source.iter_images(batch_size, items)]
+        texts = [call(model.encode_text, to_device(x, device)).float().cpu() for x in source.iter_texts(batch_size, captions)]
     model.train(was_training)
-    return images, texts
+    return _cat(images), _cat(texts)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 def move_real(module: nn.Module, device: torch.device | str) -> nn.Module:
