@@ -19,7 +19,7 @@ from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
 from mmret.common.paths import check_name, data_root
 from mmret.common.progress import NULL, Reporter
 from mmret.data.readers import READERS
-from mmret.data.readers.base import SPLITS, Problem
+from mmret.data.readers.base import PATTERN_ROOTS, SPLITS, Problem
 from mmret.data.tables import assign_random_splits, check_files, clean_captions, merge_duplicate_ids, problem_counts, to_tables
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
@@ -79,7 +79,7 @@ def _check_target(cfg: PrepareConfig) -> Path:
         return target
     if cfg.root is None:
         raise MmretError(f"prepare {cfg.source} needs --root: the folder that holds the dataset")
-    if not cfg.root.is_dir():
+    if cfg.source not in PATTERN_ROOTS and not cfg.root.is_dir():
         raise MmretError(f"--root {cfg.root} is not a folder")
     return target
 
@@ -122,6 +122,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
             "name": cfg.name, "source": cfg.source, "modality": modality.name, "root": str(cfg.root or target),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mmret_version": __version__,
             "arguments": config_dict(cfg), "split_note": source.split_note, "annotation_files": source.files,
+            **({"item_root": source.item_root} if source.item_root else {}),
             "counts": counts, "dropped": problem_counts(problems), "problems": [asdict(p) for p in problems],
         })
     return PrepareResult(cfg.name, target, cfg.source, source.split_note, counts, problems,

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mmret.common.io import read_json
+from mmret.common.items import resolve_item
 from mmret.common.paths import check_name, data_root
 from mmret.data.readers.base import SPLITS
 from mmret.errors import MmretError
@@ -75,10 +76,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDatas
         known = prepared_names(root)
         hint = f" (prepared: {', '.join(known)})" if known else ""
         raise MmretError(f"no prepared dataset {name!r} in {root}{hint}; run `mmret prepare` first")
+    info = read_json(path / "dataset.json")
     images = pd.read_parquet(path / "images.parquet")
-    images["path"] = [str(path / p) for p in images["path"]]  # absolute paths stay as they are
-    return PreparedDataset(name, path, read_json(path / "dataset.json"), images,
-                           pd.read_parquet(path / "captions.parquet"))
+    # relative to the dataset folder, or to the shards' folder ("item_root"), never outside it
+    root = Path(info["item_root"]) if info.get("item_root") else path
+    images["path"] = [resolve_item(root, p, absolute=not info.get("item_root")) for p in images["path"]]
+    return PreparedDataset(name, path, info, images, pd.read_parquet(path / "captions.parquet"))
 
 
 def run_tables(cfg: Any, dataset: PreparedDataset) -> PreparedDataset:

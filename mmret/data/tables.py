@@ -37,7 +37,7 @@ def clean_captions(records: list[ImageRecord], problems: list[Problem]) -> list[
             seen.add(key)
             captions.append(cap)
         if captions:
-            kept.append(ImageRecord(rec.image_id, rec.path, captions, rec.split))
+            kept.append(ImageRecord(rec.image_id, rec.path, captions, rec.split, rec.columns))
         else:
             problems.append(Problem("no caption", rec.image_id, "image has no usable caption", rec.split))
     return kept
@@ -50,7 +50,7 @@ def merge_duplicate_ids(records: list[ImageRecord]) -> list[ImageRecord]:
         if rec.image_id in merged:
             merged[rec.image_id].captions.extend(rec.captions)
         else:
-            merged[rec.image_id] = ImageRecord(rec.image_id, rec.path, list(rec.captions), rec.split)
+            merged[rec.image_id] = ImageRecord(rec.image_id, rec.path, list(rec.captions), rec.split, rec.columns)
     return list(merged.values())
 
 
@@ -59,6 +59,8 @@ def check_files(records: list[ImageRecord], base: Path, full: bool, problems: li
     """Keep records whose file opens (and with `full`, decodes); return them with their table
     columns (a picture's width and height)."""
     def probe(rec: ImageRecord):
+        if rec.columns is not None:  # probed by the reader, from the bytes it read
+            return rec.columns
         try:
             return modality.probe(base / rec.path, full)
         except ItemError as e:

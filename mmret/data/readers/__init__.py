@@ -7,5 +7,6 @@ from mmret.data.readers import coco  # noqa: F401
 from mmret.data.readers import flickr8k  # noqa: F401
 from mmret.data.readers import folder  # noqa: F401
 from mmret.data.readers import example  # noqa: F401
+from mmret.data.readers import wds  # noqa: F401
 
 __all__ = ["READERS", "READER_HELP", "SPLITS", "register_reader"]

@@ -25,6 +25,7 @@ class ImageRecord:
     path: str  # absolute, or relative to the dataset folder for files the dataset owns
     captions: list[str]
     split: str | None = None  # the source's official split, if it has one
+    columns: dict[str, int] | None = None  # table columns a reader already probed (it had the bytes in hand)
 
 
 @dataclass
@@ -45,17 +46,21 @@ class SourceData:
     split_sizes: tuple[float, float] | tuple[int, int, int] | None = None
     problems: list[Problem] = field(default_factory=list)
     modality: str = "image"  # what the items are (see mmret.modalities)
+    item_root: str | None = None  # the folder item paths are relative to, when not the dataset's (tar shards)
 
 
 Reader = Callable[[Path, "PrepareConfig"], SourceData]  # noqa: F821  (config imported lazily)
 READERS: dict[str, Reader] = {}
 READER_HELP: dict[str, str] = {}
+PATTERN_ROOTS: set[str] = set()  # readers whose --root is a shard pattern, not a folder
 
 
-def register_reader(name: str, help: str) -> Callable[[Reader], Reader]:
+def register_reader(name: str, help: str, pattern_root: bool = False) -> Callable[[Reader], Reader]:
     def wrap(fn: Reader) -> Reader:
         READERS[name] = fn
         READER_HELP[name] = help
+        if pattern_root:
+            PATTERN_ROOTS.add(name)
         return fn
 
     return wrap
