@@ -100,3 +100,24 @@ def test_the_slices_of_a_global_batch_cover_it_once():
         parts = [DistributedWorld(r, size).part(n) for r in range(size)]
         rows = [i for p in parts for i in range(n)[p]]
         assert rows == list(range(n)) and max(len(range(n)[p]) for p in parts) - min(len(range(n)[p]) for p in parts) <= 1
+
+
+def test_the_world_comes_from_torchrun_or_slurm(monkeypatch):
+    from mmret.errors import MmretError
+    from mmret.training.distributed import env_world
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    # env_world writes RANK etc. for SLURM: give it a copy of the environment to write into
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in names})
+    assert env_world() is None
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(MmretError, match="export MASTER_ADDR"):
+        env_world()
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    assert env_world() == (5, 8, 1)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("5", "8", "29500")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's variables win
+    monkeypatch.setenv("RANK", "2")
+    assert env_world() == (2, 4, 1)
