@@ -20,10 +20,14 @@ def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.d
     was_training = model.training
     model.eval()
     with autocast():
-        images = [call(model.encode_image, to_device(x, device)).float().cpu() for x in source.iter_images(batch_size, items)]
-        texts = [call(model.encode_text, to_device(x, device)).float().cpu() for x in source.iter_texts(batch_size, captions)]
+        images = [call(model.encode_image, to_device(x, device)).float().cpu() for x in _rows(source.iter_images, batch_size, items)]
+        texts = [call(model.encode_text, to_device(x, device)).float().cpu() for x in _rows(source.iter_texts, batch_size, captions)]
     model.train(was_training)
     return _cat(images), _cat(texts)
+
+
+def _rows(iterate: Callable, batch_size: int, rows: range | None):
+    return iterate(batch_size) if rows is None else iterate(batch_size, rows)  # a source may know no rows
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
