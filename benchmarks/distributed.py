@@ -105,7 +105,7 @@ def main() -> None:
         mp.spawn(_rank, args=(port, args.batch, args.steps, out), nprocs=2, join=True)
         dist_t, local_t = map(float, open(out).read().split())
     print(f"heads {IN_DIM}->{EMBED} (MLP), global batch {args.batch}, fp32, CPU (noisy: shared machine)")
-    print(f"| setting | step (ms) | pairs/s |\n|---|---|---|")
+    print("| setting | step (ms) | pairs/s |\n|---|---|---|")
     print(f"| 1 process, {threads} threads, whole batch | {one_t * 1e3:.1f} | {args.batch / one_t:,.0f} |")
     print(f"| 1 process, 1 thread, whole batch | {one_1t * 1e3:.1f} | {args.batch / one_1t:,.0f} |")
     print(f"| 2 processes (gloo), 1 thread each, gather + DDP | {dist_t * 1e3:.1f} | {args.batch / dist_t:,.0f} |")
