@@ -18,7 +18,6 @@ from mmret.data import PrepareConfig
 from mmret.runs import RunConfig, with_overrides
 from mmret.data import load_dataset, prepare
 from mmret.inference.embeddings import write_run_embeddings
-from mmret.errors import MmretError
 from mmret.inference.evaluate import evaluate_run
 from mmret.inference.metrics import retrieval_metrics
 from mmret.inference.search import search
@@ -103,17 +102,22 @@ def test_cli_search_without_a_query(env):
         1, "error: nothing to search for: give a query text, --queries FILE, or --image PATH")
 
 
-def test_an_index_of_other_embeddings_is_refused(world, tmp_path):
+def test_an_index_of_other_embeddings_is_never_used_but_built_again(world, tmp_path):
+    """The hardening issue changed this: an index whose inputs changed (here the checkpoint) is built
+    again, as the embeddings are, instead of being refused; it is still never used as it was."""
+    import json
     import shutil
 
     run = tmp_path / "copy"
     shutil.copytree(world["run"], run, ignore=shutil.ignore_patterns("index", "embeddings"))
     search(run, ["a red circle"], split="train", k=1)  # builds the index
+    meta = run / "index" / "example-train-images" / "meta.json"
+    before = json.loads(meta.read_text())["fingerprint"]["checkpoint"]
     weights = load_file(str(run / "checkpoints" / "best.safetensors"))
     save_file({k: v + 0.01 for k, v in weights.items()}, str(run / "checkpoints" / "best.safetensors"))
-    with pytest.raises(MmretError, match=r"was built for checkpoint=.*: it belongs to another model or dataset and "
-                                         r"will not be used; delete .* or pass --rebuild-index to build it again"):
-        search(run, ["a red circle"], split="train", k=1)
+    assert search(run, ["a red circle"], split="train", k=1).results
+    after = json.loads(meta.read_text())["fingerprint"]["checkpoint"]
+    assert after != before
     assert search(run, ["a red circle"], split="train", k=1, rebuild_index=True).results
 
 

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmret"
 
 # lowest first: a module may import from its own layer and the layers before it, never after
 LAYERS = ["errors", "common", "modalities", "data", "encoders", "features", "models", "methods", "runs",
-          "inference", "training", "memory", "quickstart", "cli", "__main__"]
+          "inference", "training", "memory", "quickstart", "verify", "cli", "__main__"]
 
 
 def module_name(path: Path) -> str:

@@ -143,6 +143,18 @@ def save_tiny_timm_vit(folder: str | Path, seed: int = 0, spread: float = 1.0) -
     return folder
 
 
+def save_picture(path: str | Path, size: int = 40, seed: int = 0) -> Path:
+    """A small random-colour PNG picture."""
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 def save_all(root: str | Path) -> dict[str, Path]:
     """Every tiny tower under `root`: {"timm", "bert", "distilbert", "minilm", "clip", "dinov2"}."""
     root = Path(root)

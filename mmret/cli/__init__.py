@@ -10,6 +10,7 @@ from mmret.cli import prepare  # noqa: F401, I001  (registers its commands, in t
 from mmret.cli import train  # noqa: F401
 from mmret.cli import inference  # noqa: F401
 from mmret.cli import quickstart  # noqa: F401
+from mmret.cli import verify  # noqa: F401
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from mmret import __version__
-from mmret.errors import MmretError
+from mmret.errors import MmretError, explain
 
 app = typer.Typer(
     name="mmret",
@@ -39,25 +39,37 @@ def debug() -> bool:
 
 
 def command(fn: Callable) -> Callable:
-    """Turn an `MmretError` into one red line and exit code 1 (a traceback with MMRET_DEBUG=1)."""
+    """Turn any failure into one red line and exit code 1 (`MmretError`s say what to do; others are
+    explained by `mmret.errors.explain`); a traceback only with MMRET_DEBUG=1."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from mmret.cli import ui
 
         try:
             return fn(*args, **kwargs)
-        except MmretError as e:
-            if debug():
-                raise
-            ui.print_error(str(e))
-            raise typer.Exit(getattr(e, "exit_code", 1)) from None
+        except (typer.Exit, typer.Abort):
+            raise
         except KeyboardInterrupt:
             if debug():
                 raise
             ui.print_error("interrupted")
             raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - every failure ends in one line
+            if debug():
+                raise
+            ui.print_error(explain(e))
+            raise typer.Exit(getattr(e, "exit_code", 1)) from None
 
     return wrapper
+
+
+def read_config(path: Path) -> dict:
+    """The JSON of a --config file (a run's config.json, or one probe-memory saved)."""
+    from mmret.common.io import read_json
+
+    if not path.is_file():
+        raise MmretError(f"--config {path}: no such file")
+    return read_json(path, "pass a run's config.json or one `mmret probe-memory --save` wrote")
 
 
 def _version(value: bool) -> None:
@@ -72,7 +84,30 @@ def main_callback(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Image-text retrieval you can train on one consumer GPU or a laptop CPU."""
-    logging.basicConfig(level=logging.DEBUG if debug() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if debug() else
+                                               "%(levelname)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug() else logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever `sys.stderr` is now (a test runner swaps it per command)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir) -> Path:
@@ -88,3 +123,18 @@ def run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir) -> Path:
             raise MmretError("--zero-shot needs --dataset: the prepared dataset to evaluate on")
         return zero_shot_run(zero_shot, dataset, data_dir, runs_dir)
     return resolve_run(run, runs_dir)
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any work when `path` cannot be written (a folder, or a folder one cannot write in)."""
+    import tempfile
+
+    if path.is_dir():
+        raise MmretError(f"{option} {path} is a folder; give a file name (e.g. {path / 'results.png'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".mmret-check-"):
+            pass
+    except OSError as e:
+        raise MmretError(f"{option} {path}: cannot write there ({e.strerror}); give a path in a folder you may "
+                         "write to") from None

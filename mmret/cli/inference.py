@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mmret.cli import show
-from mmret.cli.app import Checkpoint, DataDir, Device, RunsDir, app, command, run_or_zero_shot
+from mmret.cli.app import Checkpoint, DataDir, Device, RunsDir, app, check_writable, command, run_or_zero_shot
 from mmret.errors import MmretError
 
 
@@ -39,19 +39,21 @@ def eval_command(
     from mmret.cli import ui
     from mmret.inference.evaluate import compare_runs, evaluate_run
     from mmret.runs import load_run_config, resolve_run
+    from mmret.runs.folders import newest_run
 
     if format not in ("table", "markdown", "json"):
         raise MmretError(f"--format must be table, markdown or json, got {format!r}")
     names = _runs_list(compare) or ([run] if run or not zero_shot else [])
     run_dirs = [resolve_run(name, runs_dir) for name in names]
     if zero_shot:
-        ds = dataset or (load_run_config(run_dirs[0]).data.dataset if run_dirs else None)
+        newest = run_dirs[0] if run_dirs else newest_run(runs_dir)
+        ds = dataset or (load_run_config(newest).data.dataset if newest else None)
         run_dirs.insert(0, run_or_zero_shot(None, zero_shot, ds, data_dir, runs_dir))
     reporter = ui.RichReporter()
     if len(run_dirs) == 1:
-        results = [evaluate_run(run_dirs[0], dataset, split, bootstrap, seed, checkpoint, device, reporter)]
+        results = [evaluate_run(run_dirs[0], dataset, split, bootstrap, seed, checkpoint, device, reporter, data_dir)]
     else:
-        results = compare_runs(run_dirs, dataset, split, bootstrap, seed, checkpoint, device, reporter)
+        results = compare_runs(run_dirs, dataset, split, bootstrap, seed, checkpoint, device, reporter, data_dir)
     show.show_eval(results, format)
 
 
@@ -72,6 +74,7 @@ def search(
     grid: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the results (PNG) here.", show_default=False)] = None,
     device: Device = "auto",
     runs_dir: RunsDir = None,
+    data_dir: DataDir = None,
 ) -> None:
     """The best-matching pictures for text queries (or pictures and captions for a picture)."""
     import sys
@@ -87,12 +90,14 @@ def search(
         except OSError as e:
             raise MmretError(f"cannot read --queries {queries}: {e.strerror}") from None
         texts += [line.strip() for line in source.splitlines() if line.strip()]
+    if grid is not None:
+        check_writable(grid, "--grid")
     result = run_search(resolve_run(run, runs_dir), texts, image, dataset, split, k, index, rebuild_index, device,
-                        checkpoint, ui.NullReporterIfJson(json_output))
+                        checkpoint, ui.NullReporterIfJson(json_output), data_dir)
     if grid is not None:
         from mmret.modalities import get_modality
 
-        get_modality(result.modality).results_sheet([(h.path, f"{q.query[:12]} #{h.rank} {h.score:.3f}") for q in result.results for h in q.images], grid)
+        get_modality(result.modality).results_sheet([q.sheet_row() for q in result.results], grid)
     if json_output:
         import json
 

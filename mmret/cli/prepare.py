@@ -27,20 +27,23 @@ def prepare(
     root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`); for wds a shard pattern such as 'shards/{00000..00099}.tar'.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the prepared dataset under the data folder (default: SOURCE).")] = None,
     val: Annotated[float, typer.Option(help="Fraction of images for validation when the source has no official split.")] = 0.1,
-    test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split.")] = 0.1,
+    test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split (1.0: all of them, a set for evaluation only).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the random split (and of the generated example).")] = 0,
     check_images: Annotated[bool, typer.Option("--check-images", help="Decode every image fully and drop broken ones (slower).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the dataset if it was prepared before.")] = False,
     count: Annotated[int, typer.Option(help="Number of pictures in the generated `example` dataset.")] = 500,
+    allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let a captions table name files outside --root (they are left out otherwise).")] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Read a raw dataset and write its image and caption tables with train/val/test splits."""
     from mmret.cli import ui
-    from mmret.data import PrepareConfig
-    from mmret.data import prepare as run_prepare
+    from mmret.data.config import PrepareConfig
 
     cfg = PrepareConfig(source=source, root=root, name=name, val=val, test=test, seed=seed,
-                        check_images=check_images, force=force, count=count, data_dir=data_dir)
+                        check_images=check_images, force=force, count=count, data_dir=data_dir,
+                        allow_outside_root=allow_outside_root)
+    from mmret.data.create import prepare as run_prepare
+
     result = run_prepare(cfg, ui.RichReporter())
     show.show_prepare(result)
 
@@ -83,8 +86,7 @@ def precompute_embeddings(
     A cache that is already complete is reused; an interrupted run resumes where it stopped.
     """
     from mmret.cli import ui
-    from mmret.features.precompute import PrecomputeConfig
-    from mmret.features.precompute import precompute_embeddings as run_precompute
+    from mmret.features.config import PrecomputeConfig
 
     if run or zero_shot:
         from mmret.inference.embeddings import write_run_embeddings
@@ -105,6 +107,8 @@ def precompute_embeddings(
                            batch_size=batch_size, precision=precision, device=device, image_size=image_size,
                            max_length=max_length, workers=workers, compile=compile, shard=shard, finalize=finalize,
                            data_dir=data_dir)
+    from mmret.features.precompute import precompute_embeddings as run_precompute
+
     show.show_precompute(run_precompute(cfg, ui.RichReporter()))
 
 

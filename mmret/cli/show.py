@@ -72,28 +72,35 @@ def show_train(result) -> None:
     ui.console.print(f"run: {result.run_dir}", highlight=False)
 
 
-def show_memory(report) -> None:
+def show_memory(report, given_flags: str = "") -> None:
+    """The candidates' peaks (a narrow table on a narrow terminal: the best row's split follows it),
+    and the `mmret train` command line that trains the recommended setting."""
     from mmret.memory import CATEGORIES, describe, needed
 
-    size, rows = ui.human_bytes, []
+    gb = lambda n: f"{n / 2**30:.2f}" if n is not None else "OOM"  # noqa: E731
+    wide, rows = ui.console.width >= 140, []
     for r in report.rows:
         c, m = r.candidate, r.step
-        step = [size(getattr(m, k)) for k in CATEGORIES] + [size(m.total)] if m else ["-"] * 5 + ["out of memory"]
-        others = [size(r.phases[k]) if r.phases[k] is not None else "out of memory" for k in ("eval", "setup")]
+        split = ([gb(getattr(m, k)) for k in CATEGORIES] if m else ["-"] * 5) if wide else []
         fits = "best" if r is report.best else "yes" if r.fits else "no"
-        rows.append((c.micro_batch, c.precision, "on" if c.grad_checkpointing else "off", *step, *others, r.phase, fits))
-    columns = ["micro-batch", "precision", "checkpointing", *CATEGORIES, "step peak", "eval", "setup", "peak in", "fits"]
-    title = f"{report.method}, batch {report.batch_size}: peak training memory against {report.vram:g} GB"
+        rows.append((c.micro_batch, c.precision, "on" if c.grad_checkpointing else "off", *split,
+                     gb(m.total if m else None), gb(r.phases["eval"]), gb(r.phases["setup"]), r.phase, fits))
+    columns = ["micro", "prec", "ckpt", *(CATEGORIES if wide else ()), "step", "eval", "setup", "peak in", "fits"]
+    title = f"{report.method}, batch {report.batch_size}: peak training memory in GB against {report.vram:g} GB"
     ui.console.print(ui.table(title, columns, rows))
+    best, tc = report.best, report.config.train
+    if not wide:
+        ui.console.print("best step's peak, GB: " + ", ".join(f"{k} {gb(getattr(best.step, k))}" for k in CATEGORIES),
+                         highlight=False)
     ui.console.print(report.how, highlight=False, soft_wrap=True)
     for note in report.notes:
         ui.console.print(f"- {note}", highlight=False, soft_wrap=True)
-    best, tc = report.best, report.config.train
     flags = f"--micro-batch {tc.micro_batch or tc.batch_size} --precision {tc.precision}"
     flags += " --grad-checkpointing" if tc.grad_checkpointing else ""
-    ui.console.print(f"recommended: {describe(best.candidate, report.batch_size)}; peak {size(best.peak)} "
-                     f"({size(needed(best.peak))} with the margin) of {size(report.usable)} usable; "
-                     f"mmret train {flags}", highlight=False, soft_wrap=True)
+    ui.console.print(f"recommended: {describe(best.candidate, report.batch_size)}; peak {ui.human_bytes(best.peak)} "
+                     f"({ui.human_bytes(needed(best.peak))} with the margin) of {ui.human_bytes(report.usable)} usable:",
+                     highlight=False, soft_wrap=True)
+    ui.console.print(f"  mmret train {given_flags + ' ' if given_flags else ''}{flags}", highlight=False, soft_wrap=True)
 
 
 def show_eval(results, format: str) -> None:
@@ -136,11 +143,13 @@ def show_eval(results, format: str) -> None:
 
 def show_search(result, grid) -> None:
     for q in result.results:
-        rows = [(h.rank, f"{h.score:.4f}", h.image_id, h.path, " | ".join(h.captions[:2])) for h in q.images]
-        ui.console.print(ui.table(f"{q.query!r}: pictures", ["#", "score", "image", "path", "captions"], rows))
+        rows = [(f"{h.rank}{' ✓' if h.right else ''}", f"{h.score:.4f}", h.image_id, " | ".join(h.captions[:2]))
+                for h in q.images]
+        ui.console.print(ui.table(f"{q.query!r}: {result.modality}s", ["#", "score", "id", "captions"], rows))
         if q.captions:
             rows = [(h.rank, f"{h.score:.4f}", h.captions[0], h.image_id) for h in q.captions]
             ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", "of image"], rows))
-    ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search", highlight=False)
+    ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search "
+                     "(--json gives every file's path)", highlight=False)
     if grid is not None:
         ui.console.print(f"contact sheet: {grid}", highlight=False)

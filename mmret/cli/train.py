@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from mmret.cli import show
-from mmret.cli.app import DataDir, RunsDir, app, command
+from mmret.cli.app import DataDir, RunsDir, app, command, read_config
 from mmret.errors import MmretError
 
 
@@ -21,7 +23,7 @@ def _method_help() -> str:
 
 
 def _recipe_help() -> str:
-    from mmret.methods.towers import RECIPE_HELP
+    from mmret.methods.catalog import RECIPE_HELP
 
     return "A named LoRA recipe (options given beside it win): " + "; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items())
 
@@ -108,29 +110,32 @@ def train(
     On several GPUs or machines start it with `torchrun --nproc_per_node N -m mmret train ...`
     (or under srun): --batch-size stays the pairs in one contrastive loss, split across processes.
     """
+    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "dry_run", "recipe", "nproc")}
     from mmret.cli import ui
-    from mmret import training
-    from mmret.runs import RunConfig, with_overrides
-    from mmret.common.io import read_json
-    from mmret.runs import resolve_run
+    from mmret.runs import RunConfig, resolve_run, with_overrides
 
     if resume:
+        given = sorted(k for k, v in options.items() if v is not None and k not in ("runs_dir", "data_dir"))
+        if given or config or recipe or dry_run:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given + [k for k, v in
+                              (("config", config), ("recipe", recipe), ("dry_run", dry_run)) if v])
+            raise MmretError(f"--resume continues run {resume} with the settings it started with; leave out {flags} "
+                             f"(to change them, train a new run from its config: --config <run>/config.json)")
+        from mmret import training
+
         if nproc > 1:
             training.train_on_processes(nproc, resume_dir=resolve_run(resume, runs_dir))
             return
-        result = training.resume(resolve_run(resume, runs_dir), ui.RichReporter())
-        show.show_train(result)
+        show.show_train(training.resume(resolve_run(resume, runs_dir), ui.RichReporter()))
         return
-    base = RunConfig.from_dict(read_json(config)) if config else RunConfig()
-    values = dict(locals())
-    for key in ("config", "resume", "dry_run", "ui", "training", "RunConfig", "with_overrides", "read_json",
-                "resolve_run", "base", "recipe", "nproc"):
-        values.pop(key, None)
+    base = RunConfig.from_dict(read_config(config)) if config else RunConfig()
     if recipe:
-        from mmret.methods.towers import recipe_values
+        from mmret.methods.catalog import recipe_values
 
-        values.update(recipe_values(recipe, {k: values.get(k) for k in ("method", "tower", "rank", "alpha", "targets", "lora_dropout")}))
-    cfg = with_overrides(base, values)
+        options.update(recipe_values(recipe, {k: options.get(k) for k in ("method", "tower", "rank", "alpha", "targets", "lora_dropout")}))
+    cfg = with_overrides(base, options)
+    from mmret import training
+
     if dry_run:
         show.show_dry_run(training.dry_run(cfg))
         return
@@ -173,22 +178,26 @@ def probe_memory(
     """
     from mmret.cli import ui
     from mmret.runs import RunConfig, with_overrides
-    from mmret.common.io import read_json
-    from mmret.memory import probe_memory as run_probe
-    from mmret.memory import save_config
 
-    if config is not None and not config.is_file():
-        raise MmretError(f"--config {config}: no such file")
-    base = RunConfig.from_dict(read_json(config)) if config else RunConfig()
+    if not math.isfinite(vram) or vram <= 0:
+        raise MmretError(f"--vram must be a positive number of GB, got {vram}")
+    base = RunConfig.from_dict(read_config(config)) if config else RunConfig()
     values = dict(method=method, model=model, vision=vision, text=text, batch_size=batch_size, max_length=max_length,
                   embed_dim=embed_dim, rank=rank, targets=targets, tower=tower, accumulation=accumulation,
                   dataset=dataset, data_dir=data_dir)
     if recipe:
-        from mmret.methods.towers import recipe_values
+        from mmret.methods.catalog import recipe_values
 
         values.update(recipe_values(recipe, {k: values.get(k) for k in ("method", "tower", "rank", "targets")}))
+    from mmret.memory import probe_memory as run_probe
+    from mmret.memory import save_config
+
     report = run_probe(with_overrides(base, values), vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
-    show.show_memory(report)
+    given = [f"--config {config}"] if config else []
+    given += [f"--recipe {recipe}"] if recipe else []
+    given += [f"--{k.replace('_', '-')} {v}" for k, v in values.items()
+              if v is not None and k != "data_dir" and not (recipe and k in ("method", "tower", "rank", "targets"))]
+    show.show_memory(report, " ".join(given))
     if save is not None:
         ui.console.print(f"saved {save_config(report.config, save)}: train with `mmret train --config {save}`",
                          highlight=False, soft_wrap=True)

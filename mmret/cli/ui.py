@@ -67,16 +67,24 @@ class RichReporter:
         self.open: set[int] = set()
 
     def task(self, description: str, total: int | None = None, unit: str = "it") -> _RichTask:
+        if not self.console.is_terminal:  # a log file or a pipe gets results, not bars redrawn in place
+            from mmret.common.progress import NULL
+
+            return NULL.task(description, total, unit)
         if self.progress is None:
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=self.console, transient=False,
-            )
+            self.progress = Progress(*self._columns(), console=self.console, transient=False)
             self.progress.start()
         task_id = self.progress.add_task(description, total=total, unit=unit, info="")
         self.open.add(task_id)
         return _RichTask(self, task_id)
+
+    def _columns(self) -> list:
+        """Everything on a wide terminal; on a narrow one (80 columns) a short bar and no elapsed time."""
+        if self.console.width >= 120:
+            return [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        return [TextColumn("[bold]{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(), _RateColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
 
     def _close(self, task_id: int) -> None:
         self.open.discard(task_id)

@@ -1,11 +1,14 @@
-"""Atomic file writes: every file is written under a temporary name in its folder, then renamed.
+"""Atomic file writes, and reads that name the file when it is damaged.
 
-A reader therefore sees either the old file or the whole new one, never half of it, and an
-interrupted write leaves the previous state untouched.
+Every file is written under a temporary name in its folder, then renamed: a reader sees either the
+old file or the whole new one, never half of it, and an interrupted write leaves the previous state
+untouched. A file that cannot be decoded (truncated, overwritten, not what it should be) is a
+`DamagedFile` naming it and saying what to do, never a decoder's traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +18,18 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from mmret.errors import MmretError
+
+REMAKE = "write it again with the command that made it"
+
+
+class DamagedFile(MmretError, ValueError):
+    """A file mmret wrote (or was given) that cannot be decoded."""
+
+
+def damaged(path: str | Path, what: str, fix: str = REMAKE) -> DamagedFile:
+    return DamagedFile(f"{path} is damaged ({what}); {fix}")
 
 
 @contextmanager
@@ -38,8 +53,36 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(path: str | Path, fix: str = REMAKE) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, f"not valid JSON: {e}", fix) from None
+
+
+def read_parquet(path: str | Path, fix: str = REMAKE):
+    """A parquet table as a DataFrame; a truncated or foreign file is a `DamagedFile`."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises its own types (ArrowInvalid, ArrowIOError) for a damaged file
+        raise damaged(path, f"not a readable parquet table: {str(e).splitlines()[0][:200]}", fix) from None
+
+
+def load_npy(path: str | Path, fix: str = REMAKE, mmap: bool = True):
+    """A .npy array (memory-mapped read-only by default); never unpickles."""
+    import numpy as np
+
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise damaged(path, f"not a readable .npy array: {str(e).splitlines()[0][:200]}", fix) from None
 
 
 def write_parquet(path: str | Path, frame) -> None:
@@ -75,6 +118,29 @@ def config_dict(cfg: Any) -> dict:
     import dataclasses
 
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def ensure_free_space(folder: str | Path, nbytes: int, what: str, margin: int = 64 * 2**20) -> None:
+    """Stop with one line before writing `nbytes` into `folder` when its disk has less free."""
+    folder = Path(folder)
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if free < nbytes + margin:
+        raise MmretError(f"{what} needs {nbytes / 2**30:.2f} GB in {folder} but its disk has {free / 2**30:.2f} GB free; "
+                         "free some space or point --data-dir / --runs-dir at a larger disk")
+
+
+def reserve(path: str | Path) -> None:
+    """Claim the disk blocks of a (sparse) file now, so writing through a memory map later cannot
+    run out of space (which the kernel reports as SIGBUS, killing the process without a word)."""
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: best effort
+                    raise
 
 
 @contextmanager

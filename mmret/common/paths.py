@@ -27,13 +27,23 @@ def runs_root(override: str | Path | None = None) -> Path:
     return Path(override or os.environ.get(RUNS_DIR_ENV) or "runs").expanduser().absolute()
 
 
-def check_name(option: str, name: str) -> str:
-    """`name` if it may name a folder under a root (letters, digits, '-', '_', '.'), else a one-line error."""
+def check_name(option: str, name: str, reserved: tuple[str, ...] = ()) -> str:
+    """`name` if it may name a folder under a root (letters, digits, '-', '_', '.'; not only dots;
+    not a `reserved` name), else a one-line error. Every command that takes a name checks it here."""
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise MmretError(f"{option} {name!r} may hold only letters, digits, '-', '_' and '.'")
+    if name in reserved:
+        raise MmretError(f"{option} {name!r} is reserved (runs/{name} links to the newest run); pick another name")
     return name
 
 
 def slug(text: str, limit: int = 40) -> str:
     """A short lower-case file-name form of a model name or path (its last component)."""
     return re.sub(r"[^a-z0-9.]+", "-", text.rstrip("/").split("/")[-1].lower()).strip("-")[:limit] or "model"
+
+
+def within(path: str | Path, root: str | Path) -> bool:
+    """Whether `path` lies inside `root`, by the names alone (`..` resolved, symbolic links kept: a
+    link the user placed in their own folder is theirs to follow)."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)

@@ -8,6 +8,7 @@ temporary name and renamed into place, so a failed or interrupted prepare leaves
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,44 +17,15 @@ import pandas as pd
 
 from mmret import __version__
 from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
-from mmret.common.paths import check_name, data_root
 from mmret.common.progress import NULL, Reporter
-from mmret.data.readers import READERS
+from mmret.data.config import PrepareConfig
+from mmret.data.readers import get_reader
 from mmret.data.readers.base import PATTERN_ROOTS, SPLITS, Problem
-from mmret.data.tables import assign_random_splits, check_files, clean_captions, merge_duplicate_ids, problem_counts, to_tables
+from mmret.data.tables import (
+    assign_random_splits, check_files, clean_captions, inside_root, merge_duplicate_ids, problem_counts, to_tables,
+)
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise MmretError(f"--{name} must be a fraction in [0, 1), got {value}")
-
-
-@dataclass
-class PrepareConfig:
-    source: str  # reader name: flickr30k | coco | flickr8k | folder | example
-    root: Path | None = None  # where the raw dataset lives (not needed for `example`)
-    name: str | None = None  # dataset name under data/ (default: the source name)
-    val: float = 0.1  # fraction of images for validation, when the source has no official split
-    test: float = 0.1  # fraction of images for testing, when the source has no official split
-    seed: int = 0  # seed of the random split and of the generated example
-    check_images: bool = False  # decode every image fully and drop broken ones
-    force: bool = False  # replace an existing prepared dataset
-    count: int = 500  # number of pictures in the generated `example` dataset
-    data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
-
-    def __post_init__(self) -> None:
-        self.name = check_name("--name", self.name or self.source)
-        _check_fraction("val", self.val)
-        _check_fraction("test", self.test)
-        if self.val + self.test >= 1.0:
-            raise MmretError(f"--val + --test must leave images for training, got {self.val} + {self.test}")
-        if self.count < 10:
-            raise MmretError(f"--count must be at least 10, got {self.count}")
-        if self.root is not None:
-            self.root = Path(self.root).expanduser().absolute()
-        self.data_dir = data_root(self.data_dir)
 
 
 @dataclass
@@ -100,14 +72,16 @@ def _counts(images: pd.DataFrame, captions: pd.DataFrame, problems: list[Problem
 
 def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
     """Read a raw dataset, clean and split it, and write `data/<name>/` in one atomic step."""
-    if cfg.source not in READERS:
-        raise MmretError(f"unknown source {cfg.source!r}; choose one of {', '.join(READERS)}")
+    reader = get_reader(cfg.source)
     start = time.perf_counter()
     target = _check_target(cfg)
     with atomic_dir(target, replace=cfg.force) as tmp:
-        source = READERS[cfg.source](tmp if cfg.source == "example" else cfg.root, cfg)
+        source = reader(tmp if cfg.source == "example" else cfg.root, cfg)
         problems, modality = source.problems, get_modality(source.modality)
-        records = clean_captions(merge_duplicate_ids(source.images), problems)
+        records = merge_duplicate_ids(source.images)
+        if not cfg.allow_outside_root:
+            records = inside_root(records, tmp if cfg.source == "example" else source.item_root or cfg.root, problems)
+        records = clean_captions(records, problems)
         records, columns = check_files(records, tmp, cfg.check_images, problems, modality, reporter)
         if not records:
             kinds = ", ".join(f"{n} {k}" for k, n in problem_counts(problems).items()) or f"no {modality.plural} listed"
@@ -120,7 +94,8 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         write_parquet(tmp / "captions.parquet", captions)
         write_json(tmp / "dataset.json", {
             "name": cfg.name, "source": cfg.source, "modality": modality.name, "root": str(cfg.root or target),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mmret_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generation": uuid.uuid4().hex,
+            "mmret_version": __version__,
             "arguments": config_dict(cfg), "split_note": source.split_note, "annotation_files": source.files,
             **({"item_root": source.item_root} if source.item_root else {}),
             "counts": counts, "dropped": problem_counts(problems), "problems": [asdict(p) for p in problems],

@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from mmret.common.io import read_json
+from mmret.common.io import damaged, read_json, read_parquet
 from mmret.common.items import resolve_item
-from mmret.common.paths import check_name, data_root
+from mmret.common.paths import check_name, data_root, within
 from mmret.data.readers.base import SPLITS
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
@@ -30,6 +30,22 @@ class PreparedDataset:
     info: dict
     images: pd.DataFrame
     captions: pd.DataFrame
+
+    @property
+    def generation(self) -> str:
+        """Which prepare wrote this dataset: a new one each time (`--force` included)."""
+        return str(self.info.get("generation") or self.info.get("created", ""))
+
+    def check_current(self, during: str) -> None:
+        """Stop with one line when the dataset was prepared again since it was loaded (its files
+        may now hold other pictures than the tables read at the start)."""
+        try:
+            now = read_json(self.path / "dataset.json")
+        except (OSError, ValueError):
+            now = {}
+        if str(now.get("generation") or now.get("created", "")) != self.generation:
+            raise MmretError(f"dataset {self.name!r} was prepared again while {during} was reading it; its files no "
+                             "longer match the tables read at the start. Run the command again")
 
     @property
     def modality(self) -> Modality:
@@ -76,12 +92,31 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDatas
         known = prepared_names(root)
         hint = f" (prepared: {', '.join(known)})" if known else ""
         raise MmretError(f"no prepared dataset {name!r} in {root}{hint}; run `mmret prepare` first")
-    info = read_json(path / "dataset.json")
-    images = pd.read_parquet(path / "images.parquet")
-    # relative to the dataset folder, or to the shards' folder ("item_root"), never outside it
-    root = Path(info["item_root"]) if info.get("item_root") else path
-    images["path"] = [resolve_item(root, p, absolute=not info.get("item_root")) for p in images["path"]]
-    return PreparedDataset(name, path, info, images, pd.read_parquet(path / "captions.parquet"))
+    fix = f"prepare the dataset again (mmret prepare ... --name {name} --force)"
+    info = read_json(path / "dataset.json", fix)
+    images = read_parquet(path / "images.parquet", fix)
+    captions = read_parquet(path / "captions.parquet", fix)
+    missing = {"image_id", "path", "split"} - set(images.columns) or {"image_id", "caption", "split"} - set(captions.columns)
+    if missing or not isinstance(info, dict):
+        raise damaged(path, f"its tables lack {', '.join(sorted(missing)) or 'a dataset.json object'}", fix)
+    # relative to the dataset folder, or to the shards' folder ("item_root"); absolute paths stay as they are
+    item_root = info.get("item_root")
+    images["path"] = [resolve_item(Path(item_root) if item_root else path, p, absolute=not item_root)
+                      for p in images["path"]]
+    _check_within(images["path"], [path, item_root or info.get("root")], info, fix)
+    return PreparedDataset(name, path, info, images, captions)
+
+
+def _check_within(paths: Any, roots: list[Any], info: dict, fix: str) -> None:
+    """A table may name files only inside the dataset folder or the root it was prepared from
+    (unless it was prepared with --allow-outside-root)."""
+    if info.get("arguments", {}).get("allow_outside_root"):
+        return
+    roots = [r for r in roots if r]
+    outside = [p for p in paths if not any(within(p, r) for r in roots)]
+    if outside:
+        raise MmretError(f"the item table of {roots[0]} names {len(outside)} file(s) outside the dataset's root "
+                         f"(e.g. {outside[0]}); {fix}")
 
 
 def run_tables(cfg: Any, dataset: PreparedDataset) -> PreparedDataset:

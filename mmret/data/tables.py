@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mmret.common.paths import within
 from mmret.common.progress import NULL, Reporter
 from mmret.data.readers.base import ImageRecord, Problem
 from mmret.modalities import ItemError, Modality
@@ -40,6 +41,19 @@ def clean_captions(records: list[ImageRecord], problems: list[Problem]) -> list[
             kept.append(ImageRecord(rec.image_id, rec.path, captions, rec.split, rec.columns))
         else:
             problems.append(Problem("no caption", rec.image_id, "image has no usable caption", rec.split))
+    return kept
+
+
+def inside_root(records: list[ImageRecord], root: Path, problems: list[Problem]) -> list[ImageRecord]:
+    """The records whose file lies inside `root` (a path from a table such as `../../x.png` or an
+    absolute path elsewhere is left out unopened, and reported)."""
+    kept = []
+    for rec in records:
+        if within(Path(root) / rec.path, root):
+            kept.append(rec)
+        else:
+            problems.append(Problem("outside root", rec.path, f"not inside {root}; left out unopened (pass "
+                                                              "--allow-outside-root to include such files)", rec.split))
     return kept
 
 

@@ -28,18 +28,30 @@ or without weights; each modality's family registers its builder), `base` (what 
 shares), `preprocess` (a picture tower's resize/crop/normalise), `image` and `text` (the families).
 """
 
-from mmret.encoders.base import DEFAULT_MAX_LENGTH, EncoderOutput, Tower
-from mmret.encoders.hub import ModelSource, resolve_source
-from mmret.encoders.image import ImageEncoder, TimmImageEncoder, TransformersImageEncoder, build_image_encoder
-from mmret.encoders.load import LOADS, load_image_encoder, load_text_encoder, load_tower, register_family
-from mmret.encoders.preprocess import ImagePreprocess, ImageTransform
-from mmret.encoders.presets import ENCODERS, Preset, encoder_names, register_preset
-from mmret.encoders.text import TextEncoder, build_text_encoder
+from mmret.common.lazy import lazy_names
 
-register_family("image", build_image_encoder)
-register_family("text", build_text_encoder)
-
-__all__ = ["DEFAULT_MAX_LENGTH", "ENCODERS", "EncoderOutput", "ImageEncoder", "ImagePreprocess", "ImageTransform",
-           "LOADS", "ModelSource", "Preset", "TextEncoder", "TimmImageEncoder", "Tower", "TransformersImageEncoder",
-           "encoder_names", "load_image_encoder", "load_text_encoder", "load_tower", "register_family",
-           "register_preset", "resolve_source"]
+__getattr__ = lazy_names(globals(), {
+    "DEFAULT_MAX_LENGTH": "mmret.encoders.base",
+    "ENCODERS": "mmret.encoders.presets",
+    "EncoderOutput": "mmret.encoders.base",
+    "ImageEncoder": "mmret.encoders.image",
+    "ImagePreprocess": "mmret.encoders.preprocess",
+    "ImageTransform": "mmret.encoders.preprocess",
+    "LOADS": "mmret.encoders.load",
+    "ModelSource": "mmret.encoders.hub",
+    "Preset": "mmret.encoders.presets",
+    "TextEncoder": "mmret.encoders.text",
+    "TimmImageEncoder": "mmret.encoders.image",
+    "Tower": "mmret.encoders.base",
+    "TransformersImageEncoder": "mmret.encoders.image",
+    "build_image_encoder": "mmret.encoders.image",
+    "build_text_encoder": "mmret.encoders.text",
+    "encoder_names": "mmret.encoders.presets",
+    "load_image_encoder": "mmret.encoders.load",
+    "load_text_encoder": "mmret.encoders.load",
+    "load_tower": "mmret.encoders.load",
+    "register_family": "mmret.encoders.load",
+    "register_preset": "mmret.encoders.presets",
+    "resolve_source": "mmret.encoders.hub",
+})
+__all__ = sorted(["DEFAULT_MAX_LENGTH", "ENCODERS", "EncoderOutput", "ImageEncoder", "ImagePreprocess", "ImageTransform", "LOADS", "ModelSource", "Preset", "TextEncoder", "TimmImageEncoder", "Tower", "TransformersImageEncoder", "build_image_encoder", "build_text_encoder", "encoder_names", "load_image_encoder", "load_text_encoder", "load_tower", "register_family", "register_preset", "resolve_source"])

@@ -59,6 +59,11 @@ class Tower(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def notes(self) -> list[str]:
+        """What the user should hear when this tower encodes (e.g. preprocessing settings guessed)."""
+        return []
+
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
@@ -122,8 +127,14 @@ def load_hf(cls: Any, source: Any, config: Any, weights: bool) -> nn.Module:
     if not weights:
         with torch.device("meta"):
             return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    import pickle
+
     try:
         with quiet_loading():
             return cls.from_pretrained(source.folder, config=config)
+    except pickle.UnpicklingError:
+        raise MmretError(f"cannot load the model in {source.folder}: its pickled weights hold more than tensors and "
+                         "were refused unread (weights-only load); use a copy with model.safetensors from a source you "
+                         "trust") from None
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise MmretError(f"cannot load the model in {source.folder}: {str(e).splitlines()[0]}") from None

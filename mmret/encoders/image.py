@@ -18,6 +18,7 @@ from mmret.encoders.base import (
     EncoderOutput, Tower, accepts, check_pooling, hf_config, is_clip, is_dual, load_hf, size_pair,
 )
 from mmret.encoders.hub import ModelSource
+from mmret.encoders.load import register_family
 from mmret.encoders.preprocess import ImagePreprocess, ImageTransform, preprocess_from_hf, preprocess_from_timm
 from mmret.errors import MmretError
 from mmret.modalities.base import ItemLoader
@@ -56,6 +57,10 @@ class ImageEncoder(Tower):
         return {"modality": "image", "library": self.source.library, "model": self.source.id,
                 "revision": self.source.revision, "class": type(self.model).__name__,
                 "pooling": self.pooling, **self.preprocessing.numbers()}
+
+    @property
+    def notes(self) -> list[str]:
+        return [self.preprocessing.note] if self.preprocessing.note else []
 
     def transform(self, train: bool = False, hflip: bool = True, scale: tuple[float, float] = (0.5, 1.0)) -> ImageTransform:
         """PIL picture -> (3, H, W) tensor."""
@@ -186,3 +191,6 @@ def build_image_encoder(source: ModelSource, weights: bool = True, image_size: i
                         pooling: str | None = None) -> ImageEncoder:
     build = timm_image_encoder if source.library == "timm" else hf_image_encoder
     return build(source, image_size, pooling, weights)
+
+
+register_family("image", build_image_encoder)

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from mmret.common.lazy import import_all
 from mmret.encoders.base import Tower
 from mmret.encoders.hub import ARCHITECTURE_ONLY, ModelSource, resolve_source
 from mmret.encoders.presets import ENCODERS, Preset, encoder_names
@@ -25,6 +26,7 @@ from mmret.errors import MmretError
 _logger = logging.getLogger(__name__)
 
 FAMILIES: dict[str, Callable[..., Tower]] = {}  # modality -> build(source, weights, **options)
+BUILTIN_FAMILIES = ("mmret.encoders.image", "mmret.encoders.text")  # each registers its family when imported
 LOADS: dict[str, int] = {}  # towers loaded with weights in this process, per modality (tests count them)
 
 
@@ -76,6 +78,8 @@ def load_tower(name: str, modality: str, *, meta: bool = False, weights: str | P
     every shape and its spec, and `with_weights()` loads it for real.
     """
     if modality not in FAMILIES:
+        import_all(BUILTIN_FAMILIES)
+    if modality not in FAMILIES:
         raise MmretError(f"no encoder family for {modality!r}; known: {', '.join(FAMILIES)}")
     given = {k: v for k, v in options.items() if v is not None}
     preset = ENCODERS.get(name)
@@ -94,6 +98,8 @@ def load_tower(name: str, modality: str, *, meta: bool = False, weights: str | P
     else:
         LOADS[modality] = LOADS.get(modality, 0) + 1
         _logger.info("%s encoder %s: %s", modality, name, tower.spec)
+        for note in tower.notes:  # said when the tower can encode, not when it only names a cache
+            _logger.warning(note)
     return tower
 
 

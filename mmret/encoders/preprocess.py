@@ -34,10 +34,12 @@ class ImagePreprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     origin: str = field(default="", compare=False)  # where the numbers came from (for logs)
+    note: str = field(default="", compare=False)  # worth telling the user when pictures are encoded with it
 
     def numbers(self) -> dict:
         d = asdict(self)
         d.pop("origin")
+        d.pop("note")
         return d
 
     def resized(self, image_size: int) -> "ImagePreprocess":
@@ -47,7 +49,7 @@ class ImagePreprocess:
         else:
             resize = tuple(round(r * image_size / s) for r, s in zip(self.resize, self.size))
         return ImagePreprocess((image_size, image_size), resize, self.interpolation, self.mean, self.std,
-                               f"{self.origin}, resized to {image_size}")
+                               f"{self.origin}, resized to {image_size}", self.note)
 
 
 def _interpolation(name: str):
@@ -160,8 +162,9 @@ def preprocess_from_hf(folder: Path, model_type: str) -> ImagePreprocess:
     mean = tuple(d.get("image_mean")) if d.get("do_normalize", True) else (0.0, 0.0, 0.0)
     std = tuple(d.get("image_std")) if d.get("do_normalize", True) else (1.0, 1.0, 1.0)
     interp = _PIL_RESAMPLE.get(int(d.get("resample", 3)), "bicubic")
-    pre = ImagePreprocess(crop, resize, interp, mean, std, origin)
+    note = ""
     if "defaults" in origin:
-        _logger.warning("%s: no preprocessor_config.json; using %s: resize %s, crop %s, %s, mean %s, std %s",
-                        folder.name, origin.split(" (")[0], resize, crop, interp, mean, std)
-    return pre
+        note = (f"{folder.name}: no preprocessor_config.json; using {origin.split(' (')[0]}: resize {resize}, "
+                f"crop {crop}, {interp}, mean {mean}, std {std}")
+        _logger.info(note)
+    return ImagePreprocess(crop, resize, interp, mean, std, origin, note)

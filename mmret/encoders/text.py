@@ -20,6 +20,7 @@ from mmret.encoders.base import (
     quiet_loading,
 )
 from mmret.encoders.hub import ModelSource
+from mmret.encoders.load import register_family
 from mmret.errors import MmretError
 
 _logger = logging.getLogger(__name__)
@@ -136,3 +137,6 @@ def build_text_encoder(source: ModelSource, weights: bool = True, pooling: str |
     max_length = min(max_length or DEFAULT_MAX_LENGTH, limit)
     dim = text.projection_dim if pooling == "proj" else text.hidden_size
     return TextEncoder(model, tokenizer, source, dim, text.hidden_size, pooling, max_length)
+
+
+register_family("text", build_text_encoder)

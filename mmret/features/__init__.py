@@ -2,12 +2,20 @@
 memory-mapped (`cache`), read as training pairs (`source`), and filled on demand by `mmret
 precompute-embeddings` (`precompute`)."""
 
-from mmret.features.cache import (
-    CAPTIONS, CachedFeatures, EncodeStats, FeatureCache, cache_rows, dataset_fingerprint, feature_key, features_root,
-    open_features,
-)
-from mmret.features.encode import ensure_features
-from mmret.features.source import FeatureSource
+from mmret.common.lazy import lazy_names
 
-__all__ = ["CAPTIONS", "CachedFeatures", "EncodeStats", "FeatureCache", "FeatureSource", "cache_rows",
-           "dataset_fingerprint", "ensure_features", "feature_key", "features_root", "open_features"]
+__getattr__ = lazy_names(globals(), {
+    "CAPTIONS": "mmret.features.cache",
+    "CachedFeatures": "mmret.features.cache",
+    "EncodeStats": "mmret.features.cache",
+    "FeatureCache": "mmret.features.cache",
+    "FeatureSource": "mmret.features.source",
+    "PrecomputeConfig": "mmret.features.config",
+    "cache_rows": "mmret.features.cache",
+    "dataset_fingerprint": "mmret.features.cache",
+    "ensure_features": "mmret.features.encode",
+    "feature_key": "mmret.features.cache",
+    "features_root": "mmret.features.cache",
+    "open_features": "mmret.features.cache",
+})
+__all__ = sorted(["CAPTIONS", "CachedFeatures", "EncodeStats", "FeatureCache", "FeatureSource", "PrecomputeConfig", "cache_rows", "dataset_fingerprint", "ensure_features", "feature_key", "features_root", "open_features"])

@@ -32,6 +32,12 @@ above. The batches never cross a shard, so the sealed arrays hold the bytes one 
 
 Items that cannot be read do not stop the run: their rows are NaN, `valid` is False for them,
 and `failed` maps their ids to the reason. (`mmret.features.encode` fills a cache.)
+
+Checksums: each shard's rows of each array, and `ids.json`, have a blake2b digest in the manifest,
+taken when the shard is committed. Opening a cache checks the shards it reads: all of them when
+they add up to at most `VERIFY_ALL_BYTES`, else a seeded sample (`mmret verify` checks everything).
+A damaged shard is computed again by `ensure_features`; anything else that meets one stops with a
+line naming it. Caches written before checksums existed are read as they are.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from mmret.common.io import atomic_dir, read_json, write_json
+from mmret.common.io import atomic_dir, damaged, ensure_free_space, load_npy, read_json, reserve, write_json
 from mmret.common.paths import slug
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
@@ -59,6 +65,8 @@ from mmret.errors import MmretError
 _logger = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout or the meaning of the arrays changes
+VERIFY_ALL_BYTES = 256 * 2**20  # up to this much, opening a cache checks every shard it reads
+VERIFY_SAMPLE = 8  # shards checked when more would be read
 CAPTIONS = "captions"  # `which` of a caption cache; an item cache's `which` is its modality's plural ("images")
 
 
@@ -169,11 +177,19 @@ class CachedFeatures:
         return sum((self.path / f"{n}.npy").stat().st_size for n, a in arrays.items() if a is not None)
 
 
+def _repair_hint(path: Path) -> str:
+    return f"run the command again to compute the damaged part anew (or delete {path})"
+
+
 def _view(path: Path, manifest: dict, split: str, tokens: bool, stats: EncodeStats | None = None) -> CachedFeatures:
     lo, hi = (0, manifest["rows"]) if split == "all" else manifest["splits"][split]
-    ids = np.asarray(read_json(path / "ids.json"))[lo:hi]
+    fix = _repair_hint(path)
+    raw = (path / "ids.json").read_bytes()
+    if manifest.get("ids_digest") not in (None, _digest(raw)):
+        raise damaged(path / "ids.json", "its checksum does not match the manifest", fix)
+    ids = np.asarray(read_json(path / "ids.json", fix))[lo:hi]
     splits = np.repeat(np.array(SPLITS + ("?",)), _split_counts(manifest))[lo:hi]
-    arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in manifest["arrays"]}
+    arrays = {n: load_npy(path / f"{n}.npy", fix) for n in manifest["arrays"]}
     names = set(map(str, ids.tolist()))
     failed = {k: v for k, v in manifest["failed"].items() if k in names}
     valid = ~np.isin(ids.astype(str), list(failed)) if failed else np.ones(len(ids), bool)
@@ -202,16 +218,54 @@ def _split_shards(manifest: dict, split: str) -> list[int]:
 
 
 def open_features(dataset: PreparedDataset, encoder: Any, which: str = "images", tokens: bool = False,
-                  split: str = "all", fingerprint: str | None = None) -> CachedFeatures | None:
+                  split: str = "all", fingerprint: str | None = None, repair: bool = False) -> CachedFeatures | None:
     """The cached features if they are complete for `split` (a token cache serves pooled requests
-    too), else None. Never computes anything."""
+    too), else None. Never computes anything. The shards read are checked against their checksums
+    (see the module docstring): a damaged one is a `DamagedFile`, or with `repair` it is marked
+    not done (so `ensure_features` computes it again) and None is returned."""
     fingerprint = fingerprint or dataset_fingerprint(dataset, which)
     for with_tokens in ((True,) if tokens else (False, True)):
         path = features_root(dataset) / feature_key(encoder, dataset, which, with_tokens, fingerprint)
         manifest = _read_manifest(path)
-        if manifest is not None and _covers(manifest, split):
+        if manifest is None or not _covers(manifest, split):
+            continue
+        bad = damaged_shards(path, manifest, _split_shards(manifest, split), sample=True)
+        if not bad:
             return _view(path, manifest, split, tokens)
+        if not repair:
+            raise damaged(path, f"shard(s) {', '.join(map(str, bad))} do not match their checksums",
+                          _repair_hint(path))
+        _logger.warning("%s: shard(s) %s do not match their checksums; computing them again", path.name, bad)
+        manifest["done"] = [i for i in manifest["done"] if i not in bad]
+        manifest["status"] = "building"
+        write_json(path / "manifest.json", manifest)
     return None
+
+
+def _digest(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def shard_digests(arrays: dict[str, np.ndarray], rows: tuple[int, int]) -> dict[str, str]:
+    """The digest of rows [a, b) of each array."""
+    a, b = rows
+    return {name: _digest(np.ascontiguousarray(arr[a:b]).data) for name, arr in arrays.items()}
+
+
+def damaged_shards(path: Path, manifest: dict, shards: list[int], sample: bool = False) -> list[int]:
+    """Which of `shards` (done ones with a recorded checksum) no longer match it. With `sample`,
+    all of them up to `VERIFY_ALL_BYTES` of rows, else a seeded sample of `VERIFY_SAMPLE`."""
+    digests = manifest.get("digests") or {}
+    shards = [i for i in shards if str(i) in digests and i in set(manifest["done"])]
+    if not shards:
+        return []
+    arrays = {n: load_npy(path / f"{n}.npy", _repair_hint(path)) for n in manifest["arrays"]}
+    row_bytes = sum(arr[:1].nbytes for arr in arrays.values())
+    rows = sum(b - a for a, b in (manifest["shards"][i] for i in shards))
+    if sample and rows * row_bytes > VERIFY_ALL_BYTES:
+        rng = np.random.default_rng(len(shards))
+        shards = sorted(rng.choice(shards, min(VERIFY_SAMPLE, len(shards)), replace=False).tolist())
+    return [i for i in shards if shard_digests(arrays, tuple(manifest["shards"][i])) != digests[str(i)]]
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -249,15 +303,22 @@ class FeatureCache:
             self._lock_file.close()
 
     def create(self, manifest: dict, ids: list, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
-        """Allocate the arrays (sparse files on most file systems) and write ids and manifest."""
+        """Allocate the arrays and write ids and manifest. The disk space is claimed now
+        (`reserve`), so a full disk is one clear line here rather than a crash half-way."""
         for name in ("pooled", "tokens", "mask"):
             (self.path / f"{name}.npy").unlink(missing_ok=True)
+        sizes = {n: int(np.prod(shape)) * np.dtype(dtypes[n]).itemsize for n, shape in shapes.items()}
+        ensure_free_space(self.path, sum(sizes.values()), "the feature cache")
         write_json(self.path / "ids.json", ids)
         for name, shape in shapes.items():
-            arr = np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+", dtype=dtypes[name], shape=shape)
+            file = self.path / f"{name}.npy"
+            arr = np.lib.format.open_memmap(file, mode="w+", dtype=dtypes[name], shape=shape)
             arr.flush()
             del arr
+            reserve(file)
         manifest["arrays"] = {n: {"shape": list(s), "dtype": dtypes[n]} for n, s in shapes.items()}
+        manifest["ids_digest"] = _digest((self.path / "ids.json").read_bytes())
+        manifest["digests"] = {}
         self.manifest = manifest
         self.save()
 
@@ -282,9 +343,11 @@ class FeatureCache:
             self.arrays[name][rows] = value
 
     def commit(self, shard: int, failed: dict[str, str]) -> None:
-        """Flush the arrays, then record the shard (and its failed rows) in the manifest."""
+        """Flush the arrays, then record the shard (its checksums and failed rows) in the manifest."""
         for arr in self.arrays.values():
             arr.flush()
+        if "digests" in self.manifest:  # caches begun before checksums existed go on without them
+            self.manifest["digests"][str(shard)] = shard_digests(self.arrays, tuple(self.manifest["shards"][shard]))
         self.manifest["done"] = sorted(set(self.manifest["done"]) | {shard})
         self.manifest["failed"].update(failed)
         if len(self.manifest["done"]) == len(self.manifest["shards"]):

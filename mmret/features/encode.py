@@ -228,7 +228,7 @@ class _Job:
         batch_size = self.resolved_batch_size()
         stats = self.stats(manifest, todo_shards, batch_size)
         if todo_shards:
-            progress = _Progress(cache, todo_shards)
+            progress = _Progress(cache, todo_shards, self.dataset)
             self.encode(cache, lambda idx, values, reasons: progress.record(idx, values, reasons, self.ids),
                         shard_batches(manifest, todo_shards, batch_size), stats)
         cache.arrays = {}
@@ -332,6 +332,7 @@ class _Progress:
 
     cache: FeatureCache
     todo_shards: list[int]
+    dataset: PreparedDataset  # checked to be the one read at the start before each commit
     failed: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -352,6 +353,7 @@ class _Progress:
                 self.failed.setdefault(shard, {})[str(ids[row])] = reason
                 bad += 1
         for shard in [s for s in self.todo_shards if self.remaining[s] == 0]:
+            self.dataset.check_current("precompute-embeddings")
             self.cache.commit(shard, self.failed.pop(shard, {}))
             self.todo_shards.remove(shard)
         return bad
@@ -377,7 +379,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
     if rows.empty:
         raise MmretError(f"dataset {dataset.name!r} has no {which} to encode")
     fingerprint = dataset_fingerprint(dataset, which)
-    found = open_features(dataset, encoder, which, tokens, split, fingerprint)
+    found = open_features(dataset, encoder, which, tokens, split, fingerprint, repair=True)
     if found is not None:
         return found
     encoder = encoder.with_weights()

@@ -17,6 +17,7 @@ finished blocks.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ import pandas as pd
 import torch
 
 from mmret.common.device import autocast_context
-from mmret.common.io import atomic_path, atomic_dir, read_json, write_json
+from mmret.common.digest import file_digest
+from mmret.common.io import atomic_dir, atomic_path, load_npy, read_json, read_parquet, write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.common.shards import Shard, shard_of
 from mmret.data.prepared import load_dataset
@@ -36,6 +38,8 @@ from mmret.features import CAPTIONS, FeatureCache, dataset_fingerprint
 from mmret.inference.loaded import LoadedRun
 from mmret.methods import SIDES
 from mmret.models.embed import embed_source
+
+_logger = logging.getLogger(__name__)
 
 FORMAT = 1
 BLOCK_BATCHES = 16  # batches in one block of rows that one process embeds and keeps as a part
@@ -57,31 +61,48 @@ class Embeddings:
         return torch.tensor(self.caption_table["image"].to_numpy(np.int64))
 
 
+FILES = ("images.npy", "captions.npy", "images.parquet", "captions.parquet")
+FIX = "delete the folder; the embeddings are computed again from the run"
+
+
 def open_embeddings(path: Path) -> Embeddings:
-    manifest = read_json(path / "manifest.json")
-    return Embeddings(path, manifest["dataset"], manifest["split"],
-                      np.load(path / "images.npy", mmap_mode="r"), np.load(path / "captions.npy", mmap_mode="r"),
-                      pd.read_parquet(path / "images.parquet"), pd.read_parquet(path / "captions.parquet"), manifest)
+    manifest = read_json(path / "manifest.json", FIX)
+    return Embeddings(path, manifest["dataset"], manifest["split"], load_npy(path / "images.npy", FIX),
+                      load_npy(path / "captions.npy", FIX), read_parquet(path / "images.parquet", FIX),
+                      read_parquet(path / "captions.parquet", FIX), manifest)
+
+
+def _digests(path: Path) -> dict[str, str]:
+    return {name: file_digest(path / name) for name in FILES}
 
 
 def _fresh(path: Path, expected: dict) -> bool:
-    if not (path / "manifest.json").is_file():
+    """Whether the folder holds embeddings of `expected`'s checkpoint and dataset, unchanged since
+    written (every file matches the digest in the manifest; they are small)."""
+    try:
+        manifest = read_json(path / "manifest.json")
+        if not all(manifest.get(k) == v for k, v in expected.items()):
+            return False
+        if "digests" in manifest and manifest["digests"] != _digests(path):
+            _logger.warning("%s does not match its checksums; computing the embeddings again", path)
+            return False
+    except (OSError, ValueError):
         return False
-    manifest = read_json(path / "manifest.json")
-    return all(manifest.get(k) == v for k, v in expected.items())
+    return True
 
 
 def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, split: str = "test", which: str = "best",
                          device: str = "auto", batch_size: int = 256, reporter: Reporter = NULL,
-                         shard: str | None = None, finalize: bool = False) -> Embeddings | None:
-    """Embed a split (or `all`) of a dataset (default: the run's) with the run's `which` checkpoint
-    (`run` may be a loaded run, whose checkpoint and device then apply). With `shard` ("i/N", or
-    torchrun's rank) this process embeds its blocks only, and None comes back unless it was the
-    last and assembled the folder; `finalize` only assembles."""
+                         data_dir: Path | None = None, shard: str | None = None,
+                         finalize: bool = False) -> Embeddings | None:
+    """Embed a split (or `all`) of a dataset (default: the run's, from `data_dir` or the run's data
+    root) with the run's `which` checkpoint (`run` may be a loaded run, whose checkpoint and device
+    then apply). With `shard` ("i/N", or torchrun's rank) this process embeds its blocks only, and
+    None comes back unless it was the last and assembled the folder; `finalize` only assembles."""
     start = time.perf_counter()
     run = run if isinstance(run, LoadedRun) else LoadedRun(run, which, device)
     cfg = run.cfg
-    ds = load_dataset(dataset or cfg.data.dataset, cfg.data.data_dir)
+    ds = load_dataset(dataset or cfg.data.dataset, data_dir or cfg.data.data_dir)
     target = run.run_dir / "embeddings" / f"{ds.name}-{split}"
     expected = {"format": FORMAT, "checkpoint": run.digest, "which": run.which,
                 "images_fingerprint": dataset_fingerprint(ds, ds.modality.plural),
@@ -92,6 +113,7 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
     sharded = shard_of(shard)
     if sharded is None and not finalize:
         source, images, captions = run.embed(ds, split, batch_size, reporter)
+        ds.check_current("embedding")
         return _write(target, expected, ds.name, run.name, source.tables, images, captions, start)
     return _by_blocks(run, ds, split, batch_size, reporter, target, expected, sharded, start)
 
@@ -105,7 +127,7 @@ def _write(target: Path, expected: dict, dataset: str, run: str, t, images: torc
         pd.DataFrame({"caption_id": t.caption_ids, "image": t.caption_image, "caption": t.captions}).to_parquet(
             tmp / "captions.parquet", index=False)
         write_json(tmp / "manifest.json", {**expected, "dataset": dataset, "run": run, "dim": images.shape[1],
-                                           "images": len(images), "captions": len(captions),
+                                           "images": len(images), "captions": len(captions), "digests": _digests(tmp),
                                            "seconds": round(time.perf_counter() - start, 2)})
     return open_embeddings(target)
 
@@ -135,7 +157,7 @@ def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Report
                 continue  # done before this process was stopped
             items, captions = (rows, range(0)) if side == "images" else (range(0), rows)
             images, texts = embed_source(model, source, batch_size, run.device,
-                                         lambda: autocast_context(run.device, "fp32"), items, captions)
+                                         lambda: autocast_context(run.device, "fp32"), items=items, captions=captions)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, (images if side == "images" else texts).numpy().astype(np.float16))
     with FeatureCache(parts).locked(wait=True):
@@ -147,6 +169,7 @@ def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Report
                 raise MmretError(f"{len(missing)} blocks of these embeddings are not written yet ({', '.join(missing[:5])}"
                                  f"{' ...' if len(missing) > 5 else ''}); run the --shard processes again, then --finalize")
             return None
+        ds.check_current("embedding")
         arrays = {side: np.concatenate([np.load(parts / f"{side}-{k:06d}.npy") for s, k, _ in blocks if s == side])
                   for side in ("images", "captions")}
         emb = _write(target, expected, ds.name, run.name, source.tables, torch.from_numpy(arrays["images"]),

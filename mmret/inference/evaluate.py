@@ -53,9 +53,10 @@ class EvalResult:
 
 
 def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test", bootstrap: int = 0,
-                 seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL) -> EvalResult:
+                 seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
+                 data_dir: Path | None = None) -> EvalResult:
     """Score one run on a split; saves `runs/<run>/eval/<ds>-<split>.json`."""
-    emb = write_run_embeddings(LoadedRun(run_dir, which, device), dataset, split, reporter=reporter)
+    emb = write_run_embeddings(LoadedRun(run_dir, which, device), dataset, split, reporter=reporter, data_dir=data_dir)
     images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
     ranks = retrieval_metrics(images, captions, emb.caption_image)
@@ -68,12 +69,13 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
 
 
 def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", bootstrap: int = 1000,
-                 seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL) -> list[EvalResult]:
+                 seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
+                 data_dir: Path | None = None) -> list[EvalResult]:
     """Every run on the same split; each after the first carries a paired bootstrap against it."""
     from mmret.runs import load_run_config
 
     dataset = dataset or load_run_config(run_dirs[0]).data.dataset
-    results = [evaluate_run(r, dataset, split, 0, seed, which, device, reporter) for r in run_dirs]
+    results = [evaluate_run(r, dataset, split, 0, seed, which, device, reporter, data_dir) for r in run_dirs]
     first = results[0]
     for result in results[1:]:
         result.diffs = paired_bootstrap(first.ranks, result.ranks, max(bootstrap, 100), seed)

@@ -38,6 +38,10 @@ _BUILD_KEYS = ("nlist", "hnsw_m", "ef_construction", "seed")  # a change rebuild
 _BREADTH = {"ivf": "nprobe", "hnsw": "efSearch"}
 
 
+class StaleIndex(MmretError):
+    """An index built from other vectors than the caller's (another fingerprint, or changed embeddings)."""
+
+
 @dataclass
 class IndexConfig:
     kind: str = "exact"  # exact | ivf | hnsw (the last two need faiss-cpu)
@@ -284,7 +288,7 @@ def ensure_index(
     _check_fingerprint(folder, meta, fingerprint)
     array = _check_gallery(_load_vectors(vectors))
     if array.shape != (meta["n"], meta["dim"]) or vectors_digest(array) != meta["digest"]:
-        raise MmretError(f"the embeddings changed since the index in {folder} was built; "
+        raise StaleIndex(f"the embeddings changed since the index in {folder} was built; "
                          f"delete {folder} or pass --rebuild-index to build it again")
     if cfg.kind != "exact" and _stale_entry(meta["faiss"].get(cfg.kind), cfg, queries):
         exact = _open(folder, meta, "exact", array)
@@ -357,7 +361,7 @@ def _check_fingerprint(folder: Path, meta: dict, fingerprint: dict[str, Any]) ->
     differ = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
     built = ", ".join(f"{k}={have.get(k)}" for k in differ)
     asked = ", ".join(f"{k}={want.get(k)}" for k in differ)
-    raise MmretError(f"the index in {folder} was built for {built}, not {asked}: it belongs to another "
+    raise StaleIndex(f"the index in {folder} was built for {built}, not {asked}: it belongs to another "
                      f"model or dataset and will not be used; delete {folder} or pass --rebuild-index to build it again")
 
 

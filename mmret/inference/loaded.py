@@ -80,6 +80,5 @@ class LoadedRun:
         n = (len(items) if items is not None else source.num_images) + (len(captions) if captions is not None else source.num_captions)
         with reporter.task(f"embedding {dataset.name}-{split}", total=n, unit="rows") as task:
             images, texts = embed_source(model, source, batch_size, self.device,
-                                         lambda: autocast_context(self.device, "fp32"), items, captions)
-            task.advance(n)
+                                         lambda: autocast_context(self.device, "fp32"), task.advance, items, captions)
         return source, images, texts

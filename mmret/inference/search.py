@@ -3,11 +3,13 @@
 The gallery is a run's final embeddings of a dataset split (default: every image of the run's
 dataset), searched through an index cached in `runs/<run>/index/<ds>-<split>-<images|captions>/`
 (exact by default, FAISS IVF or HNSW on request). The index carries a fingerprint of the run's
-checkpoint and the dataset: one built from other embeddings is refused, never silently used.
+checkpoint and the dataset: when they changed (the run trained on, the dataset was prepared
+again) it is built again, as the embeddings are; it is never used for other embeddings.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,10 @@ import numpy as np
 from mmret.common.progress import NULL, Reporter
 from mmret.errors import MmretError
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
-from mmret.inference.index import IndexConfig, ensure_index
+from mmret.inference.index import IndexConfig, StaleIndex, ensure_index
 from mmret.inference.loaded import LoadedRun
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Hit:
     image_id: str
     path: str
     captions: list[str]  # the image's captions (text queries); or the one matching caption (caption hits)
+    right: bool | None = None  # the query is one of the gallery's captions: whether this is its item
 
 
 @dataclass
@@ -35,6 +40,19 @@ class QueryResult:
     query: str  # the text, or the picture's path
     images: list[Hit]  # best-matching pictures
     captions: list[Hit] = field(default_factory=list)  # best-matching captions (picture queries)
+    known: bool = False  # the query text is one of the gallery's captions (so its right item is known)
+
+    def sheet_row(self) -> tuple[str, list]:
+        """(title, items) for a results sheet: each hit's rank, score, id and captions, marked
+        right or wrong when the query is a known caption."""
+        from mmret.modalities import SheetItem
+
+        title = f"{self.query!r}" + (" (a caption of this gallery)" if self.known else "")
+        if self.known and not any(h.right for h in self.images):
+            title += f": its item is not in the top {len(self.images)}"
+        items = [SheetItem(h.path, [f"#{h.rank}  {h.score:.3f}  {h.image_id}", *h.captions[:2]],
+                           None if h.right is None else ("right" if h.right else "wrong")) for h in self.images]
+        return title, items
 
 
 @dataclass
@@ -62,14 +80,20 @@ def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, 
     # which is how it will be searched
     other = emb.captions if which == "images" else emb.images
     queries = np.asarray(other[:cfg.check_queries], dtype=np.float32) if cfg.kind != "exact" else None
-    return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries,
-                        rebuild=rebuild, reporter=reporter)
+    try:
+        return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries,
+                            rebuild=rebuild, reporter=reporter)
+    except StaleIndex:  # the run or the dataset changed since: build the index again, as the embeddings were
+        _logger.warning("the %s gallery of %s changed since its index was built; building it again", which, emb.path.name)
+        return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries, rebuild=True,
+                            reporter=reporter)
 
 
-def _image_hits(emb: Embeddings, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+def _image_hits(emb: Embeddings, scores: np.ndarray, ids: np.ndarray, query: str | None = None) -> list[Hit]:
     captions = emb.caption_table.groupby("image")["caption"].apply(list)
     table = emb.image_table
-    return [Hit(rank + 1, float(s), str(table.image_id.iloc[i]), str(table.path.iloc[i]), captions.get(int(i), []))
+    return [Hit(rank + 1, float(s), str(table.image_id.iloc[i]), str(table.path.iloc[i]), captions.get(int(i), []),
+                None if query is None else query in captions.get(int(i), []))
             for rank, (s, i) in enumerate(zip(scores, ids))]
 
 
@@ -85,21 +109,28 @@ def _caption_hits(emb: Embeddings, scores: np.ndarray, ids: np.ndarray) -> list[
 
 def search(run_dir: Path, queries: list[str], image: Path | None = None, dataset: str | None = None,
            split: str = "all", k: int = 10, index: str = "exact", rebuild_index: bool = False,
-           device: str = "auto", which: str = "best", reporter: Reporter = NULL) -> SearchResult:
+           device: str = "auto", which: str = "best", reporter: Reporter = NULL,
+           data_dir: Path | None = None) -> SearchResult:
     """Top-k pictures for each text query, or pictures and captions for a query picture."""
     if not queries and image is None:
         raise MmretError("nothing to search for: give a query text, --queries FILE, or --image PATH")
+    if any(not q.strip() for q in queries):
+        raise MmretError("a query is empty; give the words to search for")
+    if image is not None and Path(image).is_dir():
+        raise MmretError(f"--image {image} is a folder; give the path of one file to search with")
     if k < 1:
         raise MmretError(f"-k must be at least 1, got {k}")
     run = LoadedRun(run_dir, which, device)
-    emb = write_run_embeddings(run, dataset, split, reporter=reporter)
+    emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
     cfg = IndexConfig(kind=index)
     images_index = gallery_index(run_dir, emb, "images", cfg, rebuild_index, reporter)
     k_images = min(k, len(emb.images))
     results = []
     if queries:
         scores, ids = images_index.search(run.encode_texts(queries).numpy(), k_images)
-        results += [QueryResult(q, _image_hits(emb, s, i)) for q, s, i in zip(queries, scores, ids)]
+        known = set(emb.caption_table["caption"])
+        results += [QueryResult(q, _image_hits(emb, s, i, q if q in known else None), known=q in known)
+                    for q, s, i in zip(queries, scores, ids)]
     if image is not None:
         query = run.encode_items([image]).numpy()
         scores, ids = images_index.search(query, k_images)

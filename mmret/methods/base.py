@@ -17,35 +17,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
-
+from mmret.common.lazy import import_all
 from mmret.errors import MmretError
+from mmret.methods.catalog import BUILTIN_METHODS
+from mmret.methods.config import BUILTIN_CONFIGS, MethodConfig, check_positive  # noqa: F401  (re-exported)
 
-
-def check_positive(name: str, value: float | int | None) -> None:
-    if value is not None and value <= 0:
-        raise MmretError(f"--{name} must be positive, got {value}")
-
-
-@dataclass
-class MethodConfig:
-    """The settings every method has; a method's own config class adds its own."""
-
-    method: str = "bridge"  # the method's registered name
-    embed_dim: int = 512  # size of the shared embedding space
-    dropout: float = 0.1  # dropout in heads, bridge and scratch towers
-    temperature: str = "learned"  # learned | fixed | dynamic
-    init_temperature: float = 0.07  # initial softmax temperature (logit scale 1/T)
-
-    def __post_init__(self) -> None:
-        check_positive("embed-dim", self.embed_dim)
-        if not 0 <= self.dropout < 1:
-            raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
-        if self.temperature not in ("learned", "fixed", "dynamic"):
-            raise MmretError(f"--temperature must be learned, fixed or dynamic, got {self.temperature!r}")
+if TYPE_CHECKING:  # torch is imported by the methods themselves, so that the registry's names cost nothing
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -71,9 +52,13 @@ class Inputs:
         return self.images(n, device), self.texts(n, device)
 
     def images(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        import torch
+
         return torch.randn(n, *self.image, device=device)
 
     def texts(self, n: int, device: torch.device | str = "cpu") -> Any:
+        import torch
+
         if self.text is not None:
             return torch.randn(n, *self.text, device=device)
         ids = torch.randint(0, self.vocab, (n, self.length), device=device)
@@ -165,6 +150,19 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+_builtins: list[bool] = []  # [True] once the built-in methods are imported
+
+
+def registry() -> dict[str, Method]:
+    """Every registered method, the built-in ones imported on first use, in `--help`'s order."""
+    if not _builtins:
+        _builtins.append(True)
+        import_all(tuple(dict.fromkeys(module for module, _, _ in BUILTIN_METHODS.values())))
+        builtin = {name: METHODS[name] for name in BUILTIN_METHODS if name in METHODS}
+        others = {name: m for name, m in METHODS.items() if name not in builtin}
+        METHODS.clear()
+        METHODS.update({**builtin, **others})
+    return METHODS
 
 
 def register_method(method: Method) -> Method:
@@ -176,29 +174,42 @@ def register_method(method: Method) -> Method:
 
 
 def get_method(name: str, training: bool = False) -> Method:
-    if name not in METHODS or (training and not METHODS[name].trainable):
-        names = [m.name for m in METHODS.values() if m.trainable]
+    known = name in METHODS or name in BUILTIN_METHODS  # an unknown name is answered without importing torch
+    methods = registry() if known else METHODS
+    if name not in methods or (training and not methods[name].trainable):
+        names = [n for n, (_, _, trainable) in BUILTIN_METHODS.items() if trainable]
+        names += [m.name for m in METHODS.values() if m.trainable and m.name not in names]
         raise MmretError(f"unknown method {name!r}; choose one of {', '.join(names)}")
-    return METHODS[name]
-
-
-def method_help() -> str:
-    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values() if m.trainable)
+    return methods[name]
 
 
 def _fields(kind: type) -> set[str]:
     return {f.name for f in dataclasses.fields(kind)}
 
 
+def config_class(name: str) -> type[MethodConfig]:
+    """The config class of method `name`, without importing the method's code when it is a built-in."""
+    if name in METHODS:
+        return METHODS[name].config
+    if name in BUILTIN_METHODS:
+        return BUILTIN_CONFIGS[name]
+    get_method(name)  # the one-line error for an unknown method
+    raise AssertionError(name)
+
+
+def _configs() -> dict[str, type[MethodConfig]]:
+    return {**BUILTIN_CONFIGS, **{name: m.config for name, m in METHODS.items()}}
+
+
 def method_settings() -> set[str]:
-    """Every setting of every registered method's config."""
-    return set().union(*(_fields(m.config) for m in METHODS.values())) if METHODS else _fields(MethodConfig)
+    """Every setting of every method's config (the built-in ones and any registered since)."""
+    return set().union(_fields(MethodConfig), *(_fields(c) for c in _configs().values()))
 
 
 def config_for(name: str, **values: Any) -> MethodConfig:
     """The config of method `name` from `values`; settings that belong to other methods are left
     out (a config.json written before methods had configs of their own holds them all)."""
-    kind = get_method(name).config
+    kind = config_class(name)
     unknown = set(values) - method_settings()
     if unknown:
         raise MmretError(f"unknown method settings in config: {', '.join(sorted(unknown))}")
@@ -208,4 +219,4 @@ def config_for(name: str, **values: Any) -> MethodConfig:
 
 def owners(setting: str) -> list[str]:
     """The registered methods whose config has `setting`."""
-    return [m.name for m in METHODS.values() if setting in _fields(m.config)]
+    return [name for name, c in _configs().items() if setting in _fields(c)]

@@ -7,36 +7,19 @@ bridge, the text head, their input norms and the temperature train.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-from mmret.errors import MmretError
-from mmret.methods.base import check_positive, register_method
+from mmret.methods.catalog import help_of
+from mmret.methods.config import BridgeConfig
+from mmret.methods.base import register_method
 from mmret.methods.features import FeatureContext
-from mmret.methods.heads import HeadsConfig, HeadsMethod, with_input_norm
+from mmret.methods.heads import HeadsMethod, with_input_norm
 from mmret.models import DualEncoder, ProjectionHead, QueryBridge
 from mmret.models.temperature import build_temperature
 
 
-@dataclass
-class BridgeConfig(HeadsConfig):
-    method: str = "bridge"
-    queries: int = 32  # learnable query vectors
-    bridge_layers: int = 2  # cross-attention blocks
-    bridge_width: int = 384  # width of queries and blocks
-    bridge_heads: int = 6  # attention heads
-    token_pool: int = 1  # average-pool the patch grid by this factor first (2: about 4x fewer tokens)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("queries", "bridge_layers", "bridge_width", "bridge_heads", "token_pool"):
-            check_positive(name.replace("_", "-"), getattr(self, name))
-        if self.bridge_width % self.bridge_heads:
-            raise MmretError(f"--bridge-width {self.bridge_width} must be divisible by --bridge-heads {self.bridge_heads}")
-
-
 class BridgeMethod(HeadsMethod):
     name = "bridge"
-    help = "a querying bridge (small Q-Former) over cached image tokens, a head over text"
+    help = help_of("bridge")
     lr = 5e-4
     config = BridgeConfig
     image_tokens = True

@@ -7,33 +7,18 @@ epoch costs a few matrix products.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
-from mmret.errors import MmretError
-from mmret.methods.base import MethodConfig, check_positive, register_method
+from mmret.methods.catalog import help_of
+from mmret.methods.config import HeadsConfig
+from mmret.methods.base import register_method
 from mmret.methods.features import FeatureContext, FeaturesMethod
 from mmret.models import DualEncoder, ProjectionHead
 from mmret.models.heads import InputNorm
 from mmret.models.mixup import latent_mixup
 from mmret.models.temperature import build_temperature
-
-
-@dataclass
-class HeadsConfig(MethodConfig):
-    method: str = "heads"
-    head_layers: int = 2  # projection heads: 1 = linear, 2+ = MLP
-    head_hidden: int | None = None  # hidden width of MLP heads (default: the input width)
-    input_norm: bool = True  # standardise cached features at the tower inputs (initialised from train data)
-    mixup: float = 0.0  # latent mixup Beta(alpha, alpha) on cached features (0: off)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("head-layers", self.head_layers)
-        if self.mixup < 0:
-            raise MmretError(f"--mixup must be 0 (off) or a positive Beta alpha, got {self.mixup}")
 
 
 def with_input_norm(dim: int, tower: nn.Module, enabled: bool) -> nn.Module:
@@ -42,7 +27,7 @@ def with_input_norm(dim: int, tower: nn.Module, enabled: bool) -> nn.Module:
 
 class HeadsMethod(FeaturesMethod):
     name = "heads"
-    help = "projection heads over cached pooled features of both frozen towers"
+    help = help_of("heads")
     lr = 1e-3
     config = HeadsConfig
 

@@ -21,31 +21,14 @@ import torch
 from mmret.data.pairs import FileSource, mentions_sides, split_tables
 from mmret.data.prepared import run_tables
 from mmret.errors import MmretError
-from mmret.methods.base import SIDES, Inputs, Method, MethodConfig, check_positive, register_method
+from mmret.methods.catalog import help_of
+from mmret.methods.config import ScratchConfig
+from mmret.methods.base import SIDES, Inputs, Method, register_method
 from mmret.methods.queries import item_batch
 from mmret.modalities.base import ItemLoader
 from mmret.modalities.image import load_rgb
 
 TOKENIZER_FILE = "tokenizer.json"
-
-
-@dataclass
-class ScratchConfig(MethodConfig):
-    method: str = "scratch"
-    arch: str = "miniclip"  # miniclip | clip-tiny | clip-b16
-    image_model: str = "resnet34"  # miniclip: timm CNN of the image tower
-    image_size: int = 64  # picture side in pixels
-    text_width: int = 256  # miniclip: Linformer width
-    text_depth: int = 4  # miniclip: Linformer blocks
-    linformer_k: int = 16  # Linformer projected sequence length
-    tokenizer: str = "bpe"  # bpe (trained on the captions) or a transformers tokenizer
-    vocab_size: int = 2000  # BPE vocabulary size
-    pretrained_image: bool = False  # start the ResNet from ImageNet weights
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("linformer_k", "vocab_size", "image_size", "text_width", "text_depth"):
-            check_positive(name.replace("_", "-"), getattr(self, name))
 
 
 @dataclass
@@ -56,7 +39,7 @@ class ScratchContext:
 
 class ScratchMethod(Method):
     name = "scratch"
-    help = "a small CLIP trained from scratch (MiniCLIP: ResNet + Linformer, or a random CLIP)"
+    help = help_of("scratch")
     lr = 1e-3
     config = ScratchConfig
     runs_towers = True

@@ -25,8 +25,10 @@ from mmret.data.prepared import run_tables
 from mmret.encoders import load_text_encoder, load_tower
 from mmret.errors import MmretError
 from mmret.features import CAPTIONS, FeatureSource, ensure_features
+from mmret.methods.catalog import help_of, recipe_values
+from mmret.methods.config import TowerConfig, LoraConfig, PrefixConfig, AdapterConfig, FullConfig
 from mmret.methods.base import (
-    METHODS, SIDES, FrozenPart, Inputs, Method, MethodConfig, check_positive, register_method,
+    SIDES, FrozenPart, Inputs, Method, MethodConfig, register_method, registry,
 )
 from mmret.methods.queries import encode_with_tower, item_batch
 from mmret.models import DualEncoder, ProjectionHead
@@ -38,21 +40,6 @@ from mmret.models.tuners import covers, set_grad_checkpointing, tune
 _logger = logging.getLogger(__name__)
 
 CLIP_TEMPERATURE = 0.01  # CLIP's logit scale ends training at its cap, 100
-
-
-@dataclass
-class TowerConfig(MethodConfig):
-    """What every tower-adapting method has: a head over each expert and the tower(s) it adapts."""
-
-    head_layers: int = 2  # projection heads over the experts: 1 = linear, 2+ = MLP
-    head_hidden: int | None = None  # hidden width of MLP heads (default: the input width)
-    tower: str = "both"  # which tower is adapted: text | vision | both
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("head-layers", self.head_layers)
-        if self.tower not in ("text", "vision", "both"):
-            raise MmretError(f"--tower must be text, vision or both, got {self.tower!r}")
 
 
 @dataclass
@@ -210,12 +197,12 @@ def _head(encoder: nn.Module, m: Any) -> nn.Module | None:
 
 
 def tower_methods() -> list[str]:
-    return [name for name, method in METHODS.items() if isinstance(method, TowerMethod)]
+    return [name for name, method in registry().items() if isinstance(method, TowerMethod)]
 
 
 def apply_peft(encoder: nn.Module, method: str, m: Any) -> nn.Module:
     """Adapt a loaded tower in place with the tower method called `method` (see `TowerMethod.adapt`)."""
-    found = METHODS.get(method)
+    found = registry().get(method)
     if not isinstance(found, TowerMethod):
         raise MmretError(f"method {method!r} does not adapt a pretrained tower; choose one of "
                          f"{', '.join(tower_methods())}")
@@ -225,30 +212,13 @@ def apply_peft(encoder: nn.Module, method: str, m: Any) -> nn.Module:
 # ---------------------------------------------------------------------------- the four methods
 
 
-@dataclass
-class LoraConfig(TowerConfig):
-    method: str = "lora"
-    rank: int = 8  # LoRA rank r
-    alpha: float | None = None  # LoRA scaling alpha (default 2 x rank)
-    lora_dropout: float = 0.1  # dropout on the low-rank path
-    targets: str = "q,v"  # attention projections to adapt (q, k, v, o, mlp)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("rank", self.rank)
-        if not 0 <= self.lora_dropout < 1:
-            raise MmretError("--dropout and --lora-dropout must be in [0, 1)")
-        if self.alpha is None:
-            self.alpha = 2.0 * self.rank
-
-
 class LoraMethod(TowerMethod):
     """LoRA (peft) on the attention projections; see `mmret.models.tuners.lora` for the names.
 
-    The two recipes people copy are `--recipe text-r8` and `--recipe both-r64` (`RECIPES`)."""
+    The two recipes people copy are `--recipe text-r8` and `--recipe both-r64` (`mmret.methods.catalog.RECIPES`)."""
 
     name = "lora"
-    help = "LoRA (peft) inside one or both towers, with heads over experts"
+    help = help_of("lora")
     lr = 1e-4
     config = LoraConfig
 
@@ -261,22 +231,12 @@ class LoraMethod(TowerMethod):
         return [f"a lower --rank than {cfg.method.rank}"] + super().memory_cuts(cfg)
 
 
-@dataclass
-class PrefixConfig(TowerConfig):
-    method: str = "prefix"
-    prefix_tokens: int = 16  # virtual tokens per tower
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("prefix-tokens", self.prefix_tokens)
-
-
 class PrefixMethod(TowerMethod):
     """Learned prompt tokens at the input of every block (deep prompt tuning; see
     `mmret.models.tuners.prompts` for why this is our own small module rather than peft's)."""
 
     name = "prefix"
-    help = "learned prompt tokens in every block of the towers (deep prompt tuning)"
+    help = help_of("prefix")
     lr = 1e-3
     config = PrefixConfig
 
@@ -299,21 +259,11 @@ class PrefixMethod(TowerMethod):
         add_prompts(model, "text" if modality == "text" else "image", m.prefix_tokens)
 
 
-@dataclass
-class AdapterConfig(TowerConfig):
-    method: str = "adapter"
-    adapter_dim: int = 64  # bottleneck width
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("adapter-dim", self.adapter_dim)
-
-
 class AdapterMethod(TowerMethod):
     """Bottleneck adapters after the attention and the MLP of every block (`--adapter-dim`)."""
 
     name = "adapter"
-    help = "bottleneck adapters after attention and MLP in every block"
+    help = help_of("adapter")
     lr = 5e-4
     config = AdapterConfig
 
@@ -323,16 +273,11 @@ class AdapterMethod(TowerMethod):
         add_adapters(model, m.adapter_dim)
 
 
-@dataclass
-class FullConfig(TowerConfig):
-    method: str = "full"
-
-
 class FullMethod(TowerMethod):
     """Every weight of the towers trains; the reference row of any comparison."""
 
     name = "full"
-    help = "full fine-tuning of both towers (the reference row)"
+    help = help_of("full")
     lr = 1e-5
     config = FullConfig
     train_base = True
@@ -349,31 +294,6 @@ for _method in (LoraMethod(), PrefixMethod(), AdapterMethod(), FullMethod()):
 
 
 # ---------------------------------------------------------------------------- LoRA recipes
-
-# Named recipes a user picks with one flag; keys are LoraConfig fields.
-RECIPES: dict[str, dict[str, Any]] = {
-    "text-r8": dict(method="lora", tower="text", rank=8, alpha=16.0, targets="q,v", lora_dropout=0.1),
-    "both-r64": dict(method="lora", tower="both", rank=64, alpha=128.0, targets="q,k,v", lora_dropout=0.1),
-}
-RECIPE_HELP = {
-    "text-r8": "LoRA r=8, alpha=16 on q and v of the text tower only, dropout 0.1",
-    "both-r64": "LoRA r=64, alpha=128 on q, k and v of both towers, dropout 0.1",
-}
-
-
-def recipe_values(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A recipe's settings with the user's own flags (`given`, None: not given) on top.
-
-    A rank given without an alpha drops the recipe's alpha, so alpha follows the rank (2 x rank).
-    """
-    if name not in RECIPES:
-        raise MmretError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    given = {k: v for k, v in (given or {}).items() if v is not None}
-    values = {**RECIPES[name], **given}
-    if "rank" in given and "alpha" not in given:
-        values["alpha"] = None
-    return values
-
 
 def apply_recipe(m: MethodConfig, name: str) -> LoraConfig:
     """The LoRA config of recipe `name` on top of `m`'s shared settings (validated)."""

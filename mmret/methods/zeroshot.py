@@ -10,7 +10,9 @@ from __future__ import annotations
 from torch import nn
 
 from mmret.errors import MmretError
-from mmret.methods.base import MethodConfig, register_method
+from mmret.methods.catalog import help_of
+from mmret.methods.base import register_method
+from mmret.methods.config import MethodConfig
 from mmret.methods.features import FeatureContext, FeaturesMethod
 from mmret.models import DualEncoder
 from mmret.models.temperature import build_temperature
@@ -18,7 +20,7 @@ from mmret.models.temperature import build_temperature
 
 class ZeroShotMethod(FeaturesMethod):
     name = "zeroshot"
-    help = "a pretrained CLIP as it is (made by eval --zero-shot)"
+    help = help_of("zeroshot")
     lr = 0.0
     config = MethodConfig
     trainable = False

@@ -7,7 +7,7 @@ A modality is registered once (`register_modality`); a prepared dataset names it
 `dataset.json` (`image` when the field is absent, as in datasets prepared before it existed).
 """
 
-from mmret.modalities.base import MODALITIES, ItemError, Modality, get_modality, register_modality
+from mmret.modalities.base import MODALITIES, ItemError, ItemLoader, Modality, SheetItem, get_modality, register_modality
 from mmret.modalities import image  # noqa: F401, I001  (registers the image modality)
 
-__all__ = ["MODALITIES", "ItemError", "Modality", "get_modality", "register_modality"]
+__all__ = ["MODALITIES", "ItemError", "ItemLoader", "Modality", "SheetItem", "get_modality", "register_modality"]

@@ -26,7 +26,7 @@ class Modality:
     probe: Callable[[Any, bool], dict[str, int]]  # (file, decode fully) -> table columns, or ItemError
     decode: Callable[[Any], Any]  # file -> the decoded item (a PIL picture), or ItemError
     columns: tuple[str, ...]  # the columns `probe` fills in the item table
-    results_sheet: Callable[..., None] | None = None  # draw search results for people to look at
+    results_sheet: Callable[..., None] | None = None  # ([(title, [SheetItem])], path): results for people to look at
 
     def is_item_file(self, name: str) -> bool:
         return name.lower().endswith(self.extensions) and not name.startswith(".")
@@ -47,6 +47,15 @@ def get_modality(name: str | None) -> Modality:
         raise MmretError(f"unknown modality {name!r}; mmret knows {', '.join(MODALITIES)}")
     return MODALITIES[name]
 
+
+
+@dataclass(frozen=True)
+class SheetItem:
+    """One result on a results sheet: the item's file, the lines under it, and a mark."""
+
+    path: str
+    label: list[str]  # e.g. "#1  0.986  00446", then captions
+    mark: str | None = None  # right | wrong | None (not known)
 
 
 @dataclass(frozen=True)

@@ -107,27 +107,66 @@ def load_rgb(path: str | Path | BinaryIO) -> Image.Image:
         raise ImageError(f"cannot decode: {e}") from None
 
 
-def contact_sheet(items: list[tuple[str, str]], path: Path, columns: int = 5, thumb: int = 160) -> None:
-    """A grid of pictures, each with a label under it (e.g. rank and score), written as one PNG."""
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font (needs FreeType)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, lines: int) -> list[str]:
+    """`text` cut into at most `lines` lines that fit `width` pixels (the last one ends in '…')."""
+    out, word_list = [], text.split()
+    while word_list and len(out) < lines:
+        line = word_list.pop(0)
+        while word_list and draw.textlength(f"{line} {word_list[0]}", font=font) <= width:
+            line += " " + word_list.pop(0)
+        while draw.textlength(line, font=font) > width and len(line) > 1:
+            line = line[:-2] + "…"
+        out.append(line)
+    if word_list and out:
+        out[-1] = out[-1].rstrip("…")[:-1] + "…"
+    return out
+
+
+MARKS = {"right": (30, 150, 60), "wrong": (200, 50, 40)}
+
+
+def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) -> None:
+    """Search results as one PNG people can read at a glance: for each query (`rows`: (title,
+    [SheetItem])) its title, then a row of thumbnails with rank, score, id and captions under each;
+    a green frame on the right item and a red one on the others when the query is a known caption."""
     from PIL import ImageDraw
 
     from mmret.common.io import atomic_path
 
-    if not items:
+    if not any(items for _, items in rows):
         return
-    label_h = 28
-    rows = (len(items) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label_h)), (255, 255, 255))
+    title_font, font = _font(18), _font(13)
+    pad, title_h, label_h = 10, 30, 4 * 16 + 6
+    cell_w, cell_h = thumb + pad, thumb + label_h + pad
+    row_h = title_h + cell_h * -(-max(len(items) for _, items in rows) // columns)
+    sheet = Image.new("RGB", (columns * cell_w + pad, len(rows) * row_h + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for n, (picture, label) in enumerate(items):
-        x, y = (n % columns) * thumb, (n // columns) * (thumb + label_h)
-        try:
-            img = load_rgb(open_source(picture))
-            img.thumbnail((thumb - 8, thumb - 8))
-            sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
-        except ImageError as e:
-            draw.text((x + 6, y + thumb // 2), f"unreadable: {e}"[:24], fill=(200, 0, 0))
-        draw.text((x + 6, y + thumb + 4), label[:26], fill=(0, 0, 0))
+    for r, (title, items) in enumerate(rows):
+        top = pad + r * row_h
+        draw.text((pad, top + 4), _wrap(draw, title, title_font, columns * cell_w - pad, 1)[0], fill=(0, 0, 0),
+                  font=title_font)
+        for n, item in enumerate(items):
+            x, y = pad + (n % columns) * cell_w, top + title_h + (n // columns) * cell_h
+            if item.mark in MARKS:
+                draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=MARKS[item.mark], width=4)
+            try:
+                img = load_rgb(open_source(item.path))
+                img.thumbnail((thumb, thumb))
+                sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
+            except ImageError as e:
+                draw.text((x + 6, y + thumb // 2), f"unreadable: {e}"[:30], fill=(200, 0, 0), font=font)
+            lines = [ln for text in item.label for ln in _wrap(draw, text, font, thumb, 2)][:4]
+            for k, line in enumerate(lines):
+                draw.text((x, y + thumb + 4 + 16 * k), line, fill=(0, 0, 0) if k else (60, 60, 60), font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

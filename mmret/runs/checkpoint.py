@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmret.errors import MmretError
-from mmret.common.io import atomic_path
+from mmret.common.io import atomic_path, damaged
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,15 +36,59 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of every tensor's name and bytes: a checkpoint changed after it was written is caught."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0")
+        t = tensors[name].contiguous().reshape(-1)  # 1-d, so the byte view works for scalars too
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> None:
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"mmret": json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={"mmret": json.dumps(meta), "mmret_digest": _digest(tensors)})
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, checked against the digest written with them (when it has one)."""
+    tensors = _read(path, load_file)
+    recorded = _read(path, _recorded_digest)
+    if recorded is not None and _digest(tensors) != recorded:
+        raise damaged(path, "its tensors do not match the checksum written with them", FIX)
+    return tensors
+
+
+FIX = "use the run's other checkpoint (--checkpoint best or last) or train the run again"
+
+
+def _read(path: Path, fn: Any) -> Any:
+    """`fn(path)` on a safetensors file; anything but safetensors with our metadata (a truncated file,
+    a pickle put in its place) is a `DamagedFile` naming it. Nothing is ever unpickled."""
+    try:
+        return fn(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError, json a ValueError
+        raise damaged(path, f"not a readable safetensors checkpoint: {str(e).splitlines()[0][:200]}", FIX) from None
+
+
+def _meta(file: str) -> dict[str, Any]:
+    with safe_open(file, "pt") as f:
+        return json.loads((f.metadata() or {}).get("mmret", "{}"))
+
+
+def _recorded_digest(file: str) -> str | None:
+    with safe_open(file, "pt") as f:
+        return (f.metadata() or {}).get("mmret_digest")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("mmret", "{}"))
+    return _read(path, _meta)
 
 
 def save_weights(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
@@ -56,7 +100,7 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
     Parts of the model built on the meta device (a tower a query does not need) are left as they are."""
     if not path.is_file():
         raise MmretError(f"no checkpoint at {path}")
-    weights = load_file(str(path))
+    weights = _load(path)
     expected = trainable_state(model)
     missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
     if missing or unexpected:
@@ -109,7 +153,7 @@ def save_state(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any
 
 def load_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
     """Restore what `save_state` wrote (optimizer and RNG); returns the JSON metadata."""
-    tensors, meta = load_file(str(path)), read_meta(path)
+    tensors, meta = _load(path), read_meta(path)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

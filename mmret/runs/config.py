@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmret.common.paths import data_root, runs_root
+from mmret.common.paths import check_name, data_root, runs_root
 from mmret.errors import MmretError
 
 _logger = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.runs_dir = runs_root(self.runs_dir)
+        if self.name is not None:
+            check_name("--name", self.name, reserved=("latest",))
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "runs_dir": str(self.runs_dir)}

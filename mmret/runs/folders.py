@@ -44,6 +44,14 @@ def resolve_run(name: str | Path | None, runs_dir: str | Path | None = None) -> 
     raise MmretError(f"no run {name!r} in {root}{hint}; pass a run name or folder")
 
 
+def newest_run(runs_dir: str | Path | None = None) -> Path | None:
+    """The run `runs/latest` links to, or None when there is none yet."""
+    try:
+        return resolve_run(LATEST, runs_dir)
+    except MmretError:
+        return None
+
+
 def create_run_dir(cfg: RunConfig, latest: bool = True) -> Path:
     """A new, empty run folder holding the run's config; refuses to overwrite an existing run."""
     cfg.name = cfg.name or default_name(cfg)
@@ -69,7 +77,10 @@ def point_latest(runs_dir: Path, run_dir: Path) -> None:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    cfg = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    data = read_json(run_dir / "config.json", "restore the run's config.json, or train the run again")
+    if not isinstance(data, dict):
+        raise MmretError(f"{run_dir / 'config.json'} is damaged (not a JSON object); restore it or train the run again")
+    cfg = RunConfig.from_dict(data)
     cfg.runs_dir = run_dir.parent
     cfg.name = run_dir.name
     return cfg

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmret.common.io import uninterrupted, write_parquet
+from mmret.common.io import ensure_free_space, uninterrupted, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.pairs import epoch_batches
 from mmret.errors import MmretError
@@ -78,6 +78,7 @@ def train_one_epoch(s: Session, task: Any) -> None:
     """The remaining batches of the current epoch (all of them unless resuming mid-epoch). On
     several processes each reads and steps over its own slice of every (global) batch."""
     st, cfg = s.state, s.cfg.train
+    s.dataset.check_current("training")
     batches = epoch_batches(s.train.tables.captions_of, cfg.batch_size, cfg.seed, st.epoch, s.world.min_last_batch)[st.batch:]
     mine = [(items[s.world.part(len(items))], captions[s.world.part(len(items))]) for items, captions in batches]
     s.model.train()
@@ -130,6 +131,8 @@ def _checkpoint(s: Session, metrics: dict[str, float], weights: bool = True) -> 
     if not s.world.is_main:
         return
     ckpt, st = s.run_dir / "checkpoints", s.state
+    ensure_free_space(ckpt, 3 * sum(p.numel() * p.element_size() for p in s.model.parameters() if p.requires_grad),
+                      f"a checkpoint of run {s.run_dir.name}")
     meta = {"step": st.step, "epoch": st.epoch, "metrics": metrics}
     loop = asdict(st) | {"seconds": st.seconds + time.perf_counter() - s.started}
     with uninterrupted():  # the weights and the state of `last` are replaced together or not at all
@@ -137,11 +140,13 @@ def _checkpoint(s: Session, metrics: dict[str, float], weights: bool = True) -> 
                    {"loop": loop, "scaler": s.stepper.scaler.state_dict() if s.stepper.scaler.is_enabled() else None})
         if weights:
             save_weights(s.model, ckpt / "last.safetensors", meta)
+            point_latest(s.cfg.runs_dir, s.run_dir)  # `latest` only ever names a run that has a checkpoint
 
 
 def finish_epoch(s: Session, partial: bool = False) -> bool:
     """Evaluate, record, checkpoint; returns True when early stopping says to stop."""
     st, cfg = s.state, s.cfg.train
+    s.dataset.check_current("training")  # the epoch just trained read the files the run started with
     metrics = s.world.share(evaluate(s) if s.world.is_main else None, s.device)  # computed once
     row = {"step": st.step, "epoch": st.epoch + 1, "train_loss": st.loss_sum / max(st.pairs, 1),
            "lr": s.optimizer.param_groups[0]["lr"], "seconds": st.seconds + time.perf_counter() - s.started,
@@ -206,7 +211,7 @@ def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: A
               f"{s.val.num_images} val images, {s.total_steps} steps, {s.precision} on {s.device}")
     stopped = "finished all epochs"
     total_pairs = s.train.num_images * tc.epochs
-    with reporter.task(f"training {s.run_dir.name}", total=total_pairs, unit="pairs") as task:
+    with reporter.task("training", total=total_pairs, unit="pairs") as task:
         task.advance(min(st.epoch * s.train.num_images + st.pairs, total_pairs))
         try:
             while st.epoch < tc.epochs:
@@ -235,8 +240,6 @@ def _result(s: Session, stopped: str) -> RunResult:
     _checkpoint(s, {}, weights=False)  # the weights of `last` are already saved; mark the state finished
     _plot(s)
     s.log(f"done: {stopped}; best val {SELECT_METRIC} {st.best:.4f} at epoch {st.best_epoch}")
-    if s.world.is_main:
-        point_latest(s.cfg.runs_dir, s.run_dir)
     s.world.barrier()
     best = read_meta(s.run_dir / "checkpoints" / "best.safetensors").get("metrics", {})
     return RunResult(s.run_dir, st.epoch, st.step, best, st.history[-1] if st.history else {}, stopped,

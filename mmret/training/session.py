@@ -102,6 +102,7 @@ class Session:
     device: torch.device
     precision: str
     method: Method
+    dataset: Any  # the prepared dataset (checked to be unchanged at every epoch)
     train: Any  # the training split's source (see mmret.data.pairs)
     val: Any
     model: nn.Module
@@ -164,8 +165,8 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
                       cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, device, precision, scaler,
                       SAM(optimizer, cfg.train.sam_rho, scaler) if cfg.train.sam else None,
                       method.batch_transform(cfg))
-    session = Session(cfg, run_dir, device, precision, method, train, val, model, optimizer, stepper, LoopState(),
-                      steps_per_epoch, world)
+    session = Session(cfg, run_dir, device, precision, method, dataset, train, val, model, optimizer, stepper,
+                      LoopState(), steps_per_epoch, world)
     if resume_dir is not None:
         restore(session)
     return session
@@ -173,7 +174,7 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
 
 def _new_run_dir(cfg: RunConfig, world: World, device: torch.device) -> Path:
     """The main process creates the run folder (and names it); the others learn its name."""
-    name = create_run_dir(cfg).name if world.is_main else None
+    name = create_run_dir(cfg, latest=False).name if world.is_main else None  # runs/latest moves once a checkpoint exists
     cfg.name = world.share(name, device)
     world.barrier()
     return cfg.runs_dir / cfg.name

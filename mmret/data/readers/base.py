@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mmret.modalities.image import IMAGE_EXTENSIONS
+from mmret.common.lazy import import_all
+from mmret.errors import MmretError
 
 SPLITS = ("train", "val", "test")
 
@@ -50,20 +51,46 @@ class SourceData:
 
 
 Reader = Callable[[Path, "PrepareConfig"], SourceData]  # noqa: F821  (config imported lazily)
+
+# the built-in readers: the module that registers each, and the help `mmret prepare --help` lists
+# (kept here, so the help costs no import of the readers or of pandas)
+BUILTIN_READERS = {
+    "flickr30k": ("mmret.data.readers.flickr30k",
+                  "Flickr30k: dataset_flickr30k.json, flickr30k_*_karpathy.txt or Kaggle results.csv"),
+    "coco": ("mmret.data.readers.coco", "MS-COCO: captions_{train,val}2014.json and/or Karpathy's dataset_coco.json"),
+    "flickr8k": ("mmret.data.readers.flickr8k", "Flickr8k: Flickr8k.token.txt with Flickr_8k.{train,dev,test}Images.txt"),
+    "folder": ("mmret.data.readers.folder",
+               "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet"),
+    "example": ("mmret.data.readers.example",
+                "a built-in set of coloured-shape pictures with captions, generated with no download"),
+    "wds": ("mmret.data.readers.wds", "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, "
+                                      "optional key.json); --root 'shards/{00000..00099}.tar'"),
+}
+READER_HELP: dict[str, str] = {name: help for name, (_, help) in BUILTIN_READERS.items()}
 READERS: dict[str, Reader] = {}
-READER_HELP: dict[str, str] = {}
-PATTERN_ROOTS: set[str] = set()  # readers whose --root is a shard pattern, not a folder
+PATTERN_ROOTS = {"wds"}  # readers whose --root is a shard pattern, not a folder
 
 
-def register_reader(name: str, help: str, pattern_root: bool = False) -> Callable[[Reader], Reader]:
+def register_reader(name: str, help: str | None = None, pattern_root: bool = False) -> Callable[[Reader], Reader]:
+    """Register `fn(root, cfg) -> SourceData` as `mmret prepare NAME` (a built-in's help is above);
+    `pattern_root`: its --root is a pattern of files (shards), not a folder."""
     def wrap(fn: Reader) -> Reader:
         READERS[name] = fn
-        READER_HELP[name] = help
+        READER_HELP.setdefault(name, help or "")
         if pattern_root:
             PATTERN_ROOTS.add(name)
         return fn
 
     return wrap
+
+
+def get_reader(name: str) -> Reader:
+    """The reader of source format `name` (the built-in readers are imported on first use)."""
+    if name not in READERS and name in BUILTIN_READERS:
+        import_all(tuple(module for module, _ in BUILTIN_READERS.values()))
+    if name not in READERS:
+        raise MmretError(f"unknown source {name!r}; choose one of {', '.join(READER_HELP)}")
+    return READERS[name]
 
 
 # ---------------------------------------------------------------- helpers for readers
@@ -86,6 +113,8 @@ def decode_text(raw: bytes, item: str, problems: list[Problem]) -> str | None:
 
 def index_images(root: Path) -> dict[str, Path]:
     """Every picture file under `root` by its base name (the first found wins, sorted walk)."""
+    from mmret.modalities.image import IMAGE_EXTENSIONS
+
     found: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

@@ -34,7 +34,7 @@ def read_official(path: Path, index: dict[str, Path], root: Path) -> list[ImageR
     return [ImageRecord(str(i), locate(name, index, root), captions[i]) for i, name in images.items()]
 
 
-@register_reader("coco", "MS-COCO: captions_{train,val}2014.json and/or Karpathy's dataset_coco.json")
+@register_reader("coco")
 def read_coco(root: Path, cfg) -> SourceData:
     problems: list[Problem] = []
     karpathy = find_file(root, ("dataset_coco.json",))

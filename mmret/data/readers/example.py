@@ -79,7 +79,7 @@ def scenes(count: int, seed: int) -> list[tuple]:
     return random.Random(seed).sample(every, count)
 
 
-@register_reader("example", "a built-in set of coloured-shape pictures with captions, generated with no download")
+@register_reader("example")
 def read_example(root: Path, cfg) -> SourceData:
     """Draw the pictures into `root/images/` (the dataset's own folder) and caption them."""
     out = root / "images"

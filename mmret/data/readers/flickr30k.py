@@ -88,7 +88,7 @@ def read_karpathy_txt(files: dict[str, Path], root: Path, problems: list[Problem
     return records
 
 
-@register_reader("flickr30k", "Flickr30k: dataset_flickr30k.json, flickr30k_*_karpathy.txt or Kaggle results.csv")
+@register_reader("flickr30k")
 def read_flickr30k(root: Path, cfg) -> SourceData:
     problems: list[Problem] = []
     karpathy = find_file(root, ("dataset_flickr30k.json",))

@@ -21,7 +21,7 @@ def read_lines(path: Path, problems: list[Problem]) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-@register_reader("flickr8k", "Flickr8k: Flickr8k.token.txt with Flickr_8k.{train,dev,test}Images.txt")
+@register_reader("flickr8k")
 def read_flickr8k(root: Path, cfg) -> SourceData:
     problems: list[Problem] = []
     tokens = find_file(root, ("Flickr8k.token.txt",))

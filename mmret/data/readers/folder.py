@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pandas as pd
-
 from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text, register_reader
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES, Modality
@@ -21,24 +19,36 @@ from mmret.modalities import MODALITIES, Modality
 TABLES = ("captions.csv", "captions.jsonl", "captions.parquet")
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, problems: list[Problem]) -> "pd.DataFrame":  # noqa: F821
+    """The captions table; a CSV row whose fields do not match the header is reported and left out
+    (never shifted into other columns)."""
+    import pandas as pd
+
+    def ragged(fields: list[str]) -> None:
+        problems.append(Problem("ragged row", path.name, f"{len(fields)} fields where the header has "
+                                f"{len(header)} (quote captions that hold commas): {','.join(fields)[:80]!r}; left out"))
+
     try:
         if path.suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace")
+            header = pd.read_csv(path, nrows=0, encoding_errors="replace").columns
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace", index_col=False,
+                                engine="python", on_bad_lines=ragged)
         elif path.suffix == ".jsonl":
             frame = pd.read_json(path, lines=True, dtype=False)
         else:
             frame = pd.read_parquet(path)
     except Exception as e:
-        raise MmretError(f"cannot read {path}: {e}") from None
+        raise MmretError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
     missing = {"image", "caption"} - set(frame.columns)
     if missing:
         raise MmretError(f"{path.name} needs columns 'image' and 'caption'; it has {', '.join(map(str, frame.columns))}")
     return frame
 
 
-def records_from_table(path: Path, root: Path) -> list[ImageRecord]:
-    frame = read_table(path)
+def records_from_table(path: Path, root: Path, problems: list[Problem]) -> list[ImageRecord]:
+    import pandas as pd
+
+    frame = read_table(path, problems)
     records: dict[str, ImageRecord] = {}
     for image, caption in zip(frame["image"], frame["caption"]):
         image = str(image).strip()
@@ -92,13 +102,13 @@ def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]
     return records
 
 
-@register_reader("folder", "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet")
+@register_reader("folder")
 def read_folder(root: Path, cfg) -> SourceData:
     problems: list[Problem] = []
     table = next((root / name for name in TABLES if (root / name).is_file()), None)
     note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the images"
     if table is not None:
-        records = records_from_table(table, root)
+        records = records_from_table(table, root, problems)
         return SourceData(records, [str(table)], note, split_sizes=(cfg.val, cfg.test), problems=problems,
                           modality=table_modality(records))
     modality, files = item_files(root)

@@ -1,0 +1,44 @@
+"""`mmret prepare`'s options, checked before anything is read (importable without pandas)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmret.common.paths import check_name, data_root
+from mmret.errors import MmretError
+
+
+def _check_fraction(name: str, value: float, top: float = 1.0) -> None:
+    if not 0.0 <= value < top or value > 1.0:
+        raise MmretError(f"--{name} must be a fraction in [0, {top:g}{']' if top > 1 else ')'}, got {value}")
+
+
+@dataclass
+class PrepareConfig:
+    source: str  # reader name: flickr30k | coco | flickr8k | folder | example
+    root: Path | None = None  # where the raw dataset lives (not needed for `example`)
+    name: str | None = None  # dataset name under data/ (default: the source name)
+    val: float = 0.1  # fraction of images for validation, when the source has no official split
+    test: float = 0.1  # fraction of images for testing, when the source has no official split
+    seed: int = 0  # seed of the random split and of the generated example
+    check_images: bool = False  # decode every image fully and drop broken ones
+    force: bool = False  # replace an existing prepared dataset
+    count: int = 500  # number of pictures in the generated `example` dataset
+    data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
+    allow_outside_root: bool = False  # let a captions table name files outside --root
+
+    def __post_init__(self) -> None:
+        self.name = check_name("--name", self.name or self.source)
+        _check_fraction("val", self.val)
+        _check_fraction("test", self.test, top=1.0 + 1e-9)  # --test 1.0: a set meant only for evaluation
+        if self.test == 1.0:
+            self.val = 0.0  # every item is for evaluation: a test set, nothing to train on
+        elif self.val + self.test >= 1.0:
+            raise MmretError(f"--val + --test must leave images for training, got {self.val} + {self.test} "
+                             "(--test 1.0 makes a set for evaluation only)")
+        if self.count < 10:
+            raise MmretError(f"--count must be at least 10, got {self.count}")
+        if self.root is not None:
+            self.root = Path(self.root).expanduser().absolute()
+        self.data_dir = data_root(self.data_dir)
