@@ -24,6 +24,16 @@ def show_prepare(result) -> None:
 
 
 def show_precompute(result) -> None:
+    for name, shard in result.shards:
+        index, count = shard.shard
+        state = ("sealed the cache" if shard.sealed is not None and shard.encoded else
+                 "the cache is complete" if shard.sealed is not None else
+                 f"{len(shard.missing)} cache shards still to encode by other processes; the last one to finish "
+                 "seals it (or run --finalize)")
+        ui.console.print(f"{shard.which} · {name}: shard {index}/{count} encoded {len(shard.encoded)} cache shards "
+                         f"({shard.stats.encoded:,} rows); {state}", highlight=False, soft_wrap=True)
+    if not result.parts:
+        return
     rows = []
     for name, feats in result.parts:
         s = feats.stats
@@ -53,6 +63,8 @@ def show_dry_run(plan) -> None:
 
 
 def show_train(result) -> None:
+    if result.rank != 0:  # one of several processes: the first one reports
+        return
     keys = [k for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall") if k in result.best]
     ui.console.print(ui.table("best validation", ["metric", "value"], [(k, f"{result.best[k]:.4f}") for k in keys]))
     ui.console.print(f"{result.stopped} after {result.epochs} epochs, {result.steps} steps, "

@@ -20,7 +20,7 @@ from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.config import PrepareConfig
 from mmret.data.readers import get_reader
-from mmret.data.readers.base import SPLITS, Problem
+from mmret.data.readers.base import PATTERN_ROOTS, SPLITS, Problem
 from mmret.data.tables import (
     assign_random_splits, check_files, clean_captions, inside_root, merge_duplicate_ids, problem_counts, to_tables,
 )
@@ -51,7 +51,7 @@ def _check_target(cfg: PrepareConfig) -> Path:
         return target
     if cfg.root is None:
         raise MmretError(f"prepare {cfg.source} needs --root: the folder that holds the dataset")
-    if not cfg.root.is_dir():
+    if cfg.source not in PATTERN_ROOTS and not cfg.root.is_dir():
         raise MmretError(f"--root {cfg.root} is not a folder")
     return target
 
@@ -80,7 +80,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         problems, modality = source.problems, get_modality(source.modality)
         records = merge_duplicate_ids(source.images)
         if not cfg.allow_outside_root:
-            records = inside_root(records, tmp if cfg.source == "example" else cfg.root, problems)
+            records = inside_root(records, tmp if cfg.source == "example" else source.item_root or cfg.root, problems)
         records = clean_captions(records, problems)
         records, columns = check_files(records, tmp, cfg.check_images, problems, modality, reporter)
         if not records:
@@ -97,6 +97,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generation": uuid.uuid4().hex,
             "mmret_version": __version__,
             "arguments": config_dict(cfg), "split_note": source.split_note, "annotation_files": source.files,
+            **({"item_root": source.item_root} if source.item_root else {}),
             "counts": counts, "dropped": problem_counts(problems), "problems": [asdict(p) for p in problems],
         })
     return PrepareResult(cfg.name, target, cfg.source, source.split_note, counts, problems,

@@ -74,6 +74,8 @@ def check_files(records: list[ImageRecord], base: Path, full: bool, problems: li
     """Keep records whose file opens (and with `full`, decodes); return them with their table
     columns (a picture's width and height)."""
     def probe(rec: ImageRecord):
+        if rec.columns is not None:  # probed by the reader, from the bytes it read
+            return rec.columns
         try:
             return modality.probe(base / rec.path, full)
         except ItemError as e:

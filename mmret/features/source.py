@@ -71,6 +71,7 @@ class FeatureSource(Source):
         for images, captions in batches:
             yield self.image_batch(images), self.text_batch(captions)
 
-    def iter_images(self, batch_size: int):
-        for a in range(0, self.num_images, batch_size):
-            yield self.image_batch(np.arange(a, min(a + batch_size, self.num_images)))
+    def iter_images(self, batch_size: int, rows: range | None = None):
+        rows = range(self.num_images) if rows is None else rows
+        for a in range(rows.start, rows.stop, batch_size):
+            yield self.image_batch(np.arange(a, min(a + batch_size, rows.stop)))

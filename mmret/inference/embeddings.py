@@ -7,11 +7,18 @@ The folder holds `images.npy` (N, D) and `captions.npy` (M, D) float16, `images.
 caption's item), and `manifest.json` naming the checkpoint (its digest) and the dataset table
 (its fingerprint) they came from: embeddings of another checkpoint or of a re-prepared dataset
 are never reused.
+
+Many processes (`--shard i/N`, or torchrun) share the work: the rows are cut into blocks of whole
+batches, process i embeds blocks i, i+N, ... into `.<ds>-<split>.parts/`, and whoever finds every
+block there assembles the folder (as `--finalize` does). Batches start where one process's would,
+so the arrays are the bytes one process writes; a killed process runs again and skips its
+finished blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +27,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmret.common.device import autocast_context
 from mmret.common.digest import file_digest
-from mmret.common.io import atomic_dir, load_npy, read_json, read_parquet, write_json
+from mmret.common.io import atomic_dir, atomic_path, load_npy, read_json, read_parquet, write_json
 from mmret.common.progress import NULL, Reporter
+from mmret.common.shards import Shard, shard_of
 from mmret.data.prepared import load_dataset
-from mmret.features import CAPTIONS, dataset_fingerprint
+from mmret.errors import MmretError
+from mmret.features import CAPTIONS, FeatureCache, dataset_fingerprint
 from mmret.inference.loaded import LoadedRun
+from mmret.methods import SIDES
+from mmret.models.embed import embed_source
 
 _logger = logging.getLogger(__name__)
 
 FORMAT = 1
+BLOCK_BATCHES = 16  # batches in one block of rows that one process embeds and keeps as a part
 
 
 @dataclass
@@ -80,10 +93,12 @@ def _fresh(path: Path, expected: dict) -> bool:
 
 def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, split: str = "test", which: str = "best",
                          device: str = "auto", batch_size: int = 256, reporter: Reporter = NULL,
-                         data_dir: Path | None = None) -> Embeddings:
+                         data_dir: Path | None = None, shard: str | None = None,
+                         finalize: bool = False) -> Embeddings | None:
     """Embed a split (or `all`) of a dataset (default: the run's, from `data_dir` or the run's data
     root) with the run's `which` checkpoint (`run` may be a loaded run, whose checkpoint and device
-    then apply)."""
+    then apply). With `shard` ("i/N", or torchrun's rank) this process embeds its blocks only, and
+    None comes back unless it was the last and assembled the folder; `finalize` only assembles."""
     start = time.perf_counter()
     run = run if isinstance(run, LoadedRun) else LoadedRun(run, which, device)
     cfg = run.cfg
@@ -95,16 +110,69 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
                 "folds": [cfg.data.folds, cfg.data.fold] if ds.name == cfg.data.dataset else [0, 0]}
     if _fresh(target, expected):
         return open_embeddings(target)
-    source, images, captions = run.embed(ds, split, batch_size, reporter)
-    ds.check_current("embedding")
-    t = source.tables
+    sharded = shard_of(shard)
+    if sharded is None and not finalize:
+        source, images, captions = run.embed(ds, split, batch_size, reporter)
+        ds.check_current("embedding")
+        return _write(target, expected, ds.name, run.name, source.tables, images, captions, start)
+    return _by_blocks(run, ds, split, batch_size, reporter, target, expected, sharded, start)
+
+
+def _write(target: Path, expected: dict, dataset: str, run: str, t, images: torch.Tensor, captions: torch.Tensor,
+           start: float) -> Embeddings:
     with atomic_dir(target, replace=True) as tmp:
         np.save(tmp / "images.npy", images.numpy().astype(np.float16))
         np.save(tmp / "captions.npy", captions.numpy().astype(np.float16))
         pd.DataFrame({"image_id": t.image_ids, "path": t.paths}).to_parquet(tmp / "images.parquet", index=False)
         pd.DataFrame({"caption_id": t.caption_ids, "image": t.caption_image, "caption": t.captions}).to_parquet(
             tmp / "captions.parquet", index=False)
-        write_json(tmp / "manifest.json", {**expected, "dataset": ds.name, "run": run.name, "dim": images.shape[1],
+        write_json(tmp / "manifest.json", {**expected, "dataset": dataset, "run": run, "dim": images.shape[1],
                                            "images": len(images), "captions": len(captions), "digests": _digests(tmp),
                                            "seconds": round(time.perf_counter() - start, 2)})
     return open_embeddings(target)
+
+
+def _blocks(n: int, batch_size: int) -> list[range]:
+    step = batch_size * BLOCK_BATCHES
+    return [range(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Reporter, target: Path, expected: dict,
+               shard: Shard | None, start: float) -> Embeddings | None:
+    parts = target.parent / f".{target.name}.parts"
+    with FeatureCache(parts).locked(wait=True):  # the folder lock of the feature cache serves here too
+        if not (parts / "expected.json").is_file() or read_json(parts / "expected.json") != expected:
+            for old in parts.glob("*.npy"):
+                old.unlink()  # blocks of another checkpoint or table
+            write_json(parts / "expected.json", expected)
+    _, model = run.model(SIDES)
+    source = run.source(ds, split, reporter)
+    blocks = [(side, k, rows) for side, n in (("images", source.num_images), ("captions", source.num_captions))
+              for k, rows in enumerate(_blocks(n, batch_size))]
+    if shard is not None:
+        index, count = shard
+        for side, k, rows in blocks[index::count]:
+            path = parts / f"{side}-{k:06d}.npy"
+            if path.is_file():
+                continue  # done before this process was stopped
+            items, captions = (rows, range(0)) if side == "images" else (range(0), rows)
+            images, texts = embed_source(model, source, batch_size, run.device,
+                                         lambda: autocast_context(run.device, "fp32"), items=items, captions=captions)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, (images if side == "images" else texts).numpy().astype(np.float16))
+    with FeatureCache(parts).locked(wait=True):
+        missing = [f"{side} {k}" for side, k, _ in blocks if not (parts / f"{side}-{k:06d}.npy").is_file()]
+        if _fresh(target, expected):
+            return open_embeddings(target)
+        if missing:
+            if shard is None:
+                raise MmretError(f"{len(missing)} blocks of these embeddings are not written yet ({', '.join(missing[:5])}"
+                                 f"{' ...' if len(missing) > 5 else ''}); run the --shard processes again, then --finalize")
+            return None
+        ds.check_current("embedding")
+        arrays = {side: np.concatenate([np.load(parts / f"{side}-{k:06d}.npy") for s, k, _ in blocks if s == side])
+                  for side in ("images", "captions")}
+        emb = _write(target, expected, ds.name, run.name, source.tables, torch.from_numpy(arrays["images"]),
+                     torch.from_numpy(arrays["captions"]), start)
+    shutil.rmtree(parts, ignore_errors=True)
+    return emb

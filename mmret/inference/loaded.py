@@ -65,13 +65,20 @@ class LoadedRun:
     def encode_items(self, paths: list[str | Path]) -> torch.Tensor:
         return self.encode("image", paths)
 
-    def embed(self, dataset: Any, split: str, batch_size: int = 256,
-              reporter: Reporter = NULL) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """(source, item embeddings, caption embeddings) of one split of a prepared dataset."""
-        ctx, model = self.model(SIDES)
+    def source(self, dataset: Any, split: str, reporter: Reporter = NULL) -> Any:
+        """The source of one split of a prepared dataset, as this run's method reads it."""
+        ctx, _ = self.model(SIDES)
         (source,) = self.method.sources(self.cfg, ctx, dataset, (split,), self.device, reporter)
-        with reporter.task(f"embedding {dataset.name}-{split}", total=source.num_images + source.num_captions,
-                           unit="rows") as task:
-            images, captions = embed_source(model, source, batch_size, self.device,
-                                            lambda: autocast_context(self.device, "fp32"), task.advance)
-        return source, images, captions
+        return source
+
+    def embed(self, dataset: Any, split: str, batch_size: int = 256, reporter: Reporter = NULL,
+              items: range | None = None, captions: range | None = None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(source, item embeddings, caption embeddings) of one split of a prepared dataset (or of
+        its `items` and `captions` rows)."""
+        _, model = self.model(SIDES)
+        source = self.source(dataset, split, reporter)
+        n = (len(items) if items is not None else source.num_images) + (len(captions) if captions is not None else source.num_captions)
+        with reporter.task(f"embedding {dataset.name}-{split}", total=n, unit="rows") as task:
+            images, texts = embed_source(model, source, batch_size, self.device,
+                                         lambda: autocast_context(self.device, "fp32"), task.advance, items, captions)
+        return source, images, texts

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from mmret.modalities.base import ItemError, Modality, register_modality
+from mmret.modalities.base import ItemError, Modality, open_source, register_modality
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -26,12 +27,17 @@ class ImageError(ItemError):
     """An image that cannot be used; the message is the reason."""
 
 
-def _open(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError("file not found")
-    if path.stat().st_size == 0:
-        raise ImageError("empty file (0 bytes)")
+def _open(path: str | Path | BinaryIO) -> Image.Image:
+    if hasattr(path, "read"):  # an open binary file: a member of a tar shard, read in memory
+        if path.seek(0, 2) == 0:
+            raise ImageError("empty file (0 bytes)")
+        path.seek(0)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ImageError("file not found")
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS, refuses above twice that
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -44,7 +50,7 @@ def _open(path: str | Path) -> Image.Image:
         raise ImageError(f"cannot open: {e}") from None
 
 
-def probe_image(path: str | Path, full: bool = False) -> tuple[int, int]:
+def probe_image(path: str | Path | BinaryIO, full: bool = False) -> tuple[int, int]:
     """Width and height as displayed (EXIF rotation applied); `full` decodes every pixel."""
     img = _open(path)
     with img:
@@ -85,7 +91,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path | BinaryIO) -> Image.Image:
     """Open, decode and orient an image; always an 8-bit RGB picture or an `ImageError`."""
     img = _open(path)
     try:
@@ -153,7 +159,7 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
             if item.mark in MARKS:
                 draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=MARKS[item.mark], width=4)
             try:
-                img = load_rgb(item.path)
+                img = load_rgb(open_source(item.path))
                 img.thumbnail((thumb, thumb))
                 sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
             except ImageError as e:
@@ -173,7 +179,7 @@ def thumbnail(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def _probe_columns(path: Path, full: bool) -> dict[str, int]:
+def _probe_columns(path: Path | BinaryIO, full: bool) -> dict[str, int]:
     width, height = probe_image(path, full=full)
     return {"width": width, "height": height}
 

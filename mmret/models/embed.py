@@ -13,9 +13,11 @@ from mmret.models.batch import call, to_device
 
 @torch.inference_mode()
 def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.device,
-                 autocast: Callable[[], Any], advance: Callable[[int], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized embeddings of every item and every caption of a source, as float32 on the CPU;
-    `advance(rows)` is told after each batch (a progress bar)."""
+                 autocast: Callable[[], Any], advance: Callable[[int], Any] | None = None,
+                 items: range | None = None, captions: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized embeddings of every item and every caption of a source (or of the `items` and
+    `captions` rows: batches start at the first of them), as float32 on the CPU; `advance(rows)` is
+    told after each batch (a progress bar)."""
     was_training = model.training
     model.eval()
 
@@ -25,13 +27,18 @@ def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.d
             out.append(call(encode, to_device(x, device)).float().cpu())
             if advance is not None:
                 advance(len(out[-1]))
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros(0, 0)
 
     with autocast():
-        images = embed(model.encode_image, source.iter_images(batch_size))
-        texts = embed(model.encode_text, source.iter_texts(batch_size))
+        images = embed(model.encode_image, _rows(source.iter_images, batch_size, items))
+        texts = embed(model.encode_text, _rows(source.iter_texts, batch_size, captions))
     model.train(was_training)
     return images, texts
+
+
+def _rows(iterate: Callable, batch_size: int, rows: range | None):
+    return iterate(batch_size) if rows is None else iterate(batch_size, rows)  # a source may know no rows
+
 
 
 def move_real(module: nn.Module, device: torch.device | str) -> nn.Module:
