@@ -143,7 +143,7 @@ def read_wds(root: Path, cfg) -> SourceData:
         seen.add(s["key"])
         kinds.add(s["modality"])
         address = member_address(os.path.relpath(s["url"], base), s["member"])
-        records.append(ImageRecord(s["key"], address, s["captions"], None, s["columns"]))
+        records.append(ImageRecord(s["key"], address, s["captions"], columns=s["columns"]))
     if len(kinds) > 1:
         raise MmretError(f"the shards hold {' and '.join(sorted(kinds))} items; prepare each kind from shards of its own")
     note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the items"
