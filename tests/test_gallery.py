@@ -20,7 +20,7 @@ from mmret import training
 from mmret.cli import app
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.features import encode as encoding
-from mmret.features import ensure_features, open_features
+from mmret.features import open_features
 from mmret.inference import loaded
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.search import search
@@ -120,13 +120,13 @@ def counted(monkeypatch):
     seen = {"encoded": 0, "embedded": 0}
     real_encode, real_embed = encoding._Job.encode, loaded.embed_source
 
-    def encode(self, cache, progress, todo, *args, **kwargs):
-        seen["encoded"] += len(todo)
-        return real_encode(self, cache, progress, todo, *args, **kwargs)
+    def encode(self, cache, record, batches, *args, **kwargs):
+        seen["encoded"] += sum(len(b) for b in batches)
+        return real_encode(self, cache, record, batches, *args, **kwargs)
 
-    def embed(model, source, batch_size, device, autocast, advance=None, image_rows=None, caption_rows=None):
-        seen["embedded"] += source.num_images if image_rows is None else len(image_rows)
-        return real_embed(model, source, batch_size, device, autocast, advance, image_rows, caption_rows)
+    def embed(model, source, batch_size, device, autocast, advance=None, items=None, captions=None):
+        seen["embedded"] += source.num_images if items is None else len(items)
+        return real_embed(model, source, batch_size, device, autocast, advance, items=items, captions=captions)
 
     monkeypatch.setattr(encoding._Job, "encode", encode)
     monkeypatch.setattr(loaded, "embed_source", embed)
@@ -231,3 +231,25 @@ def test_an_index_follows_its_gallery(env, tmp_path):
     assert len(search(env["run"], ["a red circle"], dataset="indexed", k=20).results[0].images) == 5
     grow(env, folder, "indexed", pictures.iloc[:8], changed=0)
     assert len(search(env["run"], ["a red circle"], dataset="indexed", k=20).results[0].images) == 8  # rebuilt
+
+
+def test_a_tar_member_is_stamped_by_its_shard(tmp_path):
+    """A member of a shard has no file of its own: rewriting the shard gives its members new
+    stamps (so their rows are computed again), an untouched shard keeps them."""
+    import os
+    import tarfile
+
+    from mmret.common.items import member_address
+    from mmret.data.stamps import item_stamps
+
+    shard = tmp_path / "000000.tar"
+    (tmp_path / "a.png").write_bytes(b"picture")
+    with tarfile.open(shard, "w") as tar:
+        tar.add(tmp_path / "a.png", arcname="a.png")
+    address = member_address(shard, "a.png")
+    first = item_stamps(["a"], [address], tmp_path)
+    assert (item_stamps(["a"], [address], tmp_path) == first).all()
+    with tarfile.open(shard, "a") as tar:
+        tar.add(tmp_path / "a.png", arcname="b.png")
+    os.utime(shard, ns=(1, 1))
+    assert (item_stamps(["a"], [address], tmp_path) != first).all()

@@ -10,7 +10,6 @@ import io
 import logging
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest

@@ -25,36 +25,48 @@ def eval_command(
     run: Annotated[Optional[str], typer.Option(help="Run to evaluate: name, folder or latest [default: the newest run].", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset [default: the run's].", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
+    task: Annotated[str, typer.Option(help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); or linear-probe (logistic regression on the run's frozen item embeddings).")] = "retrieval",
     compare: Annotated[Optional[list[str]], typer.Option(help="Runs to put side by side (repeat the option or separate with commas); differences from the first are tested with a paired bootstrap.", show_default=False)] = None,
     zero_shot: Annotated[Optional[str], typer.Option(help="Also (or only) evaluate a pretrained CLIP as it is, e.g. clip-b32: the baseline row.", show_default=False)] = None,
+    recall_k: Annotated[str, typer.Option(help="Retrieval: the k of Recall@k, separated by commas (CLIP_benchmark's --recall_k).")] = "1,5,10",
+    templates: Annotated[Optional[Path], typer.Option(help="Classification: prompt templates, one per line with {c} for the class name (or JSON) [default: CLIP's 80 ImageNet templates].", show_default=False)] = None,
+    map: Annotated[Optional[Path], typer.Option("--map", help="Also draw a 2-D map of the split's item and caption embeddings to this PNG, coloured by class or split.", show_default=False)] = None,
+    map_method: Annotated[str, typer.Option(help="Projection of --map: umap or tsne.")] = "umap",
+    failures: Annotated[Optional[Path], typer.Option(help="Also draw the worst text queries (caption, the right item, what ranked above it) to this PNG.", show_default=False)] = None,
+    worst: Annotated[int, typer.Option(help="Queries in the --failures gallery.")] = 8,
     bootstrap: Annotated[int, typer.Option(help="Resamples for 95% confidence intervals (0: none; 1000 is usual).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap, the linear probe and the map.")] = 0,
     checkpoint: Checkpoint = "best",
-    format: Annotated[str, typer.Option(help="Output: table, markdown or json.")] = "table",
+    format: Annotated[str, typer.Option(help="Output: table, markdown, json, or clip-benchmark (CLIP_benchmark's result JSON, also saved under runs/<run>/eval/clip_benchmark/).")] = "table",
     device: Device = "auto",
     runs_dir: RunsDir = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Recall@1/5/10, MRR, median rank, mAP and RSUM in both directions, as papers report them."""
+    """Retrieval (Recall@k, MRR, median rank, mAP, RSUM both ways, as papers report them), zero-shot
+    classification or a linear probe; optionally an embedding map and a failure gallery."""
+    from mmret.inference.config import FORMATS, EvalConfig, parse_ks
+
+    if format not in FORMATS:
+        raise MmretError(f"--format must be {', '.join(FORMATS)}, got {format!r}")
+    cfg = EvalConfig(task=task, dataset=dataset, split=split, recall_k=parse_ks(recall_k), bootstrap=bootstrap,
+                     seed=seed, which=checkpoint, device=device, templates=templates, map=map, map_method=map_method,
+                     failures=failures, worst=worst, clip_benchmark=format == "clip-benchmark", data_dir=data_dir)
+    for path, option in ((map, "--map"), (failures, "--failures")):
+        if path is not None:
+            check_writable(path, option)
     from mmret.cli import ui
-    from mmret.inference.evaluate import compare_runs, evaluate_run
+    from mmret.inference.suite import run_eval
     from mmret.runs import load_run_config, resolve_run
     from mmret.runs.folders import newest_run
 
-    if format not in ("table", "markdown", "json"):
-        raise MmretError(f"--format must be table, markdown or json, got {format!r}")
     names = _runs_list(compare) or ([run] if run or not zero_shot else [])
     run_dirs = [resolve_run(name, runs_dir) for name in names]
     if zero_shot:
         newest = run_dirs[0] if run_dirs else newest_run(runs_dir)
         ds = dataset or (load_run_config(newest).data.dataset if newest else None)
         run_dirs.insert(0, run_or_zero_shot(None, zero_shot, ds, data_dir, runs_dir))
-    reporter = ui.RichReporter()
-    if len(run_dirs) == 1:
-        results = [evaluate_run(run_dirs[0], dataset, split, bootstrap, seed, checkpoint, device, reporter, data_dir)]
-    else:
-        results = compare_runs(run_dirs, dataset, split, bootstrap, seed, checkpoint, device, reporter, data_dir)
-    show.show_eval(results, format)
+    report = run_eval(run_dirs, cfg, ui.NullReporterIfJson(format in ("json", "clip-benchmark")))
+    show.show_eval_report(report, format)
 
 
 @app.command()

@@ -24,7 +24,7 @@ def _source_help() -> str:
 @command
 def prepare(
     source: Annotated[str, typer.Argument(help=_source_help(), show_default=False)],
-    root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`); for wds a shard pattern such as 'shards/{00000..00099}.tar'.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the prepared dataset under the data folder (default: SOURCE).")] = None,
     val: Annotated[float, typer.Option(help="Fraction of images for validation when the source has no official split.")] = 0.1,
     test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split (1.0: all of them, a set for evaluation only).")] = 0.1,
@@ -76,6 +76,8 @@ def precompute_embeddings(
     max_length: Annotated[int, typer.Option(help="Text tokens per caption.")] = 64,
     workers: Annotated[Optional[int], typer.Option(help="Image decoding workers (default: CPU count - 1, at most 4).", show_default=False)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the image tower with torch.compile first: a minute or so once, then faster (worth it for thousands of images).")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="i/N: this process encodes the i-th of N disjoint slices into the same cache (N machines or GPUs fill one cache; the last to finish seals it). Under torchrun each process takes its rank.", show_default=False)] = None,
+    finalize: Annotated[bool, typer.Option("--finalize", help="Seal a cache whose slices were all encoded by --shard processes.")] = False,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
@@ -91,7 +93,12 @@ def precompute_embeddings(
         from mmret.inference.embeddings import write_run_embeddings
 
         run_dir = run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir)
-        emb = write_run_embeddings(run_dir, dataset, split, device=device, reporter=ui.RichReporter())
+        emb = write_run_embeddings(run_dir, dataset, split, device=device, reporter=ui.RichReporter(),
+                                   shard=shard, finalize=finalize)
+        if emb is None:
+            ui.console.print(f"shard {shard or 'of this process'} written; the last shard to finish seals "
+                             f"{run_dir.name}'s embeddings (or run --finalize)", highlight=False)
+            return
         ui.console.print(f"{emb.dataset}-{emb.split}: {emb.images.shape[0]:,} images and {emb.captions.shape[0]:,} "
                          f"captions, {emb.images.shape[1]}-d float16, in {emb.path}", highlight=False)
         return
@@ -99,7 +106,8 @@ def precompute_embeddings(
         raise MmretError("precompute-embeddings needs --dataset (or --run RUN for a trained run's embeddings)")
     cfg = PrecomputeConfig(dataset=dataset, vision=vision, text=text, split=split, tokens=tokens,
                            batch_size=batch_size, precision=precision, device=device, image_size=image_size,
-                           max_length=max_length, workers=workers, compile=compile, data_dir=data_dir)
+                           max_length=max_length, workers=workers, compile=compile, shard=shard, finalize=finalize,
+                           data_dir=data_dir)
     from mmret.features.precompute import precompute_embeddings as run_precompute
 
     show.show_precompute(run_precompute(cfg, ui.RichReporter()))

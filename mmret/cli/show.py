@@ -24,6 +24,16 @@ def show_prepare(result) -> None:
 
 
 def show_precompute(result) -> None:
+    for name, shard in result.shards:
+        index, count = shard.shard
+        state = ("sealed the cache" if shard.sealed is not None and shard.encoded else
+                 "the cache is complete" if shard.sealed is not None else
+                 f"{len(shard.missing)} cache shards still to encode by other processes; the last one to finish "
+                 "seals it (or run --finalize)")
+        ui.console.print(f"{shard.which} · {name}: shard {index}/{count} encoded {len(shard.encoded)} cache shards "
+                         f"({shard.stats.encoded:,} rows); {state}", highlight=False, soft_wrap=True)
+    if not result.parts:
+        return
     rows = []
     for name, feats in result.parts:
         s = feats.stats
@@ -55,6 +65,8 @@ def show_dry_run(plan) -> None:
 
 
 def show_train(result) -> None:
+    if result.rank != 0:  # one of several processes: the first one reports
+        return
     keys = [k for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall") if k in result.best]
     ui.console.print(ui.table("best validation", ["metric", "value"], [(k, f"{result.best[k]:.4f}") for k in keys]))
     ui.console.print(f"{result.stopped} after {result.epochs} epochs, {result.steps} steps, "
@@ -96,7 +108,7 @@ def show_memory(report, given_flags: str = "") -> None:
 def show_eval(results, format: str) -> None:
     import json
 
-    from mmret.inference.evaluate import HEADLINE
+    from mmret.inference.evaluate import headline
 
     if format == "json":
         ui.console.print_json(json.dumps([r.to_json() for r in results]))
@@ -104,7 +116,7 @@ def show_eval(results, format: str) -> None:
     first = results[0]
     columns = ["metric"] + [r.run for r in results]
     rows = []
-    for key in HEADLINE:
+    for key in headline(first.ks):
         cells = [key]
         for r in results:
             cell = f"{r.metrics[key]:.4f}" if key not in ("rsum",) and not key.endswith("medr") else f"{r.metrics[key]:.1f}"
@@ -115,7 +127,8 @@ def show_eval(results, format: str) -> None:
                 cell += " *"
             cells.append(cell)
         rows.append(cells)
-    rows.append(["chance R@1/5/10"] + [" / ".join(f"{min(1, k / r.n_images):.3f}" for k in (1, 5, 10)) for r in results])
+    rows.append([f"chance R@{'/'.join(map(str, first.ks))}"]
+                + [" / ".join(f"{min(1, k / r.n_images):.3f}" for k in r.ks) for r in results])
     title = f"{first.dataset} {first.split}: {first.n_images:,} images, {first.n_captions:,} captions"
     if format == "markdown":
         print(f"**{title}**\n")
@@ -129,6 +142,85 @@ def show_eval(results, format: str) -> None:
         ui.console.print(f"* differs from {first.run} (paired bootstrap, 95%)", highlight=False)
     for r in results:
         ui.console.print(f"saved {r.path}", highlight=False)
+
+
+def show_eval_report(report, format: str) -> None:
+    """Every task's results, then what was drawn and written."""
+    import json
+
+    if format == "clip-benchmark":
+        records = [rec for _, rec in report.clip_benchmark]
+        print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
+        for path, _ in report.clip_benchmark:
+            ui.err_console.print(f"saved {path}", highlight=False)
+        return
+    if report.task == "retrieval":
+        show_eval(report.results, format)
+    elif format == "json":
+        ui.console.print_json(json.dumps([r.to_json() for r in report.results]))
+    elif report.task == "classification":
+        show_classification(report.results, format)
+    else:
+        show_linear_probe(report.results, format)
+    if report.map is not None:
+        m = report.map
+        ui.console.print(f"map ({m.method}, coloured by {m.colour_by}, {m.n_items:,} items, {m.n_captions:,} captions, "
+                         f"{m.thumbnails} thumbnails): {m.path}", highlight=False, soft_wrap=True)
+    if report.failures is not None:
+        f = report.failures
+        ranks = ", ".join(str(r.rank) for r in f.rows)
+        ui.console.print(f"failure gallery (ranks {ranks} of the right item): {f.path} and {f.json_path.name}",
+                         highlight=False, soft_wrap=True)
+
+
+def _markdown_or_table(title: str, columns: list[str], rows: list[list[str]], format: str) -> None:
+    if format == "markdown":
+        print(f"**{title}**\n")
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        ui.console.print(ui.table(title, columns, rows))
+
+
+def _cell(value: float, ci=None) -> str:
+    if value != value:  # nan: top-5 of fewer than five classes
+        return "-"
+    return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def show_classification(results, format: str) -> None:
+    first = results[0]
+    rows = [[key] + [_cell(r.metrics[key], (r.ci or {}).get(key)) for r in results]
+            for key in ("acc1", "acc5", "mean_per_class_recall")]
+    chance = first.chance
+    rows.append(["chance top-1 / top-5", f"{chance['acc1']:.4f} / {chance['acc5']:.4f}"] + [""] * (len(results) - 1))
+    rows.append(["largest class share", f"{chance['majority']:.4f}"] + [""] * (len(results) - 1))
+    title = (f"{first.dataset} {first.split}: zero-shot classification of {first.n_items:,} items into "
+             f"{len(first.labels)} classes, {first.templates} prompts each")
+    _markdown_or_table(title, ["metric"] + [r.run for r in results], rows, format)
+    for r in results:
+        if r.train_overlap:
+            ui.print_note(f"{r.run} trained on {r.train_overlap} of these {r.n_items} items: its scores flatter it")
+        ui.console.print(f"saved {r.path}" + (f" and {r.confusion_png.name}" if r.confusion_png else ""),
+                         highlight=False, soft_wrap=True)
+
+
+def show_linear_probe(results, format: str) -> None:
+    first = results[0]
+    rows = [[key] + [_cell(r.metrics[key]) for r in results]
+            for key in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")]
+    rows.append(["C (chosen on val)"] + [f"{r.C:.3g}" for r in results])
+    rows.append(["val top-1 at C"] + [f"{r.val_acc1:.4f}" for r in results])
+    c = len(first.labels)
+    rows.append(["chance top-1 / top-5", f"{1 / c:.4f} / {min(1, 5 / c):.4f}"] + [""] * (len(results) - 1))
+    sizes = first.sizes
+    title = (f"{first.dataset}: linear probe on {sizes['train']:,} train + {sizes['val']:,} val items, scored on "
+             f"{sizes['test']:,} test items, {c} classes")
+    _markdown_or_table(title, ["metric"] + [r.run for r in results], rows, format)
+    for r in results:
+        ui.console.print(f"saved {r.path}", highlight=False, soft_wrap=True)
 
 
 def show_search(result, grid) -> None:

@@ -101,11 +101,16 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one probe-memory saved); options given here override it.", show_default=False)] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue this stopped run (name or folder) from its last checkpoint.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the parameter table and the resolved config, and stop.")] = False,
+    nproc: Annotated[int, typer.Option(help="Train on this many processes on this machine (torchrun's launcher, started here): one per GPU, or CPU processes with gloo. Under torchrun or srun leave it at 1.")] = 1,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
-    """Train a retrieval model: a run folder with checkpoints, metrics and plots."""
-    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "dry_run", "recipe")}
+    """Train a retrieval model: a run folder with checkpoints, metrics and plots.
+
+    On several GPUs or machines start it with `torchrun --nproc_per_node N -m mmret train ...`
+    (or under srun): --batch-size stays the pairs in one contrastive loss, split across processes.
+    """
+    options = {k: v for k, v in locals().items() if k not in ("config", "resume", "dry_run", "recipe", "nproc")}
     from mmret.cli import ui
     from mmret.runs import RunConfig, resolve_run, with_overrides
 
@@ -118,6 +123,9 @@ def train(
                              f"(to change them, train a new run from its config: --config <run>/config.json)")
         from mmret import training
 
+        if nproc > 1:
+            training.train_on_processes(nproc, resume_dir=resolve_run(resume, runs_dir))
+            return
         show.show_train(training.resume(resolve_run(resume, runs_dir), ui.RichReporter()))
         return
     base = RunConfig.from_dict(read_config(config)) if config else RunConfig()
@@ -130,6 +138,9 @@ def train(
 
     if dry_run:
         show.show_dry_run(training.dry_run(cfg))
+        return
+    if nproc > 1:
+        training.train_on_processes(nproc, cfg)
         return
     show.show_train(training.train(cfg, ui.RichReporter()))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
@@ -30,13 +31,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """`auto` is the first CUDA GPU when there is one, else the CPU."""
+    """`auto` is the first CUDA GPU when there is one (for one of several processes torchrun or
+    srun started on a machine, the GPU of its local rank), else the CPU."""
     requested = (requested or "auto").lower()
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise MmretError(f"--device {requested}: no CUDA GPU is visible to torch; use --device cpu")
+        local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID")
+        if requested == "cuda" and local is not None and local.isdigit():
+            return torch.device("cuda", int(local) % torch.cuda.device_count())
         return torch.device(requested)
     if requested == "cpu":
         return torch.device("cpu")

@@ -12,7 +12,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -139,3 +141,23 @@ def reserve(path: str | Path) -> None:
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: best effort
                     raise
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends, so files written together (a checkpoint's
+    weights and its optimizer state) are never left one new and one old by a launcher stopping the
+    process; a signal that came in the meantime is delivered at the end. Outside the main thread
+    (where Python cannot handle signals) the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda s, _: caught.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)

@@ -16,7 +16,7 @@ def _check_fraction(name: str, value: float, top: float = 1.0) -> None:
 
 @dataclass
 class PrepareConfig:
-    source: str  # reader name: flickr30k | coco | flickr8k | folder | example
+    source: str  # reader name: flickr30k | coco | flickr8k | folder | classes | example
     root: Path | None = None  # where the raw dataset lives (not needed for `example`)
     name: str | None = None  # dataset name under data/ (default: the source name)
     val: float = 0.1  # fraction of images for validation, when the source has no official split

@@ -14,6 +14,7 @@ test split. A dataset prepared again (`--force`) keeps the caches computed from 
 from __future__ import annotations
 
 import os
+import dataclasses
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.config import PrepareConfig
 from mmret.data.readers import get_reader
-from mmret.data.readers.base import SPLITS, ImageRecord, Problem
+from mmret.data.readers.base import PATTERN_ROOTS, SPLITS, ImageRecord, Problem
 from mmret.data.tables import (
     assign_random_splits, check_files, clean_captions, inside_root, merge_duplicate_ids, problem_counts, to_tables,
 )
@@ -58,7 +59,7 @@ def _check_target(cfg: PrepareConfig) -> Path:
         return target
     if cfg.root is None:
         raise MmretError(f"prepare {cfg.source} needs --root: the folder that holds the dataset")
-    if not cfg.root.is_dir():
+    if cfg.source not in PATTERN_ROOTS and not cfg.root.is_dir():
         raise MmretError(f"--root {cfg.root} is not a folder")
     return target
 
@@ -82,7 +83,7 @@ GALLERY_NOTE = "no captions: every item is in test (a gallery to search, not to 
 
 
 def _without_captions(records: list[ImageRecord]) -> list[ImageRecord]:
-    return [ImageRecord(r.image_id, r.path, [], "test") for r in records]
+    return [dataclasses.replace(r, captions=[], split="test") for r in records]
 
 
 def _carry_caches(old: Path, new: Path) -> None:
@@ -102,7 +103,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         problems, modality = source.problems, get_modality(source.modality)
         records = merge_duplicate_ids(source.images)
         if not cfg.allow_outside_root:
-            records = inside_root(records, tmp if cfg.source == "example" else cfg.root, problems)
+            records = inside_root(records, tmp if cfg.source == "example" else source.item_root or cfg.root, problems)
         records = clean_captions(records, problems) if cfg.captions else _without_captions(records)
         records, columns = check_files(records, tmp, cfg.check_images, problems, modality, reporter)
         if not records:
@@ -122,6 +123,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generation": uuid.uuid4().hex,
             "mmret_version": __version__,
             "arguments": config_dict(cfg), "split_note": split_note, "annotation_files": source.files,
+            **({"item_root": source.item_root} if source.item_root else {}),
             "counts": counts, "dropped": problem_counts(problems), "problems": [asdict(p) for p in problems],
         })
         _carry_caches(target, tmp)

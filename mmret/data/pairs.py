@@ -24,16 +24,19 @@ from mmret.modalities import ItemError
 Batch = tuple[np.ndarray, np.ndarray]  # (item indices, caption indices) into a source
 
 
-def epoch_batches(captions_of: list[np.ndarray], batch_size: int, seed: int, epoch: int) -> list[Batch]:
+def epoch_batches(captions_of: list[np.ndarray], batch_size: int, seed: int, epoch: int,
+                  min_last: int = 2) -> list[Batch]:
     """Every item once per epoch in a seeded order, each with one random caption of its own.
 
-    A last batch of a single pair (no negatives) joins the one before it.
+    A last batch of fewer than `min_last` pairs (one pair has no negatives; on N processes each
+    needs two) joins the one before it. The order never depends on anything else, so a run on any
+    number of processes sees the same batches.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(captions_of))
     picks = np.array([caps[rng.integers(len(caps))] for caps in captions_of], dtype=np.int64)
     cuts = list(range(0, len(order), batch_size))
-    if len(cuts) > 1 and len(order) - cuts[-1] < 2:
+    if len(cuts) > 1 and len(order) - cuts[-1] < min_last:
         cuts.pop()
     bounds = cuts[1:] + [len(order)]
     return [(order[a:b], picks[order[a:b]]) for a, b in zip(cuts, bounds)]
@@ -110,7 +113,7 @@ class Source:
     def num_captions(self) -> int:
         return len(self.tables.caption_ids)
 
-    def iter_texts(self, batch_size: int, rows: np.ndarray | None = None):
+    def iter_texts(self, batch_size: int, rows: Any = None):
         """Batches of caption inputs in order: every caption, or the given rows."""
         rows = np.arange(self.num_captions) if rows is None else np.asarray(rows, dtype=np.int64)
         for a in range(0, len(rows), batch_size):
@@ -177,7 +180,7 @@ class FileSource(Source):
         for pixels, (_, captions) in zip(self._image_batches(self.train_items, keys), batches):
             yield pixels, self.text_batch(captions)
 
-    def iter_images(self, batch_size: int, rows: np.ndarray | None = None):
+    def iter_images(self, batch_size: int, rows: Any = None):
         rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
         keys = [[(0, int(i)) for i in rows[a:a + batch_size]] for a in range(0, len(rows), batch_size)]
         yield from self._image_batches(self.eval_items, keys)

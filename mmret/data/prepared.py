@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mmret.common.io import damaged, read_json, read_parquet
+from mmret.common.items import resolve_item
 from mmret.common.paths import check_name, data_root, within
 from mmret.data.readers.base import SPLITS
 from mmret.errors import MmretError
@@ -98,8 +99,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDatas
     missing = {"image_id", "path", "split"} - set(images.columns) or {"image_id", "caption", "split"} - set(captions.columns)
     if missing or not isinstance(info, dict):
         raise damaged(path, f"its tables lack {', '.join(sorted(missing)) or 'a dataset.json object'}", fix)
-    images["path"] = [str(path / p) for p in images["path"]]  # absolute paths stay as they are
-    _check_within(images["path"], [path, info.get("root")], info, fix)
+    # relative to the dataset folder, or to the shards' folder ("item_root"); absolute paths stay as they are
+    item_root = info.get("item_root")
+    images["path"] = [resolve_item(Path(item_root) if item_root else path, p, absolute=not item_root)
+                      for p in images["path"]]
+    _check_within(images["path"], [path, item_root or info.get("root")], info, fix)
     return PreparedDataset(name, path, info, images, captions)
 
 

@@ -3,7 +3,8 @@ reuse a row computed before by matching stamps instead of recomputing the whole 
 
 An item's stamp covers its id, its file's path relative to the dataset, and the file's size and
 modification time; a caption's stamp covers its text. A changed, moved or replaced file gets a
-new stamp and is computed again. Size and modification time rather than a hash of the bytes:
+new stamp and is computed again (a member of a `.tar` shard is stamped by its shard's size and
+modification time: rewriting a shard recomputes all of its members). Size and modification time rather than a hash of the bytes:
 reading every byte of a large photo folder on each run would cost minutes, and size + mtime is
 what make and rsync trust for the same question (a file rewritten with the same size within the
 file system's time resolution would be missed; a copy that resets mtimes is only recomputed).
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from mmret.common.items import split_address
 
 MISSING = "missing"
 
@@ -32,8 +35,9 @@ def item_stamps(ids: Iterable, paths: Iterable[str], root: str | Path) -> np.nda
     out = []
     for item, path in zip(ids, paths):
         path = str(path)
+        member = split_address(path)
         try:
-            st = os.stat(path)
+            st = os.stat(member[0] if member else path)
             state = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             state = MISSING

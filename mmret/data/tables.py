@@ -4,6 +4,7 @@ captions, check the item files (through their modality), assign splits, and buil
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import Counter
@@ -38,7 +39,7 @@ def clean_captions(records: list[ImageRecord], problems: list[Problem]) -> list[
             seen.add(key)
             captions.append(cap)
         if captions:
-            kept.append(ImageRecord(rec.image_id, rec.path, captions, rec.split))
+            kept.append(dataclasses.replace(rec, captions=captions))
         else:
             problems.append(Problem("no caption", rec.image_id, "image has no usable caption", rec.split))
     return kept
@@ -64,7 +65,7 @@ def merge_duplicate_ids(records: list[ImageRecord]) -> list[ImageRecord]:
         if rec.image_id in merged:
             merged[rec.image_id].captions.extend(rec.captions)
         else:
-            merged[rec.image_id] = ImageRecord(rec.image_id, rec.path, list(rec.captions), rec.split)
+            merged[rec.image_id] = dataclasses.replace(rec, captions=list(rec.captions))
     return list(merged.values())
 
 
@@ -73,6 +74,8 @@ def check_files(records: list[ImageRecord], base: Path, full: bool, problems: li
     """Keep records whose file opens (and with `full`, decodes); return them with their table
     columns (a picture's width and height)."""
     def probe(rec: ImageRecord):
+        if rec.columns is not None:  # probed by the reader, from the bytes it read
+            return rec.columns
         try:
             return modality.probe(base / rec.path, full)
         except ItemError as e:
@@ -111,12 +114,18 @@ def split_counts(n: int, sizes: tuple) -> tuple[int, int]:
 
 
 def assign_random_splits(records: list[ImageRecord], sizes: tuple, seed: int) -> None:
-    """Seeded split of records without an official split (by image, so captions never leak)."""
-    todo = sorted((r for r in records if r.split is None), key=lambda r: r.image_id)
-    random.Random(seed).shuffle(todo)
-    n_val, n_test = split_counts(len(todo), sizes)
-    for i, rec in enumerate(todo):
-        rec.split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    """Seeded split of records without an official split (by image, so captions never leak).
+
+    Records with class labels are split class by class in the same proportions (stratified), so
+    a rare class still reaches val and test; unlabelled records form one group."""
+    rng = random.Random(seed)
+    todo = [r for r in records if r.split is None]
+    for label in sorted({r.label or "" for r in todo}):
+        group = sorted((r for r in todo if (r.label or "") == label), key=lambda r: r.image_id)
+        rng.shuffle(group)
+        n_val, n_test = split_counts(len(group), sizes)
+        for i, rec in enumerate(group):
+            rec.split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
 
 
 def to_tables(records: list[ImageRecord], columns: list[dict[str, int]],
@@ -129,6 +138,8 @@ def to_tables(records: list[ImageRecord], columns: list[dict[str, int]],
     })
     for name in modality.columns:
         images[name] = np.asarray([columns[i][name] for i in order], dtype=np.int32)
+    if any(rec.label is not None for rec in records):
+        images["label"] = [records[i].label for i in order]
     rows = [(records[i].image_id, cap, records[i].split) for i in order for cap in records[i].captions]
     captions = pd.DataFrame(rows, columns=["image_id", "caption", "split"])
     captions.insert(0, "caption_id", range(len(captions)))

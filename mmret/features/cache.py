@@ -25,6 +25,12 @@ the shard as done. An interrupted run therefore loses at most the shard in fligh
 resumes after the last recorded one. A complete cache is opened read-only and never written again.
 (Filling preallocated arrays avoids a second copy of what can be many gigabytes of token states.)
 
+Many processes (`--shard i/N`, or torchrun) fill one cache: each encodes whole shards of its own
+into `parts/<shard>/` (written under a temporary name and renamed, so a killed process loses at
+most the shard in flight and resumes after it), and whoever finds every shard encoded seals the
+cache: the parts are copied into the arrays shard by shard, each recorded done in the manifest as
+above. The batches never cross a shard, so the sealed arrays hold the bytes one process writes.
+
 Items that cannot be read do not stop the run: their rows are NaN, `valid` is False for them,
 and `failed` maps their ids to the reason. (`mmret.features.encode` fills a cache.)
 
@@ -47,6 +53,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +62,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from mmret.common.io import damaged, ensure_free_space, load_npy, read_json, reserve, write_json
+from mmret.common.io import atomic_dir, damaged, ensure_free_space, load_npy, read_json, reserve, write_json
 from mmret.common.paths import slug
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
@@ -297,11 +304,13 @@ class FeatureCache:
         self._lock_file = None
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator["FeatureCache"]:
+    def locked(self, wait: bool = False) -> Iterator["FeatureCache"]:
+        """Hold the folder's lock: at once or a one-line error, or with `wait` (the short sections
+        in which shard processes allocate the cache or seal it) as soon as it is free."""
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.path / ".lock", "w")
         try:
-            _try_lock(self._lock_file, self.path)
+            _try_lock(self._lock_file, self.path, wait)
             yield self
         finally:
             self.arrays = {}  # drop the memory maps before the lock goes
@@ -365,6 +374,37 @@ class FeatureCache:
     def save(self) -> None:
         write_json(self.path / "manifest.json", self.manifest)
 
+    # -- shards encoded by other processes
+    def write_part(self, shard: int, values: dict[str, np.ndarray], failed: dict[str, str]) -> None:
+        """Keep one whole encoded shard in `parts/<shard>/` (atomically: all of it or nothing)."""
+        with atomic_dir(self.path / "parts" / f"{shard:06d}", replace=True) as tmp:
+            for name, value in values.items():
+                np.save(tmp / f"{name}.npy", value)
+            write_json(tmp / "failed.json", failed)
+
+    def parts(self) -> dict[int, Path]:
+        """Shards encoded and waiting to be sealed into the arrays."""
+        root = self.path / "parts"
+        if not root.is_dir():
+            return {}
+        return {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+
+    def absorb_parts(self) -> int:
+        """Copy every waiting part into the arrays, committing its shard (the seal). Returns how many."""
+        parts = self.parts()
+        if parts and not self.arrays:
+            self.writable()
+        for shard, path in sorted(parts.items()):
+            if shard not in self.manifest["done"]:
+                a, b = self.manifest["shards"][shard]
+                for name in self.manifest["arrays"]:
+                    self.arrays[name][a:b] = np.load(path / f"{name}.npy")
+                self.commit(shard, read_json(path / "failed.json"))
+            shutil.rmtree(path)
+        if parts and not self.parts():
+            shutil.rmtree(self.path / "parts", ignore_errors=True)
+        return len(parts)
+
 
 STAMPS = "stamps.json"
 
@@ -412,8 +452,6 @@ def lendable_rows(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray] |
 
 def remove_cache(path: Path) -> bool:
     """Delete a cache folder unless a process is writing it (its lock is held); True if removed."""
-    import shutil
-
     try:
         with FeatureCache(path).locked():
             shutil.rmtree(path, ignore_errors=True)
@@ -422,13 +460,13 @@ def remove_cache(path: Path) -> bool:
     return True
 
 
-def _try_lock(f: Any, path: Path) -> None:
+def _try_lock(f: Any, path: Path, wait: bool = False) -> None:
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; concurrent writers are the user's business
         return
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError:
         raise MmretError(f"another mmret process is writing {path}; wait for it to finish") from None
 

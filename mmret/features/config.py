@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmret.common.paths import data_root
+from mmret.common.shards import parse_shard
 from mmret.errors import MmretError
 
 
@@ -24,6 +25,8 @@ class PrecomputeConfig:
     max_length: int = 64  # text tokens per caption (as EncoderConfig.max_length, so training reuses the cache)
     workers: int | None = None  # decoding workers (default: CPU count - 1, at most 4)
     compile: bool = False  # torch.compile the item tower first (pays off over thousands of items)
+    shard: str | None = None  # i/N: encode only this process's shards of the caches (default: torchrun's rank)
+    finalize: bool = False  # seal caches whose shards were all encoded by --shard processes; encode nothing
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
 
     def __post_init__(self) -> None:
@@ -45,4 +48,8 @@ class PrecomputeConfig:
             raise MmretError(f"--max-length must be at least 2 tokens, got {self.max_length}")
         if self.workers is not None and self.workers < 0:
             raise MmretError(f"--workers cannot be negative, got {self.workers}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+        if self.finalize and self.shard:
+            raise MmretError("--finalize seals what the --shard processes encoded; pass one or the other")
         self.data_dir = data_root(self.data_dir)

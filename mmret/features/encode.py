@@ -68,25 +68,34 @@ class _ItemRows(torch.utils.data.Dataset):
         return int(self.rows[i]), torch.zeros_like(self.blank), reason
 
 
-def _item_batches(rows: pd.DataFrame, todo: np.ndarray, encoder: Any, batch_size: int, workers: int,
+def _item_batches(rows: pd.DataFrame, batches: list[np.ndarray], encoder: Any, workers: int,
                   device: torch.device) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
+    todo = np.concatenate(batches)
     paths = rows["path"].to_numpy()[todo].tolist()
     blank = encoder.blank_inputs(1, "cpu")[encoder.input_name][0]
     data = _ItemRows(todo, paths, encoder.item_loader(), blank)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+    starts = np.cumsum([0] + [len(b) for b in batches])
+    sampler = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]  # positions in `todo`
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=min(workers, len(sampler)),
                                          pin_memory=device.type == "cuda",
                                          prefetch_factor=4 if workers else None)
     for idx, items, reasons in loader:
         yield idx.numpy(), {encoder.input_name: items.to(device, non_blocking=True)}, list(reasons)
 
 
-def _caption_batches(rows: pd.DataFrame, todo: np.ndarray, encoder: Any, batch_size: int, tokens: bool,
+def _caption_batches(rows: pd.DataFrame, batches: list[np.ndarray], encoder: Any, tokens: bool,
                      device: torch.device) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
     texts = rows["caption"].to_numpy()
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
+    for idx in batches:
         batch = encoder.tokenize(texts[idx].tolist(), pad_to_max_length=tokens)
         yield idx, {k: v.to(device) for k, v in batch.items()}, [""] * len(idx)
+
+
+def shard_batches(manifest: dict, shards: list[int], batch_size: int) -> list[np.ndarray]:
+    """Row batches that never cross a cache shard: the same batches whichever process encodes a
+    shard, so a cache filled by many processes holds the bytes one process would have written."""
+    return [np.arange(a, min(a + batch_size, hi)) for lo, hi in (manifest["shards"][j] for j in shards)
+            for a in range(lo, hi, batch_size)]
 
 
 def _forward(encoder: Any, inputs: dict, device: torch.device, precision: str) -> Any:
@@ -208,35 +217,41 @@ class _Job:
         }, self.ids.tolist(), shapes, {n: dtypes[n] for n in shapes}, self.stamps.tolist())
         cache.writable()
 
-    def batches(self, todo: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
+    def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
         if self.which != CAPTIONS:
             workers = default_workers(self.device) if self.workers is None else self.workers
-            return _item_batches(self.rows, todo, self.encoder, batch_size, workers, self.device)
-        return _caption_batches(self.rows, todo, self.encoder, batch_size, self.tokens, self.device)
+            return _item_batches(self.rows, batches, self.encoder, workers, self.device)
+        return _caption_batches(self.rows, batches, self.encoder, self.tokens, self.device)
+
+    def resolved_batch_size(self) -> int:
+        return auto_batch_size(self.encoder, self.which, self.device) if self.batch_size == "auto" else int(self.batch_size)
 
     def run(self, cache: FeatureCache) -> CachedFeatures:
         self.prepare(cache)
         manifest = cache.manifest
+        cache.absorb_parts()  # shards other processes encoded (`--shard`) and nobody sealed yet
         done = set(manifest["done"])
         todo_shards = [i for i in _split_shards(manifest, self.split) if i not in done]
-        todo = np.concatenate([np.arange(*manifest["shards"][i]) for i in todo_shards] or [np.arange(0)])
-        batch_size = auto_batch_size(self.encoder, self.which, self.device) if self.batch_size == "auto" else int(self.batch_size)
-        lo, hi = (0, manifest["rows"]) if self.split == "all" else manifest["splits"][self.split]
-        stats = EncodeStats(reused=(hi - lo) - len(todo), batch_size=batch_size, device=str(self.device))
-        if len(todo):
+        batch_size = self.resolved_batch_size()
+        stats = self.stats(manifest, todo_shards, batch_size)
+        if todo_shards:
             progress = _Progress(cache, todo_shards, self.dataset)
-            todo = self.reuse(cache, progress, todo, stats)
-            if len(todo):
-                self.encode(cache, progress, todo, batch_size, stats)
-        stats.precision = manifest.get("precision") or ""
-        stats.precision_reason = manifest.get("precision_reason") or ""
+            todo = np.concatenate([np.arange(*manifest["shards"][i]) for i in todo_shards])
+            left = self.reuse(progress, todo, stats)
+            batches = [b[np.isin(b, left)] for b in shard_batches(manifest, todo_shards, batch_size)]
+            if len(left):
+                self.encode(cache, lambda idx, values, reasons: progress.record(idx, values, reasons, self.ids),
+                            [b for b in batches if len(b)], stats)
+            stats.precision = manifest.get("precision") or ""  # also when every row was reused
+            stats.precision_reason = manifest.get("precision_reason") or ""
         cache.arrays = {}
         return _view(cache.path, read_json(cache.path / "manifest.json"), self.split, self.tokens, stats)
 
-    def reuse(self, cache: FeatureCache, progress: "_Progress", todo: np.ndarray, stats: EncodeStats) -> np.ndarray:
+    def reuse(self, progress: "_Progress", todo: np.ndarray, stats: EncodeStats) -> np.ndarray:
         """Copy into `cache` the rows of `todo` that another cache of this tower computed under the
         same stamp (the same unchanged file, or the same caption); returns the rows left to encode.
         A cache computed in another precision than the one requested lends nothing."""
+        cache = progress.cache
         for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path):
             lent = lendable_rows(path, manifest)
             if not len(todo) or lent is None or not self._compatible(cache.manifest, manifest):
@@ -247,11 +262,11 @@ class _Job:
             order = np.argsort(source)  # sorted reads of the old arrays
             for a in range(0, len(rows), self.shard_rows):
                 part = order[a:a + self.shard_rows]
-                cache.write(rows[part], {n: np.asarray(arr[source[part]]) for n, arr in arrays.items()})
+                progress.record(rows[part], {n: np.asarray(arr[source[part]]) for n, arr in arrays.items()},
+                                [""] * len(part), self.ids)
             if len(rows) and cache.manifest["precision"] is None:
                 cache.manifest["precision"] = manifest["precision"]
                 cache.manifest["precision_reason"] = f"{manifest['precision_reason']} (kept from {path.name})"
-            progress.record(rows, [""] * len(rows), self.ids)
             stats.reused += len(rows)
             todo = todo[missing]
         return todo
@@ -270,22 +285,31 @@ class _Job:
             if str(made_from) != self.dataset.generation and remove_cache(path):
                 _logger.info("removed %s: superseded by %s", path.name, cache.path.name)
 
-    def encode(self, cache: FeatureCache, progress: "_Progress", todo: np.ndarray, batch_size: int,
-               stats: EncodeStats) -> None:
-        manifest, ids = cache.manifest, self.ids
+    def stats(self, manifest: dict, todo_shards: list[int], batch_size: int) -> EncodeStats:
+        lo, hi = (0, manifest["rows"]) if self.split == "all" else manifest["splits"][self.split]
+        todo = sum(b - a for a, b in (manifest["shards"][j] for j in todo_shards))
+        return EncodeStats(reused=(hi - lo) - todo, batch_size=batch_size, device=str(self.device),
+                           precision=manifest.get("precision") or "", precision_reason=manifest.get("precision_reason") or "")
+
+    def encode(self, cache: FeatureCache, record: Any, batches: list[np.ndarray], stats: EncodeStats) -> None:
+        """Encode `batches` of rows; `record(idx, values, reasons)` keeps each batch's arrays and
+        returns how many of its rows failed."""
+        manifest = cache.manifest
         if self.precision != "auto":
             manifest["precision"], manifest["precision_reason"] = self.precision, f"{self.precision}: requested"
         unit = "cap" if self.which == CAPTIONS else get_modality(self.encoder.modality).unit
         start = time.perf_counter()
-        with self.reporter.task(f"{self.which} · {self.encoder.name}", total=len(todo), unit=unit) as task:
+        total = sum(len(b) for b in batches)
+        with self.reporter.task(f"{self.which} · {self.encoder.name}", total=total, unit=unit) as task:
             runner = _Runner(self.encoder, self.device, manifest, self.compile and self.which != CAPTIONS,
-                             batch_size, lambda note: task.advance(0, status=note))
-            for idx, inputs, reasons in self.batches(todo, batch_size):
+                             max(len(b) for b in batches), lambda note: task.advance(0, status=note))
+            for idx, inputs, reasons in self.batches(batches):
                 ok = np.array([not r for r in reasons])
-                cache.write(idx, _to_arrays(runner(inputs), self.tokens, ok))
-                stats.failed += progress.record(idx, reasons, ids)
+                stats.failed += record(idx, _to_arrays(runner(inputs), self.tokens, ok), reasons)
                 stats.encoded += len(idx)
                 task.advance(len(idx))
+        stats.precision = manifest.get("precision") or ""
+        stats.precision_reason = manifest.get("precision_reason") or ""
         synchronize(self.device)
         stats.seconds = time.perf_counter() - start
         stats.compiled = runner.compiled is not None
@@ -369,8 +393,9 @@ class _Progress:
         for i, (a, b) in enumerate(shards):
             self.shard_of[a:b] = i
 
-    def record(self, idx: np.ndarray, reasons: list[str], ids: np.ndarray) -> int:
-        """Count written rows and commit the shards they complete. Returns the failures among them."""
+    def record(self, idx: np.ndarray, values: dict[str, np.ndarray], reasons: list[str], ids: np.ndarray) -> int:
+        """Write rows, count them and commit the shards they complete. Returns the failures among them."""
+        self.cache.write(idx, values)
         bad = 0
         for row, reason in zip(idx.tolist(), reasons):
             shard = int(self.shard_of[row])

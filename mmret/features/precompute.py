@@ -8,6 +8,7 @@ from typing import Any
 
 from mmret.common.device import check_precision, pick_device
 from mmret.common.progress import NULL, Reporter
+from mmret.common.shards import shard_of
 from mmret.features.cache import CAPTIONS, CachedFeatures
 from mmret.features.encode import ensure_features
 
@@ -16,9 +17,10 @@ from mmret.features.encode import ensure_features
 class PrecomputeResult:
     dataset: str
     device: str
-    parts: list[tuple[str, CachedFeatures]]  # (encoder name, features) for images and/or captions
+    parts: list[tuple[str, CachedFeatures]]  # (encoder name, features) for images and/or captions, once complete
     seconds: float
     notes: list[str] = field(default_factory=list)  # what was left out and why
+    shards: list[tuple[str, Any]] = field(default_factory=list)  # (encoder name, ShardResult) with --shard
 
 
 def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResult:
@@ -40,11 +42,24 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
         notes.append(f"{dataset.name} has no captions: the text tower has nothing to encode")
     elif cfg.text:
         towers.append((CAPTIONS, load_text_encoder(cfg.text, max_length=cfg.max_length)))
-    parts = []
+    from mmret.features.shards import encode_shard, seal_features
+
+    shard = shard_of(cfg.shard)
+    parts, shards = [], []
     for which, encoder in towers:
-        feats = ensure_features(dataset, encoder.to(device), which, tokens=cfg.tokens, split=cfg.split,
-                                batch_size=cfg.batch_size, reporter=reporter, device=device,
-                                precision=cfg.precision, workers=cfg.workers, compile=cfg.compile)
-        parts.append((encoder.name, feats))
+        if cfg.finalize:
+            parts.append((encoder.name, seal_features(dataset, encoder, which, cfg.tokens, cfg.split)))
+            continue
+        if shard is not None:
+            done = encode_shard(dataset, encoder.to(device), which, shard, cfg.tokens, cfg.split, cfg.batch_size,
+                                reporter, device, cfg.precision, cfg.workers)
+            shards.append((encoder.name, done))
+            if done.sealed is not None:
+                parts.append((encoder.name, done.sealed))
+        else:
+            parts.append((encoder.name, ensure_features(dataset, encoder.to(device), which, tokens=cfg.tokens,
+                                                        split=cfg.split, batch_size=cfg.batch_size, reporter=reporter,
+                                                        device=device, precision=cfg.precision, workers=cfg.workers,
+                                                        compile=cfg.compile)))
         encoder.to("cpu")
-    return PrecomputeResult(dataset.name, str(device), parts, time.perf_counter() - start, notes)
+    return PrecomputeResult(dataset.name, str(device), parts, time.perf_counter() - start, notes, shards)

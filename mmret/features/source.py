@@ -8,6 +8,7 @@ batches, so a step costs only the trainable part. Items whose features could not
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class FeatureSource(Source):
         for images, captions in batches:
             yield self.image_batch(images), self.text_batch(captions)
 
-    def iter_images(self, batch_size: int, rows: np.ndarray | None = None):
+    def iter_images(self, batch_size: int, rows: Any = None):
         rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
         for a in range(0, len(rows), batch_size):
             yield self.image_batch(rows[a:a + batch_size])

@@ -13,11 +13,18 @@ caption's text). When the dataset changed (prepared again after pictures were ad
 folder), the rows of the previous embeddings of the same checkpoint whose stamps still match are
 copied and only new or changed rows are embedded. Folders written before stamps existed still
 open; they just lend no rows.
+
+Many processes (`--shard i/N`, or torchrun) share the work: the rows are cut into blocks of whole
+batches, process i embeds blocks i, i+N, ... into `.<ds>-<split>.parts/`, and whoever finds every
+block there assembles the folder (as `--finalize` does). Batches start where one process's would,
+so the arrays are the bytes one process writes; a killed process runs again and skips its
+finished blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,18 +34,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmret.common.device import autocast_context
 from mmret.common.digest import file_digest
-from mmret.common.io import atomic_dir, load_npy, read_json, read_parquet, write_json
+from mmret.common.io import atomic_dir, atomic_path, load_npy, read_json, read_parquet, write_json
 from mmret.common.progress import NULL, Reporter
+from mmret.common.shards import Shard, shard_of
 from mmret.data.prepared import load_dataset
 from mmret.data.stamps import caption_stamps, item_stamps, match
 from mmret.errors import MmretError
-from mmret.features import CAPTIONS, dataset_fingerprint
+from mmret.features import CAPTIONS, FeatureCache, dataset_fingerprint
 from mmret.inference.loaded import LoadedRun
+from mmret.methods import SIDES
+from mmret.models.embed import embed_source
 
 _logger = logging.getLogger(__name__)
 
 FORMAT = 1
+BLOCK_BATCHES = 16  # batches in one block of rows that one process embeds and keeps as a part
 
 
 @dataclass
@@ -99,10 +111,12 @@ def identity(run: LoadedRun, ds: Any, split: str) -> dict:
 
 def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, split: str = "test", which: str = "best",
                          device: str = "auto", batch_size: int = 256, reporter: Reporter = NULL,
-                         data_dir: Path | None = None) -> Embeddings:
+                         data_dir: Path | None = None, shard: str | None = None,
+                         finalize: bool = False) -> Embeddings | None:
     """Embed a split (or `all`) of a dataset (default: the run's, from `data_dir` or the run's data
     root) with the run's `which` checkpoint (`run` may be a loaded run, whose checkpoint and device
-    then apply)."""
+    then apply). With `shard` ("i/N", or torchrun's rank) this process embeds its blocks only, and
+    None comes back unless it was the last and assembled the folder; `finalize` only assembles."""
     start = time.perf_counter()
     run = run if isinstance(run, LoadedRun) else LoadedRun(run, which, device)
     ds = load_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
@@ -110,18 +124,32 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
     expected = identity(run, ds, split)
     if _fresh(target, expected):
         return open_embeddings(target)
+    sharded = shard_of(shard)
+    if sharded is not None or finalize:
+        return _by_blocks(run, ds, split, batch_size, reporter, target, expected, sharded, start)
     source = run.source(ds, split, reporter)
-    t = source.tables
-    stamps = item_stamps(t.image_ids, t.paths, ds.path), caption_stamps(t.captions)
+    stamps = _stamps(ds, source.tables)
     old = _previous(target, run.digest)
     (image_from, image_todo), (caption_from, caption_todo) = (
         match(stamps[i], old[i].stamp.to_numpy(object) if old else None) for i in (0, 1))
     new_images, new_captions = run.embed_rows(source, image_todo, caption_todo, batch_size, reporter,
                                               f"{ds.name}-{split}")
-    dim = next(x.shape[1] for x in (new_images, new_captions, old[2] if old else None) if x is not None and x.shape[1])
+    dim = next((x.shape[1] for x in (new_images, new_captions, old[2] if old else None)
+                if x is not None and x.shape[1]), 0)
     images = _assemble(image_from, image_todo, new_images, old[2] if old else None, dim)
     captions = _assemble(caption_from, caption_todo, new_captions, old[3] if old else None, dim)
     ds.check_current("embedding")
+    return _write(target, expected, ds.name, run.name, source.tables, images, captions, stamps,
+                  (len(images) - len(image_todo), len(captions) - len(caption_todo)), start)
+
+
+def _stamps(ds: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
+    return item_stamps(t.image_ids, t.paths, ds.path), caption_stamps(t.captions)
+
+
+def _write(target: Path, expected: dict, dataset: str, run: str, t: Any, images: np.ndarray, captions: np.ndarray,
+           stamps: tuple[np.ndarray, np.ndarray], reused: tuple[int, int], start: float) -> Embeddings:
+    """Write the folder at once: float16 arrays, the tables with each row's stamp, the manifest."""
     with atomic_dir(target, replace=True) as tmp:
         np.save(tmp / "images.npy", images)
         np.save(tmp / "captions.npy", captions)
@@ -129,10 +157,9 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
             tmp / "images.parquet", index=False)
         pd.DataFrame({"caption_id": t.caption_ids, "image": t.caption_image, "caption": t.captions,
                       "stamp": stamps[1]}).to_parquet(tmp / "captions.parquet", index=False)
-        write_json(tmp / "manifest.json", {**expected, "dataset": ds.name, "run": run.name, "dim": dim,
+        write_json(tmp / "manifest.json", {**expected, "dataset": dataset, "run": run, "dim": images.shape[1],
                                            "images": len(images), "captions": len(captions), "digests": _digests(tmp),
-                                           "reused": {"images": len(images) - len(image_todo),
-                                                      "captions": len(captions) - len(caption_todo)},
+                                           "reused": {"images": reused[0], "captions": reused[1]},
                                            "seconds": round(time.perf_counter() - start, 2)})
     return open_embeddings(target)
 
@@ -161,3 +188,49 @@ def _assemble(found: np.ndarray, todo: np.ndarray, new: torch.Tensor, old: np.nd
     if len(todo):
         out[todo] = new.numpy().astype(np.float16)
     return out
+
+
+def _blocks(n: int, batch_size: int) -> list[range]:
+    step = batch_size * BLOCK_BATCHES
+    return [range(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Reporter, target: Path, expected: dict,
+               shard: Shard | None, start: float) -> Embeddings | None:
+    parts = target.parent / f".{target.name}.parts"
+    with FeatureCache(parts).locked(wait=True):  # the folder lock of the feature cache serves here too
+        if not (parts / "expected.json").is_file() or read_json(parts / "expected.json") != expected:
+            for old in parts.glob("*.npy"):
+                old.unlink()  # blocks of another checkpoint or table
+            write_json(parts / "expected.json", expected)
+    _, model = run.model(SIDES)
+    source = run.source(ds, split, reporter)
+    blocks = [(side, k, rows) for side, n in (("images", source.num_images), ("captions", source.num_captions))
+              for k, rows in enumerate(_blocks(n, batch_size))]
+    if shard is not None:
+        index, count = shard
+        for side, k, rows in blocks[index::count]:
+            path = parts / f"{side}-{k:06d}.npy"
+            if path.is_file():
+                continue  # done before this process was stopped
+            items, captions = (rows, range(0)) if side == "images" else (range(0), rows)
+            images, texts = embed_source(model, source, batch_size, run.device,
+                                         lambda: autocast_context(run.device, "fp32"), items=items, captions=captions)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, (images if side == "images" else texts).numpy().astype(np.float16))
+    with FeatureCache(parts).locked(wait=True):
+        missing = [f"{side} {k}" for side, k, _ in blocks if not (parts / f"{side}-{k:06d}.npy").is_file()]
+        if _fresh(target, expected):
+            return open_embeddings(target)
+        if missing:
+            if shard is None:
+                raise MmretError(f"{len(missing)} blocks of these embeddings are not written yet ({', '.join(missing[:5])}"
+                                 f"{' ...' if len(missing) > 5 else ''}); run the --shard processes again, then --finalize")
+            return None
+        ds.check_current("embedding")
+        arrays = {side: np.concatenate([np.load(parts / f"{side}-{k:06d}.npy") for s, k, _ in blocks if s == side])
+                  for side in ("images", "captions")}
+        emb = _write(target, expected, ds.name, run.name, source.tables, arrays["images"], arrays["captions"],
+                     _stamps(ds, source.tables), (0, 0), start)
+    shutil.rmtree(parts, ignore_errors=True)
+    return emb

@@ -23,10 +23,17 @@ from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.metrics import PairedDiff, RetrievalResult, bootstrap_ci, paired_bootstrap, retrieval_metrics
+from mmret.inference.metrics import (DEFAULT_KS, PairedDiff, RetrievalResult, bootstrap_ci, paired_bootstrap,
+                                     retrieval_metrics)
 
-HEADLINE = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_mrr", "i2t_mrr", "t2i_medr",
-            "i2t_medr", "i2t_map", "rsum"]
+
+def headline(ks=DEFAULT_KS) -> list[str]:
+    """The metrics a table shows, in order, for recall cut-offs `ks`."""
+    return ([f"t2i_r{k}" for k in ks] + [f"i2t_r{k}" for k in ks]
+            + ["t2i_mrr", "i2t_mrr", "t2i_medr", "i2t_medr", "i2t_map", "rsum"])
+
+
+HEADLINE = headline()
 
 
 @dataclass
@@ -42,10 +49,14 @@ class EvalResult:
     path: Path | None = None  # where the result was saved
     ranks: RetrievalResult | None = field(default=None, repr=False)
 
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return self.ranks.ks if self.ranks is not None else DEFAULT_KS
+
     def to_json(self) -> dict[str, Any]:
         out = {"run": self.run, "dataset": self.dataset, "split": self.split, "metrics": self.metrics,
                "n_images": self.n_images, "n_captions": self.n_captions,
-               "chance": {f"r{k}": min(1.0, k / self.n_images) for k in (1, 5, 10)}}
+               "chance": {f"r{k}": min(1.0, k / self.n_images) for k in self.ks}}
         if self.ci:
             out["ci95"] = {k: list(v) for k, v in self.ci.items()}
         if self.diffs:
@@ -56,8 +67,8 @@ class EvalResult:
 
 def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test", bootstrap: int = 0,
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
-                 data_dir: Path | None = None) -> EvalResult:
-    """Score one run on a split; saves `runs/<run>/eval/<ds>-<split>.json`."""
+                 data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS) -> EvalResult:
+    """Score one run on a split (Recall@k for each of `ks`); saves `runs/<run>/eval/<ds>-<split>.json`."""
     run = LoadedRun(run_dir, which, device)
     name = dataset or run.cfg.data.dataset
     if load_dataset(name, data_dir or run.cfg.data.data_dir).captions.empty:
@@ -66,7 +77,7 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
     emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
     images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
-    ranks = retrieval_metrics(images, captions, emb.caption_image)
+    ranks = retrieval_metrics(images, captions, emb.caption_image, ks)
     ci = bootstrap_ci(ranks, bootstrap, seed) if bootstrap else None
     result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(images), len(captions), ci, ranks=ranks)
     result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
@@ -77,12 +88,12 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
 
 def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", bootstrap: int = 1000,
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
-                 data_dir: Path | None = None) -> list[EvalResult]:
+                 data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS) -> list[EvalResult]:
     """Every run on the same split; each after the first carries a paired bootstrap against it."""
     from mmret.runs import load_run_config
 
     dataset = dataset or load_run_config(run_dirs[0]).data.dataset
-    results = [evaluate_run(r, dataset, split, 0, seed, which, device, reporter, data_dir) for r in run_dirs]
+    results = [evaluate_run(r, dataset, split, 0, seed, which, device, reporter, data_dir, ks) for r in run_dirs]
     first = results[0]
     for result in results[1:]:
         result.diffs = paired_bootstrap(first.ranks, result.ranks, max(bootstrap, 100), seed)

@@ -66,7 +66,7 @@ class LoadedRun:
         return self.encode("image", paths)
 
     def source(self, dataset: Any, split: str, reporter: Reporter = NULL) -> Any:
-        """The method's source of one split of a prepared dataset (feature caches filled on the way)."""
+        """The source of one split of a prepared dataset, as this run's method reads it."""
         ctx, _ = self.model(SIDES)
         (source,) = self.method.sources(self.cfg, ctx, dataset, (split,), self.device, reporter)
         return source
@@ -79,7 +79,7 @@ class LoadedRun:
                     ((source.num_images, image_rows), (source.num_captions, caption_rows)))
         with reporter.task(f"embedding {label}".strip(), total=total, unit="rows") as task:
             return embed_source(model, source, batch_size, self.device, lambda: autocast_context(self.device, "fp32"),
-                                task.advance, image_rows, caption_rows)
+                                task.advance, items=image_rows, captions=caption_rows)
 
     def embed(self, dataset: Any, split: str, batch_size: int = 256,
               reporter: Reporter = NULL) -> tuple[Any, torch.Tensor, torch.Tensor]:

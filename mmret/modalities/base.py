@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from mmret.common.items import MemberError, open_item
 from mmret.errors import MmretError
 
 
@@ -21,11 +22,14 @@ class Modality:
     noun: str  # picture: how messages name one item
     unit: str  # img: the unit of progress bars
     extensions: tuple[str, ...]  # file endings (lower case, with the dot)
-    probe: Callable[[Path, bool], dict[str, int]]  # (path, decode fully) -> table columns, or ItemError
-    decode: Callable[[Path], Any]  # path -> the decoded item (a PIL picture), or ItemError
+    # both take a Path or an open binary file (a member of a tar shard: see mmret.common.items)
+    probe: Callable[[Any, bool], dict[str, int]]  # (file, decode fully) -> table columns, or ItemError
+    decode: Callable[[Any], Any]  # file -> the decoded item (a PIL picture), or ItemError
     columns: tuple[str, ...]  # the columns `probe` fills in the item table
     results_sheet: Callable[..., None] | None = None  # ([(title, [SheetItem])], path): results for people to look at
-    thumbnail: Callable[[Path, int], bytes] | None = None  # (path, size in px) -> a small JPEG to show, or ItemError
+    # (path, size) -> an (H, W, 3) uint8 picture of the item at most size pixels a side, for
+    # embedding maps and failure galleries (a sound may draw its spectrogram); or ItemError
+    thumbnail: Callable[[Path, int], Any] | None = None
 
     def is_item_file(self, name: str) -> bool:
         return name.lower().endswith(self.extensions) and not name.startswith(".")
@@ -59,11 +63,19 @@ class SheetItem:
 
 @dataclass(frozen=True)
 class ItemLoader:
-    """path -> model input: decode the file, then transform it. Picklable when both parts are,
-    so DataLoader workers can run it."""
+    """address -> model input: open the item (a file, or a member of a tar shard), decode it,
+    then transform it. Picklable when both parts are, so DataLoader workers can run it."""
 
-    decode: Callable[[Path], Any]
+    decode: Callable[[Any], Any]
     transform: Callable[[Any], Any]
 
     def __call__(self, path: str | Path) -> Any:
-        return self.transform(self.decode(path))
+        return self.transform(self.decode(open_source(path)))
+
+
+def open_source(path: str | Path) -> Any:
+    """The item at `path` as a modality's decoder takes it (an unreadable tar member is an ItemError)."""
+    try:
+        return open_item(path)
+    except MemberError as e:
+        raise ItemError(str(e)) from None

@@ -4,18 +4,19 @@
 white, palette / greyscale / CMYK / 16-bit converted, EXIF orientation applied). `probe_image`
 reads just the size, or with `full=True` decodes everything to catch truncated files.
 Both raise `ImageError` with a short reason instead of PIL's many exception types.
-`contact_sheet` draws search results as one picture; `make_thumbnail` the small JPEG a web page shows.
+`contact_sheet` draws search results as one picture; `thumbnail` a small copy (maps, galleries, a web page).
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from mmret.modalities.base import ItemError, Modality, register_modality
+from mmret.modalities.base import ItemError, Modality, open_source, register_modality
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -26,12 +27,17 @@ class ImageError(ItemError):
     """An image that cannot be used; the message is the reason."""
 
 
-def _open(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError("file not found")
-    if path.stat().st_size == 0:
-        raise ImageError("empty file (0 bytes)")
+def _open(path: str | Path | BinaryIO) -> Image.Image:
+    if hasattr(path, "read"):  # an open binary file: a member of a tar shard, read in memory
+        if path.seek(0, 2) == 0:
+            raise ImageError("empty file (0 bytes)")
+        path.seek(0)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ImageError("file not found")
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS, refuses above twice that
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -44,7 +50,7 @@ def _open(path: str | Path) -> Image.Image:
         raise ImageError(f"cannot open: {e}") from None
 
 
-def probe_image(path: str | Path, full: bool = False) -> tuple[int, int]:
+def probe_image(path: str | Path | BinaryIO, full: bool = False) -> tuple[int, int]:
     """Width and height as displayed (EXIF rotation applied); `full` decodes every pixel."""
     img = _open(path)
     with img:
@@ -85,7 +91,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path | BinaryIO) -> Image.Image:
     """Open, decode and orient an image; always an 8-bit RGB picture or an `ImageError`."""
     img = _open(path)
     try:
@@ -153,7 +159,7 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
             if item.mark in MARKS:
                 draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=MARKS[item.mark], width=4)
             try:
-                img = load_rgb(item.path)
+                img = load_rgb(open_source(item.path))
                 img.thumbnail((thumb, thumb))
                 sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
             except ImageError as e:
@@ -166,11 +172,10 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
         sheet.save(tmp, format="PNG")
 
 
-def make_thumbnail(path: str | Path, size: int = 256, quality: int = 85) -> bytes:
-    """A JPEG of the picture fitting in size x size, oriented and in RGB. JPEGs are decoded at a
-    reduced scale (`draft`), so a thumbnail of a large photo costs a fraction of its full decode."""
-    import io
-
+def thumbnail(path: str | Path, size: int) -> np.ndarray:
+    """(H, W, 3) uint8: the picture shrunk to at most `size` pixels a side, aspect kept, oriented and
+    in RGB. JPEGs are decoded at a reduced scale (`draft`), so a large photo costs a fraction of its
+    full decode."""
     img = _open(path)
     try:
         img.draft("RGB", (2 * size, 2 * size))  # no-op for other formats
@@ -185,12 +190,10 @@ def make_thumbnail(path: str | Path, size: int = 256, quality: int = 85) -> byte
         raise
     except Exception as e:
         raise ImageError(f"cannot decode: {e}") from None
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
+    return np.asarray(img)
 
 
-def _probe_columns(path: Path, full: bool) -> dict[str, int]:
+def _probe_columns(path: Path | BinaryIO, full: bool) -> dict[str, int]:
     width, height = probe_image(path, full=full)
     return {"width": width, "height": height}
 
@@ -198,4 +201,4 @@ def _probe_columns(path: Path, full: bool) -> dict[str, int]:
 IMAGE = register_modality(Modality(
     name="image", plural="images", short="i", noun="picture", unit="img", extensions=IMAGE_EXTENSIONS,
     probe=_probe_columns, decode=load_rgb, columns=("width", "height"), results_sheet=contact_sheet,
-    thumbnail=make_thumbnail))
+    thumbnail=thumbnail))

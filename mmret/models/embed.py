@@ -13,11 +13,12 @@ from mmret.models.batch import call, to_device
 
 @torch.inference_mode()
 def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.device,
-                 autocast: Callable[[], Any], advance: Callable[[int], Any] | None = None, image_rows: Any = None,
-                 caption_rows: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized embeddings of every item and every caption of a source (or of the given rows
-    only), as float32 on the CPU; `advance(rows)` is told after each batch (a progress bar). No
-    rows give a (0, D) tensor ((0, 0) when D is unknown)."""
+                 autocast: Callable[[], Any], advance: Callable[[int], Any] | None = None,
+                 items: Any = None, captions: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized embeddings of every item and every caption of a source (or of the `items` and
+    `captions` rows, a range or an array: batches start at the first of them), as float32 on the
+    CPU; `advance(rows)` is told after each batch (a progress bar). No rows give a (0, D) tensor
+    ((0, 0) when D is unknown)."""
     was_training = model.training
     model.eval()
 
@@ -29,15 +30,16 @@ def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.d
                 advance(len(out[-1]))
         return out
 
-    # rows are passed only when given, so sources that iterate everything (stand-ins) still fit
-    image_batches = source.iter_images(batch_size) if image_rows is None else source.iter_images(batch_size, image_rows)
-    text_batches = source.iter_texts(batch_size) if caption_rows is None else source.iter_texts(batch_size, caption_rows)
     with autocast():
-        images = embed(model.encode_image, image_batches)
-        texts = embed(model.encode_text, text_batches)
+        images = embed(model.encode_image, _rows(source.iter_images, batch_size, items))
+        texts = embed(model.encode_text, _rows(source.iter_texts, batch_size, captions))
     model.train(was_training)
     dim = next((t.shape[1] for t in images + texts), 0)
     return tuple(torch.cat(parts) if parts else torch.zeros(0, dim) for parts in (images, texts))
+
+
+def _rows(iterate: Callable, batch_size: int, rows: Any):
+    return iterate(batch_size) if rows is None else iterate(batch_size, rows)  # a stand-in source may take no rows
 
 
 def move_real(module: nn.Module, device: torch.device | str) -> nn.Module:

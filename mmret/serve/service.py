@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mmret import __version__
 from mmret.common.io import atomic_path
@@ -236,11 +237,11 @@ class Thumbnails:
         with lock:  # two requests for one new thumbnail make it once
             if not out.is_file():
                 try:
-                    data = self.modality.thumbnail(path, self.size)
+                    pixels = self.modality.thumbnail(path, self.size)
                 except ItemError as e:
                     raise ApiError(415, f"cannot make a thumbnail of {item[:200]!r}: {e}") from None
                 with atomic_path(out) as tmp:
-                    tmp.write_bytes(data)
+                    Image.fromarray(pixels).save(tmp, format="JPEG", quality=85)
         with self._guard:
             self._locks.pop(name, None)
         return out

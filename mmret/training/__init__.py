@@ -6,6 +6,7 @@ and its large-batch and sharpness-aware forms (`losses`, `gradcache`, `sam`), th
 from mmret.training.dry_run import DryRun, dry_run
 from mmret.training.loop import SELECT_METRIC, RunResult, TrainingInterrupted, resume, train
 from mmret.training.session import LoopState, Session, World, init_heads, setup
+from mmret.training.distributed import train_on_processes
 
 __all__ = ["DryRun", "LoopState", "RunResult", "SELECT_METRIC", "Session", "TrainingInterrupted", "World",
-           "dry_run", "init_heads", "resume", "setup", "train"]
+           "dry_run", "init_heads", "resume", "setup", "train", "train_on_processes"]

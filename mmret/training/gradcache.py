@@ -16,8 +16,13 @@ it: each micro-batch's loss sees only its own negatives, which is a different ob
 
 The model offers `encode_image(x)`, `encode_text(x)` and `logit_scale_for(image_emb, text_emb)`
 (as `DualEncoder` and `MiniCLIP` do). An input is a tensor, passed as is, or a dict of tensors,
-passed as keywords; both are cut along dim 0. Under DistributedDataParallel pass the wrapped
-module: the negatives are those of this process's batch only.
+passed as keywords; both are cut along dim 0.
+
+On many processes (`mmret.training.distributed`) each process runs these steps over its slice of
+the global batch, micro-batch by micro-batch: `loss_fn` gathers the embeddings of every process
+(with gradient), so the cached gradients are those of the global loss, and `sync_embed` is the
+DistributedDataParallel forward that the backward which ends the step goes through (the whole
+batch's in `full_step`, the last micro-batch's replay here), so the gradients are averaged once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from mmret.models.batch import Batch, batch_size, call, slice_batch
 from mmret.training.losses import clip_loss
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# (images, texts) -> (image_emb, text_emb) with a graph: how the pass whose backward ends the step embeds
+Embed = Callable[[Batch, Batch], tuple[Tensor, Tensor]]
 # a context manager entered once per forward (e.g. torch.autocast(...), which may be re-entered in
 # turn), or a function that makes one (e.g. partial(torch.autocast, "cpu", dtype=torch.bfloat16))
 Autocast = AbstractContextManager | Callable[[], AbstractContextManager]
@@ -54,6 +61,10 @@ def _enter(autocast: Autocast) -> AbstractContextManager:
 
 def _embed(model: nn.Module, images: Batch, texts: Batch) -> tuple[Tensor, Tensor]:
     return call(model.encode_image, images), call(model.encode_text, texts)  # (b, D), (b, D)
+
+
+def _embedder(model: nn.Module, sync_embed: Embed | None) -> Embed:
+    return sync_embed or (lambda images, texts: _embed(model, images, texts))
 
 
 def _backward(loss: Tensor, scaler: Any) -> None:
@@ -86,10 +97,10 @@ class RngState:
 
 
 def full_step(model: nn.Module, images: Batch, texts: Batch, loss_fn: LossFn = clip_loss,
-              scaler: Any = None, autocast: Autocast = nullcontext) -> Tensor:
+              scaler: Any = None, autocast: Autocast = nullcontext, sync_embed: Embed | None = None) -> Tensor:
     """One forward and backward through the whole batch; returns the detached loss."""
     with _enter(autocast):
-        image_emb, text_emb = _embed(model, images, texts)
+        image_emb, text_emb = _embedder(model, sync_embed)(images, texts)
         loss = loss_fn(image_emb, text_emb, model.logit_scale_for(image_emb, text_emb))
     _backward(loss, scaler)
     return loss.detach()
@@ -154,20 +165,23 @@ def contrastive_step(
     loss_fn: LossFn = clip_loss,
     scaler: Any = None,
     autocast: Autocast = nullcontext,
+    sync_embed: Embed | None = None,
 ) -> Tensor:
     """Add to `.grad` what `loss_fn` over the whole batch would, holding one micro-batch's graph at a time.
 
     `scaler` is a GradScaler (or None): gradients come out scaled, ready for `scaler.step`.
-    `autocast` is the context each forward and the loss run in. Returns the detached, unscaled loss.
+    `autocast` is the context each forward and the loss run in. `sync_embed` embeds the last
+    micro-batch's replay (default: the model itself). Returns the detached, unscaled loss.
     """
     spans = _spans(images, texts, micro_batch)
     if len(spans) == 1:
-        return full_step(model, images, texts, loss_fn, scaler, autocast)
+        return full_step(model, images, texts, loss_fn, scaler, autocast, sync_embed)
     states, image_emb, text_emb = _embed_without_graph(model, images, texts, spans, autocast)
     loss, g_image, g_text = _batch_loss(model, loss_fn, image_emb, text_emb, scaler, autocast)
-    for (a, b), state in zip(spans, states):
+    for n, ((a, b), state) in enumerate(zip(spans, states)):
+        embed = _embedder(model, sync_embed if n == len(spans) - 1 else None)
         with state.replay(), _enter(autocast):
-            image_part, text_part = _embed(model, slice_batch(images, a, b), slice_batch(texts, a, b))
+            image_part, text_part = embed(slice_batch(images, a, b), slice_batch(texts, a, b))
         # d(surrogate)/d(embedding) is the cached gradient, so backward carries it into the weights
         surrogate = sum(
             (part.float() * grad[a:b].float()).sum()
@@ -187,6 +201,7 @@ def accumulate_step(
     loss_fn: LossFn = clip_loss,
     scaler: Any = None,
     autocast: Autocast = nullcontext,
+    sync_embed: Embed | None = None,
 ) -> Tensor:
     """Plain gradient accumulation: the size-weighted mean of per-micro-batch losses.
 
@@ -198,6 +213,7 @@ def accumulate_step(
     n, losses = spans[-1][1], []
     for a, b in spans:
         loss = full_step(model, slice_batch(images, a, b), slice_batch(texts, a, b),
-                         lambda i, t, s: loss_fn(i, t, s) * ((b - a) / n), scaler, autocast)
+                         lambda i, t, s: loss_fn(i, t, s) * ((b - a) / n), scaler, autocast,
+                         sync_embed if b == n else None)
         losses.append(loss)
     return torch.stack(losses).sum()

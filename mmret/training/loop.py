@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmret.common.io import ensure_free_space, write_parquet
+from mmret.common.io import ensure_free_space, uninterrupted, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.pairs import epoch_batches
 from mmret.errors import MmretError
@@ -57,6 +57,8 @@ class RunResult:
     seconds: float
     precision: str
     device: str
+    rank: int = 0  # this process (only rank 0 reports)
+    processes: int = 1
 
 
 def train_step(s: Session, images: Any, texts: Any) -> float:
@@ -73,13 +75,15 @@ def train_step(s: Session, images: Any, texts: Any) -> float:
 
 
 def train_one_epoch(s: Session, task: Any) -> None:
-    """The remaining batches of the current epoch (all of them unless resuming mid-epoch)."""
+    """The remaining batches of the current epoch (all of them unless resuming mid-epoch). On
+    several processes each reads and steps over its own slice of every (global) batch."""
     st, cfg = s.state, s.cfg.train
     s.dataset.check_current("training")
-    batches = epoch_batches(s.train.tables.captions_of, cfg.batch_size, cfg.seed, st.epoch)
+    batches = epoch_batches(s.train.tables.captions_of, cfg.batch_size, cfg.seed, st.epoch, s.world.min_last_batch)[st.batch:]
+    mine = [(items[s.world.part(len(items))], captions[s.world.part(len(items))]) for items, captions in batches]
     s.model.train()
-    for images, texts in s.train.iter_pairs(batches[st.batch:], epoch=st.epoch):
-        n = len(texts["input_ids"]) if isinstance(texts, dict) else len(texts)
+    for (items, _), (images, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
+        n = len(items)  # pairs in the global batch
         loss = train_step(s, images, texts)
         s.step_rng = torch.get_rng_state()
         st.batch, st.loss_sum, st.pairs = st.batch + 1, st.loss_sum + loss * n, st.pairs + n
@@ -131,18 +135,19 @@ def _checkpoint(s: Session, metrics: dict[str, float], weights: bool = True) -> 
                       f"a checkpoint of run {s.run_dir.name}")
     meta = {"step": st.step, "epoch": st.epoch, "metrics": metrics}
     loop = asdict(st) | {"seconds": st.seconds + time.perf_counter() - s.started}
-    save_state(s.optimizer, ckpt / "last.state.safetensors",
-               {"loop": loop, "scaler": s.stepper.scaler.state_dict() if s.stepper.scaler.is_enabled() else None})
-    if weights:
-        save_weights(s.model, ckpt / "last.safetensors", meta)
-        point_latest(s.cfg.runs_dir, s.run_dir)  # `latest` only ever names a run that has a checkpoint
+    with uninterrupted():  # the weights and the state of `last` are replaced together or not at all
+        save_state(s.optimizer, ckpt / "last.state.safetensors",
+                   {"loop": loop, "scaler": s.stepper.scaler.state_dict() if s.stepper.scaler.is_enabled() else None})
+        if weights:
+            save_weights(s.model, ckpt / "last.safetensors", meta)
+            point_latest(s.cfg.runs_dir, s.run_dir)  # `latest` only ever names a run that has a checkpoint
 
 
 def finish_epoch(s: Session, partial: bool = False) -> bool:
     """Evaluate, record, checkpoint; returns True when early stopping says to stop."""
     st, cfg = s.state, s.cfg.train
     s.dataset.check_current("training")  # the epoch just trained read the files the run started with
-    metrics = evaluate(s)
+    metrics = s.world.share(evaluate(s) if s.world.is_main else None, s.device)  # computed once
     row = {"step": st.step, "epoch": st.epoch + 1, "train_loss": st.loss_sum / max(st.pairs, 1),
            "lr": s.optimizer.param_groups[0]["lr"], "seconds": st.seconds + time.perf_counter() - s.started,
            **metrics}
@@ -179,8 +184,27 @@ def _plot(s: Session) -> None:
 
 
 def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = None) -> RunResult:
-    """Train a method as configured; with `resume_dir`, continue that run from its last checkpoint."""
-    s = setup(cfg, reporter, resume_dir)
+    """Train a method as configured; with `resume_dir`, continue that run from its last checkpoint.
+    Started by torchrun (or under SLURM) on several processes, each trains its slice of every
+    batch (see `mmret.training.distributed`); only the main process reports progress and writes."""
+    from mmret.training import distributed
+
+    world = distributed.start_world(cfg.train.device)
+    try:
+        if world.size > 1:
+            return distributed.run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world),
+                                            world, cfg, resume_dir)
+        return _train(cfg, reporter, resume_dir, world)
+    finally:
+        distributed.stop_world(world)
+
+
+def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: Any) -> RunResult:
+    s = setup(cfg, reporter, resume_dir, world)
+    if world.size > 1:
+        from mmret.training.distributed import distribute_step
+
+        distribute_step(s.stepper, world, cfg.train.accumulation)
     st, tc = s.state, cfg.train
     if resume_dir is None:
         s.log(f"training {cfg.method.method} on {cfg.data.dataset}: {s.train.num_images} train / "
@@ -216,9 +240,11 @@ def _result(s: Session, stopped: str) -> RunResult:
     _checkpoint(s, {}, weights=False)  # the weights of `last` are already saved; mark the state finished
     _plot(s)
     s.log(f"done: {stopped}; best val {SELECT_METRIC} {st.best:.4f} at epoch {st.best_epoch}")
+    s.world.barrier()
     best = read_meta(s.run_dir / "checkpoints" / "best.safetensors").get("metrics", {})
     return RunResult(s.run_dir, st.epoch, st.step, best, st.history[-1] if st.history else {}, stopped,
-                     st.seconds + time.perf_counter() - s.started, s.precision, str(s.device))
+                     st.seconds + time.perf_counter() - s.started, s.precision, str(s.device), s.world.rank,
+                     s.world.size)
 
 
 def resume(run_dir: Path, reporter: Reporter = NULL) -> RunResult:

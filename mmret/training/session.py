@@ -2,14 +2,17 @@
 step, the loop's state, possibly restored from a checkpoint), `init_heads` starts the input
 norms from a sample of training inputs, `restore` puts a stopped run back where it was.
 
-`World` is the process a run trains in: alone here (the only writer, nothing to wait for). A run
-on several processes brings its own world (rank, who writes, a barrier) and wraps this loop.
+`World` is the process a run trains in: alone here (the only writer, nothing to wait for, the
+whole of every batch). A run on several processes brings its own world
+(`mmret.training.distributed`: rank, who writes, a barrier, this process's slice of a batch) and
+wraps this loop.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +52,30 @@ class World:
 
     def barrier(self) -> None:
         """Wait until every process gets here (nothing to wait for alone)."""
+
+    def part(self, n: int) -> slice:
+        """This process's rows of a global batch of `n` pairs (all of them alone)."""
+        return slice(0, n)
+
+    def share(self, value: Any, device: torch.device) -> Any:
+        """The main process's `value` (JSON-able), on every process."""
+        return value
+
+    @property
+    def min_last_batch(self) -> int:
+        """The smallest last batch of an epoch: smaller ones join the batch before, so that every
+        process holds at least two pairs of it (BatchNorm needs two rows in training)."""
+        return 2 * self.size
+
+    @contextmanager
+    def main_first(self):
+        """Run the block in the main process first, then in the others (work that fills shared
+        caches: the others then find them complete)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
 
 @dataclass
@@ -113,6 +140,7 @@ def _seed_everything(seed: int) -> None:
 def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = None,
           world: World | None = None) -> Session:
     """Everything a run needs; from `resume_dir`'s last checkpoint when resuming."""
+    world = world or World()
     method = get_method(cfg.method.method, training=True)
     device = pick_device(cfg.train.device)
     precision = training_precision(device, cfg.train.precision, method.runs_towers)
@@ -122,16 +150,18 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
         raise MmretError(f"dataset {dataset.name!r} has no captions: a gallery without captions can be searched "
                          "(mmret search, mmret serve) but not trained on")
     cfg.data.modality = dataset.modality.name
-    context = method.open(cfg, dataset, resume_dir)
-    train, val = method.sources(cfg, context, dataset, ("train", "val"), device, reporter)
+    with world.main_first():  # the main process fills missing feature caches; the others read them
+        context = method.open(cfg, dataset, resume_dir)
+        train, val = method.sources(cfg, context, dataset, ("train", "val"), device, reporter)
+    _seed_everything(cfg.train.seed)  # the same start whether or not the sources had caches to fill (which draws)
     model = method.build(cfg, context).to(device)
     if resume_dir is None:
         init_heads(model, train, device, cfg.train.seed)
     optimizer = make_optimizer(model, cfg.train.lr or method.lr, cfg.train.weight_decay)
-    steps_per_epoch = len(epoch_batches(train.tables.captions_of, cfg.train.batch_size, cfg.train.seed, 0))
-    world = world or World()
-    run_dir = resume_dir or create_run_dir(cfg, latest=False)  # runs/latest moves once a checkpoint exists
-    if resume_dir is None:
+    steps_per_epoch = len(epoch_batches(train.tables.captions_of, cfg.train.batch_size, cfg.train.seed, 0,
+                                        world.min_last_batch))
+    run_dir = resume_dir or _new_run_dir(cfg, world, device)
+    if resume_dir is None and world.is_main:
         method.save(context, run_dir)
     scaler = grad_scaler(device, precision)
     stepper = Stepper(model, optimizer, cfg.train, cfg.train.lr or method.lr,
@@ -143,6 +173,14 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     if resume_dir is not None:
         restore(session)
     return session
+
+
+def _new_run_dir(cfg: RunConfig, world: World, device: torch.device) -> Path:
+    """The main process creates the run folder (and names it); the others learn its name."""
+    name = create_run_dir(cfg, latest=False).name if world.is_main else None  # runs/latest moves once a checkpoint exists
+    cfg.name = world.share(name, device)
+    world.barrier()
+    return cfg.runs_dir / cfg.name
 
 
 def init_heads(model: nn.Module, source: Any, device: torch.device, seed: int, chunk: int = 32) -> None:

@@ -68,7 +68,10 @@ class Stepper:
     """What one step needs. `batch_transform(images, texts, generator)` augments a batch (latent
     mixup); `keep_grads` accumulates into gradients that already exist instead of zeroing them
     (memory probing measures a step at steady state that way); `loss_fn` is the contrastive loss
-    over the batch's embeddings (a distributed wrapper gathers them first)."""
+    over the batch's embeddings (a distributed wrapper gathers them first). On many processes
+    (`mmret.training.distributed`) `sync_embed` is the DistributedDataParallel forward the backward
+    that ends a step goes through, and `mean_loss` averages the step's loss over the processes, so
+    every process reports (and stops on) the same number."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -83,6 +86,8 @@ class Stepper:
     keep_grads: bool = False
     loss_fn: Callable = clip_loss
     autocast: Callable[[], Any] | None = None  # default: autocast_context(device, precision)
+    sync_embed: Callable | None = None  # (images, texts) -> embeddings through DDP; None alone
+    mean_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # the loss averaged over processes
 
     def __post_init__(self) -> None:
         if self.autocast is None:
@@ -103,15 +108,15 @@ class Stepper:
 
         def forward_backward() -> torch.Tensor:
             return step_fn(self.model, images, texts, micro, loss_fn=self.loss_fn, scaler=self.scaler,
-                           autocast=self.autocast)
+                           autocast=self.autocast, sync_embed=self.sync_embed)
 
         if self.sam is not None:
             loss_t, _ = self.sam.step(forward_backward, module=self.model, max_grad_norm=cfg.grad_clip or None)
-            loss = _finite(float(loss_t))
+            loss = _finite(float(self._mean(loss_t)))
         else:
             if not self.keep_grads:
                 self.optimizer.zero_grad(set_to_none=True)
-            loss = _finite(float(forward_backward()))
+            loss = _finite(float(self._mean(forward_backward())))
             self.scaler.unscale_(self.optimizer)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -119,6 +124,9 @@ class Stepper:
             self.scaler.update()
         self.model.clamp_logit_scale_()
         return loss
+
+    def _mean(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.mean_loss(loss.detach()) if self.mean_loss is not None else loss
 
 
 def _finite(loss: float) -> float:

@@ -26,6 +26,8 @@ class ImageRecord:
     path: str  # absolute, or relative to the dataset folder for files the dataset owns
     captions: list[str]
     split: str | None = None  # the source's official split, if it has one
+    label: str | None = None  # its class, in a dataset for classification (`prepare classes`)
+    columns: dict[str, int] | None = None  # table columns a reader already probed (it had the bytes in hand)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class SourceData:
     split_sizes: tuple[float, float] | tuple[int, int, int] | None = None
     problems: list[Problem] = field(default_factory=list)
     modality: str = "image"  # what the items are (see mmret.modalities)
+    item_root: str | None = None  # the folder item paths are relative to, when not the dataset's (tar shards)
 
 
 Reader = Callable[[Path, "PrepareConfig"], SourceData]  # noqa: F821  (config imported lazily)
@@ -60,18 +63,27 @@ BUILTIN_READERS = {
     "folder": ("mmret.data.readers.folder",
                "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet; "
                "with --no-captions, any folder of images"),
+    "classes": ("mmret.data.readers.classes",
+                "items sorted into class folders (root/<class>/...), or a labels.csv/.jsonl/.parquet of image and "
+                "label; for eval --task classification and linear-probe"),
     "example": ("mmret.data.readers.example",
                 "a built-in set of coloured-shape pictures with captions, generated with no download"),
+    "wds": ("mmret.data.readers.wds", "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, "
+                                      "optional key.json); --root 'shards/{00000..00099}.tar'"),
 }
 READER_HELP: dict[str, str] = {name: help for name, (_, help) in BUILTIN_READERS.items()}
 READERS: dict[str, Reader] = {}
+PATTERN_ROOTS = {"wds"}  # readers whose --root is a shard pattern, not a folder
 
 
-def register_reader(name: str, help: str | None = None) -> Callable[[Reader], Reader]:
-    """Register `fn(root, cfg) -> SourceData` as `mmret prepare NAME` (a built-in's help is above)."""
+def register_reader(name: str, help: str | None = None, pattern_root: bool = False) -> Callable[[Reader], Reader]:
+    """Register `fn(root, cfg) -> SourceData` as `mmret prepare NAME` (a built-in's help is above);
+    `pattern_root`: its --root is a pattern of files (shards), not a folder."""
     def wrap(fn: Reader) -> Reader:
         READERS[name] = fn
         READER_HELP.setdefault(name, help or "")
+        if pattern_root:
+            PATTERN_ROOTS.add(name)
         return fn
 
     return wrap

@@ -20,7 +20,8 @@ from mmret.modalities import MODALITIES, Modality
 TABLES = ("captions.csv", "captions.jsonl", "captions.parquet")
 
 
-def read_table(path: Path, problems: list[Problem]) -> "pd.DataFrame":  # noqa: F821
+def read_table(path: Path, problems: list[Problem],
+               needed: tuple[str, ...] = ("image", "caption")) -> "pd.DataFrame":  # noqa: F821
     """The captions table; a CSV row whose fields do not match the header is reported and left out
     (never shifted into other columns)."""
     import pandas as pd
@@ -40,9 +41,9 @@ def read_table(path: Path, problems: list[Problem]) -> "pd.DataFrame":  # noqa: 
             frame = pd.read_parquet(path)
     except Exception as e:
         raise MmretError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-    missing = {"image", "caption"} - set(frame.columns)
-    if missing:
-        raise MmretError(f"{path.name} needs columns 'image' and 'caption'; it has {', '.join(map(str, frame.columns))}")
+    if set(needed) - set(frame.columns):
+        wanted = " and ".join(f"'{c}'" for c in needed)
+        raise MmretError(f"{path.name} needs columns {wanted}; it has {', '.join(map(str, frame.columns))}")
     return frame
 
 

@@ -1,0 +1,96 @@
+"""Where an item's bytes are: a file on disk, or a member of an uncompressed `.tar` shard
+(webdataset / img2dataset), read in place without unpacking.
+
+An item's address is a path string. A tar member is `<shard.tar>::<member name>`; `open_item`
+gives a file for a plain path and the member's bytes (an in-memory binary file) for a tar
+member, so a modality's decoder reads either the same way and never learns where the bytes came
+from. A member is found by its name in the shard's index, which Python's `tarfile` builds once
+per shard and process (headers only, then a seek and one read per item): random access, so a
+training batch in any seeded order costs one read per item. Nothing is ever extracted to disk,
+and `resolve_item` keeps a relative address from a table inside its root.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import BinaryIO
+
+from mmret.errors import MmretError
+
+MEMBER = "::"  # shard.tar::member
+TAR_ENDINGS = (".tar",)
+
+
+class MemberError(Exception):
+    """A tar member that cannot be read (missing shard or member, not a plain tar)."""
+
+
+def member_address(shard: str | Path, member: str) -> str:
+    return f"{shard}{MEMBER}{member}"
+
+
+def split_address(address: str) -> tuple[str, str] | None:
+    """(shard, member) of a tar member's address, else None."""
+    shard, sep, member = str(address).partition(MEMBER)
+    if sep and shard.lower().endswith(TAR_ENDINGS) and member:
+        return shard, member
+    return None
+
+
+_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}  # shard -> (stat, name -> (offset, size))
+
+
+def _index(shard: str) -> dict[str, tuple[int, int]]:
+    try:
+        st = os.stat(shard)
+    except OSError:
+        raise MemberError(f"shard {shard} not found") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _INDEX.get(shard)
+    if cached is None or cached[0] != stamp:
+        try:
+            with tarfile.open(shard, mode="r:") as tar:  # "r:": seekable, uncompressed only
+                names = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError) as e:
+            raise MemberError(f"cannot index shard {shard} (an uncompressed tar is needed): {e}") from None
+        _INDEX[shard] = cached = (stamp, names)
+    return cached[1]
+
+
+def read_member(shard: str, member: str) -> bytes:
+    where = _index(shard).get(member)
+    if where is None:
+        raise MemberError(f"no member {member} in {shard}")
+    offset, size = where
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def open_item(address: str | Path) -> Path | BinaryIO:
+    """A plain path as a `Path`; a tar member as an in-memory binary file (named by its address)."""
+    found = split_address(str(address))
+    if found is None:
+        return Path(address)
+    data = io.BytesIO(read_member(*found))
+    data.name = str(address)
+    return data
+
+
+def resolve_item(root: Path, stored: str, absolute: bool = True) -> str:
+    """The address of an item a table stores relative to `root`: a relative address that would
+    leave `root` ("../", links) is refused, and so is an absolute one unless `absolute` (folder
+    datasets point at files where they are; shard datasets keep everything under their root)."""
+    found = split_address(stored)
+    path = found[0] if found else stored
+    if os.path.isabs(path):
+        if absolute:
+            return stored
+        raise MmretError(f"the item {stored!r} is outside the dataset's root {root}; prepare the dataset again")
+    full = (root / path).resolve()
+    if not full.is_relative_to(root.resolve()):
+        raise MmretError(f"the item {stored!r} points outside the dataset's root {root}; prepare the dataset again")
+    return member_address(root / path, found[1]) if found else str(root / path)

@@ -1,0 +1,151 @@
+"""webdataset shards as img2dataset writes them and open_clip reads them: `.tar` files of
+`key.jpg|png|webp` (any item ending of a registered modality) + `key.txt` (the caption), with an
+optional `key.json` (img2dataset's metadata; its "caption" serves when `key.txt` is missing).
+
+`--root` is a shard pattern with braces, `shards/{00000..00099}.tar` (or one `.tar`). The shards
+are read with the `webdataset` package, one shard per DataLoader worker (never more workers than
+shards, the known trap where a worker without a shard waits or fails); each worker reads the
+item's size from the bytes in hand and sends back only the record. Nothing is unpacked: the
+table addresses each item as `<shard>::<member>` relative to the shards' folder, and training
+and encoding read the member in place (`mmret.common.items`). A member that does not decode is
+reported and left out, and so is an item without a caption (a shard with no captions leaves all
+of its items out, each reported). Splits are seeded fractions (`--val`, `--test`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmret.common.items import member_address
+from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text, register_reader
+from mmret.errors import MmretError
+from mmret.modalities import MODALITIES, ItemError
+
+
+def _webdataset() -> Any:
+    try:
+        import webdataset
+    except ImportError:
+        raise MmretError("prepare wds needs the webdataset package: pip install -e '.[wds]'") from None
+    return webdataset
+
+
+def shard_urls(pattern: str) -> list[str]:
+    """The shard files of a brace pattern (webdataset's own expansion), each of which must exist."""
+    expand_urls = _webdataset().shardlists.expand_urls
+
+    urls = expand_urls(str(pattern))
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise MmretError(f"{len(missing)} of {len(urls)} shards of {pattern} do not exist (first: {missing[0]}); "
+                         "check the pattern, e.g. 'shards/{00000..00099}.tar'")
+    return urls
+
+
+def _every_shard(src: Iterator) -> Iterator:
+    """No split across machines: `prepare` reads every shard (its workers split them)."""
+    yield from src
+
+
+def _item(sample: dict) -> tuple[str, str, bytes] | None:
+    """(modality, file ending, bytes) of the sample's item, if it has one."""
+    for modality in MODALITIES.values():
+        for ending in modality.extensions:
+            data = sample.get(ending.lstrip("."))
+            if data is not None:
+                return modality.name, ending.lstrip("."), data
+    return None
+
+
+def _caption(sample: dict, where: str, problems: list[dict]) -> str | None:
+    if sample.get("txt") is not None:
+        found: list[Problem] = []
+        text = decode_text(sample["txt"], where, found)
+        problems += [p.__dict__ for p in found]
+        return text
+    if sample.get("json") is not None:
+        try:
+            caption = json.loads(sample["json"]).get("caption")
+        except (ValueError, AttributeError):
+            caption = None
+        if isinstance(caption, str):
+            return caption
+    return None
+
+
+def summarize(sample: dict, full: bool = False) -> dict:
+    """What `prepare` keeps of one sample (run in a DataLoader worker): its key, shard, member,
+    modality, probed columns and captions, or the problem that leaves it out."""
+    key, url = sample["__key__"], sample["__url__"]
+    out: dict[str, Any] = {"key": key, "url": url, "problems": []}
+    found = _item(sample)
+    if found is None:
+        out["problems"].append({"kind": "no item", "item": f"{url}::{key}", "reason": "no picture (or other item) file"})
+        return out
+    modality, ending, data = found
+    member = f"{key}.{ending}"
+    where = f"{url}::{member}"
+    out.update(modality=modality, member=member)
+    try:
+        out["columns"] = MODALITIES[modality].probe(io.BytesIO(data), full)
+    except ItemError as e:
+        out["problems"].append({"kind": f"broken {modality}", "item": where, "reason": str(e)})
+        return out
+    caption = _caption(sample, where, out["problems"])
+    if caption is None:
+        out["problems"].append({"kind": "no caption", "item": where, "reason": "no .txt (or json caption) beside it"})
+        return out
+    out["captions"] = [line for line in caption.splitlines() if line.strip()]
+    return out
+
+
+def _warn_and_go_on(exn: Exception) -> bool:
+    import logging
+
+    logging.getLogger(__name__).warning("webdataset: %s (skipped)", exn)
+    return True
+
+
+def read_samples(urls: list[str], full: bool, workers: int) -> Iterator[dict]:
+    """Every sample's summary, the shards read in DataLoader workers (at most one per shard)."""
+    import functools
+
+    import torch
+
+    wds = _webdataset()
+    data = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_every_shard, empty_check=False,
+                          handler=_warn_and_go_on).map(functools.partial(summarize, full=full))
+    workers = min(workers, len(urls))
+    yield from torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
+
+
+@register_reader("wds", "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, optional key.json); "
+                        "--root 'shards/{00000..00099}.tar'", pattern_root=True)
+def read_wds(root: Path, cfg) -> SourceData:
+    from mmret.common.device import default_workers
+
+    import torch
+
+    urls = [os.path.abspath(u) for u in shard_urls(str(root))]
+    base = os.path.commonpath([os.path.dirname(u) for u in urls])
+    records, problems, seen, kinds = [], [], set(), set()
+    for s in read_samples(urls, cfg.check_images, default_workers(torch.device("cpu"))):
+        problems += [Problem(**p) for p in s["problems"]]
+        if "captions" not in s:
+            continue
+        if s["key"] in seen:
+            problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}", "an earlier shard has this key; kept that one"))
+            continue
+        seen.add(s["key"])
+        kinds.add(s["modality"])
+        address = member_address(os.path.relpath(s["url"], base), s["member"])
+        records.append(ImageRecord(s["key"], address, s["captions"], columns=s["columns"]))
+    if len(kinds) > 1:
+        raise MmretError(f"the shards hold {' and '.join(sorted(kinds))} items; prepare each kind from shards of its own")
+    note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the items"
+    return SourceData(records, [f"{len(urls)} shards"], note, split_sizes=(cfg.val, cfg.test), problems=problems,
+                      modality=kinds.pop() if kinds else "image", item_root=base)

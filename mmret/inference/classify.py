@@ -1,0 +1,219 @@
+"""Zero-shot classification with any run (`mmret eval --task classification`), as CLIP_benchmark
+scores it: each class name goes through the prompt templates, the run embeds the prompts, their
+normalised mean is the class's weight vector, and an item's class is the one whose weight it
+matches best (`zeroshot_classification.py`: `zero_shot_classifier`, `accuracy`,
+`balanced_accuracy_score`).
+
+The metrics are pure tensor functions with the tie rule of `mmret.inference.metrics`: a wrong
+class that scores exactly as high as the right one is ranked above it, so without ties top-k
+accuracy equals CLIP_benchmark's `topk` count and with ties it never flatters a model. The mean
+per-class recall is scikit-learn's balanced accuracy: the recall of every class present in the
+split, averaged.
+
+Results go to `runs/<run>/eval/<ds>-<split>-classification.json` with a confusion matrix PNG
+beside it. The dataset must carry class labels (`mmret prepare classes`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmret.common.io import write_json
+from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import PreparedDataset, load_dataset, run_tables
+from mmret.data.readers.classes import class_name
+from mmret.errors import MmretError
+from mmret.inference.embeddings import Embeddings, write_run_embeddings
+from mmret.inference.loaded import LoadedRun
+from mmret.inference.templates import class_prompts, load_templates
+
+TOP_KS = (1, 5)
+PROMPT_BATCH = 256  # prompts embedded per call: ImageNet's 80 x 1000 never go through a tower at once
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    metrics: dict[str, float]  # acc1, acc5 (nan below 5 classes), mean_per_class_recall
+    ranks: torch.Tensor  # (N,) int64: rank of each item's right class among all classes
+    pred: torch.Tensor  # (N,) int64: the best-scoring class (the first of equal ones)
+
+
+def zero_shot_weights(encode: Callable[[list[str]], torch.Tensor], prompts: list[list[str]],
+                      batch: int = PROMPT_BATCH) -> torch.Tensor:
+    """(C, D) class weights: the normalised mean of each class's normalised prompt embeddings."""
+    flat = [p for group in prompts for p in group]
+    emb = torch.cat([encode(flat[i:i + batch]).float() for i in range(0, len(flat), batch)])
+    emb = F.normalize(emb, dim=-1)
+    owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(g) for g in prompts]))
+    sums = torch.zeros(len(prompts), emb.shape[1]).index_add_(0, owner, emb)
+    return F.normalize(sums, dim=-1)  # the mean's direction: the count divides out
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = TOP_KS) -> ClassScores:
+    """Top-k accuracies and mean per-class recall of (N, C) scores against (N,) class indices."""
+    if logits.ndim != 2 or 0 in logits.shape:
+        raise MmretError(f"scores must be a non-empty (items, classes) matrix, got shape {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise MmretError("the class scores hold NaN or inf values; check the run's embeddings")
+    n, c = logits.shape
+    target = torch.as_tensor(target)
+    if target.shape != (n,) or target.is_floating_point() or int(target.min()) < 0 or int(target.max()) >= c:
+        raise MmretError(f"targets must be {n} class indices below {c}, got {target.dtype} of shape {tuple(target.shape)}")
+    target = target.long()
+    right = logits.gather(1, target[:, None])  # (N, 1)
+    ranks = (logits >= right).sum(1)  # pessimistic: ties with the right class count against it
+    pred = logits.argmax(1)
+    metrics = {f"acc{k}": (ranks <= k).double().mean().item() if k <= c else math.nan for k in ks}
+    metrics["mean_per_class_recall"] = mean_per_class_recall(pred, target, c)
+    return ClassScores(metrics, ranks, pred)
+
+
+def mean_per_class_recall(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Recall of each class present in `target`, averaged (scikit-learn's balanced accuracy)."""
+    total = torch.bincount(target, minlength=num_classes)
+    hits = torch.bincount(target[pred == target], minlength=num_classes)
+    present = total > 0
+    return (hits[present].double() / total[present]).mean().item()
+
+
+def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts: row = the right class, column = the predicted one."""
+    return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def bootstrap_accuracy(scores: ClassScores, target: torch.Tensor, num_classes: int, n_boot: int, seed: int,
+                       level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of every metric from `n_boot` resamples of the items (seeded)."""
+    if n_boot < 2:
+        raise MmretError(f"the bootstrap needs at least 2 resamples (1000 is usual), got {n_boot}")
+    gen = torch.Generator().manual_seed(seed)
+    n = len(target)
+    weights = torch.zeros(n_boot, n).scatter_add_(1, torch.randint(n, (n_boot, n), generator=gen),
+                                                  torch.ones(n_boot, n))  # (B, N) draws of each item
+    onehot = F.one_hot(target, num_classes).float()  # (N, C)
+    per_class = weights @ (onehot * (scores.pred == target).float()[:, None])  # (B, C) hits
+    counts = weights @ onehot
+    reps = {k: weights @ (scores.ranks <= int(k[3:])).float() / n for k in scores.metrics if k.startswith("acc")}
+    reps["mean_per_class_recall"] = torch.nanmean(per_class / counts, dim=1)  # 0/0 = nan: class not drawn
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return {k: tuple(torch.quantile(v.double(), q).tolist()) for k, v in reps.items()
+            if not math.isnan(scores.metrics[k])}
+
+
+# ---------------------------------------------------------------- a run on a labelled dataset
+
+
+def labelled_dataset(name: str, data_dir: Any) -> PreparedDataset:
+    ds = load_dataset(name, data_dir)
+    if "label" not in ds.images.columns:
+        raise MmretError(f"dataset {name!r} has no class labels; prepare a folder of class subfolders with "
+                         "`mmret prepare classes --root DIR` and evaluate on that")
+    return ds
+
+
+def item_labels(emb: Embeddings, ds: PreparedDataset, labels: list[str]) -> torch.Tensor:
+    """(N,) class index of each embedded item, in the embeddings' row order."""
+    by_id = dict(zip(ds.images["image_id"], ds.images["label"]))
+    index = {label: i for i, label in enumerate(labels)}
+    return torch.tensor([index[by_id[i]] for i in emb.image_table["image_id"]], dtype=torch.int64)
+
+
+def training_overlap(run: LoadedRun, paths: Sequence[str]) -> int | None:
+    """How many of `paths` the run trained on (None for a run that was not trained, or whose
+    dataset is gone): a run evaluated on its own training pictures looks better than it is."""
+    cfg = run.cfg
+    if not run.method.trainable:
+        return None
+    try:
+        train = run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)).split("train")
+    except MmretError:
+        return None
+    seen = {os.path.realpath(p) for p in train.images["path"]}
+    return sum(os.path.realpath(p) in seen for p in paths)
+
+
+@dataclass
+class ClassificationResult:
+    run: str
+    dataset: str
+    split: str
+    metrics: dict[str, float]
+    labels: list[str]  # class labels, in the order of the confusion matrix
+    counts: list[int]  # items of each class in the split
+    templates: int  # prompts per class (the largest, for per-class prompts)
+    confusion: np.ndarray = field(repr=False)
+    train_overlap: int | None = None  # items of the split the run trained on
+    ci: dict[str, tuple[float, float]] | None = None
+    path: Path | None = None
+    confusion_png: Path | None = None
+    embeddings: Embeddings | None = field(default=None, repr=False)
+
+    @property
+    def n_items(self) -> int:
+        return int(sum(self.counts))
+
+    @property
+    def chance(self) -> dict[str, float]:
+        """A guess's scores: uniform top-k (1/C, 5/C) and always naming the largest class."""
+        c = len(self.labels)
+        return {"acc1": 1 / c, "acc5": min(1.0, 5 / c), "majority": max(self.counts) / max(1, self.n_items),
+                "mean_per_class_recall": 1 / c}
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"run": self.run, "dataset": self.dataset, "split": self.split, "task": "classification",
+               "metrics": self.metrics, "chance": self.chance, "n_items": self.n_items, "classes": self.labels,
+               "counts": self.counts, "templates_per_class": self.templates, "train_overlap": self.train_overlap,
+               "confusion": self.confusion.tolist()}
+        if self.ci:
+            out["ci95"] = {k: list(v) for k, v in self.ci.items()}
+        return out
+
+
+def evaluate_classification(run_dir: Path, dataset: str | None = None, split: str = "test",
+                            templates: Path | None = None, bootstrap: int = 0, seed: int = 0, which: str = "best",
+                            device: str = "auto", reporter: Reporter = NULL, plot: bool = True,
+                            data_dir: Path | None = None) -> ClassificationResult:
+    """Zero-shot classification of one split (of a dataset in `data_dir`, default the run's data
+    root); saves the JSON (and the confusion matrix PNG)."""
+    run = LoadedRun(run_dir, which, device)
+    ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    prompts_from = load_templates(templates)
+    emb = write_run_embeddings(run, ds.name, split, reporter=reporter, data_dir=data_dir)
+    labels = sorted(set(ds.images["label"]))  # every class of the dataset, so all splits share one order
+    target = item_labels(emb, ds, labels)
+    prompts = class_prompts(labels, [class_name(label) for label in labels], prompts_from)
+    n_prompts = sum(map(len, prompts))
+    with reporter.task(f"embedding {n_prompts:,} prompts", total=n_prompts, unit="prompts") as task:
+        def encode(texts: list[str]) -> torch.Tensor:
+            out = run.encode_texts(texts)
+            task.advance(len(texts))
+            return out
+
+        weights = zero_shot_weights(encode, prompts)
+    logits = torch.from_numpy(np.asarray(emb.images, dtype=np.float32)) @ weights.T  # (N, C)
+    scores = classification_metrics(logits, target)
+    result = ClassificationResult(
+        run_dir.name, ds.name, split, scores.metrics, labels,
+        torch.bincount(target, minlength=len(labels)).tolist(), max(map(len, prompts)),
+        confusion_matrix(target, scores.pred, len(labels)).numpy(),
+        training_overlap(run, list(emb.image_table["path"])),
+        bootstrap_accuracy(scores, target, len(labels), bootstrap, seed) if bootstrap else None, embeddings=emb)
+    result.path = run_dir / "eval" / f"{ds.name}-{split}-classification.json"
+    if plot:
+        from mmret.inference.figures import confusion_figure
+
+        result.confusion_png = result.path.with_suffix(".png")
+        confusion_figure(result.confusion, labels, f"{run_dir.name}: {ds.name} {split}, zero-shot top-1 "
+                         f"{scores.metrics['acc1']:.3f} (chance {1 / len(labels):.3f})", result.confusion_png)
+    write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,
+                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return result

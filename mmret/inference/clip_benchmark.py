@@ -1,0 +1,74 @@
+"""Results in CLIP_benchmark's JSON schema (`mmret eval --format clip-benchmark`), so mmret runs
+sit in the same tables as the models people compare against.
+
+CLIP_benchmark's `cli.py` writes one file per (dataset, model, pretrained, language, task):
+`{"dataset", "model", "pretrained", "task", "metrics", "language"}`, named
+`{dataset}_{pretrained}_{model}_{language}_{task}.json`, and `clip_benchmark build *.json` joins
+such files into one CSV. The metrics are the same numbers as mmret's own JSON under
+CLIP_benchmark's names: `image_retrieval_recall@K` is text→image Recall@K (`t2i_rK`: a caption
+finds its picture), `text_retrieval_recall@K` image→text (`i2t_rK`); classification gives `acc1`,
+`acc5`, `mean_per_class_recall`; the linear probe `lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`.
+
+Task names are CLIP_benchmark's (`zeroshot_retrieval`, `zeroshot_classification`,
+`linear_probe`) whether or not the run was trained on the dataset: "zeroshot" there names the
+protocol (no fitting on the test data), and a run trained on the same dataset's train split
+follows it too. A dataset prepared from a source CLIP_benchmark also reads (Flickr30k, Flickr8k,
+COCO) and scored on its test split carries CLIP_benchmark's dataset name; any other keeps its
+mmret name, with the split added when it is not test.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mmret.common.io import write_json
+
+TASKS = {"retrieval": "zeroshot_retrieval", "classification": "zeroshot_classification",
+         "linear-probe": "linear_probe"}
+KNOWN_DATASETS = {"flickr30k": "flickr30k", "flickr8k": "flickr8k", "coco": "mscoco_captions"}
+
+
+def dataset_name(name: str, source: str | None, split: str) -> str:
+    if split == "test" and source in KNOWN_DATASETS:
+        return KNOWN_DATASETS[source]
+    return name if split == "test" else f"{name}-{split}"
+
+
+def model_names(cfg: Any, run_name: str, trained: bool, which: str = "best") -> tuple[str, str]:
+    """(model, pretrained) for a run: its method and towers, and the run that holds its weights
+    (a pretrained model evaluated as it is: its name, and `zero-shot`)."""
+    short = [Path(str(x)).name for x in (cfg.encoders.vision, cfg.encoders.text)]
+    if not trained:
+        return short[0], "zero-shot"
+    towers = short[0] if short[0] == short[1] else f"{short[0]}-{short[1]}"
+    return f"mmret-{cfg.method.method}-{towers}", run_name if which == "best" else f"{run_name}@{which}"
+
+
+def retrieval_metrics(metrics: dict[str, float], ks: tuple[int, ...]) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = metrics[f"t2i_r{k}"]
+        out[f"text_retrieval_recall@{k}"] = metrics[f"i2t_r{k}"]
+    return out
+
+
+def record(task: str, dataset: str, model: str, pretrained: str, metrics: dict[str, Any],
+           language: str = "en", **extra: Any) -> dict[str, Any]:
+    """One result as CLIP_benchmark's `cli.py` dumps it (`extra`: its optional classnames/templates)."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": TASKS[task],
+            "metrics": metrics, "language": language, **extra}
+
+
+def file_name(rec: dict[str, Any]) -> str:
+    """CLIP_benchmark's default output name (`{dataset}_{pretrained}_{model}_{language}_{task}.json`),
+    each part's last path component with anything but letters, digits, `.`, `_` and `-` made `-`."""
+    parts = [rec["dataset"], rec["pretrained"], rec["model"], rec["language"], rec["task"]]
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(p).rstrip("/").split("/")[-1]) for p in parts) + ".json"
+
+
+def write_record(run_dir: Path, rec: dict[str, Any]) -> Path:
+    path = run_dir / "eval" / "clip_benchmark" / file_name(rec)
+    write_json(path, rec)
+    return path

@@ -1,0 +1,102 @@
+"""`mmret eval` as one call: a task (retrieval, zero-shot classification or a linear probe) for
+one run or several side by side, the pictures asked for (an embedding map, a failure gallery),
+and the results in CLIP_benchmark's schema when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import load_dataset
+from mmret.errors import MmretError
+from mmret.inference import clip_benchmark as cb
+from mmret.inference.config import EvalConfig
+from mmret.inference.embeddings import write_run_embeddings
+from mmret.inference.loaded import LoadedRun
+
+
+@dataclass
+class EvalReport:
+    task: str
+    results: list[Any]  # EvalResult, ClassificationResult or ProbeResult, one per run
+    map: Any = None  # MapResult
+    failures: Any = None  # FailuresResult
+    clip_benchmark: list[tuple[Path, dict]] = field(default_factory=list)  # (file, record) per run
+
+
+def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list[Any]:
+    if cfg.task == "classification":
+        from mmret.inference.classify import evaluate_classification
+
+        return [evaluate_classification(r, cfg.dataset, cfg.split, cfg.templates, cfg.bootstrap, cfg.seed,
+                                        cfg.which, cfg.device, reporter, data_dir=cfg.data_dir) for r in run_dirs]
+    if cfg.task == "linear-probe":
+        from mmret.inference.linear_probe import evaluate_linear_probe
+
+        return [evaluate_linear_probe(r, cfg.dataset, cfg.split, cfg.seed, cfg.which, cfg.device, reporter,
+                                      cfg.data_dir) for r in run_dirs]
+    from mmret.inference.evaluate import compare_runs, evaluate_run
+
+    if len(run_dirs) == 1:
+        return [evaluate_run(run_dirs[0], cfg.dataset, cfg.split, cfg.bootstrap, cfg.seed, cfg.which, cfg.device,
+                             reporter, cfg.data_dir, cfg.recall_k)]
+    return compare_runs(run_dirs, cfg.dataset, cfg.split, cfg.bootstrap, cfg.seed, cfg.which, cfg.device,
+                        reporter, cfg.data_dir, cfg.recall_k)
+
+
+def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
+    ds = load_dataset(result.dataset, cfg.data_dir or run.cfg.data.data_dir)
+    model, pretrained = cb.model_names(run.cfg, run.name, run.method.trainable, cfg.which)
+    name = cb.dataset_name(ds.name, ds.info.get("source"), result.split)
+    if cfg.task == "retrieval":
+        return cb.record("retrieval", name, model, pretrained, cb.retrieval_metrics(result.metrics, cfg.recall_k))
+    if cfg.task == "classification":  # as with --dump_classnames, and --dump_templates for templates of your own
+        from mmret.inference.templates import load_templates
+
+        own = {"templates": load_templates(cfg.templates)} if cfg.templates else {}
+        return cb.record("classification", name, model, pretrained, result.metrics, classnames=result.labels, **own)
+    return cb.record("linear-probe", name, model, pretrained,
+                     {**result.metrics, "C": result.C, "fewshot_k": -1, "normalized": True, "seed": result.seed})
+
+
+def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, reporter: Reporter) -> None:
+    """The map and the failure gallery of the first run, from its embeddings of the split."""
+    run = LoadedRun(run_dir, cfg.which, cfg.device)
+    emb = write_run_embeddings(run, result.dataset, cfg.split, reporter=reporter, data_dir=cfg.data_dir)
+    ds = load_dataset(emb.dataset, cfg.data_dir or run.cfg.data.data_dir)
+    if cfg.map is not None:
+        from mmret.inference.maps import embedding_map
+
+        with reporter.task(f"drawing the {cfg.map_method} map", total=1, unit="maps") as task:
+            report.map = embedding_map(emb, ds, ds.modality, cfg.map, cfg.map_method, seed=cfg.seed,
+                                       title=f"{run.name}: {emb.dataset} {emb.split}")
+            task.advance()
+    if cfg.failures is not None:
+        from mmret.inference.failures import failure_gallery
+
+        ranks = getattr(result, "ranks", None)
+        report.failures = failure_gallery(emb, ds.modality, cfg.failures, cfg.worst,
+                                          t2i_ranks=ranks.t2i_ranks if ranks is not None else None,
+                                          title=f"{run.name}: {emb.dataset} {emb.split}, the {cfg.worst} worst "
+                                                f"text→{ds.modality.noun} queries")
+
+
+def run_eval(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter = NULL) -> EvalReport:
+    """Evaluate every run on the same split; draw and convert what `cfg` asks for."""
+    if not run_dirs:
+        raise MmretError("nothing to evaluate: give --run, --compare or --zero-shot")
+    if (cfg.map or cfg.failures) and len(run_dirs) > 1:
+        raise MmretError("--map and --failures draw one run; evaluate the runs one at a time to draw each")
+    if cfg.task == "linear-probe" and cfg.bootstrap:
+        raise MmretError("--bootstrap applies to retrieval and classification, not to the linear probe")
+    report = EvalReport(cfg.task, _evaluate(run_dirs, cfg, reporter))
+    if cfg.map or cfg.failures:
+        _draw(run_dirs[0], report.results[0], cfg, report, reporter)
+    if cfg.clip_benchmark:
+        for run_dir, result in zip(run_dirs, report.results):
+            rec = _benchmark_record(LoadedRun(run_dir, cfg.which, cfg.device), result, cfg)
+            report.clip_benchmark.append((cb.write_record(run_dir, rec), rec))
+    return report
