@@ -41,7 +41,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, foreach: bool | None = None) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=foreach)
+    """AdamW; fused (one kernel over all parameters per step) where torch has it for every parameter's
+    device, unless a `foreach` choice is asked for (probe-memory tracks the foreach path's buffers). On
+    a CPU the unfused update makes a dozen passes over every parameter: for the quick start's 5 M it
+    took an eighth of each step (profiled)."""
+    groups = param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = foreach is None and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                                     for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, foreach=foreach, fused=fused or None)
 
 
 def training_precision(device: torch.device, requested: str, runs_towers: bool) -> str:
