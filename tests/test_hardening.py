@@ -243,6 +243,7 @@ def test_a_pickle_in_place_of_a_checkpoint_is_refused_unread(home, trained):
     one_line(runner.invoke(app, ["eval", "--run", "r"]), f"^error: {best} is damaged \\(not a readable safetensors")
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a warning would print a second line in a terminal
 def test_a_malicious_pickle_in_a_model_folder_is_one_line(home, tmp_path):
     import pickle
 

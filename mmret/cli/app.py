@@ -91,6 +91,8 @@ def main_callback(
                                                "%(levelname)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug() else logging.WARNING)
+    if not debug():  # torchao (the int8 extra) built for another torch release logs deprecation notes on import
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
@@ -76,7 +77,9 @@ def quiet_loading() -> Iterator[None]:
         tlog.set_verbosity_error()
     tlog.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # torch's weights-only reader warns about any pickle protocol above 2
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            yield
     finally:
         tlog.set_verbosity(level)
         if bars:
