@@ -32,7 +32,7 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
     start = time.perf_counter()
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     device = pick_device(cfg.device)
-    check_precision(device, cfg.precision)
+    check_precision(device, cfg.precision, inference=True)
     towers = []
     if cfg.vision:
         encoder = load_tower(cfg.vision, dataset.modality.name, image_size=cfg.image_size)
