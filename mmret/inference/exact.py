@@ -1,18 +1,18 @@
 """Exact inner-product top-k over an (n, dim) float16 gallery, typically memory-mapped.
 
-The gallery is read once per block of queries, in chunks small enough to stay in the CPU's L2
-cache: each chunk is widened to float32 (exactly) and multiplied with the queries (a plain
-matrix-vector or matrix product), so one query streams the gallery at memory bandwidth. Every
-score of the block is kept; the k-th best gives a floor, and every row within twice the product's
-rounding bound E of it is rescored in a fixed order (each row summed the same way, so identical
-rows tie exactly) and ranked by score, then by row. Rows below the floor cannot be in the top k:
-a row whose rescored score reaches the k-th rescored score scored at least that minus 2E in the
-product. So the result is exact even for masses of near-duplicates, and costs no second pass.
+Every row is scored by a plain product, one block of queries at a time: for one or two queries a
+float16 matrix-vector product straight over the gallery (it streams the gallery as fast as a
+memcpy); for more, the gallery in chunks small enough to stay in cache, widened to float32
+(exactly) and multiplied with the queries; from `_BF16_MIN_QUERIES` queries on, where the product
+is compute-bound, the chunks go to bfloat16 (AMX or avx512_bf16 through oneDNN, several times
+faster than float32). Each low-precision kernel is used only on a machine where it passes a
+check against its rounding bound E.
 
-A batch of more than `_BF16_MIN_QUERIES` queries is compute-bound instead: there the product runs
-in bfloat16 (AMX or avx512_bf16 through oneDNN), several times faster than float32, with the
-same proof and bfloat16's larger bound (more rows rescored); it is used only on a machine whose
-bfloat16 products pass a check against their bound. `benchmarks/search.py` measures both.
+The k-th best product score minus 2E is a floor: every row above it is rescored in a fixed order
+(each row summed the same way, so identical rows tie exactly) and ranked by score, then by row.
+Rows below the floor cannot be in the top k: a row whose rescored score reaches the k-th rescored
+score scored at least that minus 2E in the product. So the result is exact, near-duplicates and
+all, with no second pass over the gallery. `benchmarks/search.py` measures it.
 
 Normalised embeddings give cosine similarity.
 """
@@ -34,8 +34,11 @@ _logger = logging.getLogger(__name__)
 
 _ROWS_PER_CHUNK = 512  # gallery rows widened and multiplied at once: 1 MB of float32 at 512-d, in L2
 _SCORE_BUDGET = 2**26  # scores held at once (256 MB of float32): bounds the query block at large n
+_FP16_MAX_QUERIES = 2  # up to this many queries, one float16 matrix-vector product each is fastest
 _BF16_MIN_QUERIES = 32  # from this many queries on, the product is compute-bound: bfloat16 pays
-_U32, _UBF16 = 2.0**-24, 2.0**-9  # unit roundoffs of float32 and bfloat16
+_SPARE = 64  # rows each query's top-k search keeps beyond k; a query whose floor reaches past them
+# (masses of near-ties) takes its candidates from its whole row of scores
+_U32, _U16, _UBF16 = 2.0**-24, 2.0**-11, 2.0**-9  # unit roundoffs of float32, float16 and bfloat16
 
 
 class ExactIndex:
@@ -63,7 +66,7 @@ class ExactIndex:
         """(scores, ids), both (n_queries, k): float32 exact scores, best first, and int64 rows."""
         q = _check_queries(queries, self.dim)
         k = _check_k(k, self.n)
-        precision = "bf16" if len(q) >= _BF16_MIN_QUERIES and _product_within_bound("bf16") else "fp32"
+        precision = _precision(q, self.max_norm)
         scores = np.empty((len(q), k), dtype=np.float32)
         ids = np.empty((len(q), k), dtype=np.int64)
         step = max(1, _SCORE_BUDGET // self.n)
@@ -74,6 +77,18 @@ class ExactIndex:
             s, i = _rescore_top_k(block, self.gallery, approx, bound, k)
             scores[start:start + len(block)], ids[start:start + len(block)] = s.numpy(), i.numpy()
         return scores, ids
+
+
+def _precision(q: torch.Tensor, max_norm: float) -> str:
+    """fp16 matrix-vector products for one or two queries (as fast as a memcpy of the gallery;
+    float32 products of widened chunks take about 1.7x that), bf16 products for batches, float32
+    in between and wherever a kernel fails its check."""
+    no_overflow = float(q.norm(dim=1).max()) * max_norm < 3e4  # float16 scores stay finite
+    if len(q) <= _FP16_MAX_QUERIES and no_overflow and _product_within_bound("fp16"):
+        return "fp16"
+    if len(q) >= _BF16_MIN_QUERIES and _product_within_bound("bf16"):
+        return "bf16"
+    return "fp32"
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:
@@ -111,28 +126,41 @@ def _max_row_norm(gallery: torch.Tensor) -> float:
 
 
 def _product(q: torch.Tensor, gallery: torch.Tensor, precision: str) -> torch.Tensor:
-    """(B, N) scores of every row, chunk by chunk: float16 rows widened into a buffer that stays in
-    cache (torch's direct float16 products are slow on CPUs without avx512_fp16, and widening the
-    whole gallery would double the bytes read)."""
+    """(B, N) scores of every row. fp16: one matrix-vector product per query straight over the
+    float16 gallery. fp32 / bf16: chunk by chunk, float16 rows widened into a buffer that stays in
+    cache (widening the whole gallery would double the bytes read, and torch's float16 matrix
+    products are slow on CPUs without avx512_fp16)."""
+    if precision == "fp16":
+        return torch.stack([torch.mv(gallery, row.half()) for row in q])
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    out = torch.empty(len(gallery), len(q), dtype=dtype)  # (N, B): each chunk's block is contiguous
+    out = torch.empty(len(q), len(gallery), dtype=dtype)
     as32 = torch.empty(_ROWS_PER_CHUNK, gallery.shape[1])
     low = as32 if dtype == torch.float32 else torch.empty(as32.shape, dtype=dtype)
-    qt = q.to(dtype).T
+    ql = q.to(dtype)
     for start in range(0, len(gallery), _ROWS_PER_CHUNK):
         part = gallery[start:start + _ROWS_PER_CHUNK]
         # float16 -> float32 -> bfloat16 through float32: torch's direct conversion is several times slower
         chunk = low[:len(part)].copy_(as32[:len(part)].copy_(part))
-        torch.mm(chunk, qt, out=out[start:start + len(part)])
-    return out.T  # (B, N)
+        torch.mm(ql, chunk.T, out=out[:, start:start + len(part)])
+    return out
 
 
 def _rescore_top_k(q: torch.Tensor, gallery: torch.Tensor, approx: torch.Tensor, bound: torch.Tensor,
                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescore every row within 2 * bound of each query's k-th product score; the top k of those,
     by rescored score then row, is the exact top k (see the module docstring)."""
-    floor = approx.topk(k, dim=1).values[:, -1].float() - 2 * bound  # (B,)
-    queries, rows = (approx >= floor[:, None].to(approx.dtype)).nonzero(as_tuple=True)  # rows ascend per query
+    top = approx.topk(min(k + _SPARE, approx.shape[1]), dim=1)  # (B, k + spare), best first
+    floor = top.values[:, k - 1].float() - 2 * bound  # (B,)
+    queries, slots = (top.values >= floor[:, None]).nonzero(as_tuple=True)
+    rows = top.indices[queries, slots]
+    if top.values.shape[1] < approx.shape[1]:
+        short = (top.values[:, -1] >= floor).nonzero().flatten()  # near-ties reach past the spare rows:
+        if len(short):  # these queries take every row above the floor from their whole row of scores
+            extra_q, extra_rows = (approx[short] >= floor[short, None]).nonzero(as_tuple=True)
+            keep = ~torch.isin(queries, short)
+            queries, rows = torch.cat([queries[keep], short[extra_q]]), torch.cat([rows[keep], extra_rows])
+    order = torch.argsort(queries * len(gallery) + rows)  # by query, then row
+    queries, rows = queries[order], rows[order]
     counts = torch.bincount(queries, minlength=len(q))
     slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[queries]  # place in its query's list
     scores = torch.full((len(q), int(counts.max())), float("-inf"))
@@ -160,13 +188,15 @@ def _error_bound(q: torch.Tensor, max_norm: float, precision: str) -> torch.Tens
     The product rounds the query (u_q) and the gallery (u_g; float16 -> float32 is exact), adds D
     products in float32 in any order (gamma_D) and rounds the result (u_out); the rescoring carries
     float32 summation error too (gamma_D). Each error is relative to sum |q_i g_i| <= |q| max|g|
-    (Cauchy-Schwarz); `tiny` covers values below the normal range, and 10% the float32 norms.
+    (Cauchy-Schwarz); `tiny` covers values below the format's normal range (float16 subnormals),
+    and 10% the float32 norms themselves.
     """
-    u = {"fp32": (0.0, 0.0, 0.0), "bf16": (_UBF16, _UBF16, _UBF16)}[precision]
+    u_q, u_g, u_out, tiny = {"fp16": (_U16, 0.0, _U16, 2.0**-25), "bf16": (_UBF16, _UBF16, _UBF16, 2.0**-126),
+                             "fp32": (0.0, 0.0, 0.0, 2.0**-126)}[precision]
     d = q.shape[1]
     gamma = d * _U32 / (1 - d * _U32)
-    relative = (1 + u[0]) * (1 + u[1]) * (1 + gamma) * (1 + u[2]) - 1 + gamma
-    absolute = 2.0**-126 * (1 + math.sqrt(d) * max_norm)
+    relative = (1 + u_q) * (1 + u_g) * (1 + gamma) * (1 + u_out) - 1 + gamma
+    absolute = tiny * (1 + math.sqrt(d) * max_norm)
     return 1.1 * (relative * q.norm(dim=1) * max_norm + absolute)
 
 
@@ -176,11 +206,12 @@ def _product_within_bound(precision: str) -> bool:
     float32), on all-positive vectors where any lower-precision accumulation would show at once."""
     gen = torch.Generator().manual_seed(0)
     gallery = torch.nn.functional.normalize(torch.rand(256, 512, generator=gen), dim=1).half()
-    q = torch.nn.functional.normalize(torch.rand(_BF16_MIN_QUERIES, 512, generator=gen), dim=1)
+    n = {"fp16": 1, "bf16": _BF16_MIN_QUERIES}.get(precision, 3)
+    q = torch.nn.functional.normalize(torch.rand(n, 512, generator=gen), dim=1)
     approx = _product(q, gallery, precision).double()
     exact = q.double() @ gallery.double().T
     ok = bool(((approx - exact).abs().max(1).values <= _error_bound(q, 1.0, precision)).all())
     if not ok:
         _logger.warning("%s matrix products on this machine exceed their error bound; exact search "
-                        "uses float32 products (slower for large batches)", precision)
+                        "uses float32 products (slower)", precision)
     return ok
