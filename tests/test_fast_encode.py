@@ -134,3 +134,41 @@ def test_auto_keeps_int8_only_when_it_agrees_and_is_faster(monkeypatch, cosine_o
 def test_the_item_loader_decodes_in_draft_mode(vit):
     loader = vit.item_loader()
     assert loader.decode.keywords["draft"] == vit.transform().source_side == vit.preprocessing.resize
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "timm"])
+def test_matmul_attention_computes_what_sdpa_does(tmp_path, kind):
+    from mmret.models.tuners import use_matmul_attention
+
+    save = tiny_models.save_tiny_dinov2 if kind == "dinov2" else tiny_models.save_tiny_timm_vit
+    tower = load_image_encoder(str(save(tmp_path / kind)))
+    pixels = torch.randn(3, 3, *tower.image_size)
+    with torch.no_grad():
+        fused = tower(pixels).tokens
+        assert use_matmul_attention(tower) >= 1 and use_matmul_attention(tower) == 0  # switched once
+        plain = tower(pixels).tokens
+    torch.testing.assert_close(plain, fused, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_times_each_precision_on_its_own_run(example_ds, vit, monkeypatch):
+    """The precision check times a fresh full-batch pass in fp32 and in bf16 (none served from an
+    earlier pass, which would make fp32 look free)."""
+    monkeypatch.setattr(dev, "bf16_supported", lambda device: True)
+    inside, calls = [False], []
+    real_choose, real_forward = dev.choose_inference_precision, runner_mod.forward
+
+    def choose(*args, **kwargs):
+        inside[0] = True
+        try:
+            return real_choose(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def forward(tower, inputs, device, precision):
+        calls.append((inside[0], precision, len(next(iter(inputs.values())))))
+        return real_forward(tower, inputs, device, precision)
+
+    monkeypatch.setattr(runner_mod, "choose_inference_precision", choose)
+    monkeypatch.setattr(runner_mod, "forward", forward)
+    ensure_features(example_ds, vit, "images", workers=0, compile=False, batch_size=32)
+    assert (True, "fp32", 32) in calls and (True, "bf16", 32) in calls

@@ -20,8 +20,19 @@ What is chosen, all on the first batch of a run, against its float32 output:
              runs, when the work left is at least `INT8_TRIAL_RATIO` times the compile that a
              trial costs, and kept only when its cosine to fp32 is >= 0.999 and it is faster.
 A compiled or quantised form that fails, or disagrees with fp32, leaves the run in the last
-form that worked. Why torchao's PT2E path for int8: see docs (benchmarks/precompute.py measures
-it against the alternatives' speed and agreement with fp32).
+form that worked.
+
+Why this int8 path (DINOv2-S, one thread of a shared, busy 2-core AMX machine, so roughly;
+model GFLOP/s per CPU second, worst cosine to fp32). Full model: bf16 compiled 484 (0.9994);
+PT2E static int8 with X86InductorQuantizer 388 (0.67: per-tensor activation scales clip DINOv2's
+outliers); torchao's int8 dynamic-activation config 235 (0.995); torch.ao quantize_dynamic
+(fbgemm) 127 (0.92). A 2-layer cut: bf16 compiled 392-478, PT2E dynamic int8 with bf16 for the
+rest 333 (fp32 for the rest 202), ONNX Runtime dynamic quantisation 160 (MLAS, no AMX). PT2E
+dynamic's worst cosine on Tux Paint pictures was 0.997, the best of the int8 paths. So int8 is
+PT2E dynamic: the most accurate, on oneDNN's AMX int8 kernels, and inside torch (no export to
+another runtime). On this CPU it is still slower than bf16: ViT-S's 384-wide products are too
+small for int8 to gain much (oneDNN's int8 GEMMs at its shapes ran 0.6-1.6x its bf16 ones) while
+attention, GELU and the quantisation itself remain, so `auto` keeps bf16 here.
 """
 
 from __future__ import annotations
@@ -123,21 +134,26 @@ class TowerRunner:
         """Decide the precision and the form on this batch; return its output in the chosen one."""
         n = len(next(iter(inputs.values())))
         auto = self.precision is None
-        start = _clock(self.device)
-        outputs = {"fp32": forward(self.tower, inputs, self.device, "fp32")}
-        seconds = _clock(self.device) - start
+        outputs: dict[str, Any] = {}
+        seconds: dict[str, float] = {}  # CPU time of the eager batch per precision
         if auto:
             def run(p: str) -> torch.Tensor:
-                if p not in outputs:
-                    outputs[p] = forward(self.tower, inputs, self.device, p)
+                outputs[p] = forward(self.tower, inputs, self.device, p)
                 return outputs[p].pooled
 
             choice = choose_inference_precision(run, self.device, "auto",
                                                 warmup=lambda p: forward(self.tower, _slice(inputs, 2), self.device, p))
             self.manifest["precision"], self.manifest["precision_reason"] = choice.precision, choice.reason
-            seconds = choice.timings.get(choice.precision, seconds)
+            seconds.update(choice.timings)
             _logger.info("precision for %s: %s", self.tower.name, choice.reason)
-        reference = outputs["fp32"]
+        eager = "fp32" if self.precision == "int8" else self.precision
+        checked = self.want_compile is not False or self.precision == "int8"  # a form to check against fp32
+        for p in dict.fromkeys(["fp32", eager] if checked else [eager]):
+            if p not in seconds:
+                start = _clock(self.device)
+                outputs[p] = forward(self.tower, inputs, self.device, p)
+                seconds[p] = _clock(self.device) - start
+        reference = outputs.get("fp32")
         if self.precision == "int8":
             started = self._start(inputs, reference, "int8")
             if started is not None:
@@ -145,16 +161,16 @@ class TowerRunner:
             self.manifest["precision"] = "fp32"
             self.manifest["precision_reason"] += "; int8 failed, fp32 instead"
             return reference
-        out = outputs[self.precision] if self.precision in outputs else self._eager(inputs)
+        out = outputs[eager]
         compile = self.want_compile
         if compile is None:
-            compile = self.device.type == "cpu" and seconds * self.rows_left / n > AUTO_COMPILE_SECONDS
+            compile = self.device.type == "cpu" and seconds[eager] * self.rows_left / n > AUTO_COMPILE_SECONDS
         if compile:
             started = self._start(inputs, reference, self.precision)
             if started is not None:
-                out, compile_seconds, seconds = started
-                if auto and self._int8_worth_trying(compile_seconds, seconds, n):
-                    out = self._try_int8(inputs, reference, out, seconds)
+                out, compile_seconds, batch_seconds = started
+                if auto and self._int8_worth_trying(compile_seconds, batch_seconds, n):
+                    out = self._try_int8(inputs, reference, out, batch_seconds)
         return out
 
     def _int8_worth_trying(self, compile_seconds: float, batch_seconds: float, n: int) -> bool:
