@@ -90,6 +90,7 @@ def test_a_second_run_encodes_nothing_and_rewrites_nothing(example_ds, vit, monk
         raise AssertionError("the encoder ran although the cache was complete")
 
     monkeypatch.setattr(features, "_forward", no_forward)
+    monkeypatch.setattr(runner_mod, "forward", no_forward)  # what TowerRunner calls
     again = ensure_features(example_ds, vit, "images", workers=0)
     assert (again.stats.encoded, again.stats.reused) == (0, 60) and again.path == first.path
     assert {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()} == stamps

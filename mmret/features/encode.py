@@ -20,9 +20,7 @@ import pandas as pd
 import torch
 
 from mmret import __version__
-from mmret.common.device import (
-    PrecisionChoice, check_precision, choose_inference_precision, default_workers, synchronize,
-)
+from mmret.common.device import check_precision, default_workers, synchronize
 from mmret.common.io import read_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import PreparedDataset
@@ -99,23 +97,6 @@ def shard_batches(manifest: dict, shards: list[int], batch_size: int) -> list[np
             for a in range(lo, hi, batch_size)]
 
 
-def _slice(inputs: dict, n: int) -> dict:
-    return {k: v[:n] for k, v in inputs.items()}
-
-
-def _choose_precision(encoder: Any, inputs: dict, device: torch.device, requested: str) -> tuple[PrecisionChoice, dict]:
-    """Try the first real batch in fp32 and bf16/fp16; keep every output so none is computed twice."""
-    outputs: dict[str, Any] = {}
-
-    def run(p: str) -> torch.Tensor:
-        outputs[p] = _forward(encoder, inputs, device, p)
-        return outputs[p].pooled
-
-    choice = choose_inference_precision(run, device, requested,
-                                        warmup=lambda p: _forward(encoder, _slice(inputs, 2), device, p))
-    return choice, outputs
-
-
 def _to_arrays(out: Any, tokens: bool, ok: np.ndarray) -> dict[str, np.ndarray]:
     pooled = out.pooled.float()
     if not torch.isfinite(pooled[torch.from_numpy(ok).to(pooled.device)]).all():
@@ -161,6 +142,16 @@ def auto_batch_size(encoder: Any, which: str, device: torch.device) -> int:
         finally:
             torch.cuda.empty_cache()
     return max(8, best // 2)
+
+
+def tower_precision(device: torch.device, precision: str, which: str) -> str:
+    """The precision to encode `which` in: `precision` checked for the device; int8 runs item
+    towers only (fixed-shape batches), so captions asked for int8 choose automatically."""
+    check_precision(device, precision, inference=True)
+    if precision == "int8" and _kind(which) == CAPTIONS:
+        _logger.info("int8 applies to item towers; captions choose their precision automatically")
+        return "auto"
+    return precision
 
 
 @dataclass
@@ -372,10 +363,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
         return found
     encoder = encoder.with_weights()
     device = torch.device(device) if device is not None else encoder.device
-    check_precision(device, precision, inference=True)
-    if precision == "int8" and _kind(which) == CAPTIONS:  # int8 runs item towers (fixed-shape batches)
-        _logger.info("int8 applies to item towers; captions choose their precision automatically")
-        precision = "auto"
+    precision = tower_precision(device, precision, which)
     job = _Job(dataset, encoder.to(device), which, tokens, split, rows, fingerprint, device, precision,
                batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter, compile)
     with FeatureCache(features_root(dataset) / job.key).locked() as cache:

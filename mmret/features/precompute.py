@@ -52,7 +52,8 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
             continue
         if shard is not None:
             done = encode_shard(dataset, encoder.to(device), which, shard, cfg.tokens, cfg.split, cfg.batch_size,
-                                reporter, device, cfg.precision, cfg.workers)
+                                reporter, device, cfg.precision, cfg.workers,
+                                compile=cfg.compile)
             shards.append((encoder.name, done))
             if done.sealed is not None:
                 parts.append((encoder.name, done.sealed))

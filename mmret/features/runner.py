@@ -46,7 +46,9 @@ from typing import Any, Callable
 import torch
 
 from mmret.common import device as _device
-from mmret.common.device import COSINE_THRESHOLD, autocast_context, choose_inference_precision, min_cosine, synchronize
+from mmret.common.device import (
+    COSINE_THRESHOLD, PrecisionChoice, autocast_context, choose_inference_precision, min_cosine, synchronize,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -101,6 +103,21 @@ def quantize_int8(tower: torch.nn.Module, inputs: dict) -> torch.nn.Module:
         return convert_pt2e(prepared)
 
 
+def choose_precision(tower: Any, inputs: dict, device: torch.device,
+                     requested: str = "auto") -> tuple[PrecisionChoice, dict[str, Any]]:
+    """Try a real batch in fp32 and bf16/fp16 (`choose_inference_precision`); returns the choice
+    and every output, so that none is computed twice."""
+    outputs: dict[str, Any] = {}
+
+    def run(p: str) -> torch.Tensor:
+        outputs[p] = forward(tower, inputs, device, p)
+        return outputs[p].pooled
+
+    choice = choose_inference_precision(run, device, requested,
+                                        warmup=lambda p: forward(tower, _slice(inputs, 2), device, p))
+    return choice, outputs
+
+
 class TowerRunner:
     """Encodes batches in the cache's precision (`manifest["precision"]`, decided here on the first
     batch when None), switching to a compiled or int8 form as the module docstring says."""
@@ -137,12 +154,7 @@ class TowerRunner:
         outputs: dict[str, Any] = {}
         seconds: dict[str, float] = {}  # CPU time of the eager batch per precision
         if auto:
-            def run(p: str) -> torch.Tensor:
-                outputs[p] = forward(self.tower, inputs, self.device, p)
-                return outputs[p].pooled
-
-            choice = choose_inference_precision(run, self.device, "auto",
-                                                warmup=lambda p: forward(self.tower, _slice(inputs, 2), self.device, p))
+            choice, outputs = choose_precision(self.tower, inputs, self.device)
             self.manifest["precision"], self.manifest["precision_reason"] = choice.precision, choice.reason
             seconds.update(choice.timings)
             _logger.info("precision for %s: %s", self.tower.name, choice.reason)
