@@ -172,3 +172,40 @@ def test_auto_times_each_precision_on_its_own_run(example_ds, vit, monkeypatch):
     monkeypatch.setattr(runner_mod, "forward", forward)
     ensure_features(example_ds, vit, "images", workers=0, compile=False, batch_size=32)
     assert (True, "fp32", 32) in calls and (True, "bf16", 32) in calls
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "timm", "bert"])
+def test_matmul_attention_trains_as_sdpa_does(tmp_path, kind):
+    """The switch changes how attention is computed, not what a LoRA step learns: the loss and every
+    trainable gradient of one fp32 step agree with SDPA's."""
+    from mmret.methods.config import LoraConfig
+    from mmret.methods.towers import LoraMethod
+    from mmret.models.tuners import use_matmul_attention
+
+    if kind == "bert":
+        tower = load_text_encoder(str(tiny_models.save_tiny_bert(tmp_path / kind)))
+        inputs = tower.tokenize(["a red kite over the sea", "two cats", "a blue bicycle by a wall"])
+    else:
+        save = tiny_models.save_tiny_dinov2 if kind == "dinov2" else tiny_models.save_tiny_timm_vit
+        tower = load_image_encoder(str(save(tmp_path / kind)))
+        inputs = {tower.input_name: torch.randn(3, 3, *tower.image_size, generator=torch.Generator().manual_seed(0))}
+    LoraMethod().adapt(tower, LoraConfig(rank=4, targets="q,v", tower="both", lora_dropout=0.0))
+    for name, p in tower.named_parameters():  # LoRA's B starts at zero: give the adapters something to do
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+    tower.eval()  # no dropout: the two steps must see the same function (gradients flow all the same)
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tower.zero_grad(set_to_none=True)
+        out = tower(**inputs)
+        loss = (out.pooled.square().sum() + out.tokens.square().mean()).float()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tower.named_parameters() if p.requires_grad}
+
+    fused_loss, fused_grads = step()
+    assert use_matmul_attention(tower) >= 1
+    plain_loss, plain_grads = step()
+    torch.testing.assert_close(plain_loss, fused_loss, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == fused_grads.keys() and any("lora_" in n for n in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grad, fused_grads[name], rtol=1e-4, atol=1e-5, msg=name)
