@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ from mmret.methods.config import LoraConfig  # noqa: E402
 from mmret.methods.towers import LoraMethod  # noqa: E402
 from mmret.models.tuners import use_matmul_attention  # noqa: E402
 from mmret.training.losses import clip_loss  # noqa: E402
-from mmret.training.step import make_optimizer  # noqa: E402
 
 
 def build(folder: Path, rank: int, targets: str, attention: str = "matmul"):
