@@ -34,7 +34,12 @@ _logger = logging.getLogger(__name__)
 
 _ROWS_PER_CHUNK = 512  # gallery rows widened and multiplied at once: 1 MB of float32 at 512-d, in L2
 _SCORE_BUDGET = 2**26  # scores held at once (256 MB of float32): bounds the query block at large n
-_FP16_MAX_QUERIES = 2  # up to this many queries, one float16 matrix-vector product each is fastest
+# up to this many queries, one float16 matrix-vector product each is fastest. Serve (#14) had raised
+# it to 8 against the earlier bfloat16 screen, which converted the whole gallery once per batch; the
+# float32 chunks here cost the same for 1 to 8 queries. 100K x 512, 2 shared cores at load 10, best
+# of 7: 3 queries 40 ms on float32 chunks / 114 ms as float16 products, 4: 48 / 176, 8: 29 / 381;
+# best of 15: 1 query 20 / 11 ms, 2: 21 / 22 ms. So a server's few queries stay on one pass.
+_FP16_MAX_QUERIES = 2
 _BF16_MIN_QUERIES = 32  # from this many queries on, the product is compute-bound: bfloat16 pays
 _SPARE = 64  # rows each query's top-k search keeps beyond k; a query whose floor reaches past them
 # (masses of near-ties) takes its candidates from its whole row of scores
