@@ -89,8 +89,8 @@ def main() -> None:
     flops_m, seconds = 0.0, [0.0, 0.0]
     print(f"\nbf16 matmul GFLOP/s at the tower's shapes, batch {args.batch} (wall / CPU-time):")
     for (m, k, n), count in sorted(shapes.items()):
-        if m < args.batch * 2:
-            continue  # the head and LoRA's rank-r products: negligible work
+        if m < args.batch * 2 or min(k, n) <= args.rank:
+            continue  # the pooled head's and LoRA's rank-r products: under 1% of the FLOPs, and memory-bound
         a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
         r = best_rate(lambda: a @ b, 2 * m * k * n)
         flops_m += 2 * m * k * n * count
