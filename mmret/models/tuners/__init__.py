@@ -65,8 +65,9 @@ def use_matmul_attention(model: nn.Module) -> int:
     transformers or timm tower inside `model`; returns how many it switched.
 
     For training on a CPU: there the fused kernel's backward (flash attention) is the slowest part
-    of a tower step. Measured on DINOv2-S, LoRA q,v, batch 32, bf16 autocast, one thread: 5.6 s of
-    CPU time a step with SDPA, 3.6 s with the matrix products (`benchmarks/tower_step.py`); the
+    of a tower step. Measured on DINOv2-S, LoRA q,v, batch 32, bf16 autocast, one thread of a shared
+    machine (`benchmarks/tower_step.py --threads 1`): 10.9 s a step with SDPA, 8.6 s with the matrix
+    products (an earlier, quieter run: 5.6 s and 3.6 s of CPU time); the
     products keep the (B, heads, T, T) attention weights for backward, which costs memory."""
     switched = 0
     for module in model.modules():
