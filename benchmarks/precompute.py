@@ -1,22 +1,25 @@
-"""How fast `precompute-embeddings` encodes images: DINOv2 ViT-S/14 at 224 px on this machine.
+"""How fast `precompute-embeddings` encodes images, against this machine's own limit.
 
-Prints images/s for
-  naive     load, preprocess and encode one image at a time (fp32, batch 1, no workers),
-  pipeline  `ensure_features` as the command runs it (DataLoader workers, batches, inference
-            mode, precision chosen at run time), eager and with --compile,
-and from them
-  (a) the model's FLOP/s (FLOPs counted with torch.utils.flop_counter) over the dense matrix-multiply
-      FLOP/s this machine reaches in the same run and dtype (target >= 0.6),
-  (b) the pipeline's speed-up over the naive loop (target >= 3x).
-
-The images are generated photos (640x480 JPEG, the size of Flickr30k's) in a temporary dataset.
-The model is the offline dinov2-small folder when present, else a random DINOv2-S built from its
-config. Measurements alternate over `--rounds` and the best of each is kept, because the machine's
-cores may be shared. Every rate is printed twice: per wall-clock second (what a user waits) and per
-CPU second times the thread count (what the work costs: it hardly changes when other programs
+Everything is measured in one run, on DINOv2 ViT-S/14 at 224 px (the offline dinov2-small folder,
+else a random DINOv2-S built from its config):
+  bound     dense matrix-multiply GFLOP/s in fp32, bf16 and int8 at the shapes the model runs at
+            batch B (its linear layers, found by hooks: M = B x tokens) and at a large square one,
+            and the model's GEMMs at those rates (its "matmul bound"); int8 is oneDNN's qlinear
+            (u8 x s8, per-channel scales) with float32 output, as the int8 tower runs it;
+  model     FLOPs per picture (torch.utils.flop_counter, attention counted through SDPA's math
+            form), and how fast decoding + preprocessing one picture runs on one core;
+  naive     load, preprocess and encode one picture at a time (fp32, batch 1, no workers);
+  pipeline  `ensure_features` as the command runs it (DataLoader workers, batches), for every
+            precision (fp32, bf16, int8) eager and compiled (int8 has only a compiled form).
+For each pipeline: images/s, the model's FLOP/s, that over the dense matmul rate of its dtype at
+the model's shapes (target for bf16 >= 0.6), the speed-up over the naive loop (target >= 3x), and
+for int8 the speed-up over the bf16 pipeline (target >= 1.5x); plus the compile time and the
+cosine to fp32 the run recorded. Rates are printed per wall-clock second (what a user waits) and
+per CPU second times the thread count (what the work costs: it hardly changes when other programs
 compete for the cores); the load average is printed so the wall numbers can be judged.
 
-    python benchmarks/precompute.py [--images 160] [--rounds 2] [--model PATH] [--no-compile] [--threads N]
+    python benchmarks/precompute.py [--images 256] [--photo 640x480] [--precisions fp32 bf16 int8]
+                                    [--forms eager compiled] [--threads N] [--model PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +40,18 @@ from PIL import Image
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder
 from mmret.features import ensure_features
-from mmret.modalities.image import load_rgb
 
 OFFLINE = Path("~/.cache/mmret-offline/models/dinov2-small").expanduser()
+THREADS = torch.get_num_threads()
 
 
-def make_photos(root: Path, n: int, seed: int = 0) -> None:
-    """`n` smooth random 640x480 JPEGs (upsampled noise compresses and decodes like photos) + captions."""
+def make_photos(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
+    """`n` smooth random JPEGs (upsampled noise compresses and decodes like photos) + captions."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     for i in range(n):
         small = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
-        small.resize((640, 480), Image.Resampling.BICUBIC).save(root / f"photo{i:04d}.jpg", quality=90)
+        small.resize(size, Image.Resampling.BICUBIC).save(root / f"photo{i:04d}.jpg", quality=90)
         (root / f"photo{i:04d}.txt").write_text(f"photo number {i}")
 
 
@@ -63,20 +67,8 @@ def model_folder(path: Path | None, tmp: Path) -> Path:
     return folder
 
 
-def flops_per_image(encoder) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        encoder(torch.zeros(1, 3, *encoder.image_size))
-    return float(counter.get_total_flops())
-
-
 class Meter:
-    """Wall time and CPU time (this process + finished children, e.g. DataLoader workers) of a call.
-
-    CPU time is what the work cost; wall time is what a user waits. When other programs share the
-    cores, wall time grows and CPU time barely does, so CPU-time rates (scaled by the thread count)
-    tell what this machine does when it is not shared."""
+    """Wall time and CPU time (this process + finished children, e.g. DataLoader workers)."""
 
     def __enter__(self):
         self.wall, self.cpu = time.perf_counter(), _cpu()
@@ -93,28 +85,104 @@ def _cpu() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-THREADS = torch.get_num_threads()
-
-
-def rates(work: float, meter: Meter) -> tuple[float, float]:
+def rates(work: float, meter: Meter, threads: int = 0) -> tuple[float, float]:
     """(work per wall second, work per CPU second x threads)."""
-    return work / meter.wall, work / meter.cpu * THREADS
+    return work / meter.wall, work / meter.cpu * (threads or THREADS)
 
 
-def matmul(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> tuple[float, float]:
-    """Best dense n x n matmul FLOP/s over `reps` tries: (wall, CPU-time based)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def best_rate(fn, work: float, reps: int = 5) -> tuple[float, float]:
+    fn()
     best = (0.0, 0.0)
     for _ in range(reps):
         with Meter() as m:
-            a @ b
-        best = tuple(map(max, best, rates(2 * n**3, m)))
+            fn()
+        best = tuple(map(max, best, rates(work, m)))
     return best
+
+
+# --- the bound ----------------------------------------------------------------------------------
+
+
+def model_gemms(encoder, batch: int) -> dict[tuple[int, int, int], int]:
+    """{(M, K, N): count} of the linear layers' products in one forward pass of `batch` pictures."""
+    shapes: dict[tuple[int, int, int], int] = {}
+
+    def hook(module, args, _out):
+        x = args[0]
+        key = (batch * x[0].numel() // x.shape[-1], x.shape[-1], module.out_features)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode():
+        encoder(torch.zeros(1, 3, *encoder.image_size))
+    for h in handles:
+        h.remove()
+    return shapes
+
+
+def gemm_rate(dtype: str, m: int, k: int, n: int) -> tuple[float, float]:
+    """Best GFLOP/s of an (m, k) x (k, n) product: fp32 / bf16 through torch (oneDNN, AMX for bf16),
+    int8 through oneDNN's qlinear (u8 activations, s8 weights prepacked, float32 out)."""
+    flops = 2 * m * k * n
+    if dtype == "int8":
+        x = torch.randint(0, 255, (m, k), dtype=torch.uint8)
+        w = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 127, (n, k), dtype=torch.int8), [m, k])
+        scales, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+        return best_rate(lambda: torch.ops.onednn.qlinear_pointwise(x, 0.1, 128, w, scales, zeros, None, 1.0, 0,
+                                                                    torch.float32, "none", [], ""), flops)
+    t = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(m, k, dtype=t), torch.randn(k, n, dtype=t)
+    return best_rate(lambda: a @ b, flops)
+
+
+def bound(encoder, batch: int) -> dict:
+    """GFLOP/s per dtype at each model shape and a 2048^3 square, and the model's GEMMs' rate."""
+    shapes = model_gemms(encoder, batch)
+    out = {"shapes": shapes, "rate": {}, "model": {}}
+    for dtype in ("fp32", "bf16", "int8"):
+        total_flops, seconds = 0.0, [0.0, 0.0]
+        for (m, k, n), count in sorted(shapes.items()):
+            r = gemm_rate(dtype, m, k, n)
+            out["rate"][(dtype, m, k, n)] = r
+            total_flops += 2 * m * k * n * count
+            seconds = [s + 2 * m * k * n * count / ri for s, ri in zip(seconds, r)]
+        out["model"][dtype] = tuple(total_flops / s for s in seconds)  # the model's GEMMs at these rates
+        out["rate"][(dtype, 2048, 2048, 2048)] = gemm_rate(dtype, 2048, 2048, 2048)
+    return out
+
+
+def flops_per_image(encoder) -> float:
+    """FLOPs of one picture; SDPA runs in its math form so that attention's products are counted."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        encoder(torch.zeros(1, 3, *encoder.image_size))
+    return float(counter.get_total_flops())
+
+
+def decode_rate(encoder, paths: list[str]) -> tuple[float, float]:
+    """Pictures/s of decoding + preprocessing on one core (as a DataLoader worker runs it)."""
+    load = encoder.item_loader()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load(paths[0])
+        with Meter() as m:
+            for p in paths:
+                load(p)
+        return rates(len(paths), m, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- the contestants ----------------------------------------------------------------------------
 
 
 def naive(encoder, paths: list[str]) -> tuple[float, float]:
     """Images/s of the loop a tutorial writes: one image loaded, preprocessed and encoded at a time."""
+    from mmret.modalities.image import load_rgb
+
     transform = encoder.transform()
     with Meter() as m, torch.no_grad():
         for p in paths:
@@ -146,88 +214,107 @@ class Clock:
         pass
 
     def steady(self) -> tuple[float, float]:
-        """Images/s after the first batch: (wall, CPU time of this process x threads)."""
+        """Images/s after the first batch: (wall, CPU time of this process x threads; the decoding
+        workers' time is not in it)."""
         (w0, c0, _), rest = self.marks[0], self.marks[1:]
         n = sum(k for _, _, k in rest)
         return n / (rest[-1][0] - w0), n / (rest[-1][1] - c0) * THREADS
 
 
-def pipeline(dataset, encoder, compile: bool) -> dict:
+def pipeline(dataset, encoder, precision: str, compiled: bool, workers: int | None) -> dict:
     shutil.rmtree(dataset.path / "features", ignore_errors=True)
     clock = Clock()
+    start = time.perf_counter()
     with Meter() as m:
-        feats = ensure_features(dataset, encoder, "images", compile=compile, reporter=clock)
+        feats = ensure_features(dataset, encoder, "images", precision=precision, compile=compiled,
+                                reporter=clock, workers=workers)
     s = feats.stats
+    first = clock.marks[0][0] - start
     return {"overall": rates(s.encoded, m), "steady": clock.steady(), "precision": s.precision,
-            "compiled": s.compiled, "reason": s.precision_reason, "batch": s.batch_size}
+            "compiled": s.compiled, "reason": s.precision_reason, "batch": s.batch_size, "first_s": first}
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def report(b: dict, flops: float, decode: tuple, naive_rate: tuple, runs: dict, batch: int) -> None:
+    w, c = "wall", "CPU-time"
+    print(f"\n== the bound: dense matmul GFLOP/s ({w} / {c}) ==")
+    print(f"{'shape (M x K x N)':28s} {'count':>5s} " + " ".join(f"{d:>17s}" for d in ("fp32", "bf16", "int8")))
+    for (m, k, n), count in sorted(b["shapes"].items()) + [((2048, 2048, 2048), 0)]:
+        cells = " ".join(f"{b['rate'][(d, m, k, n)][0] / 1e9:8.0f}/{b['rate'][(d, m, k, n)][1] / 1e9:<8.0f}"
+                         for d in ("fp32", "bf16", "int8"))
+        print(f"{f'{m} x {k} x {n}':28s} {count or '':>5} {cells}")
+    cells = " ".join(f"{b['model'][d][0] / 1e9:8.0f}/{b['model'][d][1] / 1e9:<8.0f}" for d in ("fp32", "bf16", "int8"))
+    print(f"{'the model GEMMs at B=' + str(batch):28s} {'':>5s} {cells}")
+    print(f"\nmodel: {flops / 1e9:.2f} GFLOP per picture; decoding + preprocessing {decode[0]:.0f} / {decode[1]:.0f} "
+          f"pictures/s on one core ({w} / {c})")
+    print(f"\n{'contestant':30s} {'images/s':>17s} {'GFLOP/s':>17s} {'x matmul':>13s} {'x naive':>13s} "
+          f"{'x bf16':>13s} {'1st batch':>9s}  precision")
+    print(f"{'naive loop (fp32, batch 1)':30s} {naive_rate[0]:8.1f}/{naive_rate[1]:<8.1f} "
+          f"{naive_rate[0] * flops / 1e9:8.0f}/{naive_rate[1] * flops / 1e9:<8.0f} "
+          f"{naive_rate[0] * flops / b['model']['fp32'][0]:6.2f}/{naive_rate[1] * flops / b['model']['fp32'][1]:<6.2f}")
+    bf16 = {form: runs[("bf16", form)]["steady"] for form in ("eager", "compiled") if ("bf16", form) in runs}
+    for (precision, form), r in runs.items():
+        s = r["steady"]
+        dtype = r["precision"] if r["precision"] in ("fp32", "bf16", "int8") else "fp32"
+        peak = b["model"][dtype]
+        vs_bf16 = bf16.get(form) or bf16.get("compiled")
+        rel = f"{s[0] / vs_bf16[0]:6.2f}/{s[1] / vs_bf16[1]:<6.2f}" if vs_bf16 and precision != "bf16" else f"{'':13s}"
+        print(f"{precision + ', ' + form:30s} {s[0]:8.1f}/{s[1]:<8.1f} {s[0] * flops / 1e9:8.0f}/{s[1] * flops / 1e9:<8.0f} "
+              f"{s[0] * flops / peak[0]:6.2f}/{s[1] * flops / peak[1]:<6.2f} "
+              f"{s[0] / naive_rate[0]:6.2f}/{s[1] / naive_rate[1]:<6.2f} {rel} {r['first_s']:8.0f}s  "
+              f"{r['precision']}{' compiled' if r['compiled'] else ''}")
+    print("\nimages/s after the first batch (which holds the precision check and any compile); 'x matmul' is the "
+          "model's FLOP/s over the dense matmul rate of the dtype it ran in, at the model's shapes (targets: bf16 >= 0.6, "
+          ">= 3x naive; int8 >= 1.5x bf16)")
+    for (precision, form), r in runs.items():
+        print(f"  {precision}, {form}: {r['reason']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=160)
-    parser.add_argument("--naive-images", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--naive-images", type=int, default=32)
+    parser.add_argument("--photo", default="640x480", help="generated JPEG size, e.g. 4032x3024 for phone photos")
     parser.add_argument("--model", type=Path, default=OFFLINE)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (1 avoids threads waiting on each other when the cores are shared)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--forms", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: as the command)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    global THREADS
     if args.threads:
-        global THREADS
         torch.set_num_threads(args.threads)
         THREADS = args.threads
     logging.basicConfig(level=logging.WARNING, format="  %(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning)
     print(f"torch {torch.__version__}, {THREADS} threads, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.1f}")
+    size = tuple(int(v) for v in args.photo.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_photos(tmp / "photos", args.images)
+        make_photos(tmp / "photos", args.images, size)
         prepare(PrepareConfig(source="folder", root=tmp / "photos", name="bench", val=0.0, test=0.0, data_dir=tmp / "data"))
         dataset = load_dataset("bench", tmp / "data")
         encoder = load_image_encoder(str(model_folder(args.model, tmp)))
+        paths = dataset.images["path"].tolist()
+        batch = 32
         flops = flops_per_image(encoder)
-        print(f"model {encoder.name}: {flops / 1e9:.2f} GFLOP per {encoder.image_size[0]} px image (FlopCounterMode); "
-              f"{len(dataset.images)} photos, 640x480 JPEG")
-        best: dict[str, tuple[float, float]] = {}
-        info: dict[str, dict] = {}
-
-        def keep(name: str, value: tuple[float, float]) -> None:
-            best[name] = tuple(map(max, best.get(name, (0.0, 0.0)), value))
-
-        for r in range(args.rounds):
-            keep("matmul fp32", matmul(torch.float32))
-            keep("matmul bf16", matmul(torch.bfloat16))
-            keep("naive", naive(encoder, dataset.images["path"].tolist()[: args.naive_images]))
-            for compile in [False] if args.no_compile else [False, True]:
-                name = "pipeline, compiled" if compile else "pipeline"
-                info[name] = pipeline(dataset, encoder, compile)
-                keep(f"{name} overall", info[name]["overall"])
-                keep(f"{name} steady", info[name]["steady"])
-            print(f"  round {r + 1} done, load average {os.getloadavg()[0]:.1f}")
-        report(best, info, flops)
+        print(f"model {encoder.name}: {flops / 1e9:.2f} GFLOP per {encoder.image_size[0]} px picture; "
+              f"{len(paths)} photos, {args.photo} JPEG", flush=True)
+        b = bound(encoder, batch)
+        decode = decode_rate(encoder, paths[:32])
+        naive_rate = naive(encoder, paths[: args.naive_images])
+        runs = {}
+        for precision in args.precisions:
+            for form in args.forms:
+                if precision == "int8" and form == "eager":
+                    continue  # int8 runs compiled only
+                runs[(precision, form)] = pipeline(dataset, encoder, precision, form == "compiled", args.workers)
+                print(f"  {precision}, {form} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+        report(b, flops, decode, naive_rate, runs, batch)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-
-
-def report(best: dict[str, tuple[float, float]], info: dict[str, dict], flops: float) -> None:
-    print(f"\n{'best of rounds':44s} {'wall':>9s} {'CPU-time':>9s}")
-    for dtype in ("fp32", "bf16"):
-        w, c = best[f"matmul {dtype}"]
-        print(f"{'dense 2048^2 matmul ' + dtype + ', GFLOP/s':44s} {w / 1e9:9.0f} {c / 1e9:9.0f}")
-    print(f"{'naive loop (fp32, batch 1), images/s':44s} {best['naive'][0]:9.1f} {best['naive'][1]:9.1f}")
-    for name, res in info.items():
-        for part, label in (("overall", "overall"), ("steady", "after the 1st batch")):
-            w, c = best[f"{name} {part}"]
-            print(f"{name + ' ' + label + ', images/s':44s} {w:9.1f} {c:9.1f}")
-        print(f"    precision {res['precision']}, batch {res['batch']}: {res['reason']}")
-    for name, res in info.items():
-        dtype = "bf16" if res["precision"] == "bf16" else "fp32"
-        peak, steady, overall = best[f"matmul {dtype}"], best[f"{name} steady"], best[f"{name} overall"]
-        ratio = [steady[i] * flops / peak[i] for i in (0, 1)]
-        print(f"\n{name}:\n  (a) model FLOP/s / dense matmul FLOP/s ({dtype}): {ratio[0]:.2f} wall, {ratio[1]:.2f} CPU-time"
-              f"   (model {steady[0] * flops / 1e9:.0f} of {peak[0] / 1e9:.0f} GFLOP/s wall; target >= 0.6)")
-        print(f"  (b) speed-up over the naive loop: {overall[0] / best['naive'][0]:.2f}x wall, "
-              f"{overall[1] / best['naive'][1]:.2f}x CPU-time overall; {steady[0] / best['naive'][0]:.2f}x wall, "
-              f"{steady[1] / best['naive'][1]:.2f}x CPU-time after the 1st batch   (target >= 3x)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import tiny_models
 from mmret.common import device as dev
 from mmret.features import encode as features
+from mmret.features import runner as runner_mod
 from mmret.cli import app
 from mmret.data import PrepareConfig
 from mmret.data import load_dataset, prepare
@@ -89,6 +90,7 @@ def test_a_second_run_encodes_nothing_and_rewrites_nothing(example_ds, vit, monk
         raise AssertionError("the encoder ran although the cache was complete")
 
     monkeypatch.setattr(features, "_forward", no_forward)
+    monkeypatch.setattr(runner_mod, "forward", no_forward)  # what TowerRunner calls
     again = ensure_features(example_ds, vit, "images", workers=0)
     assert (again.stats.encoded, again.stats.reused) == (0, 60) and again.path == first.path
     assert {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()} == stamps
@@ -269,7 +271,7 @@ def test_the_chosen_precision_is_recorded_and_kept_on_resume(example_ds, vit, mo
         run("fp32")
         return dev.PrecisionChoice("fp32", "fp32: chosen by the test")
 
-    monkeypatch.setattr(features, "choose_inference_precision", choose)
+    monkeypatch.setattr(runner_mod, "choose_inference_precision", choose)
     real_commit = FeatureCache.commit
 
     def dying_commit(self, shard, failed):

@@ -116,6 +116,26 @@ def test_any_size_becomes_the_model_input(tmp_path, size):
     assert np.allclose(x.mean(dim=(1, 2)).numpy(), expected, atol=0.02)
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_big_jpegs_decode_in_draft_mode_near_the_size_needed(tmp_path, orientation):
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo.save(tmp_path / "big.jpg", quality=92, exif=exif.tobytes())
+    photo.save(tmp_path / "big.png")
+    pre = ImagePreprocess((224, 224), 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    transform = ImageTransform(pre)
+    assert transform.source_side == 256 and ImageTransform(pre, train=True, scale=(0.25, 1)).source_side == 448
+    full, small = load_rgb(tmp_path / "big.jpg"), load_rgb(tmp_path / "big.jpg", draft=256)
+    assert full.size == ((1600, 1200) if orientation == 1 else (1200, 1600))
+    assert small.size == ((400, 300) if orientation == 1 else (300, 400))  # 1/4 scale: the shorter side >= 256
+    assert load_rgb(tmp_path / "big.png", draft=256).size == (1600, 1200)  # not a JPEG: decoded whole
+    assert load_rgb(tmp_path / "big.jpg", draft=1000).size == full.size  # no scale keeps 1000 pixels
+    x, y = transform(full), transform(small)
+    assert (x - y).abs().max() < 0.1 and (x - y).abs().mean() < 0.01  # what the model sees barely changes
+
+
 def _truncated_jpeg(path):
     buf = io.BytesIO()
     Image.effect_noise((64, 64), 50).convert("RGB").save(buf, "JPEG")

@@ -1,5 +1,5 @@
-"""Search index: exact top-k against brute force (including the proof that lets it screen in low
-precision), the cached folder and its fingerprint, and FAISS indexes with their measured recall."""
+"""Search index: exact top-k against brute force (including the proof that lets its product run in
+low precision), the cached folder and its fingerprint, and FAISS indexes with their measured recall."""
 
 from __future__ import annotations
 
@@ -39,11 +39,13 @@ def _brute_force(gallery: np.ndarray, queries: np.ndarray, k: int):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of 1000 rows (not a multiple of the 32-row groups) so that merging is exercised."""
+    """Chunks of 1000 rows (the gallery is not a multiple of them) and query blocks of 7, so that
+    both loops are exercised."""
     monkeypatch.setattr(index_mod, "_ROWS_PER_CHUNK", 1000)
+    monkeypatch.setattr(index_mod, "_SCORE_BUDGET", 7 * 6007)
 
 
-@pytest.mark.parametrize("n_queries", [1, 2, 40])  # float16 screen for 1 and 2, bfloat16 beyond
+@pytest.mark.parametrize("n_queries", [1, 2, 5, 40])  # float16 products for 1 and 2, float32 for 5, bfloat16 for 40
 @pytest.mark.parametrize("k", [1, 10, 100])
 def test_exact_top_k_equals_brute_force(small_chunks, n_queries, k):
     gallery, queries = _gallery(6007, 64), _queries(n_queries, 64)
@@ -54,59 +56,63 @@ def test_exact_top_k_equals_brute_force(small_chunks, n_queries, k):
     np.testing.assert_allclose(scores, want_scores, atol=1e-6)
 
 
+def _count_rescored(monkeypatch) -> list[int]:
+    rescored = []
+    real = index_mod._exact_scores
+    monkeypatch.setattr(index_mod, "_exact_scores", lambda q, g, queries, rows: rescored.append(len(rows)) or
+                        real(q, g, queries, rows))
+    return rescored
+
+
+@pytest.mark.parametrize("n_queries", [2, 4, 40])  # float16, float32 and bfloat16 products
 @pytest.mark.parametrize("kernels_pass_their_check", [True, False])
-def test_duplicates_tie_by_row_and_unprovable_queries_are_rescanned(small_chunks, monkeypatch,
-                                                                    kernels_pass_their_check):
-    if not kernels_pass_their_check:  # as on a machine whose float16 / bfloat16 kernels are off
-        monkeypatch.setattr(index_mod, "_screen_within_bound", lambda precision: False)
+def test_duplicates_tie_by_row(small_chunks, monkeypatch, n_queries, kernels_pass_their_check):
+    if not kernels_pass_their_check:  # as on a machine whose float16 / bfloat16 products are off
+        monkeypatch.setattr(index_mod, "_product_within_bound", lambda precision: False)
     gallery = _gallery(5000, 32)
     gallery[[4100, 17, 2600, 900] + list(range(3000, 3300))] = gallery[123]  # 305 identical rows
-    scans = []
-    real_scan = ExactIndex._scan
-    monkeypatch.setattr(ExactIndex, "_scan", lambda self, q, k: scans.append(len(q)) or real_scan(self, q, k))
-    queries = np.stack([gallery[123].astype(np.float32)] * 3 + [_queries(1, 32)[0]])
+    rescored = _count_rescored(monkeypatch)
+    d = min(n_queries, 3)  # queries equal to the duplicated row; the others are random
+    queries = np.stack([gallery[123].astype(np.float32)] * d + [_queries(1, 32)[0]] * (n_queries - d))
     scores, ids = ExactIndex(gallery).search(queries, 10)
-    # 305 rows tie at the top: more than the screen keeps, so only a full scan can prove the order
-    assert scans == ([3] if kernels_pass_their_check else [4])
-    np.testing.assert_array_equal(ids[0], [17, 123, 900, 2600, 3000, 3001, 3002, 3003, 3004, 3005])
-    np.testing.assert_array_equal(ids[3], _brute_force(gallery, queries[3:], 10)[1][0])
+    # 305 rows tie at the top, more than k + _SPARE: every one is rescored, and the smallest rows win
+    assert sum(rescored) >= d * 305 > d * (10 + index_mod._SPARE)
+    np.testing.assert_array_equal(ids[:d], [[17, 123, 900, 2600, 3000, 3001, 3002, 3003, 3004, 3005]] * d)
+    assert (scores[:d] == scores[0, 0]).all()
+    np.testing.assert_array_equal(ids[d:], _brute_force(gallery, queries[d:], 10)[1])
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_screen_error_stays_within_its_bound(precision):
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "bf16"])
+def test_product_error_stays_within_its_bound(precision):
     gallery, queries = torch.from_numpy(_gallery(3000, 384, seed=2)), torch.from_numpy(_queries(5, 384))
     queries = queries * torch.tensor([[0.5], [1.0], [2.0], [1.0], [1.0]])  # the bound scales with |q|
-    screen = index_mod._screen_fp16 if precision == "fp16" else index_mod._screen_bf16
-    approx, rows = screen(queries, gallery, 3000)  # every row, so every error is checked
-    exact = (queries.double() @ gallery.double().T).gather(1, rows)
-    bound = index_mod._screen_error_bound(queries, index_mod._max_row_norm(gallery), precision)
-    err = (approx.double() - exact).abs().max(1).values
+    approx = index_mod._product(queries, gallery, precision).double()
+    exact = queries.double() @ gallery.double().T
+    bound = index_mod._error_bound(queries, index_mod._max_row_norm(gallery), precision)
+    err = (approx - exact).abs().max(1).values
     assert (err <= bound).all()
-    assert (err > bound / 50).all()  # and the bound is not vacuous
-    assert index_mod._screen_within_bound(precision)
+    assert (err > bound / (5000 if precision == "fp32" else 50)).all()  # and the bound is not vacuous
+    assert index_mod._product_within_bound(precision)
 
 
-def test_proof_holds_against_a_screen_as_bad_as_its_bound(small_chunks, monkeypatch):
-    """A screen whose every score is off by up to the full error bound still gives exact results:
-    whatever cannot be proven is rescanned."""
-    gallery, queries = _gallery(4000, 48, seed=3, clusters=20), _queries(30, 48, seed=4)
+@pytest.mark.parametrize("n_queries", [1, 3, 40])  # float16's, float32's and bfloat16's bound
+def test_result_is_exact_with_a_product_as_bad_as_its_bound(small_chunks, monkeypatch, n_queries):
+    """A product whose every score is off by up to the full error bound still gives exact results:
+    the rows its errors could misplace are rescored."""
+    gallery, queries = _gallery(4000, 48, seed=3, clusters=20), _queries(n_queries, 48, seed=4)
     g = torch.Generator().manual_seed(0)
 
-    def noisy_screen(q, gal, n_cand):
+    def noisy_product(q, gal, precision):
         scores = q @ gal.float().T
-        bound = index_mod._screen_error_bound(q, 1.0, "bf16")[:, None]
-        noisy = scores + bound * (2 * torch.rand(scores.shape, generator=g) - 1) * 0.99
-        top = noisy.topk(n_cand, dim=1)
-        return top.values, top.indices
+        bound = index_mod._error_bound(q, 1.0, precision)[:, None]
+        return scores + bound * (2 * torch.rand(scores.shape, generator=g) - 1) * 0.99
 
-    monkeypatch.setattr(index_mod, "_screen_bf16", noisy_screen)
-    monkeypatch.setattr(index_mod, "_SLACK", 5)  # few spare candidates: some queries cannot be proven
-    scans = []
-    real_scan = ExactIndex._scan
-    monkeypatch.setattr(ExactIndex, "_scan", lambda self, q, k: scans.append(len(q)) or real_scan(self, q, k))
+    monkeypatch.setattr(index_mod, "_product", noisy_product)
+    rescored = _count_rescored(monkeypatch)
     _, ids = ExactIndex(gallery).search(queries, 10)
     np.testing.assert_array_equal(ids, _brute_force(gallery, queries, 10)[1])
-    assert 0 < sum(scans) < 30  # the proof did its job both ways
+    if n_queries >= index_mod._BF16_MIN_QUERIES:  # bfloat16's bound is wide enough to reorder rows
+        assert sum(rescored) > 10 * n_queries  # the noise made more rows candidates than k
 
 
 def test_search_arguments():

@@ -141,3 +141,28 @@ def test_a_frozen_tower_is_read_from_the_feature_cache_not_run(world, tmp_path, 
     emb = write_run_embeddings(result.run_dir, split="test")
     hits = search(result.run_dir, [], image=emb.image_table.path.iloc[0], split="test", k=1, which="last")
     assert hits.results[0].images[0].image_id == emb.image_table.image_id.iloc[0]
+
+
+def _fused_attention(model: torch.nn.Module) -> tuple[int, int]:
+    """(fused, plain) attention blocks in `model`: transformers models by their attention
+    implementation, timm attention blocks by `fused_attn`."""
+    fused = plain = 0
+    for module in model.modules():
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if callable(getattr(module, "set_attn_implementation", None)) and impl is not None:
+            fused, plain = fused + (impl == "sdpa"), plain + (impl == "eager")
+        elif isinstance(getattr(module, "fused_attn", None), bool):
+            fused, plain = fused + module.fused_attn, plain + (not module.fused_attn)
+    return fused, plain
+
+
+@pytest.mark.parametrize("method, kind", [("lora", "clip"), ("adapter", "experts")])
+def test_tower_methods_train_on_a_cpu_with_matrix_product_attention(world, tmp_path, method, kind):
+    """`setup` switches every tower the step runs from SDPA to matrix-product attention on a CPU
+    (SDPA's backward is the slowest part of a tower step there, `benchmarks/tower_step.py`)."""
+    cfg = config(world, tmp_path, method=method, name="probe", device="cpu", **towers(world, kind))
+    as_loaded = get_method(method).build(cfg, get_method(method).open(cfg))
+    assert _fused_attention(as_loaded)[0] > 0  # the towers load with SDPA: there is something to switch
+    model = training.setup(cfg).model
+    fused, plain = _fused_attention(model)
+    assert fused == 0 and plain >= _fused_attention(as_loaded)[0]

@@ -2,7 +2,8 @@
 path asks, so CUDA (AMP fp16 + GradScaler, or bf16) and CPU (fp32, or bf16 where it is both
 accurate and faster) are chosen the same way everywhere.
 
-Precision names: `auto` (decide here), `fp32`, `bf16`, `fp16` (CUDA only). For inference,
+Precision names: `auto` (decide here), `fp32`, `bf16`, `fp16` (CUDA only), and for encoding with
+frozen towers only `int8` (CPU, see `mmret.features.runner`). For inference,
 `choose_inference_precision` runs a real batch in float32 and in the reduced precision and keeps
 the reduced one only when every pooled output stays within a cosine similarity of 0.999 of the
 float32 one (and, on the CPU, only when it also takes less CPU time: bf16 kernels are not faster
@@ -25,6 +26,7 @@ from mmret.errors import MmretError
 _logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = PRECISIONS + ("int8",)  # int8: frozen towers' encoding on the CPU only
 DEVICES = ("auto", "cpu", "cuda")
 COSINE_THRESHOLD = 0.999
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,10 +50,18 @@ def pick_device(requested: str = "auto") -> torch.device:
     raise MmretError(f"unknown --device {requested!r}; choose one of {', '.join(DEVICES)}")
 
 
-def check_precision(device: torch.device, precision: str) -> str:
-    """Validate a precision name for a device (fp16 needs CUDA)."""
-    if precision not in PRECISIONS:
-        raise MmretError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+def check_precision(device: torch.device, precision: str, inference: bool = False) -> str:
+    """Validate a precision name for a device (fp16 needs CUDA; int8 is for `inference` on a CPU
+    with int8 dot-product instructions, through torchao)."""
+    names = INFERENCE_PRECISIONS if inference else PRECISIONS
+    if precision not in names:
+        raise MmretError(f"unknown --precision {precision!r}; choose one of {', '.join(names)}")
+    if precision == "int8":
+        if not int8_supported(device):
+            raise MmretError(f"--precision int8 needs a CPU with AVX512-VNNI or AMX int8 instructions, not this "
+                             f"{device.type}; use --precision bf16 or fp32")
+        if not int8_installed():
+            raise MmretError("--precision int8 quantises with torchao: pip install 'mmret[int8]' (or torchao)")
     if precision == "fp16" and device.type != "cuda":
         raise MmretError("--precision fp16 needs a CUDA GPU (CPUs compute float16 slowly and "
                          "without loss scaling); use --precision bf16 or fp32 on the CPU")
@@ -65,6 +75,20 @@ def bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     # without native bf16 instructions oneDNN emulates it, which is slower than float32
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def int8_supported(device: torch.device) -> bool:
+    """int8 products oneDNN runs fast: AMX int8 tiles or AVX512-VNNI (older CPUs emulate them slowly)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    cpu = getattr(torch, "cpu", None)
+    return bool(cpu is not None and (cpu._is_amx_tile_supported() or cpu._is_vnni_supported()))
+
+
+def int8_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
 
 
 def reduced_precision(device: torch.device) -> str | None:

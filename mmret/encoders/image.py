@@ -8,6 +8,7 @@ file (`mmret.modalities.image`), then the model's own preprocessing.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -67,8 +68,10 @@ class ImageEncoder(Tower):
         return ImageTransform(self.preprocessing, train=train, hflip=hflip, scale=scale)
 
     def item_loader(self, train: bool = False, hflip: bool = True) -> ItemLoader:
-        """Picture file -> (3, H, W) tensor, decoded and preprocessed (picklable, for workers)."""
-        return ItemLoader(load_rgb, self.transform(train=train, hflip=hflip))
+        """Picture file -> (3, H, W) tensor, decoded and preprocessed (picklable, for workers); big
+        JPEGs are decoded at a reduced scale that still covers what the transform needs."""
+        transform = self.transform(train=train, hflip=hflip)
+        return ItemLoader(functools.partial(load_rgb, draft=transform.source_side), transform)
 
     def blank_inputs(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """`forward`'s keyword inputs for `n` blank pictures (for shapes and batch-size probes)."""

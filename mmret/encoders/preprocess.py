@@ -72,7 +72,7 @@ class ImageTransform:
                  scale: tuple[float, float] = (0.5, 1.0)):
         from torchvision import transforms as T
 
-        self.pre, self.train = pre, train
+        self.pre, self.train, self.scale = pre, train, scale
         interp = _interpolation(pre.interpolation)
         if train:
             steps = [T.RandomResizedCrop(pre.size, scale=scale, interpolation=interp, antialias=True)]
@@ -83,6 +83,15 @@ class ImageTransform:
 
     def __call__(self, img) -> torch.Tensor:
         return self.pipeline(img)
+
+    @property
+    def source_side(self) -> int:
+        """Pixels the picture needs on its shorter side so that nothing is upsampled: the resize
+        target, or for training's random crops (down to `scale[0]` of the area) the input size over
+        the square root of that."""
+        if not self.train:
+            return max(self.pre.resize) if isinstance(self.pre.resize, tuple) else int(self.pre.resize)
+        return math.ceil(max(self.pre.size) / math.sqrt(self.scale[0]))
 
     def __repr__(self) -> str:
         return f"ImageTransform(train={self.train}, {self.pipeline})"

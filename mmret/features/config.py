@@ -19,12 +19,12 @@ class PrecomputeConfig:
     split: str = "all"  # all | train | val | test: which rows to compute now (the cache spans all)
     tokens: bool = False  # also keep token states (N, T, D), for methods that read them
     batch_size: int | str = "auto"  # rows per forward pass, or auto
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA) | int8 (CPU, item towers)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     image_size: int | None = None  # square input size (default: the model's own)
     max_length: int = 64  # text tokens per caption (as EncoderConfig.max_length, so training reuses the cache)
     workers: int | None = None  # decoding workers (default: CPU count - 1, at most 4)
-    compile: bool = False  # torch.compile the item tower first (pays off over thousands of items)
+    compile: bool | None = None  # torch.compile the item tower first; None: when the work left pays for it
     shard: str | None = None  # i/N: encode only this process's shards of the caches (default: torchrun's rank)
     finalize: bool = False  # seal caches whose shards were all encoded by --shard processes; encode nothing
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
@@ -40,8 +40,8 @@ class PrecomputeConfig:
             self.batch_size = int(self.batch_size)
         if self.batch_size != "auto" and self.batch_size <= 0:
             raise MmretError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise MmretError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise MmretError(f"--precision must be auto, fp32, bf16, fp16 or int8, got {self.precision!r}")
         if self.image_size is not None and self.image_size < 16:
             raise MmretError(f"--image-size must be at least 16 pixels, got {self.image_size}")
         if self.max_length < 2:

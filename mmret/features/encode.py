@@ -3,8 +3,8 @@
 `ensure_features` opens a complete cache or computes what it lacks: items are decoded and
 preprocessed in DataLoader workers by the encoder's own item loader (a file that cannot be read
 yields a blank input, a NaN row and a reason), captions are tokenized; the first batch of a new
-cache chooses its precision (`mmret.common.device`), and `compile` runs the tower through
-torch.compile. See `mmret.features.cache` for the layout and the resume rules.
+cache chooses its precision (`mmret.common.device`), and the tower runs eager, compiled or int8
+(`mmret.features.runner`). See `mmret.features.cache` for the layout and the resume rules.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import pandas as pd
 import torch
 
 from mmret import __version__
-from mmret.common.device import (
-    COSINE_THRESHOLD, PrecisionChoice, autocast_context, check_precision, choose_inference_precision,
-    default_workers, min_cosine, synchronize,
-)
+from mmret.common.device import check_precision, default_workers, synchronize
 from mmret.common.io import read_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import PreparedDataset
@@ -35,6 +32,8 @@ from mmret.features.cache import (
     cache_rows, dataset_fingerprint, feature_key, features_root, lendable_rows, open_features, remove_cache,
     row_stamps, sibling_caches,
 )
+from mmret.features.runner import TowerRunner
+from mmret.features.runner import forward as _forward
 from mmret.modalities import ItemError, get_modality
 
 _logger = logging.getLogger(__name__)
@@ -98,28 +97,6 @@ def shard_batches(manifest: dict, shards: list[int], batch_size: int) -> list[np
             for a in range(lo, hi, batch_size)]
 
 
-def _forward(encoder: Any, inputs: dict, device: torch.device, precision: str) -> Any:
-    with torch.inference_mode(), autocast_context(device, precision):
-        return encoder(**inputs)
-
-
-def _slice(inputs: dict, n: int) -> dict:
-    return {k: v[:n] for k, v in inputs.items()}
-
-
-def _choose_precision(encoder: Any, inputs: dict, device: torch.device, requested: str) -> tuple[PrecisionChoice, dict]:
-    """Try the first real batch in fp32 and bf16/fp16; keep every output so none is computed twice."""
-    outputs: dict[str, Any] = {}
-
-    def run(p: str) -> torch.Tensor:
-        outputs[p] = _forward(encoder, inputs, device, p)
-        return outputs[p].pooled
-
-    choice = choose_inference_precision(run, device, requested,
-                                        warmup=lambda p: _forward(encoder, _slice(inputs, 2), device, p))
-    return choice, outputs
-
-
 def _to_arrays(out: Any, tokens: bool, ok: np.ndarray) -> dict[str, np.ndarray]:
     pooled = out.pooled.float()
     if not torch.isfinite(pooled[torch.from_numpy(ok).to(pooled.device)]).all():
@@ -167,6 +144,16 @@ def auto_batch_size(encoder: Any, which: str, device: torch.device) -> int:
     return max(8, best // 2)
 
 
+def tower_precision(device: torch.device, precision: str, which: str) -> str:
+    """The precision to encode `which` in: `precision` checked for the device; int8 runs item
+    towers only (fixed-shape batches), so captions asked for int8 choose automatically."""
+    check_precision(device, precision, inference=True)
+    if precision == "int8" and _kind(which) == CAPTIONS:
+        _logger.info("int8 applies to item towers; captions choose their precision automatically")
+        return "auto"
+    return precision
+
+
 @dataclass
 class _Job:
     """One `ensure_features` call: what to encode and how."""
@@ -179,12 +166,12 @@ class _Job:
     rows: pd.DataFrame  # cache_rows(dataset, which)
     fingerprint: str
     device: torch.device
-    precision: str  # auto | fp32 | bf16 | fp16
+    precision: str  # auto | fp32 | bf16 | fp16 | int8
     batch_size: int | str
     workers: int | None
     shard_rows: int
     reporter: Reporter
-    compile: bool = False  # torch.compile the item tower (see _Runner)
+    compile: bool | None = None  # torch.compile the item tower: yes, no, or None when it pays (see TowerRunner)
 
     @property
     def key(self) -> str:
@@ -301,8 +288,8 @@ class _Job:
         start = time.perf_counter()
         total = sum(len(b) for b in batches)
         with self.reporter.task(f"{self.which} · {self.encoder.name}", total=total, unit=unit) as task:
-            runner = _Runner(self.encoder, self.device, manifest, self.compile and self.which != CAPTIONS,
-                             max(len(b) for b in batches), lambda note: task.advance(0, status=note))
+            runner = TowerRunner(self.encoder, self.device, manifest, self.compile if self.which != CAPTIONS else False,
+                                 max(len(b) for b in batches), total, lambda note: task.advance(0, status=note))
             for idx, inputs, reasons in self.batches(batches):
                 ok = np.array([not r for r in reasons])
                 stats.failed += record(idx, _to_arrays(runner(inputs), self.tokens, ok), reasons)
@@ -313,68 +300,6 @@ class _Job:
         synchronize(self.device)
         stats.seconds = time.perf_counter() - start
         stats.compiled = runner.compiled is not None
-
-
-class _Runner:
-    """Encodes batches in the cache's precision. The first batch of a new cache decides it (fp32
-    against bf16/fp16, see `mmret.common.device`). With `compile`, the tower is compiled once with
-    torch.compile (inductor, weights frozen as constants) at a fixed batch size (the last batch is
-    padded, so nothing recompiles) and its first output is checked against fp32 like the
-    precision; a compiler that fails or disagrees leaves the run eager."""
-
-    def __init__(self, encoder: Any, device: torch.device, manifest: dict, compile: bool, batch_size: int,
-                 status: Any = None):
-        self.encoder, self.device, self.manifest, self.batch_size = encoder, device, manifest, batch_size
-        self.want_compile, self.compiled = compile, None
-        self.status = status or (lambda note: None)
-
-    def __call__(self, inputs: dict) -> Any:
-        reference = out = None
-        if self.manifest["precision"] is None:
-            choice, outputs = _choose_precision(self.encoder, inputs, self.device, "auto")
-            self.manifest["precision"], self.manifest["precision_reason"] = choice.precision, choice.reason
-            _logger.info("precision for %s: %s", self.encoder.name, choice.reason)
-            reference, out = outputs.get("fp32"), outputs[choice.precision]
-        if self.want_compile:
-            self.want_compile = False
-            compiled = self._start_compiled(inputs, reference)
-            if compiled is not None:
-                return compiled
-        if self.compiled is not None:
-            return self._run_compiled(inputs)
-        return out if out is not None else self._eager(inputs)
-
-    def _eager(self, inputs: dict) -> Any:
-        return _forward(self.encoder, inputs, self.device, self.manifest["precision"])
-
-    def _run_compiled(self, inputs: dict) -> Any:
-        n = len(next(iter(inputs.values())))
-        if n < self.batch_size:
-            inputs = {k: torch.cat([v, v.new_zeros(self.batch_size - n, *v.shape[1:])]) for k, v in inputs.items()}
-        out = _forward(self.compiled, inputs, self.device, self.manifest["precision"])
-        return type(out)(*(t[:n] if t is not None else None for t in out))
-
-    def _start_compiled(self, inputs: dict, reference: Any) -> Any:
-        """Compile, encode the first batch, and keep the compiled tower only if it matches fp32."""
-        self.status("compiling")
-        if reference is None:
-            reference = _forward(self.encoder, inputs, self.device, "fp32")
-        try:
-            self.compiled = torch.compile(self.encoder, dynamic=False, options={"freezing": True})
-            out = self._run_compiled(inputs)
-        except Exception as e:  # no C++ compiler, an unsupported op, ...: eager still works
-            _logger.warning("torch.compile failed, encoding without it: %s", (str(e) or repr(e)).splitlines()[0])
-            self.compiled = None
-            return None
-        finally:
-            self.status("")
-        cosine = min_cosine(reference.pooled, out.pooled)
-        if not cosine >= COSINE_THRESHOLD:
-            _logger.warning("the compiled tower disagrees with fp32 (cosine %.4f); encoding without it", cosine)
-            self.compiled = None
-            return None
-        self.manifest["precision_reason"] += f"; compiled, cosine to fp32 {cosine:.4f}"
-        return out
 
 
 @dataclass
@@ -413,16 +338,19 @@ class _Progress:
 def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images", tokens: bool = False,
                     split: str = "all", batch_size: int | str = "auto", reporter: Reporter = NULL,
                     device: torch.device | str | None = None, precision: str = "auto",
-                    workers: int | None = None, shard_rows: int | None = None, compile: bool = False) -> CachedFeatures:
+                    workers: int | None = None, shard_rows: int | None = None,
+                    compile: bool | None = None) -> CachedFeatures:
     """The features of `dataset`'s images or captions under `encoder`, computing what the cache
     lacks for `split` (all | train | val | test) and reusing what is valid.
 
     Pass the whole prepared dataset (not `.split(...)`), so every split shares one cache. Returns
     the requested split's rows, memory-mapped read-only; `.stats` says what was done. `precision`
-    auto tries bf16 (fp16 on older GPUs) on the first batch against fp32; see `mmret.common.device`.
+    auto tries bf16 (fp16 on older GPUs) on the first batch against fp32; see `mmret.common.device`;
+    int8 (CPU, item towers) quantises the tower, see `mmret.features.runner`.
     `encoder` may be built without weights (on the meta device): its weights are loaded only
     when something has to be computed.
-    `compile` runs the image tower through torch.compile: a minute or so once, then faster.
+    `compile` runs the item tower through torch.compile: a minute or so once, then faster; None
+    decides by the work left (see `mmret.features.runner`).
     """
     if split != "all" and split not in SPLITS:
         raise MmretError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
@@ -435,7 +363,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
         return found
     encoder = encoder.with_weights()
     device = torch.device(device) if device is not None else encoder.device
-    check_precision(device, precision)
+    precision = tower_precision(device, precision, which)
     job = _Job(dataset, encoder.to(device), which, tokens, split, rows, fingerprint, device, precision,
                batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter, compile)
     with FeatureCache(features_root(dataset) / job.key).locked() as cache:

@@ -32,7 +32,7 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
     start = time.perf_counter()
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     device = pick_device(cfg.device)
-    check_precision(device, cfg.precision)
+    check_precision(device, cfg.precision, inference=True)
     towers = []
     if cfg.vision:
         encoder = load_tower(cfg.vision, dataset.modality.name, image_size=cfg.image_size)
@@ -52,7 +52,8 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
             continue
         if shard is not None:
             done = encode_shard(dataset, encoder.to(device), which, shard, cfg.tokens, cfg.split, cfg.batch_size,
-                                reporter, device, cfg.precision, cfg.workers)
+                                reporter, device, cfg.precision, cfg.workers,
+                                compile=cfg.compile)
             shards.append((encoder.name, done))
             if done.sealed is not None:
                 parts.append((encoder.name, done.sealed))

@@ -22,7 +22,8 @@ from mmret.features.cache import (
     CachedFeatures, EncodeStats, FeatureCache, _read_manifest, _split_shards, _view, cache_rows, dataset_fingerprint,
     feature_key, features_root, open_features,
 )
-from mmret.features.encode import SHARD_ROWS, _choose_precision, _Job, _kind, shard_batches
+from mmret.features.encode import SHARD_ROWS, _Job, _kind, shard_batches, tower_precision
+from mmret.features.runner import choose_precision
 
 _logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _fix_precision(job: _Job, cache: FeatureCache, first: np.ndarray) -> None:
             manifest["precision"], manifest["precision_reason"] = job.precision, f"{job.precision}: requested"
         else:
             _, inputs, _ = next(iter(job.batches([first])))
-            choice, _ = _choose_precision(job.encoder, inputs, job.device, "auto")
+            choice, _ = choose_precision(job.encoder, inputs, job.device)
             manifest["precision"], manifest["precision_reason"] = choice.precision, choice.reason
         cache.save()
     job.precision = "auto"  # from here on the manifest's precision holds for this process too
@@ -97,7 +98,8 @@ def _seal_if_complete(cache: FeatureCache, split: str, tokens: bool) -> tuple[li
 
 def encode_shard(dataset: Any, encoder: Any, which: str, shard: Shard, tokens: bool = False, split: str = "all",
                  batch_size: int | str = "auto", reporter: Reporter = NULL, device: Any = None,
-                 precision: str = "auto", workers: int | None = None, shard_rows: int | None = None) -> ShardResult:
+                 precision: str = "auto", workers: int | None = None, shard_rows: int | None = None,
+                 compile: bool | None = None) -> ShardResult:
     """Encode this process's cache shards of `dataset`'s `which` (those numbered index mod count),
     then seal the cache if no shard is missing any more."""
     rows = cache_rows(dataset, which)
@@ -108,8 +110,9 @@ def encode_shard(dataset: Any, encoder: Any, which: str, shard: Shard, tokens: b
         return ShardResult(which, found.path, shard, [], [], found.stats, found)
     encoder = encoder.with_weights()
     device = torch.device(device) if device is not None else encoder.device
+    precision = tower_precision(device, precision, which)
     job = _Job(dataset, encoder.to(device), which, tokens, split, rows, fingerprint, device, precision,
-               batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter)
+               batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter, compile)
     cache = FeatureCache(path)
     index, count = shard
     with cache.locked(wait=True):

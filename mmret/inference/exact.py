@@ -1,22 +1,20 @@
 """Exact inner-product top-k over an (n, dim) float16 gallery, typically memory-mapped.
 
-Exact search screens the gallery in low precision, keeps the best `k + slack` candidates,
-rescores them exactly and *proves* the result exact: every row left out scored at most `a_min`
-in the screen, so its true score is at most `a_min + E`, where E bounds the screen's rounding
-error (from the query norm, the largest gallery norm and the unit roundoffs). When the k-th
-rescored candidate beats that, the top k is exact; a query that cannot be proven (masses of
-near-duplicates) is screened again alone, keeping every row the bound cannot rule out. The
-screen is what makes a CPU fast:
-one query is a float16 matrix-vector product that streams the gallery once; a batch is a
-bfloat16 matrix product (avx512_bf16 through oneDNN), about twice as fast as float32 and far
-faster than float16 products, for which CPUs without avx512_fp16 have no instructions. Of each
-block of scores, only groups of rows whose maximum can still enter a query's candidates are
-merged: a max over groups costs a fraction of a top-k over every score.
-`benchmarks/search.py` measures all of this.
+Every row is scored by a plain product, one block of queries at a time: for one or two queries a
+float16 matrix-vector product straight over the gallery (it streams the gallery as fast as a
+memcpy); for more, the gallery in chunks small enough to stay in cache, widened to float32
+(exactly) and multiplied with the queries; from `_BF16_MIN_QUERIES` queries on, where the product
+is compute-bound, the chunks go to bfloat16 (AMX or avx512_bf16 through oneDNN, several times
+faster than float32). Each low-precision kernel is used only on a machine where it passes a
+check against its rounding bound E.
 
-Exact scores are float32 dot products of the query with the float16 gallery rows (converted
-exactly), summed in the same order for every row so that identical rows tie; equal scores go to
-the smaller row. Normalised embeddings give cosine similarity.
+The k-th best product score minus 2E is a floor: every row above it is rescored in a fixed order
+(each row summed the same way, so identical rows tie exactly) and ranked by score, then by row.
+Rows below the floor cannot be in the top k: a row whose rescored score reaches the k-th rescored
+score scored at least that minus 2E in the product. So the result is exact, near-duplicates and
+all, with no second pass over the gallery. `benchmarks/search.py` measures it.
+
+Normalised embeddings give cosine similarity.
 """
 
 from __future__ import annotations
@@ -34,17 +32,18 @@ from mmret.errors import MmretError
 
 _logger = logging.getLogger(__name__)
 
-_SLACK = 54  # candidates the screen keeps beyond k, so that rounding rarely forces a rescan
-# up to this many queries, one float16 matrix-vector product each is fastest: the bfloat16 screen
-# converts the whole gallery once per batch, which costs about as much as 8-9 products. Measured on
-# the 100K x 512 gallery of benchmarks/serve.py (2 shared cores, load 12): 4 queries 388 ms batched
-# against 188 ms one by one, 8: 444 / 418, 16: 433 / 795. A server batching a few concurrent text
-# queries sits right in that range; it was 2.
-_FP16_MAX_QUERIES = 8
-_QUERY_BLOCK = 1024  # queries screened together: bounds the (queries, rows) score block
-_ROWS_PER_CHUNK = 16384  # gallery rows converted and multiplied at once (16 MB of bfloat16 at 512-d)
-_GROUP = 32  # the bfloat16 screen skips groups of this many rows that cannot enter the top
-_U32, _U16, _UBF16 = 2.0**-24, 2.0**-11, 2.0**-9  # unit roundoffs of float32, float16, bfloat16
+_ROWS_PER_CHUNK = 512  # gallery rows widened and multiplied at once: 1 MB of float32 at 512-d, in L2
+_SCORE_BUDGET = 2**26  # scores held at once (256 MB of float32): bounds the query block at large n
+# up to this many queries, one float16 matrix-vector product each is fastest. Serve (#14) had raised
+# it to 8 against the earlier bfloat16 screen, which converted the whole gallery once per batch; the
+# float32 chunks here cost the same for 1 to 8 queries. 100K x 512, 2 shared cores at load 10, best
+# of 7: 3 queries 40 ms on float32 chunks / 114 ms as float16 products, 4: 48 / 176, 8: 29 / 381;
+# best of 15: 1 query 20 / 11 ms, 2: 21 / 22 ms. So a server's few queries stay on one pass.
+_FP16_MAX_QUERIES = 2
+_BF16_MIN_QUERIES = 32  # from this many queries on, the product is compute-bound: bfloat16 pays
+_SPARE = 64  # rows each query's top-k search keeps beyond k; a query whose floor reaches past them
+# (masses of near-ties) takes its candidates from its whole row of scores
+_U32, _U16, _UBF16 = 2.0**-24, 2.0**-11, 2.0**-9  # unit roundoffs of float32, float16 and bfloat16
 
 
 class ExactIndex:
@@ -72,56 +71,29 @@ class ExactIndex:
         """(scores, ids), both (n_queries, k): float32 exact scores, best first, and int64 rows."""
         q = _check_queries(queries, self.dim)
         k = _check_k(k, self.n)
+        precision = _precision(q, self.max_norm)
         scores = np.empty((len(q), k), dtype=np.float32)
         ids = np.empty((len(q), k), dtype=np.int64)
-        for start in range(0, len(q), _QUERY_BLOCK):
-            block = q[start:start + _QUERY_BLOCK]
-            s, i = self._search_block(block, k)
+        step = max(1, _SCORE_BUDGET // self.n)
+        for start in range(0, len(q), step):
+            block = q[start:start + step]
+            approx = _product(block, self.gallery, precision)  # (B, N)
+            bound = _error_bound(block, self.max_norm, precision)  # (B,)
+            s, i = _rescore_top_k(block, self.gallery, approx, bound, k)
             scores[start:start + len(block)], ids[start:start + len(block)] = s.numpy(), i.numpy()
         return scores, ids
 
-    def _search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        precision = self._screen_precision(q)
-        if precision in ("fp32", "fp16-scan"):
-            return self._scan(q, k)
-        n_cand = min(self.n, k + _SLACK)
-        screen = _screen_fp16 if precision == "fp16" else _screen_bf16
-        approx, cand = screen(q, self.gallery, n_cand)  # (B, C) screen scores and their rows
-        scores, ids = _top_k_by_score_then_row(_exact_scores(q, self.gallery, cand), cand, k)
-        if n_cand < self.n:  # otherwise every row was rescored: exact already
-            bound = _screen_error_bound(q, self.max_norm, precision)  # (B,)
-            unproven = scores[:, -1] <= approx.min(1).values + bound  # rows left out score <= that
-            if unproven.any():
-                rows = unproven.nonzero().squeeze(1)
-                _logger.debug("%d of %d queries rescanned", len(rows), len(q))
-                scores[rows], ids[rows] = self._scan(q[rows], k)
-        return scores, ids
 
-    def _scan(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query at a time: screen every row, rescore every row the bound cannot rule out.
-
-        With E = bound, a row screened below (k-th screen score - 2E) scores below the k-th exact
-        score, so the top k (ties included) is among the rest, however many tie."""
-        out = torch.empty(len(q), k), torch.empty(len(q), k, dtype=torch.int64)
-        for b in range(len(q)):
-            row = q[b:b + 1]
-            precision = "fp16" if self._screen_precision(row) == "fp16" else "fp32"
-            approx = _screen_all(row, self.gallery, precision)  # (N,)
-            floor = approx.topk(k).values[-1] - 2 * _screen_error_bound(row, self.max_norm, precision)
-            cand = (approx >= floor).nonzero().T  # (1, C)
-            out[0][b], out[1][b] = _top_k_by_score_then_row(_exact_scores(row, self.gallery, cand), cand, k)
-        return out
-
-    def _screen_precision(self, q: torch.Tensor) -> str:
-        """fp16 for one or two queries, bf16 for more; a one-by-one scan (fp16, else fp32) on a
-        machine whose kernels fail their check."""
-        no_overflow = float(q.norm(dim=1).max()) * self.max_norm < 3e4
-        fp16 = no_overflow and _screen_within_bound("fp16")
-        if len(q) <= _FP16_MAX_QUERIES and fp16:
-            return "fp16"
-        if _screen_within_bound("bf16"):
-            return "bf16"
-        return "fp16-scan" if fp16 else "fp32"
+def _precision(q: torch.Tensor, max_norm: float) -> str:
+    """fp16 matrix-vector products for one or two queries (as fast as a memcpy of the gallery;
+    float32 products of widened chunks take about 1.7x that), bf16 products for batches, float32
+    in between and wherever a kernel fails its check."""
+    no_overflow = float(q.norm(dim=1).max()) * max_norm < 3e4  # float16 scores stay finite
+    if len(q) <= _FP16_MAX_QUERIES and no_overflow and _product_within_bound("fp16"):
+        return "fp16"
+    if len(q) >= _BF16_MIN_QUERIES and _product_within_bound("bf16"):
+        return "bf16"
+    return "fp32"
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:
@@ -151,97 +123,78 @@ def _check_gallery(array: np.ndarray) -> np.ndarray:
 
 
 def _max_row_norm(gallery: torch.Tensor) -> float:
-    norms = [gallery[s:s + _ROWS_PER_CHUNK].float().norm(dim=1).max()
-             for s in range(0, len(gallery), _ROWS_PER_CHUNK)]
+    norms = [gallery[s:s + 65536].float().norm(dim=1).max() for s in range(0, len(gallery), 65536)]
     largest = float(torch.stack(norms).max())
     if not math.isfinite(largest):
         raise MmretError("the gallery embeddings hold NaN or inf values; recompute them from a good checkpoint")
     return largest
 
 
-def _screen_fp16(q: torch.Tensor, gallery: torch.Tensor, n_cand: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top candidates by float16 matrix-vector products (float32 accumulation, float16 result):
-    each query reads every gallery byte once, at memory bandwidth."""
-    tops = [torch.mv(gallery, row.half()).topk(n_cand) for row in q]  # each (N,) -> (C,)
-    return torch.stack([t.values for t in tops]).float(), torch.stack([t.indices for t in tops])
-
-
-def _screen_bf16(q: torch.Tensor, gallery: torch.Tensor, n_cand: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top candidates by bfloat16 matrix products over gallery chunks, merged as they come."""
-    qb = q.bfloat16()
+def _product(q: torch.Tensor, gallery: torch.Tensor, precision: str) -> torch.Tensor:
+    """(B, N) scores of every row. fp16: one matrix-vector product per query straight over the
+    float16 gallery. fp32 / bf16: chunk by chunk, float16 rows widened into a buffer that stays in
+    cache (widening the whole gallery would double the bytes read, and torch's float16 matrix
+    products are slow on CPUs without avx512_fp16)."""
+    if precision == "fp16":
+        return torch.stack([torch.mv(gallery, row.half()) for row in q])
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    out = torch.empty(len(q), len(gallery), dtype=dtype)
     as32 = torch.empty(_ROWS_PER_CHUNK, gallery.shape[1])
-    asbf = torch.empty(_ROWS_PER_CHUNK, gallery.shape[1], dtype=torch.bfloat16)
-    bits = torch.empty(len(q) * _ROWS_PER_CHUNK, dtype=torch.int32)
-    best = None
+    low = as32 if dtype == torch.float32 else torch.empty(as32.shape, dtype=dtype)
+    ql = q.to(dtype)
     for start in range(0, len(gallery), _ROWS_PER_CHUNK):
-        chunk = gallery[start:start + _ROWS_PER_CHUNK]
-        # float16 -> float32 -> bfloat16 in reused buffers: 5x faster than torch's direct conversion
-        cbf = asbf[:len(chunk)].copy_(as32[:len(chunk)].copy_(chunk))
-        scores = _bf16_to_f32(qb @ cbf.T, bits)  # (B, c)
-        if best is None:
-            top = scores.topk(min(n_cand, len(chunk)), dim=1)
-            best = top.values, top.indices + start
-        elif best[0].shape[1] < n_cand:  # k beyond one chunk: not full yet, nothing to skip
-            best = _merge_top(*best, scores, torch.arange(start, start + len(chunk)).expand(len(q), -1), n_cand)
-        else:
-            best = _merge_better(*best, scores, start)
-    return best
+        part = gallery[start:start + _ROWS_PER_CHUNK]
+        # float16 -> float32 -> bfloat16 through float32: torch's direct conversion is several times slower
+        chunk = low[:len(part)].copy_(as32[:len(part)].copy_(part))
+        torch.mm(ql, chunk.T, out=out[:, start:start + len(part)])
+    return out
 
 
-def _bf16_to_f32(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """bfloat16 is the top half of a float32: widening by a shift is 5x faster than `.float()`."""
-    out = bits[:x.numel()].view(x.shape).copy_(x.view(torch.int16))  # the sign extension is shifted out
-    return out.bitwise_left_shift_(16).view(torch.float32)
+def _rescore_top_k(q: torch.Tensor, gallery: torch.Tensor, approx: torch.Tensor, bound: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescore every row within 2 * bound of each query's k-th product score; the top k of those,
+    by rescored score then row, is the exact top k (see the module docstring)."""
+    top = approx.topk(min(k + _SPARE, approx.shape[1]), dim=1)  # (B, k + spare), best first
+    floor = top.values[:, k - 1].float() - 2 * bound  # (B,)
+    queries, slots = (top.values >= floor[:, None]).nonzero(as_tuple=True)
+    rows = top.indices[queries, slots]
+    if top.values.shape[1] < approx.shape[1]:
+        short = (top.values[:, -1] >= floor).nonzero().flatten()  # near-ties reach past the spare rows:
+        if len(short):  # these queries take every row above the floor from their whole row of scores
+            extra_q, extra_rows = (approx[short] >= floor[short, None]).nonzero(as_tuple=True)
+            keep = ~torch.isin(queries, short)
+            queries, rows = torch.cat([queries[keep], short[extra_q]]), torch.cat([rows[keep], extra_rows])
+    order = torch.argsort(queries * len(gallery) + rows)  # by query, then row
+    queries, rows = queries[order], rows[order]
+    counts = torch.bincount(queries, minlength=len(q))
+    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[queries]  # place in its query's list
+    scores = torch.full((len(q), int(counts.max())), float("-inf"))
+    cand = torch.full(scores.shape, len(gallery), dtype=torch.int64)  # padding sorts after every row
+    scores[queries, slot] = _exact_scores(q, gallery, queries, rows)
+    cand[queries, slot] = rows
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]  # equal scores keep row order
+    return scores.gather(1, order), cand.gather(1, order)
 
 
-def _merge_better(best_v, best_i, scores, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    b, c = scores.shape
-    main = c - c % _GROUP
-    best_v, best_i = _merge_better_groups(best_v, best_i, scores[:, :main], offset)
-    if main < c:  # the last chunk's ungrouped tail is merged whole
-        tail = torch.arange(offset + main, offset + c).expand(b, -1)
-        best_v, best_i = _merge_top(best_v, best_i, scores[:, main:], tail, best_v.shape[1])
-    return best_v, best_i
+def _exact_scores(q: torch.Tensor, gallery: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(P,) float32 dot products of pairs (query, row), each summed in the same order, so identical
+    rows tie exactly (a BLAS product does not promise that across columns). 8192 pairs at a time
+    keep the gathered rows in cache."""
+    out = torch.empty(len(rows))
+    for s in range(0, len(rows), 8192):
+        g = torch.index_select(gallery, 0, rows[s:s + 8192]).float()  # (p, D)
+        out[s:s + 8192] = (g * q[queries[s:s + 8192]]).sum(-1)
+    return out
 
 
-def _merge_better_groups(best_v, best_i, scores, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge into each row's candidates only the groups of _GROUP columns holding a score above the
-    row's current worst candidate: a max over groups costs a fraction of a top-k over every score,
-    and after the first chunks few groups qualify."""
-    b, c = scores.shape
-    worst = best_v.min(1, keepdim=True).values  # (B, 1)
-    group_max = scores.reshape(b, c // _GROUP, _GROUP).amax(2)  # (B, G)
-    rows, groups = (group_max > worst).nonzero(as_tuple=True)  # row-major, so rows ascend
-    if len(rows) == 0:
-        return best_v, best_i
-    cols = groups[:, None] * _GROUP + torch.arange(_GROUP)  # (m, _GROUP) columns of each group
-    counts = torch.bincount(rows, minlength=b)
-    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]  # rank of a group in its row
-    place = slot[:, None] * _GROUP + torch.arange(_GROUP)  # (m, _GROUP) places in the row's padded list
-    pad_v = torch.full((b, int(counts.max()) * _GROUP), float("-inf"))
-    pad_i = torch.zeros(pad_v.shape, dtype=torch.int64)
-    pad_v[rows[:, None], place] = scores[rows[:, None], cols]
-    pad_i[rows[:, None], place] = cols + offset
-    touched = (counts > 0).nonzero().squeeze(1)
-    v, i = _merge_top(best_v[touched], best_i[touched], pad_v[touched], pad_i[touched], best_v.shape[1])
-    best_v[touched], best_i[touched] = v, i
-    return best_v, best_i
+def _error_bound(q: torch.Tensor, max_norm: float, precision: str) -> torch.Tensor:
+    """(B,) bound on |product score - rescored score| over every gallery row.
 
-
-def _merge_top(v1, i1, v2, i2, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    v, i = torch.cat([v1, v2], 1), torch.cat([i1, i2], 1)
-    top = v.topk(min(n, v.shape[1]), dim=1)
-    return top.values, i.gather(1, top.indices)
-
-
-def _screen_error_bound(q: torch.Tensor, max_norm: float, precision: str) -> torch.Tensor:
-    """(B,) bound on |screen score - exact score| over every gallery row.
-
-    The screen rounds the query (u_q) and the gallery (u_g), multiplies exactly, adds D products
-    in float32 (gamma_D) and rounds the result (u_out); the exact scores carry float32 summation
-    error too (gamma_D). Each error is relative to sum |q_i g_i| <= |q| max|g| (Cauchy-Schwarz);
-    `tiny` covers values below the format's normal range (float16 subnormals), and 10% the
-    float32 norms themselves.
+    The product rounds the query (u_q) and the gallery (u_g; float16 -> float32 is exact), adds D
+    products in float32 in any order (gamma_D) and rounds the result (u_out); the rescoring carries
+    float32 summation error too (gamma_D). Each error is relative to sum |q_i g_i| <= |q| max|g|
+    (Cauchy-Schwarz); `tiny` covers values below the format's normal range (float16 subnormals),
+    and 10% the float32 norms themselves.
     """
     u_q, u_g, u_out, tiny = {"fp16": (_U16, 0.0, _U16, 2.0**-25), "bf16": (_UBF16, _UBF16, _UBF16, 2.0**-126),
                              "fp32": (0.0, 0.0, 0.0, 2.0**-126)}[precision]
@@ -253,44 +206,17 @@ def _screen_error_bound(q: torch.Tensor, max_norm: float, precision: str) -> tor
 
 
 @functools.lru_cache(maxsize=None)
-def _screen_within_bound(precision: str) -> bool:
-    """Check once per process that this machine's kernel accumulates as the bound assumes (float32),
-    on all-positive vectors where any lower-precision accumulation would show at once."""
+def _product_within_bound(precision: str) -> bool:
+    """Check once per process that this machine's product accumulates as the bound assumes (in
+    float32), on all-positive vectors where any lower-precision accumulation would show at once."""
     gen = torch.Generator().manual_seed(0)
     gallery = torch.nn.functional.normalize(torch.rand(256, 512, generator=gen), dim=1).half()
-    q = torch.nn.functional.normalize(torch.rand(3 if precision == "bf16" else 1, 512, generator=gen), dim=1)
-    screen = _screen_fp16 if precision == "fp16" else _screen_bf16
-    approx, rows = screen(q, gallery, 256)
-    exact = (q.double() @ gallery.double().T).gather(1, rows)
-    ok = bool(((approx.double() - exact).abs().max(1).values <= _screen_error_bound(q, 1.0, precision)).all())
+    n = {"fp16": 1, "bf16": _BF16_MIN_QUERIES}.get(precision, 3)
+    q = torch.nn.functional.normalize(torch.rand(n, 512, generator=gen), dim=1)
+    approx = _product(q, gallery, precision).double()
+    exact = q.double() @ gallery.double().T
+    ok = bool(((approx - exact).abs().max(1).values <= _error_bound(q, 1.0, precision)).all())
     if not ok:
         _logger.warning("%s matrix products on this machine exceed their error bound; exact search "
-                        "scans without them (slower)", precision)
+                        "uses float32 products (slower)", precision)
     return ok
-
-
-def _exact_scores(q: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, C) float32 dot products of each query with its candidate rows, every one summed in the
-    same order so identical rows tie exactly (float32 BLAS does not promise that across columns).
-    32 queries at a time keep the gathered rows in cache."""
-    out = torch.empty(rows.shape)
-    for s in range(0, len(q), 32):
-        part = rows[s:s + 32]
-        g = torch.index_select(gallery, 0, part.reshape(-1)).float().view(*part.shape, -1)  # (b, C, D)
-        out[s:s + 32] = (g * q[s:s + 32, None, :]).sum(-1)
-    return out
-
-
-def _top_k_by_score_then_row(scores, rows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    by_row = rows.argsort(dim=1)
-    scores, rows = scores.gather(1, by_row), rows.gather(1, by_row)
-    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]  # equal scores keep row order
-    return scores.gather(1, order), rows.gather(1, order)
-
-
-def _screen_all(row: torch.Tensor, gallery: torch.Tensor, precision: str) -> torch.Tensor:
-    """(N,) screen scores of one query (1, D) against every row, in float16 or float32."""
-    if precision == "fp16":
-        return torch.mv(gallery, row[0].half()).float()
-    return torch.cat([torch.mv(gallery[s:s + _ROWS_PER_CHUNK].float(), row[0])
-                      for s in range(0, len(gallery), _ROWS_PER_CHUNK)])

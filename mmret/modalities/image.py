@@ -1,7 +1,8 @@
 """Pictures as people have them: any mode, any size, rotated by EXIF, sometimes broken.
 
 `load_rgb` gives an 8-bit RGB picture for any file PIL can read (transparency composited on
-white, palette / greyscale / CMYK / 16-bit converted, EXIF orientation applied). `probe_image`
+white, palette / greyscale / CMYK / 16-bit converted, EXIF orientation applied), big JPEGs
+decoded straight to near the size the caller needs. `probe_image`
 reads just the size, or with `full=True` decodes everything to catch truncated files.
 Both raise `ImageError` with a short reason instead of PIL's many exception types.
 `contact_sheet` draws search results as one picture; `thumbnail` a small copy (maps, galleries, a web page).
@@ -91,10 +92,17 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img
 
 
-def load_rgb(path: str | Path | BinaryIO) -> Image.Image:
-    """Open, decode and orient an image; always an 8-bit RGB picture or an `ImageError`."""
+def load_rgb(path: str | Path | BinaryIO, draft: int | None = None) -> Image.Image:
+    """Open, decode and orient an image; always an 8-bit RGB picture or an `ImageError`.
+
+    `draft`: the caller needs no more than this many pixels on the shorter side. A JPEG is then
+    decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's draft mode), as small as keeps both
+    sides >= `draft`: a 12-megapixel photo decodes several times faster, and the later resize
+    starts from a picture already near its size."""
     img = _open(path)
     try:
+        if draft and img.format == "JPEG":
+            img.draft(None, (draft, draft))  # a square request: the same whatever the EXIF rotation
         img.load()
         try:
             img = ImageOps.exif_transpose(img)

@@ -30,6 +30,7 @@ from mmret.errors import MmretError
 from mmret.methods import Method, get_method
 from mmret.models.batch import call, to_device
 from mmret.models.heads import InputNorm, init_input_norms
+from mmret.models.tuners import use_matmul_attention
 from mmret.runs import RunConfig, create_run_dir
 from mmret.runs.checkpoint import load_state, load_weights
 from mmret.training.sam import SAM
@@ -155,6 +156,8 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
         train, val = method.sources(cfg, context, dataset, ("train", "val"), device, reporter)
     _seed_everything(cfg.train.seed)  # the same start whether or not the sources had caches to fill (which draws)
     model = method.build(cfg, context).to(device)
+    if device.type == "cpu" and method.runs_towers:
+        use_matmul_attention(model)  # SDPA's backward is slow on CPUs
     if resume_dir is None:
         init_heads(model, train, device, cfg.train.seed)
     optimizer = make_optimizer(model, cfg.train.lr or method.lr, cfg.train.weight_decay)
