@@ -244,3 +244,17 @@ def test_a_folder_that_is_no_benchmark_set_is_one_line(tmp_path):
         f"error: --root {tmp_path / 'raw'} is a folder but no CLIP_benchmark webdataset (dataset_type.txt, "
         f"test/nshards.txt, test/0.tar, ...); for img2dataset shards give a pattern such as "
         f"'{tmp_path / 'raw'}/{{00000..00099}}.tar'"))
+
+
+@pytest.mark.parametrize("cls, label, problem", [(b"2", 2, None), (b" 0\n", 0, None), (b"-1", None, "bad label"),
+                                                 (b"two", None, "bad label"), (None, None, "no label")])
+def test_a_samples_class_index(cls, label, problem):
+    from mmret.data.readers.wds import summarize
+
+    png = io.BytesIO()
+    picture(1).save(png, "png")
+    sample = {"__key__": "s0000001", "__url__": "/x/test/0.tar", "png": png.getvalue(),
+              **({"cls": cls} if cls is not None else {})}
+    out = summarize(sample, labels=True)
+    assert out.get("label") == label and [p["kind"] for p in out["problems"]] == ([problem] if problem else [])
+    assert out["columns"] == {"width": 32, "height": 32} and "captions" not in out

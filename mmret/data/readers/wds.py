@@ -80,11 +80,14 @@ def _caption(sample: dict, where: str, problems: list[dict]) -> str | None:
 def _label(sample: dict, where: str, problems: list[dict]) -> int | None:
     """A CLIP_benchmark classification sample's `cls`: the class's index in classnames.txt."""
     raw = sample.get("cls")
-    try:
-        return int(raw.decode("ascii").strip()) if raw is not None else None
-    except (ValueError, UnicodeDecodeError):
-        problems.append({"kind": "bad label", "item": where, "reason": f"cls is not a whole number: {raw[:20]!r}"})
-        return -1
+    if raw is None:
+        problems.append({"kind": "no label", "item": where, "reason": "no .cls beside it"})
+        return None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not text.isdigit():
+        problems.append({"kind": "bad label", "item": where, "reason": f"cls is not a class index: {text[:20]!r}"})
+        return None
+    return int(text)
 
 
 def summarize(sample: dict, full: bool = False, labels: bool = False) -> dict:
@@ -108,9 +111,7 @@ def summarize(sample: dict, full: bool = False, labels: bool = False) -> dict:
         return out
     if labels:
         label = _label(sample, where, out["problems"])
-        if label is None:
-            out["problems"].append({"kind": "no label", "item": where, "reason": "no .cls beside it"})
-        elif label >= 0:
+        if label is not None:
             out["label"] = label
         return out
     caption = _caption(sample, where, out["problems"])

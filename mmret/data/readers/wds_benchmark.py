@@ -161,7 +161,8 @@ def read_benchmark(root: Path, cfg) -> SourceData:
         if rec is None:
             continue
         if rec.image_id in seen:
-            problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}", "an earlier shard has this key; kept that one"))
+            problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}",
+                                    "an earlier shard of the split has this key; kept that one"))
             continue
         seen.add(rec.image_id)
         kinds.add(s["modality"])
@@ -172,11 +173,11 @@ def read_benchmark(root: Path, cfg) -> SourceData:
         for rec in records:
             rec.split = None if rec.split == "train" else rec.split
         note += f"; val: {cfg.val:g} of train, seeded (seed {cfg.seed}){', by class' if names else ''}"
+    if len(kinds) > 1:
+        raise MmretError(f"the shards hold {' and '.join(sorted(kinds))} items; prepare each kind from shards of its own")
     info: dict = {"clip_benchmark": {"dataset_type": kind, "shards": {k: len(v) for k, v in splits.items()}}}
     if names:
         info.update(classnames=names, class_labels=labels, templates=templates(root))
-    if len(kinds) > 1:
-        raise MmretError(f"the shards hold {' and '.join(sorted(kinds))} items; prepare each kind from shards of its own")
     files = [str(root / f) for f in (TYPE_FILE, CLASSES_FILE, TEMPLATES_FILE) if (root / f).is_file()]
     return SourceData(records, files + [f"{k}: {len(v)} shards" for k, v in splits.items()], note,
                       split_sizes=(cfg.val, 0.0) if carve else None, problems=problems,
