@@ -29,7 +29,7 @@ def eval_command(
     compare: Annotated[Optional[list[str]], typer.Option(help="Runs to put side by side (repeat the option or separate with commas); differences from the first are tested with a paired bootstrap.", show_default=False)] = None,
     zero_shot: Annotated[Optional[str], typer.Option(help="Also (or only) evaluate a pretrained CLIP as it is, e.g. clip-b32: the baseline row.", show_default=False)] = None,
     recall_k: Annotated[str, typer.Option(help="Retrieval: the k of Recall@k, separated by commas (CLIP_benchmark's --recall_k).")] = "1,5,10",
-    templates: Annotated[Optional[Path], typer.Option(help="Classification: prompt templates, one per line with {c} for the class name (or JSON) [default: CLIP's 80 ImageNet templates].", show_default=False)] = None,
+    templates: Annotated[Optional[Path], typer.Option(help="Classification: prompt templates, one per line with {c} for the class name (or JSON) [default: the dataset's own, as a CLIP_benchmark set ships them; else CLIP's 80 ImageNet templates].", show_default=False)] = None,
     map: Annotated[Optional[Path], typer.Option("--map", help="Also draw a 2-D map of the split's item and caption embeddings to this PNG, coloured by class or split.", show_default=False)] = None,
     map_method: Annotated[str, typer.Option(help="Projection of --map: umap or tsne.")] = "umap",
     failures: Annotated[Optional[Path], typer.Option(help="Also draw the worst text queries (caption, the right item, what ranked above it) to this PNG.", show_default=False)] = None,

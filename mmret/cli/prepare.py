@@ -24,7 +24,7 @@ def _source_help() -> str:
 @command
 def prepare(
     source: Annotated[str, typer.Argument(help=_source_help(), show_default=False)],
-    root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`); for wds a shard pattern such as 'shards/{00000..00099}.tar'.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`); for wds a shard pattern such as 'shards/{00000..00099}.tar', or a CLIP_benchmark webdataset folder (test/nshards.txt, test/0.tar, ...).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the prepared dataset under the data folder (default: SOURCE).")] = None,
     val: Annotated[float, typer.Option(help="Fraction of images for validation when the source has no official split.")] = 0.1,
     test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split (1.0: all of them, a set for evaluation only).")] = 0.1,

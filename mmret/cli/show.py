@@ -198,7 +198,8 @@ def show_classification(results, format: str) -> None:
     rows.append(["chance top-1 / top-5", f"{chance['acc1']:.4f} / {chance['acc5']:.4f}"] + [""] * (len(results) - 1))
     rows.append(["largest class share", f"{chance['majority']:.4f}"] + [""] * (len(results) - 1))
     title = (f"{first.dataset} {first.split}: zero-shot classification of {first.n_items:,} items into "
-             f"{len(first.labels)} classes, {first.templates} prompts each")
+             f"{len(first.labels)} classes, {first.templates} prompts each"
+             + (" (the dataset's templates)" if first.templates_from == "dataset" else ""))
     _markdown_or_table(title, ["metric"] + [r.run for r in results], rows, format)
     for r in results:
         if r.train_overlap:

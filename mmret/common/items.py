@@ -60,6 +60,11 @@ def _index(shard: str) -> dict[str, tuple[int, int]]:
     return cached[1]
 
 
+def shard_index(shard: str) -> dict[str, tuple[int, int]]:
+    """The shard's file members by name, (offset, size) each; `MemberError` if it is no readable tar."""
+    return _index(shard)
+
+
 def read_member(shard: str, member: str) -> bytes:
     where = _index(shard).get(member)
     if where is None:

@@ -124,6 +124,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
             "mmret_version": __version__,
             "arguments": config_dict(cfg), "split_note": split_note, "annotation_files": source.files,
             **({"item_root": source.item_root} if source.item_root else {}),
+            **source.info,
             "counts": counts, "dropped": problem_counts(problems), "problems": [asdict(p) for p in problems],
         })
         _carry_caches(target, tmp)

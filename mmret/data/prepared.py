@@ -17,6 +17,7 @@ from mmret.common.io import damaged, read_json, read_parquet
 from mmret.common.items import resolve_item
 from mmret.common.paths import check_name, data_root, within
 from mmret.data.readers.base import SPLITS
+from mmret.data.readers.classes import class_name
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
 
@@ -51,6 +52,15 @@ class PreparedDataset:
     def modality(self) -> Modality:
         """What the items are: `dataset.json`'s modality (image for datasets that do not say)."""
         return get_modality(self.info.get("modality"))
+
+    def classes(self) -> tuple[list[str], list[str]]:
+        """(labels, names) of the classes zero-shot classification ranks: a CLIP_benchmark set's, all
+        of them in its order and named as its classnames.txt names them; else the table's labels,
+        sorted, named by `class_name` (`_` and `-` read as spaces)."""
+        if self.info.get("class_labels"):
+            return list(self.info["class_labels"]), list(self.info["classnames"])
+        labels = sorted(set(self.images["label"]))
+        return labels, [class_name(label) for label in labels]
 
     def split(self, split: str) -> "PreparedDataset":
         """The images and captions of one split (`all` keeps everything)."""

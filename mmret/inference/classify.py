@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import PreparedDataset, load_dataset, run_tables
-from mmret.data.readers.classes import class_name
 from mmret.errors import MmretError
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.templates import class_prompts, load_templates
+from mmret.inference.templates import class_prompts, dataset_templates, load_templates
 
 TOP_KS = (1, 5)
 PROMPT_BATCH = 256  # prompts embedded per call: ImageNet's 80 x 1000 never go through a tower at once
@@ -156,6 +155,8 @@ class ClassificationResult:
     path: Path | None = None
     confusion_png: Path | None = None
     embeddings: Embeddings | None = field(default=None, repr=False)
+    templates_from: str | None = None  # None: CLIP's ImageNet set; "dataset": the set's own; else the file
+    own_templates: list[str] | dict[str, list[str]] | None = field(default=None, repr=False)  # unless the default
 
     @property
     def n_items(self) -> int:
@@ -171,7 +172,8 @@ class ClassificationResult:
     def to_json(self) -> dict[str, Any]:
         out = {"run": self.run, "dataset": self.dataset, "split": self.split, "task": "classification",
                "metrics": self.metrics, "chance": self.chance, "n_items": self.n_items, "classes": self.labels,
-               "counts": self.counts, "templates_per_class": self.templates, "train_overlap": self.train_overlap,
+               "counts": self.counts, "templates_per_class": self.templates, "templates_from": self.templates_from,
+               "train_overlap": self.train_overlap,
                "confusion": self.confusion.tolist()}
         if self.ci:
             out["ci95"] = {k: list(v) for k, v in self.ci.items()}
@@ -186,11 +188,12 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
     root); saves the JSON (and the confusion matrix PNG)."""
     run = LoadedRun(run_dir, which, device)
     ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
-    prompts_from = load_templates(templates)
+    shipped = ds.info.get("templates") if templates is None else None  # a CLIP_benchmark set's own
+    prompts_from = dataset_templates(shipped, ds.name) if shipped else load_templates(templates)
     emb = write_run_embeddings(run, ds.name, split, reporter=reporter, data_dir=data_dir)
-    labels = sorted(set(ds.images["label"]))  # every class of the dataset, so all splits share one order
+    labels, names = ds.classes()  # every class of the dataset, so all splits share one order
     target = item_labels(emb, ds, labels)
-    prompts = class_prompts(labels, [class_name(label) for label in labels], prompts_from)
+    prompts = class_prompts(labels, names, prompts_from)
     n_prompts = sum(map(len, prompts))
     with reporter.task(f"embedding {n_prompts:,} prompts", total=n_prompts, unit="prompts") as task:
         def encode(texts: list[str]) -> torch.Tensor:
@@ -206,7 +209,9 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
         torch.bincount(target, minlength=len(labels)).tolist(), max(map(len, prompts)),
         confusion_matrix(target, scores.pred, len(labels)).numpy(),
         training_overlap(run, list(emb.image_table["path"])),
-        bootstrap_accuracy(scores, target, len(labels), bootstrap, seed) if bootstrap else None, embeddings=emb)
+        bootstrap_accuracy(scores, target, len(labels), bootstrap, seed) if bootstrap else None, embeddings=emb,
+        templates_from="dataset" if shipped else str(templates) if templates else None,
+        own_templates=prompts_from if shipped or templates else None)
     result.path = run_dir / "eval" / f"{ds.name}-{split}-classification.json"
     if plot:
         from mmret.inference.figures import confusion_figure

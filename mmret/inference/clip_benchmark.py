@@ -13,8 +13,9 @@ Task names are CLIP_benchmark's (`zeroshot_retrieval`, `zeroshot_classification`
 `linear_probe`) whether or not the run was trained on the dataset: "zeroshot" there names the
 protocol (no fitting on the test data), and a run trained on the same dataset's train split
 follows it too. A dataset prepared from a source CLIP_benchmark also reads (Flickr30k, Flickr8k,
-COCO) and scored on its test split carries CLIP_benchmark's dataset name; any other keeps its
-mmret name, with the split added when it is not test.
+COCO) and scored on its test split carries CLIP_benchmark's dataset name, and so does a
+CLIP_benchmark webdataset set (`wds/<name>`, as its `--dataset wds/<name>` writes it); any other
+keeps its mmret name, with the split added when it is not test.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ TASKS = {"retrieval": "zeroshot_retrieval", "classification": "zeroshot_classifi
 KNOWN_DATASETS = {"flickr30k": "flickr30k", "flickr8k": "flickr8k", "coco": "mscoco_captions"}
 
 
-def dataset_name(name: str, source: str | None, split: str) -> str:
+def dataset_name(name: str, source: str | None, split: str, wds: bool = False) -> str:
+    """CLIP_benchmark's name for a test split it also reads (a CLIP_benchmark webdataset set: `wds/<name>`)."""
+    if split == "test" and wds:
+        return f"wds/{name}"
     if split == "test" and source in KNOWN_DATASETS:
         return KNOWN_DATASETS[source]
     return name if split == "test" else f"{name}-{split}"
@@ -63,8 +67,9 @@ def record(task: str, dataset: str, model: str, pretrained: str, metrics: dict[s
 
 def file_name(rec: dict[str, Any]) -> str:
     """CLIP_benchmark's default output name (`{dataset}_{pretrained}_{model}_{language}_{task}.json`),
-    each part's last path component with anything but letters, digits, `.`, `_` and `-` made `-`."""
-    parts = [rec["dataset"], rec["pretrained"], rec["model"], rec["language"], rec["task"]]
+    the dataset with `/` made `_` as CLIP_benchmark does (`wds/x` -> `wds_x`), every other part its last path
+    component; anything but letters, digits, `.`, `_` and `-` made `-`."""
+    parts = [rec["dataset"].replace("/", "_"), rec["pretrained"], rec["model"], rec["language"], rec["task"]]
     return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(p).rstrip("/").split("/")[-1]) for p in parts) + ".json"
 
 

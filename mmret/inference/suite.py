@@ -50,13 +50,11 @@ def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list
 def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
     ds = load_dataset(result.dataset, cfg.data_dir or run.cfg.data.data_dir)
     model, pretrained = cb.model_names(run.cfg, run.name, run.method.trainable, cfg.which)
-    name = cb.dataset_name(ds.name, ds.info.get("source"), result.split)
+    name = cb.dataset_name(ds.name, ds.info.get("source"), result.split, wds="clip_benchmark" in ds.info)
     if cfg.task == "retrieval":
         return cb.record("retrieval", name, model, pretrained, cb.retrieval_metrics(result.metrics, cfg.recall_k))
-    if cfg.task == "classification":  # as with --dump_classnames, and --dump_templates for templates of your own
-        from mmret.inference.templates import load_templates
-
-        own = {"templates": load_templates(cfg.templates)} if cfg.templates else {}
+    if cfg.task == "classification":  # as with --dump_classnames, and --dump_templates for templates not the default
+        own = {"templates": result.own_templates} if result.own_templates else {}
         return cb.record("classification", name, model, pretrained, result.metrics, classnames=result.labels, **own)
     return cb.record("linear-probe", name, model, pretrained,
                      {**result.metrics, "C": result.C, "fewshot_k": -1, "normalized": True, "seed": result.seed})

@@ -141,6 +141,12 @@ def load_templates(path: Path | None) -> list[str] | dict[str, list[str]]:
                      "to a non-empty list of prompts")
 
 
+def dataset_templates(lines: list[str], dataset: str) -> list[str]:
+    """The templates a CLIP_benchmark set ships (its zeroshot_classification_templates.txt), checked."""
+    return [_check_template(line, f"dataset {dataset!r}'s zeroshot_classification_templates.txt line {n} (pass "
+                                  "--templates to use others)") for n, line in enumerate(lines, 1)]
+
+
 def class_prompts(labels: list[str], names: list[str], templates: list[str] | dict[str, list[str]]) -> list[list[str]]:
     """The prompts of each class: every template filled with its name, or its own prompts."""
     if isinstance(templates, dict):

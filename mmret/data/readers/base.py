@@ -49,6 +49,7 @@ class SourceData:
     problems: list[Problem] = field(default_factory=list)
     modality: str = "image"  # what the items are (see mmret.modalities)
     item_root: str | None = None  # the folder item paths are relative to, when not the dataset's (tar shards)
+    info: dict = field(default_factory=dict)  # more entries for dataset.json (a CLIP_benchmark set's classnames)
 
 
 Reader = Callable[[Path, "PrepareConfig"], SourceData]  # noqa: F821  (config imported lazily)
@@ -68,8 +69,10 @@ BUILTIN_READERS = {
                 "label; for eval --task classification and linear-probe"),
     "example": ("mmret.data.readers.example",
                 "a built-in set of coloured-shape pictures with captions, generated with no download"),
-    "wds": ("mmret.data.readers.wds", "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, "
-                                      "optional key.json); --root 'shards/{00000..00099}.tar'"),
+    "wds": ("mmret.data.readers.wds_benchmark",
+            "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, optional key.json), --root "
+            "'shards/{00000..00099}.tar'; or a CLIP_benchmark webdataset folder (--root DIR holding test/nshards.txt, "
+            "test/0.tar, ...; retrieval or classification)"),
 }
 READER_HELP: dict[str, str] = {name: help for name, (_, help) in BUILTIN_READERS.items()}
 READERS: dict[str, Reader] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mmret.common.items import member_address
-from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text, register_reader
+from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES, ItemError
 
@@ -77,9 +77,23 @@ def _caption(sample: dict, where: str, problems: list[dict]) -> str | None:
     return None
 
 
-def summarize(sample: dict, full: bool = False) -> dict:
+def _label(sample: dict, where: str, problems: list[dict]) -> int | None:
+    """A CLIP_benchmark classification sample's `cls`: the class's index in classnames.txt."""
+    raw = sample.get("cls")
+    if raw is None:
+        problems.append({"kind": "no label", "item": where, "reason": "no .cls beside it"})
+        return None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not text.isdigit():
+        problems.append({"kind": "bad label", "item": where, "reason": f"cls is not a class index: {text[:20]!r}"})
+        return None
+    return int(text)
+
+
+def summarize(sample: dict, full: bool = False, labels: bool = False) -> dict:
     """What `prepare` keeps of one sample (run in a DataLoader worker): its key, shard, member,
-    modality, probed columns and captions, or the problem that leaves it out."""
+    modality, probed columns and captions (with `labels`: its class index instead), or the
+    problem that leaves it out."""
     key, url = sample["__key__"], sample["__url__"]
     out: dict[str, Any] = {"key": key, "url": url, "problems": []}
     found = _item(sample)
@@ -94,6 +108,11 @@ def summarize(sample: dict, full: bool = False) -> dict:
         out["columns"] = MODALITIES[modality].probe(io.BytesIO(data), full)
     except ItemError as e:
         out["problems"].append({"kind": f"broken {modality}", "item": where, "reason": str(e)})
+        return out
+    if labels:
+        label = _label(sample, where, out["problems"])
+        if label is not None:
+            out["label"] = label
         return out
     caption = _caption(sample, where, out["problems"])
     if caption is None:
@@ -110,7 +129,7 @@ def _warn_and_go_on(exn: Exception) -> bool:
     return True
 
 
-def read_samples(urls: list[str], full: bool, workers: int) -> Iterator[dict]:
+def read_samples(urls: list[str], full: bool, workers: int, labels: bool = False) -> Iterator[dict]:
     """Every sample's summary, the shards read in DataLoader workers (at most one per shard)."""
     import functools
 
@@ -118,14 +137,14 @@ def read_samples(urls: list[str], full: bool, workers: int) -> Iterator[dict]:
 
     wds = _webdataset()
     data = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_every_shard, empty_check=False,
-                          handler=_warn_and_go_on).map(functools.partial(summarize, full=full))
+                          handler=_warn_and_go_on).map(functools.partial(summarize, full=full, labels=labels))
     workers = min(workers, len(urls))
     yield from torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
 
 
-@register_reader("wds", "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, optional key.json); "
-                        "--root 'shards/{00000..00099}.tar'", pattern_root=True)
 def read_wds(root: Path, cfg) -> SourceData:
+    """img2dataset shards from a brace pattern (`mmret prepare wds` registers it in
+    `wds_benchmark`, beside CLIP_benchmark's folders)."""
     from mmret.common.device import default_workers
 
     import torch
