@@ -170,8 +170,13 @@ def _window(extractor: Any) -> float:
     return ((extractor.max_length - 1) * hop + win) / rate
 
 
-def build_audio_encoder(source: ModelSource, weights: bool = True, pooling: str | None = None) -> AudioEncoder:
+def build_audio_encoder(source: ModelSource, weights: bool = True, pooling: str | None = None,
+                        image_size: int | None = None) -> AudioEncoder:
     from transformers import ASTModel, ClapAudioModelWithProjection
+
+    if image_size is not None:
+        raise MmretError(f"--image-size sets a picture tower's input; {source.id} reads sounds (its window and "
+                         "mel bins come from its feature extractor)")
 
     if source.library != "transformers":
         raise MmretError(f"{source.id} is a timm image model; an image tower reads sounds as spectrograms: "
