@@ -36,7 +36,7 @@ def prepare(
     no_captions: Annotated[bool, typer.Option("--no-captions", help="A gallery to search, not to train on: every picture, with or without captions (all in test). Prepare it again with --force to add new pictures; only they are embedded next time.")] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Read a raw dataset and write its image and caption tables with train/val/test splits."""
+    """Read a raw dataset and write its item (picture or sound) and caption tables with train/val/test splits."""
     from mmret.cli import ui
     from mmret.data.config import PrepareConfig
 

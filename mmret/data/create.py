@@ -2,14 +2,15 @@
 
 `data/<ds>/` holds `dataset.json`, the item table named after its modality (`images.parquet`:
 image_id, path, split, width, height; `audio.parquet`: audio_id, path, split, sample_rate,
-channels, duration_ms) and `captions.parquet` (caption_id, image_id or audio_id, caption, split). The whole folder is built under a
-temporary name and renamed into place, so a failed or interrupted prepare leaves nothing behind.
+channels, duration_ms) and `captions.parquet` (caption_id, image_id or audio_id, caption, split).
+The whole folder is built under a temporary name and renamed into place, so a failed or
+interrupted prepare leaves nothing behind.
 
 With `captions=False` (`--no-captions`) the items are a gallery to search, not pairs to train on:
 every item is kept whatever captions it has, the caption table is empty, and every item is in the
 test split. A dataset prepared again (`--force`) keeps the caches computed from the old one
 (`features/`, `thumbnails/`): their rows are reused item by item wherever the file has not changed
-(see `mmret.data.stamps`), so a folder that gained pictures costs only the new ones.
+(see `mmret.data.stamps`), so a folder that gained items costs only the new ones.
 """
 
 from __future__ import annotations
