@@ -187,3 +187,46 @@ def test_cli_dry_run_and_probe_memory_know_sound_towers(env):
                                   "--dataset", "not-prepared", "--dry-run"])
     assert presets.exit_code == 0 and "86,187,264" not in presets.stdout  # adapters add to AST's 86,187,264
     assert "audio.encoder" in presets.stdout
+
+
+def test_serve_plays_sounds_draws_their_spectrograms_and_takes_a_sound_upload(world):
+    """The web API over a sound run: hits link to the recording itself (the page's audio player
+    plays it), thumbnails are spectrogram JPEGs, an uploaded sound finds itself, and a picture
+    sent to a gallery of sounds is refused in one line."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from mmret.inference.search import Gallery
+    from mmret.serve.app import create_app
+    from mmret.serve.config import ServeConfig
+    from mmret.serve.service import SearchService
+
+    gallery = Gallery.open(world["heads"], split="all", data_dir=world["data"])
+    service = SearchService(gallery, ServeConfig(world["heads"]))
+    try:
+        client = TestClient(create_app(service))
+        info = client.get("/api/info").json()
+        assert (info["modality"], info["noun"], info["items"]) == ("audio", "sound", 24)
+        body = client.post("/api/search", json={"text": "a low steady hum", "k": 3}).json()
+        assert body["modality"] == "audio" and len(body["results"]) == 3
+        hit = body["results"][0]
+        media = client.get(hit["url"])
+        assert media.status_code == 200 and media.headers["content-type"].startswith("audio/")
+        assert media.content == open(gallery.paths[gallery.row_of[hit["id"]]], "rb").read()
+        thumb = client.get(hit["thumbnail"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(thumb.content)).format == "JPEG"
+        query = next(p for p in gallery.paths if p.endswith(".wav"))
+        with open(query, "rb") as f:
+            found = client.post("/api/search/upload", files={"file": ("mine.wav", f, "audio/wav")}, data={"k": "2"})
+        assert found.status_code == 200, found.text
+        assert found.json()["results"][0]["id"] == gallery.ids[gallery.paths.index(query)]
+        assert found.json()["captions"]
+        picture = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(picture, format="PNG")
+        refused = client.post("/api/search/upload", files={"file": ("cat.png", picture.getvalue(), "image/png")})
+        assert refused.status_code == 415 and refused.json()["error"].startswith("the upload is not a sound mmret can")
+    finally:
+        service.close()
