@@ -122,7 +122,7 @@ def read_folder(root: Path, cfg) -> SourceData:
         return records_without_captions(root)
     problems: list[Problem] = []
     table = next((root / name for name in TABLES if (root / name).is_file()), None)
-    note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the images"
+    note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the items"
     if table is not None:
         records = records_from_table(table, root, problems)
         return SourceData(records, [str(table)], note, split_sizes=(cfg.val, cfg.test), problems=problems,
