@@ -44,9 +44,11 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_registry_lists_the_presets_with_help():
-    assert set(ENCODERS) == {"dino-vits16", "dinov2-vits14", "distilbert", "minilm", "clip-b32", "clip-b16"}
+    assert set(ENCODERS) == {"dino-vits16", "dinov2-vits14", "distilbert", "minilm", "clip-b32", "clip-b16",
+                             "ast-audioset", "clap-htsat"}
     assert encoder_names("image") == ["dino-vits16", "dinov2-vits14", "clip-b32", "clip-b16"]
-    assert encoder_names("text") == ["distilbert", "minilm", "clip-b32", "clip-b16"]
+    assert encoder_names("text") == ["distilbert", "minilm", "clip-b32", "clip-b16", "clap-htsat"]
+    assert encoder_names("audio") == ["ast-audioset", "clap-htsat"]
     assert ENCODERS["clip-b32"].modalities == ("image", "text")
     assert ENCODERS["dinov2-vits14"].source == "facebook/dinov2-small"
     assert all(entry.help for entry in ENCODERS.values())

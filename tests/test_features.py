@@ -329,7 +329,8 @@ def test_command_encodes_then_reuses(example_ds, towers):
      "error: unknown image encoder 'nosuch': use a preset (dino-vits16, dinov2-vits14, clip-b32, clip-b16), "
      "a hub id such as owner/name, or a local model folder"),
     (["--dataset", "example", "--text", "dino-vits16"],
-     "error: 'dino-vits16' is a image encoder, not an text encoder; text presets: distilbert, minilm, clip-b32, clip-b16"),
+     "error: 'dino-vits16' is a image encoder, not an text encoder; text presets: distilbert, minilm, clip-b32, clip-b16, "
+     "clap-htsat"),
     (["--dataset", "example"], "error: pass --vision ENCODER and/or --text ENCODER: there is nothing to encode"),
     (["--dataset", "example", "--vision", "clip-b32", "--precision", "fp16", "--device", "cpu"],
      "error: --precision fp16 needs a CUDA GPU (CPUs compute float16 slowly and without loss scaling); "

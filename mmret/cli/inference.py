@@ -27,7 +27,7 @@ def eval_command(
     split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
     task: Annotated[str, typer.Option(help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); or linear-probe (logistic regression on the run's frozen item embeddings).")] = "retrieval",
     compare: Annotated[Optional[list[str]], typer.Option(help="Runs to put side by side (repeat the option or separate with commas); differences from the first are tested with a paired bootstrap.", show_default=False)] = None,
-    zero_shot: Annotated[Optional[str], typer.Option(help="Also (or only) evaluate a pretrained CLIP as it is, e.g. clip-b32: the baseline row.", show_default=False)] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(help="Also (or only) evaluate a pretrained CLIP or CLAP as it is, e.g. clip-b32 or clap-htsat: the baseline row.", show_default=False)] = None,
     recall_k: Annotated[str, typer.Option(help="Retrieval: the k of Recall@k, separated by commas (CLIP_benchmark's --recall_k).")] = "1,5,10",
     templates: Annotated[Optional[Path], typer.Option(help="Classification: prompt templates, one per line with {c} for the class name (or JSON) [default: the dataset's own, as a CLIP_benchmark set ships them; else CLIP's 80 ImageNet templates].", show_default=False)] = None,
     map: Annotated[Optional[Path], typer.Option("--map", help="Also draw a 2-D map of the split's item and caption embeddings to this PNG, coloured by class or split.", show_default=False)] = None,
@@ -74,9 +74,10 @@ def eval_command(
 def search(
     query: Annotated[Optional[list[str]], typer.Argument(help="Text queries (each one searched), e.g. \"a dog on the beach\".", show_default=False)] = None,
     image: Annotated[Optional[Path], typer.Option(help="Search with this picture instead: similar pictures and the captions that fit it.", show_default=False)] = None,
+    audio: Annotated[Optional[Path], typer.Option(help="Search with this sound instead (a run over sounds): similar sounds and the captions that fit it.", show_default=False)] = None,
     queries: Annotated[Optional[Path], typer.Option(help="A file with one query per line (- reads standard input), searched in one batch.", show_default=False)] = None,
     run: Annotated[Optional[str], typer.Option(help="Run whose model searches [default: the newest run].", show_default=False)] = None,
-    zero_shot: Annotated[Optional[str], typer.Option(help="Search with a pretrained CLIP as it is instead (e.g. clip-b32); needs --dataset.", show_default=False)] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(help="Search with a pretrained CLIP or CLAP as it is instead (e.g. clip-b32, clap-htsat); needs --dataset.", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset whose pictures form the gallery [default: the run's].", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Gallery split: all, train, val or test.")] = "all",
     k: Annotated[int, typer.Option("-k", "--top", help="Results per query.")] = 10,
@@ -84,12 +85,12 @@ def search(
     rebuild_index: Annotated[bool, typer.Option("--rebuild-index", help="Build the cached index again (e.g. after the run improved).")] = False,
     checkpoint: Checkpoint = "best",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON for scripts.")] = False,
-    grid: Annotated[Optional[Path], typer.Option(help="Also write a contact sheet of the results (PNG) here.", show_default=False)] = None,
+    grid: Annotated[Optional[Path], typer.Option(help="Also write the results here for people to look at: a contact sheet (PNG) of pictures, a listening page (HTML: a player and a spectrogram per hit) of sounds.", show_default=False)] = None,
     device: Device = "auto",
     runs_dir: RunsDir = None,
     data_dir: DataDir = None,
 ) -> None:
-    """The best-matching pictures for text queries (or pictures and captions for a picture)."""
+    """The best-matching pictures or sounds for text queries (or items and captions for a picture or sound)."""
     import sys
 
     from mmret.cli import ui
@@ -104,8 +105,11 @@ def search(
         texts += [line.strip() for line in source.splitlines() if line.strip()]
     if grid is not None:
         check_writable(grid, "--grid")
-    result = run_search(run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir), texts, image, dataset, split, k,
-                        index, rebuild_index, device, checkpoint, ui.NullReporterIfJson(json_output), data_dir)
+    if image is not None and audio is not None:
+        raise MmretError("search with --image or --audio, not both")
+    result = run_search(run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir), texts, image or audio, dataset,
+                        split, k, index, rebuild_index, device, checkpoint, ui.NullReporterIfJson(json_output), data_dir,
+                        query_modality="audio" if audio is not None else "image" if image is not None else None)
     if grid is not None:
         from mmret.modalities import get_modality
 

@@ -29,14 +29,14 @@ def prepare(
     val: Annotated[float, typer.Option(help="Fraction of images for validation when the source has no official split.")] = 0.1,
     test: Annotated[float, typer.Option(help="Fraction of images for testing when the source has no official split (1.0: all of them, a set for evaluation only).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the random split (and of the generated example).")] = 0,
-    check_images: Annotated[bool, typer.Option("--check-images", help="Decode every image fully and drop broken ones (slower).")] = False,
+    check_images: Annotated[bool, typer.Option("--check-images", "--check-audio", help="Decode every picture or sound fully and drop broken ones, and silent sounds (slower).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the dataset if it was prepared before.")] = False,
     count: Annotated[int, typer.Option(help="Number of pictures in the generated `example` dataset.")] = 500,
     allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let a captions table name files outside --root (they are left out otherwise).")] = False,
     no_captions: Annotated[bool, typer.Option("--no-captions", help="A gallery to search, not to train on: every picture, with or without captions (all in test). Prepare it again with --force to add new pictures; only they are embedded next time.")] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Read a raw dataset and write its image and caption tables with train/val/test splits."""
+    """Read a raw dataset and write its item (picture or sound) and caption tables with train/val/test splits."""
     from mmret.cli import ui
     from mmret.data.config import PrepareConfig
 
@@ -54,8 +54,12 @@ def prepare(
 def _encoder_help(modality: str) -> str:
     from mmret.encoders import ENCODERS
 
-    presets = "; ".join(f"{name} ({preset.help.rstrip('.')})" for name, preset in ENCODERS.items()
-                        if modality in preset.modalities)
+    fits = (lambda p: set(p.modalities) - {"text"}) if modality == "item" else (lambda p: modality in p.modalities)
+    presets = "; ".join(f"{name} ({preset.help.rstrip('.')})" for name, preset in ENCODERS.items() if fits(preset))
+    if modality == "item":
+        return (f"Frozen item tower (pictures, or sounds for a dataset of sounds): a preset, a hub id (owner/name), a "
+                f"local model folder, or spectrogram:IMAGE-TOWER (a picture tower over log-mel pictures of sounds). "
+                f"Presets: {presets}.")
     return f"Frozen {modality} tower: a preset, a hub id (owner/name) or a local model folder. Presets: {presets}."
 
 
@@ -65,7 +69,7 @@ def precompute_embeddings(
     dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to encode (with --run: default the run's).", show_default=False)] = None,
     run: Annotated[Optional[str], typer.Option(help="Write this trained run's final embeddings (name, folder or latest) to runs/<run>/embeddings/<ds>-<split>/.", show_default=False)] = None,
     zero_shot: Annotated[Optional[str], typer.Option(help="Write the final embeddings of a pretrained CLIP as it is (e.g. clip-b32).", show_default=False)] = None,
-    vision: Annotated[Optional[str], typer.Option(help=_encoder_help("image"), show_default=False)] = None,
+    vision: Annotated[Optional[str], typer.Option(help=_encoder_help("item"), show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option(help=_encoder_help("text"), show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Rows to compute now: all, train, val or test (one cache spans every split).")] = "all",
     tokens: Annotated[bool, typer.Option("--tokens", help="Also keep the token states (N, T, D), for methods that read them.")] = False,
@@ -99,7 +103,10 @@ def precompute_embeddings(
             ui.console.print(f"shard {shard or 'of this process'} written; the last shard to finish seals "
                              f"{run_dir.name}'s embeddings (or run --finalize)", highlight=False)
             return
-        ui.console.print(f"{emb.dataset}-{emb.split}: {emb.images.shape[0]:,} images and {emb.captions.shape[0]:,} "
+        from mmret.modalities import get_modality
+
+        items = get_modality(emb.modality).plural
+        ui.console.print(f"{emb.dataset}-{emb.split}: {emb.images.shape[0]:,} {items} and {emb.captions.shape[0]:,} "
                          f"captions, {emb.images.shape[1]}-d float16, in {emb.path}", highlight=False)
         return
     if dataset is None:

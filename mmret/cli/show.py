@@ -7,12 +7,21 @@ from __future__ import annotations
 from mmret.cli import ui
 
 
+def _modality(name: str):
+    from mmret.modalities import get_modality
+
+    return get_modality(name)
+
+
 def show_prepare(result) -> None:
     rows = []
     for split, c in result.counts.items():
         per = f"{c['captions'] / c['images']:.2f}" if c["images"] else "-"
         rows.append((split, c["images"], c["captions"], per, c["dropped images"]))
-    ui.console.print(ui.table(f"{result.name} ({result.source})", ["split", "images", "captions", "captions/image", "dropped images"], rows))
+    items, one = _modality(result.modality).plural, _modality(result.modality).noun
+    one = "image" if result.modality == "image" else one
+    columns = ["split", items, "captions", f"captions/{one}", f"dropped {items}"]
+    ui.console.print(ui.table(f"{result.name} ({result.source})", columns, rows))
     ui.console.print(f"splits: {result.split_note}", highlight=False)
     if result.problems:
         ui.console.print("dropped or fixed: " + ", ".join(f"{n} {k}" for k, n in result.dropped.items()), highlight=False)
@@ -67,7 +76,12 @@ def show_dry_run(plan) -> None:
 def show_train(result) -> None:
     if result.rank != 0:  # one of several processes: the first one reports
         return
-    keys = [k for k in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall") if k in result.best]
+    import re
+
+    recall = re.compile(r"(t2[a-z]+|[a-z]+2t)_r(1|5|10)")
+    keys = sorted((k for k in result.best if recall.fullmatch(k)),
+                  key=lambda k: (not k.startswith("t2"), int(k.split("_r")[1])))
+    keys += ["mean_recall"] if "mean_recall" in result.best else []
     ui.console.print(ui.table("best validation", ["metric", "value"], [(k, f"{result.best[k]:.4f}") for k in keys]))
     ui.console.print(f"{result.stopped} after {result.epochs} epochs, {result.steps} steps, "
                      f"{result.seconds:.1f}s ({result.precision} on {result.device})", highlight=False)
@@ -108,15 +122,13 @@ def show_memory(report, given_flags: str = "") -> None:
 def show_eval(results, format: str) -> None:
     import json
 
-    from mmret.inference.evaluate import headline
-
     if format == "json":
         ui.console.print_json(json.dumps([r.to_json() for r in results]))
         return
     first = results[0]
     columns = ["metric"] + [r.run for r in results]
     rows = []
-    for key in headline(first.ks):
+    for key in first.headline:
         cells = [key]
         for r in results:
             cell = f"{r.metrics[key]:.4f}" if key not in ("rsum",) and not key.endswith("medr") else f"{r.metrics[key]:.1f}"
@@ -129,7 +141,7 @@ def show_eval(results, format: str) -> None:
         rows.append(cells)
     rows.append([f"chance R@{'/'.join(map(str, first.ks))}"]
                 + [" / ".join(f"{min(1, k / r.n_images):.3f}" for k in r.ks) for r in results])
-    title = f"{first.dataset} {first.split}: {first.n_images:,} images, {first.n_captions:,} captions"
+    title = f"{first.dataset} {first.split}: {first.n_images:,} {_modality(first.modality).plural}, {first.n_captions:,} captions"
     if format == "markdown":
         print(f"**{title}**\n")
         print("| " + " | ".join(columns) + " |")
@@ -225,14 +237,15 @@ def show_linear_probe(results, format: str) -> None:
 
 
 def show_search(result, grid) -> None:
+    items = _modality(result.modality)
     for q in result.results:
         rows = [(f"{h.rank}{' ✓' if h.right else ''}", f"{h.score:.4f}", h.image_id, " | ".join(h.captions[:2]))
                 for h in q.images]
-        ui.console.print(ui.table(f"{q.query!r}: {result.modality}s", ["#", "score", "id", "captions"], rows))
+        ui.console.print(ui.table(f"{q.query!r}: {items.plural}", ["#", "score", "id", "captions"], rows))
         if q.captions:
             rows = [(h.rank, f"{h.score:.4f}", h.captions[0], h.image_id) for h in q.captions]
-            ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", "of image"], rows))
+            ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", f"of {items.name}"], rows))
     ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search "
                      "(--json gives every file's path)", highlight=False)
     if grid is not None:
-        ui.console.print(f"contact sheet: {grid}", highlight=False)
+        ui.console.print(f"{items.sheet_name}: {grid}", highlight=False)

@@ -44,7 +44,7 @@ Tower = Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adap
 def train(
     method: Method = None,
     dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to train on [default: example].", show_default=False)] = None,
-    vision: Annotated[Optional[str], typer.Option(help="Frozen image tower: preset, hub id or folder [default: dino-vits16].", show_default=False)] = None,
+    vision: Annotated[Optional[str], typer.Option(help="Frozen item tower (pictures, or sounds: ast-audioset, clap-htsat, spectrogram:IMAGE-TOWER): preset, hub id or folder [default: dino-vits16].", show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option(help="Frozen text tower: preset, hub id or folder [default: distilbert].", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images [default: 20].", show_default=False)] = None,
     batch_size: PairBatch = None,
@@ -153,7 +153,7 @@ def probe_memory(
     vram: Annotated[float, typer.Option(help="GPU memory to fit in, in GB (2^30 bytes): 6 for a 6 GB card.", show_default=False)],
     method: Method = None,
     model: ClipModel = None,
-    vision: Annotated[Optional[str], typer.Option(help="Image tower: preset, hub id or folder [default: dino-vits16]. Only its config is read.", show_default=False)] = None,
+    vision: Annotated[Optional[str], typer.Option(help="Item tower (pictures, or sounds: ast-audioset, clap-htsat, spectrogram:IMAGE-TOWER): preset, hub id or folder [default: dino-vits16]. Only its config is read.", show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option(help="Text tower: preset, hub id or folder [default: distilbert]. Only its config is read.", show_default=False)] = None,
     batch_size: PairBatch = None,
     max_length: MaxLength = None,

@@ -22,7 +22,7 @@ class PrepareConfig:
     val: float = 0.1  # fraction of images for validation, when the source has no official split
     test: float = 0.1  # fraction of images for testing, when the source has no official split
     seed: int = 0  # seed of the random split and of the generated example
-    check_images: bool = False  # decode every image fully and drop broken ones
+    check_images: bool = False  # decode every item fully and drop broken ones (and silent sounds)
     force: bool = False  # replace an existing prepared dataset
     count: int = 500  # number of pictures in the generated `example` dataset
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)

@@ -1,14 +1,16 @@
 """`mmret prepare`: read a raw dataset with its reader and write `data/<ds>/`.
 
-`data/<ds>/` holds `dataset.json`, `images.parquet` (image_id, path, split, width, height) and
-`captions.parquet` (caption_id, image_id, caption, split). The whole folder is built under a
-temporary name and renamed into place, so a failed or interrupted prepare leaves nothing behind.
+`data/<ds>/` holds `dataset.json`, the item table named after its modality (`images.parquet`:
+image_id, path, split, width, height; `audio.parquet`: audio_id, path, split, sample_rate,
+channels, duration_ms) and `captions.parquet` (caption_id, image_id or audio_id, caption, split).
+The whole folder is built under a temporary name and renamed into place, so a failed or
+interrupted prepare leaves nothing behind.
 
 With `captions=False` (`--no-captions`) the items are a gallery to search, not pairs to train on:
 every item is kept whatever captions it has, the caption table is empty, and every item is in the
 test split. A dataset prepared again (`--force`) keeps the caches computed from the old one
 (`features/`, `thumbnails/`): their rows are reused item by item wherever the file has not changed
-(see `mmret.data.stamps`), so a folder that gained pictures costs only the new ones.
+(see `mmret.data.stamps`), so a folder that gained items costs only the new ones.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class PrepareResult:
     counts: dict[str, dict[str, int]]  # split -> images, captions, dropped
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
+    modality: str = "image"  # what the items are
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -116,8 +119,9 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         split_note = source.split_note if cfg.captions else GALLERY_NOTE
         images, captions = to_tables(records, columns, modality)
         counts = _counts(images, captions, problems, modality)
-        write_parquet(tmp / "images.parquet", images)
-        write_parquet(tmp / "captions.parquet", captions)
+        key = {"image_id": modality.id_column}  # each modality names its table and key on disk (see prepared)
+        write_parquet(tmp / modality.table, images.rename(columns=key))
+        write_parquet(tmp / "captions.parquet", captions.rename(columns=key))
         write_json(tmp / "dataset.json", {
             "name": cfg.name, "source": cfg.source, "modality": modality.name, "root": str(cfg.root or target),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generation": uuid.uuid4().hex,
@@ -129,4 +133,4 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         })
         _carry_caches(target, tmp)
     return PrepareResult(cfg.name, target, cfg.source, split_note, counts, problems,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, modality.name)

@@ -86,7 +86,7 @@ def split_tables(dataset: Any, split: str) -> SplitTables:
     """The tables of one split of a prepared dataset; a split with no items is a one-line error."""
     part = dataset.split(split)
     if part.images.empty:
-        raise MmretError(f"dataset {dataset.name!r} has no {split} images; prepare it with a {split} split "
+        raise MmretError(f"dataset {dataset.name!r} has no {split} {dataset.modality.plural}; prepare it with a {split} split "
                          f"(e.g. --{split} 0.1) or train with --folds")
     return SplitTables.from_frames(part.images, part.captions)
 

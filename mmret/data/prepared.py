@@ -1,8 +1,16 @@
 """A prepared dataset read back from `data/<ds>/`: what every step after `prepare` reads.
 
-`load_dataset(name)` gives a `PreparedDataset`: its item table (`images.parquet`, with `path`
-resolved to absolute paths), its caption table, its `dataset.json` and its modality. `split`
-selects one split; `with_folds` re-splits it for k-fold cross-validation.
+`load_dataset(name)` gives a `PreparedDataset`: its item table (with `path` resolved to absolute
+paths), its caption table, its `dataset.json` and its modality. `split` selects one split;
+`with_folds` re-splits it for k-fold cross-validation.
+
+On disk each modality names its item table and key after itself: `images.parquet` with
+`image_id` for pictures, `audio.parquet` with `audio_id` for sounds (and the caption table's key
+column the same way). Those files are read by people and by their own pandas scripts, where a
+column called image_id over sound files would mislead. In memory the key is always `image_id`
+("the item"): one name keeps every later step (pairs, feature caches, embeddings, metrics) blind
+to the modality, and renaming it here, the one place that reads the files, costs nothing. Picture
+datasets prepared before audio existed load unchanged.
 """
 
 from __future__ import annotations
@@ -104,8 +112,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDatas
         raise MmretError(f"no prepared dataset {name!r} in {root}{hint}; run `mmret prepare` first")
     fix = f"prepare the dataset again (mmret prepare ... --name {name} --force)"
     info = read_json(path / "dataset.json", fix)
-    images = read_parquet(path / "images.parquet", fix)
-    captions = read_parquet(path / "captions.parquet", fix)
+    modality = get_modality(info.get("modality") if isinstance(info, dict) else None)
+    key = {modality.id_column: "image_id"}  # each modality names its key on disk (see the module docstring)
+    images = read_parquet(path / modality.table, fix).rename(columns=key)
+    captions = read_parquet(path / "captions.parquet", fix).rename(columns=key)
     missing = {"image_id", "path", "split"} - set(images.columns) or {"image_id", "caption", "split"} - set(captions.columns)
     if missing or not isinstance(info, dict):
         raise damaged(path, f"its tables lack {', '.join(sorted(missing)) or 'a dataset.json object'}", fix)

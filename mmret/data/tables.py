@@ -72,7 +72,8 @@ def merge_duplicate_ids(records: list[ImageRecord]) -> list[ImageRecord]:
 def check_files(records: list[ImageRecord], base: Path, full: bool, problems: list[Problem], modality: Modality,
                 reporter: Reporter = NULL) -> tuple[list[ImageRecord], list[dict[str, int]]]:
     """Keep records whose file opens (and with `full`, decodes); return them with their table
-    columns (a picture's width and height)."""
+    columns (a picture's width and height, a sound's rate, channels and length). What the probe
+    notes about a kept file (a sound mixed down from 8 channels) becomes a problem line too."""
     def probe(rec: ImageRecord):
         if rec.columns is not None:  # probed by the reader, from the bytes it read
             return rec.columns
@@ -92,6 +93,8 @@ def check_files(records: list[ImageRecord], base: Path, full: bool, problems: li
                 kind = f"missing {modality.name}" if str(result) == "file not found" else f"broken {modality.name}"
                 problems.append(Problem(kind, rec.path, str(result), rec.split))
                 continue
+            for kind, reason in result.pop("notes", ()):  # kept, with one line saying what is odd
+                problems.append(Problem(kind, rec.path, reason, rec.split))
             kept.append(rec)
             columns.append(result)
     return kept, columns

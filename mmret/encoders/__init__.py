@@ -5,6 +5,8 @@ Every tower is an `nn.Module` wrapper around the library's own model (`.model`: 
 timm module, so peft can put adapters inside it):
 
 - `ImageEncoder.forward(pixels (B, 3, H, W)) -> EncoderOutput(pooled (B, D), tokens (B, T, Dt))`
+- `AudioEncoder.forward(features) -> EncoderOutput(pooled, tokens)` (AST's log-mel frames, CLAP's)
+- `SpectrogramEncoder` (`spectrogram:NAME`): a picture tower over log-mel pictures of sounds
 - `TextEncoder.forward(input_ids (B, L), attention_mask (B, L)) -> EncoderOutput(pooled, tokens, mask)`
 
 `forward` never turns gradients off (later methods train inside the towers); callers that only
@@ -25,12 +27,18 @@ files, pooling, image size and normalisation, text length): the feature cache ke
 
 Modules: `hub` (where weights come from), `presets` (the names users type), `load` (by name, with
 or without weights; each modality's family registers its builder), `base` (what every tower
-shares), `preprocess` (a picture tower's resize/crop/normalise), `image` and `text` (the families).
+shares), `preprocess` (a picture tower's resize/crop/normalise), `image`, `audio` and `text` (the
+families), `spectrogram` (the picture-tower-over-spectrograms wrapper).
 """
 
 from mmret.common.lazy import lazy_names
 
 __getattr__ = lazy_names(globals(), {
+    "AudioEncoder": "mmret.encoders.audio",
+    "SpectrogramEncoder": "mmret.encoders.spectrogram",
+    "build_audio_encoder": "mmret.encoders.audio",
+    "register_wrapper": "mmret.encoders.load",
+    "tower_modality": "mmret.encoders.load",
     "DEFAULT_MAX_LENGTH": "mmret.encoders.base",
     "ENCODERS": "mmret.encoders.presets",
     "EncoderOutput": "mmret.encoders.base",
@@ -54,4 +62,4 @@ __getattr__ = lazy_names(globals(), {
     "register_preset": "mmret.encoders.presets",
     "resolve_source": "mmret.encoders.hub",
 })
-__all__ = sorted(["DEFAULT_MAX_LENGTH", "ENCODERS", "EncoderOutput", "ImageEncoder", "ImagePreprocess", "ImageTransform", "LOADS", "ModelSource", "Preset", "TextEncoder", "TimmImageEncoder", "Tower", "TransformersImageEncoder", "build_image_encoder", "build_text_encoder", "encoder_names", "load_image_encoder", "load_text_encoder", "load_tower", "register_family", "register_preset", "resolve_source"])
+__all__ = sorted(["DEFAULT_MAX_LENGTH", "ENCODERS", "EncoderOutput", "ImageEncoder", "ImagePreprocess", "ImageTransform", "LOADS", "ModelSource", "Preset", "TextEncoder", "TimmImageEncoder", "Tower", "TransformersImageEncoder", "build_image_encoder", "build_text_encoder", "encoder_names", "load_image_encoder", "load_text_encoder", "load_tower", "register_family", "register_preset", "resolve_source", "AudioEncoder", "SpectrogramEncoder", "build_audio_encoder", "register_wrapper", "tower_modality"])

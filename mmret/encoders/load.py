@@ -26,12 +26,54 @@ from mmret.errors import MmretError
 _logger = logging.getLogger(__name__)
 
 FAMILIES: dict[str, Callable[..., Tower]] = {}  # modality -> build(source, weights, **options)
-BUILTIN_FAMILIES = ("mmret.encoders.image", "mmret.encoders.text")  # each registers its family when imported
+MODEL_TYPES: dict[str, str] = {}  # transformers model_type -> the item modality its family takes
+WRAPPERS: dict[str, tuple[str, Callable[..., Tower]]] = {}  # name prefix -> (modality, build(inner, meta, **options))
+# each registers its family (or wrapper) when imported
+BUILTIN_FAMILIES = ("mmret.encoders.image", "mmret.encoders.text", "mmret.encoders.audio", "mmret.encoders.spectrogram")
 LOADS: dict[str, int] = {}  # towers loaded with weights in this process, per modality (tests count them)
 
 
-def register_family(modality: str, build: Callable[..., Tower]) -> None:
+def register_family(modality: str, build: Callable[..., Tower], model_types: tuple[str, ...] = ()) -> None:
+    """`build(source, weights, **options)` makes the `modality` towers; `model_types` are the
+    transformers model types that only it takes (so a folder's config says what its items are)."""
     FAMILIES[modality] = build
+    MODEL_TYPES.update({kind: modality for kind in model_types})
+
+
+def register_wrapper(prefix: str, modality: str, build: Callable[..., Tower]) -> None:
+    """Names `PREFIX<inner>` build a `modality` tower around another tower (`spectrogram:NAME`: an
+    image tower over log-mel pictures) with `build(inner, meta=..., **options)`."""
+    WRAPPERS[prefix] = (modality, build)
+
+
+def tower_modality(name: str) -> str | None:
+    """The item modality the tower `name` takes (a preset's, a wrapper's, or what its config's
+    model type says), or None when only loading it could tell. Reads no weights and never goes
+    to the network; for `probe-memory` and `--dry-run` without a prepared dataset."""
+    import_all(BUILTIN_FAMILIES)
+    for prefix, (modality, _) in WRAPPERS.items():
+        if name.startswith(prefix):
+            return modality
+    preset = ENCODERS.get(name)
+    if preset is not None:
+        return next((m for m in preset.modalities if m != "text"), None)
+    try:
+        source = resolve_source(name, need_weights=False, local_only=True)
+    except MmretError:
+        return None
+    return MODEL_TYPES.get((source.config if source else {}).get("model_type"))
+
+
+def _wrapped(name: str, modality: str, meta: bool, given: dict) -> Tower | None:
+    """The tower a registered prefix (`spectrogram:`) builds around another, or None."""
+    for prefix, (kind, build) in WRAPPERS.items():
+        if name.startswith(prefix):
+            if kind != modality:
+                raise MmretError(f"{name!r} is a {kind} encoder, not an {modality} encoder")
+            tower = build(name[len(prefix):], meta=meta, **given)
+            tower.name = name
+            return tower
+    return None
 
 
 def _unknown(name: str, modality: str) -> MmretError:
@@ -77,22 +119,20 @@ def load_tower(name: str, modality: str, *, meta: bool = False, weights: str | P
     preset's or the model's own). With `meta=True` nothing is read but configs: the tower has
     every shape and its spec, and `with_weights()` loads it for real.
     """
-    if modality not in FAMILIES:
+    if modality not in FAMILIES or not WRAPPERS:
         import_all(BUILTIN_FAMILIES)
     if modality not in FAMILIES:
         raise MmretError(f"no encoder family for {modality!r}; known: {', '.join(FAMILIES)}")
     given = {k: v for k, v in options.items() if v is not None}
     preset = ENCODERS.get(name)
-    if preset is not None:
+    tower = _wrapped(name, modality, meta, given)
+    if tower is None and preset is not None:
         if modality not in preset.modalities:
             raise _unknown(name, modality)
-        source = _preset_source(preset, meta)
-        options = {**preset.options[modality], **given}
-    else:
-        source, options = _source(name, modality, weights, meta), given
-    tower = FAMILIES[modality](source, not meta, **options)
-    if preset is not None:
+        tower = FAMILIES[modality](_preset_source(preset, meta), not meta, **{**preset.options[modality], **given})
         tower.name = name
+    elif tower is None:
+        tower = FAMILIES[modality](_source(name, modality, weights, meta), not meta, **given)
     if meta:
         tower.reload = functools.partial(load_tower, name, modality, weights=weights, **given)
     else:

@@ -81,3 +81,24 @@ register_preset(Preset(
     "clip-b16", "openai/clip-vit-base-patch16",
     "CLIP ViT-B/16 towers: projected 512; tokens 197 x 768 (image), L x 512 (text).",
     {"image": {"pooling": "proj"}, "text": {"pooling": "proj"}}, _clip(16)))
+
+# Audio towers. AST's published config is ASTConfig's defaults (MIT/ast-finetuned-audioset-10-10-0.4593:
+# 768 wide, 12 layers, 16x16 patches with stride 10 over 1024 frames x 128 mel bins). CLAP HTSAT-unfused:
+# a Swin-T audio tower (96 wide at the patches, depths 2-2-6-2) and RoBERTa-base text, both projected to 512.
+CLAP_HTSAT_AUDIO = dict(window_size=8, num_mel_bins=64, spec_size=256, patch_size=4, patch_stride=[4, 4],
+                        hidden_size=768, patch_embeds_hidden_size=96, depths=[2, 2, 6, 2],
+                        num_attention_heads=[4, 8, 16, 32], enable_fusion=False, projection_dim=512)
+CLAP_ROBERTA_TEXT = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, projection_dim=512)
+
+register_preset(Preset(
+    "ast-audioset", "MIT/ast-finetuned-audioset-10-10-0.4593",
+    "Audio Spectrogram Transformer fine-tuned on AudioSet, 16 kHz: 1214 tokens x 768 over 10.24 s, "
+    "CLS+distillation pooled 768.",
+    {"audio": {"pooling": "cls"}}, Architecture("transformers", "audio-spectrogram-transformer")))
+register_preset(Preset(
+    "clap-htsat", "laion/clap-htsat-unfused",
+    "LAION CLAP HTSAT-unfused towers, 48 kHz audio: projected 512; tokens 64 x 768 (audio), L x 768 (text).",
+    {"audio": {"pooling": "proj"}, "text": {"pooling": "proj"}},
+    Architecture("transformers", "clap", dict(audio_config=CLAP_HTSAT_AUDIO, text_config=CLAP_ROBERTA_TEXT,
+                                              projection_dim=512))))

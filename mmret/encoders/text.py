@@ -1,5 +1,5 @@
-"""Text towers: transformers text models with their tokenizers (CLIP's text tower with its
-projection, BERT-likes, sentence-transformers folders with their pooling), built with their
+"""Text towers: transformers text models with their tokenizers (CLIP's and CLAP's text towers with
+their projections, BERT-likes, sentence-transformers folders with their pooling), built with their
 weights or, for shapes only, on the meta device.
 
 `TextEncoder.forward(input_ids (B, L), attention_mask (B, L)) -> EncoderOutput(pooled, tokens, mask)`.
@@ -87,22 +87,29 @@ def _sentence_transformers_pooling(folder: Path | None) -> str | None:
 
 
 def _text_limit(config: Any, tokenizer: Any) -> int:
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and getattr(config, "model_type", "") in ("roberta", "clap_text_model"):
+        positions -= (getattr(config, "pad_token_id", 1) or 0) + 1  # RoBERTa numbers positions after padding_idx
+    limits = [positions, getattr(tokenizer, "model_max_length", None)]
     return min(int(x) for x in limits if x and x < 1_000_000)
 
 
 def _hf_text_model(source: ModelSource, pooling: str | None, weights: bool) -> tuple[nn.Module, Any, str]:
     """The transformers text model, its (text) config and the pooling it uses."""
-    from transformers import AutoModel, CLIPTextModelWithProjection
+    from transformers import AutoModel, ClapTextModelWithProjection, CLIPTextModelWithProjection
 
     config = hf_config(source)
     if is_clip(source.config, "text"):
         text = config.text_config if source.config["model_type"] == "clip" else config
         text.projection_dim = getattr(config, "projection_dim", text.projection_dim)
         return load_hf(CLIPTextModelWithProjection, source, text, weights), text, pooling or "proj"
+    if source.config.get("model_type") in ("clap", "clap_text_model"):  # CLAP's RoBERTa with its projection
+        text = config.text_config if source.config["model_type"] == "clap" else config
+        text.projection_dim = getattr(config, "projection_dim", text.projection_dim)
+        return load_hf(ClapTextModelWithProjection, source, text, weights), text, pooling or "proj"
     if is_dual(source.config):
         raise MmretError(f"{source.id}: model type {source.config['model_type']!r} has two towers and only "
-                         "CLIP's are supported; pass a text-only model")
+                         "CLIP's and CLAP's are supported; pass a text-only model")
     model = load_hf(AutoModel, source, config, weights)
     if not accepts(model, "input_ids") or accepts(model, "pixel_values"):
         raise MmretError(f"{source.id} ({source.config['model_type']}) is not a text model")

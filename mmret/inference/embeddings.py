@@ -65,6 +65,11 @@ class Embeddings:
     manifest: dict
 
     @property
+    def modality(self) -> str:
+        """What the items are (embeddings written before sounds existed are pictures)."""
+        return self.manifest.get("modality", "image")
+
+    @property
     def caption_image(self) -> torch.Tensor:
         return torch.tensor(self.caption_table["image"].to_numpy(np.int64))
 
@@ -139,7 +144,7 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
     images = _assemble(image_from, image_todo, new_images, old[2] if old else None, dim)
     captions = _assemble(caption_from, caption_todo, new_captions, old[3] if old else None, dim)
     ds.check_current("embedding")
-    return _write(target, expected, ds.name, run.name, source.tables, images, captions, stamps,
+    return _write(target, expected, ds, run.name, source.tables, images, captions, stamps,
                   (len(images) - len(image_todo), len(captions) - len(caption_todo)), start)
 
 
@@ -147,7 +152,7 @@ def _stamps(ds: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
     return item_stamps(t.image_ids, t.paths, ds.path), caption_stamps(t.captions)
 
 
-def _write(target: Path, expected: dict, dataset: str, run: str, t: Any, images: np.ndarray, captions: np.ndarray,
+def _write(target: Path, expected: dict, ds: Any, run: str, t: Any, images: np.ndarray, captions: np.ndarray,
            stamps: tuple[np.ndarray, np.ndarray], reused: tuple[int, int], start: float) -> Embeddings:
     """Write the folder at once: float16 arrays, the tables with each row's stamp, the manifest."""
     with atomic_dir(target, replace=True) as tmp:
@@ -157,7 +162,8 @@ def _write(target: Path, expected: dict, dataset: str, run: str, t: Any, images:
             tmp / "images.parquet", index=False)
         pd.DataFrame({"caption_id": t.caption_ids, "image": t.caption_image, "caption": t.captions,
                       "stamp": stamps[1]}).to_parquet(tmp / "captions.parquet", index=False)
-        write_json(tmp / "manifest.json", {**expected, "dataset": dataset, "run": run, "dim": images.shape[1],
+        write_json(tmp / "manifest.json", {**expected, "dataset": ds.name, "modality": ds.modality.name,
+                                           "run": run, "dim": images.shape[1],
                                            "images": len(images), "captions": len(captions), "digests": _digests(tmp),
                                            "reused": {"images": reused[0], "captions": reused[1]},
                                            "seconds": round(time.perf_counter() - start, 2)})
@@ -230,7 +236,7 @@ def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Report
         ds.check_current("embedding")
         arrays = {side: np.concatenate([np.load(parts / f"{side}-{k:06d}.npy") for s, k, _ in blocks if s == side])
                   for side in ("images", "captions")}
-        emb = _write(target, expected, ds.name, run.name, source.tables, arrays["images"], arrays["captions"],
+        emb = _write(target, expected, ds, run.name, source.tables, arrays["images"], arrays["captions"],
                      _stamps(ds, source.tables), (0, 0), start)
     shutil.rmtree(parts, ignore_errors=True)
     return emb

@@ -1,7 +1,8 @@
 """`mmret eval`: retrieval metrics of trained runs on a dataset split, the way papers report them.
 
 A run's final embeddings of the split (written once by `mmret.inference.embeddings`) are scored
-with `mmret.inference.metrics`: text→image and image→text Recall@1/5/10, MRR, median rank, mAP and RSUM, with
+with `mmret.inference.metrics`: text→item and item→text Recall@1/5/10, MRR, median rank, mAP (and
+for sounds DCASE's mAP@10) and RSUM, named by the items' modality (t2i / i2t, t2a / a2t), with
 optional bootstrap confidence intervals. Several runs on the same split are compared with a
 paired bootstrap that marks significant differences from the first run. Each result is saved to
 `runs/<run>/eval/<ds>-<split>.json`.
@@ -23,14 +24,18 @@ from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.metrics import (DEFAULT_KS, PairedDiff, RetrievalResult, bootstrap_ci, paired_bootstrap,
-                                     retrieval_metrics)
+from mmret.inference.metrics import (DEFAULT_KS, PairedDiff, RetrievalResult, bootstrap_ci, directions,
+                                     paired_bootstrap, retrieval_metrics)
+from mmret.modalities import get_modality
 
 
-def headline(ks=DEFAULT_KS) -> list[str]:
-    """The metrics a table shows, in order, for recall cut-offs `ks`."""
-    return ([f"t2i_r{k}" for k in ks] + [f"i2t_r{k}" for k in ks]
-            + ["t2i_mrr", "i2t_mrr", "t2i_medr", "i2t_medr", "i2t_map", "rsum"])
+def headline(ks=DEFAULT_KS, item: str = "i", map_at: tuple[int, ...] = ()) -> list[str]:
+    """The metrics a table shows, in order, for recall cut-offs `ks` and items called `item` (t2i /
+    i2t for pictures; t2a / a2t and DCASE's mAP@10 for sounds: `map_at`)."""
+    t2x, x2t = directions(item)
+    return ([f"{t2x}_r{k}" for k in ks] + [f"{x2t}_r{k}" for k in ks]
+            + [f"{t2x}_mrr", f"{x2t}_mrr", f"{t2x}_medr", f"{x2t}_medr", f"{x2t}_map"]
+            + [f"{d}_map{k}" for k in map_at for d in (t2x, x2t)] + ["rsum"])
 
 
 HEADLINE = headline()
@@ -48,13 +53,21 @@ class EvalResult:
     diffs: dict[str, PairedDiff] | None = None  # against the first run of a comparison
     path: Path | None = None  # where the result was saved
     ranks: RetrievalResult | None = field(default=None, repr=False)
+    modality: str = "image"  # what the items are: names the metrics and the table's rows
 
     @property
     def ks(self) -> tuple[int, ...]:
         return self.ranks.ks if self.ranks is not None else DEFAULT_KS
 
+    @property
+    def headline(self) -> list[str]:
+        """The metrics a table shows for this result, in order."""
+        modality = get_modality(self.modality)
+        return headline(self.ks, modality.short, modality.map_at)
+
     def to_json(self) -> dict[str, Any]:
-        out = {"run": self.run, "dataset": self.dataset, "split": self.split, "metrics": self.metrics,
+        out = {"run": self.run, "dataset": self.dataset, "split": self.split, "modality": self.modality,
+               "metrics": self.metrics,
                "n_images": self.n_images, "n_captions": self.n_captions,
                "chance": {f"r{k}": min(1.0, k / self.n_images) for k in self.ks}}
         if self.ci:
@@ -77,9 +90,11 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
     emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
     images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
-    ranks = retrieval_metrics(images, captions, emb.caption_image, ks)
+    modality = get_modality(emb.modality)
+    ranks = retrieval_metrics(images, captions, emb.caption_image, ks, item=modality.short, map_at=modality.map_at)
     ci = bootstrap_ci(ranks, bootstrap, seed) if bootstrap else None
-    result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(images), len(captions), ci, ranks=ranks)
+    result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(images), len(captions), ci, ranks=ranks,
+                        modality=modality.name)
     result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
     write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -1,9 +1,18 @@
-"""Retrieval metrics for image–text search: a rank per query, then recalls, MRR, median rank,
+"""Retrieval metrics for item–text search: a rank per query, then recalls, MRR, median rank,
 mAP and RSUM, with seeded bootstrap confidence intervals and paired comparisons of two runs.
 
-Protocol (CLIP paper, CLIP_benchmark): every caption is a text→image query with exactly one right
-image; every image is an image→text query whose right answers are all of its captions, and it is a
-hit at k when any of them is in the top k. Image→text mAP ranks all of an image's captions.
+Protocol (CLIP paper, CLIP_benchmark; for sounds the same one Clotho and DCASE use): every caption
+is a text→item query with exactly one right item; every item is an item→text query whose right
+answers are all of its captions, and it is a hit at k when any of them is in the top k.
+Item→text mAP ranks all of an item's captions.
+
+mAP@k (`map_at`, DCASE's mAP@10 for sounds): text→item, with its one right item, scores 1/rank
+when the rank is at most k and 0 otherwise, as DCASE's evaluation script computes it (the sum
+over the right items in the top k of hits-so-far / position); item→text, with several right
+captions, is that sum divided by min(captions, k), the usual AP@k, so a perfect ranking scores 1.
+
+Metric names say which way and what the items are: `t2i_r1`, `i2t_map` for pictures; `t2a_r1`,
+`a2t_map`, `t2a_map10` for sounds (`item`, the modality's letter).
 
 Scores are dot products (of normalised embeddings: cosine similarity) computed in float32, one
 block of query rows at a time, so a COCO 5K test never holds its 5000 x 25010 score matrix.
@@ -15,7 +24,7 @@ tie order (CLIP_benchmark's `torch.topk` leaves the order of ties undefined). A 
 float32 scores: two identical images may still differ in the last bit, since BLAS kernels do
 not promise the same summation order for every column.
 
-Values: `*_r{k}`, `*_mrr` and `i2t_map` are fractions in [0, 1]; `*_medr` is a rank (the lower
+Values: `*_r{k}`, `*_mrr`, `i2t_map` and `*_map{k}` are fractions in [0, 1]; `*_medr` is a rank (the lower
 median: the smallest rank that at least half of the queries reach); `rsum` is the sum of the
 recalls of both directions in percent (600 is perfect with the default ks 1, 5, 10).
 Per-query ranks are kept so that `bootstrap_ci` and `paired_bootstrap` can resample queries.
@@ -46,6 +55,9 @@ class RetrievalResult:
     i2t_ap: torch.Tensor  # (n_image,) float64: average precision over each image's captions; nan = none
     text_image: torch.Tensor  # (n_text,) int64: the image (row of image_emb) each caption describes
     ks: tuple[int, ...]
+    item: str = "i"  # the items' letter in metric names: t2i / i2t, t2a / a2t
+    map_at: tuple[int, ...] = ()  # mAP@k cut-offs reported besides the full mAP
+    i2t_ap_at: torch.Tensor | None = None  # (n_image, len(map_at)) float64 item→text AP@k; nan = no captions
 
     def hits(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-query hits at k: (n_text,) text→image and (n_image,) image→text booleans."""
@@ -67,23 +79,27 @@ class PairedDiff:
 
 def retrieval_metrics(
     image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
-    ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
+    ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None, item: str = "i", map_at: Sequence[int] = (),
 ) -> RetrievalResult:
-    """Rank every caption's image and every image's captions; `chunk` = query rows per block.
+    """Rank every caption's item and every item's captions; `chunk` = query rows per block.
 
     image_emb (n_image, D) and text_emb (n_text, D) are normalised embeddings of any float dtype;
-    text_image (n_text,) gives the row of image_emb that each caption describes.
+    text_image (n_text,) gives the row of image_emb that each caption describes. `item` is the
+    letter metric names give the items (i, a); `map_at` adds mAP@k for each k (see above).
     """
     n_image, n_text = _check_embeddings(image_emb, text_emb)
     text_image = _check_text_image(text_image, n_text, n_image)
+    map_at = _check_ks(map_at) if map_at else ()
     image32, text32 = image_emb.float(), text_emb.float()  # exact for float16 inputs
     t2i = _t2i_ranks(lambda s, e: text32[s:e] @ image32.T, text_image.to(text32.device), n_image, chunk)
-    i2t, ap = _i2t_ranks(lambda s, e: image32[s:e] @ text32.T, text_image.to(text32.device), n_image, chunk)
-    return _result(t2i, i2t, ap, text_image, ks)
+    i2t, ap, ap_at = _i2t_ranks(lambda s, e: image32[s:e] @ text32.T, text_image.to(text32.device), n_image, chunk,
+                                map_at)
+    return _result(t2i, i2t, ap, text_image, ks, item, map_at, ap_at)
 
 
 def metrics_from_scores(
     scores: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
+    item: str = "i", map_at: Sequence[int] = (),
 ) -> RetrievalResult:
     """The same metrics from a given (n_text, n_image) score matrix, e.g. from a re-ranker."""
     if scores.ndim != 2 or 0 in scores.shape:
@@ -93,19 +109,22 @@ def metrics_from_scores(
     n_text, n_image = scores.shape
     text_image = _check_text_image(text_image, n_text, n_image)
     gt = text_image.to(scores.device)
+    map_at = _check_ks(map_at) if map_at else ()
     t2i = _t2i_ranks(lambda s, e: scores[s:e].float(), gt, n_image, chunk)
-    i2t, ap = _i2t_ranks(lambda s, e: scores[:, s:e].T.float(), gt, n_image, chunk)
-    return _result(t2i, i2t, ap, text_image, ks)
+    i2t, ap, ap_at = _i2t_ranks(lambda s, e: scores[:, s:e].T.float(), gt, n_image, chunk, map_at)
+    return _result(t2i, i2t, ap, text_image, ks, item, map_at, ap_at)
 
 
 def metrics_from_ranks(
     t2i_ranks: torch.Tensor, i2t_ranks: torch.Tensor, i2t_ap: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
+    item: str = "i", map_at: Sequence[int] = (), i2t_ap_at: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Recalls, MRR, median ranks, mAP and RSUM from per-query ranks (images of rank 0 are skipped)."""
+    """Recalls, MRR, median ranks, mAP and RSUM from per-query ranks (images of rank 0 are skipped);
+    mAP@k for each of `map_at` when `i2t_ap_at` (n_image, len(map_at)) is given."""
     ks = _check_ks(ks)
     w_text = torch.ones(1, len(t2i_ranks), dtype=torch.int64)
     w_image = (i2t_ranks > 0).to(torch.int64)[None]
-    stats = _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks)
+    stats = _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks, item, tuple(map_at), i2t_ap_at)
     return {name: value.item() for name, value in stats.items()}
 
 
@@ -127,7 +146,8 @@ def paired_bootstrap(
     unit: str = "image",
 ) -> dict[str, PairedDiff]:
     """Whether run b differs from run a on the same queries: both are scored on the same resamples."""
-    if not torch.equal(a.text_image, b.text_image) or len(a.i2t_ranks) != len(b.i2t_ranks) or a.ks != b.ks:
+    if (not torch.equal(a.text_image, b.text_image) or len(a.i2t_ranks) != len(b.i2t_ranks) or a.ks != b.ks
+            or (a.item, a.map_at) != (b.item, b.map_at)):
         raise MmretError("the two runs were not evaluated on the same queries (same dataset, split "
                          "and ks); evaluate both on the same split and compare again")
     reps_a, reps_b = _replicates([a, b], n_boot, seed, unit)
@@ -179,18 +199,22 @@ def _count_at_least(scores: torch.Tensor, threshold: torch.Tensor, flags: torch.
     return torch.ge(scores, threshold, out=flags[:len(scores)]).sum(1).long()
 
 
-def _i2t_ranks(block: Block, text_image: torch.Tensor, n_image: int, chunk: int | None):
+def _i2t_ranks(block: Block, text_image: torch.Tensor, n_image: int, chunk: int | None,
+               map_at: tuple[int, ...] = ()):
     positives, n_pos = _captions_per_image(text_image, n_image)  # (n_image, P), (n_image,)
     rows = _rows_per_block(chunk, len(text_image))
     ranks = torch.zeros(n_image, dtype=torch.int64)
     ap = torch.full((n_image,), float("nan"), dtype=torch.float64)
+    ap_at = torch.full((n_image, len(map_at)), float("nan"), dtype=torch.float64) if map_at else None
     flags = None
     for start in range(0, n_image, rows):
         end = min(start + rows, n_image)
         scores = block(start, end)  # (c, n_text)
         flags = _flags_for(scores, flags)
-        ranks[start:end], ap[start:end] = _i2t_block(scores, positives[start:end], n_pos[start:end], flags)
-    return ranks, ap
+        ranks[start:end], ap[start:end], rank = _i2t_block(scores, positives[start:end], n_pos[start:end], flags)
+        if map_at:
+            ap_at[start:end] = _ap_at(rank, n_pos[start:end], map_at)
+    return ranks, ap, ap_at
 
 
 def _captions_per_image(text_image: torch.Tensor, n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,30 +246,54 @@ def _i2t_block(scores: torch.Tensor, positives: torch.Tensor, n_pos: torch.Tenso
     rank = all_ge - pos_ge + slots + 1  # (c, P) wrong captions above, plus the right ones so far
     precision = torch.where(real, (slots + 1) / rank.clamp(min=1).double(), 0.0)  # padding slots add 0
     ap = precision.sum(1) / n_pos  # 0 / 0 = nan for an image without captions
-    return torch.where(n_pos > 0, rank[:, 0], 0).cpu(), ap.cpu()
+    return torch.where(n_pos > 0, rank[:, 0], 0).cpu(), ap.cpu(), torch.where(real, rank, 0)
 
 
-def _result(t2i, i2t, ap, text_image, ks) -> RetrievalResult:
+def _ap_at(rank: torch.Tensor, n_pos: torch.Tensor, map_at: tuple[int, ...]) -> torch.Tensor:
+    """(c, len(map_at)) AP@k from each item's right captions' ranks (c, P), best first (0 = padding):
+    precision at each right caption ranked within k, summed, over min(captions, k)."""
+    slots = torch.arange(rank.shape[1], device=rank.device)
+    out = []
+    for k in map_at:
+        inside = (rank > 0) & (rank <= k)
+        precision = torch.where(inside, (slots + 1) / rank.clamp(min=1).double(), 0.0)
+        out.append(precision.sum(1) / n_pos.clamp(max=k))  # 0 / 0 = nan for an item without captions
+    return torch.stack(out, dim=1).cpu()
+
+
+def _result(t2i, i2t, ap, text_image, ks, item="i", map_at=(), ap_at=None) -> RetrievalResult:
     ks = _check_ks(ks)
-    metrics = metrics_from_ranks(t2i, i2t, ap, ks)
-    return RetrievalResult(metrics, t2i, i2t, ap, text_image.cpu(), ks)
+    _check_item(item)
+    metrics = metrics_from_ranks(t2i, i2t, ap, ks, item, map_at, ap_at)
+    return RetrievalResult(metrics, t2i, i2t, ap, text_image.cpu(), ks, item, tuple(map_at), ap_at)
 
 
 # --- weighted statistics: one code path for point estimates and bootstrap replicates -----------
 
 
-def _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks) -> dict[str, torch.Tensor]:
+def directions(item: str = "i") -> tuple[str, str]:
+    """The two directions' names for items called `item`: ("t2i", "i2t"), ("t2a", "a2t")."""
+    return f"t2{item}", f"{item}2t"
+
+
+def _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks, item="i", map_at=(),
+                      i2t_ap_at=None) -> dict[str, torch.Tensor]:
     """Every metric under B query weightings at once: w_text (B, n_text), w_image (B, n_image)."""
+    t2x, x2t = directions(item)
     out = {}
-    for prefix, ranks, w in (("t2i", t2i_ranks, w_text), ("i2t", i2t_ranks, w_image)):
+    for prefix, ranks, w in ((t2x, t2i_ranks, w_text), (x2t, i2t_ranks, w_image)):
         wf = w.double()
         total = wf.sum(1)  # (B,)
         for k in ks:
             out[f"{prefix}_r{k}"] = wf @ (ranks <= k).double() / total
         out[f"{prefix}_mrr"] = wf @ (1.0 / ranks.clamp(min=1).double()) / total
         out[f"{prefix}_medr"] = _weighted_lower_median(ranks, w).double()
-    out["i2t_map"] = w_image.double() @ torch.nan_to_num(i2t_ap) / w_image.sum(1).double()
-    out["rsum"] = 100 * sum(out[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in ks)
+    out[f"{x2t}_map"] = w_image.double() @ torch.nan_to_num(i2t_ap) / w_image.sum(1).double()
+    for j, k in enumerate(map_at):  # DCASE: one right item, AP@k = 1/rank within k
+        t2x_ap = torch.where(t2i_ranks <= k, 1.0 / t2i_ranks.clamp(min=1).double(), 0.0)
+        out[f"{t2x}_map{k}"] = w_text.double() @ t2x_ap / w_text.sum(1).double()
+        out[f"{x2t}_map{k}"] = w_image.double() @ torch.nan_to_num(i2t_ap_at[:, j]) / w_image.sum(1).double()
+    out["rsum"] = 100 * sum(out[f"{d}_r{k}"] for d in (t2x, x2t) for k in ks)
     return out
 
 
@@ -275,7 +323,8 @@ def _replicates(results: list[RetrievalResult], n_boot: int, seed: int, unit: st
         else:
             w_text = _draw_counts(torch.arange(len(first.text_image)), batch, len(first.text_image), gen)
         for r, acc in zip(results, parts):
-            stats = _weighted_metrics(r.t2i_ranks, r.i2t_ranks, r.i2t_ap, w_text, w_image, r.ks)
+            stats = _weighted_metrics(r.t2i_ranks, r.i2t_ranks, r.i2t_ap, w_text, w_image, r.ks, r.item, r.map_at,
+                                      r.i2t_ap_at)
             for name, values in stats.items():
                 acc.setdefault(name, []).append(values)
     return [{name: torch.cat(v) for name, v in acc.items()} for acc in parts]
@@ -320,6 +369,11 @@ def _check_text_image(text_image: torch.Tensor, n_text: int, n_image: int) -> to
         raise MmretError(f"text_image points outside the {n_image} images; captions and images "
                          "must come from the same dataset split")
     return text_image.long()
+
+
+def _check_item(item: str) -> None:
+    if not (isinstance(item, str) and item.isalpha() and item.islower() and 0 < len(item) <= 8):
+        raise MmretError(f"the items' name in metric names must be a few lower-case letters (i, a), got {item!r}")
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:

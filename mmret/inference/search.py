@@ -8,6 +8,9 @@ request). `mmret search` opens one per command, `mmret serve` one per process. A
 fingerprint of the run's checkpoint and the dataset: when they changed (the run trained on, the
 dataset was prepared again after items were added) it is built again, as the embeddings are; it is
 never used for other embeddings.
+
+`SearchResult.to_json` names items as the dataset's tables do: `images` and `image_id` for
+pictures, `audio` and `audio_id` for sounds.
 """
 
 from __future__ import annotations
@@ -71,7 +74,15 @@ class SearchResult:
     def to_json(self) -> dict[str, Any]:
         import dataclasses
 
-        return dataclasses.asdict(self)
+        modality = get_modality(self.modality)
+        out = dataclasses.asdict(self)
+
+        def hit(h: dict) -> dict:
+            return {modality.id_column if k == "image_id" else k: v for k, v in h.items()}
+
+        out["results"] = [{"query": q["query"], modality.plural: [hit(h) for h in q["images"]],
+                           "captions": [hit(h) for h in q["captions"]], "known": q["known"]} for q in out["results"]]
+        return out
 
 
 def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, rebuild: bool, reporter: Reporter):
@@ -228,18 +239,25 @@ class Gallery:
 def search(run_dir: Path, queries: list[str], image: Path | None = None, dataset: str | None = None,
            split: str = "all", k: int = 10, index: str = "exact", rebuild_index: bool = False,
            device: str = "auto", which: str = "best", reporter: Reporter = NULL,
-           data_dir: Path | None = None) -> SearchResult:
-    """Top-k items for each text query, or items and captions for a query item."""
-    if not queries and image is None:
-        raise MmretError("nothing to search for: give a query text, --queries FILE, or --image PATH")
-    if k < 1:
-        raise MmretError(f"-k must be at least 1, got {k}")
+           data_dir: Path | None = None, query_modality: str | None = None) -> SearchResult:
+    """Top-k items for each text query, or items and captions for a query item file (`image`: a
+    picture or a sound, whichever the run's items are; `query_modality` says which the caller
+    meant, and a query of the other kind is refused)."""
     if any(not q.strip() for q in queries):
         raise MmretError("a query is empty; give the words to search for")
     if image is not None and Path(image).is_dir():
-        raise MmretError(f"--image {image} is a folder; give the path of one file to search with")
-    gallery = Gallery.open(run_dir, dataset, split, index, rebuild_index, captions=image is not None,
-                           device=device, which=which, reporter=reporter, data_dir=data_dir)
+        raise MmretError(f"--{query_modality or 'image'} {image} is a folder; give the path of one file to search with")
+    if k < 1:
+        raise MmretError(f"-k must be at least 1, got {k}")
+    run = LoadedRun(run_dir, which, device)
+    items = get_modality(run.cfg.data.modality)
+    if not queries and image is None:
+        raise MmretError(f"nothing to search for: give a query text, --queries FILE, or --{items.name} PATH")
+    if image is not None and query_modality not in (None, items.name):
+        raise MmretError(f"run {run.name} searches {items.plural}, not {get_modality(query_modality).plural}: "
+                         f"query with --{items.name} PATH")
+    gallery = Gallery.open(run, dataset, split, index, rebuild_index, captions=image is not None,
+                           reporter=reporter, data_dir=data_dir)
     results = gallery.search_texts(queries, k) if queries else []
     if image is not None:
         results += gallery.search_items([image], k)

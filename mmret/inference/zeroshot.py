@@ -1,4 +1,4 @@
-"""The run folder that stands for a pretrained CLIP evaluated as it is (`--zero-shot clip-b32`):
+"""The run folder that stands for a pretrained CLIP or CLAP evaluated as it is (`--zero-shot clip-b32`):
 a config naming the model for both towers and the `zeroshot` method, and an empty checkpoint, so
 eval and search treat it as any run."""
 

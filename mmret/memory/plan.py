@@ -184,7 +184,7 @@ def _estimate_rows(cfg: RunConfig, method: Any, usable: int, reporter: Reporter)
     """Every candidate, each from steps on fake tensors. fp16 keeps tensors of bf16's sizes, so
     the bf16 rows stand for both."""
     sizes = micro_batches(cfg.train.batch_size)
-    checkpointing = (False, True) if method.checkpointable else (False,)
+    checkpointing = checkpoint_settings(cfg, method)[0]
     cached = bool(method.cached_sides(cfg))
     norm, rows = _norm_rows(cfg, method), []
     with reporter.task("estimating peak memory", total=len(checkpointing) * 2 * len(sizes), unit="steps") as task:
@@ -199,6 +199,19 @@ def _estimate_rows(cfg: RunConfig, method: Any, usable: int, reporter: Reporter)
                     rows.append(_row(Candidate(m, precision, ckpt, cached), phases, usable))
                     task.advance()
     return rows
+
+
+def checkpoint_settings(cfg: RunConfig, method: Any) -> tuple[tuple[bool, ...], str | None]:
+    """The gradient-checkpointing settings to try, and why checkpointing is left out when it is: a
+    tower whose transformers class cannot checkpoint (CLAP's) is found by building the model for
+    it on the meta device, as training would."""
+    if not method.checkpointable:
+        return (False,), None
+    try:
+        build_model(_with_train(cfg, grad_checkpointing=True))
+    except MmretError as e:
+        return (False,), str(e).split(";")[0]
+    return (False, True), None
 
 
 def _with_train(cfg: RunConfig, **changes: Any) -> RunConfig:
@@ -267,7 +280,7 @@ def _measure_rows(cfg: RunConfig, method: Any, device: torch.device, usable: int
     checkpointing setting, a binary search over the micro-batch on real steps; every micro-batch
     tried is a row."""
     precisions = precisions or (("fp32", "bf16", "fp16") if bf16_supported(device) else ("fp32", "fp16"))
-    checkpointing = (False, True) if method.checkpointable else (False,)
+    checkpointing = checkpoint_settings(cfg, method)[0]
     norm, rows, cached = _norm_rows(cfg, method), [], bool(method.cached_sides(cfg))
     with reporter.task("measuring peak memory", total=len(checkpointing) * len(precisions), unit="searches") as task:
         for ckpt in checkpointing:
@@ -384,6 +397,9 @@ def _notes(cfg: RunConfig, method: Any, held: int, measure: bool) -> list[str]:
     notes = [f"{size_text(held)} of the budget is kept for the CUDA context ({'measured' if measure else 'assumed'}); "
              f"a configuration fits when its peak plus {MARGIN:.0%} fits in the rest"]
     notes += method.memory_notes(cfg)
+    why = checkpoint_settings(cfg, method)[1]
+    if why:
+        notes.append(f"gradient checkpointing is not tried: {why}")
     if not measure:
         notes.append("fp16 keeps tensors of the same sizes as bf16: the bf16 rows stand for both")
     notes.append("phases: setup puts a sample of training inputs on the device to start the input norms of the "

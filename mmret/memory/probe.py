@@ -21,6 +21,7 @@ from mmret.memory.live import Breakdown, LiveBytes
 from mmret.methods import Inputs, Method, get_method
 from mmret.models.embed import embed_source
 from mmret.runs import RunConfig
+from mmret.runs.config import settle_modality
 from mmret.training.sam import SAM
 from mmret.training.session import init_heads
 from mmret.training.step import Stepper, make_optimizer
@@ -64,6 +65,7 @@ def build_model(cfg: RunConfig, device: torch.device | str = "meta") -> tuple[nn
     (the default) nothing is allocated and no weights are read: the towers come from their configs.
     On a real device the towers are loaded with their weights, as training loads them."""
     method = get_method(cfg.method.method, training=True)
+    settle_modality(cfg)  # a sound dataset, or a sound tower, builds a sound tower
     meta = str(device) == "meta"
     cfg = method.shapes_config(cfg) if meta else cfg
     context = method.open(cfg, None, weights=not meta)

@@ -19,7 +19,7 @@ BUILTIN_METHODS: dict[str, tuple[str, str, bool]] = {
     "full": ("mmret.methods.towers", "full fine-tuning of both towers (the reference row)", True),
     "scratch": ("mmret.methods.scratch",
                 "a small CLIP trained from scratch (MiniCLIP: ResNet + Linformer, or a random CLIP)", True),
-    "zeroshot": ("mmret.methods.zeroshot", "a pretrained CLIP as it is (made by eval --zero-shot)", False),
+    "zeroshot": ("mmret.methods.zeroshot", "a pretrained CLIP or CLAP as it is (made by eval --zero-shot)", False),
 }
 
 # Named LoRA recipes a user picks with one flag; keys are LoraConfig fields.

@@ -90,8 +90,8 @@ class FeaturesMethod(Method):
         return Inputs(image, (ctx.text.dim,))
 
     def frozen_parts(self, cfg: Any, ctx: FeatureContext) -> list[FrozenPart]:
-        return [FrozenPart(f"{side} encoder ({enc.name}, frozen)", sum(p.numel() for p in enc.parameters()))
-                for side, enc in (("image", ctx.image), ("text", ctx.text))]
+        return [FrozenPart(f"{enc.modality} encoder ({enc.name}, frozen)", sum(p.numel() for p in enc.parameters()))
+                for enc in (ctx.image, ctx.text)]
 
     def memory_notes(self, cfg: Any) -> list[str]:
         return [f"{self.name} trains from cached features: the towers never run in training and are not counted"]

@@ -175,7 +175,7 @@ class TowerMethod(Method):
         if ctx.cached is None:
             return []
         enc = ctx.image if ctx.cached == "image" else ctx.text
-        return [FrozenPart(f"{ctx.cached} encoder ({enc.name}, frozen, cached)", sum(p.numel() for p in enc.parameters()))]
+        return [FrozenPart(f"{enc.modality} encoder ({enc.name}, frozen, cached)", sum(p.numel() for p in enc.parameters()))]
 
     def memory_notes(self, cfg: Any) -> list[str]:
         cached = self.cached_sides(cfg)

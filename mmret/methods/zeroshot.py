@@ -1,4 +1,4 @@
-"""`zeroshot`: a pretrained CLIP evaluated as it is, the baseline row of every fine-tuning table.
+"""`zeroshot`: a pretrained CLIP (or CLAP) evaluated as it is, the baseline row of every fine-tuning table.
 
 Its "model" has no trainable part: the towers' projected embeddings (cached like any frozen
 features) are the embeddings, compared with CLIP's trained logit scale. It cannot be trained;

@@ -22,17 +22,31 @@ class Modality:
     noun: str  # picture: how messages name one item
     unit: str  # img: the unit of progress bars
     extensions: tuple[str, ...]  # file endings (lower case, with the dot)
-    # both take a Path or an open binary file (a member of a tar shard: see mmret.common.items)
-    probe: Callable[[Any, bool], dict[str, int]]  # (file, decode fully) -> table columns, or ItemError
-    decode: Callable[[Any], Any]  # file -> the decoded item (a PIL picture), or ItemError
+    # both take a Path or an open binary file (a member of a tar shard: see mmret.common.items). `probe`
+    # may add "notes" to the columns: (kind, reason) about a file that is kept (a sound mixed down
+    # from 8 channels), one line each in prepare's summary
+    probe: Callable[[Any, bool], dict[str, Any]]  # (file, decode fully) -> table columns, or ItemError
+    decode: Callable[[Any], Any]  # file -> the decoded item (a PIL picture, a waveform), or ItemError
     columns: tuple[str, ...]  # the columns `probe` fills in the item table
     results_sheet: Callable[..., None] | None = None  # ([(title, [SheetItem])], path): results for people to look at
     # (path, size) -> an (H, W, 3) uint8 picture of the item at most size pixels a side, for
     # embedding maps and failure galleries (a sound may draw its spectrogram); or ItemError
     thumbnail: Callable[[Path, int], Any] | None = None
+    sheet_name: str = "contact sheet"  # what `results_sheet` writes, in messages ("listening page" for sounds)
+    map_at: tuple[int, ...] = ()  # mAP@k cut-offs its benchmarks report besides full mAP (audio: DCASE's 10)
 
     def is_item_file(self, name: str) -> bool:
         return name.lower().endswith(self.extensions) and not name.startswith(".")
+
+    @property
+    def table(self) -> str:
+        """The item table's file in a prepared dataset: `images.parquet`, `audio.parquet`."""
+        return f"{self.plural}.parquet"
+
+    @property
+    def id_column(self) -> str:
+        """The item key's column on disk: `image_id`, `audio_id` (`image_id` once loaded)."""
+        return f"{self.name}_id"
 
 
 MODALITIES: dict[str, Modality] = {}
@@ -49,7 +63,6 @@ def get_modality(name: str | None) -> Modality:
     if name not in MODALITIES:
         raise MmretError(f"unknown modality {name!r}; mmret knows {', '.join(MODALITIES)}")
     return MODALITIES[name]
-
 
 
 @dataclass(frozen=True)

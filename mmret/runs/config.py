@@ -129,6 +129,22 @@ SECTIONS = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfi
 RETIRED = {("encoders", "tokens")}  # settings old config.json files hold that nothing reads any more
 
 
+def settle_modality(cfg: RunConfig) -> str:
+    """Set `cfg.data.modality` to what the run's items are and return it: the dataset's modality
+    when the dataset is prepared, else what the item tower takes (a preset, `spectrogram:NAME`, or
+    a folder's model type), else the default. For commands that may run without the dataset
+    (`--dry-run`, `probe-memory`); training reads it from the dataset."""
+    from mmret.data.prepared import load_dataset
+    from mmret.encoders import tower_modality
+
+    try:
+        cfg.data.modality = load_dataset(cfg.data.dataset, cfg.data.data_dir).modality.name
+    except MmretError:
+        tower = cfg.encoders.model or cfg.encoders.vision
+        cfg.data.modality = (tower_modality(tower) if tower else None) or cfg.data.modality
+    return cfg.data.modality
+
+
 def section_of(option: str) -> str:
     """The config section a flat option name (e.g. `rank`, `epochs`) belongs to."""
     if option in method_settings():

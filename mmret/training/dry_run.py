@@ -12,6 +12,7 @@ from mmret.errors import MmretError
 from mmret.methods import get_method
 from mmret.models import PartCount, parameter_table
 from mmret.runs import RunConfig
+from mmret.runs.config import settle_modality
 
 
 @dataclass
@@ -24,15 +25,17 @@ class DryRun:
 def dry_run(cfg: RunConfig) -> DryRun:
     """The parameter table (frozen towers outside the model first) and the resolved config."""
     method = get_method(cfg.method.method, training=True)
+    settle_modality(cfg)  # the dataset's, or what the item tower takes when the dataset is not prepared
     try:
         dataset = load_dataset(cfg.data.dataset, cfg.data.data_dir)
-        cfg.data.modality = dataset.modality.name
     except MmretError:
         dataset = None  # the counts do not depend on the data (a BPE vocabulary is then its configured size)
     context = method.open(cfg, dataset, weights=False)
     with torch.device("meta"):
         model = method.build(cfg, context)
     frozen = [PartCount(part.label, part.parameters, 0) for part in method.frozen_parts(cfg, context)]
-    parts = parameter_table(model)
+    item = cfg.data.modality  # the item side's parts are named after what it reads ("audio.encoder")
+    parts = [PartCount(item + p.part[5:] if p.part.startswith("image") else p.part, p.total, p.trainable)
+             for p in parameter_table(model)]
     total = PartCount("total", parts[-1].total + sum(r.total for r in frozen), parts[-1].trainable)
     return DryRun(method.name, frozen + parts[:-1] + [total], cfg.to_dict())

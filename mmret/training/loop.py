@@ -27,6 +27,7 @@ from mmret.common.io import ensure_free_space, uninterrupted, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.pairs import epoch_batches
 from mmret.errors import MmretError
+from mmret.modalities import get_modality
 from mmret.models.embed import embed_source
 from mmret.runs import RunConfig, load_run_config, point_latest
 from mmret.runs.checkpoint import read_meta, save_state, save_weights
@@ -113,14 +114,16 @@ def validation_loss(model: nn.Module, image_emb: torch.Tensor, text_emb: torch.T
 
 
 def evaluate(s: Session) -> dict[str, float]:
-    """Recall@1/5/10 both ways (and their mean), MRR and the loss on the validation split."""
-    from mmret.inference.metrics import retrieval_metrics
+    """Recall@1/5/10 both ways (and their mean), MRR and the loss on the validation split; metric
+    names say what the items are (t2i / i2t for pictures, t2a / a2t for sounds)."""
+    from mmret.inference.metrics import directions, retrieval_metrics
 
-    source = s.val
+    source, modality = s.val, get_modality(s.cfg.data.modality)
     image_emb, text_emb = embed_source(s.model, source, s.cfg.train.batch_size, s.device, s.autocast)
-    result = retrieval_metrics(image_emb, text_emb, torch.tensor(source.tables.caption_image))
+    result = retrieval_metrics(image_emb, text_emb, torch.tensor(source.tables.caption_image), item=modality.short,
+                               map_at=modality.map_at)
     loss = validation_loss(s.model, image_emb, text_emb, source.tables.captions_of, s.cfg.train.batch_size)
-    recalls = [result.metrics[f"{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    recalls = [result.metrics[f"{d}_r{k}"] for d in directions(modality.short) for k in (1, 5, 10)]
     return {**result.metrics, SELECT_METRIC: float(np.mean(recalls)), "val_loss": loss}
 
 
@@ -220,7 +223,8 @@ def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: A
                 if finish_epoch(s, partial=at_limit and st.batch < s.steps_per_epoch):
                     stopped = f"early stop: no better val {SELECT_METRIC} in {tc.patience} evaluations"
                     break
-                task.advance(0, **{"val R@1": s.state.history[-1].get("t2i_r1", float("nan"))})
+                t2x = f"t2{get_modality(cfg.data.modality).short}_r1"
+                task.advance(0, **{"val R@1": s.state.history[-1].get(t2x, float("nan"))})
                 if at_limit:
                     stopped = f"reached --max-steps {tc.max_steps}"
                     break

@@ -62,8 +62,8 @@ BUILTIN_READERS = {
     "coco": ("mmret.data.readers.coco", "MS-COCO: captions_{train,val}2014.json and/or Karpathy's dataset_coco.json"),
     "flickr8k": ("mmret.data.readers.flickr8k", "Flickr8k: Flickr8k.token.txt with Flickr_8k.{train,dev,test}Images.txt"),
     "folder": ("mmret.data.readers.folder",
-               "any folder of images with x.txt captions beside them, or a captions.csv/.jsonl/.parquet; "
-               "with --no-captions, any folder of images"),
+               "any folder of images or sounds with x.txt captions beside them, or a captions.csv/.jsonl/.parquet; "
+               "with --no-captions, any folder of images or sounds"),
     "classes": ("mmret.data.readers.classes",
                 "items sorted into class folders (root/<class>/...), or a labels.csv/.jsonl/.parquet of image and "
                 "label; for eval --task classification and linear-probe"),
@@ -73,6 +73,10 @@ BUILTIN_READERS = {
             "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, optional key.json), --root "
             "'shards/{00000..00099}.tar'; or a CLIP_benchmark webdataset folder (--root DIR holding test/nshards.txt, "
             "test/0.tar, ...; retrieval or classification)"),
+    "clotho": ("mmret.data.readers.clotho",
+               "Clotho: clotho_captions_{development,validation,evaluation}.csv with the audio folders"),
+    "audiocaps": ("mmret.data.readers.audiocaps",
+                  "AudioCaps: train/val/test.csv with the clips you have, found by YouTube id"),
 }
 READER_HELP: dict[str, str] = {name: help for name, (_, help) in BUILTIN_READERS.items()}
 READERS: dict[str, Reader] = {}
@@ -129,6 +133,18 @@ def index_images(root: Path) -> dict[str, Path]:
         for name in sorted(filenames):
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 found.setdefault(name, Path(dirpath) / name)
+    return found
+
+
+def index_files(root: Path, extensions: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Every file under `root` with one of `extensions`, by base name, in a sorted walk (hidden
+    folders skipped); a name found in several folders lists each (Clotho's split folders)."""
+    found: dict[str, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.lower().endswith(extensions):
+                found.setdefault(name, []).append(Path(dirpath) / name)
     return found
 
 

@@ -1,10 +1,11 @@
-"""Any folder of items with captions: pictures (or another modality's files, found by ending).
+"""Any folder of items with captions: pictures or sounds, found by their file endings.
 
-Either a caption file beside each item (`x.jpg` + `x.txt`, one caption per non-empty line), or
-one table at the root, `captions.csv`, `captions.jsonl` or `captions.parquet`, with an `image`
-column (path relative to the root) and a `caption` column, one row per caption. Pictures are
-jpg, png, webp, bmp or gif, in any sub-folder. Splits are seeded fractions (`--val`, `--test`).
-The modality is the one whose files the folder (or the table's `image` column) holds.
+Either a caption file beside each item (`x.jpg` + `x.txt`, `x.ogg` + `x.txt`, one caption per
+non-empty line), or one table at the root, `captions.csv`, `captions.jsonl` or `captions.parquet`,
+with an `image` (or, for sounds, `audio`) column (path relative to the root) and a `caption`
+column, one row per caption. Pictures are jpg, png, webp, bmp or gif; sounds wav, flac, ogg, opus
+or mp3; in any sub-folder. Splits are seeded fractions (`--val`, `--test`). The modality is the
+one whose files the folder (or the table's item column) holds.
 With `--no-captions` every item file under the root is read and caption files are not looked for.
 """
 
@@ -41,6 +42,8 @@ def read_table(path: Path, problems: list[Problem],
             frame = pd.read_parquet(path)
     except Exception as e:
         raise MmretError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+    if "image" in needed and "image" not in frame.columns and "audio" in frame.columns:
+        frame = frame.rename(columns={"audio": "image"})  # a table of sounds names its files `audio`
     if set(needed) - set(frame.columns):
         wanted = " and ".join(f"'{c}'" for c in needed)
         raise MmretError(f"{path.name} needs columns {wanted}; it has {', '.join(map(str, frame.columns))}")
@@ -119,7 +122,7 @@ def read_folder(root: Path, cfg) -> SourceData:
         return records_without_captions(root)
     problems: list[Problem] = []
     table = next((root / name for name in TABLES if (root / name).is_file()), None)
-    note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the images"
+    note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the items"
     if table is not None:
         records = records_from_table(table, root, problems)
         return SourceData(records, [str(table)], note, split_sizes=(cfg.val, cfg.test), problems=problems,

@@ -6,10 +6,15 @@ and forward (a `PeftModel` wrapper would not: timm's `forward_features` and the 
 projected outputs must stay reachable). `targets` ("q,v", "q,k,v,o", "mlp") are mapped to each
 architecture's module names by `target_modules`:
 
-    target  CLIP       BERT-like / HF ViT         DINOv2 (transformers 5 | 4)   DistilBERT  timm ViT
-    q k v   q_proj...  query key value            q_proj... | query...           q_lin...    qkv
-    o       out_proj   attention.output.dense     o_proj | attention.output.dense out_lin    attn.proj
-    mlp     mlp.fc1/2  intermediate/output.dense  mlp.fc1/2                      ffn.lin1/2  mlp.fc1/2
+    target  CLIP       BERT-like / HF ViT         DINOv2, AST (transformers 5 | 4)  DistilBERT  timm ViT
+    q k v   q_proj...  query key value            q_proj... | query...               q_lin...    qkv
+    o       out_proj   attention.output.dense     o_proj | attention.output.dense    out_lin     attn.proj
+    mlp     mlp.fc1/2  intermediate/output.dense  mlp.fc1/2 | intermediate/output...  ffn.lin1/2  mlp.fc1/2
+
+The sound towers follow the same names: AST's blocks are DINOv2's in transformers 5 (`layers.N.
+attention.q_proj`, `o_proj`, `mlp.fc1/2`) and BERT's in transformers 4 (`attention.attention.
+query`, `attention.output.dense`, `intermediate.dense`, `output.dense`); CLAP's audio tower (Swin)
+and its RoBERTa text tower use BERT's (`attention.self.query`, `attention.output.dense`, ...).
 
 timm fuses q, k and v into ONE Linear `qkv` (D -> 3D). Any of q, k, v selects it, and LoRA then
 adapts the fused matrix: A is r x D and B is 3D x r, so r * 4D per block whatever subset of q, k,

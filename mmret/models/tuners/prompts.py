@@ -9,8 +9,11 @@ lengthens `last_hidden_state` past the caller's attention mask; its prefix tunin
 `past_key_values`, which encoder-only towers do not read; and it has no image (`pixel_values`)
 path at all. Here, text prompts sit right after the first token ([CLS] / start-of-text): the
 input ids are lengthened by P placeholders (copies of the first id, so CLIP's end-of-text
-search is unchanged), whose word embeddings are replaced by the learned tokens; image prompts
-are inserted after the class (and register) tokens at the first block's input. Blocks after
+search is unchanged), whose word embeddings are replaced by the learned tokens; picture (and
+AST sound) prompts are inserted after the tokens that precede the patches, at the first block's
+input: the class token, a ViT's register tokens, and AST's distillation token (AST pools the mean
+of its first two positions, so a prompt there would be pooled). CLAP's audio tower is a Swin
+transformer with windowed attention and no sequence to prompt: `prefix` refuses it. Blocks after
 the first replace the previous block's prompt outputs with their own tokens. Prompt positions
 are dropped from `last_hidden_state` again, so `tokens` and pooling see the usual T positions.
 Text prompts use positions, so `max_length + P` must fit the model's position embeddings
@@ -32,6 +35,10 @@ from torch import Tensor, nn
 from mmret.errors import MmretError
 
 PROMPT_INIT_STD = 0.02  # as the towers' own token embeddings are initialised
+# tokens before the patches, by transformers model type (default 1: the class token). AST has two:
+# CLS and the distillation token (DeiT's), which its pooler averages: prompts go after both
+PREFIX_TOKENS = {"audio-spectrogram-transformer": 2}
+WINDOWED = ("clap_audio_model",)  # Swin-style towers: attention inside local windows, no global sequence
 _BLOCK = re.compile(r"(^|\.)(layers?|blocks)\.\d+$")  # CLIP layers.N, BERT/DINOv2 layer.N, timm blocks.N
 
 
@@ -102,20 +109,30 @@ def _model_width(model: nn.Module) -> int:
     return int(width)
 
 
+def _check_sequence_model(model: nn.Module) -> None:
+    """Prompt tokens join a sequence every block attends over; a windowed hierarchical tower has none."""
+    if getattr(getattr(model, "config", None), "model_type", "") in WINDOWED:
+        raise MmretError(f"prefix: {type(model).__name__} is a Swin transformer (CLAP's HTSAT): its blocks attend "
+                         "inside local windows of a patch grid that shrinks stage by stage, so there is no sequence "
+                         "to add prompt tokens to; adapt it with --method lora or adapter, or prompt only the text "
+                         "tower (--tower text)")
+
+
 def add_prompts(model: nn.Module, modality: str, num_tokens: int) -> PromptTokens:
     """Deep prompt tokens inside `model` (see the module docstring); returns the new module."""
+    _check_sequence_model(model)
     blocks = transformer_blocks(model)
     is_timm = callable(getattr(model, "forward_features", None))
     if modality == "text":
         start = 1  # right after [CLS] / start-of-text
     elif is_timm:  # after the class token and any register tokens
         start = model.num_prefix_tokens
-    else:
-        start = 1 + getattr(model.config, "num_register_tokens", 0)
+    else:  # after the class token (and AST's distillation token) and any register tokens
+        start = PREFIX_TOKENS.get(model.config.model_type, 1) + getattr(model.config, "num_register_tokens", 0)
     prompt = PromptTokens(len(blocks), num_tokens, _model_width(model), int(start))
     model.mmret_prompt = prompt.to(next(model.parameters()).device)
     for i, block in enumerate(blocks):
-        if i or modality == "image":
+        if i or modality != "text":  # an item tower (a picture or a sound) gets its prompts at block 0 too
             block.register_forward_pre_hook(functools.partial(prompt.before_block, i, i == 0), with_kwargs=True)
     if modality == "text":
         model.register_forward_pre_hook(prompt.lengthen_text, with_kwargs=True)

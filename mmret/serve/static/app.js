@@ -52,24 +52,28 @@ function releaseMedia() {
 
 function mediaElement(hit) {
   const kind = state.info ? state.info.modality : "image";
-  if (kind === "image") {
+  if (kind === "image" || kind === "audio") {  // a picture's thumbnail, a sound's spectrogram
     const img = document.createElement("img");
-    img.alt = hit.captions && hit.captions.length ? hit.captions[0] : hit.id;
+    const about = hit.captions && hit.captions.length ? hit.captions[0] : hit.id;
+    img.alt = kind === "audio" ? `Spectrogram of ${about}` : about;
     img.loading = "lazy";
     img.decoding = "async";
     loadMedia(img, hit.thumbnail);
     return img;
   }
-  if (kind === "audio") {
-    const audio = document.createElement("audio");
-    audio.controls = true;
-    audio.preload = "none";
-    loadMedia(audio, hit.url);
-    return audio;
-  }
   const span = document.createElement("span");
   span.textContent = hit.id;
   return span;
+}
+
+// A sound's player sits outside the link, so its controls play it rather than open it.
+function player(hit) {
+  const audio = document.createElement("audio");
+  audio.controls = true;
+  audio.preload = "none";
+  audio.setAttribute("aria-label", `Play ${hit.id}`);
+  loadMedia(audio, hit.url);
+  return audio;
 }
 
 function card(hit) {
@@ -90,6 +94,7 @@ function card(hit) {
     });
   }
   li.appendChild(link);
+  if (state.info && state.info.modality === "audio") li.appendChild(player(hit));
   const body = document.createElement("div");
   body.className = "body";
   const meta = document.createElement("div");

@@ -1,0 +1,273 @@
+"""Sounds as people have them: any of wav, flac, ogg (Vorbis, Opus) or mp3, any sample rate, any
+number of channels, seconds or hours long, sometimes broken.
+
+Files are read with libsndfile (`soundfile`) and resampled with libsoxr (`soxr`, its "HQ"
+quality), two well-kept C libraries; torchaudio is not needed (and its own loaders now defer to
+ffmpeg or soundfile anyway). Both come with `pip install -e ".[audio]"`.
+
+`probe_audio` reads the header: sample rate, channels and length, and notes what is odd but usable
+(many channels, a rate far from the encoders', hours of sound, a WAV header longer than the file).
+With `full=True` it decodes everything, block by block, and refuses what a header cannot show: a
+file that stops decoding part-way (truncated), one that holds fewer frames than its header says,
+and silence. `load_audio` gives what an encoder takes: mono (channels averaged), resampled, at most
+one window long (from the start, or from a random offset for training), so an hours-long file
+costs no more than a short one. Both raise `AudioError` with a short reason.
+
+What happens to each kind of bad file (each gets one line in `prepare`'s summary):
+
+    empty, not audio, no frames       left out by prepare
+    truncated                         WAV: the frames present are used (noted); with --check-audio left out.
+                                      FLAC/MP3: decoded up to the damage; with --check-audio left out.
+                                      OGG: its header is unreadable, left out
+    silent                            kept (encoders give finite features); with --check-audio left out
+    hours long                        kept; one window is read (noted)
+    8 channels                        averaged to mono (noted)
+    8 kHz, 192 kHz                    resampled to the encoder's rate (noted)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from mmret.errors import MmretError
+from mmret.modalities.base import ItemError, Modality, open_source, register_modality
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
+SILENCE = 1e-4  # peak amplitude below this (-80 dBFS) is silence
+LOW_RATE, HIGH_RATE = 16_000, 96_000  # rates outside these are noted: resampled far
+LONG_SECONDS = 600.0  # longer recordings are noted: only one window of them is read
+_BLOCK = 1 << 14  # frames decoded at a time when a whole file is read
+_HEADER_MISMATCH = re.compile(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)")
+
+
+class AudioError(ItemError):
+    """A sound file that cannot be used; the message is the reason."""
+
+
+def _libs() -> tuple[Any, Any]:
+    try:
+        import soundfile
+        import soxr
+    except (ImportError, OSError) as e:
+        raise MmretError(f"reading sound files needs soundfile and soxr ({e}); "
+                         "install them with: pip install -e \".[audio]\"") from None
+    return soundfile, soxr
+
+
+def _check_file(source: Any) -> None:
+    if hasattr(source, "read"):  # an open binary file: a member of a tar shard, read in memory
+        empty = source.seek(0, 2) == 0
+        source.seek(0)
+    else:
+        if not Path(source).is_file():
+            raise AudioError("file not found")
+        empty = Path(source).stat().st_size == 0
+    if empty:
+        raise AudioError("empty file (0 bytes)")
+
+
+def _opened(source: Any) -> Any:
+    """What soundfile opens: a path as a string, an open binary file rewound to its start."""
+    if hasattr(source, "read"):
+        source.seek(0)
+        return source
+    return str(source)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    sample_rate: int
+    channels: int
+    frames: int
+    truncated: str = ""  # libsndfile's note that the header promises more than the file holds
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def read_info(source: str | Path | BinaryIO) -> AudioInfo:
+    """The header of a sound file, a path or an open binary file (nothing decoded)."""
+    sf, _ = _libs()
+    _check_file(source)
+    try:
+        info = sf.info(_opened(source))
+    except (RuntimeError, TypeError) as e:
+        raise AudioError(f"not a sound file libsndfile can read ({_first_line(e)})") from None
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise AudioError(f"header says {info.samplerate} Hz and {info.channels} channels")
+    if info.frames <= 0:
+        raise AudioError("no audio frames")
+    match = _HEADER_MISMATCH.search(info.extra_info or "")
+    truncated = ""
+    if match and int(match[2]) < int(match[1]):
+        have = info.frames / info.samplerate
+        truncated = f"the header promises {have * int(match[1]) / max(1, int(match[2])):.2f} s, the file holds {have:.2f} s"
+    return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), truncated)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e) or type(e).__name__).splitlines()[0].replace("Error : ", "")
+
+
+def _notes(info: AudioInfo) -> list[tuple[str, str]]:
+    notes = []
+    if info.truncated:
+        notes.append(("truncated audio", f"{info.truncated}; the sound present is used"))
+    if info.channels > 2:
+        notes.append(("many channels", f"{info.channels} channels, averaged to mono"))
+    if info.sample_rate < LOW_RATE:
+        notes.append(("low sample rate", f"{info.sample_rate} Hz: resampled up; nothing above "
+                                         f"{info.sample_rate // 2} Hz is in the recording"))
+    if info.sample_rate > HIGH_RATE:
+        notes.append(("high sample rate", f"{info.sample_rate} Hz: resampled down to the encoder's rate"))
+    if info.seconds > LONG_SECONDS:
+        notes.append(("long audio", f"{_duration(info.seconds)} long: encoders read one window of it"))
+    return notes
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _blocks(f: Any, frames: int, size: int):
+    """Blocks of at most `size` frames until `frames` are read or the file ends (soundfile's own
+    `blocks` trusts the header's length and pads a short read with stale data)."""
+    while frames > 0:
+        block = f.read(min(size, frames), dtype="float32", always_2d=True)
+        if not len(block):
+            return
+        frames -= len(block)
+        yield block
+
+
+def _scan(source: Any, info: AudioInfo) -> None:
+    """Decode the whole file block by block (bounded memory): truncation and silence."""
+    sf, _ = _libs()
+    if info.truncated:
+        raise AudioError(f"truncated: {info.truncated}")
+    frames, peak = 0, 0.0
+    try:
+        with sf.SoundFile(_opened(source)) as f:
+            for block in _blocks(f, info.frames, _BLOCK):
+                frames += len(block)
+                peak = max(peak, float(np.abs(block).max()))
+    except RuntimeError as e:
+        raise AudioError(f"truncated or corrupt: decoding stops after {frames / info.sample_rate:.2f} of "
+                         f"{info.seconds:.2f} s ({_first_line(e)})") from None
+    if frames < 0.99 * info.frames:
+        raise AudioError(f"truncated: {frames / info.sample_rate:.2f} of the {info.seconds:.2f} s its header "
+                         "promises decode")
+    if not np.isfinite(peak):
+        raise AudioError("holds NaN or infinite samples")
+    if peak < SILENCE:
+        raise AudioError("silent: no sample above -80 dBFS")
+
+
+def probe_audio(source: str | Path | BinaryIO, full: bool = False) -> AudioInfo:
+    """The header of a sound file; `full` decodes everything and refuses truncated or silent files."""
+    info = read_info(source)
+    if full:
+        _scan(source, info)
+    return info
+
+
+def _read(source: Any, start: int, frames: int) -> tuple[np.ndarray, int]:
+    """(frames, channels) float32 from `start`, and the file's rate. A decoding error part-way keeps
+    the blocks decoded before it (a truncated FLAC or MP3 plays up to the damage)."""
+    sf, _ = _libs()
+    try:
+        with sf.SoundFile(_opened(source)) as f:
+            rate = f.samplerate
+            f.seek(start)
+            try:
+                return f.read(frames, dtype="float32", always_2d=True), rate
+            except RuntimeError:
+                pass
+        parts = []
+        with sf.SoundFile(_opened(source)) as f:
+            f.seek(start)
+            try:
+                for block in _blocks(f, frames, 4096):
+                    parts.append(block)
+            except RuntimeError:
+                pass
+        return (np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)), rate
+    except RuntimeError as e:
+        raise AudioError(f"cannot decode: {_first_line(e)}") from None
+
+
+def _random_start(total: int, want: int) -> int:
+    import torch  # the generator the DataLoader worker seeded for this item
+
+    return int(torch.randint(0, total - want + 1, ()).item()) if total > want else 0
+
+
+def load_audio(source: str | Path | BinaryIO, sample_rate: int | None = None, seconds: float | None = None,
+               random_offset: bool = False) -> np.ndarray:
+    """A mono float32 waveform (N,) of a sound file (a path or an open binary file) at `sample_rate`
+    (None: the file's), at most `seconds` long (None: all of it): from the start, or from a random
+    offset (seeded by torch) for training."""
+    _, soxr = _libs()
+    info = read_info(source)
+    want = info.frames if seconds is None else min(info.frames, math.ceil(seconds * info.sample_rate))
+    start = _random_start(info.frames, want) if random_offset else 0
+    data, rate = _read(source, start, want)
+    if not len(data) and start:  # an MP3 whose header promised more than it holds
+        data, rate = _read(source, 0, want)
+    if not len(data):
+        raise AudioError("no audio frames could be decoded")
+    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    wave = np.nan_to_num(wave, nan=0.0, posinf=1.0, neginf=-1.0)
+    if sample_rate and rate != sample_rate:
+        wave = soxr.resample(wave, rate, sample_rate, quality="HQ")
+    if seconds is not None:
+        wave = wave[:round(seconds * (sample_rate or rate))]
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class AudioDecoder:
+    """sound file (a path or an open binary file) -> mono waveform at `sample_rate`, at most
+    `seconds` long (picklable, for workers)."""
+
+    sample_rate: int
+    seconds: float | None = None
+    random_offset: bool = False  # training: a random window of a longer recording
+
+    def __call__(self, source: str | Path | BinaryIO) -> np.ndarray:
+        return load_audio(source, self.sample_rate, self.seconds, self.random_offset)
+
+
+def _probe_columns(source: Path | BinaryIO, full: bool) -> dict[str, Any]:
+    info = probe_audio(source, full)
+    return {"sample_rate": info.sample_rate, "channels": info.channels,
+            "duration_ms": min(round(info.seconds * 1000), 2**31 - 1), "notes": _notes(info)}
+
+
+def _listening_page(rows: list, path: Path) -> None:
+    from mmret.modalities.listening import listening_page
+
+    listening_page(rows, path, load_audio)
+
+
+def thumbnail(path: str | Path, size: int) -> np.ndarray:
+    """(H, W, 3) uint8: the log-mel spectrogram of the first 10 s in colour, at most `size` pixels a
+    side, for embedding maps and failure galleries."""
+    from mmret.modalities.listening import spectrogram_rgb
+
+    return spectrogram_rgb(open_source(path), load_audio, size)
+
+
+AUDIO = register_modality(Modality(
+    name="audio", plural="audio", short="a", noun="sound", unit="clip", extensions=AUDIO_EXTENSIONS,
+    probe=_probe_columns, decode=load_audio, columns=("sample_rate", "channels", "duration_ms"),
+    results_sheet=_listening_page, thumbnail=thumbnail, sheet_name="listening page", map_at=(10,)))
