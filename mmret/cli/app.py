@@ -16,7 +16,7 @@ from mmret.errors import MmretError, explain
 
 app = typer.Typer(
     name="mmret",
-    help="Image-text retrieval you can train on one consumer GPU or a laptop CPU.",
+    help="Image-text and audio-text retrieval you can train on one consumer GPU or a laptop CPU.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -83,7 +83,7 @@ def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Image-text retrieval you can train on one consumer GPU or a laptop CPU."""
+    """Image-text and audio-text retrieval you can train on one consumer GPU or a laptop CPU."""
     root = logging.getLogger()
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
