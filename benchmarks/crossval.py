@@ -1,13 +1,22 @@
-"""k-fold cross-validated retrieval of training methods on a prepared dataset.
+"""k-fold cross-validated retrieval of training methods on a prepared dataset, and the README report.
 
 For each method and fold: train with `--folds K --fold k` (test = fold k, val = 10% of the rest),
 embed the held-out test fold with the best checkpoint, and score it. Prints mean ± std over folds
-of text→image and image→text Recall@1/5/10, with chance level beside them.
+of text→image and image→text Recall@1/5/10, with chance level beside them, and the training time
+per fold. Scores are the usual protocol (a caption's own picture is its one right answer); the
+per-fold JSON also holds `same_*` scores where captions of the same text count as one answer.
 
     python benchmarks/crossval.py --dataset tuxpaint \
         --vision ~/.cache/mmret-offline/models/dinov2-small --text ~/.cache/mmret-offline/models/all-minilm-l6-v2
 
 Extra `key=value` arguments set training options for every run (e.g. epochs=40 mixup=0.4).
+`--label NAME` names the entry (default: the method) and `--json FILE` adds it to FILE (other
+entries kept), so variants of one method run one at a time land in one file. Then
+
+    python benchmarks/crossval.py --report results.json --ceiling ceiling.json \
+        --out docs/crossval-openclipart.md --png docs/crossval-openclipart.png
+
+writes the markdown table (and a bar chart) for the README from those files.
 """
 
 from __future__ import annotations
@@ -15,16 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmret.runs import RunConfig, with_overrides
+from mmret.common.paths import slug
+from mmret.data.negatives import caption_keys
 from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.metrics import retrieval_metrics
+from mmret.inference.metrics import retrieval_metrics, same_text_metrics
+from mmret.runs import RunConfig, with_overrides
 from mmret.training import train
 
 KS = (1, 5, 10)
+COLS = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in KS]
 
 
 def parse_value(text: str):
@@ -36,61 +49,178 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def run_fold(args, method: str, fold: int, extra: dict) -> dict:
+def run_fold(args, method: str, label: str, fold: int, extra: dict) -> dict:
     options = dict(method=method, dataset=args.dataset, vision=args.vision, text=args.text, folds=args.folds,
-                   fold=fold, name=f"cv-{args.tag}-{method}-fold{fold}", **extra)
+                   fold=fold, name=f"cv-{args.tag}-{slug(label)}-fold{fold}", **extra)
     cfg = with_overrides(RunConfig(), options)
     start = time.perf_counter()
     result = train(cfg)
+    trained = time.perf_counter() - start
     emb = write_run_embeddings(result.run_dir, split="test")
     images, captions = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (emb.images, emb.captions))
     scores = retrieval_metrics(images, captions, emb.caption_image).metrics
+    keys = torch.from_numpy(caption_keys(emb.caption_table["caption"].tolist()))
+    same = same_text_metrics(images, captions, emb.caption_image, keys)
+    scores.update({f"same_{k}": v for k, v in same.items()})
     scores.update(n_images=len(emb.images), n_captions=len(emb.captions), seconds=time.perf_counter() - start,
-                  epochs=result.epochs)
-    print(f"{method} fold {fold}: t2i R@1 {scores['t2i_r1']:.3f}  i2t R@1 {scores['i2t_r1']:.3f}  "
-          f"({scores['n_images']} test images, {result.epochs} epochs, {scores['seconds']:.0f}s)", flush=True)
+                  train_seconds=trained, epochs=result.epochs, best_epoch=best_epoch(result.run_dir),
+                  run=result.run_dir.name)
+    print(f"{label} fold {fold}: t2i R@1 {scores['t2i_r1']:.3f}  i2t R@1 {scores['i2t_r1']:.3f}  "
+          f"({scores['n_images']} test images, {result.epochs} epochs, {trained:.0f}s training)", flush=True)
     return scores
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    cols = [f"{d} R@{k}" for d in ("t2i", "i2t") for k in KS]
-    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for method, folds in results.items():
-        cells = []
-        for d in ("t2i", "i2t"):
-            for k in KS:
-                v = np.array([f[f"{d}_r{k}"] for f in folds])
-                cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    any_folds = next(iter(results.values()))
-    n_img = np.mean([f["n_images"] for f in any_folds])
+def best_epoch(run_dir: Path) -> int:
+    import pandas as pd
+
+    history = pd.read_parquet(run_dir / "metrics.parquet")
+    return int(history.loc[history["mean_recall"].idxmax(), "epoch"])
+
+
+def mean_std(folds: list[dict], key: str) -> str:
+    v = np.array([f[key] for f in folds], dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}"
+
+
+def chance_row(folds: list[dict]) -> list[str]:
     # a random ranking finds the one right image, or one of an image's c captions among c per image, with p ~ k / images
-    chance = [f"{min(1, k / n_img):.3f}" for k in KS] * 2
-    lines.append("| chance | " + " | ".join(chance) + " |")
+    n_img = np.mean([f["n_images"] for f in folds])
+    return [f"{min(1, k / n_img):.3f}" for k in KS] * 2
+
+
+def table(results: dict[str, list[dict]], with_time: bool = False) -> str:
+    """Mean ± std over folds of Recall@1/5/10 both ways (and training time), a chance row last."""
+    cols = [f"{d} R@{k}" for d in ("t2i", "i2t") for k in KS] + (["train s/fold"] if with_time else [])
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, folds in results.items():
+        cells = [mean_std(folds, c) for c in COLS]
+        if with_time:
+            cells.append(f"{np.mean([f.get('train_seconds', f['seconds']) for f in folds]):.0f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| chance | " + " | ".join(chance_row(next(iter(results.values())))) + (" | |" if with_time else " |"))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def load_entries(paths: list[str]) -> tuple[str, dict[str, dict]]:
+    entries, dataset = {}, None
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        dataset = dataset or data.get("dataset")
+        entries.update(data["entries"])
+    return dataset, entries
+
+
+def report(args) -> None:
+    dataset, entries = load_entries(args.report)
+    results = {label: e["folds"] for label, e in entries.items()}
+    n_folds = {len(f) for f in results.values()}
+    lines = [f"{'/'.join(map(str, sorted(n_folds)))}-fold cross-validation on {dataset} "
+             f"({np.mean([f['n_images'] for f in next(iter(results.values()))]):.0f} test pictures a fold), "
+             "mean ± std over folds:", "", table(results, with_time=True)]
+    ceiling = json.loads(Path(args.ceiling).read_text()) if args.ceiling else None
+    if ceiling:
+        lines += ["", "Closed-form maps on the same folds (`benchmarks/ceiling.py`, fit on all non-test pairs):", "",
+                  "| baseline | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 |", "|---" * 7 + "|"]
+        for name, folds in ceiling["baselines"].items():
+            lines.append(f"| {name} | " + " | ".join(mean_std(folds, c) for c in COLS) + " |")
+    same = {label: folds for label, folds in results.items() if "same_t2i_r1" in folds[0]}
+    if same:
+        lines += ["", "The same runs when captions of the same text count as one answer (`same_text_metrics`):", "",
+                  "| method | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 |", "|---" * 5 + "|"]
+        for label, folds in same.items():
+            lines.append(f"| {label} | " + " | ".join(mean_std(folds, f"same_{c}") for c in
+                                                       ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5")) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    if args.png:
+        bar_chart(dataset, results, ceiling, Path(args.png))
+
+
+def bar_chart(dataset: str, results: dict[str, list[dict]], ceiling: dict | None, path: Path) -> None:
+    """Grouped bars of R@1 and R@10 both ways per method, fold std as error bars, the best
+    closed-form map as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["t2i_r1", "i2t_r1", "t2i_r10", "i2t_r10"]
+    labels = list(results)
+    x = np.arange(len(metrics))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
+    for i, label in enumerate(labels):
+        vals = np.array([[f[m] for f in results[label]] for m in metrics])  # (metrics, folds)
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, vals.mean(1), width, yerr=vals.std(1), capsize=2, label=label)
+    if ceiling:
+        for j, m in enumerate(metrics):
+            best = max(np.mean([f[m] for f in folds]) for folds in ceiling["baselines"].values())
+            ax.hlines(best, j - 0.42, j + 0.42, colors="black", linestyles="dashed",
+                      label="best closed-form map" if j == 0 else None)
+    chance = {m: min(1, int(m.split("r")[-1]) / np.mean([f["n_images"] for f in results[labels[0]]])) for m in metrics}
+    ax.scatter(x, [chance[m] for m in metrics], marker="_", s=400, color="grey", label="chance", zorder=3)
+    ax.set_xticks(x, ["text→image R@1", "image→text R@1", "text→image R@10", "image→text R@10"])
+    ax.set_ylabel("recall (mean over folds ± std)")
+    ax.set_title(f"{dataset}: 5-fold cross-validation, DINOv2-small + MiniLM-L6")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def save(path: str, dataset: str, label: str, method: str, extra: dict, folds: list[dict]) -> None:
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.is_file() else {"dataset": dataset, "entries": {}}
+    data["entries"][label] = {"method": method, "options": extra, "folds": folds}
+    p.write_text(json.dumps(data, indent=2, default=str))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--vision", required=True)
-    parser.add_argument("--text", required=True)
+    parser.add_argument("--dataset")
+    parser.add_argument("--vision")
+    parser.add_argument("--text")
     parser.add_argument("--methods", default="heads,bridge")
+    parser.add_argument("--label", help="name of the entry (one method only; default: the method)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--only", help="comma-separated folds to run (default: all), e.g. for a quick check")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
-    parser.add_argument("--json", help="also write the per-fold scores here")
+    parser.add_argument("--json", help="add the per-fold scores to this file (other entries are kept)")
+    parser.add_argument("--report", nargs="+", help="write the README table from these --json files instead of training")
+    parser.add_argument("--ceiling", help="with --report: benchmarks/ceiling.py --json output for the same dataset")
+    parser.add_argument("--out", help="with --report: write the markdown here")
+    parser.add_argument("--png", help="with --report: write a bar chart here")
     parser.add_argument("options", nargs="*", help="training options as key=value")
     args = parser.parse_args()
+    if args.report:
+        report(args)
+        return
+    if not (args.dataset and args.vision and args.text):
+        parser.error("--dataset, --vision and --text are needed to train (or pass --report FILES)")
     extra = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.options)}
+    methods = args.methods.split(",")
+    if args.label and len(methods) > 1:
+        parser.error("--label names one method's entry; pass one method")
     folds = [int(k) for k in args.only.split(",")] if args.only else range(args.folds)
-    results = {m: [run_fold(args, m, k, extra) for k in folds] for m in args.methods.split(",")}
+    results = {}
+    for m in methods:
+        label = args.label or m
+        results[label] = [run_fold(args, m, label, k, extra) for k in folds]
+        if args.json:
+            save(args.json, args.dataset, label, m, extra, results[label])
     print()
     print(f"{args.folds}-fold cross-validation on {args.dataset}, options {extra or 'default'}:")
-    print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    print(table(results, with_time=True))
 
 
 if __name__ == "__main__":
