@@ -141,6 +141,7 @@ def test_augmented_views_are_cached_once_and_drawn_per_epoch(world, tmp_path):
     shutil.rmtree(one.path)
     recomputed = ensure_features(elsewhere, enc, "images", view=ItemView(1))
     np.testing.assert_array_equal(np.asarray(recomputed.pooled), np.asarray(again.pooled))
+    assert recomputed.stats.reused == 0  # rows are lent by caches of the same view only, never by other crops
 
     s = training.setup(config(world, tmp_path, method="heads", views=2, name="views"))
     assert len(s.train.views) == 2 and not s.val.views

@@ -20,6 +20,7 @@ from mmret.models import DualEncoder, ProjectionHead, QueryBridge, ResidualBridg
 from mmret.models.bridge import PooledHead
 from mmret.models.temperature import build_temperature
 
+
 class BridgeMethod(HeadsMethod):
     name = "bridge"
     help = help_of("bridge")

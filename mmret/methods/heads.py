@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 from torch import nn
 
-from mmret.errors import MmretError
 from mmret.features import ensure_features
 from mmret.features.precompute import item_views
 from mmret.methods.catalog import help_of
