@@ -62,7 +62,7 @@ def run_fold(args, method: str, label: str, fold: int, extra: dict) -> dict:
     keys = torch.from_numpy(caption_keys(emb.caption_table["caption"].tolist()))
     same = same_text_metrics(images, captions, emb.caption_image, keys)
     scores.update({f"same_{k}": v for k, v in same.items()})
-    scores.update(n_images=len(emb.images), n_captions=len(emb.captions), seconds=time.perf_counter() - start,
+    scores.update(fold=fold, n_images=len(emb.images), n_captions=len(emb.captions), seconds=time.perf_counter() - start,
                   train_seconds=trained, epochs=result.epochs, best_epoch=best_epoch(result.run_dir),
                   run=result.run_dir.name)
     print(f"{label} fold {fold}: t2i R@1 {scores['t2i_r1']:.3f}  i2t R@1 {scores['i2t_r1']:.3f}  "
@@ -88,16 +88,21 @@ def chance_row(folds: list[dict]) -> list[str]:
     return [f"{min(1, k / n_img):.3f}" for k in KS] * 2
 
 
-def table(results: dict[str, list[dict]], with_time: bool = False) -> str:
-    """Mean ± std over folds of Recall@1/5/10 both ways (and training time), a chance row last."""
+def table(results: dict[str, list[dict]], with_time: bool = False, with_folds: bool = False) -> str:
+    """Mean ± std over folds of Recall@1/5/10 both ways (and training time, and how many folds
+    ran), a chance row last."""
     cols = [f"{d} R@{k}" for d in ("t2i", "i2t") for k in KS] + (["train s/fold"] if with_time else [])
+    cols += ["folds"] if with_folds else []
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, folds in results.items():
         cells = [mean_std(folds, c) for c in COLS]
         if with_time:
             cells.append(f"{np.mean([f.get('train_seconds', f['seconds']) for f in folds]):.0f}")
+        if with_folds:
+            cells.append(str(len(folds)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| chance | " + " | ".join(chance_row(next(iter(results.values())))) + (" | |" if with_time else " |"))
+    ends = " |" * (1 + with_time + with_folds)  # the last cell's end, then an empty cell per extra column
+    lines.append("| chance | " + " | ".join(chance_row(next(iter(results.values())))) + ends)
     return "\n".join(lines)
 
 
@@ -119,7 +124,7 @@ def report(args) -> None:
     n_folds = {len(f) for f in results.values()}
     lines = [f"{'/'.join(map(str, sorted(n_folds)))}-fold cross-validation on {dataset} "
              f"({np.mean([f['n_images'] for f in next(iter(results.values()))]):.0f} test pictures a fold), "
-             "mean ± std over folds:", "", table(results, with_time=True)]
+             "mean ± std over folds:", "", table(results, with_time=True, with_folds=True)]
     ceiling = json.loads(Path(args.ceiling).read_text()) if args.ceiling else None
     if ceiling:
         lines += ["", "Closed-form maps on the same folds (`benchmarks/ceiling.py`, fit on all non-test pairs):", "",
@@ -167,7 +172,7 @@ def bar_chart(dataset: str, results: dict[str, list[dict]], ceiling: dict | None
     ax.scatter(x, [chance[m] for m in metrics], marker="_", s=400, color="grey", label="chance", zorder=3)
     ax.set_xticks(x, ["text→image R@1", "image→text R@1", "text→image R@10", "image→text R@10"])
     ax.set_ylabel("recall (mean over folds ± std)")
-    ax.set_title(f"{dataset}: 5-fold cross-validation, DINOv2-small + MiniLM-L6")
+    ax.set_title(f"{dataset}: k-fold cross-validation, DINOv2-small + MiniLM-L6")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
