@@ -125,6 +125,12 @@ def report(args) -> None:
     lines = [f"{'/'.join(map(str, sorted(n_folds)))}-fold cross-validation on {dataset} "
              f"({np.mean([f['n_images'] for f in next(iter(results.values()))]):.0f} test pictures a fold), "
              "mean ± std over folds:", "", table(results, with_time=True, with_folds=True)]
+    paired = paired_rows(results)
+    if paired:
+        first = next(iter(results))
+        lines += ["", f"Paired with {first} fold by fold (the same test pictures): mean ± std of the difference, and "
+                  "on how many folds the method was ahead:", "",
+                  "| method | Δ t2i R@1 | Δ t2i R@10 | Δ i2t R@1 | Δ i2t R@10 | t2i R@1 ahead |", "|---" * 6 + "|"] + paired
     ceiling = json.loads(Path(args.ceiling).read_text()) if args.ceiling else None
     if ceiling:
         lines += ["", "Closed-form maps on the same folds (`benchmarks/ceiling.py`, fit on all non-test pairs):", "",
@@ -145,6 +151,30 @@ def report(args) -> None:
         Path(args.out).write_text(text)
     if args.png:
         bar_chart(dataset, results, ceiling, Path(args.png))
+
+
+def paired_rows(results: dict[str, list[dict]]) -> list[str]:
+    """Each method against the first entry on the folds both ran (matched by `fold` where the scores
+    name it, else by position), as markdown rows."""
+    entries = list(results.items())
+    if len(entries) < 2:
+        return []
+    base = entries[0][1]
+    rows = []
+    for label, folds in entries[1:]:
+        pairs = [(base[i], f) for i, f in enumerate(folds) if i < len(base)]
+        if all("fold" in f for f in folds) and all("fold" in b for b in base):
+            by_fold = {b["fold"]: b for b in base}
+            pairs = [(by_fold[f["fold"]], f) for f in folds if f["fold"] in by_fold]
+        if not pairs:
+            continue
+        cells = []
+        for key in ("t2i_r1", "t2i_r10", "i2t_r1", "i2t_r10"):
+            d = np.array([f[key] - b[key] for b, f in pairs])
+            cells.append(f"{d.mean():+.3f} ± {d.std():.3f}")
+        ahead = sum(f["t2i_r1"] > b["t2i_r1"] for b, f in pairs)
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {ahead} of {len(pairs)} |")
+    return rows
 
 
 def bar_chart(dataset: str, results: dict[str, list[dict]], ceiling: dict | None, path: Path) -> None:
