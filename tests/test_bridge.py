@@ -180,4 +180,5 @@ def test_crossval_report_writes_the_table_and_the_chart(tmp_path):
     assert "| heads | 0.150 ± 0.050 |" in text and "| bridge | 0.300 ± 0.000 |" in text
     assert "| chance | 0.010 | 0.050 | 0.100 |" in text and "| ridge | 0.050 ± 0.000 |" in text
     assert "| 12 |" in text  # training seconds per fold
+    assert "| bridge | +0.150 ± 0.050 |" in text and "| 2 of 2 |" in text  # paired with heads fold by fold
     assert (tmp_path / "c.png").stat().st_size > 10_000
