@@ -60,10 +60,11 @@ class RunResult:
     processes: int = 1
 
 
-def train_step(s: Session, images: Any, texts: Any, positives: torch.Tensor | None = None) -> float:
-    """One optimizer step over one contrastive batch; returns its loss."""
+def train_step(s: Session, images: Any, texts: Any) -> float:
+    """One optimizer step over one contrastive batch (its right pairs beyond the diagonal, if any,
+    in `s.positives`); returns its loss."""
     try:
-        loss = s.stepper(images, texts, s.state.step, positives)
+        loss = s.stepper(images, texts, s.state.step, s.positives)
     except NonFiniteLoss as e:
         raise MmretError(
             f"the loss became {e.loss} at step {s.state.step + 1} (epoch {s.state.epoch + 1}); training stopped and "
@@ -83,7 +84,8 @@ def train_one_epoch(s: Session, task: Any) -> None:
     s.model.train()
     for (items, captions), (images, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
         n = len(items)  # pairs in the global batch
-        loss = train_step(s, images, texts, s.world.positives(s.plan.positives(items, captions), cfg.accumulation))
+        s.positives = s.world.positives(s.plan.positives(items, captions), cfg.accumulation)
+        loss = train_step(s, images, texts)
         s.step_rng = torch.get_rng_state()
         st.batch, st.loss_sum, st.pairs = st.batch + 1, st.loss_sum + loss * n, st.pairs + n
         task.advance(n, loss=loss, lr=s.optimizer.param_groups[0]["lr"])

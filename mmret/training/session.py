@@ -120,6 +120,7 @@ class Session:
     plan: BatchPlan  # each epoch's batches, and which pairs of a batch are right
     world: World = field(default_factory=World)
     started: float = field(default_factory=time.perf_counter)
+    positives: torch.Tensor | None = None  # the current batch's right pairs beyond the diagonal (see BatchPlan)
     step_rng: torch.Tensor = field(default_factory=torch.get_rng_state)  # CPU RNG after the last whole step
     plotted: float = field(default_factory=time.perf_counter)  # when the learning curve was last drawn
 
