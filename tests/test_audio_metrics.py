@@ -102,3 +102,15 @@ def test_bootstrap_and_paired_comparison_carry_the_audio_metrics():
     picture = metrics_from_scores(torch.randn(40, 8, generator=g), text_audio)
     with pytest.raises(Exception, match="not evaluated on the same queries"):
         paired_bootstrap(a, picture, 100)
+
+
+def test_same_text_metrics_name_their_items():
+    from mmret.inference.metrics import same_text_metrics
+
+    g = torch.Generator().manual_seed(0)
+    items, texts = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    owner, keys = torch.tensor([0, 0, 1, 2, 3, 3]), torch.tensor([0, 1, 2, 0, 3, 4])  # text 0 under items 0 and 2
+    sounds = same_text_metrics(items, texts, owner, keys, item="a")
+    pictures = same_text_metrics(items, texts, owner, keys)
+    assert set(sounds) == {k.replace("t2i", "t2a").replace("i2t", "a2t") for k in pictures}
+    assert sounds["t2a_r1"] == pictures["t2i_r1"] and "a2t_map" not in sounds

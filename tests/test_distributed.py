@@ -1,11 +1,14 @@
 """One distributed step (2 processes, gloo on the CPU) equals one process's step over the same
-global batch, with and without gradient caching, and with a dynamic temperature; the plain
-per-process loss without the gather does not."""
+global batch, with and without gradient caching, with a dynamic temperature, and with captions
+shared across the processes' slices plus HN-NCE weighting; the plain per-process loss without the
+gather does not."""
 
 from __future__ import annotations
 
 import os
 import socket
+
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from mmret.runs.config import TrainConfig
+from mmret.training.losses import clip_loss
 from mmret.training.step import Stepper, make_optimizer
 from mmret.models.temperature import build_temperature
 from tiny_models import heads_model
@@ -21,7 +25,13 @@ B, IMAGE_DIM, TEXT_DIM, EMBED = 11, 12, 10, 8  # 11 pairs: the two processes hol
 # (name, micro-batch, temperature, distributed loss): micro 2 caches gradients (6 rows: 3 micro-batches,
 # 5 rows: 3), None runs the whole slice at once
 CASES = [("whole", None, "learned", "gathered"), ("cached", 2, "learned", "gathered"),
-         ("dynamic", 2, "dynamic", "gathered"), ("no-gather", None, "learned", "local")]
+         ("dynamic", 2, "dynamic", "gathered"), ("no-gather", None, "learned", "local"),
+         ("shared", 2, "learned", "gathered")]
+# "shared": pairs 1 and 8 (one on each process) and 4 and 5 share a caption text; HN-NCE beta 0.5
+HN_BETA = 0.5
+POSITIVES = torch.eye(B, dtype=torch.bool)
+for i, j in ((1, 8), (4, 5)):
+    POSITIVES[i, j] = POSITIVES[j, i] = True
 
 
 def free_port() -> int:
@@ -35,18 +45,19 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, IMAGE_DIM, generator=g), torch.randn(B, TEXT_DIM, generator=g)
 
 
-def stepper(micro: int | None, temperature: str) -> Stepper:
+def stepper(micro: int | None, temperature: str, hn_beta: float = 0.0) -> Stepper:
     torch.manual_seed(0)
     model = heads_model(IMAGE_DIM, TEXT_DIM, EMBED, layers=2, temperature=build_temperature(temperature))
-    cfg = TrainConfig(batch_size=B, micro_batch=micro, warmup=0.0, grad_clip=1.0)
+    cfg = TrainConfig(batch_size=B, micro_batch=micro, warmup=0.0, grad_clip=1.0, hn_beta=hn_beta)
     opt = make_optimizer(model, 0.05, 0.05)
-    return Stepper(model, opt, cfg, 0.05, 10, torch.device("cpu"), "fp32", torch.amp.GradScaler("cpu", enabled=False))
+    return Stepper(model, opt, cfg, 0.05, 10, torch.device("cpu"), "fp32", torch.amp.GradScaler("cpu", enabled=False),
+                   loss_fn=partial(clip_loss, hn_beta=hn_beta) if hn_beta else clip_loss)
 
 
-def one_process(micro: int | None, temperature: str) -> tuple[float, dict]:
-    s = stepper(micro, temperature)
+def one_process(micro: int | None, temperature: str, shared: bool = False) -> tuple[float, dict]:
+    s = stepper(micro, temperature, HN_BETA if shared else 0.0)
     images, texts = batch()
-    loss = s(images, texts, 0)
+    loss = s(images, texts, 0, POSITIVES if shared else None)
     return loss, {k: v.detach().clone() for k, v in s.model.state_dict().items()}
 
 
@@ -58,11 +69,12 @@ def _rank(rank: int, port: int, out: str) -> None:
     images, texts = batch()
     mine = world.part(B)
     for name, micro, temperature, loss in CASES:
-        s = stepper(micro, temperature)
+        shared = name == "shared"
+        s = stepper(micro, temperature, HN_BETA if shared else 0.0)
         dist_mod.distribute_step(s, world, "cache")
         if loss == "local":
             s.loss_fn = dist_mod.local_clip_loss
-        value = s(images[mine], texts[mine], 0)
+        value = s(images[mine], texts[mine], 0, world.positives(POSITIVES, "cache") if shared else None)
         if rank == 0:
             state = {k: v.detach().contiguous() for k, v in s.model.state_dict().items()}
             save_file(state | {"loss": torch.tensor(value, dtype=torch.float64)}, os.path.join(out, f"{name}.safetensors"))
@@ -83,6 +95,16 @@ def test_a_two_process_step_equals_one_process_step(two_processes, name, micro, 
     assert abs(float(got["loss"]) - loss) < 1e-5 * max(1.0, abs(loss))
     for key, value in weights.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_shared_captions_and_hn_nce_across_processes_equal_one_process(two_processes):
+    loss, weights = one_process(2, "learned", shared=True)
+    got = two_processes["shared"]
+    assert abs(float(got["loss"]) - loss) < 1e-5 * max(1.0, abs(loss))
+    for key, value in weights.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    plain, _ = one_process(2, "learned")
+    assert abs(plain - loss) > 1e-3  # the positives and the weighting did change the loss
 
 
 def test_per_process_losses_without_the_gather_do_not_match(two_processes):

@@ -217,3 +217,21 @@ def test_bad_batches_end_in_one_clear_error():
         contrastive_step(model, images, texts[:9], 3)
     with pytest.raises(MmretError, match="different numbers of rows"):
         gradcache.batch_size({"tokens": torch.zeros(3, 2), "mask": torch.zeros(4, 2)})
+
+
+@pytest.mark.parametrize("hn_beta", [0.0, 0.5])
+def test_cached_step_is_exact_with_shared_caption_positives_and_hn_nce(hn_beta):
+    model, images, texts = heads_case(dropout=0.0)
+    pos = torch.eye(B, dtype=torch.bool)
+    pos[0, 4] = pos[4, 0] = pos[2, 9] = pos[9, 2] = True  # pairs across micro-batches share a caption
+    loss_fn = partial(clip_loss, hn_beta=hn_beta)
+    model.zero_grad()
+    ref_loss = full_step(model, images, texts, loss_fn, positives=pos)
+    ref = grads(model)
+    loss, got = run(contrastive_step, model, images, texts, micro=4, loss_fn=loss_fn, positives=pos)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert_same(got, ref)
+    plain_loss, _ = run(contrastive_step, model, images, texts, micro=4, loss_fn=loss_fn)
+    assert plain_loss.item() != pytest.approx(loss.item(), rel=1e-4)  # the positives changed the objective
+    acc_loss, _ = run(accumulate_step, model, images, texts, micro=5, loss_fn=loss_fn, positives=pos)
+    assert torch.isfinite(acc_loss)  # plain accumulation slices the positives with the micro-batches

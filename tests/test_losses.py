@@ -47,3 +47,54 @@ def test_aligned_pairs_have_low_loss_and_the_scale_gets_a_gradient():
     assert shuffled.item() > 40  # every positive is now an orthogonal pair
     clip_loss(emb, F.normalize(emb + 0.3, dim=-1), scale).backward()
     assert scale.grad is not None and scale.grad.item() != 0.0
+
+
+# --- captions shared by pictures, and HN-NCE ---------------------------------------------------
+
+
+def test_shared_captions_are_positives_and_the_diagonal_alone_is_the_plain_loss():
+    g = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    text = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    eye = torch.eye(4, dtype=torch.bool)
+    assert clip_loss(image, text, 10.0, positives=eye).item() == pytest.approx(clip_loss(image, text, 10.0).item(), rel=1e-6)
+    pos = eye.clone()
+    pos[0, 1] = pos[1, 0] = True  # pictures 0 and 1 share their caption's text
+    # by hand: row i's loss is log(sum over the row) - log(sum over its positives)
+    logits = 10.0 * image @ text.T
+    terms = []
+    for m, p in ((logits, pos), (logits.T, pos.T)):
+        for i in range(4):
+            terms.append(torch.logsumexp(m[i], 0) - torch.logsumexp(m[i][p[i]], 0))
+    assert clip_loss(image, text, 10.0, positives=pos).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+def test_a_shared_caption_is_never_pushed_away():
+    """Moving picture 0 towards picture 1's caption (the same text) raises the plain loss but not
+    the loss that counts the pair as right."""
+    image = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
+    text = torch.eye(3)
+    pos = torch.eye(3, dtype=torch.bool)
+    pos[0, 1] = pos[1, 0] = True
+    plain = torch.autograd.grad(clip_loss(image, text, 5.0), image)[0]
+    shared = torch.autograd.grad(clip_loss(image, text, 5.0, positives=pos), image)[0]
+    # d loss / d (image_0 · text_1): positive in the plain loss (a negative pulled down), <= 0 when shared
+    assert plain[0, 1] > 0
+    assert shared[0, 1] <= 0
+
+
+def test_hn_nce_weights_by_hand():
+    image = F.normalize(torch.tensor([[1.0, 0.2, 0.0], [0.1, 1.0, 0.3], [0.0, 0.5, 1.0]]), dim=-1)
+    text = F.normalize(torch.tensor([[0.9, 0.1, 0.2], [0.3, 1.0, 0.0], [0.2, 0.1, 1.0]]), dim=-1)
+    scale, beta = 5.0, 0.5
+    logits = scale * image @ text.T
+    terms = []
+    for m in (logits, logits.T):
+        for i in range(3):
+            neg = [m[i, j] for j in range(3) if j != i]
+            w = torch.softmax(beta * torch.stack(neg), 0) * len(neg)  # weights that average 1
+            denom = torch.exp(m[i, i]) + sum(wj * torch.exp(n) for wj, n in zip(w, neg))
+            terms.append(torch.log(denom) - m[i, i])
+    expected = torch.stack(terms).mean().item()
+    assert clip_loss(image, text, scale, hn_beta=beta).item() == pytest.approx(expected, rel=1e-5)
+    assert clip_loss(image, text, scale, hn_beta=beta).item() > clip_loss(image, text, scale).item()  # hard ones weigh more

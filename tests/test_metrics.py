@@ -264,3 +264,29 @@ def test_bad_inputs_end_in_clear_errors():
         retrieval_metrics(img, txt, ti, ks=(0, 5))
     with pytest.raises(MmretError, match="at least 2 resamples"):
         bootstrap_ci(retrieval_metrics(img, txt, ti), n_boot=1)
+
+
+# --- captions shared by pictures ---------------------------------------------------------------
+
+
+def test_same_text_metrics_by_hand():
+    from mmret.inference.metrics import same_text_metrics
+
+    # three pictures; captions 0 and 1 are the same text ("a flower") under pictures 0 and 1
+    scores = torch.tensor([[0.9, 0.8, 0.1],   # caption 0 (of picture 0): picture 0 first
+                           [0.9, 0.8, 0.1],   # caption 1 (of picture 1, the same text): picture 0 first
+                           [0.1, 0.7, 0.6]])  # caption 2 (of picture 2): picture 1 first, then 2
+    text_image, key = torch.tensor([0, 1, 2]), torch.tensor([5, 5, 7])
+    usual = retrieval_metrics(torch.eye(3), scores, text_image).metrics
+    same = same_text_metrics(torch.eye(3), scores, text_image, key)
+    assert usual["t2i_r1"] == pytest.approx(1 / 3)  # caption 1 cannot find its own picture first
+    assert same["t2i_r1"] == pytest.approx(2 / 3)  # picture 0 is a right answer for caption 1 too
+    assert same["t2i_r5"] == 1.0 and same["t2i_mrr"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # image→text: pictures 0 and 1 score their own caption and the other's (the same text) alike;
+    # the usual protocol counts that tie against them, here both captions are right
+    assert usual["i2t_r1"] == pytest.approx(1 / 3)
+    assert same["i2t_r1"] == 1.0
+    # without shared texts both agree
+    plain = same_text_metrics(torch.eye(3), scores, text_image, torch.tensor([1, 2, 3]))
+    for name, value in plain.items():
+        assert value == pytest.approx(usual[name]), name

@@ -82,6 +82,7 @@ def precompute_embeddings(
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the image tower with torch.compile first: a minute or so once, then faster [default: on a CPU when the work left would take over 5 minutes].", show_default=False)] = None,
     shard: Annotated[Optional[str], typer.Option(help="i/N: this process encodes the i-th of N disjoint slices into the same cache (N machines or GPUs fill one cache; the last to finish seals it). Under torchrun each process takes its rank.", show_default=False)] = None,
     finalize: Annotated[bool, typer.Option("--finalize", help="Seal a cache whose slices were all encoded by --shard processes.")] = False,
+    views: Annotated[int, typer.Option(help="Also cache this many augmented views (random crops and flips) of each picture, for training with --views.")] = 0,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:
@@ -114,7 +115,7 @@ def precompute_embeddings(
     cfg = PrecomputeConfig(dataset=dataset, vision=vision, text=text, split=split, tokens=tokens,
                            batch_size=batch_size, precision=precision, device=device, image_size=image_size,
                            max_length=max_length, workers=workers, compile=compile, shard=shard, finalize=finalize,
-                           data_dir=data_dir)
+                           views=views, data_dir=data_dir)
     from mmret.features.precompute import precompute_embeddings as run_precompute
 
     show.show_precompute(run_precompute(cfg, ui.RichReporter()))

@@ -11,6 +11,7 @@ makes a resumed run continue exactly where the interrupted one would have gone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from mmret.common.device import default_workers
 from mmret.errors import MmretError
+from mmret.data.negatives import caption_keys
 from mmret.modalities import ItemError
 
 Batch = tuple[np.ndarray, np.ndarray]  # (item indices, caption indices) into a source
@@ -70,6 +72,11 @@ class SplitTables:
     def __post_init__(self) -> None:
         self.captions_of = group_captions(self.caption_image, len(self.image_ids))
 
+    @cached_property
+    def caption_key(self) -> np.ndarray:
+        """(M,) int64, equal for captions with the same text (see `mmret.data.negatives`)."""
+        return caption_keys(self.captions)
+
     def keep(self, keep: np.ndarray) -> "SplitTables":
         """The tables without the items where `keep` is False (and without their captions)."""
         kept = np.flatnonzero(keep)
@@ -119,6 +126,12 @@ class Source:
         for a in range(0, len(rows), batch_size):
             yield self.text_batch(rows[a:a + batch_size])
 
+    def mining_features(self, by: str = "both") -> np.ndarray:
+        """(N, D) float32 per item, whose cosine similarity says which items look alike (hard
+        negatives are mined from it): frozen-tower features, where a source has them cached."""
+        raise MmretError("--hard-negatives mines neighbours from cached frozen features; this method caches "
+                         "none (use heads, bridge, or leave one tower frozen with --tower)")
+
 
 class _Items(torch.utils.data.Dataset):
     """Decoded, transformed items; keys are (epoch, index) so that augmentation is a pure
@@ -164,6 +177,11 @@ class FileSource(Source):
         workers = min(self.workers, len(batches))
         return torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers,
                                            pin_memory=self.pin_memory, persistent_workers=False)
+
+    def mining_features(self, by: str = "both") -> np.ndarray:
+        if self.cached is None:
+            return super().mining_features(by)
+        return self.cached.mining_features(by)
 
     def text_batch(self, idx: np.ndarray) -> Any:
         if self.cached_side == "text":

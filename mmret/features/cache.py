@@ -117,13 +117,17 @@ def row_stamps(dataset: PreparedDataset, which: str, rows: pd.DataFrame) -> np.n
 
 
 def feature_key(encoder: Any, dataset: PreparedDataset, which: str = "images", tokens: bool = False,
-                fingerprint: str | None = None) -> str:
-    """`<model>-<which>[-tokens]-<hash>`: the hash covers the encoder spec, the table and `tokens`.
-    `fingerprint` saves re-hashing the table when the caller already has it."""
+                fingerprint: str | None = None, view: Any = None) -> str:
+    """`<model>-<which>[-tokens][-view<v>]-<hash>`: the hash covers the encoder spec, the table,
+    `tokens` and the augmented view (`mmret.features.views`), if any. `fingerprint` saves
+    re-hashing the table when the caller already has it."""
     payload = {"format": FORMAT, "encoder": encoder.spec, "which": which, "tokens": bool(tokens),
                "dataset": fingerprint or dataset_fingerprint(dataset, which)}
+    if view is not None:
+        payload["view"] = view.spec()
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:12]
-    return f"{slug(encoder.source.id)}-{which}{'-tokens' if tokens else ''}-{digest}"
+    suffix = ("-tokens" if tokens else "") + (f"-view{view.index}" if view is not None else "")
+    return f"{slug(encoder.source.id)}-{which}{suffix}-{digest}"
 
 
 def features_root(dataset: PreparedDataset) -> Path:
@@ -232,14 +236,15 @@ def _split_shards(manifest: dict, split: str) -> list[int]:
 
 
 def open_features(dataset: PreparedDataset, encoder: Any, which: str = "images", tokens: bool = False,
-                  split: str = "all", fingerprint: str | None = None, repair: bool = False) -> CachedFeatures | None:
+                  split: str = "all", fingerprint: str | None = None, repair: bool = False,
+                  view: Any = None) -> CachedFeatures | None:
     """The cached features if they are complete for `split` (a token cache serves pooled requests
     too), else None. Never computes anything. The shards read are checked against their checksums
     (see the module docstring): a damaged one is a `DamagedFile`, or with `repair` it is marked
     not done (so `ensure_features` computes it again) and None is returned."""
     fingerprint = fingerprint or dataset_fingerprint(dataset, which)
     for with_tokens in ((True,) if tokens else (False, True)):
-        path = features_root(dataset) / feature_key(encoder, dataset, which, with_tokens, fingerprint)
+        path = features_root(dataset) / feature_key(encoder, dataset, which, with_tokens, fingerprint, view)
         manifest = _read_manifest(path)
         if manifest is None or not _covers(manifest, split):
             continue
@@ -414,15 +419,17 @@ def _spec_text(spec: Any) -> str:
 
 
 def sibling_caches(dataset: PreparedDataset, encoder: Any, which: str, tokens: bool,
-                   exclude: Path) -> list[tuple[Path, dict]]:
-    """Other caches of the same tower, table and token setting in the dataset's features folder
-    (older preparations of the dataset), newest first."""
+                   exclude: Path, view: Any = None) -> list[tuple[Path, dict]]:
+    """Other caches of the same tower, table, token setting and augmented view (none, or the same
+    `mmret.features.views.ItemView`: a view's rows are other crops) in the dataset's features
+    folder (older preparations of the dataset), newest first."""
     root, spec = features_root(dataset), _spec_text(encoder.spec)
+    view_spec = _spec_text(None if view is None else view.spec())
     found = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         manifest = _read_manifest(path) if path != exclude and path.is_dir() else None
         if (manifest is not None and manifest.get("which") == which and bool(manifest.get("tokens")) == tokens
-                and _spec_text(manifest.get("encoder")) == spec):
+                and _spec_text(manifest.get("encoder")) == spec and _spec_text(manifest.get("view")) == view_spec):
             found.append((path, manifest))
     return sorted(found, key=lambda pm: str(pm[1].get("created", "")), reverse=True)
 

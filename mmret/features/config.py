@@ -26,6 +26,7 @@ class PrecomputeConfig:
     workers: int | None = None  # decoding workers (default: CPU count - 1, at most 4)
     compile: bool | None = None  # torch.compile the item tower first; None: when the work left pays for it
     shard: str | None = None  # i/N: encode only this process's shards of the caches (default: torchrun's rank)
+    views: int = 0  # also K augmented views of the items (random crops/flips), as `--views` training reads
     finalize: bool = False  # seal caches whose shards were all encoded by --shard processes; encode nothing
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
 
@@ -46,10 +47,14 @@ class PrecomputeConfig:
             raise MmretError(f"--image-size must be at least 16 pixels, got {self.image_size}")
         if self.max_length < 2:
             raise MmretError(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        if self.views < 0:
+            raise MmretError(f"--views cannot be negative, got {self.views}")
         if self.workers is not None and self.workers < 0:
             raise MmretError(f"--workers cannot be negative, got {self.workers}")
         if self.shard is not None:
             parse_shard(self.shard)
+        if self.views and (self.shard or self.finalize):
+            raise MmretError("--views is computed by one process; run it without --shard/--finalize once the cache is sealed")
         if self.finalize and self.shard:
             raise MmretError("--finalize seals what the --shard processes encoded; pass one or the other")
         self.data_dir = data_root(self.data_dir)

@@ -68,11 +68,11 @@ class _ItemRows(torch.utils.data.Dataset):
 
 
 def _item_batches(rows: pd.DataFrame, batches: list[np.ndarray], encoder: Any, workers: int,
-                  device: torch.device) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
+                  device: torch.device, load: Any = None) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
     todo = np.concatenate(batches)
     paths = rows["path"].to_numpy()[todo].tolist()
     blank = encoder.blank_inputs(1, "cpu")[encoder.input_name][0]
-    data = _ItemRows(todo, paths, encoder.item_loader(), blank)
+    data = _ItemRows(todo, paths, load or encoder.item_loader(), blank)
     starts = np.cumsum([0] + [len(b) for b in batches])
     sampler = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]  # positions in `todo`
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=min(workers, len(sampler)),
@@ -172,10 +172,11 @@ class _Job:
     shard_rows: int
     reporter: Reporter
     compile: bool | None = None  # torch.compile the item tower: yes, no, or None when it pays (see TowerRunner)
+    view: Any = None  # an augmented view (mmret.features.views.ItemView), or None for the plain transform
 
     @property
     def key(self) -> str:
-        return feature_key(self.encoder, self.dataset, self.which, self.tokens, self.fingerprint)
+        return feature_key(self.encoder, self.dataset, self.which, self.tokens, self.fingerprint, self.view)
 
     @property
     def ids(self) -> np.ndarray:
@@ -200,6 +201,7 @@ class _Job:
                         "created": self.dataset.info.get("created"), "generation": self.dataset.generation},
             "rows": len(self.rows), "splits": splits, "shard_rows": self.shard_rows, "shards": shards, "done": [],
             "failed": {}, "precision": None, "precision_reason": None, "mmret_version": __version__,
+            "view": None if self.view is None else self.view.spec(),
             "created": _now(),
         }, self.ids.tolist(), shapes, {n: dtypes[n] for n in shapes}, self.stamps.tolist())
         cache.writable()
@@ -207,7 +209,8 @@ class _Job:
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
         if self.which != CAPTIONS:
             workers = default_workers(self.device) if self.workers is None else self.workers
-            return _item_batches(self.rows, batches, self.encoder, workers, self.device)
+            load = None if self.view is None else self.view.loader(self.encoder)
+            return _item_batches(self.rows, batches, self.encoder, workers, self.device, load)
         return _caption_batches(self.rows, batches, self.encoder, self.tokens, self.device)
 
     def resolved_batch_size(self) -> int:
@@ -239,7 +242,7 @@ class _Job:
         same stamp (the same unchanged file, or the same caption); returns the rows left to encode.
         A cache computed in another precision than the one requested lends nothing."""
         cache = progress.cache
-        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path):
+        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path, self.view):
             lent = lendable_rows(path, manifest)
             if not len(todo) or lent is None or not self._compatible(cache.manifest, manifest):
                 continue
@@ -267,7 +270,7 @@ class _Job:
     def prune(self, cache: FeatureCache) -> None:
         """Remove the other caches of this tower once this one is complete: they were made from
         an older preparation of the dataset, which no table opens any more."""
-        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path):
+        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path, self.view):
             made_from = manifest["dataset"].get("generation") or manifest["dataset"].get("created") or ""
             if str(made_from) != self.dataset.generation and remove_cache(path):
                 _logger.info("removed %s: superseded by %s", path.name, cache.path.name)
@@ -287,7 +290,8 @@ class _Job:
         unit = "cap" if self.which == CAPTIONS else get_modality(self.encoder.modality).unit
         start = time.perf_counter()
         total = sum(len(b) for b in batches)
-        with self.reporter.task(f"{self.which} · {self.encoder.name}", total=total, unit=unit) as task:
+        label = self.which if self.view is None else f"{self.which} view {self.view.index}"
+        with self.reporter.task(f"{label} · {self.encoder.name}", total=total, unit=unit) as task:
             runner = TowerRunner(self.encoder, self.device, manifest, self.compile if self.which != CAPTIONS else False,
                                  max(len(b) for b in batches), total, lambda note: task.advance(0, status=note))
             for idx, inputs, reasons in self.batches(batches):
@@ -339,7 +343,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
                     split: str = "all", batch_size: int | str = "auto", reporter: Reporter = NULL,
                     device: torch.device | str | None = None, precision: str = "auto",
                     workers: int | None = None, shard_rows: int | None = None,
-                    compile: bool | None = None) -> CachedFeatures:
+                    compile: bool | None = None, view: Any = None) -> CachedFeatures:
     """The features of `dataset`'s images or captions under `encoder`, computing what the cache
     lacks for `split` (all | train | val | test) and reusing what is valid.
 
@@ -351,6 +355,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
     when something has to be computed.
     `compile` runs the item tower through torch.compile: a minute or so once, then faster; None
     decides by the work left (see `mmret.features.runner`).
+    `view` (`mmret.features.views.ItemView`, items only) encodes a seeded augmented view instead.
     """
     if split != "all" and split not in SPLITS:
         raise MmretError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
@@ -358,14 +363,16 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
     if rows.empty:
         raise MmretError(f"dataset {dataset.name!r} has no {which} to encode")
     fingerprint = dataset_fingerprint(dataset, which)
-    found = open_features(dataset, encoder, which, tokens, split, fingerprint, repair=True)
+    if view is not None and which == CAPTIONS:
+        raise MmretError("augmented views are of items, not captions")
+    found = open_features(dataset, encoder, which, tokens, split, fingerprint, repair=True, view=view)
     if found is not None:
         return found
     encoder = encoder.with_weights()
     device = torch.device(device) if device is not None else encoder.device
     precision = tower_precision(device, precision, which)
     job = _Job(dataset, encoder.to(device), which, tokens, split, rows, fingerprint, device, precision,
-               batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter, compile)
+               batch_size, workers, shard_rows or SHARD_ROWS[_kind(which)], reporter, compile, view)
     with FeatureCache(features_root(dataset) / job.key).locked() as cache:
         result = job.run(cache)
     if result.manifest.get("status") == "complete":

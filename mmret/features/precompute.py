@@ -9,8 +9,10 @@ from typing import Any
 from mmret.common.device import check_precision, pick_device
 from mmret.common.progress import NULL, Reporter
 from mmret.common.shards import shard_of
+from mmret.data.pairs import mentions_sides
 from mmret.features.cache import CAPTIONS, CachedFeatures
 from mmret.features.encode import ensure_features
+from mmret.features.views import ItemView
 
 
 @dataclass
@@ -21,6 +23,14 @@ class PrecomputeResult:
     seconds: float
     notes: list[str] = field(default_factory=list)  # what was left out and why
     shards: list[tuple[str, Any]] = field(default_factory=list)  # (encoder name, ShardResult) with --shard
+
+
+def item_views(dataset: Any, count: int, hflip: bool | None = None) -> list[ItemView]:
+    """Views 1..count of a dataset's items; flips unless `hflip` is False, or (None) unless its
+    captions say left or right (the rule training follows, so both name the same caches)."""
+    if hflip is None:
+        hflip = not mentions_sides(dataset.captions["caption"].tolist())
+    return [ItemView(v, hflip=hflip) for v in range(1, count + 1)]
 
 
 def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResult:
@@ -62,5 +72,10 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
                                                         split=cfg.split, batch_size=cfg.batch_size, reporter=reporter,
                                                         device=device, precision=cfg.precision, workers=cfg.workers,
                                                         compile=cfg.compile)))
+            if which != CAPTIONS:
+                parts += [(f"{encoder.name} view {view.index}", ensure_features(
+                    dataset, encoder.to(device), which, tokens=cfg.tokens, batch_size=cfg.batch_size,
+                    reporter=reporter, device=device, precision=cfg.precision, workers=cfg.workers,
+                    compile=cfg.compile, view=view)) for view in item_views(dataset, cfg.views)]
         encoder.to("cpu")
     return PrecomputeResult(dataset.name, str(device), parts, time.perf_counter() - start, notes, shards)

@@ -38,9 +38,14 @@ class FeatureSource(Source):
         if self.dropped:
             _logger.warning("%d images without features are left out", self.dropped)
         self.tables = tables.keep(keep)
+        self.pooled_array = self.text_array = None
+        self.views: list[np.ndarray] = []  # augmented views' arrays (see `use_views`)
+        self.image_tokens, self.view_seed = image_tokens, 0
         if image_feats is not None:
+            self._ids = image_feats.ids
             self.image_rows = np.array([rows[i] for i in self.tables.image_ids], dtype=np.int64)
             self.image_array = image_feats.tokens if image_tokens else image_feats.pooled
+            self.pooled_array = image_feats.pooled
         if text_feats is not None:
             text_rows = text_feats.row_of()
             self.caption_rows = np.array([text_rows[int(c)] for c in self.tables.caption_ids], dtype=np.int64)
@@ -60,6 +65,44 @@ class FeatureSource(Source):
     def text_batch(self, idx: np.ndarray) -> torch.Tensor:
         return self._gather(self.text_array, self.caption_rows[idx])  # (B, D)
 
+    def use_views(self, views: list[CachedFeatures], seed: int = 0) -> None:
+        """Train on augmented views too: each epoch every item is read from one of the plain cache
+        and `views` (caches of `mmret.features.views.ItemView`s of the same dataset), drawn by
+        (seed, epoch). Evaluation and `sample` keep reading the plain cache."""
+        for v in views:
+            if not np.array_equal(v.ids, self._ids) or (self.image_tokens and v.tokens is None):
+                raise MmretError("an augmented view's cache does not match the plain one; compute it again")
+        self.views = [v.tokens if self.image_tokens else v.pooled for v in views]
+        self.view_seed = seed
+
+    def view_of(self, epoch: int) -> np.ndarray:
+        """(N,) which array each item is read from in `epoch`: 0 the plain cache, v the v-th view."""
+        rng = np.random.default_rng([self.view_seed, epoch, 2])
+        return rng.integers(0, len(self.views) + 1, size=self.num_images)
+
+    def _view_batch(self, idx: np.ndarray, which: np.ndarray) -> torch.Tensor:
+        arrays = [self.image_array, *self.views]
+        parts = {v: self._gather(arrays[v], self.image_rows[idx[which == v]]) for v in np.unique(which)}
+        out = torch.empty((len(idx), *parts[which[0]].shape[1:]))
+        for v, values in parts.items():
+            out[torch.from_numpy(which == v)] = values
+        return out
+
+    def mining_features(self, by: str = "both") -> np.ndarray:
+        """Standardised, normalised pooled item features and/or the mean of each item's standardised
+        caption features (`by`: image, text, or both where cached), side by side: the cosine of two
+        rows is the mean of the two sides' cosines."""
+        sides = []
+        if by in ("image", "both") and self.pooled_array is not None:
+            sides.append(self._gather(self.pooled_array, self.image_rows).numpy())
+        if by in ("text", "both") and self.text_array is not None:
+            text = _standardise(self._gather(self.text_array, self.caption_rows).numpy())
+            sides.append(np.stack([text[caps].mean(0) for caps in self.tables.captions_of]))
+        if not sides:
+            return super().mining_features(by)
+        parts = [_unit(_standardise(x)) for x in sides]
+        return np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+
     def sample(self, n: int = sample_size, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to `n` item inputs and `n` caption inputs, drawn at random: for input statistics."""
         rng = np.random.default_rng(seed)
@@ -68,11 +111,23 @@ class FeatureSource(Source):
         return self.image_batch(np.sort(images)), self.text_batch(np.sort(captions))
 
     def iter_pairs(self, batches: list[Batch], epoch: int = 0):
-        """(item inputs, text inputs) of each batch, in order."""
+        """(item inputs, text inputs) of each batch, in order (items from their view of the epoch)."""
+        view = self.view_of(epoch) if self.views else None
         for images, captions in batches:
-            yield self.image_batch(images), self.text_batch(captions)
+            items = self.image_batch(images) if view is None else self._view_batch(images, view[images])
+            yield items, self.text_batch(captions)
 
     def iter_images(self, batch_size: int, rows: Any = None):
         rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
         for a in range(0, len(rows), batch_size):
             yield self.image_batch(rows[a:a + batch_size])
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    """Per-channel zero mean, unit variance: frozen features share a large common direction that
+    would make every pair look alike."""
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)

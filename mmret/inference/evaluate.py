@@ -5,7 +5,8 @@ with `mmret.inference.metrics`: text→item and item→text Recall@1/5/10, MRR, 
 for sounds DCASE's mAP@10) and RSUM, named by the items' modality (t2i / i2t, t2a / a2t), with
 optional bootstrap confidence intervals. Several runs on the same split are compared with a
 paired bootstrap that marks significant differences from the first run. Each result is saved to
-`runs/<run>/eval/<ds>-<split>.json`.
+`runs/<run>/eval/<ds>-<split>.json`; when pictures of the split share a caption text, it also
+holds `same_text`: the metrics with those captions counted as one answer (`same_text_metrics`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import torch
 
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
+from mmret.data.negatives import caption_keys
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
 from mmret.inference.metrics import (DEFAULT_KS, PairedDiff, RetrievalResult, bootstrap_ci, directions,
-                                     paired_bootstrap, retrieval_metrics)
+                                     paired_bootstrap, retrieval_metrics, same_text_metrics)
 from mmret.modalities import get_modality
 
 
@@ -54,6 +56,7 @@ class EvalResult:
     path: Path | None = None  # where the result was saved
     ranks: RetrievalResult | None = field(default=None, repr=False)
     modality: str = "image"  # what the items are: names the metrics and the table's rows
+    same_text: dict[str, float] | None = None  # metrics when captions of the same text count as one answer
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -72,6 +75,8 @@ class EvalResult:
                "chance": {f"r{k}": min(1.0, k / self.n_images) for k in self.ks}}
         if self.ci:
             out["ci95"] = {k: list(v) for k, v in self.ci.items()}
+        if self.same_text:
+            out["same_text"] = self.same_text
         if self.diffs:
             out["vs_first"] = {k: {"delta": d.delta, "low": d.low, "high": d.high, "p": d.p_value,
                                    "significant": d.significant} for k, d in self.diffs.items()}
@@ -93,8 +98,11 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
     modality = get_modality(emb.modality)
     ranks = retrieval_metrics(images, captions, emb.caption_image, ks, item=modality.short, map_at=modality.map_at)
     ci = bootstrap_ci(ranks, bootstrap, seed) if bootstrap else None
+    keys = caption_keys(emb.caption_table["caption"].tolist())
+    same = (same_text_metrics(images, captions, emb.caption_image, torch.from_numpy(keys), item=modality.short)
+            if len(np.unique(keys)) < len(keys) else None)  # only when items share a caption text
     result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(images), len(captions), ci, ranks=ranks,
-                        modality=modality.name)
+                        modality=modality.name, same_text=same)
     result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
     write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

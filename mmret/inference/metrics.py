@@ -128,6 +128,48 @@ def metrics_from_ranks(
     return {name: value.item() for name, value in stats.items()}
 
 
+def same_text_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor, text_key: torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None, item: str = "i",
+) -> dict[str, float]:
+    """Recalls, MRR and median ranks when captions with the same text count as one answer (metric
+    names after the items: `item` "i" gives t2i / i2t, "a" t2a / a2t).
+
+    `text_key` (n_text,) is equal for captions of the same text (`mmret.data.negatives.caption_keys`).
+    A caption's right images are all the pictures that have a caption of its text ("A flower."
+    under six pictures: any of the six is right); an image's right captions are all captions with
+    the text of one of its own. Without shared texts this equals `retrieval_metrics` (without mAP).
+    The usual protocol (`retrieval_metrics`) counts only a caption's own picture: two pictures with
+    the same caption then cannot both be found first, whatever the model.
+    """
+    n_image, n_text = _check_embeddings(image_emb, text_emb)
+    text_image = _check_text_image(text_image, n_text, n_image)
+    key = torch.as_tensor(text_key).long()
+    if key.shape != (n_text,):
+        raise MmretError(f"text_key must hold one key per caption ({n_text}), got shape {tuple(key.shape)}")
+    groups = torch.unique(key, return_inverse=True)[1]
+    has = torch.zeros(n_image, int(groups.max()) + 1, dtype=torch.bool)
+    has[text_image, groups] = True  # (n_image, n_groups): image i has a caption of text g
+    image32, text32 = image_emb.float().cpu(), text_emb.float().cpu()
+    t2i = _ranks_among(lambda s, e: text32[s:e] @ image32.T, lambda s, e: has[:, groups[s:e]].T, n_text, n_image, chunk)
+    i2t = _ranks_among(lambda s, e: image32[s:e] @ text32.T, lambda s, e: has[s:e][:, groups], n_image, n_text, chunk)
+    out = metrics_from_ranks(t2i, i2t, torch.zeros(n_image, dtype=torch.float64), ks, item=item)
+    out.pop(f"{directions(item)[1]}_map")
+    return out
+
+
+def _ranks_among(block: Block, right: Block, n_rows: int, n_cols: int, chunk: int | None) -> torch.Tensor:
+    """1 + the wrong columns scoring >= the best right one, for each row (pessimistic ties)."""
+    rows = _rows_per_block(chunk, n_cols)
+    ranks = torch.empty(n_rows, dtype=torch.int64)
+    for start in range(0, n_rows, rows):
+        end = min(start + rows, n_rows)
+        scores, ok = block(start, end), right(start, end)  # (c, n_cols) each
+        best = scores.masked_fill(~ok, float("-inf")).max(1, keepdim=True).values
+        ranks[start:end] = 1 + ((scores >= best) & ~ok).sum(1)
+    return ranks
+
+
 def bootstrap_ci(
     result: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95, unit: str = "image",
 ) -> dict[str, tuple[float, float]]:

@@ -7,6 +7,7 @@ torch, so a command line's options are checked before any model code loads; each
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from mmret.errors import MmretError
 
@@ -41,29 +42,48 @@ class HeadsConfig(MethodConfig):
     head_hidden: int | None = None  # hidden width of MLP heads (default: the input width)
     input_norm: bool = True  # standardise cached features at the tower inputs (initialised from train data)
     mixup: float = 0.0  # latent mixup Beta(alpha, alpha) on cached features (0: off)
+    views: int = 0  # augmented views (random crops/flips) of each picture cached once; training draws one per epoch
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("head-layers", self.head_layers)
         if self.mixup < 0:
             raise MmretError(f"--mixup must be 0 (off) or a positive Beta alpha, got {self.mixup}")
+        if self.views < 0:
+            raise MmretError(f"--views must be 0 (off) or a number of augmented views, got {self.views}")
 
 
 @dataclass
 class BridgeConfig(HeadsConfig):
     method: str = "bridge"
-    queries: int = 32  # learnable query vectors
+    queries: int = 32  # learnable query vectors (0: the pooled path alone)
     bridge_layers: int = 2  # cross-attention blocks
     bridge_width: int = 384  # width of queries and blocks
     bridge_heads: int = 6  # attention heads
     token_pool: int = 1  # average-pool the patch grid by this factor first (2: about 4x fewer tokens)
+    bridge_base: str = "cls"  # the pooled path the queries correct: cls | mean token | cls+mean (patches' mean too), or none
+    token_drop: float = 0.0  # share of the patch tokens hidden from the queries per picture in training
+    query_drop: float = 0.0  # share of the queries left out of the average in training
+
+    # what a config.json written before these settings existed meant
+    SAVED_BEFORE: ClassVar[dict] = {"bridge_base": "none"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("queries", "bridge_layers", "bridge_width", "bridge_heads", "token_pool"):
+        for name in ("bridge_layers", "bridge_width", "bridge_heads", "token_pool"):
             check_positive(name.replace("_", "-"), getattr(self, name))
+        if self.queries < 0 or (self.queries == 0 and self.bridge_base == "none"):
+            raise MmretError(f"--queries must be positive (or 0 with a --bridge-base path), got {self.queries}")
         if self.bridge_width % self.bridge_heads:
             raise MmretError(f"--bridge-width {self.bridge_width} must be divisible by --bridge-heads {self.bridge_heads}")
+        if self.bridge_base not in BRIDGE_BASES:
+            raise MmretError(f"--bridge-base must be one of {', '.join(BRIDGE_BASES)}, got {self.bridge_base!r}")
+        for name in ("token_drop", "query_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise MmretError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+
+
+BRIDGE_BASES = ("cls", "mean", "cls+mean", "none")
 
 
 @dataclass

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from mmret.features import ensure_features
+from mmret.features.precompute import item_views
 from mmret.methods.catalog import help_of
 from mmret.methods.config import HeadsConfig
 from mmret.methods.base import register_method
@@ -30,6 +32,17 @@ class HeadsMethod(FeaturesMethod):
     help = help_of("heads")
     lr = 1e-3
     config = HeadsConfig
+
+    def sources(self, cfg: Any, ctx: FeatureContext, dataset: Any, splits: tuple[str, ...], device: Any,
+                reporter: Any) -> list[Any]:
+        """The feature sources; with `--views K` the training one also reads K augmented views."""
+        sources = super().sources(cfg, ctx, dataset, splits, device, reporter)
+        if cfg.method.views and "train" in splits:
+            views = [ensure_features(dataset, ctx.image, dataset.modality.plural, tokens=self.image_tokens,
+                                     reporter=reporter, device=device, view=view)
+                     for view in item_views(dataset, cfg.method.views, cfg.train.hflip)]
+            sources[splits.index("train")].use_views(views, cfg.train.seed)
+        return sources
 
     def batch_transform(self, cfg: Any) -> Callable | None:
         """Latent mixup of the cached features (`--mixup`, FuseMix), or None."""

@@ -7,7 +7,7 @@ mixup of cached features), `batch` and `embed` (batches, and embedding a whole s
 `tuners` (LoRA, prompt tokens and adapters put inside a pretrained tower).
 """
 
-from mmret.models.bridge import QueryBridge
+from mmret.models.bridge import QueryBridge, ResidualBridge
 from mmret.models.dual import (
     DualEncoder,
     DualOutput,
@@ -24,6 +24,7 @@ __all__ = [
     "PartCount",
     "ProjectionHead",
     "QueryBridge",
+    "ResidualBridge",
     "count_part",
     "parameter_table",
 ]

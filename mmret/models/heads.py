@@ -110,7 +110,10 @@ class InputNorm(nn.Module):
 
 
 def init_input_norms(tower: nn.Module, sample: Tensor) -> int:
-    """Initialise every `InputNorm` in `tower` from `sample`; returns how many there were."""
+    """Initialise every `InputNorm` in `tower` from `sample`; returns how many there were. A tower
+    whose parts read different views of its input (the residual bridge) does it itself."""
+    if callable(getattr(tower, "init_input_norms", None)):
+        return tower.init_input_norms(sample)
     norms = [m for m in tower.modules() if isinstance(m, InputNorm)]
     for norm in norms:
         norm.init_from(sample)

@@ -20,7 +20,7 @@ from mmret.errors import MmretError
 _logger = logging.getLogger(__name__)
 from mmret.common.io import config_dict
 from mmret.methods import MethodConfig, config_for, method_settings, owners
-from mmret.methods.base import check_positive
+from mmret.methods.base import check_positive, config_class
 
 @dataclass
 class DataConfig:
@@ -67,6 +67,10 @@ class TrainConfig:
     save_every: int = 0  # also keep a checkpoint every N epochs (0: only best and last)
     max_steps: int | None = None  # stop after this many optimizer steps (for quick checks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    same_caption: str = "positive"  # pictures whose captions share a text: positive (not each other's negatives) | negative (CLIP)
+    hard_negatives: int = 0  # batches of groups of this many mined near neighbours (0: random batches)
+    mine_by: str = "both"  # hard negatives are neighbours by cached image features, text features, or both
+    hn_beta: float = 0.0  # HN-NCE: weight negatives by softmax(beta * logit) (0: plain InfoNCE)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "micro_batch", "lr", "max_steps"):
@@ -81,6 +85,14 @@ class TrainConfig:
             raise MmretError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
         if self.patience < 0 or self.save_every < 0 or self.grad_clip < 0:
             raise MmretError("--patience, --save-every and --grad-clip cannot be negative")
+        if self.same_caption not in ("positive", "negative"):
+            raise MmretError(f"--same-caption must be positive or negative, got {self.same_caption!r}")
+        if self.hard_negatives == 1 or self.hard_negatives < 0:
+            raise MmretError(f"--hard-negatives is a group size: 0 (off) or at least 2, got {self.hard_negatives}")
+        if self.mine_by not in ("image", "text", "both"):
+            raise MmretError(f"--mine-by must be image, text or both, got {self.mine_by!r}")
+        if self.hn_beta < 0:
+            raise MmretError(f"--hn-beta must be 0 (off) or positive, got {self.hn_beta}")
 
 
 @dataclass
@@ -114,9 +126,13 @@ class RunConfig:
         for key, kind in SECTIONS.items():
             section = dict(data.get(key, {}))
             if key == "method":
-                kwargs[key] = config_for(section.pop("method", MethodConfig.method), **section)
+                name = section.pop("method", MethodConfig.method)
+                section = {**getattr(config_class(name), "SAVED_BEFORE", {}), **section}
+                kwargs[key] = config_for(name, **section)
                 continue
             section = {k: v for k, v in section.items() if (key, k) not in RETIRED}
+            if section:  # a saved section: settings added since it was written keep their old meaning
+                section = {**{k: v for (s, k), v in SAVED_BEFORE.items() if s == key}, **section}
             names = {f.name for f in dataclasses.fields(kind)}
             bad = set(section) - names
             if bad:
@@ -127,6 +143,9 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfig, "train": TrainConfig}
 RETIRED = {("encoders", "tokens")}  # settings old config.json files hold that nothing reads any more
+# settings added later, and what a config.json written before them meant (a method's own are its
+# config class's SAVED_BEFORE)
+SAVED_BEFORE = {("train", "same_caption"): "negative"}
 
 
 def settle_modality(cfg: RunConfig) -> str:

@@ -30,6 +30,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +82,14 @@ class DistributedWorld(World):
         """This process's rows of a global batch of `n`: contiguous, sizes differing by at most one."""
         bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(n), self.size)])
         return slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
+
+    def positives(self, positives: Tensor | None, accumulation: str) -> Tensor | None:
+        """The gathered loss (`--accumulation cache`) reads the global batch's (B, B); plain
+        accumulation's loss sees this process's pairs alone, so it gets their block."""
+        if positives is None or accumulation == "cache":
+            return positives
+        part = self.part(len(positives))
+        return positives[part, part]
 
     def sizes(self, n: int, device: torch.device) -> list[int]:
         """How many rows every process holds."""
@@ -152,10 +161,14 @@ class GatheredClipLoss:
     global batch. `scale_for(all_image_emb, all_text_emb)` recomputes the logit scale over the
     gathered batch (a dynamic temperature reads the global similarities, as on one process)."""
 
-    def __init__(self, world: DistributedWorld, scale_for: Callable[[Tensor, Tensor], Tensor] | None = None):
-        self.world, self.scale_for = world, scale_for
+    def __init__(self, world: DistributedWorld, scale_for: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 hn_beta: float = 0.0):
+        self.world, self.scale_for, self.hn_beta = world, scale_for, hn_beta
 
-    def __call__(self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    def __call__(self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
+                 positives: Tensor | None = None) -> Tensor:
+        """`positives` (B, B) bool over the GLOBAL batch: pairs beyond the diagonal that count as
+        right (as `clip_loss` takes them); with them or `hn_beta`, each row's loss is `row_losses`'."""
         all_images, start, total = gather_rows(image_emb, self.world)  # (B, D)
         all_texts, _, _ = gather_rows(text_emb, self.world)  # (B, D)
         if self.scale_for is not None:
@@ -163,17 +176,27 @@ class GatheredClipLoss:
         labels = torch.arange(start, start + len(image_emb), device=image_emb.device)
         per_image = logit_scale * image_emb @ all_texts.T  # (b, B)
         per_text = logit_scale * text_emb @ all_images.T  # (b, B)
+        if positives is not None or self.hn_beta:
+            from mmret.training.losses import row_losses
+
+            eye = torch.zeros_like(per_image, dtype=torch.bool)
+            eye[torch.arange(len(labels)), labels] = True
+            pos = positives.to(device=eye.device, dtype=torch.bool) if positives is not None else None
+            rows_i = eye if pos is None else pos[start:start + len(labels)] | eye
+            rows_t = eye if pos is None else pos.T[start:start + len(labels)] | eye
+            summed = row_losses(per_image, rows_i, self.hn_beta).sum() + row_losses(per_text, rows_t, self.hn_beta).sum()
+            return summed * (self.world.size / (2 * total))
         summed = F.cross_entropy(per_image, labels, reduction="sum") + F.cross_entropy(per_text, labels, reduction="sum")
         return summed * (self.world.size / (2 * total))
 
 
-def local_clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+def local_clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, **kw: Any) -> Tensor:
     """The loss WITHOUT the gather: each process's pairs see only its own slice's negatives. Kept
     for comparison (the test shows it does not equal the one-process step) and for `--accumulation
     plain`, where each micro-batch sees only its own negatives anyway."""
     from mmret.training.losses import clip_loss
 
-    return clip_loss(image_emb, text_emb, logit_scale)
+    return clip_loss(image_emb, text_emb, logit_scale, **kw)
 
 
 # ---------------------------------------------------------------------------- DDP
@@ -225,10 +248,11 @@ def distribute_step(stepper: Any, world: DistributedWorld, accumulation: str) ->
     ddp = wrap_ddp(stepper.model, stepper.device)
     stepper.sync_embed = ddp
     stepper.mean_loss = world.mean
+    beta = stepper.train.hn_beta
     if accumulation == "cache":
-        stepper.loss_fn = GatheredClipLoss(world, stepper.model.logit_scale_for)
+        stepper.loss_fn = GatheredClipLoss(world, stepper.model.logit_scale_for, beta)
     else:  # plain accumulation: each micro-batch sees only its own negatives, here as on one process
-        stepper.loss_fn = local_clip_loss
+        stepper.loss_fn = partial(local_clip_loss, hn_beta=beta) if beta else local_clip_loss
 
 
 # ---------------------------------------------------------------------------- a run on many processes

@@ -38,7 +38,7 @@ from mmret.errors import MmretError
 from mmret.models.batch import Batch, batch_size, call, slice_batch
 from mmret.training.losses import clip_loss
 
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+LossFn = Callable[..., Tensor]  # (image_emb, text_emb, logit_scale[, positives=(B, B) bool]) -> loss
 # (images, texts) -> (image_emb, text_emb) with a graph: how the pass whose backward ends the step embeds
 Embed = Callable[[Batch, Batch], tuple[Tensor, Tensor]]
 # a context manager entered once per forward (e.g. torch.autocast(...), which may be re-entered in
@@ -96,12 +96,22 @@ class RngState:
             yield
 
 
+def _loss(loss_fn: LossFn, model: nn.Module, image_emb: Tensor, text_emb: Tensor,
+          positives: Tensor | None) -> Tensor:
+    """`loss_fn` over these embeddings; `positives` (pairs that are right beyond the diagonal) only when given."""
+    scale = model.logit_scale_for(image_emb, text_emb)
+    if positives is None:
+        return loss_fn(image_emb, text_emb, scale)
+    return loss_fn(image_emb, text_emb, scale, positives=positives)
+
+
 def full_step(model: nn.Module, images: Batch, texts: Batch, loss_fn: LossFn = clip_loss,
-              scaler: Any = None, autocast: Autocast = nullcontext, sync_embed: Embed | None = None) -> Tensor:
+              scaler: Any = None, autocast: Autocast = nullcontext, sync_embed: Embed | None = None,
+              positives: Tensor | None = None) -> Tensor:
     """One forward and backward through the whole batch; returns the detached loss."""
     with _enter(autocast):
         image_emb, text_emb = _embedder(model, sync_embed)(images, texts)
-        loss = loss_fn(image_emb, text_emb, model.logit_scale_for(image_emb, text_emb))
+        loss = _loss(loss_fn, model, image_emb, text_emb, positives)
     _backward(loss, scaler)
     return loss.detach()
 
@@ -142,8 +152,8 @@ def _embed_without_graph(
     return states, torch.cat(image_parts), torch.cat(text_parts)  # (B, D), (B, D)
 
 
-def _batch_loss(model: nn.Module, loss_fn: LossFn, image_emb: Tensor, text_emb: Tensor,
-                scaler: Any, autocast: Autocast) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _batch_loss(model: nn.Module, loss_fn: LossFn, image_emb: Tensor, text_emb: Tensor, scaler: Any,
+                autocast: Autocast, positives: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The whole batch's loss, back-propagated into the temperature and the embedding leaves.
 
     The loss is scaled before backward, so a GradScaler's factor is in every cached gradient and
@@ -152,7 +162,7 @@ def _batch_loss(model: nn.Module, loss_fn: LossFn, image_emb: Tensor, text_emb: 
     image_emb.requires_grad_()
     text_emb.requires_grad_()
     with _enter(autocast):
-        loss = loss_fn(image_emb, text_emb, model.logit_scale_for(image_emb, text_emb))
+        loss = _loss(loss_fn, model, image_emb, text_emb, positives)
     _backward(loss, scaler)
     return loss.detach(), image_emb.grad, text_emb.grad
 
@@ -166,18 +176,20 @@ def contrastive_step(
     scaler: Any = None,
     autocast: Autocast = nullcontext,
     sync_embed: Embed | None = None,
+    positives: Tensor | None = None,
 ) -> Tensor:
     """Add to `.grad` what `loss_fn` over the whole batch would, holding one micro-batch's graph at a time.
 
     `scaler` is a GradScaler (or None): gradients come out scaled, ready for `scaler.step`.
     `autocast` is the context each forward and the loss run in. `sync_embed` embeds the last
-    micro-batch's replay (default: the model itself). Returns the detached, unscaled loss.
+    micro-batch's replay (default: the model itself). `positives` (B, B) bool marks pairs beyond
+    the diagonal that the loss counts as right. Returns the detached, unscaled loss.
     """
     spans = _spans(images, texts, micro_batch)
     if len(spans) == 1:
-        return full_step(model, images, texts, loss_fn, scaler, autocast, sync_embed)
+        return full_step(model, images, texts, loss_fn, scaler, autocast, sync_embed, positives)
     states, image_emb, text_emb = _embed_without_graph(model, images, texts, spans, autocast)
-    loss, g_image, g_text = _batch_loss(model, loss_fn, image_emb, text_emb, scaler, autocast)
+    loss, g_image, g_text = _batch_loss(model, loss_fn, image_emb, text_emb, scaler, autocast, positives)
     for n, ((a, b), state) in enumerate(zip(spans, states)):
         embed = _embedder(model, sync_embed if n == len(spans) - 1 else None)
         with state.replay(), _enter(autocast):
@@ -202,6 +214,7 @@ def accumulate_step(
     scaler: Any = None,
     autocast: Autocast = nullcontext,
     sync_embed: Embed | None = None,
+    positives: Tensor | None = None,
 ) -> Tensor:
     """Plain gradient accumulation: the size-weighted mean of per-micro-batch losses.
 
@@ -212,8 +225,9 @@ def accumulate_step(
     spans = _spans(images, texts, micro_batch)
     n, losses = spans[-1][1], []
     for a, b in spans:
+        part = None if positives is None else positives[a:b, a:b]
         loss = full_step(model, slice_batch(images, a, b), slice_batch(texts, a, b),
-                         lambda i, t, s: loss_fn(i, t, s) * ((b - a) / n), scaler, autocast,
-                         sync_embed if b == n else None)
+                         lambda i, t, s, **kw: loss_fn(i, t, s, **kw) * ((b - a) / n), scaler, autocast,
+                         sync_embed if b == n else None, part)
         losses.append(loss)
     return torch.stack(losses).sum()

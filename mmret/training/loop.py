@@ -25,7 +25,6 @@ from torch import nn
 
 from mmret.common.io import ensure_free_space, uninterrupted, write_parquet
 from mmret.common.progress import NULL, Reporter
-from mmret.data.pairs import epoch_batches
 from mmret.errors import MmretError
 from mmret.modalities import get_modality
 from mmret.models.embed import embed_source
@@ -63,9 +62,10 @@ class RunResult:
 
 
 def train_step(s: Session, images: Any, texts: Any) -> float:
-    """One optimizer step over one contrastive batch; returns its loss."""
+    """One optimizer step over one contrastive batch (its right pairs beyond the diagonal, if any,
+    in `s.positives`); returns its loss."""
     try:
-        loss = s.stepper(images, texts, s.state.step)
+        loss = s.stepper(images, texts, s.state.step, s.positives)
     except NonFiniteLoss as e:
         raise MmretError(
             f"the loss became {e.loss} at step {s.state.step + 1} (epoch {s.state.epoch + 1}); training stopped and "
@@ -80,11 +80,12 @@ def train_one_epoch(s: Session, task: Any) -> None:
     several processes each reads and steps over its own slice of every (global) batch."""
     st, cfg = s.state, s.cfg.train
     s.dataset.check_current("training")
-    batches = epoch_batches(s.train.tables.captions_of, cfg.batch_size, cfg.seed, st.epoch, s.world.min_last_batch)[st.batch:]
+    batches = s.plan.batches(st.epoch, s.world.min_last_batch)[st.batch:]
     mine = [(items[s.world.part(len(items))], captions[s.world.part(len(items))]) for items, captions in batches]
     s.model.train()
-    for (items, _), (images, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
+    for (items, captions), (images, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
         n = len(items)  # pairs in the global batch
+        s.positives = s.world.positives(s.plan.positives(items, captions), cfg.accumulation)
         loss = train_step(s, images, texts)
         s.step_rng = torch.get_rng_state()
         st.batch, st.loss_sum, st.pairs = st.batch + 1, st.loss_sum + loss * n, st.pairs + n

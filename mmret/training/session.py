@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,6 @@ from torch import nn
 
 from mmret.common.device import autocast_context, grad_scaler, pick_device
 from mmret.common.progress import NULL, Reporter
-from mmret.data.pairs import epoch_batches
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.methods import Method, get_method
@@ -33,6 +33,8 @@ from mmret.models.heads import InputNorm, init_input_norms
 from mmret.models.tuners import use_matmul_attention
 from mmret.runs import RunConfig, create_run_dir
 from mmret.runs.checkpoint import load_state, load_weights
+from mmret.training.batches import BatchPlan
+from mmret.training.losses import clip_loss
 from mmret.training.sam import SAM
 from mmret.training.step import Stepper, make_optimizer, training_precision
 
@@ -61,6 +63,10 @@ class World:
     def share(self, value: Any, device: torch.device) -> Any:
         """The main process's `value` (JSON-able), on every process."""
         return value
+
+    def positives(self, positives: torch.Tensor | None, accumulation: str) -> torch.Tensor | None:
+        """What of a global batch's (B, B) right pairs this process's loss reads (all of them alone)."""
+        return positives
 
     @property
     def min_last_batch(self) -> int:
@@ -111,8 +117,10 @@ class Session:
     stepper: Stepper
     state: LoopState
     steps_per_epoch: int
+    plan: BatchPlan  # each epoch's batches, and which pairs of a batch are right
     world: World = field(default_factory=World)
     started: float = field(default_factory=time.perf_counter)
+    positives: torch.Tensor | None = None  # the current batch's right pairs beyond the diagonal (see BatchPlan)
     step_rng: torch.Tensor = field(default_factory=torch.get_rng_state)  # CPU RNG after the last whole step
     plotted: float = field(default_factory=time.perf_counter)  # when the learning curve was last drawn
 
@@ -161,8 +169,8 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     if resume_dir is None:
         init_heads(model, train, device, cfg.train.seed)
     optimizer = make_optimizer(model, cfg.train.lr or method.lr, cfg.train.weight_decay)
-    steps_per_epoch = len(epoch_batches(train.tables.captions_of, cfg.train.batch_size, cfg.train.seed, 0,
-                                        world.min_last_batch))
+    plan = BatchPlan.make(train, cfg.train)
+    steps_per_epoch = len(plan.batches(0, world.min_last_batch))
     run_dir = resume_dir or _new_run_dir(cfg, world, device)
     if resume_dir is None and world.is_main:
         method.save(context, run_dir)
@@ -170,9 +178,10 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     stepper = Stepper(model, optimizer, cfg.train, cfg.train.lr or method.lr,
                       cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, device, precision, scaler,
                       SAM(optimizer, cfg.train.sam_rho, scaler) if cfg.train.sam else None,
-                      method.batch_transform(cfg))
+                      method.batch_transform(cfg),
+                      loss_fn=partial(clip_loss, hn_beta=cfg.train.hn_beta) if cfg.train.hn_beta else clip_loss)
     session = Session(cfg, run_dir, device, precision, method, dataset, train, val, model, optimizer, stepper,
-                      LoopState(), steps_per_epoch, world)
+                      LoopState(), steps_per_epoch, plan, world)
     if resume_dir is not None:
         restore(session)
     return session

@@ -101,9 +101,10 @@ class Stepper:
         if self.autocast is None:
             self.autocast = lambda: autocast_context(self.device, self.precision)
 
-    def __call__(self, images: Any, texts: Any, step: int) -> float:
+    def __call__(self, images: Any, texts: Any, step: int, positives: torch.Tensor | None = None) -> float:
         """Step `step` (0-based) of the run over one batch; returns its loss. Raises
-        `NonFiniteLoss` before the optimizer moves when the loss is not finite."""
+        `NonFiniteLoss` before the optimizer moves when the loss is not finite. `positives` (B, B)
+        bool marks pairs the loss counts as right besides the diagonal (captions shared by pictures)."""
         cfg = self.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.total_steps, int(cfg.warmup * self.total_steps), self.peak_lr)
@@ -111,12 +112,13 @@ class Stepper:
         if self.batch_transform is not None:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             images, texts = self.batch_transform(images, texts, gen)
+            positives = None  # mixed pairs blend two pictures each: which of them share a caption is undefined
         step_fn = contrastive_step if cfg.accumulation == "cache" else accumulate_step
         micro = cfg.micro_batch or cfg.batch_size
 
         def forward_backward() -> torch.Tensor:
             return step_fn(self.model, images, texts, micro, loss_fn=self.loss_fn, scaler=self.scaler,
-                           autocast=self.autocast, sync_embed=self.sync_embed)
+                           autocast=self.autocast, sync_embed=self.sync_embed, positives=positives)
 
         if self.sam is not None:
             loss_t, _ = self.sam.step(forward_backward, module=self.model, max_grad_norm=cfg.grad_clip or None)
