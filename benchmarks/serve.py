@@ -107,9 +107,10 @@ def build_gallery(work: Path, run_dir: Path, items: int, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------- the server
 
 
-def start_server(work: Path, run_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(work: Path, run_dir: Path, index: str) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, MMRET_RUNS_DIR=str(work / "runs"), MMRET_DATA_DIR=str(work / "data"))
-    command = [sys.executable, "-m", "mmret", "serve", "--run", str(run_dir), "--dataset", GALLERY, "--port", "0"]
+    command = [sys.executable, "-m", "mmret", "serve", "--run", str(run_dir), "--dataset", GALLERY, "--port", "0",
+               "--index", index]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     deadline = time.monotonic() + 600
     for line in proc.stdout:
@@ -189,11 +190,11 @@ def library_times(gallery, queries: list[str], k: int) -> list[float]:
     return out
 
 
-def cold_search(work: Path, run_dir: Path, k: int) -> float:
+def cold_search(work: Path, run_dir: Path, k: int, index: str) -> float:
     env = dict(os.environ, MMRET_RUNS_DIR=str(work / "runs"), MMRET_DATA_DIR=str(work / "data"))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mmret", "search", QUERIES[0], "--run", str(run_dir), "--dataset",
-                    GALLERY, "-k", str(k), "--json"], check=True, env=env, capture_output=True)
+                    GALLERY, "-k", str(k), "--json", "--index", index], check=True, env=env, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -206,6 +207,8 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=3, help="cold `mmret search` runs")
     parser.add_argument("--text", default=str(OFFLINE / "all-minilm-l6-v2"))
     parser.add_argument("--vision", default=str(OFFLINE / "dinov2-small"))
+    parser.add_argument("--index", default="exact", choices=["exact", "hnsw", "ivf"],
+                        help="the gallery's index (hnsw/ivf: FAISS, built once and cached with the run)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mmret-bench-serve")
     args = parser.parse_args()
 
@@ -214,11 +217,11 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     run_dir = build_run(args.work, args.text, args.vision)
     build_gallery(args.work, run_dir, args.items)
-    gallery = Gallery.open(run_dir, GALLERY, "all")
-    print(f"gallery: {gallery.n_items:,} x {gallery.dim} float16 embeddings; text tower {Path(args.text).name}; "
-          f"k={args.k}", flush=True)
+    gallery = Gallery.open(run_dir, GALLERY, "all", index=args.index)
+    print(f"gallery: {gallery.n_items:,} x {gallery.dim} float16 embeddings, {args.index} index; text tower "
+          f"{Path(args.text).name}; k={args.k}", flush=True)
     library_times(gallery, QUERIES[:10], args.k)  # warm
-    proc, url = start_server(args.work, run_dir)
+    proc, url = start_server(args.work, run_dir, args.index)
     try:
         load(url, 1, 20, args.k)  # warm
         per_round = max(20, args.requests // args.rounds)
@@ -232,7 +235,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    cold = statistics.median(cold_search(args.work, run_dir, args.k) for _ in range(args.cold))
+    cold = statistics.median(cold_search(args.work, run_dir, args.k, args.index) for _ in range(args.cold))
     library = summary(lib)
     print(f"\n{'':<22}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'failed':>8}{'in server':>11}")
     print(f"{'library, in process':<22}{library['p50']:>9.1f}{library['p95']:>9.1f}{library['p99']:>9.1f}"

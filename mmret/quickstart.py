@@ -1,4 +1,4 @@
-"""The quick start: the whole pipeline on the built-in `example` dataset, offline, in minutes.
+"""The quick start: the whole pipeline on the built-in `example` dataset, offline, in under a minute.
 
 prepare example → train a small `scratch` model (MiniCLIP with a ResNet-10t at 48 px and a
 one-block Linformer) → evaluate it on the held-out test pictures → search all the pictures with a
