@@ -1,6 +1,6 @@
 """The quick start: the whole pipeline on the built-in `example` dataset, offline, in under a minute.
 
-prepare example → train a small `scratch` model (MiniCLIP with a ResNet-10t at 48 px and a
+prepare example → train a small `scratch` model (MiniCLIP with a ResNet-10t at 64 px, the pictures' own size, and a
 one-block Linformer) → evaluate it on the held-out test pictures → search all the pictures with a
 caption. Each step is the same library call the corresponding `mmret` command makes; the run is
 an ordinary run folder afterwards (`mmret eval`, `mmret search` work on it).
@@ -19,7 +19,7 @@ from mmret.runs import RunConfig, with_overrides
 
 QUERY = "a red circle above a blue square"
 # the `mmret train` options of the quick start; the README shows the same command spelled out
-TRAIN_OPTIONS = dict(method="scratch", image_model="resnet10t", image_size=48, text_width=64, text_depth=1,
+TRAIN_OPTIONS = dict(method="scratch", image_model="resnet10t", image_size=64, text_width=64, text_depth=1,
                      linformer_k=8, embed_dim=64, vocab_size=300, max_length=24, batch_size=32, lr=3e-3, epochs=15,
                      patience=0)
 
