@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from clip_benchmark.datasets.builder import build_wds_dataset, image_captions_collate_fn
 from clip_benchmark.metrics import zeroshot_retrieval as cb_ret
 from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset, convert_retrieval_dataset

@@ -142,14 +142,7 @@ def show_eval(results, format: str) -> None:
     rows.append([f"chance R@{'/'.join(map(str, first.ks))}"]
                 + [" / ".join(f"{min(1, k / r.n_images):.3f}" for k in r.ks) for r in results])
     title = f"{first.dataset} {first.split}: {first.n_images:,} {_modality(first.modality).plural}, {first.n_captions:,} captions"
-    if format == "markdown":
-        print(f"**{title}**\n")
-        print("| " + " | ".join(columns) + " |")
-        print("|" + "---|" * len(columns))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        ui.console.print(ui.table(title, columns, rows))
+    _markdown_or_table(title, columns, rows, format)
     if any(r.diffs and any(d.significant for d in r.diffs.values()) for r in results):
         ui.console.print(f"* differs from {first.run} (paired bootstrap, 95%)", highlight=False)
     for r in results:
