@@ -38,17 +38,10 @@ from mmret.inference.metrics import retrieval_metrics
 from mmret.runs import RunConfig, with_overrides
 from mmret.training import train
 
+from crossval import parse_value  # the same key=value options as crossval.py (this folder is on sys.path when run)
+
 OFFLINE = Path("~/.cache/mmret-offline").expanduser()
 KEYS = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
-
-
-def parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def score(run_dir: Path, split: str) -> dict:
