@@ -38,16 +38,4 @@ def tiny_world(tmp_path_factory):
 def memorised(tmp_path_factory):
     """A 12-picture example dataset (five captions each) that a heads run memorises, so a picture's
     own caption finds it first; shared by the gallery, serve and browser tests."""
-    from mmret import training
-    from mmret.runs import RunConfig, with_overrides
-
-    root = tmp_path_factory.mktemp("memorised")
-    data, runs = root / "data", root / "runs"
-    prepare(PrepareConfig(source="example", count=12, val=0.2, test=0.2, data_dir=data))
-    vit = tiny_models.save_tiny_timm_vit(root / "vit", spread=20.0)  # a random ViT that tells pictures apart
-    bert = tiny_models.save_tiny_bert(root / "bert", pooling_config="mean")
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=str(vit), text=str(bert),
-                                           data_dir=data, runs_dir=runs, epochs=60, batch_size=8, lr=1e-2,
-                                           dropout=0.0, embed_dim=32, patience=0, name="memorised"))
-    run = training.train(cfg).run_dir
-    return {"root": root, "data": data, "runs": runs, "run": run, "vit": vit, "bert": bert}
+    return tiny_models.train_memorised(tmp_path_factory.mktemp("memorised"))

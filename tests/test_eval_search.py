@@ -12,11 +12,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tiny_models
-from mmret import training
 from mmret.cli import app
-from mmret.data import PrepareConfig
-from mmret.runs import RunConfig, with_overrides
-from mmret.data import load_dataset, prepare
+from mmret.data import load_dataset
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.evaluate import evaluate_run
 from mmret.inference.metrics import retrieval_metrics
@@ -28,16 +25,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 12-picture dataset that a heads run memorises, and a tiny CLIP for the zero-shot row."""
-    root = tmp_path_factory.mktemp("evalsearch")
-    data, runs = root / "data", root / "runs"
-    prepare(PrepareConfig(source="example", count=12, val=0.2, test=0.2, data_dir=data))
-    vit = tiny_models.save_tiny_timm_vit(root / "vit", spread=20.0)  # a random ViT that tells pictures apart
-    bert = tiny_models.save_tiny_bert(root / "bert", pooling_config="mean")
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=str(vit), text=str(bert),
-                                           data_dir=data, runs_dir=runs, epochs=60, batch_size=8, lr=1e-2,
-                                           dropout=0.0, embed_dim=32, patience=0, name="memorised"))
-    run = training.train(cfg).run_dir
-    return {"root": root, "data": data, "runs": runs, "run": run, "clip": tiny_models.save_tiny_clip(root / "clip")}
+    world = tiny_models.train_memorised(tmp_path_factory.mktemp("evalsearch"))
+    return world | {"clip": tiny_models.save_tiny_clip(world["root"] / "clip")}
 
 
 @pytest.fixture

@@ -234,3 +234,21 @@ def bridge_model(image_dim: int, text_dim: int, embed_dim: int = 512, text_layer
         embed_dim,
         temperature,
     )
+
+
+def train_memorised(root: Path) -> dict:
+    """A 12-picture example dataset (five captions each) under `root` and a heads run over a tiny
+    ViT and BERT that memorises it, so a picture's own caption finds it first."""
+    from mmret import training
+    from mmret.data import PrepareConfig, prepare
+    from mmret.runs import RunConfig, with_overrides
+
+    data, runs = root / "data", root / "runs"
+    prepare(PrepareConfig(source="example", count=12, val=0.2, test=0.2, data_dir=data))
+    vit = save_tiny_timm_vit(root / "vit", spread=20.0)  # a random ViT that tells pictures apart
+    bert = save_tiny_bert(root / "bert", pooling_config="mean")
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=str(vit), text=str(bert),
+                                           data_dir=data, runs_dir=runs, epochs=60, batch_size=8, lr=1e-2,
+                                           dropout=0.0, embed_dim=32, patience=0, name="memorised"))
+    run = training.train(cfg).run_dir
+    return {"root": root, "data": data, "runs": runs, "run": run, "vit": vit, "bert": bert}
