@@ -57,7 +57,9 @@ def test_heads_over_ast_learn_and_name_their_metrics_after_sounds(world):
     history = pd.read_parquet(world["heads"] / "metrics.parquet")
     assert {"t2a_r1", "a2t_r1", "t2a_map10", "a2t_map10"} <= set(history.columns) and "t2i_r1" not in history
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
-    emb = write_run_embeddings(world["heads"], split="train")
+    # the last checkpoint is what 40 epochs learnt; `best` is picked on 5 val clips at an early epoch
+    # (7 here), whose fit of the training clips turns on the feature caches' automatic precision
+    emb = write_run_embeddings(world["heads"], split="train", which="last")
     scores = np.asarray(emb.captions, np.float32) @ np.asarray(emb.images, np.float32).T
     kind = np.array([path.split("/")[-2] for path in emb.image_table.path])  # clips of a kind share captions
     assert (kind[scores.argmax(1)] == kind[emb.caption_image.numpy()]).mean() > 0.8  # chance: 1 in 6
