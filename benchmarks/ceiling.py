@@ -57,22 +57,22 @@ def cca(x: np.ndarray, y: np.ndarray, k: int, reg: float):
     return lambda p, q: (p @ a, q @ b)
 
 
-def fold_scores(images: np.ndarray, texts: np.ndarray, caption_image: np.ndarray, folds: list[np.ndarray],
+def fold_scores(images: np.ndarray, texts: np.ndarray, caption_item: np.ndarray, folds: list[np.ndarray],
                 fit, item: str = "i") -> list[dict]:
     """Per fold: fit on every caption of the other folds' pictures, score every test caption."""
     scores = []
     for k, test in enumerate(folds):
         is_test = np.zeros(len(images), bool)
         is_test[test] = True
-        train_caps = np.flatnonzero(~is_test[caption_image])
-        test_caps = np.flatnonzero(is_test[caption_image])
+        train_caps = np.flatnonzero(~is_test[caption_item])
+        test_caps = np.flatnonzero(is_test[caption_item])
         row = {int(i): r for r, i in enumerate(test)}
-        xi, xt = standardise(images[caption_image[train_caps]], images[test])
+        xi, xt = standardise(images[caption_item[train_caps]], images[test])
         yi, yt = standardise(texts[train_caps], texts[test_caps])
         a, b = fit(xi, yi)(xt, yt)
-        target = torch.tensor([row[int(i)] for i in caption_image[test_caps]])
+        target = torch.tensor([row[int(i)] for i in caption_item[test_caps]])
         m = retrieval_metrics(torch.from_numpy(a).float(), torch.from_numpy(b).float(), target, item=item).metrics
-        scores.append({key: m[key] for key in keys(item)} | {"n_images": len(test), "n_captions": len(test_caps)})
+        scores.append({key: m[key] for key in keys(item)} | {"n_items": len(test), "n_captions": len(test_caps)})
     return scores
 
 
@@ -85,15 +85,15 @@ def main() -> None:
     parser.add_argument("--json", help="write the per-fold scores here (for crossval.py --report --ceiling)")
     args = parser.parse_args()
     ds = load_dataset(args.dataset)
-    image_feats = ensure_features(ds, load_tower(args.vision, ds.modality.name), ds.modality.plural)
+    item_feats = ensure_features(ds, load_tower(args.vision, ds.modality.name), ds.modality.plural)
     text_feats = ensure_features(ds, load_text_encoder(args.text, max_length=64), "captions")
-    ids = np.array(sorted(ds.images.image_id))  # the order DataConfig folds partition, seed 0
+    ids = np.array(sorted(ds.items.item_id))  # the order DataConfig folds partition, seed 0
     index = {i: r for r, i in enumerate(ids)}
-    rows, caption_rows = image_feats.row_of(), text_feats.row_of()
-    images = np.asarray(image_feats.pooled, np.float32)[[rows[i] for i in ids]]
-    caps = ds.captions[ds.captions.image_id.isin(index)]
+    rows, caption_rows = item_feats.row_of(), text_feats.row_of()
+    images = np.asarray(item_feats.pooled, np.float32)[[rows[i] for i in ids]]
+    caps = ds.captions[ds.captions.item_id.isin(index)]
     texts = np.asarray(text_feats.pooled, np.float32)[[caption_rows[int(c)] for c in caps.caption_id]]
-    caption_image = caps.image_id.map(index).to_numpy(np.int64)
+    caption_item = caps.item_id.map(index).to_numpy(np.int64)
     perm = np.random.default_rng(0).permutation(len(ids))
     folds = [perm[k::args.folds] for k in range(args.folds)]
     item, names = ds.modality.short, keys(ds.modality.short)
@@ -103,7 +103,7 @@ def main() -> None:
     out = {}
     for name, fit in [(f"ridge lambda={lam}", lambda x, y, lam=lam: ridge(x, y, lam)) for lam in (10, 100, 1000)] + \
                      [(f"cca k={k} reg={r}", lambda x, y, k=k, r=r: cca(x, y, k, r)) for k, r in ((64, 1.0), (128, 1.0))]:
-        out[name] = fold_scores(images, texts, caption_image, folds, fit, item)
+        out[name] = fold_scores(images, texts, caption_item, folds, fit, item)
         s = np.array([[f[k] for k in names] for f in out[name]])
         print(f"{name:24s}  " + "  ".join(f"{m:.3f} ± {d:.3f}" for m, d in zip(s.mean(0), s.std(0))))
     if args.json:

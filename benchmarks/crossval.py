@@ -61,25 +61,25 @@ def parse_value(text: str):
 
 
 def run_fold(args, method: str, label: str, fold: int, extra: dict) -> dict:
-    options = dict(method=method, dataset=args.dataset, vision=args.vision, text=args.text, folds=args.folds,
+    options = dict(method=method, dataset=args.dataset, item=args.vision, text=args.text, folds=args.folds,
                    fold=fold, name=f"cv-{args.tag}-{slug(label)}-fold{fold}", **extra)
     cfg = with_overrides(RunConfig(), options)
     start = time.perf_counter()
     result = train(cfg)
     trained = time.perf_counter() - start
     emb = write_run_embeddings(result.run_dir, split="test")
-    images, captions = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (emb.images, emb.captions))
+    images, captions = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (emb.items, emb.captions))
     modality = get_modality(emb.modality)
-    scores = retrieval_metrics(images, captions, emb.caption_image, map_at=modality.map_at).metrics
+    scores = retrieval_metrics(images, captions, emb.caption_item, map_at=modality.map_at).metrics
     keys = torch.from_numpy(caption_keys(emb.caption_table["caption"].tolist()))
-    same = same_text_metrics(images, captions, emb.caption_image, keys)
+    same = same_text_metrics(images, captions, emb.caption_item, keys)
     scores.update({f"same_{k}": v for k, v in same.items()})
-    scores.update(fold=fold, n_images=len(emb.images), n_captions=len(emb.captions), seconds=time.perf_counter() - start,
+    scores.update(fold=fold, n_items=len(emb.items), n_captions=len(emb.captions), seconds=time.perf_counter() - start,
                   train_seconds=trained, epochs=result.epochs, best_epoch=best_epoch(result.run_dir),
                   run=result.run_dir.name, item=modality.short)
     t2x, x2t = directions(modality.short)
     print(f"{label} fold {fold}: {t2x} R@1 {scores['t2i_r1']:.3f}  {x2t} R@1 {scores['i2t_r1']:.3f}  "
-          f"({scores['n_images']} test {modality.plural}, {result.epochs} epochs, {trained:.0f}s training)", flush=True)
+          f"({scores['n_items']} test {modality.plural}, {result.epochs} epochs, {trained:.0f}s training)", flush=True)
     return scores
 
 
@@ -97,7 +97,7 @@ def mean_std(folds: list[dict], key: str) -> str:
 
 def chance_row(folds: list[dict]) -> list[str]:
     # a random ranking finds the one right image, or one of an image's c captions among c per image, with p ~ k / images
-    n_img = np.mean([f["n_images"] for f in folds])
+    n_img = np.mean([f["n_items"] for f in folds])
     return [f"{min(1, k / n_img):.3f}" for k in KS] * 2
 
 
@@ -118,7 +118,7 @@ def table(results: dict[str, list[dict]], with_time: bool = False, with_folds: b
             cells.append(str(len(folds)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ends = " |" * (1 + with_time + with_folds)  # the last cell's end, then an empty cell per extra column
-    n = np.mean([f["n_images"] for f in next(iter(results.values()))])
+    n = np.mean([f["n_items"] for f in next(iter(results.values()))])
     chance = chance_row(next(iter(results.values()))) + [f"{sum(1 / r for r in range(1, int(min(10, n)) + 1)) / n:.3f}"
                                                         for k in keys if k == "t2i_map10"]  # H(10) / n
     lines.append("| chance | " + " | ".join(chance) + ends)
@@ -133,6 +133,9 @@ def load_entries(paths: list[str]) -> tuple[str, dict[str, dict]]:
     for p in paths:
         data = json.loads(Path(p).read_text())
         dataset = dataset or data.get("dataset")
+        for fold in (f for e in data["entries"].values() for f in e["folds"]):
+            if "n_images" in fold:  # saved before the item side had its own name
+                fold["n_items"] = fold.pop("n_images")
         entries.update(data["entries"])
     return dataset, entries
 
@@ -142,7 +145,7 @@ def report(args) -> None:
     results = {label: e["folds"] for label, e in entries.items()}
     n_folds = {len(f) for f in results.values()}
     lines = [f"{'/'.join(map(str, sorted(n_folds)))}-fold cross-validation on {dataset} "
-             f"({np.mean([f['n_images'] for f in next(iter(results.values()))]):.0f} test pictures a fold), "
+             f"({np.mean([f['n_items'] for f in next(iter(results.values()))]):.0f} test pictures a fold), "
              "mean ± std over folds:", "", table(results, with_time=True, with_folds=True)]
     paired = paired_rows(results)
     if paired:
@@ -217,7 +220,7 @@ def bar_chart(dataset: str, results: dict[str, list[dict]], ceiling: dict | None
             best = max(np.mean([f[m] for f in folds]) for folds in ceiling["baselines"].values())
             ax.hlines(best, j - 0.42, j + 0.42, colors="black", linestyles="dashed",
                       label="best closed-form map" if j == 0 else None)
-    chance = {m: min(1, int(m.split("r")[-1]) / np.mean([f["n_images"] for f in results[labels[0]]])) for m in metrics}
+    chance = {m: min(1, int(m.split("r")[-1]) / np.mean([f["n_items"] for f in results[labels[0]]])) for m in metrics}
     ax.scatter(x, [chance[m] for m in metrics], marker="_", s=400, color="grey", label="chance", zorder=3)
     ax.set_xticks(x, ["text→image R@1", "image→text R@1", "text→image R@10", "image→text R@10"])
     ax.set_ylabel("recall (mean over folds ± std)")

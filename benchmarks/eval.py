@@ -36,17 +36,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def make_embeddings(folder: Path, n_images: int, n_captions: int, dim: int, seed: int = 0) -> None:
+def make_embeddings(folder: Path, n_items: int, n_captions: int, dim: int, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
-    images = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=g), dim=1)
-    per = n_captions // n_images  # COCO: 5 per image, a few images with 6 or 7
-    extra = torch.randint(n_images, (n_captions - per * n_images,), generator=g)
-    text_image = torch.cat([torch.arange(n_images).repeat_interleave(per), extra])
+    images = torch.nn.functional.normalize(torch.randn(n_items, dim, generator=g), dim=1)
+    per = n_captions // n_items  # COCO: 5 per image, a few images with 6 or 7
+    extra = torch.randint(n_items, (n_captions - per * n_items,), generator=g)
+    text_item = torch.cat([torch.arange(n_items).repeat_interleave(per), extra])
     noise = torch.randn(n_captions, dim, generator=g) * 5.5 / dim**0.5  # |noise| ~ 5.5: R@1 near 50%
-    texts = torch.nn.functional.normalize(images[text_image] + noise, dim=1)
+    texts = torch.nn.functional.normalize(images[text_item] + noise, dim=1)
     np.save(folder / "image.npy", images.half().numpy())
     np.save(folder / "text.npy", texts.half().numpy())
-    np.save(folder / "text_image.npy", text_image.numpy())
+    np.save(folder / "text_item.npy", text_item.numpy())
 
 
 def _memory_kb(field: str) -> int:
@@ -62,20 +62,20 @@ def child(folder: Path, rounds: int) -> None:
 
     image = torch.from_numpy(np.load(folder / "image.npy"))
     text = torch.from_numpy(np.load(folder / "text.npy"))
-    text_image = torch.from_numpy(np.load(folder / "text_image.npy"))
+    text_item = torch.from_numpy(np.load(folder / "text_item.npy"))
     torch.zeros(1) @ torch.zeros(1, 1)  # load BLAS before the baseline
     base_kb = _memory_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        result = retrieval_metrics(image, text, text_image)
+        result = retrieval_metrics(image, text, text_item)
         times.append(time.perf_counter() - t0)
     peak_kb = _memory_kb("VmHWM")
     t0 = time.perf_counter()
     ci = bootstrap_ci(result, n_boot=1000, seed=0)
     boot = time.perf_counter() - t0
-    full = metrics_from_scores(text.float() @ image.float().T, text_image)  # the unchunked reference
+    full = metrics_from_scores(text.float() @ image.float().T, text_item)  # the unchunked reference
     same = all(abs(full.metrics[k] - v) < 1e-12 for k, v in result.metrics.items())
     print(json.dumps({"times": times, "boot_s": boot, "base_mb": base_kb / 1024, "extra_mb": (peak_kb - base_kb) / 1024,
                       "emb_mb": (image.nbytes + text.nbytes) / 2**20, "metrics": result.metrics,

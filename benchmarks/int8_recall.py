@@ -47,8 +47,8 @@ KEYS = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
 def score(run_dir: Path, split: str) -> dict:
     shutil.rmtree(run_dir / "embeddings", ignore_errors=True)  # embed again from the cache now in place
     emb = write_run_embeddings(run_dir, split=split)
-    images, captions = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (emb.images, emb.captions))
-    return retrieval_metrics(images, captions, emb.caption_image).metrics
+    images, captions = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (emb.items, emb.captions))
+    return retrieval_metrics(images, captions, emb.caption_item).metrics
 
 
 def main() -> None:
@@ -74,7 +74,7 @@ def main() -> None:
         print(f"{len(ref.pooled)} pictures in {args.reference} in {time.perf_counter() - start:.0f} s "
               f"({ref.stats.precision_reason})", flush=True)
         reference = np.array(ref.pooled, dtype=np.float32)
-        options = dict(method="heads", dataset=name, data_dir=tmp / "data", runs_dir=tmp / "runs", vision=args.vision,
+        options = dict(method="heads", dataset=name, data_dir=tmp / "data", runs_dir=tmp / "runs", item=args.vision,
                        text=args.text, device="cpu", name="int8-check")
         options.update(parse_value_pairs(args.options))
         result = train(with_overrides(RunConfig(), options))

@@ -29,7 +29,7 @@ from mmret.memory import CATEGORIES, MemoryReport, describe, needed, probe_memor
 
 GB = 2**30
 SETUPS = {
-    "bridge over DINO ViT-S/16 + DistilBERT": dict(method="bridge", vision="dino-vits16", text="distilbert"),
+    "bridge over DINO ViT-S/16 + DistilBERT": dict(method="bridge", item="dino-vits16", text="distilbert"),
     "LoRA r=64 on CLIP ViT-B/32": dict(model="clip-b32", **recipe_values("both-r64")),
 }
 

@@ -68,7 +68,7 @@ def adapted_clip(arch: str, method: str, cfg: MethodConfig) -> DualEncoder:
 
 def tower_trainable(model: DualEncoder) -> int:
     """Trainable parameters inside the two towers (the temperature not counted)."""
-    return sum(p.numel() for tower in (model.image_tower, model.text_tower)
+    return sum(p.numel() for tower in (model.item_tower, model.text_tower)
                for p in tower.parameters() if p.requires_grad)
 
 

@@ -298,7 +298,7 @@ def main() -> None:
         prepare(PrepareConfig(source="folder", root=tmp / "photos", name="bench", val=0.0, test=0.0, data_dir=tmp / "data"))
         dataset = load_dataset("bench", tmp / "data")
         encoder = load_image_encoder(str(model_folder(args.model, tmp)))
-        paths = dataset.images["path"].tolist()
+        paths = dataset.items["path"].tolist()
         batch = 32
         flops = flops_per_image(encoder)
         print(f"model {encoder.name}: {flops / 1e9:.2f} GFLOP per {encoder.image_size[0]} px picture; "

@@ -62,7 +62,7 @@ def build_run(work: Path, text: str, vision: str) -> Path:
         return run
     if not (work / "data" / "example").is_dir():
         prepare(PrepareConfig(source="example", count=40, data_dir=work / "data"))
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=vision, text=text,
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", item=vision, text=text,
                                            data_dir=work / "data", runs_dir=work / "runs", epochs=1, batch_size=16,
                                            embed_dim=512, patience=0, name="bench-heads"))
     return training.train(cfg).run_dir
@@ -95,13 +95,13 @@ def build_gallery(work: Path, run_dir: Path, items: int, seed: int = 0) -> None:
     vectors = rng.standard_normal((items, dim), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     with atomic_dir(target, replace=True) as tmp:
-        np.save(tmp / "images.npy", vectors.astype(np.float16))
+        np.save(tmp / "items.npy", vectors.astype(np.float16))
         np.save(tmp / "captions.npy", np.zeros((0, dim), np.float16))
-        pd.DataFrame({"image_id": ids, "path": ds.images.path}).to_parquet(tmp / "images.parquet", index=False)
-        pd.DataFrame({"caption_id": pd.Series([], dtype="int64"), "image": pd.Series([], dtype="int64"),
+        pd.DataFrame({"item_id": ids, "path": ds.items.path}).to_parquet(tmp / "items.parquet", index=False)
+        pd.DataFrame({"caption_id": pd.Series([], dtype="int64"), "item": pd.Series([], dtype="int64"),
                       "caption": pd.Series([], dtype=str)}).to_parquet(tmp / "captions.parquet", index=False)
         write_json(tmp / "manifest.json", {**identity(run, ds, "all"), "dataset": GALLERY, "run": run.name,
-                                           "dim": dim, "images": items, "captions": 0})
+                                           "dim": dim, "items": items, "captions": 0})
 
 
 # ---------------------------------------------------------------------------- the server

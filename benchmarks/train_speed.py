@@ -70,13 +70,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     extra = {k: int(v) for k, v in (o.split("=", 1) for o in args.bridge)}
-    cfg = with_overrides(RunConfig(), dict(method="bridge", dataset=args.dataset, vision=args.vision, text=args.text,
+    cfg = with_overrides(RunConfig(), dict(method="bridge", dataset=args.dataset, item=args.vision, text=args.text,
                                            batch_size=args.batch_size, **extra))
     dataset = load_dataset(args.dataset)
     method = get_method("bridge")
     context = method.open(cfg, dataset)
     (cached,) = method.sources(cfg, context, dataset, ("train",), torch.device("cpu"), NULL)
-    n = min(args.images, cached.num_images)
+    n = min(args.images, cached.num_items)
     batches = [b for b in epoch_batches(cached.tables.captions_of, args.batch_size, 0, 0)]
     batches = [(i[i < n], c[i < n]) for i, c in batches]
     batches = [b for b in batches if len(b[0]) > 1]
@@ -94,7 +94,7 @@ def main() -> None:
             yield tokens.clone()
 
     def cached_tokens(bs):
-        return (cached.image_batch(b[0]) for b in bs)
+        return (cached.item_batch(b[0]) for b in bs)
 
     b = args.batch_size
     with torch.inference_mode():
@@ -116,7 +116,7 @@ def main() -> None:
         t_cached = timed_epoch(model, opt, batches, cached_tokens, texts_of)
         model, opt = fresh()
         t_pixels = timed_epoch(model, opt, batches, tower_tokens, texts_of)
-        one = cached.image_batch(np.arange(b)), cached.text_batch(np.arange(b))
+        one = cached.item_batch(np.arange(b)), cached.text_batch(np.arange(b))
         model, opt = fresh()
         bridge_flops = flops_per_pair(lambda: contrastive_step(model, one[0], one[1], b)) / b
         print(f"--token-pool {pool}: bridge step {bridge_flops / 1e9:.2f} GFLOP per pair")

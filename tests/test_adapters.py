@@ -210,7 +210,7 @@ def test_clip_b16_counts_on_the_meta_device():
     assert rows["total"].total == rows["total"].trainable == 149_620_737  # CLIPModel ViT-B/16's published size
     method, cfg = bench.settings()["lora text-r8"]
     rows = {c.part: c for c in bench.parameter_table(bench.adapted_clip("ViT-B/32", method, cfg))}
-    assert (rows["image"].trainable, rows["text"].trainable) == (0, 12 * 2 * 8 * (512 + 512))
+    assert (rows["item"].trainable, rows["text"].trainable) == (0, 12 * 2 * 8 * (512 + 512))
 
 
 # ---------------------------------------------------------------------------- saving, reloading, merging
@@ -279,9 +279,9 @@ def test_each_method_lowers_a_toy_contrastive_loss(towers, method, lr):
     pair.train()
     losses = []
     for _ in range(40):
-        image_emb = F.normalize(pair["image"](**images).pooled, dim=-1)
+        item_emb = F.normalize(pair["image"](**images).pooled, dim=-1)
         text_emb = F.normalize(pair["text"](**texts).pooled, dim=-1)
-        loss = clip_loss(image_emb, text_emb, 10.0)
+        loss = clip_loss(item_emb, text_emb, 10.0)
         opt.zero_grad()
         loss.backward()
         opt.step()

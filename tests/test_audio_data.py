@@ -96,40 +96,40 @@ def test_prepare_reports_every_bad_file_once_and_keeps_what_is_usable(bad, data_
     assert all(len(lines) == 1 for name, lines in by_file.items() if name != "hours_long")
     ds = load_dataset("bad", data_dir)
     assert ds.modality.name == "audio" and result.modality == "audio"
-    kept = set(ds.images["image_id"].str.split(".").str[0])
+    kept = set(ds.items["item_id"].str.split(".").str[0])
     assert kept == {"good", "truncated_wav", "truncated_flac", "truncated_mp3", "silent", "eight_channels",
                     "rate_8k", "rate_192k", "hours_long"}
-    row = ds.images.set_index("image_id").loc["eight_channels.wav"]
+    row = ds.items.set_index("item_id").loc["eight_channels.wav"]
     assert (row.sample_rate, row.channels, row.duration_ms) == (16000, 8, 1000)
-    for path in ds.images["path"]:  # everything kept decodes to a finite window
+    for path in ds.items["path"]:  # everything kept decodes to a finite window
         wave = AudioDecoder(16000, 2.0)(path)
         assert len(wave) and np.isfinite(wave).all()
 
 
 def test_check_audio_leaves_out_truncated_and_silent_files(bad, data_dir):
     result = prepare(PrepareConfig(source="folder", root=bad["good"].parent, name="checked", data_dir=data_dir,
-                                   check_images=True, val=0.0, test=0.0))
-    kept = set(load_dataset("checked", data_dir).images["image_id"].str.split(".").str[0])
+                                   check_items=True, val=0.0, test=0.0))
+    kept = set(load_dataset("checked", data_dir).items["item_id"].str.split(".").str[0])
     assert kept == {"good", "eight_channels", "rate_8k", "rate_192k", "hours_long"}
     reasons = {p.item.rsplit("/", 1)[-1]: p.reason for p in result.problems if p.kind == "broken audio"}
     assert reasons["silent.flac"] == "silent: no sample above -80 dBFS"
     assert reasons["truncated_flac.flac"].startswith("truncated or corrupt: decoding stops after")
     assert reasons["truncated_mp3.mp3"].startswith("truncated: ")
-    assert result.counts["total"]["dropped images"] == 7  # empty, not audio, four truncated, silent
+    assert result.counts["total"]["dropped items"] == 7  # empty, not audio, four truncated, silent
 
 
 def test_a_folder_of_sounds_is_prepared_with_its_own_table(tmp_path, data_dir):
     root = tiny_audio.sound_folder(tmp_path / "sounds", n=12)
     result = prepare(PrepareConfig(source="folder", root=root, name="sounds", data_dir=data_dir))
-    assert result.counts["total"] == {"images": 12, "captions": 24, "dropped images": 0}
+    assert result.counts["total"] == {"items": 12, "captions": 24, "dropped items": 0}
     folder = data_dir / "sounds"
     assert sorted(p.name for p in folder.iterdir()) == ["audio.parquet", "captions.parquet", "dataset.json"]
     table = pd.read_parquet(folder / "audio.parquet")
     assert list(table.columns) == ["audio_id", "path", "split", "sample_rate", "channels", "duration_ms"]
     assert "audio_id" in pd.read_parquet(folder / "captions.parquet").columns
-    ds = load_dataset("sounds", data_dir)  # in memory the key is image_id, whatever the modality
-    assert "image_id" in ds.images.columns and "image_id" in ds.captions.columns
-    assert set(ds.images.sample_rate) == {8000, 16000, 22050, 44100, 48000}
+    ds = load_dataset("sounds", data_dir)  # in memory the key is item_id, whatever the modality
+    assert "item_id" in ds.items.columns and "item_id" in ds.captions.columns
+    assert set(ds.items.sample_rate) == {8000, 16000, 22050, 44100, 48000}
 
 
 def test_a_captions_table_with_an_audio_column(tmp_path, data_dir):
@@ -140,7 +140,7 @@ def test_a_captions_table_with_an_audio_column(tmp_path, data_dir):
                   "caption": ["a hum", "a beep", "a hiss", "a low drone"]}).to_csv(root / "captions.csv", index=False)
     prepare(PrepareConfig(source="folder", root=root, name="table", data_dir=data_dir, val=0.0, test=0.0))
     ds = load_dataset("table", data_dir)
-    assert ds.modality.name == "audio" and len(ds.images) == 3 and len(ds.captions) == 4
+    assert ds.modality.name == "audio" and len(ds.items) == 3 and len(ds.captions) == 4
 
 
 def test_clotho_in_its_real_layout(tmp_path, data_dir):
@@ -148,10 +148,10 @@ def test_clotho_in_its_real_layout(tmp_path, data_dir):
     (root / "evaluation" / "Noise Sound 010.wav").unlink()  # listed but not on disk
     result = prepare(PrepareConfig(source="clotho", root=root, data_dir=data_dir))
     ds = load_dataset("clotho", data_dir)
-    assert {s: result.counts[s]["images"] for s in ("train", "val", "test")} == {"train": 6, "val": 3, "test": 2}
-    assert result.counts["test"]["dropped images"] == 1
-    assert ds.captions.groupby("image_id").size().eq(5).all()
-    assert "Low Sound 002" in set(ds.images.image_id)
+    assert {s: result.counts[s]["items"] for s in ("train", "val", "test")} == {"train": 6, "val": 3, "test": 2}
+    assert result.counts["test"]["dropped items"] == 1
+    assert ds.captions.groupby("item_id").size().eq(5).all()
+    assert "Low Sound 002" in set(ds.items.item_id)
     assert ds.captions.caption.str.contains(", recorded outdoors").sum() == 11  # the quoted comma survives
     assert result.split_note.startswith("Clotho's own split: development as train")
     missing = [p for p in result.problems if p.kind == "missing audio"]
@@ -162,14 +162,14 @@ def test_audiocaps_finds_clips_by_youtube_id_and_reports_the_missing(tmp_path, d
     root, missing = tiny_audio.audiocaps(tmp_path / "audiocaps")
     result = prepare(PrepareConfig(source="audiocaps", root=root, data_dir=data_dir))
     ds = load_dataset("audiocaps", data_dir)
-    counts = {s: result.counts[s]["images"] for s in ("train", "val", "test")}
+    counts = {s: result.counts[s]["items"] for s in ("train", "val", "test")}
     assert counts == {"train": 8, "val": 3, "test": 3}
-    assert {s: result.counts[s]["dropped images"] for s in counts} == missing
-    per_clip = ds.captions.groupby("image_id").size()
-    assert per_clip[ds.images.set_index("image_id").split.eq("val").pipe(lambda s: s[s].index)].eq(5).all()
+    assert {s: result.counts[s]["dropped items"] for s in counts} == missing
+    per_clip = ds.captions.groupby("item_id").size()
+    assert per_clip[ds.items.set_index("item_id").split.eq("val").pipe(lambda s: s[s].index)].eq(5).all()
     assert {p.kind for p in result.problems} == {"missing audio"}
     assert len(result.problems) == sum(missing.values())  # one line per missing clip, not per caption
-    assert set(ds.images.path.str.rsplit(".", n=1).str[-1]) == {"wav", "flac", "ogg"}
+    assert set(ds.items.path.str.rsplit(".", n=1).str[-1]) == {"wav", "flac", "ogg"}
 
 
 def test_audio_sources_without_their_files_say_what_they_expect(tmp_path, data_dir):

@@ -41,7 +41,7 @@ def world(tmp_path_factory):
 
 
 def config(world, **options) -> RunConfig:
-    base = dict(dataset="sounds", vision=world["ast"], text=world["bert"], data_dir=world["data"],
+    base = dict(dataset="sounds", item=world["ast"], text=world["bert"], data_dir=world["data"],
                 runs_dir=world["runs"], epochs=2, batch_size=8, embed_dim=16, patience=0, workers=0, dropout=0.0)
     return with_overrides(RunConfig(), {**base, **options})
 
@@ -60,9 +60,9 @@ def test_heads_over_ast_learn_and_name_their_metrics_after_sounds(world):
     # the last checkpoint is what 40 epochs learnt; `best` is picked on 5 val clips at an early epoch
     # (7 here), whose fit of the training clips turns on the feature caches' automatic precision
     emb = write_run_embeddings(world["heads"], split="train", which="last")
-    scores = np.asarray(emb.captions, np.float32) @ np.asarray(emb.images, np.float32).T
-    kind = np.array([path.split("/")[-2] for path in emb.image_table.path])  # clips of a kind share captions
-    assert (kind[scores.argmax(1)] == kind[emb.caption_image.numpy()]).mean() > 0.8  # chance: 1 in 6
+    scores = np.asarray(emb.captions, np.float32) @ np.asarray(emb.items, np.float32).T
+    kind = np.array([path.split("/")[-2] for path in emb.item_table.path])  # clips of a kind share captions
+    assert (kind[scores.argmax(1)] == kind[emb.caption_item.numpy()]).mean() > 0.8  # chance: 1 in 6
     assert emb.modality == "audio"
 
 
@@ -103,7 +103,7 @@ def test_zero_shot_clap_scores_are_clap_model_scores(env):
     want = (out.logits_per_text / model.logit_scale_t.exp()).detach()
     assert (captions @ audio.T - want).abs().max() < 1e-3
     emb = write_run_embeddings(run, "clapped", split="test")  # the run may have been made for another dataset
-    got = np.asarray(emb.captions, np.float32) @ np.asarray(emb.images, np.float32).T
+    got = np.asarray(emb.captions, np.float32) @ np.asarray(emb.items, np.float32).T
     assert np.abs(got - want.numpy()).max() < 2e-3  # stored as float16
 
 
@@ -152,7 +152,7 @@ def test_tower_methods_adapt_ast(world, method):
     from safetensors.torch import load_file
 
     saved = load_file(str(result.run_dir / "checkpoints" / "last.safetensors"))
-    inside = [k for k in saved if k.startswith("image_tower.encoder.")]
+    inside = [k for k in saved if k.startswith("item_tower.encoder.")]
     marker = {"lora": "lora_", "prefix": "mmret_prompt", "adapter": "mmret_adapter", "full": "layers.0"}[method]
     assert inside and all(marker in k for k in inside if method != "full") and any(marker in k for k in inside)
     assert np.isfinite(pd.read_parquet(result.run_dir / "metrics.parquet")["a2t_r1"]).all()

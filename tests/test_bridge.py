@@ -26,7 +26,7 @@ def world(tiny_world):
 
 
 def config(world, tmp_path, **options) -> RunConfig:
-    base = dict(dataset="example", vision=world["vit"], text=world["bert"], data_dir=world["root"] / "data",
+    base = dict(dataset="example", item=world["vit"], text=world["bert"], data_dir=world["root"] / "data",
                 runs_dir=tmp_path / "runs", epochs=2, batch_size=16, lr=5e-3, embed_dim=16, head_layers=2,
                 queries=4, bridge_layers=1, bridge_width=32, bridge_heads=4, patience=0, dropout=0.1)
     return with_overrides(RunConfig(), {**base, **options})
@@ -36,9 +36,9 @@ def embed_val(s):
     """Image and caption embeddings of the validation split, in eval mode."""
     s.model.eval()
     with torch.no_grad():
-        idx = np.arange(s.val.num_images)
+        idx = np.arange(s.val.num_items)
         caps = np.arange(s.val.num_captions)
-        return s.model.encode_image(s.val.image_batch(idx)), s.model.encode_text(s.val.text_batch(caps))
+        return s.model.encode_item(s.val.item_batch(idx)), s.model.encode_text(s.val.text_batch(caps))
 
 
 def fresh_data(tmp_path):
@@ -53,16 +53,16 @@ def test_at_initialisation_the_bridge_embeds_as_the_heads_method_does(world, tmp
     data = fresh_data(tmp_path)
     bridge = training.setup(config(world, tmp_path, method="bridge", name="bridge", data_dir=data))
     heads = training.setup(config(world, tmp_path, method="heads", name="heads", data_dir=data))
-    assert isinstance(bridge.model.image_tower, ResidualBridge)
-    assert bridge.val.image_batch(np.arange(2)).dim() == 3  # the bridge reads token states, heads pooled ones
+    assert isinstance(bridge.model.item_tower, ResidualBridge)
+    assert bridge.val.item_batch(np.arange(2)).dim() == 3  # the bridge reads token states, heads pooled ones
     (hi, ht), (bi, bt) = embed_val(heads), embed_val(bridge)
     torch.testing.assert_close(bi, hi, rtol=0, atol=1e-6)
     torch.testing.assert_close(bt, ht, rtol=0, atol=0)
     # training moves the correction off zero: the bridge is then more than the heads model
     bridge.model.train()
     items, captions = bridge.plan.batches(0)[0]
-    bridge.stepper(bridge.train.image_batch(items), bridge.train.text_batch(captions), 0)
-    proj = bridge.model.image_tower.correction[1].proj
+    bridge.stepper(bridge.train.item_batch(items), bridge.train.text_batch(captions), 0)
+    proj = bridge.model.item_tower.correction[1].proj
     assert proj.weight.abs().sum() > 0
 
 
@@ -71,7 +71,7 @@ def test_the_pooled_path_over_class_and_mean_patch_token_also_starts_as_heads(wo
     bridge = training.setup(config(world, tmp_path, method="bridge", bridge_base="cls+mean", queries=0, name="cm",
                                    data_dir=data))
     heads = training.setup(config(world, tmp_path, method="heads", name="heads", data_dir=data))
-    assert bridge.model.image_tower.correction is None
+    assert bridge.model.item_tower.correction is None
     (hi, ht), (bi, bt) = embed_val(heads), embed_val(bridge)
     torch.testing.assert_close(bi, hi, rtol=0, atol=1e-6)
     torch.testing.assert_close(bt, ht, rtol=0, atol=0)
@@ -79,7 +79,7 @@ def test_the_pooled_path_over_class_and_mean_patch_token_also_starts_as_heads(wo
 
 def test_the_old_bridge_is_one_option_away_and_old_configs_load_as_it(world, tmp_path):
     s = training.setup(config(world, tmp_path, method="bridge", bridge_base="none", name="old"))
-    assert isinstance(s.model.image_tower[1], QueryBridge)  # InputNorm, then the queries alone
+    assert isinstance(s.model.item_tower[1], QueryBridge)  # InputNorm, then the queries alone
     saved = json.loads((s.run_dir / "config.json").read_text())
     del saved["method"]["bridge_base"], saved["train"]["same_caption"]  # as written before these existed
     (s.run_dir / "config.json").write_text(json.dumps(saved))
@@ -150,9 +150,9 @@ def test_augmented_views_are_cached_once_and_drawn_per_epoch(world, tmp_path):
     assert set(np.concatenate(picks).tolist()) == {0, 1, 2} and not np.array_equal(picks[0], picks[1])
     items, _ = s.plan.batches(0)[0]
     batch, _ = next(s.train.iter_pairs([(items, s.train.tables.captions_of[0][:1].repeat(len(items)))], epoch=0))
-    arrays = [s.train.image_array, *s.train.views]
+    arrays = [s.train.item_array, *s.train.views]
     for row, i in enumerate(items):
-        expected = np.asarray(arrays[picks[0][i]][s.train.image_rows[i]], dtype=np.float32)
+        expected = np.asarray(arrays[picks[0][i]][s.train.item_rows[i]], dtype=np.float32)
         np.testing.assert_array_equal(batch[row].numpy(), expected)
     result = training.train(config(world, tmp_path, method="bridge", views=2, token_drop=0.25, name="views-run"))
     assert np.isfinite(result.last["train_loss"])
@@ -169,7 +169,7 @@ def test_crossval_report_writes_the_table_and_the_chart(tmp_path):
 
     def fold(r1: float) -> dict:
         scores = {f"{d}_r{k}": min(1.0, r1 * k ** 0.5) for d in ("t2i", "i2t") for k in (1, 5, 10)}
-        return scores | {f"same_{k}": v for k, v in scores.items()} | {"n_images": 100, "train_seconds": 12.0,
+        return scores | {f"same_{k}": v for k, v in scores.items()} | {"n_items": 100, "train_seconds": 12.0,
                                                                        "seconds": 13.0}
     crossval.save(str(tmp_path / "r.json"), "toy", "heads", "heads", {}, [fold(0.1), fold(0.2)])
     crossval.save(str(tmp_path / "r.json"), "toy", "bridge", "bridge", {"queries": 8}, [fold(0.3), fold(0.3)])

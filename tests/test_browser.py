@@ -121,15 +121,15 @@ def live(memorised):
 
 def test_the_page_in_a_real_browser(live, memorised, tmp_path):
     ds = load_dataset("example", memorised["data"]).split("train")
-    row = ds.images.iloc[0]
-    caption = ds.captions[ds.captions.image_id == row.image_id].caption.iloc[0]
+    row = ds.items.iloc[0]
+    caption = ds.captions[ds.captions.item_id == row.item_id].caption.iloc[0]
     shots = [tmp_path] + ([Path(os.environ["MMRET_SCREENSHOT_DIR"])] if os.environ.get("MMRET_SCREENSHOT_DIR") else [])
-    seen = search_and_browse(live.url + "/", caption, row.image_id, str(Path(ds.images.path.iloc[1])), shots)
-    assert seen["text"][0] == row.image_id and len(seen["text"]) == 12
+    seen = search_and_browse(live.url + "/", caption, row.item_id, str(Path(ds.items.path.iloc[1])), shots)
+    assert seen["text"][0] == row.item_id and len(seen["text"]) == 12
     assert seen["status"].startswith("12 pictures for “") and caption in seen["first_caption"] + caption
-    assert row.image_id not in seen["more"] and len(seen["more"]) == 11  # the other pictures of the gallery
-    assert seen["hash"] == f"#id={row.image_id}"
-    assert seen["upload"][0] == ds.images.image_id.iloc[1] and seen["captions_shown"]
-    assert seen["back"][0] == row.image_id and seen["errors"] == ""
+    assert row.item_id not in seen["more"] and len(seen["more"]) == 11  # the other pictures of the gallery
+    assert seen["hash"] == f"#id={row.item_id}"
+    assert seen["upload"][0] == ds.items.item_id.iloc[1] and seen["captions_shown"]
+    assert seen["back"][0] == row.item_id and seen["errors"] == ""
     assert seen["phone_columns"] == 2 and not seen["phone_overflow"]
     assert (tmp_path / "serve.png").stat().st_size > 10_000 and (tmp_path / "serve-phone.png").is_file()

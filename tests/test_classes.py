@@ -41,12 +41,12 @@ def test_class_folders_give_labels_captions_and_stratified_splits(tmp_path, data
     (root / "blue" / "0.txt").write_text("a small blue square\nblue tile\n")
     result = run(root, data_dir, val=0.2, test=0.2)
     ds = load_dataset("classes", data_dir)
-    assert sorted(set(ds.images["label"])) == ["blue", "green-leaf", "red_apple"]
-    assert ds.images.set_index("image_id").loc["red_apple/nested/1.png", "label"] == "red_apple"
-    by_class = pd.crosstab(ds.images["label"], ds.images["split"])
+    assert sorted(set(ds.items["label"])) == ["blue", "green-leaf", "red_apple"]
+    assert ds.items.set_index("item_id").loc["red_apple/nested/1.png", "label"] == "red_apple"
+    by_class = pd.crosstab(ds.items["label"], ds.items["split"])
     assert by_class.loc["red_apple"].to_dict() == {"test": 2, "train": 6, "val": 2}
     assert by_class.loc["blue"].to_dict() == {"test": 1, "train": 1, "val": 1}  # a rare class still reaches test
-    captions = ds.captions.groupby("image_id")["caption"].apply(list)
+    captions = ds.captions.groupby("item_id")["caption"].apply(list)
     assert captions["blue/0.png"] == ["a small blue square", "blue tile"]  # its sidecar
     assert captions["red_apple/2.png"] == ["red apple"] and captions["green-leaf/0.png"] == ["green leaf"]
     assert "stratified by class" in result.split_note and result.problems == []
@@ -56,12 +56,12 @@ def test_same_seed_same_split_and_unlabelled_folders_split_as_before(tmp_path, d
     root = class_folders(tmp_path / "raw")
     run(root, data_dir, name="a")
     run(root, data_dir, name="b")
-    a, b = load_dataset("a", data_dir).images, load_dataset("b", data_dir).images
+    a, b = load_dataset("a", data_dir).items, load_dataset("b", data_dir).items
     assert a["split"].tolist() == b["split"].tolist()
     for path in (tmp_path / "raw").rglob("*.png"):
         path.with_suffix(".txt").write_text("a caption")
     prepare(PrepareConfig(source="folder", root=root, data_dir=data_dir, name="plain"))
-    assert "label" not in load_dataset("plain", data_dir).images.columns
+    assert "label" not in load_dataset("plain", data_dir).items.columns
 
 
 def test_label_table_with_captions_official_split_and_problems(tmp_path, data_dir):
@@ -76,12 +76,12 @@ def test_label_table_with_captions_official_split_and_problems(tmp_path, data_di
     }).to_csv(root / "labels.csv", index=False)
     result = run(root, data_dir)
     ds = load_dataset("classes", data_dir)
-    assert ds.images.set_index("image_id")["label"].to_dict() == {"pics/a.png": "cat", "pics/b.png": "dog",
+    assert ds.items.set_index("item_id")["label"].to_dict() == {"pics/a.png": "cat", "pics/b.png": "dog",
                                                                   "pics/e.png": "dog"}
-    assert ds.images.set_index("image_id")["split"].to_dict() == {"pics/a.png": "test", "pics/b.png": "train",
+    assert ds.items.set_index("item_id")["split"].to_dict() == {"pics/a.png": "test", "pics/b.png": "train",
                                                                   "pics/e.png": "train"}
-    assert ds.captions[ds.captions.image_id == "pics/a.png"]["caption"].tolist() == ["a cat asleep", "a grey cat"]
-    assert ds.captions[ds.captions.image_id == "pics/b.png"]["caption"].tolist() == ["dog"]
+    assert ds.captions[ds.captions.item_id == "pics/a.png"]["caption"].tolist() == ["a cat asleep", "a grey cat"]
+    assert ds.captions[ds.captions.item_id == "pics/b.png"]["caption"].tolist() == ["dog"]
     kinds = sorted((p.kind, p.item) for p in result.problems)
     assert kinds == [("conflicting labels", "pics/c.png"), ("no file", "row 9"), ("no label", "pics/d.png")]
     assert result.split_note.startswith("official split from labels.csv where given")
@@ -96,7 +96,7 @@ def test_label_table_formats(tmp_path, data_dir, fmt):
     frame.to_json(root / "labels.jsonl", orient="records", lines=True) if fmt == "jsonl" else \
         frame.to_parquet(root / "labels.parquet")
     run(root, data_dir)
-    assert sorted(set(load_dataset("classes", data_dir).images["label"])) == ["x", "y"]
+    assert sorted(set(load_dataset("classes", data_dir).items["label"])) == ["x", "y"]
 
 
 def test_loose_files_and_empty_class_folders_are_reported(tmp_path, data_dir):
@@ -107,7 +107,7 @@ def test_loose_files_and_empty_class_folders_are_reported(tmp_path, data_dir):
     picture(root / ".hidden" / "x.png")
     result = run(root, data_dir)
     assert sorted((p.kind, p.item) for p in result.problems) == [("empty class", "empty"), ("no class", "stray.png")]
-    assert result.counts["total"]["images"] == 6
+    assert result.counts["total"]["items"] == 6
 
 
 @pytest.mark.parametrize("layout, message", [

@@ -102,36 +102,36 @@ def _pixels(img: Image.Image) -> bytes:
 
 def test_retrieval_items_captions_and_splits_are_as_written(world):
     ds = load_dataset("cbret", world["data"])
-    images = ds.images.set_index("image_id")
-    captions = ds.captions.groupby("image_id", sort=False)["caption"].apply(list)
+    images = ds.items.set_index("item_id")
+    captions = ds.captions.groupby("item_id", sort=False)["caption"].apply(list)
     for split, written in world["written"].items():
         for i, (img, caps) in enumerate(written.items):
-            image_id = f"{split}/s{i:07d}"
-            assert captions[image_id] == caps  # all of them, in order
-            assert images.loc[image_id, "path"].endswith(f"/{split}/{i // 3}.tar::s{i:07d}.webp")
-            assert _pixels(Image.open(open_item(images.loc[image_id, "path"]))) == _pixels(img)  # read in place
+            item_id = f"{split}/s{i:07d}"
+            assert captions[item_id] == caps  # all of them, in order
+            assert images.loc[item_id, "path"].endswith(f"/{split}/{i // 3}.tar::s{i:07d}.webp")
+            assert _pixels(Image.open(open_item(images.loc[item_id, "path"]))) == _pixels(img)  # read in place
     assert (images["split"] == "test").sum() == 7  # exactly the set's test
     held = images[images.index.str.startswith("train/")]["split"].value_counts().to_dict()
     assert held == {"train": 8, "val": 2}  # --val 0.25 of train, no val folder
     assert len(ds.captions) == 13 + 19  # one to three captions for each of 7 + 10 pictures
     info = json.loads((world["data"] / "cbret" / "dataset.json").read_text())
     assert info["clip_benchmark"] == {"dataset_type": "retrieval", "shards": {"test": 3, "train": 4}}
-    assert "classnames" not in info and "label" not in ds.images.columns
+    assert "classnames" not in info and "label" not in ds.items.columns
     assert "1 other split" in world["out"]["cbret"] and "extra/: not train, val or test; left out" in world["out"]["cbret"]
     assert not any(p.suffix == ".webp" for p in (world["data"] / "cbret").rglob("*"))  # nothing unpacked
 
 
 def test_classification_labels_classes_and_templates_are_as_written(world):
     ds = load_dataset("cbcls", world["data"])
-    images = ds.images.set_index("image_id")
+    images = ds.items.set_index("item_id")
     for split, written in world["labelled"].items():
         for i, (_, label) in enumerate(written.items):
             assert images.loc[f"{split}/s{i:07d}", "label"] == CLASSES[label]
-    captions = ds.captions.groupby("image_id")["caption"].apply(list)
+    captions = ds.captions.groupby("item_id")["caption"].apply(list)
     assert captions["test/s0000001"] == ["green-leaf"]  # the class name, as classnames.txt writes it
     assert ds.classes() == (CLASSES, CLASSES)  # every class, in CLIP_benchmark's order
     assert ds.info["templates"] == TEMPLATES
-    by_split = ds.images.groupby("split")["label"].value_counts().unstack(fill_value=0)
+    by_split = ds.items.groupby("split")["label"].value_counts().unstack(fill_value=0)
     assert by_split.loc["test"].tolist() == [3, 3, 3] and by_split.loc["val"].tolist() == [1, 1, 1]
 
 
@@ -144,18 +144,18 @@ def test_retrieval_equals_clip_benchmark_reading_its_own_folder(world, monkeypat
                               "--format", "json"])
     assert out.exit_code == 0, out.output
     (ours,) = json.loads(out.stdout)
-    assert (ours["n_images"], ours["n_captions"]) == (7, 13)
+    assert (ours["n_items"], ours["n_captions"]) == (7, 13)
     emb = write_run_embeddings(LoadedRun(zero_shot_run(str(world["clip"]), "cbret", world["data"], world["runs"])),
                                "cbret", "test", data_dir=world["data"])
-    row_of = {_pixels(Image.open(open_item(p))): i for i, p in enumerate(emb.image_table["path"])}
+    row_of = {_pixels(Image.open(open_item(p))): i for i, p in enumerate(emb.item_table["path"])}
     text_row = {c: i for i, c in enumerate(emb.caption_table["caption"])}
     theirs_ds = build_wds_dataset("cbret", transform=lambda img: torch.tensor(row_of[_pixels(img)]), split="test",
                                   data_dir=str(world["ret"]))
     loader = torch.utils.data.DataLoader(theirs_ds, batch_size=3, collate_fn=image_captions_collate_fn)
 
     class StandIn(torch.nn.Module):
-        def encode_image(self, rows):
-            return torch.from_numpy(np.asarray(emb.images, np.float32))[rows]
+        def encode_image(self, rows):  # CLIP_benchmark calls the open_clip name
+            return torch.from_numpy(np.asarray(emb.items, np.float32))[rows]
 
         def encode_text(self, rows):
             return torch.from_numpy(np.asarray(emb.captions, np.float32))[rows]
@@ -232,7 +232,7 @@ def test_a_label_beyond_the_class_names_is_reported(world, tmp_path):
     out = runner.invoke(app, ["prepare", "wds", "--root", str(root), "--data-dir", str(tmp_path / "data")])
     assert out.exit_code == 0, out.output
     assert "7 bad label" in " ".join(out.stdout.split())  # 3 of test's 9, 4 of train's 12
-    assert sorted(set(load_dataset("wds", tmp_path / "data").images["label"])) == ["green-leaf", "red apple"]
+    assert sorted(set(load_dataset("wds", tmp_path / "data").items["label"])) == ["green-leaf", "red apple"]
 
 
 def test_a_folder_that_is_no_benchmark_set_is_one_line(tmp_path):

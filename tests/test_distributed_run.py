@@ -25,7 +25,7 @@ LOSS_TOL = 1e-4
 
 
 def config(world, runs, **options) -> RunConfig:
-    base = dict(method="heads", dataset="example", vision=world["vit"], text=world["bert"],
+    base = dict(method="heads", dataset="example", item=world["vit"], text=world["bert"],
                 data_dir=world["root"] / "data", runs_dir=runs, epochs=3, batch_size=16, lr=5e-3, embed_dim=32,
                 head_layers=2, patience=0, dropout=0.0, device="cpu")
     return with_overrides(RunConfig(), {**base, **options})

@@ -39,11 +39,11 @@ def env(world, monkeypatch):
 def test_eval_saves_what_the_metrics_give(world):
     result = evaluate_run(world["run"], split="test", bootstrap=100)
     emb = write_run_embeddings(world["run"], split="test")
-    direct = retrieval_metrics(torch.tensor(np.asarray(emb.images, np.float32)),
-                               torch.tensor(np.asarray(emb.captions, np.float32)), emb.caption_image).metrics
+    direct = retrieval_metrics(torch.tensor(np.asarray(emb.items, np.float32)),
+                               torch.tensor(np.asarray(emb.captions, np.float32)), emb.caption_item).metrics
     saved = json.loads((world["run"] / "eval" / "example-test.json").read_text())
     assert saved["metrics"] == pytest.approx(direct) and result.metrics == pytest.approx(direct)
-    assert saved["n_images"] == 2 and saved["n_captions"] == 10
+    assert saved["n_items"] == 2 and saved["n_captions"] == 10
     lo, hi = saved["ci95"]["t2i_r5"]
     assert lo <= direct["t2i_r5"] <= hi
 
@@ -60,20 +60,20 @@ def test_cli_eval_compares_with_a_zero_shot_row(env):
 
 def test_search_puts_the_right_picture_first_for_its_own_caption(world):
     ds = load_dataset("example", world["data"]).split("train")
-    captions = ds.captions.groupby("image_id").caption.first()
+    captions = ds.captions.groupby("item_id").caption.first()
     result = search(world["run"], captions.tolist(), split="train", k=3, which="last")  # last: memorised
-    firsts = [r.images[0].image_id for r in result.results]
+    firsts = [r.items[0].item_id for r in result.results]
     assert firsts == captions.index.tolist()
-    assert all(r.images[0].score >= r.images[1].score >= r.images[2].score for r in result.results)
+    assert all(r.items[0].score >= r.items[1].score >= r.items[2].score for r in result.results)
 
 
 def test_search_with_a_picture_finds_itself_and_its_captions(world):
     ds = load_dataset("example", world["data"]).split("train")
-    path, image_id = ds.images.path.iloc[3], ds.images.image_id.iloc[3]
-    result = search(world["run"], [], image=path, split="train", k=2, which="last")
+    path, item_id = ds.items.path.iloc[3], ds.items.item_id.iloc[3]
+    result = search(world["run"], [], item=path, split="train", k=2, which="last")
     (hit,) = result.results
-    assert hit.images[0].image_id == image_id
-    assert hit.captions[0].image_id == image_id
+    assert hit.items[0].item_id == item_id
+    assert hit.captions[0].item_id == item_id
 
 
 def test_cli_search_json_parses_and_reads_queries_from_stdin(env, tmp_path):
@@ -100,7 +100,7 @@ def test_an_index_of_other_embeddings_is_never_used_but_built_again(world, tmp_p
     run = tmp_path / "copy"
     shutil.copytree(world["run"], run, ignore=shutil.ignore_patterns("index", "embeddings"))
     search(run, ["a red circle"], split="train", k=1)  # builds the index
-    meta = run / "index" / "example-train-images" / "meta.json"
+    meta = run / "index" / "example-train-items" / "meta.json"
     before = json.loads(meta.read_text())["fingerprint"]["checkpoint"]
     weights = load_file(str(run / "checkpoints" / "best.safetensors"))
     save_file({k: v + 0.01 for k, v in weights.items()}, str(run / "checkpoints" / "best.safetensors"))

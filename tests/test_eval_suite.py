@@ -58,7 +58,7 @@ def world(tmp_path_factory):
     prepare(PrepareConfig(source="example", count=12, data_dir=data))
     vit = tiny_models.save_tiny_timm_vit(root / "vit", spread=20.0)
     bert = tiny_models.save_tiny_bert(root / "bert", pooling_config="mean")
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="shapes", vision=str(vit), text=str(bert),
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="shapes", item=str(vit), text=str(bert),
                                            data_dir=data, runs_dir=runs, epochs=20, batch_size=8, lr=1e-2,
                                            dropout=0.0, embed_dim=32, patience=0, name="shapes-heads"))
     run = training.train(cfg).run_dir
@@ -78,9 +78,9 @@ def test_classification_scores_what_the_embeddings_give(world):
     emb = write_run_embeddings(run, "shapes", "test")
     weights = zero_shot_weights(run.encode_texts, [[t.format(c=c) for t in IMAGENET_TEMPLATES]
                                                    for c in ("blue", "green", "red")])
-    ds = load_dataset("shapes", world["data"]).images.set_index("image_id")
-    target = torch.tensor([["blue", "green", "red"].index(ds.loc[i, "label"]) for i in emb.image_table["image_id"]])
-    direct = classification_metrics(torch.from_numpy(np.asarray(emb.images, np.float32)) @ weights.T, target)
+    ds = load_dataset("shapes", world["data"]).items.set_index("item_id")
+    target = torch.tensor([["blue", "green", "red"].index(ds.loc[i, "label"]) for i in emb.item_table["item_id"]])
+    direct = classification_metrics(torch.from_numpy(np.asarray(emb.items, np.float32)) @ weights.T, target)
     assert result.metrics == pytest.approx(direct.metrics, nan_ok=True)
     assert result.labels == ["blue", "green", "red"] and result.counts == [3, 3, 3] and result.templates == 80
     assert result.confusion.sum() == 9 and np.trace(result.confusion) == round(9 * direct.metrics["acc1"])
@@ -223,8 +223,8 @@ def test_failure_gallery_lists_the_worst_queries(env, tmp_path):
     assert out.exit_code == 0, out.output
     rows = json.loads((tmp_path / "worst.json").read_text())["rows"]
     emb = write_run_embeddings(env["run"], "shapes", "all")
-    ranks = retrieval_metrics(torch.from_numpy(np.asarray(emb.images, np.float32)),
-                              torch.from_numpy(np.asarray(emb.captions, np.float32)), emb.caption_image).t2i_ranks
+    ranks = retrieval_metrics(torch.from_numpy(np.asarray(emb.items, np.float32)),
+                              torch.from_numpy(np.asarray(emb.captions, np.float32)), emb.caption_item).t2i_ranks
     assert [r["rank"] for r in rows] == sorted(ranks.tolist(), reverse=True)[:3]
     for row in rows:
         assert len(row["above"]) == min(5, row["rank"] - 1)

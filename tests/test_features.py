@@ -52,7 +52,7 @@ def test_cached_image_features_equal_a_direct_forward_pass(example_ds, vit):
     rows = cache_rows(example_ds, "images")
     assert feats.pooled.dtype == np.float16 and isinstance(feats.pooled, np.memmap)
     assert feats.pooled.shape == (60, 32) and feats.tokens.shape == (60, 17, 32) and feats.mask is None
-    assert feats.ids.tolist() == rows["image_id"].tolist() and feats.valid.all()
+    assert feats.ids.tolist() == rows["item_id"].tolist() and feats.valid.all()
     assert feats.splits.tolist() == ["train"] * 48 + ["val"] * 6 + ["test"] * 6  # grouped by split
     pooled, tokens = _direct_images(vit, rows["path"])
     np.testing.assert_allclose(feats.pooled, pooled, rtol=2e-3, atol=2e-3)
@@ -179,14 +179,14 @@ def test_bad_images_fail_alone_with_a_reason(example_ds, vit):
     Path(garbage).write_bytes(b"<html>404 not found</html>")
     feats = ensure_features(example_ds, vit, "images", tokens=True, precision="fp32", workers=0)
     assert feats.stats.failed == 2 and feats.valid.sum() == 58
-    bad_ids = {rows["image_id"][3], rows["image_id"][50]}
+    bad_ids = {rows["item_id"][3], rows["item_id"][50]}
     assert set(feats.failed) == bad_ids
-    assert "cannot decode" in feats.failed[rows["image_id"][3]] and "not an image" in feats.failed[rows["image_id"][50]]
+    assert "cannot decode" in feats.failed[rows["item_id"][3]] and "not an image" in feats.failed[rows["item_id"][50]]
     assert np.isnan(feats.pooled[[3, 50]]).all() and np.isnan(feats.tokens[[3, 50]]).all()
     assert np.isfinite(feats.pooled[feats.valid]).all()
     again = ensure_features(example_ds, vit, "images", workers=0)
     assert again.stats.encoded == 0 and set(again.failed) == bad_ids  # the failures stay on record
-    assert set(again.select("val").failed) == {rows["image_id"][50]}
+    assert set(again.select("val").failed) == {rows["item_id"][50]}
 
 
 def test_a_second_writer_is_refused(example_ds, vit):
@@ -331,7 +331,7 @@ def test_command_encodes_then_reuses(example_ds, towers):
     (["--dataset", "example", "--text", "dino-vits16"],
      "error: 'dino-vits16' is a image encoder, not an text encoder; text presets: distilbert, minilm, clip-b32, clip-b16, "
      "clap-htsat"),
-    (["--dataset", "example"], "error: pass --vision ENCODER and/or --text ENCODER: there is nothing to encode"),
+    (["--dataset", "example"], "error: pass an item tower (pictures: --vision, sounds: --audio) and/or --text: there is nothing to encode"),
     (["--dataset", "example", "--vision", "clip-b32", "--precision", "fp16", "--device", "cpu"],
      "error: --precision fp16 needs a CUDA GPU (CPUs compute float16 slowly and without loss scaling); "
      "use --precision bf16 or fp32 on the CPU"),

@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     prepare(PrepareConfig(source="example", count=30, data_dir=root / "data"))
     vit, bert = tiny_models.save_tiny_timm_vit(root / "vit"), tiny_models.save_tiny_bert(root / "bert")
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=str(vit), text=str(bert),
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", item=str(vit), text=str(bert),
                                            data_dir=root / "data", runs_dir=root / "runs", epochs=1, batch_size=8,
                                            embed_dim=8, patience=0, name="r"))
     train(cfg)
@@ -71,7 +71,7 @@ def targets(root: Path) -> list[tuple[str, Path, list[str]]]:
         ("json", cache / "manifest.json", ["verify", "--dataset", "example"]),
         ("json", cache / "ids.json", ["verify", "--dataset", "example"]),
         ("npy", cache / "pooled.npy", ["verify", "--dataset", "example"]),
-        ("npy", emb / "images.npy", evaluate),
+        ("npy", emb / "items.npy", evaluate),
         ("safetensors", run / "checkpoints" / "best.safetensors", evaluate),
         ("picture", root / "query.png", ["search", "--run", str(run), "--image", str(root / "query.png")]),
     ]

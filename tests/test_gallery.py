@@ -32,22 +32,22 @@ runner = CliRunner()
 def example_pictures(world, split: str = "all") -> pd.DataFrame:
     """The memorised run's pictures with their first caption (those of train are memorised)."""
     ds = load_dataset("example", world["data"]).split(split)
-    first = ds.captions.groupby("image_id").caption.first()
-    return ds.images.assign(caption=ds.images.image_id.map(first))
+    first = ds.captions.groupby("item_id").caption.first()
+    return ds.items.assign(caption=ds.items.item_id.map(first))
 
 
 def photo_folder(world, folder, rows) -> None:
     """Copy pictures into a folder of 'photos' (half of them in a sub-folder, no caption files),
     leaving those already there untouched."""
     for n, (_, row) in enumerate(rows.iterrows()):
-        dest = folder / ("trip" if n % 2 else "") / f"photo-{row.image_id}.png"
+        dest = folder / ("trip" if n % 2 else "") / f"photo-{row.item_id}.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not dest.exists():
             shutil.copy(row.path, dest)
 
 
-def photo_id(n: int, image_id: str) -> str:
-    return f"{'trip/' if n % 2 else ''}photo-{image_id}.png"
+def photo_id(n: int, item_id: str) -> str:
+    return f"{'trip/' if n % 2 else ''}photo-{item_id}.png"
 
 
 @pytest.fixture
@@ -66,9 +66,9 @@ def test_prepare_no_captions_keeps_every_picture_in_test(env, tmp_path):
     assert result.exit_code == 0, result.output
     assert "no captions: every item is in test" in result.stdout
     ds = load_dataset("nocap1", env["data"])
-    assert sorted(ds.images.image_id) == sorted(photo_id(n, i) for n, i in enumerate(pictures.image_id[:5]))
-    assert set(ds.images.split) == {"test"} and ds.captions.empty
-    assert list(ds.captions.columns) == ["caption_id", "image_id", "caption", "split"]
+    assert sorted(ds.items.item_id) == sorted(photo_id(n, i) for n, i in enumerate(pictures.item_id[:5]))
+    assert set(ds.items.split) == {"test"} and ds.captions.empty
+    assert list(ds.captions.columns) == ["caption_id", "item_id", "caption", "split"]
 
 
 def test_a_folder_without_captions_needs_the_flag(env, tmp_path):
@@ -88,9 +88,9 @@ def test_a_trained_run_searches_a_gallery_without_captions(env, tmp_path):
                                     "--checkpoint", "last", "--json"])
         assert found.exit_code == 0, found.output
         hits = json.loads(found.stdout)["results"][0]["images"]
-        assert hits[0]["image_id"] == photo_id(n, row.image_id) and hits[0]["captions"] == []
-    by_picture = search(env["run"], [], image=pictures.path.iloc[2], dataset="nocap3", k=2, which="last")
-    assert by_picture.results[0].images[0].image_id == photo_id(2, pictures.image_id.iloc[2])
+        assert hits[0]["image_id"] == photo_id(n, row.item_id) and hits[0]["captions"] == []
+    by_picture = search(env["run"], [], item=pictures.path.iloc[2], dataset="nocap3", k=2, which="last")
+    assert by_picture.results[0].items[0].item_id == photo_id(2, pictures.item_id.iloc[2])
     assert by_picture.results[0].captions == []  # a gallery without captions has none to offer
     precomputed = runner.invoke(app, ["precompute-embeddings", "--run", "memorised", "--dataset", "nocap3"])
     assert precomputed.exit_code == 0 and "8 images and 0 captions" in precomputed.stdout
@@ -125,7 +125,7 @@ def counted(monkeypatch):
         return real_encode(self, cache, record, batches, *args, **kwargs)
 
     def embed(model, source, batch_size, device, autocast, advance=None, items=None, captions=None):
-        seen["embedded"] += source.num_images if items is None else len(items)
+        seen["embedded"] += source.num_items if items is None else len(items)
         return real_embed(model, source, batch_size, device, autocast, advance, items=items, captions=captions)
 
     monkeypatch.setattr(encoding._Job, "encode", encode)
@@ -145,7 +145,7 @@ def grow(env, folder, name, pictures, changed: int) -> None:
     """Add the pictures not in the folder yet, rewrite one that is (other bytes, a later mtime),
     and prepare the dataset again."""
     photo_folder(env, folder, pictures)
-    victim = folder / photo_id(changed, pictures.image_id.iloc[changed])
+    victim = folder / photo_id(changed, pictures.item_id.iloc[changed])
     time.sleep(0.01)
     Image.open(victim).convert("L").convert("RGB").save(victim)  # the same picture in grey
     prepare(PrepareConfig(source="folder", root=folder, name=name, captions=False, force=True, data_dir=env["data"]))
@@ -156,17 +156,17 @@ def test_new_pictures_cost_only_themselves(env, tmp_path, counted):
     photo_folder(env, folder, pictures.iloc[:8])
     prepare(PrepareConfig(source="folder", root=folder, name="grows", captions=False, data_dir=env["data"]))
     first = write_run_embeddings(env["run"], "grows", "all", which="last")
-    assert first.manifest["reused"] == {"images": 0, "captions": 0} and counted == {"encoded": 8, "embedded": 8}
-    before = dict(zip(first.image_table.image_id, np.asarray(first.images)))
+    assert first.manifest["reused"] == {"items": 0, "captions": 0} and counted == {"encoded": 8, "embedded": 8}
+    before = dict(zip(first.item_table.item_id, np.asarray(first.items)))
 
     grow(env, folder, "grows", pictures, changed=3)
     grown = write_run_embeddings(env["run"], "grows", "all", which="last")
-    assert len(grown.images) == 12 and grown.manifest["reused"]["images"] == 7  # 8 less the rewritten one
+    assert len(grown.items) == 12 and grown.manifest["reused"]["items"] == 7  # 8 less the rewritten one
     assert counted == {"encoded": 8 + 5, "embedded": 8 + 5}  # 4 new pictures and the rewritten one
-    after = dict(zip(grown.image_table.image_id, np.asarray(grown.images)))
-    kept = [photo_id(n, i) for n, i in enumerate(pictures.image_id[:8]) if n != 3]
+    after = dict(zip(grown.item_table.item_id, np.asarray(grown.items)))
+    kept = [photo_id(n, i) for n, i in enumerate(pictures.item_id[:8]) if n != 3]
     assert all(np.array_equal(before[i], after[i]) for i in kept)
-    rewritten = photo_id(3, pictures.image_id.iloc[3])
+    rewritten = photo_id(3, pictures.item_id.iloc[3])
     with pytest.raises(AssertionError):  # never a stale row
         assert_same_rows(before[rewritten][None], after[rewritten][None])
 
@@ -176,8 +176,8 @@ def test_new_pictures_cost_only_themselves(env, tmp_path, counted):
     shutil.copytree(env["run"], scratch, ignore=shutil.ignore_patterns("embeddings", "index"))
     shutil.rmtree(caches[0])
     fresh = write_run_embeddings(scratch, "grows", "all", which="last")  # everything from scratch
-    assert list(fresh.image_table.image_id) == list(grown.image_table.image_id)
-    assert_same_rows(fresh.images, grown.images)
+    assert list(fresh.item_table.item_id) == list(grown.item_table.item_id)
+    assert_same_rows(fresh.items, grown.items)
 
 
 def test_caches_written_before_stamps_still_load_and_lend_nothing(env, tmp_path, counted):
@@ -187,21 +187,21 @@ def test_caches_written_before_stamps_still_load_and_lend_nothing(env, tmp_path,
     emb = write_run_embeddings(env["run"], "olden", "all", which="last")
     (cache,) = (env["data"] / "olden" / "features").iterdir()
     (cache / "stamps.json").unlink()  # as caches were written before stamps
-    table = pd.read_parquet(emb.path / "images.parquet").drop(columns="stamp")
-    table.to_parquet(emb.path / "images.parquet", index=False)
+    table = pd.read_parquet(emb.path / "items.parquet").drop(columns="stamp")
+    table.to_parquet(emb.path / "items.parquet", index=False)
     manifest = json.loads((emb.path / "manifest.json").read_text())
     del manifest["digests"]  # folders written before stamps had no checksums either
     (emb.path / "manifest.json").write_text(json.dumps(manifest))
     written = (emb.path / "manifest.json").stat().st_mtime_ns
     ds = load_dataset("olden", env["data"])
-    vit = loaded.LoadedRun(env["run"], "last").model(("image",))[0].image
+    vit = loaded.LoadedRun(env["run"], "last").model(("item",))[0].item
     assert open_features(ds, vit, "images") is not None  # opened by its key, as before
     again = write_run_embeddings(env["run"], "olden", "all", which="last")
-    assert (again.path / "manifest.json").stat().st_mtime_ns == written and len(again.images) == 6
+    assert (again.path / "manifest.json").stat().st_mtime_ns == written and len(again.items) == 6
     grow(env, folder, "olden", pictures.iloc[:7], changed=0)
     counted.update(encoded=0, embedded=0)
     grown = write_run_embeddings(env["run"], "olden", "all", which="last")
-    assert grown.manifest["reused"]["images"] == 0 and counted == {"encoded": 7, "embedded": 7}
+    assert grown.manifest["reused"]["items"] == 0 and counted == {"encoded": 7, "embedded": 7}
 
 
 def test_a_tower_method_embeds_only_the_new_pictures(memorised, tmp_path, counted):
@@ -217,20 +217,20 @@ def test_a_tower_method_embeds_only_the_new_pictures(memorised, tmp_path, counte
     counted.update(encoded=0, embedded=0)
     grow(memorised, folder, "towers", pictures.iloc[:9], changed=1)
     grown = write_run_embeddings(run, "towers", "all")
-    assert counted["embedded"] == 5 and grown.manifest["reused"]["images"] == 4
+    assert counted["embedded"] == 5 and grown.manifest["reused"]["items"] == 4
     scratch = tmp_path / "scratch"
     shutil.copytree(run, scratch, ignore=shutil.ignore_patterns("embeddings", "index"))
     fresh = write_run_embeddings(scratch, "towers", "all")
-    assert_same_rows(fresh.images, grown.images)
+    assert_same_rows(fresh.items, grown.items)
 
 
 def test_an_index_follows_its_gallery(env, tmp_path):
     pictures, folder = example_pictures(env), tmp_path / "photos"
     photo_folder(env, folder, pictures.iloc[:5])
     prepare(PrepareConfig(source="folder", root=folder, name="indexed", captions=False, data_dir=env["data"]))
-    assert len(search(env["run"], ["a red circle"], dataset="indexed", k=20).results[0].images) == 5
+    assert len(search(env["run"], ["a red circle"], dataset="indexed", k=20).results[0].items) == 5
     grow(env, folder, "indexed", pictures.iloc[:8], changed=0)
-    assert len(search(env["run"], ["a red circle"], dataset="indexed", k=20).results[0].images) == 8  # rebuilt
+    assert len(search(env["run"], ["a red circle"], dataset="indexed", k=20).results[0].items) == 8  # rebuilt
 
 
 def test_a_tar_member_is_stamped_by_its_shard(tmp_path):

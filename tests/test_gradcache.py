@@ -32,13 +32,13 @@ def reference(model, images, texts, micro, autocast=nullcontext):
     draws; without dropout this equals one forward of the whole batch (checked below).
     """
     model.zero_grad()
-    image_parts, text_parts = [], []
+    item_parts, text_parts = [], []
     with autocast():
         for a in range(0, gradcache.batch_size(images), micro):
-            image_parts.append(model.encode_image(slice_batch(images, a, a + micro)))
+            item_parts.append(model.encode_item(slice_batch(images, a, a + micro)))
             text_parts.append(model.encode_text(slice_batch(texts, a, a + micro)))
-        image_emb, text_emb = torch.cat(image_parts), torch.cat(text_parts)
-        loss = clip_loss(image_emb, text_emb, model.logit_scale_for(image_emb, text_emb))
+        item_emb, text_emb = torch.cat(item_parts), torch.cat(text_parts)
+        loss = clip_loss(item_emb, text_emb, model.logit_scale_for(item_emb, text_emb))
     loss.backward()
     return loss.detach(), grads(model)
 
@@ -69,7 +69,7 @@ def rel_diff(a: dict, b: dict) -> float:
 
 def heads_case(dropout: float = 0.1):
     torch.manual_seed(0)
-    model = heads_model(image_dim=12, text_dim=9, embed_dim=8, layers=2, hidden_dim=16, dropout=dropout)
+    model = heads_model(item_dim=12, text_dim=9, embed_dim=8, layers=2, hidden_dim=16, dropout=dropout)
     return model.train(), torch.randn(B, 12), torch.randn(B, 9)
 
 
@@ -213,7 +213,7 @@ def test_bad_batches_end_in_one_clear_error():
     model, images, texts = heads_case()
     with pytest.raises(MmretError, match="--micro-batch must be at least 1, got 0"):
         contrastive_step(model, images, texts, 0)
-    with pytest.raises(MmretError, match="as many images as captions, got 10 and 9"):
+    with pytest.raises(MmretError, match="as many items as captions, got 10 and 9"):
         contrastive_step(model, images, texts[:9], 3)
     with pytest.raises(MmretError, match="different numbers of rows"):
         gradcache.batch_size({"tokens": torch.zeros(3, 2), "mask": torch.zeros(4, 2)})

@@ -83,7 +83,7 @@ def example(home: Path, count: int = 40) -> None:
 
 
 def heads_cfg(home: Path, towers: dict, **options) -> RunConfig:
-    return with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=towers["vit"], text=towers["bert"],
+    return with_overrides(RunConfig(), dict(method="heads", dataset="example", item=towers["vit"], text=towers["bert"],
                                             data_dir=home / "data", runs_dir=home / "runs", epochs=2, batch_size=8,
                                             embed_dim=8, patience=0, **options))
 
@@ -121,7 +121,7 @@ def test_a_captions_table_cannot_pull_files_from_outside_its_root(home, kind):
     result = runner.invoke(app, ["prepare", "folder", "--root", str(root), "--name", "t"])
     assert result.exit_code == 0, result.output
     images = pd.read_parquet(home / "data" / "t" / "images.parquet")
-    assert images["image_id"].tolist() == ["inside.png"]
+    assert images["image_id"].tolist() == ["inside.png"]  # on disk a picture table names its key image_id
     problems = json.loads((home / "data" / "t" / "dataset.json").read_text())["problems"]
     assert {p["kind"] for p in problems} == {"outside root"} and len(problems) == 3
     assert not any("exist" in p["reason"] or "found" in p["reason"] for p in problems)  # nothing was opened
@@ -207,15 +207,15 @@ def test_noise_in_run_embeddings_is_caught_and_they_are_computed_again(home, tow
     example(home)
     run = train(heads_cfg(home, towers, name="r")).run_dir
     emb = write_run_embeddings(run, split="test")
-    clean = np.array(emb.images)
-    arr = np.load(emb.path / "images.npy", mmap_mode="r+")
+    clean = np.array(emb.items)
+    arr = np.load(emb.path / "items.npy", mmap_mode="r+")
     arr[0] = -arr[0]
     arr.flush()
     del arr
     one_line(runner.invoke(app, ["verify", "--run", "r"]),
-             f"1 damaged: {emb.path} (images.npy); delete {emb.path}; `mmret eval` or `mmret search` computes it again "
+             f"1 damaged: {emb.path} (items.npy); delete {emb.path}; `mmret eval` or `mmret search` computes it again "
              "from the run")
-    np.testing.assert_array_equal(np.array(write_run_embeddings(run, split="test").images), clean)
+    np.testing.assert_array_equal(np.array(write_run_embeddings(run, split="test").items), clean)
 
 
 # ---------------------------------------------------------------------------- crashes become one line

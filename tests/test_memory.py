@@ -109,7 +109,7 @@ def _profiled_peak(probe: Probe, precision: str, micro_batch: int) -> int:
 # (method options, precision, micro-batch): the bridge in one pass; LoRA with gradient caching over
 # four micro-batches, in fp32 and under bf16 autocast (fp32 weights, gradients and moments)
 CPU_CASES = {
-    "bridge": (lambda t: dict(method="bridge", vision=t["timm"], text=t["bert"], batch_size=32), "fp32", 32),
+    "bridge": (lambda t: dict(method="bridge", item=t["timm"], text=t["bert"], batch_size=32), "fp32", 32),
     "lora": (lambda t: dict(method="lora", model=t["clip"], batch_size=16, rank=4), "fp32", 4),
     "lora-bf16": (lambda t: dict(method="lora", model=t["clip"], batch_size=16, rank=4), "bf16", 4),
 }
@@ -131,7 +131,7 @@ def test_estimate_matches_a_profiled_cpu_step(towers, case, one_thread):
 def test_gradient_caching_shortcut_equals_running_the_whole_batch(towers):
     """A fake step over one micro-batch plus what grows with the batch = the whole batch, run."""
     cases = [(dict(method="lora", model=towers["clip"], rank=4, grad_checkpointing=True), "bf16"),
-             (dict(method="bridge", vision=towers["timm"], text=towers["bert"], accumulation="plain", mixup=0.4,
+             (dict(method="bridge", item=towers["timm"], text=towers["bert"], accumulation="plain", mixup=0.4,
                    sam=True), "bf16")]
     for options, precision in cases:
         probe = fake_probe(config(batch_size=8, **options))
@@ -141,7 +141,7 @@ def test_gradient_caching_shortcut_equals_running_the_whole_batch(towers):
 
 
 def test_features_methods_count_no_tower_and_bf16_keeps_fp32_master_weights(towers):
-    probe = fake_probe(config(method="heads", vision=towers["timm"], text=towers["bert"], batch_size=8))
+    probe = fake_probe(config(method="heads", item=towers["timm"], text=towers["bert"], batch_size=8))
     probe.warm_up()
     params = sum(-(-p.numel() * 4 // 512) * 512 for p in probe.model.parameters())
     fp32, bf16 = probe.step("fp32", 8), probe.step("bf16", 8)
@@ -286,7 +286,7 @@ def test_probe_memory_recommends_and_saves_a_config_train_accepts(towers, data_d
 def test_probe_memory_prints_the_exact_nothing_fits_line(towers, example_ds):
     args = ["probe-memory", "--vram", "0.0001", "--reserve", "0", "--method", "heads", "--vision", towers["timm"],
             "--text", towers["bert"], "--batch-size", "16", "--embed-dim", "256", "--dataset", "example"]
-    cfg = config(method="heads", vision=towers["timm"], text=towers["bert"], batch_size=16, dataset="example",
+    cfg = config(method="heads", item=towers["timm"], text=towers["bert"], batch_size=16, dataset="example",
                  embed_dim=256)
     smallest = smallest_row(probe_memory(cfg, 1.0, reserve=0, how="estimate").rows, 16)
     assert smallest.phase == "step"  # so no cut for the evaluation or the setup sample is named

@@ -15,13 +15,13 @@ from mmret.inference.metrics import (
 )
 
 
-def _from_scores_both_ways(scores, text_image, ks):
+def _from_scores_both_ways(scores, text_item, ks):
     """Metrics from a score matrix, and from embeddings whose dot products are exactly that matrix."""
     scores = torch.tensor(scores, dtype=torch.float32)
-    text_image = torch.tensor(text_image)
-    by_matrix = metrics_from_scores(scores, text_image, ks=ks)
+    text_item = torch.tensor(text_item)
+    by_matrix = metrics_from_scores(scores, text_item, ks=ks)
     # text rows = score rows, images = unit vectors: text @ image.T reproduces the matrix exactly
-    by_emb = retrieval_metrics(torch.eye(scores.shape[1]), scores, text_image, ks=ks)
+    by_emb = retrieval_metrics(torch.eye(scores.shape[1]), scores, text_item, ks=ks)
     for name in by_matrix.metrics:
         assert by_matrix.metrics[name] == pytest.approx(by_emb.metrics[name], abs=1e-12), name
     assert torch.equal(by_matrix.t2i_ranks, by_emb.t2i_ranks)
@@ -86,15 +86,15 @@ def test_constant_scores_rank_every_query_last():
     assert r.i2t_ranks.tolist() == [5, 5, 5]  # 4 wrong captions tie above each image's first caption
 
 
-def _brute_force(scores: torch.Tensor, text_image: list[int], ks) -> dict[str, float]:
+def _brute_force(scores: torch.Tensor, text_item: list[int], ks) -> dict[str, float]:
     """Sort every query's full list with wrong items first among equal scores, read ranks off it."""
-    n_text, n_image = scores.shape
+    n_text, n_item = scores.shape
     t2i, i2t, aps = [], [], []
     for t in range(n_text):
-        order = sorted(range(n_image), key=lambda j: (-float(scores[t, j]), j == text_image[t]))
-        t2i.append(order.index(text_image[t]) + 1)
-    for i in range(n_image):
-        own = {t for t in range(n_text) if text_image[t] == i}
+        order = sorted(range(n_item), key=lambda j: (-float(scores[t, j]), j == text_item[t]))
+        t2i.append(order.index(text_item[t]) + 1)
+    for i in range(n_item):
+        own = {t for t in range(n_text) if text_item[t] == i}
         if not own:
             continue
         order = sorted(range(n_text), key=lambda t: (-float(scores[t, i]), t in own))
@@ -115,16 +115,16 @@ def _brute_force(scores: torch.Tensor, text_image: list[int], ks) -> dict[str, f
 @pytest.mark.parametrize("seed", range(4))
 def test_matches_brute_force_with_ties_and_uneven_captions(seed):
     g = torch.Generator().manual_seed(seed)
-    n_image = 9
-    counts = torch.randint(0, 5, (n_image,), generator=g)  # 0 to 4 captions per image
+    n_item = 9
+    counts = torch.randint(0, 5, (n_item,), generator=g)  # 0 to 4 captions per image
     counts[0] = 3  # at least one image with captions
-    text_image = torch.repeat_interleave(torch.arange(n_image), counts)
-    text_image = text_image[torch.randperm(len(text_image), generator=g)]  # captions in any order
+    text_item = torch.repeat_interleave(torch.arange(n_item), counts)
+    text_item = text_item[torch.randperm(len(text_item), generator=g)]  # captions in any order
     # scores rounded to tenths: many exact ties between right and wrong items
-    scores = (torch.rand(len(text_image), n_image, generator=g) * 10).round() / 10
+    scores = (torch.rand(len(text_item), n_item, generator=g) * 10).round() / 10
     ks = (1, 2, 5)
-    got = metrics_from_scores(scores, text_image, ks=ks, chunk=2).metrics
-    want = _brute_force(scores, text_image.tolist(), ks)
+    got = metrics_from_scores(scores, text_item, ks=ks, chunk=2).metrics
+    want = _brute_force(scores, text_item.tolist(), ks)
     assert got.keys() == want.keys()
     for name in want:
         assert got[name] == pytest.approx(want[name], abs=1e-12), name
@@ -148,14 +148,14 @@ def _clip_benchmark_batchify(func, x, y, batch_size, **kwargs):
 
 def test_recalls_agree_with_clip_benchmark():
     g = torch.Generator().manual_seed(0)
-    n_image, per_image, dim = 40, 5, 16
-    image_emb = torch.nn.functional.normalize(torch.randn(n_image, dim, generator=g), dim=1)
-    text_image = torch.arange(n_image).repeat_interleave(per_image)
-    text_emb = torch.nn.functional.normalize(image_emb[text_image] + 0.9 * torch.randn(len(text_image), dim, generator=g), dim=1)
-    ours = retrieval_metrics(image_emb, text_emb, text_image).metrics
-    scores = text_emb @ image_emb.T
+    n_item, per_item, dim = 40, 5, 16
+    item_emb = torch.nn.functional.normalize(torch.randn(n_item, dim, generator=g), dim=1)
+    text_item = torch.arange(n_item).repeat_interleave(per_item)
+    text_emb = torch.nn.functional.normalize(item_emb[text_item] + 0.9 * torch.randn(len(text_item), dim, generator=g), dim=1)
+    ours = retrieval_metrics(item_emb, text_emb, text_item).metrics
+    scores = text_emb @ item_emb.T
     positive = torch.zeros_like(scores, dtype=torch.bool)
-    positive[torch.arange(len(scores)), text_image] = True
+    positive[torch.arange(len(scores)), text_item] = True
     for k in (1, 5, 10):
         t2i = (_clip_benchmark_batchify(_clip_benchmark_recall_at_k, scores, positive, 7, k=k) > 0).float().mean().item()
         i2t = (_clip_benchmark_batchify(_clip_benchmark_recall_at_k, scores.T, positive.T, 7, k=k) > 0).float().mean().item()
@@ -167,12 +167,12 @@ def test_recalls_agree_with_clip_benchmark():
 def test_chunked_and_unchunked_identical():
     g = torch.Generator().manual_seed(1)
     # quarter-integer embeddings: every dot product is exact in float32 whatever the block size, with ties
-    image_emb = torch.randint(-4, 5, (23, 8), generator=g).float() / 4
-    text_image = torch.randint(0, 23, (61,), generator=g)
+    item_emb = torch.randint(-4, 5, (23, 8), generator=g).float() / 4
+    text_item = torch.randint(0, 23, (61,), generator=g)
     text_emb = torch.randint(-4, 5, (61, 8), generator=g).float() / 4
-    whole = retrieval_metrics(image_emb.half(), text_emb.half(), text_image, chunk=10_000)
+    whole = retrieval_metrics(item_emb.half(), text_emb.half(), text_item, chunk=10_000)
     for chunk in (1, 3, 16, None):
-        part = retrieval_metrics(image_emb.half(), text_emb.half(), text_image, chunk=chunk)
+        part = retrieval_metrics(item_emb.half(), text_emb.half(), text_item, chunk=chunk)
         assert torch.equal(part.t2i_ranks, whole.t2i_ranks)
         assert torch.equal(part.i2t_ranks, whole.i2t_ranks)
         assert torch.equal(part.i2t_ap.nan_to_num(-1), whole.i2t_ap.nan_to_num(-1))
@@ -185,22 +185,22 @@ def test_weighted_metrics_equal_metrics_of_the_repeated_queries():
     i2t = torch.randint(0, 30, (12,), generator=g)  # some rank-0 images (no captions)
     ap = torch.where(i2t > 0, torch.rand(12, generator=g, dtype=torch.float64), float("nan"))
     w_text = torch.randint(0, 4, (3, 50), generator=g)
-    w_image = torch.randint(0, 4, (3, 12), generator=g) * (i2t > 0)
-    stats = _weighted_metrics(t2i, i2t, ap, w_text, w_image, (1, 5, 10))
+    w_item = torch.randint(0, 4, (3, 12), generator=g) * (i2t > 0)
+    stats = _weighted_metrics(t2i, i2t, ap, w_text, w_item, (1, 5, 10))
     for b in range(3):
-        want = metrics_from_ranks(t2i.repeat_interleave(w_text[b]), i2t.repeat_interleave(w_image[b]),
-                                  ap.repeat_interleave(w_image[b]))
+        want = metrics_from_ranks(t2i.repeat_interleave(w_text[b]), i2t.repeat_interleave(w_item[b]),
+                                  ap.repeat_interleave(w_item[b]))
         for name, value in want.items():
             assert stats[name][b].item() == pytest.approx(value, abs=1e-12), name
 
 
-def _result_with_hits(hit: torch.Tensor, per_image: int = 1):
+def _result_with_hits(hit: torch.Tensor, per_item: int = 1):
     """A result whose captions rank their image first where `hit` is true and last elsewhere."""
     n_text = len(hit)
-    text_image = torch.arange(n_text // per_image).repeat_interleave(per_image)
-    scores = torch.zeros(n_text, n_text // per_image)
-    scores[torch.arange(n_text), text_image] = torch.where(hit, 1.0, -1.0)
-    return metrics_from_scores(scores, text_image)
+    text_item = torch.arange(n_text // per_item).repeat_interleave(per_item)
+    scores = torch.zeros(n_text, n_text // per_item)
+    scores[torch.arange(n_text), text_item] = torch.where(hit, 1.0, -1.0)
+    return metrics_from_scores(scores, text_item)
 
 
 def test_bootstrap_ci_is_seeded_and_matches_the_binomial_spread():
@@ -217,14 +217,14 @@ def test_bootstrap_ci_is_seeded_and_matches_the_binomial_spread():
     assert (high - low) / 2 == pytest.approx(half, rel=0.15)
 
 
-def test_bootstrap_by_image_is_wider_when_captions_of_an_image_agree():
+def test_bootstrap_by_item_is_wider_when_captions_of_an_item_agree():
     g = torch.Generator().manual_seed(4)
     hit = (torch.rand(300, generator=g) < 0.5).repeat_interleave(5)  # five captions, one fate per image
-    r = _result_with_hits(hit, per_image=5)
+    r = _result_with_hits(hit, per_item=5)
     by_query = bootstrap_ci(r, n_boot=500, seed=0, unit="query")["t2i_r1"]
-    by_image = bootstrap_ci(r, n_boot=500, seed=0, unit="image")["t2i_r1"]
+    by_item = bootstrap_ci(r, n_boot=500, seed=0, unit="item")["t2i_r1"]
     width = lambda ci: ci[1] - ci[0]  # noqa: E731
-    assert width(by_image) > 1.8 * width(by_query)  # sqrt(5) in theory
+    assert width(by_item) > 1.8 * width(by_query)  # sqrt(5) in theory
 
 
 def test_paired_bootstrap():
@@ -256,9 +256,9 @@ def test_bad_inputs_end_in_clear_errors():
         retrieval_metrics(img, bad, ti)
     with pytest.raises(MmretError, match="8 dims but text embeddings have 4"):
         retrieval_metrics(img, txt[:, :4], ti)
-    with pytest.raises(MmretError, match="outside the 4 images"):
+    with pytest.raises(MmretError, match="outside the 4 items"):
         retrieval_metrics(img, txt, torch.tensor([0, 0, 1, 1, 2, 4]))
-    with pytest.raises(MmretError, match="one integer image index per caption"):
+    with pytest.raises(MmretError, match="one integer item index per caption"):
         retrieval_metrics(img, txt, ti[:5])
     with pytest.raises(MmretError, match="positive integers"):
         retrieval_metrics(img, txt, ti, ks=(0, 5))
@@ -276,9 +276,9 @@ def test_same_text_metrics_by_hand():
     scores = torch.tensor([[0.9, 0.8, 0.1],   # caption 0 (of picture 0): picture 0 first
                            [0.9, 0.8, 0.1],   # caption 1 (of picture 1, the same text): picture 0 first
                            [0.1, 0.7, 0.6]])  # caption 2 (of picture 2): picture 1 first, then 2
-    text_image, key = torch.tensor([0, 1, 2]), torch.tensor([5, 5, 7])
-    usual = retrieval_metrics(torch.eye(3), scores, text_image).metrics
-    same = same_text_metrics(torch.eye(3), scores, text_image, key)
+    text_item, key = torch.tensor([0, 1, 2]), torch.tensor([5, 5, 7])
+    usual = retrieval_metrics(torch.eye(3), scores, text_item).metrics
+    same = same_text_metrics(torch.eye(3), scores, text_item, key)
     assert usual["t2i_r1"] == pytest.approx(1 / 3)  # caption 1 cannot find its own picture first
     assert same["t2i_r1"] == pytest.approx(2 / 3)  # picture 0 is a right answer for caption 1 too
     assert same["t2i_r5"] == 1.0 and same["t2i_mrr"] == pytest.approx((1 + 1 + 0.5) / 3)
@@ -287,6 +287,6 @@ def test_same_text_metrics_by_hand():
     assert usual["i2t_r1"] == pytest.approx(1 / 3)
     assert same["i2t_r1"] == 1.0
     # without shared texts both agree
-    plain = same_text_metrics(torch.eye(3), scores, text_image, torch.tensor([1, 2, 3]))
+    plain = same_text_metrics(torch.eye(3), scores, text_item, torch.tensor([1, 2, 3]))
     for name, value in plain.items():
         assert value == pytest.approx(usual[name]), name

@@ -22,9 +22,9 @@ SMALL = dict(vocab_size=300, max_length=24, text_width=32, text_depth=2, text_he
              embed_dim=48)  # the image tower stays the real ResNet-34
 
 
-def _clip_loss(image_emb, text_emb, logit_scale):
+def _clip_loss(item_emb, text_emb, logit_scale):
     # the symmetric InfoNCE written out here so this test does not depend on mmret.losses
-    logits = logit_scale * image_emb @ text_emb.t()
+    logits = logit_scale * item_emb @ text_emb.t()
     labels = torch.arange(len(logits))
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
@@ -34,10 +34,10 @@ def batch(example_ds):
     """B pictures of the training split at 64 px and one BPE-tokenized caption each."""
     train = example_ds.split("train")
     tokenizer = train_bpe(train.captions["caption"], vocab_size=SMALL["vocab_size"])
-    images = train.images.head(B)
+    images = train.items.head(B)
     transform = image_transform(64)
     pixels = torch.stack([transform(load_rgb(p)) for p in images["path"]])
-    first = train.captions.drop_duplicates("image_id").set_index("image_id").loc[images["image_id"], "caption"]
+    first = train.captions.drop_duplicates("item_id").set_index("item_id").loc[images["item_id"], "caption"]
     tokens = tokenizer.tokenize(list(first), max_length=SMALL["max_length"])
     return pixels, tokens
 
@@ -52,11 +52,11 @@ def test_forward_backward_on_pictures_and_captions(batch, temperature):
     pixels, tokens = batch
     assert pixels.shape == (B, 3, 64, 64)
     model = _model(temperature=temperature).train()
-    image_emb, text_emb, scale = model(pixels, tokens["input_ids"], tokens["attention_mask"])
-    assert image_emb.shape == text_emb.shape == (B, 48) and scale.shape == ()
-    assert torch.allclose(image_emb.norm(dim=-1), torch.ones(B), atol=1e-5)
+    item_emb, text_emb, scale = model(pixels, tokens["input_ids"], tokens["attention_mask"])
+    assert item_emb.shape == text_emb.shape == (B, 48) and scale.shape == ()
+    assert torch.allclose(item_emb.norm(dim=-1), torch.ones(B), atol=1e-5)
     assert torch.allclose(text_emb.norm(dim=-1), torch.ones(B), atol=1e-5)
-    loss = _clip_loss(image_emb, text_emb, scale)
+    loss = _clip_loss(item_emb, text_emb, scale)
     assert torch.isfinite(loss)
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -85,7 +85,7 @@ def test_unnormalized_embeddings_and_bf16(batch):
     raw = model.encode_text(tokens["input_ids"], tokens["attention_mask"], normalize=False)
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(B), atol=1e-3)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        low = model.encode_image(pixels)
+        low = model.encode_item(pixels)
     assert torch.isfinite(low).all() and low.shape == (B, 48)
 
 
@@ -112,7 +112,7 @@ def test_state_dict_saves_with_safetensors_and_reloads(batch, tmp_path, shared):
     torch.nn.init.zeros_(again.image_in.weight)
     again.load_state_dict(load_file(tmp_path / "w.safetensors"))
     again.eval()
-    assert torch.equal(again.encode_image(pixels), model.encode_image(pixels))
+    assert torch.equal(again.encode_item(pixels), model.encode_item(pixels))
     assert torch.equal(again.encode_text(**tokens), model.encode_text(**tokens))
 
 

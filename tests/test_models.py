@@ -117,27 +117,27 @@ class DictTower(nn.Module):
 
 
 def test_dual_encoder_embeddings_are_normalised_and_one_size():
-    model = heads_model(image_dim=12, text_dim=7, embed_dim=6, layers=2, hidden_dim=9)
+    model = heads_model(item_dim=12, text_dim=7, embed_dim=6, layers=2, hidden_dim=9)
     out = model(torch.randn(4, 12), torch.randn(4, 7))
-    assert out.image_emb.shape == out.text_emb.shape == (4, 6)
-    assert torch.allclose(out.image_emb.norm(dim=-1), torch.ones(4), atol=1e-6)
+    assert out.item_emb.shape == out.text_emb.shape == (4, 6)
+    assert torch.allclose(out.item_emb.norm(dim=-1), torch.ones(4), atol=1e-6)
     assert torch.allclose(out.text_emb.norm(dim=-1), torch.ones(4), atol=1e-6)
-    raw = model.encode_image(torch.ones(2, 12), normalize=False)
+    raw = model.encode_item(torch.ones(2, 12), normalize=False)
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(2))
-    assert torch.allclose(model.encode_image(torch.ones(2, 12)), raw / raw.norm(dim=-1, keepdim=True))
+    assert torch.allclose(model.encode_item(torch.ones(2, 12)), raw / raw.norm(dim=-1, keepdim=True))
 
 
 def test_dual_encoder_passes_dicts_as_keywords():
     model = DualEncoder(DictTower(5, 4), ProjectionHead(3, 4), embed_dim=4)
     feats, weight = torch.randn(2, 5), torch.tensor([1.0, 2.0])
-    emb = model.encode_image({"features": feats, "weight": weight}, normalize=False)
-    assert torch.allclose(emb, model.image_tower.head(feats * weight[:, None]))
+    emb = model.encode_item({"features": feats, "weight": weight}, normalize=False)
+    assert torch.allclose(emb, model.item_tower.head(feats * weight[:, None]))
 
 
 def test_dual_encoder_rejects_a_tower_of_the_wrong_size():
     model = DualEncoder(ProjectionHead(5, 3), ProjectionHead(5, 4), embed_dim=4)
-    with pytest.raises(MmretError, match=r"image tower returned shape \(2, 3\), expected \(batch, 4\)"):
-        model.encode_image(torch.randn(2, 5))
+    with pytest.raises(MmretError, match=r"item tower returned shape \(2, 3\), expected \(batch, 4\)"):
+        model.encode_item(torch.randn(2, 5))
 
 
 def test_logit_scale_init_and_clamping():
@@ -165,8 +165,8 @@ def test_parameter_table_counts_parts_and_frozen_weights():
     for p in model.text_tower.parameters():
         p.requires_grad_(False)
     rows = {r.part: r for r in parameter_table(model)}
-    assert list(rows) == ["image", "text", "temperature", "total"]
-    assert rows["image"].total == rows["image"].trainable == 7272
+    assert list(rows) == ["item", "text", "temperature", "total"]
+    assert rows["item"].total == rows["item"].trainable == 7272
     assert (rows["text"].total, rows["text"].trainable) == (6 * 8 + 8, 0)
     assert (rows["temperature"].total, rows["temperature"].trainable) == (1, 1)
     assert (rows["total"].total, rows["total"].trainable) == (7272 + 56 + 1, 7272 + 1)
@@ -187,7 +187,7 @@ def test_named_parts_lists_the_sub_parts_of_a_tower_that_has_them():
             return {"encoder": self.encoder, "head": self.head}
 
     model = DualEncoder(Tower(), ProjectionHead(2, 4), embed_dim=4)
-    assert list(model.named_parts()) == ["image.encoder", "image.head", "text", "temperature"]
+    assert list(model.named_parts()) == ["item.encoder", "item.head", "text", "temperature"]
 
 
 def test_state_dict_round_trips_through_safetensors(tmp_path):
@@ -198,7 +198,7 @@ def test_state_dict_round_trips_through_safetensors(tmp_path):
     again = bridge_model(10, 6, embed_dim=8, num_queries=2, depth=1, width=8, heads=2).eval()
     again.load_state_dict(load_file(tmp_path / "w.safetensors"))
     tokens, text = torch.randn(3, 4, 10), torch.randn(3, 6)
-    assert torch.equal(model(tokens, text).image_emb, again(tokens, text).image_emb)
+    assert torch.equal(model(tokens, text).item_emb, again(tokens, text).item_emb)
     assert "temperature.log_scale" in model.state_dict()
 
 
@@ -242,7 +242,7 @@ def test_mixup_of_token_states_unites_masks_and_refuses_token_ids():
     assert mixed["mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]]
     with pytest.raises(MmretError, match="cannot mix 'input_ids'"):
         mix({"input_ids": torch.tensor([[1, 2], [3, 4]])}, 0.5, torch.tensor([1, 0]))
-    with pytest.raises(MmretError, match="as many images as captions"):
+    with pytest.raises(MmretError, match="as many items as captions"):
         latent_mixup(torch.randn(3, 2), torch.randn(4, 2), 1.0, torch.Generator())
     with pytest.raises(MmretError, match="--mixup-alpha must be positive"):
         sample_mixup(3, 0.0, torch.Generator())

@@ -25,8 +25,8 @@ def test_caption_keys_ignore_case_spaces_and_the_final_full_stop():
 
 def test_batch_positives_mark_every_item_that_has_the_caption_text():
     captions = ["A flower.", "a flower", "A rose.", "A tulip.", "a rose"]
-    caption_image = np.array([0, 1, 2, 2, 3])  # item 2 has "A rose." and "A tulip."; item 3 "a rose"
-    captions_of = group_captions(caption_image, 4)
+    caption_item = np.array([0, 1, 2, 2, 3])  # item 2 has "A rose." and "A tulip."; item 3 "a rose"
+    captions_of = group_captions(caption_item, 4)
     keys = caption_keys(captions)
     pos = batch_positives(np.array([0, 1, 2, 3]), np.array([0, 1, 3, 4]), captions_of, keys)
     expected = torch.tensor([[1, 1, 0, 0],
@@ -103,7 +103,7 @@ def world(tiny_world):
 
 
 def config(world, tmp_path, **options) -> RunConfig:
-    base = dict(dataset="example", vision=world["vit"], text=world["bert"], data_dir=world["root"] / "data",
+    base = dict(dataset="example", item=world["vit"], text=world["bert"], data_dir=world["root"] / "data",
                 runs_dir=tmp_path / "runs", epochs=2, batch_size=16, lr=5e-3, embed_dim=16, patience=0,
                 method="heads")
     return with_overrides(RunConfig(), {**base, **options})
@@ -111,13 +111,13 @@ def config(world, tmp_path, **options) -> RunConfig:
 
 def test_a_run_with_hard_negatives_batches_the_mined_neighbours(world, tmp_path):
     s = training.setup(config(world, tmp_path, hard_negatives=4, name="hn"))
-    assert s.plan.neighbours is not None and s.plan.neighbours.shape == (s.train.num_images, 16)
+    assert s.plan.neighbours is not None and s.plan.neighbours.shape == (s.train.num_items, 16)
     batches = s.plan.batches(0)
     assert len(batches) == s.steps_per_epoch == len(epoch_batches(s.train.tables.captions_of, 16, 0, 0))
     where = {int(i): k for k, (b, _) in enumerate(batches) for i in b}
     # the first member of each group is its anchor: at least the nearest free neighbour follows it
-    hits = sum(where[int(i)] == where[int(s.plan.neighbours[i, 0])] for i in range(s.train.num_images))
-    assert hits >= s.train.num_images // 2  # random batches of 16 out of 48 would give about a third
+    hits = sum(where[int(i)] == where[int(s.plan.neighbours[i, 0])] for i in range(s.train.num_items))
+    assert hits >= s.train.num_items // 2  # random batches of 16 out of 48 would give about a third
     result = training.train(config(world, tmp_path, hard_negatives=4, hn_beta=0.5, name="hn-run"))
     assert np.isfinite(result.last["train_loss"])
 
@@ -127,10 +127,10 @@ def test_captions_shared_by_pictures_are_never_each_others_negatives(world, tmp_
     --same-caption negative none are."""
     seen = []
 
-    def spy(image_emb, text_emb, scale, positives=None):
+    def spy(item_emb, text_emb, scale, positives=None):
         seen.append(positives)
         from mmret.training.losses import clip_loss
-        return clip_loss(image_emb, text_emb, scale, positives=positives)
+        return clip_loss(item_emb, text_emb, scale, positives=positives)
 
     s = training.setup(config(world, tmp_path, name="dup", batch_size=48))
     s.stepper.loss_fn = spy
@@ -147,7 +147,7 @@ def test_captions_shared_by_pictures_are_never_each_others_negatives(world, tmp_
         shared += int(same.sum()) - len(texts)
         got = torch.eye(len(items), dtype=torch.bool) if pos is None else pos
         assert (got | ~same).all()  # identical captions are positives
-        s.stepper(s.train.image_batch(items), s.train.text_batch(captions), 0, pos)
+        s.stepper(s.train.item_batch(items), s.train.text_batch(captions), 0, pos)
     assert shared > 0, "the example dataset should repeat some captions"
     assert any(p is not None for p in seen)
     s = training.setup(config(world, tmp_path, name="dup-neg", same_caption="negative"))

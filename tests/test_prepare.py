@@ -52,12 +52,12 @@ def test_flickr30k_results_csv_recovers_the_malformed_row(tmp_path, data_dir):
     (root / "results.csv").write_text(RESULTS_CSV)
     result = run("flickr30k", root, data_dir)
     ds = load_dataset("flickr30k", data_dir)
-    caps = ds.captions[ds.captions.image_id == "2199200615"]["caption"].tolist()
+    caps = ds.captions[ds.captions.item_id == "2199200615"]["caption"].tolist()
     assert len(caps) == 5 and caps[-1] == "A dog runs across the grass ."
-    assert ds.captions[ds.captions.image_id == "1000092795"]["caption"].iloc[1] == "Two young , White males are outside near many bushes ."
+    assert ds.captions[ds.captions.item_id == "1000092795"]["caption"].iloc[1] == "Two young , White males are outside near many bushes ."
     assert [p.kind for p in result.problems] == ["recovered line"]
     assert "seeded random split" in result.split_note
-    assert result.counts["total"] == {"images": 2, "captions": 10, "dropped images": 0}
+    assert result.counts["total"] == {"items": 2, "captions": 10, "dropped items": 0}
 
 
 def karpathy_entry(name, split, captions, **extra):
@@ -72,8 +72,8 @@ def test_flickr30k_karpathy_json_keeps_its_split(tmp_path, data_dir):
         karpathy_entry("3.jpg", "test", ["g h"]), karpathy_entry("4.jpg", "train", ["i j"])]}
     (root / "dataset_flickr30k.json").write_text(json.dumps(data))
     result = run("flickr30k", root, data_dir)
-    images = load_dataset("flickr30k", data_dir).images
-    assert dict(zip(images.image_id, images.split)) == {"1": "train", "2": "val", "3": "test", "4": "train"}
+    images = load_dataset("flickr30k", data_dir).items
+    assert dict(zip(images.item_id, images.split)) == {"1": "train", "2": "val", "3": "test", "4": "train"}
     assert result.split_note.startswith("Karpathy split")
 
 
@@ -86,7 +86,7 @@ def test_flickr30k_clip_benchmark_txt_files_with_commas_in_captions(tmp_path, da
     run("flickr30k", root, data_dir)
     ds = load_dataset("flickr30k", data_dir)
     assert ds.captions.caption.tolist() == ["A man, a plan, a canal.", "Another one.", "Val caption.", "Test caption."]
-    assert ds.images.split.tolist() == ["train", "val", "test"]
+    assert ds.items.split.tolist() == ["train", "val", "test"]
 
 
 def test_random_split_sizes_follow_karpathy_for_full_flickr30k():
@@ -123,17 +123,17 @@ def test_coco_keeps_all_six_captions_and_karpathy_split_with_restval_in_train(tm
     (root / "dataset_coco.json").write_text(json.dumps(karpathy))
     run("coco", root, data_dir)
     ds = load_dataset("coco", data_dir)
-    assert (ds.captions.image_id == "9").sum() == 6
-    assert dict(zip(ds.images.image_id, ds.images.split)) == {"9": "train", "42": "test", "73": "train"}
-    assert ds.captions[ds.captions.image_id == "42"].caption.tolist() == ["val caption"]
+    assert (ds.captions.item_id == "9").sum() == 6
+    assert dict(zip(ds.items.item_id, ds.items.split)) == {"9": "train", "42": "test", "73": "train"}
+    assert ds.captions[ds.captions.item_id == "42"].caption.tolist() == ["val caption"]
 
 
 def test_coco_official_only_splits_val2014_at_random(tmp_path, data_dir):
     root = tmp_path / "coco"
     coco_fixture(root)
     result = run("coco", root, data_dir)
-    images = load_dataset("coco", data_dir).images
-    assert images.set_index("image_id").loc["9", "split"] == "train"
+    images = load_dataset("coco", data_dir).items
+    assert images.set_index("item_id").loc["9", "split"] == "train"
     assert "val2014 split at random" in result.split_note
 
 
@@ -151,7 +151,7 @@ def test_flickr8k_token_file_with_official_lists(tmp_path, data_dir):
         (root / "Flickr8k_text" / f"Flickr_8k.{split}Images.txt").write_text(f"{n}.jpg\n")
     result = run("flickr8k", root, data_dir)
     ds = load_dataset("flickr8k", data_dir)
-    assert dict(zip(ds.images.image_id, ds.images.split)) == dict(zip(names, ["train", "val", "test", "train"]))
+    assert dict(zip(ds.items.item_id, ds.items.split)) == dict(zip(names, ["train", "val", "test", "train"]))
     assert len(ds.captions) == 20
     assert result.dropped == {"not in a split list": 1}
 
@@ -165,9 +165,9 @@ def test_folder_with_sidecar_captions_in_subfolders(tmp_path, data_dir):
         (root / f"sub{i % 2}" / f"img{i}.txt").write_text(f"first caption {i}\n\n second caption {i}  \n")
     run("folder", root, data_dir, val=0.2, test=0.2)
     ds = load_dataset("folder", data_dir)
-    assert len(ds.images) == 5 and len(ds.captions) == 10
+    assert len(ds.items) == 5 and len(ds.captions) == 10
     assert ds.captions.caption.iloc[1] == "second caption 0"
-    assert sorted(ds.images.split.value_counts().items()) == [("test", 1), ("train", 3), ("val", 1)]
+    assert sorted(ds.items.split.value_counts().items()) == [("test", 1), ("train", 3), ("val", 1)]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
@@ -184,7 +184,7 @@ def test_folder_with_one_captions_table(tmp_path, data_dir, fmt):
         frame.to_parquet(root / "captions.parquet")
     run("folder", root, data_dir)
     ds = load_dataset("folder", data_dir)
-    assert ds.captions.groupby("image_id").caption.apply(list).to_dict() == {"a.jpg": ["one, with comma", "three"], "b/c.png": ["two"]}
+    assert ds.captions.groupby("item_id").caption.apply(list).to_dict() == {"a.jpg": ["one, with comma", "three"], "b/c.png": ["two"]}
 
 
 def test_folder_table_without_the_needed_columns(tmp_path, data_dir):
@@ -203,7 +203,7 @@ def test_split_is_deterministic_for_a_seed(tmp_path, data_dir):
     run("folder", root, data_dir, name="a", seed=3)
     run("folder", root, data_dir, name="b", seed=3)
     run("folder", root, data_dir, name="c", seed=4)
-    a, b, c = (load_dataset(n, data_dir).images.split.tolist() for n in "abc")
+    a, b, c = (load_dataset(n, data_dir).items.split.tolist() for n in "abc")
     assert a == b and a != c
 
 
@@ -215,10 +215,10 @@ def test_example_is_deterministic_and_captions_describe_distinct_scenes(data_dir
     e1, e2 = load_dataset("e1", data_dir), load_dataset("e2", data_dir)
     assert e1.captions.caption.tolist() == e2.captions.caption.tolist()
     assert (e1.path / "images" / "00000.png").read_bytes() == (e2.path / "images" / "00000.png").read_bytes()
-    first = e1.captions.groupby("image_id").caption.first()
+    first = e1.captions.groupby("item_id").caption.first()
     assert first.is_unique and len(first) == 40
-    assert (e1.captions.groupby("image_id").size() == 5).all()
-    assert e1.images.path.iloc[0] == str(e1.path / "images" / "00000.png")
+    assert (e1.captions.groupby("item_id").size() == 5).all()
+    assert e1.items.path.iloc[0] == str(e1.path / "images" / "00000.png")
 
 
 def test_example_count_beyond_distinct_scenes(data_dir):
@@ -250,7 +250,7 @@ def test_bad_captions_are_reported_not_fatal(tmp_path, data_dir):
     })
     result = run("folder", root, data_dir)
     ds = load_dataset("folder", data_dir)
-    assert dict(zip(ds.captions.image_id, ds.captions.caption)) == {"ok.png": "a fine caption", "latin.png": "un café"}
+    assert dict(zip(ds.captions.item_id, ds.captions.caption)) == {"ok.png": "a fine caption", "latin.png": "un café"}
     assert result.dropped == {"caption not UTF-8": 2, "duplicate caption": 1, "empty caption": 1, "no caption": 2}
 
 
@@ -259,7 +259,7 @@ def test_missing_and_broken_images_are_dropped_with_a_reason(tmp_path, data_dir)
     flickr_images(root, ["1000092795"])  # 2199200615.jpg is missing
     (root / "results.csv").write_text(RESULTS_CSV)
     result = run("flickr30k", root, data_dir)
-    assert result.counts["total"]["images"] == 1
+    assert result.counts["total"]["items"] == 1
     assert [(p.kind, p.reason) for p in result.problems if p.kind == "missing image"] == [("missing image", "file not found")]
 
 
@@ -278,10 +278,10 @@ def test_check_images_drops_truncated_zero_byte_and_bomb(tmp_path, data_dir, mon
     folder_with(root, {"bomb.png": huge, "bomb.txt": b"bomb"})
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # 400x400 > 2 x 50,000: a "bomb"; 200x200 is not
     without = run("folder", root, data_dir, name="quick")
-    assert without.counts["total"]["images"] == 2  # header read: good + truncated pass, bomb caught
-    result = run("folder", root, data_dir, name="checked", check_images=True)
+    assert without.counts["total"]["items"] == 2  # header read: good + truncated pass, bomb caught
+    result = run("folder", root, data_dir, name="checked", check_items=True)
     reasons = {Path(p.item).name: p.reason for p in result.problems}
-    assert load_dataset("checked", data_dir).images.image_id.tolist() == ["good.png"]
+    assert load_dataset("checked", data_dir).items.item_id.tolist() == ["good.png"]
     assert reasons["zero.jpg"] == "empty file (0 bytes)"
     assert reasons["notimage.jpg"] == "not an image PIL can read"
     assert "decompression bomb" in reasons["bomb.png"]
@@ -298,7 +298,7 @@ def test_root_with_no_recognisable_format_names_the_expected_files(tmp_path, dat
         run("flickr8k", tmp_path / "empty", data_dir)
     with pytest.raises(MmretError, match="expected captions_train2014.json"):
         run("coco", tmp_path / "empty", data_dir)
-    with pytest.raises(MmretError, match="no captioned images under"):
+    with pytest.raises(MmretError, match="no captioned pictures or sounds under"):
         run("folder", tmp_path / "empty", data_dir)
 
 
@@ -318,7 +318,7 @@ def test_existing_dataset_refused_then_replaced_with_force(tmp_path, data_dir):
         run("example", None, data_dir, count=30)
     assert (data_dir / "example" / "dataset.json").read_text() == before
     run("example", None, data_dir, count=30, force=True)
-    assert len(load_dataset("example", data_dir).images) == 30
+    assert len(load_dataset("example", data_dir).items) == 30
 
 
 def test_failed_force_leaves_the_old_dataset_untouched(tmp_path, data_dir):
@@ -355,7 +355,7 @@ def test_dataset_json_records_arguments_counts_and_problems(tmp_path, data_dir):
 def test_bad_config_values_name_the_option():
     with pytest.raises(MmretError, match=r"--val must be a fraction in \[0, 1\), got 1.5"):
         PrepareConfig(source="folder", val=1.5)
-    with pytest.raises(MmretError, match="--val \\+ --test must leave images for training"):
+    with pytest.raises(MmretError, match="--val \\+ --test must leave a training split"):
         PrepareConfig(source="folder", val=0.5, test=0.5)
     with pytest.raises(MmretError, match="--name 'a/b' may hold only"):
         PrepareConfig(source="folder", name="a/b")

@@ -38,7 +38,7 @@ def test_miniclip_learns_and_keeps_its_tokenizer(data, tmp_path):
     assert losses(result)[-1] < losses(result)[0]
     assert (result.run_dir / "tokenizer.json").is_file()
     emb = write_run_embeddings(result.run_dir, split="test")
-    assert emb.images.shape[1] == 32 and len(emb.captions) == 5 * len(emb.images)
+    assert emb.items.shape[1] == 32 and len(emb.captions) == 5 * len(emb.items)
 
 
 @pytest.mark.parametrize("options", [dict(arch="clip-tiny", embed_dim=32), dict(temperature="dynamic", micro_batch=8),

@@ -51,8 +51,8 @@ def client(service):
 def train(memorised):
     """The memorised pictures: id, file and first caption."""
     ds = load_dataset("example", memorised["data"]).split("train")
-    first = ds.captions.groupby("image_id").caption.first()
-    return ds.images.assign(caption=ds.images.image_id.map(first)).reset_index(drop=True)
+    first = ds.captions.groupby("item_id").caption.first()
+    return ds.items.assign(caption=ds.items.item_id.map(first)).reset_index(drop=True)
 
 
 def alive(client) -> None:
@@ -86,14 +86,14 @@ def test_a_caption_finds_its_picture_first(client, train):
         body = client.post("/api/search", json={"text": row.caption, "k": 3}).json()
         assert body["query"] == {"kind": "text", "value": row.caption} and body["modality"] == "image"
         first = body["results"][0]
-        assert first["id"] == row.image_id and row.caption in first["captions"]
-        assert first["url"] == f"/media/{row.image_id}" and first["thumbnail"] == f"/thumbnails/{row.image_id}"
+        assert first["id"] == row.item_id and row.caption in first["captions"]
+        assert first["url"] == f"/media/{row.item_id}" and first["thumbnail"] == f"/thumbnails/{row.item_id}"
         assert [h["rank"] for h in body["results"]] == [1, 2, 3] and body["captions"] == []
         assert body["results"][0]["score"] >= body["results"][1]["score"] >= body["results"][2]["score"]
 
 
 def test_more_like_this_leaves_the_item_out_and_gives_its_captions(client, train, gallery):
-    item = train.image_id.iloc[0]
+    item = train.item_id.iloc[0]
     body = client.post("/api/search", json={"id": item, "k": 11}).json()
     assert body["query"] == {"kind": "id", "value": item}
     ids = [h["id"] for h in body["results"]]
@@ -107,8 +107,8 @@ def test_an_uploaded_picture_finds_itself_and_its_captions(client, train):
         r = client.post("/api/search/upload", files={"file": ("mine.png", f, "image/png")}, data={"k": "4"})
     body = r.json()
     assert r.status_code == 200 and body["query"] == {"kind": "upload", "value": "mine.png"}
-    assert body["results"][0]["id"] == row.image_id and len(body["results"]) == 4
-    assert body["captions"][0]["id"] == row.image_id and body["captions"][0]["caption"]
+    assert body["results"][0]["id"] == row.item_id and len(body["results"]) == 4
+    assert body["captions"][0]["id"] == row.item_id and body["captions"][0]["caption"]
 
 
 def test_knn_service_follows_clip_retrievals_shape(client, train):
@@ -119,17 +119,17 @@ def test_knn_service_follows_clip_retrievals_shape(client, train):
     assert by_text.status_code == 200
     hits = by_text.json()
     assert [set(h) for h in hits] == [{"id", "similarity", "caption", "url", "thumbnail"}] * 3
-    assert hits[0]["id"] == row.image_id
+    assert hits[0]["id"] == row.item_id
     picture = base64.b64encode(open(row.path, "rb").read()).decode()
     by_picture = client.post("/knn-service", json={"image": picture, "modality": "image", "num_images": 2}).json()
-    assert by_picture[0]["id"] == row.image_id
+    assert by_picture[0]["id"] == row.item_id
     captions = client.post("/knn-service", json={"image": picture, "modality": "text", "num_images": 2}).json()
-    assert captions[0]["id"] == row.image_id and captions[0]["caption"]
-    vector = client.post("/api/search", json={"id": row.image_id, "k": 1})  # warm; then the raw embedding
+    assert captions[0]["id"] == row.item_id and captions[0]["caption"]
+    vector = client.post("/api/search", json={"id": row.item_id, "k": 1})  # warm; then the raw embedding
     assert vector.status_code == 200
-    emb = client.app.state.service.gallery.vectors([client.app.state.service.gallery.row_of[row.image_id]])[0]
+    emb = client.app.state.service.gallery.vectors([client.app.state.service.gallery.row_of[row.item_id]])[0]
     by_vector = client.post("/knn-service", json={"embedding_input": (emb * 3).tolist(), "num_images": 1}).json()
-    assert by_vector[0]["id"] == row.image_id
+    assert by_vector[0]["id"] == row.item_id
     assert client.get("/indices-list").json() == ["example"]
     refused(client.post("/knn-service", json={"text": "x", "indice_name": "other"}), 404, "no index 'other'")
     refused(client.post("/knn-service", json={"image_url": "http://example.com/a.jpg"}), 422, "image_url is not supported")
@@ -139,16 +139,16 @@ def test_knn_service_follows_clip_retrievals_shape(client, train):
 
 def test_media_and_thumbnails_by_id(client, train, service):
     row = train.iloc[0]
-    media = client.get(f"/media/{row.image_id}")
+    media = client.get(f"/media/{row.item_id}")
     assert media.status_code == 200 and media.headers["content-type"] == "image/png"
     assert media.content == open(row.path, "rb").read()
-    first = client.get(f"/thumbnails/{row.image_id}")
+    first = client.get(f"/thumbnails/{row.item_id}")
     assert first.status_code == 200 and first.headers["content-type"] == "image/jpeg"
     thumb = Image.open(io.BytesIO(first.content))
     assert thumb.format == "JPEG" and max(thumb.size) <= 256
     (made,) = [p for p in service.thumbnails.folder.iterdir() if p.stat().st_size == len(first.content)]
     stamp = made.stat().st_mtime_ns
-    assert client.get(f"/thumbnails/{row.image_id}").content == first.content
+    assert client.get(f"/thumbnails/{row.item_id}").content == first.content
     assert made.stat().st_mtime_ns == stamp  # made once, then served from the cache
 
 
@@ -248,7 +248,7 @@ def test_a_text_file_sent_as_a_picture(client):
 @pytest.mark.parametrize("k", [0, -1, 10**9])
 def test_k_out_of_range(client, train, k):
     refused(client.post("/api/search", json={"text": "a red circle", "k": k}), 422, "k: Input should be")
-    refused(client.post("/api/search", json={"id": train.image_id.iloc[0], "k": k}), 422, "k: Input should be")
+    refused(client.post("/api/search", json={"id": train.item_id.iloc[0], "k": k}), 422, "k: Input should be")
     refused(client.post("/knn-service", json={"text": "a red circle", "num_images": k}), 422, "num_images: Input should")
     with open(train.path.iloc[0], "rb") as f:
         refused(client.post("/api/search/upload", files={"file": ("a.png", f, "image/png")}, data={"k": str(k)}),
@@ -297,7 +297,7 @@ def test_limits_of_another_config_and_the_api_key(gallery, memorised, train):
     try:
         client = TestClient(create_app(service))
         assert client.get("/api/health").status_code == 200 and client.get("/").status_code == 200  # open
-        for path in ("/api/info", f"/media/{train.image_id.iloc[0]}", f"/thumbnails/{train.image_id.iloc[0]}",
+        for path in ("/api/info", f"/media/{train.item_id.iloc[0]}", f"/thumbnails/{train.item_id.iloc[0]}",
                      "/indices-list"):
             refused(client.get(path), 401, "this server wants an API key")
             refused(client.get(path, headers={"X-API-Key": "wrong-key-1234"}), 401)

@@ -97,13 +97,13 @@ def test_finalize_seals_what_the_shards_left(example_ds, towers):
 
 
 def test_run_embeddings_by_shards_equal_one_process(tiny_world, tmp_path):
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=tiny_world["vit"],
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", item=tiny_world["vit"],
                                            text=tiny_world["bert"], data_dir=tiny_world["root"] / "data",
                                            runs_dir=tmp_path / "runs", epochs=1, batch_size=16, embed_dim=32,
                                            patience=0, name="r"))
     run = training.train(cfg).run_dir
     one = write_run_embeddings(run, split="all", batch_size=2, device="cpu")
-    expected = {n: (one.path / n).read_bytes() for n in ("images.npy", "captions.npy", "images.parquet", "captions.parquet")}
+    expected = {n: (one.path / n).read_bytes() for n in ("items.npy", "captions.npy", "items.parquet", "captions.parquet")}
     shutil.rmtree(one.path)
     with pytest.raises(MmretError, match="blocks of these embeddings are not written yet"):
         write_run_embeddings(run, split="all", batch_size=2, device="cpu", finalize=True)

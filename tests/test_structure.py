@@ -133,7 +133,7 @@ def test_a_method_registered_from_a_test_file_trains_through_the_cli(world, tmp_
         def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
             m = cfg.method
             shared = nn.Linear(m.width, m.embed_dim)
-            return DualEncoder(SharedHead(ctx.dims.image_dim, shared), SharedHead(ctx.dims.text_dim, shared),
+            return DualEncoder(SharedHead(ctx.dims.item_dim, shared), SharedHead(ctx.dims.text_dim, shared),
                                m.embed_dim, build_temperature(m.temperature, m.init_temperature))
 
     monkeypatch.setitem(METHODS, "shared", None)  # so the registration below is undone after the test
@@ -157,7 +157,7 @@ def test_a_text_search_on_a_heads_run_loads_only_the_text_tower(world, tmp_path,
     from mmret.training import train
     from mmret.runs import RunConfig, with_overrides
 
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=world["vit"], text=world["bert"],
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", item=world["vit"], text=world["bert"],
                                            data_dir=world["root"] / "data", runs_dir=tmp_path / "runs", epochs=2,
                                            batch_size=16, embed_dim=16, name="heads-run"))
     train(cfg)

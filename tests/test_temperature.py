@@ -14,9 +14,9 @@ from mmret.models.temperature import (
 )
 
 
-def _clip_loss(image_emb, text_emb, logit_scale):
+def _clip_loss(item_emb, text_emb, logit_scale):
     # the symmetric InfoNCE written out here so this test does not depend on mmret.losses
-    logits = logit_scale * image_emb @ text_emb.t()
+    logits = logit_scale * item_emb @ text_emb.t()
     labels = torch.arange(len(logits))
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 

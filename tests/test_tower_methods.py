@@ -35,7 +35,7 @@ def config(world, tmp_path, **options) -> RunConfig:
 
 
 def towers(world, kind):
-    return {"model": world["clip"]} if kind == "clip" else {"vision": world["vit"], "text": world["bert"]}
+    return {"model": world["clip"]} if kind == "clip" else {"item": world["vit"], "text": world["bert"]}
 
 
 CASES = [("lora", "clip"), ("lora", "experts"), ("prefix", "clip"), ("adapter", "experts"), ("full", "clip")]
@@ -62,16 +62,16 @@ def batch(world, n=6):
     from mmret.data import load_dataset
 
     ds = load_dataset("example", world["root"] / "data")
-    return ds.images.path.tolist()[:n], ds.captions.caption.tolist()[:n]
+    return ds.items.path.tolist()[:n], ds.captions.caption.tolist()[:n]
 
 
 def embed(model, towers_, paths, captions):
     from PIL import Image
 
-    transform = towers_.image.transform()
+    transform = towers_.item.transform()
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.inference_mode():
-        return model.encode_image(pixels), model.encode_text(**towers_.text.tokenize(captions))
+        return model.encode_item(pixels), model.encode_text(**towers_.text.tokenize(captions))
 
 
 def test_a_saved_run_reloads_to_identical_embeddings_and_merged_lora_matches(world, tmp_path):
@@ -86,7 +86,7 @@ def test_a_saved_run_reloads_to_identical_embeddings_and_merged_lora_matches(wor
     base = get_method("lora").build(cfg, base_towers).eval()
     differs = embed(base, base_towers, paths, captions)
     assert not torch.allclose(differs[1], ea[1], atol=1e-4)  # training changed the text tower
-    assert merge_lora(a.image_tower.encoder) + merge_lora(a.text_tower.encoder) > 0
+    assert merge_lora(a.item_tower.encoder) + merge_lora(a.text_tower.encoder) > 0
     em = embed(a, first_towers, paths, captions)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(em, eb))
 
@@ -94,8 +94,8 @@ def test_a_saved_run_reloads_to_identical_embeddings_and_merged_lora_matches(wor
 def test_run_embeddings_of_a_tower_run(world, tmp_path):
     result = training.train(config(world, tmp_path, method="adapter", epochs=1, **towers(world, "experts")))
     emb = write_run_embeddings(result.run_dir, split="test")
-    assert emb.images.shape == (len(emb.image_table), 16) and emb.images.dtype == np.float16
-    norms = np.linalg.norm(np.asarray(emb.images, dtype=np.float32), axis=1)
+    assert emb.items.shape == (len(emb.item_table), 16) and emb.items.dtype == np.float16
+    norms = np.linalg.norm(np.asarray(emb.items, dtype=np.float32), axis=1)
     assert np.allclose(norms, 1.0, atol=1e-2)
     again = write_run_embeddings(result.run_dir, split="test")
     assert again.manifest["seconds"] == emb.manifest["seconds"]  # reused, not recomputed
@@ -134,13 +134,13 @@ def test_a_frozen_tower_is_read_from_the_feature_cache_not_run(world, tmp_path, 
     cfg = config(world, tmp_path, method="lora", tower="text", epochs=2, **towers(world, "experts"))
     result = training.train(cfg)
     model = training.setup(config(world, tmp_path, method="lora", tower="text", name="probe", **towers(world, "experts"))).model
-    assert isinstance(model.text_tower, EncoderTower) and not isinstance(model.image_tower, EncoderTower)
+    assert isinstance(model.text_tower, EncoderTower) and not isinstance(model.item_tower, EncoderTower)
     rows = {r.part: r for r in training.dry_run(cfg).rows}
     assert any("frozen, cached" in part for part in rows)
     monkeypatch.undo()  # a picture query does run the frozen tower, once
     emb = write_run_embeddings(result.run_dir, split="test")
-    hits = search(result.run_dir, [], image=emb.image_table.path.iloc[0], split="test", k=1, which="last")
-    assert hits.results[0].images[0].image_id == emb.image_table.image_id.iloc[0]
+    hits = search(result.run_dir, [], item=emb.item_table.path.iloc[0], split="test", k=1, which="last")
+    assert hits.results[0].items[0].item_id == emb.item_table.item_id.iloc[0]
 
 
 def _fused_attention(model: torch.nn.Module) -> tuple[int, int]:

@@ -31,7 +31,7 @@ def world(tiny_world):
 
 
 def config(world, tmp_path, **options) -> RunConfig:
-    base = dict(dataset="example", vision=world["vit"], text=world["bert"], data_dir=world["root"] / "data",
+    base = dict(dataset="example", item=world["vit"], text=world["bert"], data_dir=world["root"] / "data",
                 runs_dir=tmp_path / "runs", epochs=4, batch_size=16, lr=5e-3, embed_dim=32, head_layers=2,
                 queries=4, bridge_layers=1, bridge_width=32, bridge_heads=4, patience=0, dropout=0.1)
     return with_overrides(RunConfig(), {**base, **options})
@@ -56,7 +56,7 @@ def test_training_loss_falls_and_the_run_folder_is_complete(world, tmp_path, met
 def test_checkpoints_hold_only_the_trainable_part(world, tmp_path):
     result = training.train(config(world, tmp_path, method="bridge", epochs=1))
     saved = load_file(str(result.run_dir / "checkpoints" / "last.safetensors"))
-    assert {k.split(".")[0] for k in saved} == {"image_tower", "text_tower", "temperature"}
+    assert {k.split(".")[0] for k in saved} == {"item_tower", "text_tower", "temperature"}
     model = training.setup(config(world, tmp_path, method="bridge", name="probe")).model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(v.numel() for v in saved.values()) == trainable  # no frozen tower inside
@@ -94,13 +94,13 @@ def test_dry_run_counts_are_exact(world, tmp_path):
     rows = {r.part.split(" (")[0]: (r.total, r.trainable) for r in plan.rows}
     vit_width, bert_width = 32, 32  # tiny_models.HIDDEN: pooled widths of both tiny towers
     # input norm (scale + shift), fc1 weight + bias, fc2 weight + bias
-    image_head = 2 * vit_width + vit_width * 16 + 16 + 16 * 8 + 8
+    item_head = 2 * vit_width + vit_width * 16 + 16 + 16 * 8 + 8
     text_head = 2 * bert_width + bert_width * 16 + 16 + 16 * 8 + 8
-    assert rows["image"] == (image_head, image_head) and rows["text"] == (text_head, text_head)
+    assert rows["image"] == (item_head, item_head)  # the item side named after what it reads and rows["text"] == (text_head, text_head)
     assert rows["temperature"] == (1, 1)
     frozen = rows["image encoder"][0] + rows["text encoder"][0]
     assert rows["image encoder"][1] == rows["text encoder"][1] == 0
-    assert rows["total"] == (frozen + image_head + text_head + 1, image_head + text_head + 1)
+    assert rows["total"] == (frozen + item_head + text_head + 1, item_head + text_head + 1)
 
 
 def test_early_stopping_when_validation_stops_improving(world, tmp_path):
@@ -145,12 +145,12 @@ def test_epoch_order_is_pure_and_covers_every_image_once():
 
 
 def test_folds_partition_the_images(example_ds):
-    tests = [set(example_ds.with_folds(5, k).split("test").images.image_id) for k in range(5)]
-    assert set().union(*tests) == set(example_ds.images.image_id)
-    assert sum(len(t) for t in tests) == len(example_ds.images)
+    tests = [set(example_ds.with_folds(5, k).split("test").items.item_id) for k in range(5)]
+    assert set().union(*tests) == set(example_ds.items.item_id)
+    assert sum(len(t) for t in tests) == len(example_ds.items)
     fold = example_ds.with_folds(5, 0)
     assert set(fold.captions.split) == {"train", "val", "test"}
-    assert (fold.captions.set_index("image_id").split.groupby(level=0).nunique() == 1).all()
+    assert (fold.captions.set_index("item_id").split.groupby(level=0).nunique() == 1).all()
 
 
 def test_cli_train_dry_run_and_bad_method(world, tmp_path, monkeypatch):

@@ -83,7 +83,7 @@ def shards(tmp_path_factory):
 def test_prepare_reads_the_shards_in_place_and_reports_the_bad_member(shards):
     root, data, output = shards
     ds = load_dataset("wds", data)
-    assert len(ds.images) == 32  # 16 + 16 captioned (json captions count); the 16 of 00002 have none
+    assert len(ds.items) == 32  # 16 + 16 captioned (json captions count); the 16 of 00002 have none
     assert "1 broken image" in output and "16 no caption" in output
     info = json.loads((data / "wds" / "dataset.json").read_text())
     broken = [p for p in info["problems"] if p["kind"] == "broken image"]
@@ -91,7 +91,7 @@ def test_prepare_reads_the_shards_in_place_and_reports_the_bad_member(shards):
     stored = pd.read_parquet(data / "wds" / "images.parquet")["path"]
     assert stored.str.match(r"^0000[01]\.tar::\d+\.(png|jpg)$").all()  # relative to the shards' folder
     assert not any(p.suffix in (".png", ".jpg") for p in (data / "wds").rglob("*"))  # nothing unpacked
-    first = ds.images["path"][0]
+    first = ds.items["path"][0]
     shard, member = split_address(first)
     assert shard.startswith(str(root / "shards")) and Image.open(open_item(first)).size == (40, 32)
 

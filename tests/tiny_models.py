@@ -205,7 +205,7 @@ from mmret.models.temperature import Temperature  # noqa: E402
 
 
 def heads_model(
-    image_dim: int,
+    item_dim: int,
     text_dim: int,
     embed_dim: int = 512,
     layers: int = 1,
@@ -215,21 +215,21 @@ def heads_model(
 ) -> DualEncoder:
     """The "heads" method: a projection head on each side over cached pooled features."""
     return DualEncoder(
-        ProjectionHead(image_dim, embed_dim, layers, hidden_dim, dropout),
+        ProjectionHead(item_dim, embed_dim, layers, hidden_dim, dropout),
         ProjectionHead(text_dim, embed_dim, layers, hidden_dim, dropout),
         embed_dim,
         temperature,
     )
 
 
-def bridge_model(image_dim: int, text_dim: int, embed_dim: int = 512, text_layers: int = 1,
+def bridge_model(item_dim: int, text_dim: int, embed_dim: int = 512, text_layers: int = 1,
                  dropout: float = 0.0, temperature: Temperature | None = None, **bridge: Any) -> DualEncoder:
-    """The "bridge" method: a querying bridge over cached image tokens, a head over pooled text.
+    """The "bridge" method: a querying bridge over cached item tokens, a head over pooled text.
 
     `bridge` holds QueryBridge's other settings (num_queries, depth, width, heads, mlp_ratio).
     """
     return DualEncoder(
-        QueryBridge(image_dim, embed_dim, dropout=dropout, **bridge),
+        QueryBridge(item_dim, embed_dim, dropout=dropout, **bridge),
         ProjectionHead(text_dim, embed_dim, text_layers, dropout=dropout),
         embed_dim,
         temperature,
@@ -247,7 +247,7 @@ def train_memorised(root: Path) -> dict:
     prepare(PrepareConfig(source="example", count=12, val=0.2, test=0.2, data_dir=data))
     vit = save_tiny_timm_vit(root / "vit", spread=20.0)  # a random ViT that tells pictures apart
     bert = save_tiny_bert(root / "bert", pooling_config="mean")
-    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", vision=str(vit), text=str(bert),
+    cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", item=str(vit), text=str(bert),
                                            data_dir=data, runs_dir=runs, epochs=60, batch_size=8, lr=1e-2,
                                            dropout=0.0, embed_dim=32, patience=0, name="memorised"))
     run = training.train(cfg).run_dir

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -32,6 +32,23 @@ RunsDir = Annotated[Optional[Path], typer.Option(
     "--runs-dir", envvar="MMRET_RUNS_DIR", show_envvar=True, help="Folder holding the runs (default: ./runs).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Checkpoint = Annotated[str, typer.Option(help="Which checkpoint: best or last.")]
+# the item tower is one setting (`item`), spelled the way a dataset's items are named: --vision for
+# pictures, --audio for sounds, or --item-tower for either
+ITEM_TOWER = ("--item-tower", "--vision", "--audio")
+ITEM_FLAGS = {"image": "--vision", "audio": "--audio"}  # modality -> how a command line names the tower
+
+
+def item_tower(help: str) -> Any:
+    """The item tower option with `help` after the words every command shares."""
+    return typer.Option(*ITEM_TOWER, help=f"Frozen item tower (pictures: --vision, sounds: --audio): {help}",
+                        show_default=False)
+
+
+def flag(setting: str, modality: str | None = None) -> str:
+    """How a command line names `setting` (the item tower after the items' modality, when known)."""
+    if setting == "item":
+        return ITEM_FLAGS.get(modality or "", ITEM_TOWER[0])
+    return "--" + setting.replace("_", "-")
 
 
 def debug() -> bool:

@@ -16,8 +16,8 @@ def _modality(name: str):
 def show_prepare(result) -> None:
     rows = []
     for split, c in result.counts.items():
-        per = f"{c['captions'] / c['images']:.2f}" if c["images"] else "-"
-        rows.append((split, c["images"], c["captions"], per, c["dropped images"]))
+        per = f"{c['captions'] / c['items']:.2f}" if c["items"] else "-"
+        rows.append((split, c["items"], c["captions"], per, c["dropped items"]))
     items, one = _modality(result.modality).plural, _modality(result.modality).noun
     one = "image" if result.modality == "image" else one
     columns = ["split", items, "captions", f"captions/{one}", f"dropped {items}"]
@@ -140,8 +140,8 @@ def show_eval(results, format: str) -> None:
             cells.append(cell)
         rows.append(cells)
     rows.append([f"chance R@{'/'.join(map(str, first.ks))}"]
-                + [" / ".join(f"{min(1, k / r.n_images):.3f}" for k in r.ks) for r in results])
-    title = f"{first.dataset} {first.split}: {first.n_images:,} {_modality(first.modality).plural}, {first.n_captions:,} captions"
+                + [" / ".join(f"{min(1, k / r.n_items):.3f}" for k in r.ks) for r in results])
+    title = f"{first.dataset} {first.split}: {first.n_items:,} {_modality(first.modality).plural}, {first.n_captions:,} captions"
     _markdown_or_table(title, columns, rows, format)
     if any(r.diffs and any(d.significant for d in r.diffs.values()) for r in results):
         ui.console.print(f"* differs from {first.run} (paired bootstrap, 95%)", highlight=False)
@@ -232,11 +232,11 @@ def show_linear_probe(results, format: str) -> None:
 def show_search(result, grid) -> None:
     items = _modality(result.modality)
     for q in result.results:
-        rows = [(f"{h.rank}{' ✓' if h.right else ''}", f"{h.score:.4f}", h.image_id, " | ".join(h.captions[:2]))
-                for h in q.images]
+        rows = [(f"{h.rank}{' ✓' if h.right else ''}", f"{h.score:.4f}", h.item_id, " | ".join(h.captions[:2]))
+                for h in q.items]
         ui.console.print(ui.table(f"{q.query!r}: {items.plural}", ["#", "score", "id", "captions"], rows))
         if q.captions:
-            rows = [(h.rank, f"{h.score:.4f}", h.captions[0], h.image_id) for h in q.captions]
+            rows = [(h.rank, f"{h.score:.4f}", h.captions[0], h.item_id) for h in q.captions]
             ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", f"of {items.name}"], rows))
     ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search "
                      "(--json gives every file's path)", highlight=False)

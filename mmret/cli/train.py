@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from mmret.cli import show
-from mmret.cli.app import DataDir, RunsDir, app, command, read_config
+from mmret.cli.app import DataDir, RunsDir, app, command, flag, item_tower, read_config
 from mmret.errors import MmretError
 
 
@@ -44,9 +44,9 @@ Tower = Annotated[Optional[str], typer.Option(help="Which tower lora/prefix/adap
 def train(
     method: Method = None,
     dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to train on [default: example].", show_default=False)] = None,
-    vision: Annotated[Optional[str], typer.Option(help="Frozen item tower (pictures, or sounds: ast-audioset, clap-htsat, spectrogram:IMAGE-TOWER): preset, hub id or folder [default: dino-vits16].", show_default=False)] = None,
+    item: Annotated[Optional[str], item_tower("preset, hub id or folder (sounds: ast-audioset, clap-htsat, spectrogram:IMAGE-TOWER) [default: dino-vits16].")] = None,
     text: Annotated[Optional[str], typer.Option(help="Frozen text tower: preset, hub id or folder [default: distilbert].", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images [default: 20].", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training items [default: 20].", show_default=False)] = None,
     batch_size: PairBatch = None,
     micro_batch: Annotated[Optional[int], typer.Option(help="Pairs per forward pass; smaller than --batch-size uses gradient caching, so every pair still sees the whole batch's negatives.", show_default=False)] = None,
     accumulation: Annotated[Optional[str], typer.Option(help="With --micro-batch: cache (exact, default) or plain accumulation (each micro-batch sees only its own negatives).", show_default=False)] = None,
@@ -74,7 +74,7 @@ def train(
     query_drop: Annotated[Optional[float], typer.Option(help="Bridge: share of queries left out of the average in training [default: 0].", show_default=False)] = None,
     views: Annotated[Optional[int], typer.Option(help="Heads/bridge: augmented views (random crops, flips) of each picture cached once; each epoch reads one [default: 0].", show_default=False)] = None,
     hard_negatives: Annotated[Optional[int], typer.Option(help="Batches of groups of this many near neighbours mined from cached features; 0 is random batches [default: 0].", show_default=False)] = None,
-    mine_by: Annotated[Optional[str], typer.Option(help="Hard negatives are neighbours by image, text or both cached features [default: both].", show_default=False)] = None,
+    mine_by: Annotated[Optional[str], typer.Option(help="Hard negatives are neighbours by item, text or both cached features [default: both].", show_default=False)] = None,
     hn_beta: Annotated[Optional[float], typer.Option(help="HN-NCE: weight negatives by softmax(beta x logit); 0 is plain InfoNCE [default: 0].", show_default=False)] = None,
     same_caption: Annotated[Optional[str], typer.Option(help="Pictures whose captions have the same text: positive (never each other's negatives) or negative (as CLIP) [default: positive].", show_default=False)] = None,
     mixup: Annotated[Optional[float], typer.Option(help="Latent mixup Beta(alpha, alpha) on cached features, as in FuseMix; 0 is off.", show_default=False)] = None,
@@ -103,7 +103,7 @@ def train(
     max_length: MaxLength = None,
     sam: Annotated[Optional[bool], typer.Option("--sam/--no-sam", help="Sharpness-aware minimisation (two passes a step).", show_default=False)] = None,
     sam_rho: Annotated[Optional[float], typer.Option(help="SAM neighbourhood size rho [default: 0.05].", show_default=False)] = None,
-    folds: Annotated[Optional[int], typer.Option(help="k-fold cross-validation: re-split all images into k folds.", show_default=False)] = None,
+    folds: Annotated[Optional[int], typer.Option(help="k-fold cross-validation: re-split all items into k folds.", show_default=False)] = None,
     fold: Annotated[Optional[int], typer.Option(help="With --folds: the fold used as test split.", show_default=False)] = None,
     name: Annotated[Optional[str], typer.Option(help="Run name [default: date-method-dataset].", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(help="Start from this config.json (a run's, or one probe-memory saved); options given here override it.", show_default=False)] = None,
@@ -125,7 +125,7 @@ def train(
     if resume:
         given = sorted(k for k, v in options.items() if v is not None and k not in ("runs_dir", "data_dir"))
         if given or config or recipe or dry_run:
-            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given + [k for k, v in
+            flags = ", ".join(flag(k) for k in given + [k for k, v in
                               (("config", config), ("recipe", recipe), ("dry_run", dry_run)) if v])
             raise MmretError(f"--resume continues run {resume} with the settings it started with; leave out {flags} "
                              f"(to change them, train a new run from its config: --config <run>/config.json)")
@@ -161,7 +161,7 @@ def probe_memory(
     vram: Annotated[float, typer.Option(help="GPU memory to fit in, in GB (2^30 bytes): 6 for a 6 GB card.", show_default=False)],
     method: Method = None,
     model: ClipModel = None,
-    vision: Annotated[Optional[str], typer.Option(help="Item tower (pictures, or sounds: ast-audioset, clap-htsat, spectrogram:IMAGE-TOWER): preset, hub id or folder [default: dino-vits16]. Only its config is read.", show_default=False)] = None,
+    item: Annotated[Optional[str], item_tower("preset, hub id or folder (sounds: ast-audioset, clap-htsat, spectrogram:IMAGE-TOWER) [default: dino-vits16]. Only its config is read.")] = None,
     text: Annotated[Optional[str], typer.Option(help="Text tower: preset, hub id or folder [default: distilbert]. Only its config is read.", show_default=False)] = None,
     batch_size: PairBatch = None,
     max_length: MaxLength = None,
@@ -190,7 +190,7 @@ def probe_memory(
     if not math.isfinite(vram) or vram <= 0:
         raise MmretError(f"--vram must be a positive number of GB, got {vram}")
     base = RunConfig.from_dict(read_config(config)) if config else RunConfig()
-    values = dict(method=method, model=model, vision=vision, text=text, batch_size=batch_size, max_length=max_length,
+    values = dict(method=method, model=model, item=item, text=text, batch_size=batch_size, max_length=max_length,
                   embed_dim=embed_dim, rank=rank, targets=targets, tower=tower, accumulation=accumulation,
                   dataset=dataset, data_dir=data_dir)
     if recipe:
@@ -203,7 +203,7 @@ def probe_memory(
     report = run_probe(with_overrides(base, values), vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
     given = [f"--config {config}"] if config else []
     given += [f"--recipe {recipe}"] if recipe else []
-    given += [f"--{k.replace('_', '-')} {v}" for k, v in values.items()
+    given += [f"{flag(k, report.config.data.modality)} {v}" for k, v in values.items()
               if v is not None and k != "data_dir" and not (recipe and k in ("method", "tower", "rank", "targets"))]
     show.show_memory(report, " ".join(given))
     if save is not None:

@@ -19,10 +19,10 @@ class PrepareConfig:
     source: str  # reader name: flickr30k | coco | flickr8k | folder | classes | example
     root: Path | None = None  # where the raw dataset lives (not needed for `example`)
     name: str | None = None  # dataset name under data/ (default: the source name)
-    val: float = 0.1  # fraction of images for validation, when the source has no official split
-    test: float = 0.1  # fraction of images for testing, when the source has no official split
+    val: float = 0.1  # fraction of items for validation, when the source has no official split
+    test: float = 0.1  # fraction of items for testing, when the source has no official split
     seed: int = 0  # seed of the random split and of the generated example
-    check_images: bool = False  # decode every item fully and drop broken ones (and silent sounds)
+    check_items: bool = False  # decode every item fully and drop broken ones (and silent sounds)
     force: bool = False  # replace an existing prepared dataset
     count: int = 500  # number of pictures in the generated `example` dataset
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
@@ -36,7 +36,7 @@ class PrepareConfig:
         if self.test == 1.0:
             self.val = 0.0  # every item is for evaluation: a test set, nothing to train on
         elif self.val + self.test >= 1.0:
-            raise MmretError(f"--val + --test must leave images for training, got {self.val} + {self.test} "
+            raise MmretError(f"--val + --test must leave a training split, got {self.val} + {self.test} "
                              "(--test 1.0 makes a set for evaluation only)")
         if self.count < 10:
             raise MmretError(f"--count must be at least 10, got {self.count}")

@@ -2,7 +2,8 @@
 
 `data/<ds>/` holds `dataset.json`, the item table named after its modality (`images.parquet`:
 image_id, path, split, width, height; `audio.parquet`: audio_id, path, split, sample_rate,
-channels, duration_ms) and `captions.parquet` (caption_id, image_id or audio_id, caption, split).
+channels, duration_ms) and `captions.parquet` (caption_id, image_id or audio_id, caption, split);
+in memory the key is `item_id` whatever the modality (see `mmret.data.prepared`).
 The whole folder is built under a temporary name and renamed into place, so a failed or
 interrupted prepare leaves nothing behind.
 
@@ -30,7 +31,7 @@ from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.config import PrepareConfig
 from mmret.data.readers import get_reader
-from mmret.data.readers.base import PATTERN_ROOTS, SPLITS, ImageRecord, Problem
+from mmret.data.readers.base import PATTERN_ROOTS, SPLITS, ItemRecord, Problem
 from mmret.data.tables import (
     assign_random_splits, check_files, clean_captions, inside_root, merge_duplicate_ids, problem_counts, to_tables,
 )
@@ -44,7 +45,7 @@ class PrepareResult:
     path: Path
     source: str
     split_note: str
-    counts: dict[str, dict[str, int]]  # split -> images, captions, dropped
+    counts: dict[str, dict[str, int]]  # split -> items, captions, dropped items
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
     modality: str = "image"  # what the items are
@@ -67,17 +68,17 @@ def _check_target(cfg: PrepareConfig) -> Path:
     return target
 
 
-def _counts(images: pd.DataFrame, captions: pd.DataFrame, problems: list[Problem],
+def _counts(items: pd.DataFrame, captions: pd.DataFrame, problems: list[Problem],
             modality: Modality) -> dict[str, dict[str, int]]:
-    """Items, captions and dropped items per split (keys say "images" whatever the modality)."""
+    """Items, captions and dropped items per split."""
     lost = (f"missing {modality.name}", f"broken {modality.name}")
     counts = {}
     for split in SPLITS:
         dropped = sum(p.kind in lost and p.split == split for p in problems)
-        counts[split] = {"images": int((images["split"] == split).sum()),
-                         "captions": int((captions["split"] == split).sum()), "dropped images": dropped}
-    counts["total"] = {"images": len(images), "captions": len(captions),
-                       "dropped images": sum(p.kind in lost for p in problems)}
+        counts[split] = {"items": int((items["split"] == split).sum()),
+                         "captions": int((captions["split"] == split).sum()), "dropped items": dropped}
+    counts["total"] = {"items": len(items), "captions": len(captions),
+                       "dropped items": sum(p.kind in lost for p in problems)}
     return counts
 
 
@@ -85,7 +86,7 @@ CARRIED = ("features", "thumbnails")  # caches whose rows are reused item by ite
 GALLERY_NOTE = "no captions: every item is in test (a gallery to search, not to train on)"
 
 
-def _without_captions(records: list[ImageRecord]) -> list[ImageRecord]:
+def _without_captions(records: list[ItemRecord]) -> list[ItemRecord]:
     return [dataclasses.replace(r, captions=[], split="test") for r in records]
 
 
@@ -104,11 +105,11 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
     with atomic_dir(target, replace=cfg.force) as tmp:
         source = reader(tmp if cfg.source == "example" else cfg.root, cfg)
         problems, modality = source.problems, get_modality(source.modality)
-        records = merge_duplicate_ids(source.images)
+        records = merge_duplicate_ids(source.items)
         if not cfg.allow_outside_root:
             records = inside_root(records, tmp if cfg.source == "example" else source.item_root or cfg.root, problems)
         records = clean_captions(records, problems) if cfg.captions else _without_captions(records)
-        records, columns = check_files(records, tmp, cfg.check_images, problems, modality, reporter)
+        records, columns = check_files(records, tmp, cfg.check_items, problems, modality, reporter)
         if not records:
             kinds = ", ".join(f"{n} {k}" for k, n in problem_counts(problems).items()) or f"no {modality.plural} listed"
             hint = ("; --no-captions prepares them as a gallery to search" if any(p.kind == "no caption" for p in problems)
@@ -117,10 +118,10 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         if source.split_sizes is not None and cfg.captions:
             assign_random_splits(records, source.split_sizes, cfg.seed)
         split_note = source.split_note if cfg.captions else GALLERY_NOTE
-        images, captions = to_tables(records, columns, modality)
-        counts = _counts(images, captions, problems, modality)
-        key = {"image_id": modality.id_column}  # each modality names its table and key on disk (see prepared)
-        write_parquet(tmp / modality.table, images.rename(columns=key))
+        items, captions = to_tables(records, columns, modality)
+        counts = _counts(items, captions, problems, modality)
+        key = {"item_id": modality.id_column}  # each modality names its table and key on disk (see prepared)
+        write_parquet(tmp / modality.table, items.rename(columns=key))
         write_parquet(tmp / "captions.parquet", captions.rename(columns=key))
         write_json(tmp / "dataset.json", {
             "name": cfg.name, "source": cfg.source, "modality": modality.name, "root": str(cfg.root or target),

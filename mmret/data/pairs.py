@@ -44,33 +44,33 @@ def epoch_batches(captions_of: list[np.ndarray], batch_size: int, seed: int, epo
     return [(order[a:b], picks[order[a:b]]) for a, b in zip(cuts, bounds)]
 
 
-def group_captions(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
+def group_captions(caption_item: np.ndarray, n_items: int) -> list[np.ndarray]:
     """Caption indices of each item, from the item index of each caption."""
-    order = np.argsort(caption_image, kind="stable")
-    counts = np.bincount(caption_image, minlength=n_images)
+    order = np.argsort(caption_item, kind="stable")
+    counts = np.bincount(caption_item, minlength=n_items)
     return np.split(order, np.cumsum(counts)[:-1])
 
 
 @dataclass
 class SplitTables:
-    """The items and captions of one split; `caption_image[j]` is the item index of caption j."""
+    """The items and captions of one split; `caption_item[j]` is the item index of caption j."""
 
-    image_ids: np.ndarray  # (N,) str
+    item_ids: np.ndarray  # (N,) str
     caption_ids: np.ndarray  # (M,) int
-    caption_image: np.ndarray  # (M,) int64 index into image_ids
+    caption_item: np.ndarray  # (M,) int64 index into item_ids
     captions: list[str]
     paths: list[str]
 
     @classmethod
-    def from_frames(cls, images: pd.DataFrame, captions: pd.DataFrame) -> "SplitTables":
-        index = {k: i for i, k in enumerate(images["image_id"])}
-        captions = captions[captions["image_id"].isin(index)]
-        return cls(images["image_id"].to_numpy(), captions["caption_id"].to_numpy(),
-                   captions["image_id"].map(index).to_numpy(np.int64), captions["caption"].tolist(),
-                   images["path"].tolist())
+    def from_frames(cls, items: pd.DataFrame, captions: pd.DataFrame) -> "SplitTables":
+        index = {k: i for i, k in enumerate(items["item_id"])}
+        captions = captions[captions["item_id"].isin(index)]
+        return cls(items["item_id"].to_numpy(), captions["caption_id"].to_numpy(),
+                   captions["item_id"].map(index).to_numpy(np.int64), captions["caption"].tolist(),
+                   items["path"].tolist())
 
     def __post_init__(self) -> None:
-        self.captions_of = group_captions(self.caption_image, len(self.image_ids))
+        self.captions_of = group_captions(self.caption_item, len(self.item_ids))
 
     @cached_property
     def caption_key(self) -> np.ndarray:
@@ -82,9 +82,9 @@ class SplitTables:
         kept = np.flatnonzero(keep)
         remap = np.full(len(keep), -1, dtype=np.int64)
         remap[kept] = np.arange(len(kept))
-        caption_keep = keep[self.caption_image]
-        return SplitTables(self.image_ids[keep], self.caption_ids[caption_keep],
-                           remap[self.caption_image[caption_keep]],
+        caption_keep = keep[self.caption_item]
+        return SplitTables(self.item_ids[keep], self.caption_ids[caption_keep],
+                           remap[self.caption_item[caption_keep]],
                            [c for c, k in zip(self.captions, caption_keep) if k],
                            [p for p, k in zip(self.paths, keep) if k])
 
@@ -92,10 +92,10 @@ class SplitTables:
 def split_tables(dataset: Any, split: str) -> SplitTables:
     """The tables of one split of a prepared dataset; a split with no items is a one-line error."""
     part = dataset.split(split)
-    if part.images.empty:
+    if part.items.empty:
         raise MmretError(f"dataset {dataset.name!r} has no {split} {dataset.modality.plural}; prepare it with a {split} split "
                          f"(e.g. --{split} 0.1) or train with --folds")
-    return SplitTables.from_frames(part.images, part.captions)
+    return SplitTables.from_frames(part.items, part.captions)
 
 
 def mentions_sides(captions: list[str], share: float = 0.05) -> bool:
@@ -113,8 +113,8 @@ class Source:
     sample_size = 128  # rows `sample` draws by default (the input-norm sample of `init_heads`)
 
     @property
-    def num_images(self) -> int:
-        return len(self.tables.image_ids)
+    def num_items(self) -> int:
+        return len(self.tables.item_ids)
 
     @property
     def num_captions(self) -> int:
@@ -159,7 +159,7 @@ class FileSource(Source):
     Items are decoded and transformed in DataLoader workers by item loaders (path -> tensor):
     `train_load` (with random crops and flips, say) for training pairs, `eval_load` for evaluation;
     captions are tokenized in the main process, which is fast next to the towers. A side whose
-    tower stays frozen (`cached_side`: image or text) is read from `cached`, a feature source.
+    tower stays frozen (`cached_side`: item or text) is read from `cached`, a feature source.
     """
 
     def __init__(self, tables: SplitTables, train_load: Any, eval_load: Any, tokenize: Any, seed: int = 0,
@@ -188,25 +188,25 @@ class FileSource(Source):
             return self.cached.text_batch(idx)
         return self.tokenize([self.tables.captions[i] for i in idx])
 
-    def _image_batches(self, items: _Items, keys: list[list[tuple[int, int]]]):
-        if self.cached_side == "image":
-            return (self.cached.image_batch(np.array([i for _, i in batch])) for batch in keys)
+    def _item_batches(self, items: _Items, keys: list[list[tuple[int, int]]]):
+        if self.cached_side == "item":
+            return (self.cached.item_batch(np.array([i for _, i in batch])) for batch in keys)
         return self._loader(items, keys)
 
     def iter_pairs(self, batches: list[Batch], epoch: int = 0):
-        keys = [[(epoch, int(i)) for i in images] for images, _ in batches]
-        for pixels, (_, captions) in zip(self._image_batches(self.train_items, keys), batches):
-            yield pixels, self.text_batch(captions)
+        keys = [[(epoch, int(i)) for i in items] for items, _ in batches]
+        for inputs, (_, captions) in zip(self._item_batches(self.train_items, keys), batches):
+            yield inputs, self.text_batch(captions)
 
-    def iter_images(self, batch_size: int, rows: Any = None):
-        rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
+    def iter_items(self, batch_size: int, rows: Any = None):
+        rows = np.arange(self.num_items) if rows is None else np.asarray(rows, dtype=np.int64)
         keys = [[(0, int(i)) for i in rows[a:a + batch_size]] for a in range(0, len(rows), batch_size)]
-        yield from self._image_batches(self.eval_items, keys)
+        yield from self._item_batches(self.eval_items, keys)
 
     def sample(self, n: int = Source.sample_size, seed: int = 0) -> tuple[Any, Any]:
         """Up to `n` evaluation inputs of items and of captions, drawn at random."""
         rng = np.random.default_rng(seed)
-        images = np.sort(rng.choice(self.num_images, min(n, self.num_images), replace=False))
+        items = np.sort(rng.choice(self.num_items, min(n, self.num_items), replace=False))
         captions = np.sort(rng.choice(self.num_captions, min(n, self.num_captions), replace=False))
-        pixels = next(iter(self._image_batches(self.eval_items, [[(0, int(i)) for i in images]])))
-        return pixels, self.text_batch(captions)
+        inputs = next(iter(self._item_batches(self.eval_items, [[(0, int(i)) for i in items]])))
+        return inputs, self.text_batch(captions)

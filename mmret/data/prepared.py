@@ -7,10 +7,10 @@ paths), its caption table, its `dataset.json` and its modality. `split` selects 
 On disk each modality names its item table and key after itself: `images.parquet` with
 `image_id` for pictures, `audio.parquet` with `audio_id` for sounds (and the caption table's key
 column the same way). Those files are read by people and by their own pandas scripts, where a
-column called image_id over sound files would mislead. In memory the key is always `image_id`
-("the item"): one name keeps every later step (pairs, feature caches, embeddings, metrics) blind
-to the modality, and renaming it here, the one place that reads the files, costs nothing. Picture
-datasets prepared before audio existed load unchanged.
+column called item_id over sound files would say less. In memory the key is always `item_id`:
+one name keeps every later step (pairs, feature caches, embeddings, metrics) blind to the
+modality, and renaming it here, the one place that reads the files (and back in `create`, the one
+place that writes them), costs nothing. Datasets prepared by any earlier version load unchanged.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class PreparedDataset:
     name: str
     path: Path
     info: dict
-    images: pd.DataFrame
-    captions: pd.DataFrame
+    items: pd.DataFrame  # item_id, path, split, the modality's columns (and label)
+    captions: pd.DataFrame  # caption_id, item_id, caption, split
 
     @property
     def generation(self) -> str:
@@ -67,34 +67,34 @@ class PreparedDataset:
         sorted, named by `class_name` (`_` and `-` read as spaces)."""
         if self.info.get("class_labels"):
             return list(self.info["class_labels"]), list(self.info["classnames"])
-        labels = sorted(set(self.images["label"]))
+        labels = sorted(set(self.items["label"]))
         return labels, [class_name(label) for label in labels]
 
     def split(self, split: str) -> "PreparedDataset":
-        """The images and captions of one split (`all` keeps everything)."""
+        """The items and captions of one split (`all` keeps everything)."""
         if split == "all":
             return self
         if split not in SPLITS:
             raise MmretError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
-        images = self.images[self.images["split"] == split].reset_index(drop=True)
+        items = self.items[self.items["split"] == split].reset_index(drop=True)
         captions = self.captions[self.captions["split"] == split].reset_index(drop=True)
-        return PreparedDataset(self.name, self.path, self.info, images, captions)
+        return PreparedDataset(self.name, self.path, self.info, items, captions)
 
     def with_folds(self, folds: int, fold: int, seed: int = 0, val: float = 0.1) -> "PreparedDataset":
-        """Splits for k-fold cross-validation: fold `fold` of a seeded partition of the images is
+        """Splits for k-fold cross-validation: fold `fold` of a seeded partition of the items is
         test, a seeded `val` fraction of the rest is val, the remainder train."""
         import numpy as np
 
-        ids = np.array(sorted(self.images["image_id"]))
+        ids = np.array(sorted(self.items["item_id"]))
         rng = np.random.default_rng(seed)
         ids = ids[rng.permutation(len(ids))]
         test = set(ids[fold::folds])
         rest = [i for i in ids if i not in test]
         n_val = max(1, round(len(rest) * val))
         split = {i: "test" for i in test} | {i: "val" for i in rest[:n_val]} | {i: "train" for i in rest[n_val:]}
-        images = self.images.assign(split=self.images["image_id"].map(split))
-        captions = self.captions.assign(split=self.captions["image_id"].map(split))
-        return PreparedDataset(self.name, self.path, self.info, images, captions)
+        items = self.items.assign(split=self.items["item_id"].map(split))
+        captions = self.captions.assign(split=self.captions["item_id"].map(split))
+        return PreparedDataset(self.name, self.path, self.info, items, captions)
 
 
 def prepared_names(data_dir: Path) -> list[str]:
@@ -113,18 +113,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDatas
     fix = f"prepare the dataset again (mmret prepare ... --name {name} --force)"
     info = read_json(path / "dataset.json", fix)
     modality = get_modality(info.get("modality") if isinstance(info, dict) else None)
-    key = {modality.id_column: "image_id"}  # each modality names its key on disk (see the module docstring)
-    images = read_parquet(path / modality.table, fix).rename(columns=key)
-    captions = read_parquet(path / "captions.parquet", fix).rename(columns=key)
-    missing = {"image_id", "path", "split"} - set(images.columns) or {"image_id", "caption", "split"} - set(captions.columns)
+    items = read_parquet(path / modality.table, fix)
+    captions = read_parquet(path / "captions.parquet", fix)
+    key = modality.id_column  # each modality names its key on disk (see the module docstring)
+    missing = {key, "path", "split"} - set(items.columns) or {key, "caption", "split"} - set(captions.columns)
     if missing or not isinstance(info, dict):
         raise damaged(path, f"its tables lack {', '.join(sorted(missing)) or 'a dataset.json object'}", fix)
+    items, captions = items.rename(columns={key: "item_id"}), captions.rename(columns={key: "item_id"})
     # relative to the dataset folder, or to the shards' folder ("item_root"); absolute paths stay as they are
     item_root = info.get("item_root")
-    images["path"] = [resolve_item(Path(item_root) if item_root else path, p, absolute=not item_root)
-                      for p in images["path"]]
-    _check_within(images["path"], [path, item_root or info.get("root")], info, fix)
-    return PreparedDataset(name, path, info, images, captions)
+    items["path"] = [resolve_item(Path(item_root) if item_root else path, p, absolute=not item_root)
+                     for p in items["path"]]
+    _check_within(items["path"], [path, item_root or info.get("root")], info, fix)
+    return PreparedDataset(name, path, info, items, captions)
 
 
 def _check_within(paths: Any, roots: list[Any], info: dict, fix: str) -> None:

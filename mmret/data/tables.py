@@ -16,36 +16,36 @@ import pandas as pd
 
 from mmret.common.paths import within
 from mmret.common.progress import NULL, Reporter
-from mmret.data.readers.base import ImageRecord, Problem
+from mmret.data.readers.base import ItemRecord, Problem
 from mmret.modalities import ItemError, Modality
 
 _SPACES = re.compile(r"\s+")
 
 
-def clean_captions(records: list[ImageRecord], problems: list[Problem]) -> list[ImageRecord]:
-    """Strip captions, drop empty ones and duplicates within an image, drop images left with none."""
+def clean_captions(records: list[ItemRecord], problems: list[Problem]) -> list[ItemRecord]:
+    """Strip captions, drop empty ones and duplicates within an item, drop items left with none."""
     kept = []
     for rec in records:
         seen, captions = set(), []
         for cap in rec.captions:
             cap = _SPACES.sub(" ", cap).strip()
             if not cap:
-                problems.append(Problem("empty caption", rec.image_id, "empty caption dropped", rec.split))
+                problems.append(Problem("empty caption", rec.item_id, "empty caption dropped", rec.split))
                 continue
             key = cap.lower()
             if key in seen:
-                problems.append(Problem("duplicate caption", rec.image_id, f"repeated caption dropped: {cap!r}", rec.split))
+                problems.append(Problem("duplicate caption", rec.item_id, f"repeated caption dropped: {cap!r}", rec.split))
                 continue
             seen.add(key)
             captions.append(cap)
         if captions:
             kept.append(dataclasses.replace(rec, captions=captions))
         else:
-            problems.append(Problem("no caption", rec.image_id, "image has no usable caption", rec.split))
+            problems.append(Problem("no caption", rec.item_id, "no usable caption", rec.split))
     return kept
 
 
-def inside_root(records: list[ImageRecord], root: Path, problems: list[Problem]) -> list[ImageRecord]:
+def inside_root(records: list[ItemRecord], root: Path, problems: list[Problem]) -> list[ItemRecord]:
     """The records whose file lies inside `root` (a path from a table such as `../../x.png` or an
     absolute path elsewhere is left out unopened, and reported)."""
     kept = []
@@ -58,23 +58,23 @@ def inside_root(records: list[ImageRecord], root: Path, problems: list[Problem])
     return kept
 
 
-def merge_duplicate_ids(records: list[ImageRecord]) -> list[ImageRecord]:
-    """One record per image id, captions concatenated in order (annotation files list them per row)."""
-    merged: dict[str, ImageRecord] = {}
+def merge_duplicate_ids(records: list[ItemRecord]) -> list[ItemRecord]:
+    """One record per item id, captions concatenated in order (annotation files list them per row)."""
+    merged: dict[str, ItemRecord] = {}
     for rec in records:
-        if rec.image_id in merged:
-            merged[rec.image_id].captions.extend(rec.captions)
+        if rec.item_id in merged:
+            merged[rec.item_id].captions.extend(rec.captions)
         else:
-            merged[rec.image_id] = dataclasses.replace(rec, captions=list(rec.captions))
+            merged[rec.item_id] = dataclasses.replace(rec, captions=list(rec.captions))
     return list(merged.values())
 
 
-def check_files(records: list[ImageRecord], base: Path, full: bool, problems: list[Problem], modality: Modality,
-                reporter: Reporter = NULL) -> tuple[list[ImageRecord], list[dict[str, int]]]:
+def check_files(records: list[ItemRecord], base: Path, full: bool, problems: list[Problem], modality: Modality,
+                reporter: Reporter = NULL) -> tuple[list[ItemRecord], list[dict[str, int]]]:
     """Keep records whose file opens (and with `full`, decodes); return them with their table
     columns (a picture's width and height, a sound's rate, channels and length). What the probe
     notes about a kept file (a sound mixed down from 8 channels) becomes a problem line too."""
-    def probe(rec: ImageRecord):
+    def probe(rec: ItemRecord):
         if rec.columns is not None:  # probed by the reader, from the bytes it read
             return rec.columns
         try:
@@ -101,7 +101,7 @@ def check_files(records: list[ImageRecord], base: Path, full: bool, problems: li
 
 
 def split_counts(n: int, sizes: tuple) -> tuple[int, int]:
-    """Numbers of val and test images out of `n` for fractions or (val, test, reference) counts."""
+    """Numbers of val and test items out of `n` for fractions or (val, test, reference) counts."""
     if len(sizes) == 3:
         val, test, reference = sizes
         if n > 2 * (val + test):
@@ -110,43 +110,43 @@ def split_counts(n: int, sizes: tuple) -> tuple[int, int]:
     else:
         val, test = sizes
     n_val, n_test = round(n * val), round(n * test)
-    if n >= 3:  # a tiny dataset still gets one image in each requested split
+    if n >= 3:  # a tiny dataset still gets one item in each requested split
         n_val = max(n_val, 1 if val > 0 else 0)
         n_test = max(n_test, 1 if test > 0 else 0)
     return n_val, n_test
 
 
-def assign_random_splits(records: list[ImageRecord], sizes: tuple, seed: int) -> None:
-    """Seeded split of records without an official split (by image, so captions never leak).
+def assign_random_splits(records: list[ItemRecord], sizes: tuple, seed: int) -> None:
+    """Seeded split of records without an official split (by item, so captions never leak).
 
     Records with class labels are split class by class in the same proportions (stratified), so
     a rare class still reaches val and test; unlabelled records form one group."""
     rng = random.Random(seed)
     todo = [r for r in records if r.split is None]
     for label in sorted({r.label or "" for r in todo}):
-        group = sorted((r for r in todo if (r.label or "") == label), key=lambda r: r.image_id)
+        group = sorted((r for r in todo if (r.label or "") == label), key=lambda r: r.item_id)
         rng.shuffle(group)
         n_val, n_test = split_counts(len(group), sizes)
         for i, rec in enumerate(group):
             rec.split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
 
 
-def to_tables(records: list[ImageRecord], columns: list[dict[str, int]],
+def to_tables(records: list[ItemRecord], columns: list[dict[str, int]],
               modality: Modality) -> tuple[pd.DataFrame, pd.DataFrame]:
-    order = sorted(range(len(records)), key=lambda i: records[i].image_id)
-    images = pd.DataFrame({
-        "image_id": [records[i].image_id for i in order],
+    order = sorted(range(len(records)), key=lambda i: records[i].item_id)
+    items = pd.DataFrame({
+        "item_id": [records[i].item_id for i in order],
         "path": [records[i].path for i in order],
         "split": [records[i].split for i in order],
     })
     for name in modality.columns:
-        images[name] = np.asarray([columns[i][name] for i in order], dtype=np.int32)
+        items[name] = np.asarray([columns[i][name] for i in order], dtype=np.int32)
     if any(rec.label is not None for rec in records):
-        images["label"] = [records[i].label for i in order]
-    rows = [(records[i].image_id, cap, records[i].split) for i in order for cap in records[i].captions]
-    captions = pd.DataFrame(rows, columns=["image_id", "caption", "split"])
+        items["label"] = [records[i].label for i in order]
+    rows = [(records[i].item_id, cap, records[i].split) for i in order for cap in records[i].captions]
+    captions = pd.DataFrame(rows, columns=["item_id", "caption", "split"])
     captions.insert(0, "caption_id", range(len(captions)))
-    return images, captions
+    return items, captions
 
 
 def problem_counts(problems: list[Problem]) -> dict[str, int]:

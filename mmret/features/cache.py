@@ -3,7 +3,7 @@
 `data/<ds>/features/<key>/` holds
 
     manifest.json   what the arrays are (encoder spec, rows per split, shards done, failures, precision)
-    ids.json        image_id or caption_id of every row, in row order
+    ids.json        item_id or caption_id of every row, in row order
     stamps.json     the stamp of every row (`mmret.data.stamps`: an item's file, a caption's text)
     pooled.npy      (N, D) float16
     tokens.npy      (N, T, Dt) float16, only with tokens
@@ -74,7 +74,7 @@ _logger = logging.getLogger(__name__)
 FORMAT = 1  # bump when the layout or the meaning of the arrays changes
 VERIFY_ALL_BYTES = 256 * 2**20  # up to this much, opening a cache checks every shard it reads
 VERIFY_SAMPLE = 8  # shards checked when more would be read
-CAPTIONS = "captions"  # `which` of a caption cache; an item cache's `which` is its modality's plural ("images")
+CAPTIONS = "captions"  # `which` of a caption cache; an item cache's `which` is its modality's plural (images, audio)
 
 
 # ---------------------------------------------------------------------------- keys
@@ -88,7 +88,7 @@ def check_which(dataset: PreparedDataset, which: str) -> None:
 def cache_rows(dataset: PreparedDataset, which: str) -> pd.DataFrame:
     """The rows a cache holds, in its order: grouped by split (train, val, test), table order inside."""
     check_which(dataset, which)
-    table = dataset.captions if which == CAPTIONS else dataset.images
+    table = dataset.captions if which == CAPTIONS else dataset.items
     rank = table["split"].map({s: i for i, s in enumerate(SPLITS)}).fillna(len(SPLITS))
     return table.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
 
@@ -100,10 +100,10 @@ def dataset_fingerprint(dataset: PreparedDataset, which: str) -> str:
     if which != CAPTIONS:
         base = str(dataset.path) + os.sep
         rel = [p[len(base):] if p.startswith(base) else p for p in rows["path"]]
-        table = pd.DataFrame({"id": rows["image_id"].astype(str), "path": rel, "split": rows["split"],
+        table = pd.DataFrame({"id": rows["item_id"].astype(str), "path": rel, "split": rows["split"],
                               **{c: rows[c] for c in dataset.modality.columns}})
     else:
-        table = rows[["caption_id", "image_id", "caption", "split"]].astype(str)
+        table = rows[["caption_id", "item_id", "caption", "split"]].astype(str)
     h = hashlib.sha256(str(dataset.info.get("created", "")).encode())
     h.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
     return h.hexdigest()[:16]
@@ -113,14 +113,15 @@ def row_stamps(dataset: PreparedDataset, which: str, rows: pd.DataFrame) -> np.n
     """The stamp of each row of a cache (`rows` as `cache_rows` gives them)."""
     if which == CAPTIONS:
         return caption_stamps(rows["caption"])
-    return item_stamps(rows["image_id"], rows["path"], dataset.path)
+    return item_stamps(rows["item_id"], rows["path"], dataset.path)
 
 
-def feature_key(encoder: Any, dataset: PreparedDataset, which: str = "images", tokens: bool = False,
+def feature_key(encoder: Any, dataset: PreparedDataset, which: str | None = None, tokens: bool = False,
                 fingerprint: str | None = None, view: Any = None) -> str:
     """`<model>-<which>[-tokens][-view<v>]-<hash>`: the hash covers the encoder spec, the table,
     `tokens` and the augmented view (`mmret.features.views`), if any. `fingerprint` saves
     re-hashing the table when the caller already has it."""
+    which = which or dataset.modality.plural  # None: the dataset's items
     payload = {"format": FORMAT, "encoder": encoder.spec, "which": which, "tokens": bool(tokens),
                "dataset": fingerprint or dataset_fingerprint(dataset, which)}
     if view is not None:
@@ -143,7 +144,7 @@ class EncodeStats:
 
     encoded: int = 0  # rows computed now
     reused: int = 0  # rows read from the cache
-    failed: int = 0  # rows whose image could not be read (in this call)
+    failed: int = 0  # rows whose item could not be read (in this call)
     seconds: float = 0.0  # encoding time
     precision: str = ""
     precision_reason: str = ""
@@ -162,14 +163,14 @@ class CachedFeatures:
 
     key: str
     path: Path
-    which: str  # images | captions
+    which: str  # the modality's plural (images, audio) | captions
     split: str  # all | train | val | test
-    ids: np.ndarray  # (N,) image_id (str) or caption_id (int), row order
+    ids: np.ndarray  # (N,) item_id (str) or caption_id (int), row order
     splits: np.ndarray  # (N,) split of each row
     pooled: np.ndarray  # (N, D) float16
     tokens: np.ndarray | None  # (N, T, Dt) float16
     mask: np.ndarray | None  # (N, T) uint8, captions with tokens
-    valid: np.ndarray  # (N,) bool: False where the image could not be read (rows are NaN)
+    valid: np.ndarray  # (N,) bool: False where the item could not be read (rows are NaN)
     failed: dict[str, str]  # id -> reason, for the rows returned
     manifest: dict
     stats: EncodeStats = field(default_factory=EncodeStats)
@@ -235,13 +236,14 @@ def _split_shards(manifest: dict, split: str) -> list[int]:
     return [i for i, (a, b) in enumerate(manifest["shards"]) if a < hi and b > lo]
 
 
-def open_features(dataset: PreparedDataset, encoder: Any, which: str = "images", tokens: bool = False,
+def open_features(dataset: PreparedDataset, encoder: Any, which: str | None = None, tokens: bool = False,
                   split: str = "all", fingerprint: str | None = None, repair: bool = False,
                   view: Any = None) -> CachedFeatures | None:
     """The cached features if they are complete for `split` (a token cache serves pooled requests
     too), else None. Never computes anything. The shards read are checked against their checksums
     (see the module docstring): a damaged one is a `DamagedFile`, or with `repair` it is marked
     not done (so `ensure_features` computes it again) and None is returned."""
+    which = which or dataset.modality.plural  # None: the dataset's items
     fingerprint = fingerprint or dataset_fingerprint(dataset, which)
     for with_tokens in ((True,) if tokens else (False, True)):
         path = features_root(dataset) / feature_key(encoder, dataset, which, with_tokens, fingerprint, view)

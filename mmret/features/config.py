@@ -14,14 +14,14 @@ from mmret.errors import MmretError
 @dataclass
 class PrecomputeConfig:
     dataset: str  # prepared dataset under the data root
-    vision: str | None = None  # frozen item tower (image): preset, hub id or local folder
+    item: str | None = None  # frozen item tower (a picture or a sound tower): preset, hub id or local folder
     text: str | None = None  # frozen text tower: preset, hub id or local folder
     split: str = "all"  # all | train | val | test: which rows to compute now (the cache spans all)
     tokens: bool = False  # also keep token states (N, T, D), for methods that read them
     batch_size: int | str = "auto"  # rows per forward pass, or auto
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA) | int8 (CPU, item towers)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    image_size: int | None = None  # square input size (default: the model's own)
+    image_size: int | None = None  # a picture tower's square input size (default: the model's own)
     max_length: int = 64  # text tokens per caption (as EncoderConfig.max_length, so training reuses the cache)
     workers: int | None = None  # decoding workers (default: CPU count - 1, at most 4)
     compile: bool | None = None  # torch.compile the item tower first; None: when the work left pays for it
@@ -31,8 +31,9 @@ class PrecomputeConfig:
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
 
     def __post_init__(self) -> None:
-        if not self.vision and not self.text:
-            raise MmretError("pass --vision ENCODER and/or --text ENCODER: there is nothing to encode")
+        if not self.item and not self.text:
+            raise MmretError("pass an item tower (pictures: --vision, sounds: --audio) and/or --text: "
+                             "there is nothing to encode")
         if self.split not in ("all", "train", "val", "test"):
             raise MmretError(f"--split must be all, train, val or test, got {self.split!r}")
         if isinstance(self.batch_size, str) and self.batch_size != "auto":

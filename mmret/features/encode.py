@@ -110,7 +110,7 @@ def _to_arrays(out: Any, tokens: bool, ok: np.ndarray) -> dict[str, np.ndarray]:
         raise MmretError("features exceed the float16 range (65504) and cannot be cached")
     for name in ("pooled", "tokens"):
         if name in values:
-            values[name][~ok] = np.nan  # rows of images that could not be read
+            values[name][~ok] = np.nan  # rows of items that could not be read
     return values
 
 
@@ -180,7 +180,7 @@ class _Job:
 
     @property
     def ids(self) -> np.ndarray:
-        return np.asarray(self.rows["caption_id" if self.which == CAPTIONS else "image_id"])
+        return np.asarray(self.rows["caption_id" if self.which == CAPTIONS else "item_id"])
 
     @functools.cached_property
     def stamps(self) -> np.ndarray:
@@ -339,13 +339,14 @@ class _Progress:
         return bad
 
 
-def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images", tokens: bool = False,
+def ensure_features(dataset: PreparedDataset, encoder: Any, which: str | None = None, tokens: bool = False,
                     split: str = "all", batch_size: int | str = "auto", reporter: Reporter = NULL,
                     device: torch.device | str | None = None, precision: str = "auto",
                     workers: int | None = None, shard_rows: int | None = None,
                     compile: bool | None = None, view: Any = None) -> CachedFeatures:
-    """The features of `dataset`'s images or captions under `encoder`, computing what the cache
-    lacks for `split` (all | train | val | test) and reusing what is valid.
+    """The features of `dataset`'s items (`which` None or its modality's plural) or captions
+    (`which="captions"`) under `encoder`, computing what the cache lacks for `split` (all | train |
+    val | test) and reusing what is valid.
 
     Pass the whole prepared dataset (not `.split(...)`), so every split shares one cache. Returns
     the requested split's rows, memory-mapped read-only; `.stats` says what was done. `precision`
@@ -359,6 +360,7 @@ def ensure_features(dataset: PreparedDataset, encoder: Any, which: str = "images
     """
     if split != "all" and split not in SPLITS:
         raise MmretError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
+    which = which or dataset.modality.plural
     rows = cache_rows(dataset, which)
     if rows.empty:
         raise MmretError(f"dataset {dataset.name!r} has no {which} to encode")

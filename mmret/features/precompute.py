@@ -19,7 +19,7 @@ from mmret.features.views import ItemView
 class PrecomputeResult:
     dataset: str
     device: str
-    parts: list[tuple[str, CachedFeatures]]  # (encoder name, features) for images and/or captions, once complete
+    parts: list[tuple[str, CachedFeatures]]  # (encoder name, features) for items and/or captions, once complete
     seconds: float
     notes: list[str] = field(default_factory=list)  # what was left out and why
     shards: list[tuple[str, Any]] = field(default_factory=list)  # (encoder name, ShardResult) with --shard
@@ -35,7 +35,7 @@ def item_views(dataset: Any, count: int, hflip: bool | None = None) -> list[Item
 
 def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResult:
     """`mmret precompute-embeddings`: load the dataset and the towers (so a bad name fails before
-    any work), then fill the image and caption caches."""
+    any work), then fill the item and caption caches."""
     from mmret.data.prepared import load_dataset
     from mmret.encoders import load_text_encoder, load_tower
 
@@ -44,8 +44,8 @@ def precompute_embeddings(cfg: Any, reporter: Reporter = NULL) -> PrecomputeResu
     device = pick_device(cfg.device)
     check_precision(device, cfg.precision, inference=True)
     towers = []
-    if cfg.vision:
-        encoder = load_tower(cfg.vision, dataset.modality.name, image_size=cfg.image_size)
+    if cfg.item:
+        encoder = load_tower(cfg.item, dataset.modality.name, image_size=cfg.image_size)
         towers.append((dataset.modality.plural, encoder))
     notes = []
     if cfg.text and dataset.captions.empty:

@@ -25,27 +25,28 @@ class FeatureSource(Source):
 
     sample_size = 4096
 
-    def __init__(self, tables: SplitTables, image_feats: CachedFeatures | None, text_feats: CachedFeatures | None,
-                 image_tokens: bool = False):
-        if image_tokens and image_feats.tokens is None:
-            raise MmretError("this method reads image token states, but the image cache holds pooled features only")
-        if image_feats is not None:
-            rows = image_feats.row_of()
-            keep = np.array([i in rows and bool(image_feats.valid[rows[i]]) for i in tables.image_ids], dtype=bool)
+    def __init__(self, tables: SplitTables, item_feats: CachedFeatures | None, text_feats: CachedFeatures | None,
+                 item_tokens: bool = False):
+        if item_tokens and item_feats.tokens is None:
+            raise MmretError(f"this method reads token states, but the {item_feats.which} cache holds pooled "
+                             "features only")
+        if item_feats is not None:
+            rows = item_feats.row_of()
+            keep = np.array([i in rows and bool(item_feats.valid[rows[i]]) for i in tables.item_ids], dtype=bool)
         else:
-            keep = np.ones(len(tables.image_ids), dtype=bool)
+            keep = np.ones(len(tables.item_ids), dtype=bool)
         self.dropped = int((~keep).sum())
         if self.dropped:
-            _logger.warning("%d images without features are left out", self.dropped)
+            _logger.warning("%d %s without features are left out", self.dropped, item_feats.which)
         self.tables = tables.keep(keep)
         self.pooled_array = self.text_array = None
         self.views: list[np.ndarray] = []  # augmented views' arrays (see `use_views`)
-        self.image_tokens, self.view_seed = image_tokens, 0
-        if image_feats is not None:
-            self._ids = image_feats.ids
-            self.image_rows = np.array([rows[i] for i in self.tables.image_ids], dtype=np.int64)
-            self.image_array = image_feats.tokens if image_tokens else image_feats.pooled
-            self.pooled_array = image_feats.pooled
+        self.item_tokens, self.view_seed = item_tokens, 0
+        if item_feats is not None:
+            self._ids = item_feats.ids
+            self.item_rows = np.array([rows[i] for i in self.tables.item_ids], dtype=np.int64)
+            self.item_array = item_feats.tokens if item_tokens else item_feats.pooled
+            self.pooled_array = item_feats.pooled
         if text_feats is not None:
             text_rows = text_feats.row_of()
             self.caption_rows = np.array([text_rows[int(c)] for c in self.tables.caption_ids], dtype=np.int64)
@@ -59,8 +60,8 @@ class FeatureSource(Source):
         out[order] = values
         return torch.from_numpy(out)
 
-    def image_batch(self, idx: np.ndarray) -> torch.Tensor:
-        return self._gather(self.image_array, self.image_rows[idx])  # (B, D) or (B, T, D)
+    def item_batch(self, idx: np.ndarray) -> torch.Tensor:
+        return self._gather(self.item_array, self.item_rows[idx])  # (B, D) or (B, T, D)
 
     def text_batch(self, idx: np.ndarray) -> torch.Tensor:
         return self._gather(self.text_array, self.caption_rows[idx])  # (B, D)
@@ -70,19 +71,19 @@ class FeatureSource(Source):
         and `views` (caches of `mmret.features.views.ItemView`s of the same dataset), drawn by
         (seed, epoch). Evaluation and `sample` keep reading the plain cache."""
         for v in views:
-            if not np.array_equal(v.ids, self._ids) or (self.image_tokens and v.tokens is None):
+            if not np.array_equal(v.ids, self._ids) or (self.item_tokens and v.tokens is None):
                 raise MmretError("an augmented view's cache does not match the plain one; compute it again")
-        self.views = [v.tokens if self.image_tokens else v.pooled for v in views]
+        self.views = [v.tokens if self.item_tokens else v.pooled for v in views]
         self.view_seed = seed
 
     def view_of(self, epoch: int) -> np.ndarray:
         """(N,) which array each item is read from in `epoch`: 0 the plain cache, v the v-th view."""
         rng = np.random.default_rng([self.view_seed, epoch, 2])
-        return rng.integers(0, len(self.views) + 1, size=self.num_images)
+        return rng.integers(0, len(self.views) + 1, size=self.num_items)
 
     def _view_batch(self, idx: np.ndarray, which: np.ndarray) -> torch.Tensor:
-        arrays = [self.image_array, *self.views]
-        parts = {v: self._gather(arrays[v], self.image_rows[idx[which == v]]) for v in np.unique(which)}
+        arrays = [self.item_array, *self.views]
+        parts = {v: self._gather(arrays[v], self.item_rows[idx[which == v]]) for v in np.unique(which)}
         out = torch.empty((len(idx), *parts[which[0]].shape[1:]))
         for v, values in parts.items():
             out[torch.from_numpy(which == v)] = values
@@ -90,11 +91,11 @@ class FeatureSource(Source):
 
     def mining_features(self, by: str = "both") -> np.ndarray:
         """Standardised, normalised pooled item features and/or the mean of each item's standardised
-        caption features (`by`: image, text, or both where cached), side by side: the cosine of two
+        caption features (`by`: item, text, or both where cached), side by side: the cosine of two
         rows is the mean of the two sides' cosines."""
         sides = []
-        if by in ("image", "both") and self.pooled_array is not None:
-            sides.append(self._gather(self.pooled_array, self.image_rows).numpy())
+        if by in ("item", "both") and self.pooled_array is not None:
+            sides.append(self._gather(self.pooled_array, self.item_rows).numpy())
         if by in ("text", "both") and self.text_array is not None:
             text = _standardise(self._gather(self.text_array, self.caption_rows).numpy())
             sides.append(np.stack([text[caps].mean(0) for caps in self.tables.captions_of]))
@@ -106,21 +107,21 @@ class FeatureSource(Source):
     def sample(self, n: int = sample_size, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to `n` item inputs and `n` caption inputs, drawn at random: for input statistics."""
         rng = np.random.default_rng(seed)
-        images = rng.choice(self.num_images, min(n, self.num_images), replace=False)
+        items = rng.choice(self.num_items, min(n, self.num_items), replace=False)
         captions = rng.choice(self.num_captions, min(n, self.num_captions), replace=False)
-        return self.image_batch(np.sort(images)), self.text_batch(np.sort(captions))
+        return self.item_batch(np.sort(items)), self.text_batch(np.sort(captions))
 
     def iter_pairs(self, batches: list[Batch], epoch: int = 0):
         """(item inputs, text inputs) of each batch, in order (items from their view of the epoch)."""
         view = self.view_of(epoch) if self.views else None
-        for images, captions in batches:
-            items = self.image_batch(images) if view is None else self._view_batch(images, view[images])
-            yield items, self.text_batch(captions)
+        for items, captions in batches:
+            inputs = self.item_batch(items) if view is None else self._view_batch(items, view[items])
+            yield inputs, self.text_batch(captions)
 
-    def iter_images(self, batch_size: int, rows: Any = None):
-        rows = np.arange(self.num_images) if rows is None else np.asarray(rows, dtype=np.int64)
+    def iter_items(self, batch_size: int, rows: Any = None):
+        rows = np.arange(self.num_items) if rows is None else np.asarray(rows, dtype=np.int64)
         for a in range(0, len(rows), batch_size):
-            yield self.image_batch(rows[a:a + batch_size])
+            yield self.item_batch(rows[a:a + batch_size])
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:

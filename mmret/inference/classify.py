@@ -113,7 +113,7 @@ def bootstrap_accuracy(scores: ClassScores, target: torch.Tensor, num_classes: i
 
 def labelled_dataset(name: str, data_dir: Any) -> PreparedDataset:
     ds = load_dataset(name, data_dir)
-    if "label" not in ds.images.columns:
+    if "label" not in ds.items.columns:
         raise MmretError(f"dataset {name!r} has no class labels; prepare a folder of class subfolders with "
                          "`mmret prepare classes --root DIR` and evaluate on that")
     return ds
@@ -121,9 +121,9 @@ def labelled_dataset(name: str, data_dir: Any) -> PreparedDataset:
 
 def item_labels(emb: Embeddings, ds: PreparedDataset, labels: list[str]) -> torch.Tensor:
     """(N,) class index of each embedded item, in the embeddings' row order."""
-    by_id = dict(zip(ds.images["image_id"], ds.images["label"]))
+    by_id = dict(zip(ds.items["item_id"], ds.items["label"]))
     index = {label: i for i, label in enumerate(labels)}
-    return torch.tensor([index[by_id[i]] for i in emb.image_table["image_id"]], dtype=torch.int64)
+    return torch.tensor([index[by_id[i]] for i in emb.item_table["item_id"]], dtype=torch.int64)
 
 
 def training_overlap(run: LoadedRun, paths: Sequence[str]) -> int | None:
@@ -136,7 +136,7 @@ def training_overlap(run: LoadedRun, paths: Sequence[str]) -> int | None:
         train = run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)).split("train")
     except MmretError:
         return None
-    seen = {os.path.realpath(p) for p in train.images["path"]}
+    seen = {os.path.realpath(p) for p in train.items["path"]}
     return sum(os.path.realpath(p) in seen for p in paths)
 
 
@@ -202,13 +202,13 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
             return out
 
         weights = zero_shot_weights(encode, prompts)
-    logits = torch.from_numpy(np.asarray(emb.images, dtype=np.float32)) @ weights.T  # (N, C)
+    logits = torch.from_numpy(np.asarray(emb.items, dtype=np.float32)) @ weights.T  # (N, C)
     scores = classification_metrics(logits, target)
     result = ClassificationResult(
         run_dir.name, ds.name, split, scores.metrics, labels,
         torch.bincount(target, minlength=len(labels)).tolist(), max(map(len, prompts)),
         confusion_matrix(target, scores.pred, len(labels)).numpy(),
-        training_overlap(run, list(emb.image_table["path"])),
+        training_overlap(run, list(emb.item_table["path"])),
         bootstrap_accuracy(scores, target, len(labels), bootstrap, seed) if bootstrap else None, embeddings=emb,
         templates_from="dataset" if shipped else str(templates) if templates else None,
         own_templates=prompts_from if shipped or templates else None)

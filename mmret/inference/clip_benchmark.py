@@ -43,7 +43,7 @@ def dataset_name(name: str, source: str | None, split: str, wds: bool = False) -
 def model_names(cfg: Any, run_name: str, trained: bool, which: str = "best") -> tuple[str, str]:
     """(model, pretrained) for a run: its method and towers, and the run that holds its weights
     (a pretrained model evaluated as it is: its name, and `zero-shot`)."""
-    short = [Path(str(x)).name for x in (cfg.encoders.vision, cfg.encoders.text)]
+    short = [Path(str(x)).name for x in (cfg.encoders.item, cfg.encoders.text)]
     if not trained:
         return short[0], "zero-shot"
     towers = short[0] if short[0] == short[1] else f"{short[0]}-{short[1]}"

@@ -2,11 +2,13 @@
 dataset split, written once to `runs/<run>/embeddings/<ds>-<split>/` and read memory-mapped by
 `eval` and `search`.
 
-The folder holds `images.npy` (N, D) and `captions.npy` (M, D) float16, `images.parquet`
-(image_id, path) and `captions.parquet` (caption_id, image, caption; `image` is the row of the
+The folder holds `items.npy` (N, D) and `captions.npy` (M, D) float16, `items.parquet`
+(item_id, path) and `captions.parquet` (caption_id, item, caption; `item` is the row of the
 caption's item), and `manifest.json` naming the checkpoint (its digest) and the dataset table
 (its fingerprint) they came from: embeddings of another checkpoint or of a re-prepared dataset
-are never served as they are.
+are never served as they are. Folders written before the item side had its own name
+(`images.npy`, `images.parquet` with `image_id`, the captions' row column `image`, manifest keys
+`images...`) open as they are, read under today's names (`OLD_NAMES`).
 
 Reuse by row: both tables carry each row's stamp (`mmret.data.stamps`: an item's file, a
 caption's text). When the dataset changed (prepared again after pictures were added to its
@@ -58,10 +60,10 @@ class Embeddings:
     path: Path
     dataset: str
     split: str
-    images: np.ndarray  # (N, D) float16, normalized
+    items: np.ndarray  # (N, D) float16, normalized
     captions: np.ndarray  # (M, D) float16, normalized
-    image_table: pd.DataFrame  # image_id, path
-    caption_table: pd.DataFrame  # caption_id, image (row in images), caption
+    item_table: pd.DataFrame  # item_id, path
+    caption_table: pd.DataFrame  # caption_id, item (row in items), caption
     manifest: dict
 
     @property
@@ -70,33 +72,56 @@ class Embeddings:
         return self.manifest.get("modality", "image")
 
     @property
-    def caption_image(self) -> torch.Tensor:
-        return torch.tensor(self.caption_table["image"].to_numpy(np.int64))
+    def caption_item(self) -> torch.Tensor:
+        return torch.tensor(self.caption_table["item"].to_numpy(np.int64))
+
+    def array_path(self, side: str) -> Path:
+        """The `.npy` file of `side` (items | captions), under the name it was written with."""
+        return _file(self.path, f"{side}.npy")
 
 
-FILES = ("images.npy", "captions.npy", "images.parquet", "captions.parquet")
+FILES = ("items.npy", "captions.npy", "items.parquet", "captions.parquet")
 FIX = "delete the folder; the embeddings are computed again from the run"
+# what folders written before the item side had its own name call things: files, columns, manifest keys
+OLD_NAMES = {"images.npy": "items.npy", "images.parquet": "items.parquet", "image_id": "item_id", "image": "item",
+             "images_fingerprint": "items_fingerprint", "images": "items"}
+
+
+def _file(path: Path, name: str) -> Path:
+    """`path / name`, or the file's earlier name when only that exists."""
+    old = next((o for o, n in OLD_NAMES.items() if n == name), None)
+    return path / old if old and not (path / name).exists() and (path / old).exists() else path / name
+
+
+def _manifest(path: Path) -> dict:
+    """manifest.json with its keys under today's names."""
+    manifest = read_json(path / "manifest.json", FIX)
+    if not isinstance(manifest, dict):
+        return manifest
+    if isinstance(manifest.get("reused"), dict):
+        manifest["reused"] = {OLD_NAMES.get(k, k): v for k, v in manifest["reused"].items()}
+    return {OLD_NAMES.get(k, k): v for k, v in manifest.items()}
 
 
 def open_embeddings(path: Path) -> Embeddings:
-    manifest = read_json(path / "manifest.json", FIX)
-    return Embeddings(path, manifest["dataset"], manifest["split"], load_npy(path / "images.npy", FIX),
-                      load_npy(path / "captions.npy", FIX), read_parquet(path / "images.parquet", FIX),
-                      read_parquet(path / "captions.parquet", FIX), manifest)
+    manifest = _manifest(path)
+    tables = [read_parquet(_file(path, name), FIX).rename(columns=OLD_NAMES) for name in FILES[2:]]
+    return Embeddings(path, manifest["dataset"], manifest["split"], load_npy(_file(path, "items.npy"), FIX),
+                      load_npy(path / "captions.npy", FIX), *tables, manifest)
 
 
-def _digests(path: Path) -> dict[str, str]:
-    return {name: file_digest(path / name) for name in FILES}
+def _digests(path: Path, names: Any = FILES) -> dict[str, str]:
+    return {name: file_digest(path / name) for name in names}
 
 
 def _fresh(path: Path, expected: dict) -> bool:
     """Whether the folder holds embeddings of `expected`'s checkpoint and dataset, unchanged since
     written (every file matches the digest in the manifest; they are small)."""
     try:
-        manifest = read_json(path / "manifest.json")
+        manifest = _manifest(path)
         if not all(manifest.get(k) == v for k, v in expected.items()):
             return False
-        if "digests" in manifest and manifest["digests"] != _digests(path):
+        if "digests" in manifest and manifest["digests"] != _digests(path, manifest["digests"]):
             _logger.warning("%s does not match its checksums; computing the embeddings again", path)
             return False
     except (OSError, ValueError):
@@ -109,7 +134,7 @@ def identity(run: LoadedRun, ds: Any, split: str) -> dict:
     they are: the checkpoint's bytes and the dataset's tables (manifest fields)."""
     cfg = run.cfg
     return {"format": FORMAT, "checkpoint": run.digest, "which": run.which,
-            "images_fingerprint": dataset_fingerprint(ds, ds.modality.plural),
+            "items_fingerprint": dataset_fingerprint(ds, ds.modality.plural),
             "captions_fingerprint": dataset_fingerprint(ds, CAPTIONS), "split": split,
             "folds": [cfg.data.folds, cfg.data.fold] if ds.name == cfg.data.dataset else [0, 0]}
 
@@ -135,37 +160,37 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
     source = run.source(ds, split, reporter)
     stamps = _stamps(ds, source.tables)
     old = _previous(target, run.digest)
-    (image_from, image_todo), (caption_from, caption_todo) = (
+    (item_from, item_todo), (caption_from, caption_todo) = (
         match(stamps[i], old[i].stamp.to_numpy(object) if old else None) for i in (0, 1))
-    new_images, new_captions = run.embed_rows(source, image_todo, caption_todo, batch_size, reporter,
-                                              f"{ds.name}-{split}")
-    dim = next((x.shape[1] for x in (new_images, new_captions, old[2] if old else None)
+    new_items, new_captions = run.embed_rows(source, item_todo, caption_todo, batch_size, reporter,
+                                             f"{ds.name}-{split}")
+    dim = next((x.shape[1] for x in (new_items, new_captions, old[2] if old else None)
                 if x is not None and x.shape[1]), 0)
-    images = _assemble(image_from, image_todo, new_images, old[2] if old else None, dim)
+    items = _assemble(item_from, item_todo, new_items, old[2] if old else None, dim)
     captions = _assemble(caption_from, caption_todo, new_captions, old[3] if old else None, dim)
     ds.check_current("embedding")
-    return _write(target, expected, ds, run.name, source.tables, images, captions, stamps,
-                  (len(images) - len(image_todo), len(captions) - len(caption_todo)), start)
+    return _write(target, expected, ds, run.name, source.tables, items, captions, stamps,
+                  (len(items) - len(item_todo), len(captions) - len(caption_todo)), start)
 
 
 def _stamps(ds: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
-    return item_stamps(t.image_ids, t.paths, ds.path), caption_stamps(t.captions)
+    return item_stamps(t.item_ids, t.paths, ds.path), caption_stamps(t.captions)
 
 
-def _write(target: Path, expected: dict, ds: Any, run: str, t: Any, images: np.ndarray, captions: np.ndarray,
+def _write(target: Path, expected: dict, ds: Any, run: str, t: Any, items: np.ndarray, captions: np.ndarray,
            stamps: tuple[np.ndarray, np.ndarray], reused: tuple[int, int], start: float) -> Embeddings:
     """Write the folder at once: float16 arrays, the tables with each row's stamp, the manifest."""
     with atomic_dir(target, replace=True) as tmp:
-        np.save(tmp / "images.npy", images)
+        np.save(tmp / "items.npy", items)
         np.save(tmp / "captions.npy", captions)
-        pd.DataFrame({"image_id": t.image_ids, "path": t.paths, "stamp": stamps[0]}).to_parquet(
-            tmp / "images.parquet", index=False)
-        pd.DataFrame({"caption_id": t.caption_ids, "image": t.caption_image, "caption": t.captions,
+        pd.DataFrame({"item_id": t.item_ids, "path": t.paths, "stamp": stamps[0]}).to_parquet(
+            tmp / "items.parquet", index=False)
+        pd.DataFrame({"caption_id": t.caption_ids, "item": t.caption_item, "caption": t.captions,
                       "stamp": stamps[1]}).to_parquet(tmp / "captions.parquet", index=False)
         write_json(tmp / "manifest.json", {**expected, "dataset": ds.name, "modality": ds.modality.name,
-                                           "run": run, "dim": images.shape[1],
-                                           "images": len(images), "captions": len(captions), "digests": _digests(tmp),
-                                           "reused": {"images": reused[0], "captions": reused[1]},
+                                           "run": run, "dim": items.shape[1],
+                                           "items": len(items), "captions": len(captions), "digests": _digests(tmp),
+                                           "reused": {"items": reused[0], "captions": reused[1]},
                                            "seconds": round(time.perf_counter() - start, 2)})
     return open_embeddings(target)
 
@@ -175,14 +200,14 @@ def _previous(target: Path, digest: str) -> tuple | None:
     wrote before in `target`, if their rows carry stamps; else None."""
     try:
         old = open_embeddings(target)
-        if "digests" in old.manifest and old.manifest["digests"] != _digests(target):
+        if "digests" in old.manifest and old.manifest["digests"] != _digests(target, old.manifest["digests"]):
             return None  # damaged since written: lends nothing
     except (OSError, ValueError, KeyError, MmretError):
         return None
     if (old.manifest.get("format") != FORMAT or old.manifest.get("checkpoint") != digest
-            or "stamp" not in old.image_table or "stamp" not in old.caption_table):
+            or "stamp" not in old.item_table or "stamp" not in old.caption_table):
         return None
-    return old.image_table, old.caption_table, old.images, old.captions
+    return old.item_table, old.caption_table, old.items, old.captions
 
 
 def _assemble(found: np.ndarray, todo: np.ndarray, new: torch.Tensor, old: np.ndarray | None, dim: int) -> np.ndarray:
@@ -211,7 +236,7 @@ def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Report
             write_json(parts / "expected.json", expected)
     _, model = run.model(SIDES)
     source = run.source(ds, split, reporter)
-    blocks = [(side, k, rows) for side, n in (("images", source.num_images), ("captions", source.num_captions))
+    blocks = [(side, k, rows) for side, n in (("items", source.num_items), ("captions", source.num_captions))
               for k, rows in enumerate(_blocks(n, batch_size))]
     if shard is not None:
         index, count = shard
@@ -219,11 +244,12 @@ def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Report
             path = parts / f"{side}-{k:06d}.npy"
             if path.is_file():
                 continue  # done before this process was stopped
-            items, captions = (rows, range(0)) if side == "images" else (range(0), rows)
-            images, texts = embed_source(model, source, batch_size, run.device,
-                                         lambda: autocast_context(run.device, "fp32"), items=items, captions=captions)
+            items, captions = (rows, range(0)) if side == "items" else (range(0), rows)
+            item_emb, text_emb = embed_source(model, source, batch_size, run.device,
+                                              lambda: autocast_context(run.device, "fp32"), items=items,
+                                              captions=captions)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, (images if side == "images" else texts).numpy().astype(np.float16))
+                np.save(f, (item_emb if side == "items" else text_emb).numpy().astype(np.float16))
     with FeatureCache(parts).locked(wait=True):
         missing = [f"{side} {k}" for side, k, _ in blocks if not (parts / f"{side}-{k:06d}.npy").is_file()]
         if _fresh(target, expected):
@@ -235,8 +261,8 @@ def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Report
             return None
         ds.check_current("embedding")
         arrays = {side: np.concatenate([np.load(parts / f"{side}-{k:06d}.npy") for s, k, _ in blocks if s == side])
-                  for side in ("images", "captions")}
-        emb = _write(target, expected, ds, run.name, source.tables, arrays["images"], arrays["captions"],
+                  for side in ("items", "captions")}
+        emb = _write(target, expected, ds, run.name, source.tables, arrays["items"], arrays["captions"],
                      _stamps(ds, source.tables), (0, 0), start)
     shutil.rmtree(parts, ignore_errors=True)
     return emb

@@ -49,7 +49,7 @@ class EvalResult:
     dataset: str
     split: str
     metrics: dict[str, float]
-    n_images: int
+    n_items: int
     n_captions: int
     ci: dict[str, tuple[float, float]] | None = None  # 95% bootstrap interval per metric
     diffs: dict[str, PairedDiff] | None = None  # against the first run of a comparison
@@ -71,8 +71,8 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         out = {"run": self.run, "dataset": self.dataset, "split": self.split, "modality": self.modality,
                "metrics": self.metrics,
-               "n_images": self.n_images, "n_captions": self.n_captions,
-               "chance": {f"r{k}": min(1.0, k / self.n_images) for k in self.ks}}
+               "n_items": self.n_items, "n_captions": self.n_captions,
+               "chance": {f"r{k}": min(1.0, k / self.n_items) for k in self.ks}}
         if self.ci:
             out["ci95"] = {k: list(v) for k, v in self.ci.items()}
         if self.same_text:
@@ -93,15 +93,15 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
         raise MmretError(f"dataset {name!r} has no captions, so there is nothing to score; a gallery without "
                          "captions is for mmret search and mmret serve")
     emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
-    images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
+    items = torch.from_numpy(np.asarray(emb.items, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
     modality = get_modality(emb.modality)
-    ranks = retrieval_metrics(images, captions, emb.caption_image, ks, item=modality.short, map_at=modality.map_at)
+    ranks = retrieval_metrics(items, captions, emb.caption_item, ks, item=modality.short, map_at=modality.map_at)
     ci = bootstrap_ci(ranks, bootstrap, seed) if bootstrap else None
     keys = caption_keys(emb.caption_table["caption"].tolist())
-    same = (same_text_metrics(images, captions, emb.caption_image, torch.from_numpy(keys), item=modality.short)
+    same = (same_text_metrics(items, captions, emb.caption_item, torch.from_numpy(keys), item=modality.short)
             if len(np.unique(keys)) < len(keys) else None)  # only when items share a caption text
-    result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(images), len(captions), ci, ranks=ranks,
+    result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(items), len(captions), ci, ranks=ranks,
                         modality=modality.name, same_text=same)
     result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
     write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,

@@ -1,4 +1,4 @@
-"""Failure galleries (`mmret eval --failures worst.png`): the text→image queries a run gets most
+"""Failure galleries (`mmret eval --failures worst.png`): the text→item queries a run gets most
 wrong, each with its caption, the right item and the items it ranked above it.
 
 Ranks follow `mmret.inference.metrics` (a wrong item scoring as high as the right one counts as
@@ -37,16 +37,16 @@ def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, count:
         raise MmretError(f"--worst must be at least 1, got {count}")
     if above < 0:
         raise MmretError(f"the items shown above the right one cannot be fewer than 0, got {above}")
-    images = torch.from_numpy(np.asarray(emb.images, dtype=np.float32))
+    items = torch.from_numpy(np.asarray(emb.items, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
-    truth = emb.caption_image
+    truth = emb.caption_item
     if t2i_ranks is None:
-        t2i_ranks = retrieval_metrics(images, captions, truth).t2i_ranks
+        t2i_ranks = retrieval_metrics(items, captions, truth).t2i_ranks
     order = sorted(range(len(t2i_ranks)), key=lambda q: (-int(t2i_ranks[q]), q))[:count]
-    files = emb.image_table["path"].tolist()
+    files = emb.item_table["path"].tolist()
     rows = []
     for q in order:
-        scores = captions[q] @ images.T  # (N,)
+        scores = captions[q] @ items.T  # (N,)
         right = int(truth[q])
         over = (scores >= scores[right]).nonzero().squeeze(1)
         over = over[over != right]
@@ -58,11 +58,11 @@ def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, count:
 
 def failure_gallery(emb: Embeddings, modality: Modality, path: Path, count: int = 8, above: int = 5,
                     t2i_ranks: torch.Tensor | None = None, title: str = "") -> FailuresResult:
-    """Draw the worst text→image queries of `emb` to `path` (PNG) and list them in `path`.json."""
+    """Draw the worst text→item queries of `emb` to `path` (PNG) and list them in `path`.json."""
     rows = worst_queries(emb, t2i_ranks, count, above)
     n = len(emb.captions)
     title = title or (f"{emb.dataset} {emb.split}: the {len(rows)} worst of {n:,} text→{modality.noun} queries "
-                      f"({len(emb.images):,} {modality.plural})")
+                      f"({len(emb.items):,} {modality.plural})")
     gallery_figure(rows, modality, title, path)
     json_path = path.with_suffix(".json")
     write_json(json_path, {"dataset": emb.dataset, "split": emb.split, "queries": n,

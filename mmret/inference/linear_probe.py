@@ -133,11 +133,11 @@ def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str 
                          f"test; drop --split {split}")
     run = LoadedRun(run_dir, which, device)
     ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
-    labels = sorted(set(ds.images["label"]))
-    _need_items({s: len(ds.split(s).images) for s in ("train", "val", "test")})
+    labels = sorted(set(ds.items["label"]))
+    _need_items({s: len(ds.split(s).items) for s in ("train", "val", "test")})
     parts: dict[str, Embeddings] = {s: write_run_embeddings(run, ds.name, s, reporter=reporter, data_dir=data_dir)
                                     for s in ("train", "val", "test")}
-    x = {s: np.asarray(e.images, dtype=np.float32) for s, e in parts.items()}
+    x = {s: np.asarray(e.items, dtype=np.float32) for s, e in parts.items()}
     y = {s: item_labels(e, ds, labels).numpy() for s, e in parts.items()}
     metrics, C, val_acc, tried = probe_arrays(x, y, len(labels), seed)
     result = ProbeResult(run_dir.name, ds.name, split, metrics, C, val_acc,

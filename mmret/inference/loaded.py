@@ -53,17 +53,17 @@ class LoadedRun:
 
     @torch.inference_mode()
     def encode(self, side: str, queries: list) -> torch.Tensor:
-        """(Q, D) normalized float32 embeddings of captions (`text`) or item files (`image`)."""
+        """(Q, D) normalized float32 embeddings of captions (`text`) or item files (`item`)."""
         ctx, model = self.model((side,))
         inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
-        encode = model.encode_text if side == "text" else model.encode_image
+        encode = model.encode_text if side == "text" else model.encode_item
         return call(encode, inputs).float().cpu()
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode("text", texts)
 
     def encode_items(self, paths: list[str | Path]) -> torch.Tensor:
-        return self.encode("image", paths)
+        return self.encode("item", paths)
 
     def source(self, dataset: Any, split: str, reporter: Reporter = NULL) -> Any:
         """The source of one split of a prepared dataset, as this run's method reads it."""
@@ -71,15 +71,15 @@ class LoadedRun:
         (source,) = self.method.sources(self.cfg, ctx, dataset, (split,), self.device, reporter)
         return source
 
-    def embed_rows(self, source: Any, image_rows: Any = None, caption_rows: Any = None, batch_size: int = 256,
+    def embed_rows(self, source: Any, item_rows: Any = None, caption_rows: Any = None, batch_size: int = 256,
                    reporter: Reporter = NULL, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """(item embeddings, caption embeddings) of the given rows of a source (None: every row)."""
         _, model = self.model(SIDES)
         total = sum(n if rows is None else len(rows) for n, rows in
-                    ((source.num_images, image_rows), (source.num_captions, caption_rows)))
+                    ((source.num_items, item_rows), (source.num_captions, caption_rows)))
         with reporter.task(f"embedding {label}".strip(), total=total, unit="rows") as task:
             return embed_source(model, source, batch_size, self.device, lambda: autocast_context(self.device, "fp32"),
-                                task.advance, items=image_rows, captions=caption_rows)
+                                task.advance, items=item_rows, captions=caption_rows)
 
     def embed(self, dataset: Any, split: str, batch_size: int = 256,
               reporter: Reporter = NULL) -> tuple[Any, torch.Tensor, torch.Tensor]:

@@ -64,8 +64,8 @@ def project(vectors: np.ndarray, method: str = "umap", seed: int = 0) -> np.ndar
 
 def _groups(emb: Embeddings, ds: Any, rows: np.ndarray) -> tuple[str, list[str], np.ndarray]:
     """What colours the items (class, split or nothing), its names, and each item's group."""
-    ids = emb.image_table["image_id"].to_numpy()[rows]
-    table = ds.images.set_index("image_id") if ds is not None else pd.DataFrame()
+    ids = emb.item_table["item_id"].to_numpy()[rows]
+    table = ds.items.set_index("item_id") if ds is not None else pd.DataFrame()
     for column, name in (("label", "class"), ("split", "split")):
         if column in table.columns and (column == "label" or emb.split == "all"):
             values = table.loc[ids, column].astype(str).to_numpy()
@@ -79,18 +79,18 @@ def embedding_map(emb: Embeddings, ds: Any, modality: Modality, path: Path, meth
                   thumbnails: int = 30, max_items: int = 2000, seed: int = 0, title: str = "") -> MapResult:
     """Draw the map of `emb` (at most `max_items` items, a seeded sample, with their captions)."""
     rng = np.random.default_rng(seed)
-    n_items = len(emb.images)
+    n_items = len(emb.items)
     rows = np.sort(rng.choice(n_items, max_items, replace=False)) if n_items > max_items else np.arange(n_items)
-    caption_item = emb.caption_table["image"].to_numpy()
+    caption_item = emb.caption_table["item"].to_numpy()
     caption_rows = np.nonzero(np.isin(caption_item, rows))[0]
     position = {r: i for i, r in enumerate(rows)}  # item row -> place in the sample
-    xy = project(np.concatenate([np.asarray(emb.images, np.float32)[rows],
+    xy = project(np.concatenate([np.asarray(emb.items, np.float32)[rows],
                                  np.asarray(emb.captions, np.float32)[caption_rows]]), method, seed)
     colour_by, groups, group = _groups(emb, ds, rows)
     items = MapPoints(xy[:len(rows)], group, "item")
     captions = MapPoints(xy[len(rows):], group[[position[r] for r in caption_item[caption_rows]]], "caption")
     picked = rng.choice(len(rows), min(thumbnails, len(rows)), replace=False) if thumbnails > 0 else []
-    files = emb.image_table["path"].to_numpy()[rows]
+    files = emb.item_table["path"].to_numpy()[rows]
     sampled = f", a sample of {len(rows):,} of {n_items:,} {modality.plural}" if len(rows) < n_items else ""
     title = title or f"{emb.dataset} {emb.split}: {len(rows):,} {modality.plural} and {len(caption_rows):,} captions"
     drawn = map_figure(items, captions, groups, f"colour: {colour_by}", [(int(i), files[i]) for i in picked],

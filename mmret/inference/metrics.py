@@ -21,7 +21,7 @@ Tie rule (pessimistic): a wrong item that scores exactly as high as a right one 
 it, so rank = 1 + the number of wrong items scoring >= the right one. It is deterministic, it
 cannot flatter a collapsed model whose scores are all equal, and without ties it agrees with any
 tie order (CLIP_benchmark's `torch.topk` leaves the order of ties undefined). A tie means equal
-float32 scores: two identical images may still differ in the last bit, since BLAS kernels do
+float32 scores: two identical items may still differ in the last bit, since BLAS kernels do
 not promise the same summation order for every column.
 
 Values: `*_r{k}`, `*_mrr`, `i2t_map` and `*_map{k}` are fractions in [0, 1]; `*_medr` is a rank (the lower
@@ -42,7 +42,7 @@ from mmret.errors import MmretError
 DEFAULT_KS = (1, 5, 10)
 _BLOCK_ELEMENTS = 1 << 24  # scores per block (64 MB of float32): bounded memory, still large BLAS calls
 _BOOT_BATCH = 100  # bootstrap replicates resampled at once: (100, n_queries) int64 weights
-UNITS = ("image", "query")
+UNITS = ("item", "query")
 
 Block = Callable[[int, int], torch.Tensor]  # (start, end) -> float32 scores of query rows start:end
 
@@ -50,17 +50,17 @@ Block = Callable[[int, int], torch.Tensor]  # (start, end) -> float32 scores of 
 @dataclass(frozen=True)
 class RetrievalResult:
     metrics: dict[str, float]  # see the module docstring for names and units
-    t2i_ranks: torch.Tensor  # (n_text,) int64: 1-based rank of each caption's image among all images
-    i2t_ranks: torch.Tensor  # (n_image,) int64: 1-based rank of each image's best caption; 0 = it has none
-    i2t_ap: torch.Tensor  # (n_image,) float64: average precision over each image's captions; nan = none
-    text_image: torch.Tensor  # (n_text,) int64: the image (row of image_emb) each caption describes
+    t2i_ranks: torch.Tensor  # (n_text,) int64: 1-based rank of each caption's item among all items
+    i2t_ranks: torch.Tensor  # (n_item,) int64: 1-based rank of each item's best caption; 0 = it has none
+    i2t_ap: torch.Tensor  # (n_item,) float64: average precision over each item's captions; nan = none
+    text_item: torch.Tensor  # (n_text,) int64: the item (row of item_emb) each caption describes
     ks: tuple[int, ...]
     item: str = "i"  # the items' letter in metric names: t2i / i2t, t2a / a2t
     map_at: tuple[int, ...] = ()  # mAP@k cut-offs reported besides the full mAP
-    i2t_ap_at: torch.Tensor | None = None  # (n_image, len(map_at)) float64 item→text AP@k; nan = no captions
+    i2t_ap_at: torch.Tensor | None = None  # (n_item, len(map_at)) float64 item→text AP@k; nan = no captions
 
     def hits(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-query hits at k: (n_text,) text→image and (n_image,) image→text booleans."""
+        """Per-query hits at k: (n_text,) text→item and (n_item,) item→text booleans."""
         return self.t2i_ranks <= k, (self.i2t_ranks > 0) & (self.i2t_ranks <= k)
 
 
@@ -78,82 +78,82 @@ class PairedDiff:
 
 
 def retrieval_metrics(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
+    item_emb: torch.Tensor, text_emb: torch.Tensor, text_item: torch.Tensor,
     ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None, item: str = "i", map_at: Sequence[int] = (),
 ) -> RetrievalResult:
     """Rank every caption's item and every item's captions; `chunk` = query rows per block.
 
-    image_emb (n_image, D) and text_emb (n_text, D) are normalised embeddings of any float dtype;
-    text_image (n_text,) gives the row of image_emb that each caption describes. `item` is the
+    item_emb (n_item, D) and text_emb (n_text, D) are normalised embeddings of any float dtype;
+    text_item (n_text,) gives the row of item_emb that each caption describes. `item` is the
     letter metric names give the items (i, a); `map_at` adds mAP@k for each k (see above).
     """
-    n_image, n_text = _check_embeddings(image_emb, text_emb)
-    text_image = _check_text_image(text_image, n_text, n_image)
+    n_item, n_text = _check_embeddings(item_emb, text_emb)
+    text_item = _check_text_item(text_item, n_text, n_item)
     map_at = _check_ks(map_at) if map_at else ()
-    image32, text32 = image_emb.float(), text_emb.float()  # exact for float16 inputs
-    t2i = _t2i_ranks(lambda s, e: text32[s:e] @ image32.T, text_image.to(text32.device), n_image, chunk)
-    i2t, ap, ap_at = _i2t_ranks(lambda s, e: image32[s:e] @ text32.T, text_image.to(text32.device), n_image, chunk,
+    item32, text32 = item_emb.float(), text_emb.float()  # exact for float16 inputs
+    t2i = _t2i_ranks(lambda s, e: text32[s:e] @ item32.T, text_item.to(text32.device), n_item, chunk)
+    i2t, ap, ap_at = _i2t_ranks(lambda s, e: item32[s:e] @ text32.T, text_item.to(text32.device), n_item, chunk,
                                 map_at)
-    return _result(t2i, i2t, ap, text_image, ks, item, map_at, ap_at)
+    return _result(t2i, i2t, ap, text_item, ks, item, map_at, ap_at)
 
 
 def metrics_from_scores(
-    scores: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
+    scores: torch.Tensor, text_item: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
     item: str = "i", map_at: Sequence[int] = (),
 ) -> RetrievalResult:
-    """The same metrics from a given (n_text, n_image) score matrix, e.g. from a re-ranker."""
+    """The same metrics from a given (n_text, n_item) score matrix, e.g. from a re-ranker."""
     if scores.ndim != 2 or 0 in scores.shape:
-        raise MmretError(f"scores must be a non-empty (n_text, n_image) matrix, got shape {tuple(scores.shape)}")
+        raise MmretError(f"scores must be a non-empty (n_text, n_item) matrix, got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
         raise MmretError("the score matrix holds NaN or inf values; check the model that produced it")
-    n_text, n_image = scores.shape
-    text_image = _check_text_image(text_image, n_text, n_image)
-    gt = text_image.to(scores.device)
+    n_text, n_item = scores.shape
+    text_item = _check_text_item(text_item, n_text, n_item)
+    gt = text_item.to(scores.device)
     map_at = _check_ks(map_at) if map_at else ()
-    t2i = _t2i_ranks(lambda s, e: scores[s:e].float(), gt, n_image, chunk)
-    i2t, ap, ap_at = _i2t_ranks(lambda s, e: scores[:, s:e].T.float(), gt, n_image, chunk, map_at)
-    return _result(t2i, i2t, ap, text_image, ks, item, map_at, ap_at)
+    t2i = _t2i_ranks(lambda s, e: scores[s:e].float(), gt, n_item, chunk)
+    i2t, ap, ap_at = _i2t_ranks(lambda s, e: scores[:, s:e].T.float(), gt, n_item, chunk, map_at)
+    return _result(t2i, i2t, ap, text_item, ks, item, map_at, ap_at)
 
 
 def metrics_from_ranks(
     t2i_ranks: torch.Tensor, i2t_ranks: torch.Tensor, i2t_ap: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
     item: str = "i", map_at: Sequence[int] = (), i2t_ap_at: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Recalls, MRR, median ranks, mAP and RSUM from per-query ranks (images of rank 0 are skipped);
-    mAP@k for each of `map_at` when `i2t_ap_at` (n_image, len(map_at)) is given."""
+    """Recalls, MRR, median ranks, mAP and RSUM from per-query ranks (items of rank 0 are skipped);
+    mAP@k for each of `map_at` when `i2t_ap_at` (n_item, len(map_at)) is given."""
     ks = _check_ks(ks)
     w_text = torch.ones(1, len(t2i_ranks), dtype=torch.int64)
-    w_image = (i2t_ranks > 0).to(torch.int64)[None]
-    stats = _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks, item, tuple(map_at), i2t_ap_at)
+    w_item = (i2t_ranks > 0).to(torch.int64)[None]
+    stats = _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_item, ks, item, tuple(map_at), i2t_ap_at)
     return {name: value.item() for name, value in stats.items()}
 
 
 def same_text_metrics(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor, text_key: torch.Tensor,
+    item_emb: torch.Tensor, text_emb: torch.Tensor, text_item: torch.Tensor, text_key: torch.Tensor,
     ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None, item: str = "i",
 ) -> dict[str, float]:
     """Recalls, MRR and median ranks when captions with the same text count as one answer (metric
     names after the items: `item` "i" gives t2i / i2t, "a" t2a / a2t).
 
     `text_key` (n_text,) is equal for captions of the same text (`mmret.data.negatives.caption_keys`).
-    A caption's right images are all the pictures that have a caption of its text ("A flower."
-    under six pictures: any of the six is right); an image's right captions are all captions with
+    A caption's right items are all the items that have a caption of its text ("A flower."
+    under six pictures: any of the six is right); an item's right captions are all captions with
     the text of one of its own. Without shared texts this equals `retrieval_metrics` (without mAP).
     The usual protocol (`retrieval_metrics`) counts only a caption's own picture: two pictures with
     the same caption then cannot both be found first, whatever the model.
     """
-    n_image, n_text = _check_embeddings(image_emb, text_emb)
-    text_image = _check_text_image(text_image, n_text, n_image)
+    n_item, n_text = _check_embeddings(item_emb, text_emb)
+    text_item = _check_text_item(text_item, n_text, n_item)
     key = torch.as_tensor(text_key).long()
     if key.shape != (n_text,):
         raise MmretError(f"text_key must hold one key per caption ({n_text}), got shape {tuple(key.shape)}")
     groups = torch.unique(key, return_inverse=True)[1]
-    has = torch.zeros(n_image, int(groups.max()) + 1, dtype=torch.bool)
-    has[text_image, groups] = True  # (n_image, n_groups): image i has a caption of text g
-    image32, text32 = image_emb.float().cpu(), text_emb.float().cpu()
-    t2i = _ranks_among(lambda s, e: text32[s:e] @ image32.T, lambda s, e: has[:, groups[s:e]].T, n_text, n_image, chunk)
-    i2t = _ranks_among(lambda s, e: image32[s:e] @ text32.T, lambda s, e: has[s:e][:, groups], n_image, n_text, chunk)
-    out = metrics_from_ranks(t2i, i2t, torch.zeros(n_image, dtype=torch.float64), ks, item=item)
+    has = torch.zeros(n_item, int(groups.max()) + 1, dtype=torch.bool)
+    has[text_item, groups] = True  # (n_item, n_groups): item i has a caption of text g
+    item32, text32 = item_emb.float().cpu(), text_emb.float().cpu()
+    t2i = _ranks_among(lambda s, e: text32[s:e] @ item32.T, lambda s, e: has[:, groups[s:e]].T, n_text, n_item, chunk)
+    i2t = _ranks_among(lambda s, e: item32[s:e] @ text32.T, lambda s, e: has[s:e][:, groups], n_item, n_text, chunk)
+    out = metrics_from_ranks(t2i, i2t, torch.zeros(n_item, dtype=torch.float64), ks, item=item)
     out.pop(f"{directions(item)[1]}_map")
     return out
 
@@ -171,13 +171,13 @@ def _ranks_among(block: Block, right: Block, n_rows: int, n_cols: int, chunk: in
 
 
 def bootstrap_ci(
-    result: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95, unit: str = "image",
+    result: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95, unit: str = "item",
 ) -> dict[str, tuple[float, float]]:
     """Percentile confidence interval of every metric from `n_boot` resamples of the queries.
 
-    unit="image" resamples images and takes each drawn image's captions with it (captions of one
+    unit="item" resamples items and takes each drawn item's captions with it (captions of one
     picture succeed or fail together, so resampling them one by one would understate the spread);
-    unit="query" resamples captions and images independently. Same seed, same intervals.
+    unit="query" resamples captions and items independently. Same seed, same intervals.
     """
     (reps,) = _replicates([result], n_boot, seed, unit)
     return {name: _percentile_interval(values, level) for name, values in reps.items()}
@@ -185,10 +185,10 @@ def bootstrap_ci(
 
 def paired_bootstrap(
     a: RetrievalResult, b: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-    unit: str = "image",
+    unit: str = "item",
 ) -> dict[str, PairedDiff]:
     """Whether run b differs from run a on the same queries: both are scored on the same resamples."""
-    if (not torch.equal(a.text_image, b.text_image) or len(a.i2t_ranks) != len(b.i2t_ranks) or a.ks != b.ks
+    if (not torch.equal(a.text_item, b.text_item) or len(a.i2t_ranks) != len(b.i2t_ranks) or a.ks != b.ks
             or (a.item, a.map_at) != (b.item, b.map_at)):
         raise MmretError("the two runs were not evaluated on the same queries (same dataset, split "
                          "and ks); evaluate both on the same split and compare again")
@@ -212,16 +212,16 @@ def _rows_per_block(chunk: int | None, n_cols: int) -> int:
     return chunk or max(1, _BLOCK_ELEMENTS // n_cols)
 
 
-def _t2i_ranks(block: Block, text_image: torch.Tensor, n_image: int, chunk: int | None) -> torch.Tensor:
-    n_text = len(text_image)
-    rows = _rows_per_block(chunk, n_image)
+def _t2i_ranks(block: Block, text_item: torch.Tensor, n_item: int, chunk: int | None) -> torch.Tensor:
+    n_text = len(text_item)
+    rows = _rows_per_block(chunk, n_item)
     ranks = torch.empty(n_text, dtype=torch.int64)
     flags = None
     for start in range(0, n_text, rows):
-        scores = block(start, start + rows)  # (c, n_image)
+        scores = block(start, start + rows)  # (c, n_item)
         flags = _flags_for(scores, flags)
-        right = scores.gather(1, text_image[start:start + rows, None])  # (c, 1)
-        # counts the right image itself and every image tied with it: the pessimistic rank
+        right = scores.gather(1, text_item[start:start + rows, None])  # (c, 1)
+        # counts the right item itself and every item tied with it: the pessimistic rank
         ranks[start:start + rows] = _count_at_least(scores, right, flags).cpu()
     return ranks
 
@@ -241,16 +241,16 @@ def _count_at_least(scores: torch.Tensor, threshold: torch.Tensor, flags: torch.
     return torch.ge(scores, threshold, out=flags[:len(scores)]).sum(1).long()
 
 
-def _i2t_ranks(block: Block, text_image: torch.Tensor, n_image: int, chunk: int | None,
+def _i2t_ranks(block: Block, text_item: torch.Tensor, n_item: int, chunk: int | None,
                map_at: tuple[int, ...] = ()):
-    positives, n_pos = _captions_per_image(text_image, n_image)  # (n_image, P), (n_image,)
-    rows = _rows_per_block(chunk, len(text_image))
-    ranks = torch.zeros(n_image, dtype=torch.int64)
-    ap = torch.full((n_image,), float("nan"), dtype=torch.float64)
-    ap_at = torch.full((n_image, len(map_at)), float("nan"), dtype=torch.float64) if map_at else None
+    positives, n_pos = _captions_per_item(text_item, n_item)  # (n_item, P), (n_item,)
+    rows = _rows_per_block(chunk, len(text_item))
+    ranks = torch.zeros(n_item, dtype=torch.int64)
+    ap = torch.full((n_item,), float("nan"), dtype=torch.float64)
+    ap_at = torch.full((n_item, len(map_at)), float("nan"), dtype=torch.float64) if map_at else None
     flags = None
-    for start in range(0, n_image, rows):
-        end = min(start + rows, n_image)
+    for start in range(0, n_item, rows):
+        end = min(start + rows, n_item)
         scores = block(start, end)  # (c, n_text)
         flags = _flags_for(scores, flags)
         ranks[start:end], ap[start:end], rank = _i2t_block(scores, positives[start:end], n_pos[start:end], flags)
@@ -259,20 +259,20 @@ def _i2t_ranks(block: Block, text_image: torch.Tensor, n_image: int, chunk: int 
     return ranks, ap, ap_at
 
 
-def _captions_per_image(text_image: torch.Tensor, n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_image, P) caption indices of each image padded with 0, and (n_image,) how many are real."""
-    device = text_image.device
-    n_pos = torch.bincount(text_image, minlength=n_image)
-    order = torch.argsort(text_image, stable=True)  # captions grouped by image
-    first = torch.cumsum(n_pos, 0) - n_pos  # where each image's group starts in `order`
-    slot = torch.arange(len(order), device=device) - first[text_image[order]]
-    positives = torch.zeros(n_image, max(1, int(n_pos.max())), dtype=torch.int64, device=device)
-    positives[text_image[order], slot] = order
+def _captions_per_item(text_item: torch.Tensor, n_item: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_item, P) caption indices of each item padded with 0, and (n_item,) how many are real."""
+    device = text_item.device
+    n_pos = torch.bincount(text_item, minlength=n_item)
+    order = torch.argsort(text_item, stable=True)  # captions grouped by item
+    first = torch.cumsum(n_pos, 0) - n_pos  # where each item's group starts in `order`
+    slot = torch.arange(len(order), device=device) - first[text_item[order]]
+    positives = torch.zeros(n_item, max(1, int(n_pos.max())), dtype=torch.int64, device=device)
+    positives[text_item[order], slot] = order
     return positives, n_pos
 
 
 def _i2t_block(scores: torch.Tensor, positives: torch.Tensor, n_pos: torch.Tensor, flags: torch.Tensor):
-    """Best-caption rank and average precision of each image row of a (c, n_text) score block."""
+    """Best-caption rank and average precision of each item row of a (c, n_text) score block."""
     c, width = positives.shape
     slots = torch.arange(width, device=scores.device)
     real = slots < n_pos[:, None]  # (c, P)
@@ -281,13 +281,13 @@ def _i2t_block(scores: torch.Tensor, positives: torch.Tensor, n_pos: torch.Tenso
     # right captions scoring >= each of them (ties between right captions do not change AP)
     pos_ge = torch.searchsorted(-pos, -pos, right=True)  # (c, P)
     all_ge = torch.zeros(c, width, dtype=torch.int64, device=scores.device)
-    for j in range(width):  # one pass per caption slot, over the images that have that many captions
+    for j in range(width):  # one pass per caption slot, over the items that have that many captions
         has = (n_pos > j).nonzero().squeeze(1)
         sub = scores if len(has) == c else scores[has]
         all_ge[has, j] = _count_at_least(sub, pos[has, j:j + 1], flags)
     rank = all_ge - pos_ge + slots + 1  # (c, P) wrong captions above, plus the right ones so far
     precision = torch.where(real, (slots + 1) / rank.clamp(min=1).double(), 0.0)  # padding slots add 0
-    ap = precision.sum(1) / n_pos  # 0 / 0 = nan for an image without captions
+    ap = precision.sum(1) / n_pos  # 0 / 0 = nan for an item without captions
     return torch.where(n_pos > 0, rank[:, 0], 0).cpu(), ap.cpu(), torch.where(real, rank, 0)
 
 
@@ -303,11 +303,11 @@ def _ap_at(rank: torch.Tensor, n_pos: torch.Tensor, map_at: tuple[int, ...]) -> 
     return torch.stack(out, dim=1).cpu()
 
 
-def _result(t2i, i2t, ap, text_image, ks, item="i", map_at=(), ap_at=None) -> RetrievalResult:
+def _result(t2i, i2t, ap, text_item, ks, item="i", map_at=(), ap_at=None) -> RetrievalResult:
     ks = _check_ks(ks)
     _check_item(item)
     metrics = metrics_from_ranks(t2i, i2t, ap, ks, item, map_at, ap_at)
-    return RetrievalResult(metrics, t2i, i2t, ap, text_image.cpu(), ks, item, tuple(map_at), ap_at)
+    return RetrievalResult(metrics, t2i, i2t, ap, text_item.cpu(), ks, item, tuple(map_at), ap_at)
 
 
 # --- weighted statistics: one code path for point estimates and bootstrap replicates -----------
@@ -318,23 +318,23 @@ def directions(item: str = "i") -> tuple[str, str]:
     return f"t2{item}", f"{item}2t"
 
 
-def _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_image, ks, item="i", map_at=(),
+def _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_item, ks, item="i", map_at=(),
                       i2t_ap_at=None) -> dict[str, torch.Tensor]:
-    """Every metric under B query weightings at once: w_text (B, n_text), w_image (B, n_image)."""
+    """Every metric under B query weightings at once: w_text (B, n_text), w_item (B, n_item)."""
     t2x, x2t = directions(item)
     out = {}
-    for prefix, ranks, w in ((t2x, t2i_ranks, w_text), (x2t, i2t_ranks, w_image)):
+    for prefix, ranks, w in ((t2x, t2i_ranks, w_text), (x2t, i2t_ranks, w_item)):
         wf = w.double()
         total = wf.sum(1)  # (B,)
         for k in ks:
             out[f"{prefix}_r{k}"] = wf @ (ranks <= k).double() / total
         out[f"{prefix}_mrr"] = wf @ (1.0 / ranks.clamp(min=1).double()) / total
         out[f"{prefix}_medr"] = _weighted_lower_median(ranks, w).double()
-    out[f"{x2t}_map"] = w_image.double() @ torch.nan_to_num(i2t_ap) / w_image.sum(1).double()
+    out[f"{x2t}_map"] = w_item.double() @ torch.nan_to_num(i2t_ap) / w_item.sum(1).double()
     for j, k in enumerate(map_at):  # DCASE: one right item, AP@k = 1/rank within k
         t2x_ap = torch.where(t2i_ranks <= k, 1.0 / t2i_ranks.clamp(min=1).double(), 0.0)
         out[f"{t2x}_map{k}"] = w_text.double() @ t2x_ap / w_text.sum(1).double()
-        out[f"{x2t}_map{k}"] = w_image.double() @ torch.nan_to_num(i2t_ap_at[:, j]) / w_image.sum(1).double()
+        out[f"{x2t}_map{k}"] = w_item.double() @ torch.nan_to_num(i2t_ap_at[:, j]) / w_item.sum(1).double()
     out["rsum"] = 100 * sum(out[f"{d}_r{k}"] for d in (t2x, x2t) for k in ks)
     return out
 
@@ -355,17 +355,17 @@ def _replicates(results: list[RetrievalResult], n_boot: int, seed: int, unit: st
         raise MmretError(f"bootstrap unit must be one of {', '.join(UNITS)}, got {unit!r}")
     first = results[0]
     gen = torch.Generator().manual_seed(seed)
-    image_pool = (first.i2t_ranks > 0).nonzero().squeeze(1)  # images that are queries
+    item_pool = (first.i2t_ranks > 0).nonzero().squeeze(1)  # items that are queries
     parts: list[dict[str, list]] = [{} for _ in results]
     for done in range(0, n_boot, _BOOT_BATCH):
         batch = min(_BOOT_BATCH, n_boot - done)
-        w_image = _draw_counts(image_pool, batch, len(first.i2t_ranks), gen)
-        if unit == "image":
-            w_text = w_image[:, first.text_image]  # each drawn image brings all of its captions
+        w_item = _draw_counts(item_pool, batch, len(first.i2t_ranks), gen)
+        if unit == "item":
+            w_text = w_item[:, first.text_item]  # each drawn item brings all of its captions
         else:
-            w_text = _draw_counts(torch.arange(len(first.text_image)), batch, len(first.text_image), gen)
+            w_text = _draw_counts(torch.arange(len(first.text_item)), batch, len(first.text_item), gen)
         for r, acc in zip(results, parts):
-            stats = _weighted_metrics(r.t2i_ranks, r.i2t_ranks, r.i2t_ap, w_text, w_image, r.ks, r.item, r.map_at,
+            stats = _weighted_metrics(r.t2i_ranks, r.i2t_ranks, r.i2t_ap, w_text, w_item, r.ks, r.item, r.map_at,
                                       r.i2t_ap_at)
             for name, values in stats.items():
                 acc.setdefault(name, []).append(values)
@@ -389,28 +389,28 @@ def _percentile_interval(values: torch.Tensor, level: float) -> tuple[float, flo
 # --- input checks ------------------------------------------------------------------------------
 
 
-def _check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[int, int]:
-    for name, x in (("image", image_emb), ("text", text_emb)):
+def _check_embeddings(item_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[int, int]:
+    for name, x in (("item", item_emb), ("text", text_emb)):
         if x.ndim != 2 or len(x) == 0:
             raise MmretError(f"{name} embeddings must be a non-empty (n, dim) matrix, got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise MmretError(f"{name} embeddings hold NaN or inf values; the run may have diverged, "
                              "recompute them from a good checkpoint")
-    if image_emb.shape[1] != text_emb.shape[1]:
-        raise MmretError(f"image embeddings have {image_emb.shape[1]} dims but text embeddings have "
+    if item_emb.shape[1] != text_emb.shape[1]:
+        raise MmretError(f"item embeddings have {item_emb.shape[1]} dims but text embeddings have "
                          f"{text_emb.shape[1]}; both must come from the same run")
-    return len(image_emb), len(text_emb)
+    return len(item_emb), len(text_emb)
 
 
-def _check_text_image(text_image: torch.Tensor, n_text: int, n_image: int) -> torch.Tensor:
-    text_image = torch.as_tensor(text_image)
-    if text_image.ndim != 1 or len(text_image) != n_text or text_image.is_floating_point():
-        raise MmretError(f"text_image must hold one integer image index per caption ({n_text}), "
-                         f"got {text_image.dtype} of shape {tuple(text_image.shape)}")
-    if n_text and (int(text_image.min()) < 0 or int(text_image.max()) >= n_image):
-        raise MmretError(f"text_image points outside the {n_image} images; captions and images "
+def _check_text_item(text_item: torch.Tensor, n_text: int, n_item: int) -> torch.Tensor:
+    text_item = torch.as_tensor(text_item)
+    if text_item.ndim != 1 or len(text_item) != n_text or text_item.is_floating_point():
+        raise MmretError(f"text_item must hold one integer item index per caption ({n_text}), "
+                         f"got {text_item.dtype} of shape {tuple(text_item.shape)}")
+    if n_text and (int(text_item.min()) < 0 or int(text_item.max()) >= n_item):
+        raise MmretError(f"text_item points outside the {n_item} items; captions and items "
                          "must come from the same dataset split")
-    return text_image.long()
+    return text_item.long()
 
 
 def _check_item(item: str) -> None:

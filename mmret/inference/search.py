@@ -3,14 +3,15 @@ the gallery itself (more like this), and the captions that fit a query item.
 
 A `Gallery` is loaded once and answers many queries: the run (`LoadedRun`), its final embeddings
 of a dataset split (default: every item of the run's dataset) and the indexes over them, cached in
-`runs/<run>/index/<ds>-<split>-<images|captions>/` (exact by default, FAISS IVF or HNSW on
+`runs/<run>/index/<ds>-<split>-<items|captions>/` (exact by default, FAISS IVF or HNSW on
 request). `mmret search` opens one per command, `mmret serve` one per process. An index carries a
 fingerprint of the run's checkpoint and the dataset: when they changed (the run trained on, the
 dataset was prepared again after items were added) it is built again, as the embeddings are; it is
 never used for other embeddings.
 
-`SearchResult.to_json` names items as the dataset's tables do: `images` and `image_id` for
-pictures, `audio` and `audio_id` for sounds.
+Inside, a hit names its item `item_id` and a query's hits are its `items`, whatever the modality;
+`SearchResult.to_json`, the one place answers are named for people, says what the dataset's tables
+say: `images` and `image_id` for pictures, `audio` and `audio_id` for sounds.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _logger = logging.getLogger(__name__)
 class Hit:
     rank: int
     score: float
-    image_id: str  # the gallery item's id (a picture's, or a sound's)
+    item_id: str  # the gallery item's id (a picture's, or a sound's)
     path: str
     captions: list[str]  # the item's captions (item hits); or the one matching caption (caption hits)
     right: bool | None = None  # the query is one of the gallery's captions: whether this is its item
@@ -45,7 +46,7 @@ class Hit:
 @dataclass
 class QueryResult:
     query: str  # the text, the item file's path, or the gallery id
-    images: list[Hit]  # best-matching items
+    items: list[Hit]  # best-matching items
     captions: list[Hit] = field(default_factory=list)  # best-matching captions (item queries)
     known: bool = False  # the query text is one of the gallery's captions (so its right item is known)
 
@@ -55,10 +56,10 @@ class QueryResult:
         from mmret.modalities import SheetItem
 
         title = f"{self.query!r}" + (" (a caption of this gallery)" if self.known else "")
-        if self.known and not any(h.right for h in self.images):
-            title += f": its item is not in the top {len(self.images)}"
-        items = [SheetItem(h.path, [f"#{h.rank}  {h.score:.3f}  {h.image_id}", *h.captions[:2]],
-                           None if h.right is None else ("right" if h.right else "wrong")) for h in self.images]
+        if self.known and not any(h.right for h in self.items):
+            title += f": its item is not in the top {len(self.items)}"
+        items = [SheetItem(h.path, [f"#{h.rank}  {h.score:.3f}  {h.item_id}", *h.captions[:2]],
+                           None if h.right is None else ("right" if h.right else "wrong")) for h in self.items]
         return title, items
 
 
@@ -78,9 +79,9 @@ class SearchResult:
         out = dataclasses.asdict(self)
 
         def hit(h: dict) -> dict:
-            return {modality.id_column if k == "image_id" else k: v for k, v in h.items()}
+            return {modality.id_column if k == "item_id" else k: v for k, v in h.items()}
 
-        out["results"] = [{"query": q["query"], modality.plural: [hit(h) for h in q["images"]],
+        out["results"] = [{"query": q["query"], modality.plural: [hit(h) for h in q["items"]],
                            "captions": [hit(h) for h in q["captions"]], "known": q["known"]} for q in out["results"]]
         return out
 
@@ -89,18 +90,18 @@ def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, 
     """The cached index over the run's item (or caption) embeddings."""
     fingerprint = {"run": run_dir.name, "checkpoint": emb.manifest["checkpoint"], "dataset": emb.dataset,
                    "split": emb.split, "gallery": which,
-                   "fingerprint": emb.manifest[f"{which}_fingerprint" if which == "images" else "captions_fingerprint"]}
+                   "fingerprint": emb.manifest[f"{which}_fingerprint"]}
     folder = run_dir / "index" / f"{emb.dataset}-{emb.split}-{which}"
     # an approximate index's recall is measured with the other modality's embeddings as queries,
     # which is how it will be searched
-    other = emb.captions if which == "images" else emb.images
+    other = emb.captions if which == "items" else emb.items
     queries = np.asarray(other[:cfg.check_queries], dtype=np.float32) if cfg.kind != "exact" and len(other) else None
     try:
-        return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries,
+        return ensure_index(emb.array_path(which), folder, fingerprint, cfg, queries=queries,
                             rebuild=rebuild, reporter=reporter)
     except StaleIndex:  # the run or the dataset changed since: build the index again, as the embeddings were
         _logger.warning("the %s gallery of %s changed since its index was built; building it again", which, emb.path.name)
-        return ensure_index(emb.path / f"{which}.npy", folder, fingerprint, cfg, queries=queries, rebuild=True,
+        return ensure_index(emb.array_path(which), folder, fingerprint, cfg, queries=queries, rebuild=True,
                             reporter=reporter)
 
 
@@ -110,15 +111,15 @@ class Gallery:
     Queries become embeddings through the run (`encode_texts`, `encode_items`) or are gallery rows
     (`vectors`); `items_for` and `captions_for` turn query embeddings into hits."""
 
-    def __init__(self, run: LoadedRun, emb: Embeddings, images_index: Any, captions_index: Any | None,
+    def __init__(self, run: LoadedRun, emb: Embeddings, items_index: Any, captions_index: Any | None,
                  index: str = "exact"):
         self.run, self.emb, self.index = run, emb, index
-        self.images_index, self.captions_index = images_index, captions_index
-        self.ids = emb.image_table["image_id"].astype(str).tolist()
-        self.paths = emb.image_table["path"].astype(str).tolist()
+        self.items_index, self.captions_index = items_index, captions_index
+        self.ids = emb.item_table["item_id"].astype(str).tolist()
+        self.paths = emb.item_table["path"].astype(str).tolist()
         self.row_of = {item: row for row, item in enumerate(self.ids)}
         self.caption_texts = emb.caption_table["caption"].astype(str).tolist()
-        self.caption_items = emb.caption_table["image"].to_numpy(np.int64)
+        self.caption_items = emb.caption_table["item"].to_numpy(np.int64)
         self.known_captions = set(self.caption_texts)
         self.captions_of: list[list[str]] = [[] for _ in self.ids]
         for text, row in zip(self.caption_texts, self.caption_items.tolist()):
@@ -133,11 +134,11 @@ class Gallery:
         run = run if isinstance(run, LoadedRun) else LoadedRun(run, which, device)
         emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
         cfg = IndexConfig(kind=index)
-        images_index = gallery_index(run.run_dir, emb, "images", cfg, rebuild_index, reporter)
+        items_index = gallery_index(run.run_dir, emb, "items", cfg, rebuild_index, reporter)
         captions_index = None
         if captions and len(emb.captions):
             captions_index = gallery_index(run.run_dir, emb, "captions", cfg, rebuild_index, reporter)
-        return cls(run, emb, images_index, captions_index, index)
+        return cls(run, emb, items_index, captions_index, index)
 
     # -- what the gallery is
     @property
@@ -162,7 +163,7 @@ class Gallery:
 
     @property
     def dim(self) -> int:
-        return int(self.emb.images.shape[1])
+        return int(self.emb.items.shape[1])
 
     # -- queries into embeddings
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -182,14 +183,14 @@ class Gallery:
 
     def vectors(self, rows: list[int]) -> np.ndarray:
         """(Q, D) float32 gallery embeddings of rows: the query of "more like this"."""
-        return np.asarray(self.emb.images[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+        return np.asarray(self.emb.items[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
 
     # -- embeddings into hits
     def items_for(self, queries: np.ndarray, k: int, leave_out: list[int] | None = None) -> list[list[Hit]]:
         """The top-k items of each query embedding, best first; `leave_out[q]` is a row that query
         q must not return (the item a "more like this" query started from)."""
         extra = 1 if leave_out is not None else 0
-        scores, ids = self.images_index.search(queries, min(k + extra, self.n_items))
+        scores, ids = self.items_index.search(queries, min(k + extra, self.n_items))
         out = []
         for q, (s, i) in enumerate(zip(scores, ids)):
             keep = (i >= 0) & (i != (leave_out[q] if leave_out is not None else -1))
@@ -236,29 +237,29 @@ class Gallery:
         return [QueryResult(i, h, c) for i, h, c in zip(ids, items, captions)]
 
 
-def search(run_dir: Path, queries: list[str], image: Path | None = None, dataset: str | None = None,
+def search(run_dir: Path, queries: list[str], item: Path | None = None, dataset: str | None = None,
            split: str = "all", k: int = 10, index: str = "exact", rebuild_index: bool = False,
            device: str = "auto", which: str = "best", reporter: Reporter = NULL,
            data_dir: Path | None = None, query_modality: str | None = None) -> SearchResult:
-    """Top-k items for each text query, or items and captions for a query item file (`image`: a
+    """Top-k items for each text query, or items and captions for a query item file (`item`: a
     picture or a sound, whichever the run's items are; `query_modality` says which the caller
     meant, and a query of the other kind is refused)."""
     if any(not q.strip() for q in queries):
         raise MmretError("a query is empty; give the words to search for")
-    if image is not None and Path(image).is_dir():
-        raise MmretError(f"--{query_modality or 'image'} {image} is a folder; give the path of one file to search with")
+    if item is not None and Path(item).is_dir():
+        raise MmretError(f"--{query_modality or 'image'} {item} is a folder; give the path of one file to search with")
     if k < 1:
         raise MmretError(f"-k must be at least 1, got {k}")
     run = LoadedRun(run_dir, which, device)
-    items = get_modality(run.cfg.data.modality)
-    if not queries and image is None:
-        raise MmretError(f"nothing to search for: give a query text, --queries FILE, or --{items.name} PATH")
-    if image is not None and query_modality not in (None, items.name):
-        raise MmretError(f"run {run.name} searches {items.plural}, not {get_modality(query_modality).plural}: "
-                         f"query with --{items.name} PATH")
-    gallery = Gallery.open(run, dataset, split, index, rebuild_index, captions=image is not None,
+    modality = get_modality(run.cfg.data.modality)
+    if not queries and item is None:
+        raise MmretError(f"nothing to search for: give a query text, --queries FILE, or --{modality.name} PATH")
+    if item is not None and query_modality not in (None, modality.name):
+        raise MmretError(f"run {run.name} searches {modality.plural}, not {get_modality(query_modality).plural}: "
+                         f"query with --{modality.name} PATH")
+    gallery = Gallery.open(run, dataset, split, index, rebuild_index, captions=item is not None,
                            reporter=reporter, data_dir=data_dir)
     results = gallery.search_texts(queries, k) if queries else []
-    if image is not None:
-        results += gallery.search_items([image], k)
+    if item is not None:
+        results += gallery.search_items([item], k)
     return SearchResult(run_dir.name, gallery.dataset, split, index, results, gallery.modality.name)

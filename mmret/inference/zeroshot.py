@@ -21,7 +21,7 @@ def zero_shot_run(model: str, dataset: str, data_dir: Any = None, runs_dir: Any 
     modality = load_dataset(dataset, data_dir).modality.name
     cfg = RunConfig(name=f"zeroshot-{slug(model)}", runs_dir=runs_dir,
                     data=DataConfig(dataset=dataset, data_dir=data_dir, modality=modality),
-                    encoders=EncoderConfig(vision=model, text=model), method=config_for("zeroshot"))
+                    encoders=EncoderConfig(item=model, text=model), method=config_for("zeroshot"))
     path = cfg.runs_dir / cfg.name
     if not (path / "config.json").is_file():
         path = create_run_dir(cfg, latest=False)

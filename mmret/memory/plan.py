@@ -132,13 +132,13 @@ def micro_batches(batch_size: int) -> list[int]:
 
 
 def _norm_rows(cfg: RunConfig, method: Any) -> tuple[int, int]:
-    """Image and caption rows `init_heads` samples: up to its cap, fewer for a small training split."""
+    """Item and caption rows `init_heads` samples: up to its cap, fewer for a small training split."""
     cap = method.sample_size
     try:
         train = load_dataset(cfg.data.dataset, cfg.data.data_dir).split("train")
     except MmretError:
         return cap, cap
-    return min(cap, len(train.images)), min(cap, len(train.captions))
+    return min(cap, len(train.items)), min(cap, len(train.captions))
 
 
 def size_text(n: float) -> str:

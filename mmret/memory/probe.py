@@ -79,14 +79,14 @@ class _Sample:
     """Stands in for a data source: `init_heads` draws its sample, `embed_source` one batch each way.
     Tensors are made when asked for, so a model without input norms never allocates the sample."""
 
-    def __init__(self, images: Callable[[], Any], texts: Callable[[], Any]) -> None:
-        self.images, self.texts = images, texts
+    def __init__(self, items: Callable[[], Any], texts: Callable[[], Any]) -> None:
+        self.items, self.texts = items, texts
 
     def sample(self, seed: int = 0) -> tuple[Any, Any]:
-        return self.images(), self.texts()
+        return self.items(), self.texts()
 
-    def iter_images(self, batch_size: int) -> Iterator[Any]:
-        yield self.images()
+    def iter_items(self, batch_size: int) -> Iterator[Any]:
+        yield self.items()
 
     def iter_texts(self, batch_size: int) -> Iterator[Any]:
         yield self.texts()
@@ -132,15 +132,15 @@ class Probe:
 
     def setup(self) -> Breakdown:
         """`init_heads`: a sample of training inputs through the input norms, before any optimizer state."""
-        images, texts = self.norm_rows
-        if not (images and texts):
+        items, texts = self.norm_rows
+        if not (items and texts):
             with self.tracked(optimizer=False) as live:
                 pass
             return live.breakdown()
         # the sources hand the sample over on the CPU and init_heads moves only what a tower encodes,
         # a chunk at a time: the sample exists before tracking starts, so only that work is counted
         with self.mode or nullcontext():
-            sample = _Sample(lambda x=self.inputs.images(images, self.device): x,
+            sample = _Sample(lambda x=self.inputs.items(items, self.device): x,
                              lambda x=self.inputs.texts(texts, self.device): x)
         with self.tracked(optimizer=False) as live:
             init_heads(self.model, sample, self.device, 0)
@@ -212,7 +212,7 @@ class Probe:
         batch = self.cfg.train.batch_size
         self._allocate_grads()
         with self.tracked() as live:
-            source = _Sample(lambda: self.inputs.images(batch, self.device),
+            source = _Sample(lambda: self.inputs.items(batch, self.device),
                              lambda: self.inputs.texts(batch, self.device))
             embed_source(self.model, source, batch, self.device, self.autocast(precision))
         return live.breakdown()

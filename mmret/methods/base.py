@@ -33,8 +33,8 @@ if TYPE_CHECKING:  # torch is imported by the methods themselves, so that the re
 class FeatureDims:
     """Widths of the cached features a features-method is built over."""
 
-    image_dim: int  # pooled item feature D
-    image_token_dim: int  # item token state width Dt
+    item_dim: int  # pooled item feature D
+    item_token_dim: int  # item token state width Dt
     text_dim: int  # pooled caption feature D
 
 
@@ -42,19 +42,19 @@ class FeatureDims:
 class Inputs:
     """The shapes of one training pair as the method reads it (for memory probing)."""
 
-    image: tuple[int, ...]  # one item row: pooled feature (D,), token states (T, Dt), or pixels (3, H, W)
+    item: tuple[int, ...]  # one item row: pooled feature (D,), token states (T, Dt), pixels (3, H, W), ...
     text: tuple[int, ...] | None  # one caption's pooled feature (D,), or None for token ids
     length: int = 0  # token ids per caption (padded to the longest allowed: the worst case)
     vocab: int = 2  # ids are drawn below this
 
     def make(self, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, Any]:
         """A batch of `n` pairs: random values of the right shapes (token ids below `vocab`, no padding)."""
-        return self.images(n, device), self.texts(n, device)
+        return self.items(n, device), self.texts(n, device)
 
-    def images(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def items(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         import torch
 
-        return torch.randn(n, *self.image, device=device)
+        return torch.randn(n, *self.item, device=device)
 
     def texts(self, n: int, device: torch.device | str = "cpu") -> Any:
         import torch
@@ -66,18 +66,18 @@ class Inputs:
 
     def row_bytes(self) -> int:
         text = 4 * math.prod(self.text) if self.text is not None else 2 * 8 * self.length
-        return 4 * math.prod(self.image) + text
+        return 4 * math.prod(self.item) + text
 
 
 @dataclass(frozen=True)
 class FrozenPart:
     """A pretrained tower that is not part of the trained model (its outputs are cached)."""
 
-    label: str  # e.g. "image encoder (dinov2-small, frozen)"
+    label: str  # e.g. "image encoder (dinov2-small, frozen)": the tower's modality names it
     parameters: int
 
 
-SIDES = ("image", "text")  # the item side (a picture or a sound) and the caption side
+SIDES = ("item", "text")  # the item side (a picture or a sound) and the caption side
 
 
 class Method:
@@ -108,7 +108,7 @@ class Method:
         raise NotImplementedError
 
     def build(self, cfg: Any, ctx: Any) -> nn.Module:
-        """The model: `encode_image`, `encode_text`, `logit_scale_for`, `clamp_logit_scale_`."""
+        """The model: `encode_item`, `encode_text`, `logit_scale_for`, `clamp_logit_scale_`."""
         raise NotImplementedError
 
     def save(self, ctx: Any, run_dir: Any) -> None:
@@ -133,7 +133,7 @@ class Method:
         return cfg
 
     def batch_transform(self, cfg: Any) -> Callable | None:
-        """An augmentation of each training batch, `(images, texts, generator) -> (images, texts)`, or None."""
+        """An augmentation of each training batch, `(items, texts, generator) -> (items, texts)`, or None."""
         return None
 
     def frozen_parts(self, cfg: Any, ctx: Any) -> list[FrozenPart]:

@@ -2,7 +2,7 @@
 top of the heads method's projection of the pooled token.
 
 The item side is `ResidualBridge`: a projection head over the class (or mean) token, built as the
-heads method builds its image head, plus K learnable queries that attend over the cached token
+heads method builds its item head, plus K learnable queries that attend over the cached token
 states through L blocks and add a correction whose last projection starts at zero, so training
 starts from the heads model (`--bridge-base none`: the queries alone, the first design). The text
 side is a projection head over the pooled caption feature. Only the bridge, the text head, their
@@ -26,11 +26,11 @@ class BridgeMethod(HeadsMethod):
     help = help_of("bridge")
     lr = 5e-4
     config = BridgeConfig
-    image_tokens = True
+    item_tokens = True
 
     def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
         m, dims = cfg.method, ctx.dims
-        d = dims.image_token_dim
+        d = dims.item_token_dim
         head = (lambda width: ProjectionHead(width, m.embed_dim, m.head_layers, m.head_hidden, m.dropout))
         residual = m.bridge_base != "none"
 
@@ -43,11 +43,11 @@ class BridgeMethod(HeadsMethod):
         if residual:  # built in the heads method's order (item head, text head): one seed starts both alike
             pooled = PooledHead(head(d), m.bridge_base, m.input_norm)
             text = with_input_norm(dims.text_dim, head(dims.text_dim), m.input_norm)
-            image = ResidualBridge(pooled, queries() if m.queries else None)
+            item = ResidualBridge(pooled, queries() if m.queries else None)
         else:
-            image = queries()
+            item = queries()
             text = with_input_norm(dims.text_dim, head(dims.text_dim), m.input_norm)
-        return DualEncoder(image, text, m.embed_dim, build_temperature(m.temperature, m.init_temperature))
+        return DualEncoder(item, text, m.embed_dim, build_temperature(m.temperature, m.init_temperature))
 
 
 register_method(BridgeMethod())

@@ -12,7 +12,7 @@ from mmret.errors import MmretError
 BUILTIN_METHODS: dict[str, tuple[str, str, bool]] = {
     "heads": ("mmret.methods.heads", "projection heads over cached pooled features of both frozen towers", True),
     "bridge": ("mmret.methods.bridge",
-               "a querying bridge (small Q-Former) over cached image tokens correcting a head over the class token, "
+               "a querying bridge (small Q-Former) over cached item tokens correcting a head over the class token, "
                "a head over text", True),
     "lora": ("mmret.methods.towers", "LoRA (peft) inside one or both towers, with heads over experts", True),
     "prefix": ("mmret.methods.towers", "learned prompt tokens in every block of the towers (deep prompt tuning)", True),

@@ -26,42 +26,42 @@ from mmret.methods.queries import encode_with_tower, item_batch
 class FeatureContext:
     """The two frozen towers (built without weights until needed) and the widths of their outputs."""
 
-    image: nn.Module  # item tower (a picture or a sound tower)
+    item: nn.Module  # item tower (a picture or a sound tower)
     text: nn.Module
     loaded: dict[str, nn.Module] = field(default_factory=dict)  # side -> the tower with weights, on its device
 
     @property
     def dims(self) -> FeatureDims:
-        return FeatureDims(self.image.dim, self.image.token_dim, self.text.dim)
+        return FeatureDims(self.item.dim, self.item.token_dim, self.text.dim)
 
     def tower(self, side: str, device: torch.device) -> nn.Module:
         """The tower of `side` with its weights, on `device` (loaded on first use)."""
         if side not in self.loaded:
-            frozen = self.image if side == "image" else self.text
+            frozen = self.item if side == "item" else self.text
             self.loaded[side] = frozen.with_weights().to(device).eval()
         return self.loaded[side]
 
 
-def open_frozen_towers(cfg: Any, vision: str, text: str) -> FeatureContext:
+def open_frozen_towers(cfg: Any, item: str, text: str) -> FeatureContext:
     """Both towers of a run on the meta device, the item tower of the run's modality."""
-    image = load_tower(vision, cfg.data.modality, meta=True)
-    return FeatureContext(image, load_text_encoder(text, max_length=cfg.encoders.max_length, meta=True))
+    return FeatureContext(load_tower(item, cfg.data.modality, meta=True),
+                          load_text_encoder(text, max_length=cfg.encoders.max_length, meta=True))
 
 
 class FeaturesMethod(Method):
-    """A method whose model reads cached pooled (or, with `image_tokens`, token) features."""
+    """A method whose model reads cached pooled (or, with `item_tokens`, token) features."""
 
-    image_tokens = False  # read the item tower's token states (bridge), not its pooled output
+    item_tokens = False  # read the item tower's token states (bridge), not its pooled output
     sample_size = FeatureSource.sample_size
 
     def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
              need: tuple[str, ...] = SIDES) -> FeatureContext:
-        return open_frozen_towers(cfg, cfg.encoders.vision, cfg.encoders.text)
+        return open_frozen_towers(cfg, cfg.encoders.item, cfg.encoders.text)
 
     def caches(self, ctx: FeatureContext, dataset: Any, device: torch.device, reporter: Any) -> tuple[Any, Any]:
         """The item and caption caches of the whole dataset (computed where they are missing; no
         caption cache for a gallery without captions)."""
-        items = ensure_features(dataset, ctx.image, dataset.modality.plural, tokens=self.image_tokens,
+        items = ensure_features(dataset, ctx.item, dataset.modality.plural, tokens=self.item_tokens,
                                 reporter=reporter, device=device)
         if dataset.captions.empty:
             return items, None
@@ -72,7 +72,7 @@ class FeaturesMethod(Method):
                 reporter: Any) -> list[Any]:
         items, captions = self.caches(ctx, dataset, device, reporter)
         tables = run_tables(cfg, dataset)
-        return [FeatureSource(split_tables(tables, s), items, captions, self.image_tokens) for s in splits]
+        return [FeatureSource(split_tables(tables, s), items, captions, self.item_tokens) for s in splits]
 
     def cached_sides(self, cfg: Any) -> tuple[str, ...]:
         return SIDES
@@ -82,16 +82,16 @@ class FeaturesMethod(Method):
         if side == "text":
             return lambda texts: encode_with_tower(tower, tower.tokenize(list(texts)), device).pooled
         load = tower.item_loader()
-        out = "tokens" if self.image_tokens else "pooled"
+        out = "tokens" if self.item_tokens else "pooled"
         return lambda paths: getattr(encode_with_tower(tower, item_batch(tower, load, paths), device), out)
 
     def input_shapes(self, cfg: Any, ctx: FeatureContext, num_tokens: Callable[[nn.Module], int]) -> Inputs:
-        image = (num_tokens(ctx.image), ctx.image.token_dim) if self.image_tokens else (ctx.image.dim,)
-        return Inputs(image, (ctx.text.dim,))
+        item = (num_tokens(ctx.item), ctx.item.token_dim) if self.item_tokens else (ctx.item.dim,)
+        return Inputs(item, (ctx.text.dim,))
 
     def frozen_parts(self, cfg: Any, ctx: FeatureContext) -> list[FrozenPart]:
         return [FrozenPart(f"{enc.modality} encoder ({enc.name}, frozen)", sum(p.numel() for p in enc.parameters()))
-                for enc in (ctx.image, ctx.text)]
+                for enc in (ctx.item, ctx.text)]
 
     def memory_notes(self, cfg: Any) -> list[str]:
         return [f"{self.name} trains from cached features: the towers never run in training and are not counted"]

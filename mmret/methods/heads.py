@@ -38,7 +38,7 @@ class HeadsMethod(FeaturesMethod):
         """The feature sources; with `--views K` the training one also reads K augmented views."""
         sources = super().sources(cfg, ctx, dataset, splits, device, reporter)
         if cfg.method.views and "train" in splits:
-            views = [ensure_features(dataset, ctx.image, dataset.modality.plural, tokens=self.image_tokens,
+            views = [ensure_features(dataset, ctx.item, dataset.modality.plural, tokens=self.item_tokens,
                                      reporter=reporter, device=device, view=view)
                      for view in item_views(dataset, cfg.method.views, cfg.train.hflip)]
             sources[splits.index("train")].use_views(views, cfg.train.seed)
@@ -47,12 +47,12 @@ class HeadsMethod(FeaturesMethod):
     def batch_transform(self, cfg: Any) -> Callable | None:
         """Latent mixup of the cached features (`--mixup`, FuseMix), or None."""
         alpha = cfg.method.mixup
-        return (lambda images, texts, gen: latent_mixup(images, texts, alpha, gen)[:2]) if alpha > 0 else None
+        return (lambda items, texts, gen: latent_mixup(items, texts, alpha, gen)[:2]) if alpha > 0 else None
 
     def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
         m, dims = cfg.method, ctx.dims
         heads = [with_input_norm(d, ProjectionHead(d, m.embed_dim, m.head_layers, m.head_hidden, m.dropout),
-                                 m.input_norm) for d in (dims.image_dim, dims.text_dim)]
+                                 m.input_norm) for d in (dims.item_dim, dims.text_dim)]
         return DualEncoder(*heads, m.embed_dim, build_temperature(m.temperature, m.init_temperature))
 
 

@@ -3,7 +3,7 @@
 
 `--model clip-b32` takes both towers from one CLIP, whose projected embeddings already share a
 space: no head when the embedding size is CLIP's projection width, and the temperature starts at
-CLIP's trained value (logit scale 100). `--vision ENC --text ENC` pairs two experts, each followed
+CLIP's trained value (logit scale 100). `--vision ENC --text ENC` (or `--audio ENC`) pairs two experts, each followed
 by an input norm and a projection head. `--tower text|vision` adapts one tower; the other stays
 frozen, never runs in training and is read from the feature cache.
 
@@ -31,6 +31,7 @@ from mmret.methods.base import (
     SIDES, FrozenPart, Inputs, Method, MethodConfig, register_method, registry,
 )
 from mmret.methods.queries import encode_with_tower, item_batch
+from mmret.modalities import get_modality
 from mmret.models import DualEncoder, ProjectionHead
 from mmret.models.heads import InputNorm
 from mmret.models.temperature import build_temperature
@@ -44,9 +45,9 @@ CLIP_TEMPERATURE = 0.01  # CLIP's logit scale ends training at its cap, 100
 
 @dataclass
 class Towers:
-    image: nn.Module  # the item tower (picture or sound)
+    item: nn.Module  # the item tower (picture or sound)
     text: nn.Module
-    cached: str | None = None  # the side that stays frozen and is read from the feature cache: image | text
+    cached: str | None = None  # the side that stays frozen and is read from the feature cache: item | text
     loaded: dict[str, nn.Module] | None = None  # the frozen side with weights, for queries
 
 
@@ -88,16 +89,16 @@ class TowerMethod(Method):
     # -- Method
     def cached_sides(self, cfg: Any) -> tuple[str, ...]:
         tower = self.adapted_tower(cfg.method)
-        return () if tower == "both" else ("image",) if tower == "text" else ("text",)
+        return () if tower == "both" else ("item",) if tower == "text" else ("text",)
 
     def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
              need: tuple[str, ...] = SIDES) -> Towers:
         """Both towers; a side that stays frozen, or that is not needed, is built without weights."""
         cached = self.cached_sides(cfg)
         real = {side: weights and side in need and side not in cached for side in SIDES}
-        vision = cfg.encoders.model or cfg.encoders.vision
+        item = cfg.encoders.model or cfg.encoders.item
         text = cfg.encoders.model or cfg.encoders.text
-        return Towers(load_tower(vision, cfg.data.modality, meta=not real["image"]),
+        return Towers(load_tower(item, cfg.data.modality, meta=not real["item"]),
                       load_text_encoder(text, max_length=cfg.encoders.max_length, meta=not real["text"]),
                       cached[0] if cached else None, {})
 
@@ -108,7 +109,7 @@ class TowerMethod(Method):
         if hflip is None:
             hflip = not mentions_sides(tables.captions["caption"].tolist())
         frozen = self._frozen_caches(ctx, dataset, device, reporter)
-        train_load, eval_load = ctx.image.item_loader(train=True, hflip=hflip), ctx.image.item_loader()
+        train_load, eval_load = ctx.item.item_loader(train=True, hflip=hflip), ctx.item.item_loader()
         sources = []
         for split in splits:
             part = split_tables(tables, split)
@@ -120,8 +121,8 @@ class TowerMethod(Method):
     @staticmethod
     def _frozen_caches(ctx: Towers, dataset: Any, device: torch.device, reporter: Any) -> tuple | None:
         """(item features, None) or (None, caption features) of the tower that stays frozen."""
-        if ctx.cached == "image":
-            return ensure_features(dataset, ctx.image, dataset.modality.plural, reporter=reporter, device=device), None
+        if ctx.cached == "item":
+            return ensure_features(dataset, ctx.item, dataset.modality.plural, reporter=reporter, device=device), None
         if ctx.cached == "text":  # a gallery without captions has none to read
             captions = None if dataset.captions.empty else ensure_features(dataset, ctx.text, CAPTIONS,
                                                                             reporter=reporter, device=device)
@@ -134,7 +135,7 @@ class TowerMethod(Method):
         over the cached pooled features."""
         m = cfg.method
         sides = []
-        for side, encoder in (("image", ctx.image), ("text", ctx.text)):
+        for side, encoder in (("item", ctx.item), ("text", ctx.text)):
             head = _head(encoder, m)
             if side == ctx.cached:
                 sides.append(head if head is not None else nn.Identity())
@@ -143,12 +144,12 @@ class TowerMethod(Method):
             if cfg.train.grad_checkpointing:
                 set_grad_checkpointing(encoder, True)
             sides.append(EncoderTower(encoder, head))
-        clip = all(_head(enc, m) is None for enc in (ctx.image, ctx.text))
+        clip = all(_head(enc, m) is None for enc in (ctx.item, ctx.text))
         temperature = build_temperature(m.temperature, CLIP_TEMPERATURE if clip else m.init_temperature)
         return DualEncoder(sides[0], sides[1], m.embed_dim, temperature)
 
     def query_inputs(self, cfg: Any, ctx: Towers, side: str, device: torch.device) -> Callable[[list], Any]:
-        encoder = ctx.image if side == "image" else ctx.text
+        encoder = ctx.item if side == "item" else ctx.text
         if side == ctx.cached:  # the frozen tower runs once on the query; the model reads its pooled output
             if side not in ctx.loaded:
                 ctx.loaded[side] = encoder.with_weights().to(device).eval()
@@ -164,24 +165,24 @@ class TowerMethod(Method):
 
     def input_shapes(self, cfg: Any, ctx: Towers, num_tokens: Callable[[nn.Module], int]) -> Inputs:
         text = ctx.text
-        if ctx.cached == "image":
-            image_row: tuple[int, ...] = (ctx.image.dim,)
+        if ctx.cached == "item":
+            item_row: tuple[int, ...] = (ctx.item.dim,)
         else:
-            image_row = tuple(ctx.image.blank_inputs(1, "meta")[ctx.image.input_name].shape[1:])
-        return Inputs(image_row, (text.dim,) if ctx.cached == "text" else None, text.max_length,
+            item_row = tuple(ctx.item.blank_inputs(1, "meta")[ctx.item.input_name].shape[1:])
+        return Inputs(item_row, (text.dim,) if ctx.cached == "text" else None, text.max_length,
                       text.model.config.vocab_size)
 
     def frozen_parts(self, cfg: Any, ctx: Towers) -> list[FrozenPart]:
         if ctx.cached is None:
             return []
-        enc = ctx.image if ctx.cached == "image" else ctx.text
+        enc = ctx.item if ctx.cached == "item" else ctx.text
         return [FrozenPart(f"{enc.modality} encoder ({enc.name}, frozen, cached)", sum(p.numel() for p in enc.parameters()))]
 
     def memory_notes(self, cfg: Any) -> list[str]:
         cached = self.cached_sides(cfg)
         if not cached:
             return []
-        frozen = "vision" if cached == ("image",) else "text"
+        frozen = get_modality(cfg.data.modality).noun if cached == ("item",) else "text"
         return [f"the frozen {frozen} tower never runs in training: its outputs come from the feature cache "
                 "and it is not counted"]
 
@@ -258,7 +259,7 @@ class PrefixMethod(TowerMethod):
     def inject(self, model: nn.Module, modality: str, m: PrefixConfig) -> None:
         from mmret.models.tuners.prompts import add_prompts
 
-        add_prompts(model, "text" if modality == "text" else "image", m.prefix_tokens)
+        add_prompts(model, modality, m.prefix_tokens)
 
 
 class AdapterMethod(TowerMethod):

@@ -27,10 +27,10 @@ class ZeroShotMethod(FeaturesMethod):
 
     def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
         dims = ctx.dims
-        if dims.image_dim != dims.text_dim:
-            raise MmretError(f"zero-shot needs towers that share an embedding space; {cfg.encoders.vision} gives "
-                             f"{dims.image_dim} and {cfg.encoders.text} gives {dims.text_dim} dimensions")
-        return DualEncoder(nn.Identity(), nn.Identity(), dims.image_dim, build_temperature("fixed", 0.01))
+        if dims.item_dim != dims.text_dim:
+            raise MmretError(f"zero-shot needs towers that share an embedding space; {cfg.encoders.item} gives "
+                             f"{dims.item_dim} and {cfg.encoders.text} gives {dims.text_dim} dimensions")
+        return DualEncoder(nn.Identity(), nn.Identity(), dims.item_dim, build_temperature("fixed", 0.01))
 
 
 register_method(ZeroShotMethod())

@@ -45,7 +45,7 @@ class Modality:
 
     @property
     def id_column(self) -> str:
-        """The item key's column on disk: `image_id`, `audio_id` (`image_id` once loaded)."""
+        """The item key's column on disk: `image_id`, `audio_id` (`item_id` once loaded, whatever the modality)."""
         return f"{self.name}_id"
 
 

@@ -1,4 +1,4 @@
-"""The querying bridge: a small BLIP-2 Q-Former over the frozen image encoder's token states.
+"""The querying bridge: a small BLIP-2 Q-Former over the frozen item tower's token states.
 
 K learnable query vectors read the token states (B, T, in_dim) through L pre-LayerNorm blocks:
 query self-attention, cross-attention to the tokens, MLP, each with a residual. The queries are
@@ -175,7 +175,7 @@ POOLS = ("cls", "mean", "cls+mean")
 
 class PooledHead(nn.Module):
     """The pooled path of the bridge: token states (B, T, in_dim) -> (B, out_dim) through the heads
-    method's image head over the class token (`pool="cls"`) or the mean of all tokens (`"mean"`).
+    method's item head over the class token (`pool="cls"`) or the mean of all tokens (`"mean"`).
 
     `"cls+mean"` also feeds the mean of the other (patch) tokens into the head's first layer
     through weights that start at zero: the head starts as the class-token head and learns how
@@ -220,11 +220,11 @@ class PooledHead(nn.Module):
 class ResidualBridge(nn.Module):
     """Token states (B, T, in_dim) -> pooled(tokens) + correction(tokens), (B, out_dim).
 
-    `pooled` is a `PooledHead`, built as the heads method builds its image head; `correction` is a
+    `pooled` is a `PooledHead`, built as the heads method builds its item head; `correction` is a
     `QueryBridge` (with its input norm) whose output starts at zero, or None (the pooled path
     alone). `init_input_norms` starts the pooled path's norms from the pooled tokens of the sample
     and the correction's from all of them, so at step 0 this tower computes what the heads
-    method's image head does on the pooled feature.
+    method's item head does on the pooled feature.
     """
 
     def __init__(self, pooled: PooledHead, correction: nn.Module | None = None) -> None:

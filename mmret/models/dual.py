@@ -7,8 +7,8 @@ followed by a head. A batch is a tensor, passed as `tower(x)`, or a dict of tens
 is a `mmret.models.temperature` module; the default is CLIP's learned log-scale, initialised at
 log(1/0.07) and kept at most log(100).
 
-The contract `gradcache.py` relies on (shared with `MiniCLIP`): `encode_image(batch)`,
-`encode_text(batch)` and `logit_scale_for(image_emb, text_emb)` over the whole batch.
+The contract `gradcache.py` relies on (shared with `MiniCLIP`): `encode_item(batch)`,
+`encode_text(batch)` and `logit_scale_for(item_emb, text_emb)` over the whole batch.
 """
 
 from __future__ import annotations
@@ -25,24 +25,24 @@ from mmret.models.temperature import Temperature, build_temperature, logit_scale
 
 
 class DualOutput(NamedTuple):
-    image_emb: Tensor  # (B, D), normalised
+    item_emb: Tensor  # (B, D), normalised
     text_emb: Tensor  # (B, D), normalised
     logit_scale: Tensor  # () the multiplier 1/temperature that `clip_loss` takes
 
 
 class DualEncoder(nn.Module):
-    """Image tower + text tower → normalised (B, embed_dim) embeddings, and a logit scale."""
+    """Item tower (pictures or sounds) + text tower → normalised (B, embed_dim) embeddings, and a logit scale."""
 
     def __init__(
         self,
-        image_tower: nn.Module,
+        item_tower: nn.Module,
         text_tower: nn.Module,
         embed_dim: int = 512,
         temperature: Temperature | None = None,  # default: learned, 1/0.07 at start, at most 100
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
-        self.image_tower = image_tower
+        self.item_tower = item_tower
         self.text_tower = text_tower
         self.temperature = temperature if temperature is not None else build_temperature("learned")
 
@@ -51,9 +51,9 @@ class DualEncoder(nn.Module):
         """The stored log-scale (open_clip's `model.logit_scale`); None for a dynamic temperature."""
         return getattr(self.temperature, "log_scale", None)
 
-    def logit_scale_for(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    def logit_scale_for(self, item_emb: Tensor, text_emb: Tensor) -> Tensor:
         """The multiplier for this batch's similarities (a dynamic temperature reads them)."""
-        return logit_scale_for(self.temperature, image_emb, text_emb)  # ()
+        return logit_scale_for(self.temperature, item_emb, text_emb)  # ()
 
     def clamp_logit_scale_(self) -> None:
         """Call after each optimiser step, as open_clip does, so the scale stays in its range."""
@@ -69,22 +69,22 @@ class DualEncoder(nn.Module):
             )
         return F.normalize(out, dim=-1) if normalize else out  # (B, D)
 
-    def encode_image(self, x: Batch | None = None, /, normalize: bool = True, **inputs: Tensor) -> Tensor:
+    def encode_item(self, x: Batch | None = None, /, normalize: bool = True, **inputs: Tensor) -> Tensor:
         """A tensor, a dict of tensors, or the tensors as keywords → (B, embed_dim)."""
-        return self._encode("image", self.image_tower, x, inputs, normalize)
+        return self._encode("item", self.item_tower, x, inputs, normalize)
 
     def encode_text(self, x: Batch | None = None, /, normalize: bool = True, **inputs: Tensor) -> Tensor:
         """A tensor, a dict of tensors (e.g. input_ids, attention_mask), or keywords → (B, embed_dim)."""
         return self._encode("text", self.text_tower, x, inputs, normalize)
 
-    def forward(self, images: Batch, texts: Batch) -> DualOutput:
-        image_emb, text_emb = self.encode_image(images), self.encode_text(texts)
-        return DualOutput(image_emb, text_emb, self.logit_scale_for(image_emb, text_emb))
+    def forward(self, items: Batch, texts: Batch) -> DualOutput:
+        item_emb, text_emb = self.encode_item(items), self.encode_text(texts)
+        return DualOutput(item_emb, text_emb, self.logit_scale_for(item_emb, text_emb))
 
     def named_parts(self) -> dict[str, nn.Module]:
         """The parts for a parameter table; a tower with its own `named_parts` is listed by sub-part."""
         parts: dict[str, nn.Module] = {}
-        for name, tower in (("image", self.image_tower), ("text", self.text_tower)):
+        for name, tower in (("item", self.item_tower), ("text", self.text_tower)):
             sub = tower.named_parts() if callable(getattr(tower, "named_parts", None)) else None
             parts.update({f"{name}.{k}": m for k, m in sub.items()} if sub else {name: tower})
         parts["temperature"] = self.temperature

@@ -31,11 +31,11 @@ def embed_source(model: nn.Module, source: Any, batch_size: int, device: torch.d
         return out
 
     with autocast():
-        images = embed(model.encode_image, _rows(source.iter_images, batch_size, items))
+        item_parts = embed(model.encode_item, _rows(source.iter_items, batch_size, items))
         texts = embed(model.encode_text, _rows(source.iter_texts, batch_size, captions))
     model.train(was_training)
-    dim = next((t.shape[1] for t in images + texts), 0)
-    return tuple(torch.cat(parts) if parts else torch.zeros(0, dim) for parts in (images, texts))
+    dim = next((t.shape[1] for t in item_parts + texts), 0)
+    return tuple(torch.cat(parts) if parts else torch.zeros(0, dim) for parts in (item_parts, texts))
 
 
 def _rows(iterate: Callable, batch_size: int, rows: Any):

@@ -120,8 +120,8 @@ class MiniCLIP(nn.Module):
         self.temperature = build_temperature(cfg.temperature, cfg.temperature_init, cfg.temperature_max_scale,
                                              cfg.temperature_hidden)
 
-    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
-        """pixels (B, 3, S, S), ImageNet-normalized -> (B, embed_dim)."""
+    def encode_item(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """pixels (B, 3, S, S), ImageNet-normalized -> (B, embed_dim) (its items are pictures)."""
         x = self.projection(self.image_in(self.visual(pixels)))  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -131,9 +131,9 @@ class MiniCLIP(nn.Module):
         x = projection(self.text_in(self.text(input_ids, attention_mask)))  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def logit_scale_for(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    def logit_scale_for(self, item_emb: Tensor, text_emb: Tensor) -> Tensor:
         """The scalar logit scale for this batch of normalized embeddings: `clip_loss`'s third argument."""
-        return logit_scale_for(self.temperature, image_emb, text_emb)
+        return logit_scale_for(self.temperature, item_emb, text_emb)
 
     @property
     def logit_scale(self) -> Tensor | None:
@@ -146,10 +146,10 @@ class MiniCLIP(nn.Module):
 
     def forward(self, pixels: Tensor, input_ids: Tensor,
                 attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(image_emb (B, E), text_emb (B, E), logit_scale ()) as open_clip's CLIP returns them."""
-        image_emb = self.encode_image(pixels)
+        """(item_emb (B, E), text_emb (B, E), logit_scale ()) as open_clip's CLIP returns them."""
+        item_emb = self.encode_item(pixels)
         text_emb = self.encode_text(input_ids, attention_mask)
-        return image_emb, text_emb, self.logit_scale_for(image_emb, text_emb)
+        return item_emb, text_emb, self.logit_scale_for(item_emb, text_emb)
 
     def named_parts(self) -> dict[str, nn.Module]:
         """The parts for a parameter table: towers, projection (input maps and MLPs), temperature."""

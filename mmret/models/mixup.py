@@ -1,8 +1,8 @@
 """Latent mixup as in FuseMix (Vouitsis et al., 2024): augmentation in the frozen encoders' space.
 
 Both modalities of a batch are mixed with ONE lambda ~ Beta(alpha, alpha) and ONE permutation, so
-mixed image i and mixed caption i stay a matching pair. It is applied to the cached encoder
-outputs (pooled features or token states) before the trainable parts; raw pixels are never mixed.
+mixed item i and mixed caption i stay a matching pair. It is applied to the cached encoder
+outputs (pooled features or token states) before the trainable parts; raw pixels or waveforms are never mixed.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ def mix(x: Batch, lam: float, perm: Tensor) -> Batch:
 
 
 def latent_mixup(
-    images: Batch, texts: Batch, alpha: float, generator: torch.Generator
+    items: Batch, texts: Batch, alpha: float, generator: torch.Generator
 ) -> tuple[Batch, Batch, float, Tensor]:
-    """Mix a batch of cached image and text outputs with one shared lambda and permutation."""
-    n = batch_size(images)
+    """Mix a batch of cached item and text outputs with one shared lambda and permutation."""
+    n = batch_size(items)
     if batch_size(texts) != n:
-        raise MmretError(f"latent mixup needs as many images as captions, got {n} and {batch_size(texts)}")
+        raise MmretError(f"latent mixup needs as many items as captions, got {n} and {batch_size(texts)}")
     lam, perm = sample_mixup(n, alpha, generator)
-    return mix(images, lam, perm), mix(texts, lam, perm), lam, perm
+    return mix(items, lam, perm), mix(texts, lam, perm), lam, perm

@@ -1,7 +1,7 @@
 """A pretrained tower in the training loop: the encoder (adapted inside, or not) followed by a
 projection head into the shared space.
 
-Used by the methods that run images and tokens through the towers at every step (lora, prefix,
+Used by the methods that run items and tokens through the towers at every step (lora, prefix,
 adapter, full). The head is an `InputNorm` + `ProjectionHead`, or nothing when the tower already
 ends in the shared space (a CLIP tower's projected embedding, when its width is the embedding size).
 """

@@ -5,6 +5,9 @@ and RNG state for an exact resume.
 with the step and metrics as metadata; `<stem>.state.safetensors` holds the optimizer tensors
 and RNG states, with everything that is not a tensor as JSON metadata. Each file is written
 under a temporary name and renamed, and both carry the step so a torn pair is detected.
+
+Checkpoints written before the item side had its own name hold `image_tower.*`; they load under
+today's names (`RENAMED`), after their digest is checked against the names they were written with.
 """
 
 from __future__ import annotations
@@ -64,6 +67,16 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 FIX = "use the run's other checkpoint (--checkpoint best or last) or train the run again"
+RENAMED = {"image_tower.": "item_tower."}  # an earlier name of a module -> its name now
+
+
+def current_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with every name that starts with an earlier module name (`RENAMED`) renamed."""
+    out = {}
+    for name, tensor in tensors.items():
+        old = next((o for o in RENAMED if name.startswith(o)), None)
+        out[RENAMED[old] + name[len(old):] if old else name] = tensor
+    return out
 
 
 def _read(path: Path, fn: Any) -> Any:
@@ -100,7 +113,7 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
     Parts of the model built on the meta device (a tower a query does not need) are left as they are."""
     if not path.is_file():
         raise MmretError(f"no checkpoint at {path}")
-    weights = _load(path)
+    weights = current_names(_load(path))
     expected = trainable_state(model)
     missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
     if missing or unexpected:

@@ -3,7 +3,8 @@
 
 The `method` section is the method's own config class (`mmret.methods`): the settings every
 method shares plus its own. A config.json written before methods had configs of their own (every
-method's settings in one section) still loads: the settings of other methods are left out.
+method's settings in one section) still loads: the settings of other methods are left out. So
+does one written before the item side had its own name (`encoders.vision`, `mine_by: image`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mmret.methods.base import check_positive, config_class
 @dataclass
 class DataConfig:
     dataset: str = "example"  # prepared dataset under the data root
-    folds: int = 0  # k-fold cross-validation over all images (0: use the dataset's own splits)
+    folds: int = 0  # k-fold cross-validation over all items (0: use the dataset's own splits)
     fold: int = 0  # which fold is the test split when folds > 0
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
     modality: str = "image"  # what the dataset's items are (set from the dataset when training starts)
@@ -40,7 +41,7 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    vision: str = "dino-vits16"  # frozen image tower: preset, hub id or local folder
+    item: str = "dino-vits16"  # frozen item tower (a picture or a sound tower): preset, hub id or local folder
     text: str = "distilbert"  # frozen text tower: preset, hub id or local folder
     model: str | None = None  # a CLIP whose two towers are adapted (lora/prefix/adapter/full)
     max_length: int = 64  # text tokens per caption
@@ -48,7 +49,7 @@ class EncoderConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20  # passes over the training images
+    epochs: int = 20  # passes over the training items
     batch_size: int = 128  # pairs in one contrastive loss
     micro_batch: int | None = None  # pairs per forward pass (default: the whole batch)
     accumulation: str = "cache"  # cache: every pair sees the whole batch's negatives; plain: only its micro-batch's
@@ -69,7 +70,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     same_caption: str = "positive"  # pictures whose captions share a text: positive (not each other's negatives) | negative (CLIP)
     hard_negatives: int = 0  # batches of groups of this many mined near neighbours (0: random batches)
-    mine_by: str = "both"  # hard negatives are neighbours by cached image features, text features, or both
+    mine_by: str = "both"  # hard negatives are neighbours by cached item features, text features, or both
     hn_beta: float = 0.0  # HN-NCE: weight negatives by softmax(beta * logit) (0: plain InfoNCE)
 
     def __post_init__(self) -> None:
@@ -89,8 +90,10 @@ class TrainConfig:
             raise MmretError(f"--same-caption must be positive or negative, got {self.same_caption!r}")
         if self.hard_negatives == 1 or self.hard_negatives < 0:
             raise MmretError(f"--hard-negatives is a group size: 0 (off) or at least 2, got {self.hard_negatives}")
-        if self.mine_by not in ("image", "text", "both"):
-            raise MmretError(f"--mine-by must be image, text or both, got {self.mine_by!r}")
+        if self.mine_by in ("image", "audio"):  # the modality's word, as config.json said before items had a name
+            self.mine_by = "item"
+        if self.mine_by not in ("item", "text", "both"):
+            raise MmretError(f"--mine-by must be item, text or both, got {self.mine_by!r}")
         if self.hn_beta < 0:
             raise MmretError(f"--hn-beta must be 0 (off) or positive, got {self.hn_beta}")
 
@@ -130,7 +133,7 @@ class RunConfig:
                 section = {**getattr(config_class(name), "SAVED_BEFORE", {}), **section}
                 kwargs[key] = config_for(name, **section)
                 continue
-            section = {k: v for k, v in section.items() if (key, k) not in RETIRED}
+            section = {RENAMED.get((key, k), k): v for k, v in section.items() if (key, k) not in RETIRED}
             if section:  # a saved section: settings added since it was written keep their old meaning
                 section = {**{k: v for (s, k), v in SAVED_BEFORE.items() if s == key}, **section}
             names = {f.name for f in dataclasses.fields(kind)}
@@ -143,6 +146,7 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfig, "train": TrainConfig}
 RETIRED = {("encoders", "tokens")}  # settings old config.json files hold that nothing reads any more
+RENAMED = {("encoders", "vision"): "item"}  # settings old config.json files hold under an earlier name
 # settings added later, and what a config.json written before them meant (a method's own are its
 # config class's SAVED_BEFORE)
 SAVED_BEFORE = {("train", "same_caption"): "negative"}
@@ -159,7 +163,7 @@ def settle_modality(cfg: RunConfig) -> str:
     try:
         cfg.data.modality = load_dataset(cfg.data.dataset, cfg.data.data_dir).modality.name
     except MmretError:
-        tower = cfg.encoders.model or cfg.encoders.vision
+        tower = cfg.encoders.model or cfg.encoders.item
         cfg.data.modality = (tower_modality(tower) if tower else None) or cfg.data.modality
     return cfg.data.modality
 

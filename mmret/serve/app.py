@@ -61,10 +61,10 @@ def create_app(service: SearchService) -> Any:
 
     def to_response(kind: str, value: str, k: int, answer: Answer) -> SearchResponse:
         return SearchResponse(query=Query(kind=kind, value=value), modality=service.modality.name, k=k,
-                              results=[ItemHit(rank=h.rank, id=h.image_id, score=h.score, captions=h.captions,
-                                               **_links(h.image_id)) for h in answer.items],
-                              captions=[CaptionHit(rank=h.rank, caption=h.captions[0], score=h.score, id=h.image_id,
-                                                   **_links(h.image_id)) for h in answer.captions],
+                              results=[ItemHit(rank=h.rank, id=h.item_id, score=h.score, captions=h.captions,
+                                               **_links(h.item_id)) for h in answer.items],
+                              captions=[CaptionHit(rank=h.rank, caption=h.captions[0], score=h.score, id=h.item_id,
+                                                   **_links(h.item_id)) for h in answer.captions],
                               ms=answer.ms)
 
     @app.get("/", include_in_schema=False)
@@ -111,10 +111,10 @@ def create_app(service: SearchService) -> Any:
         """clip-retrieval's `/knn-service`: the nearest items (modality image) or captions (text)."""
         answer = await _knn(service, body)
         if body.modality == "text":
-            return [KnnResult(id=h.image_id, similarity=h.score, caption=h.captions[0], **_links(h.image_id))
+            return [KnnResult(id=h.item_id, similarity=h.score, caption=h.captions[0], **_links(h.item_id))
                     for h in answer.captions]
-        return [KnnResult(id=h.image_id, similarity=h.score, caption=h.captions[0] if h.captions else None,
-                          **_links(h.image_id)) for h in answer.items]
+        return [KnnResult(id=h.item_id, similarity=h.score, caption=h.captions[0] if h.captions else None,
+                          **_links(h.item_id)) for h in answer.items]
 
     @app.get("/indices-list", dependencies=keyed, tags=["clip-retrieval"])
     async def indices_list() -> list[str]:

@@ -154,49 +154,49 @@ def gather_rows(x: Tensor, world: DistributedWorld) -> tuple[Tensor, int, int]:
 
 
 class GatheredClipLoss:
-    """The contrastive loss of the global batch, as this process's share: its rows (images and
+    """The contrastive loss of the global batch, as this process's share: its rows (items and
     captions) against the gathered columns of every process, labels offset by the rows before it
     (open_clip's `local_loss`). Summed over its rows and scaled by world size / (2 x global batch),
     so the mean over processes (what DDP's gradient averaging takes) is `clip_loss` over the
-    global batch. `scale_for(all_image_emb, all_text_emb)` recomputes the logit scale over the
+    global batch. `scale_for(all_item_emb, all_text_emb)` recomputes the logit scale over the
     gathered batch (a dynamic temperature reads the global similarities, as on one process)."""
 
     def __init__(self, world: DistributedWorld, scale_for: Callable[[Tensor, Tensor], Tensor] | None = None,
                  hn_beta: float = 0.0):
         self.world, self.scale_for, self.hn_beta = world, scale_for, hn_beta
 
-    def __call__(self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
+    def __call__(self, item_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
                  positives: Tensor | None = None) -> Tensor:
         """`positives` (B, B) bool over the GLOBAL batch: pairs beyond the diagonal that count as
         right (as `clip_loss` takes them); with them or `hn_beta`, each row's loss is `row_losses`'."""
-        all_images, start, total = gather_rows(image_emb, self.world)  # (B, D)
+        all_items, start, total = gather_rows(item_emb, self.world)  # (B, D)
         all_texts, _, _ = gather_rows(text_emb, self.world)  # (B, D)
         if self.scale_for is not None:
-            logit_scale = self.scale_for(all_images, all_texts)
-        labels = torch.arange(start, start + len(image_emb), device=image_emb.device)
-        per_image = logit_scale * image_emb @ all_texts.T  # (b, B)
-        per_text = logit_scale * text_emb @ all_images.T  # (b, B)
+            logit_scale = self.scale_for(all_items, all_texts)
+        labels = torch.arange(start, start + len(item_emb), device=item_emb.device)
+        per_item = logit_scale * item_emb @ all_texts.T  # (b, B)
+        per_text = logit_scale * text_emb @ all_items.T  # (b, B)
         if positives is not None or self.hn_beta:
             from mmret.training.losses import row_losses
 
-            eye = torch.zeros_like(per_image, dtype=torch.bool)
+            eye = torch.zeros_like(per_item, dtype=torch.bool)
             eye[torch.arange(len(labels)), labels] = True
             pos = positives.to(device=eye.device, dtype=torch.bool) if positives is not None else None
             rows_i = eye if pos is None else pos[start:start + len(labels)] | eye
             rows_t = eye if pos is None else pos.T[start:start + len(labels)] | eye
-            summed = row_losses(per_image, rows_i, self.hn_beta).sum() + row_losses(per_text, rows_t, self.hn_beta).sum()
+            summed = row_losses(per_item, rows_i, self.hn_beta).sum() + row_losses(per_text, rows_t, self.hn_beta).sum()
             return summed * (self.world.size / (2 * total))
-        summed = F.cross_entropy(per_image, labels, reduction="sum") + F.cross_entropy(per_text, labels, reduction="sum")
+        summed = F.cross_entropy(per_item, labels, reduction="sum") + F.cross_entropy(per_text, labels, reduction="sum")
         return summed * (self.world.size / (2 * total))
 
 
-def local_clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, **kw: Any) -> Tensor:
+def local_clip_loss(item_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, **kw: Any) -> Tensor:
     """The loss WITHOUT the gather: each process's pairs see only its own slice's negatives. Kept
     for comparison (the test shows it does not equal the one-process step) and for `--accumulation
     plain`, where each micro-batch sees only its own negatives anyway."""
     from mmret.training.losses import clip_loss
 
-    return clip_loss(image_emb, text_emb, logit_scale, **kw)
+    return clip_loss(item_emb, text_emb, logit_scale, **kw)
 
 
 # ---------------------------------------------------------------------------- DDP
@@ -205,7 +205,7 @@ def local_clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, **
 class PairEmbed(nn.Module):
     """What DistributedDataParallel wraps: a forward from (items, captions) to their embeddings.
 
-    The models' own entry points are `encode_image` / `encode_text`, which DDP cannot see; this
+    The models' own entry points are `encode_item` / `encode_text`, which DDP cannot see; this
     forward calls them. It also adds zero times every trainable parameter to the output, so each
     parameter's gradient hook fires in the backward that ends the step: the temperature (whose
     gradient came earlier, in the loss over cached embeddings) and any parameter a tower holds but
@@ -215,10 +215,10 @@ class PairEmbed(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Batch, texts: Batch) -> tuple[Tensor, Tensor]:
-        image_emb, text_emb = call(self.model.encode_image, images), call(self.model.encode_text, texts)
+    def forward(self, items: Batch, texts: Batch) -> tuple[Tensor, Tensor]:
+        item_emb, text_emb = call(self.model.encode_item, items), call(self.model.encode_text, texts)
         touch = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-        return image_emb + touch, text_emb + touch
+        return item_emb + touch, text_emb + touch
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

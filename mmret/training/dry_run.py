@@ -34,8 +34,8 @@ def dry_run(cfg: RunConfig) -> DryRun:
     with torch.device("meta"):
         model = method.build(cfg, context)
     frozen = [PartCount(part.label, part.parameters, 0) for part in method.frozen_parts(cfg, context)]
-    item = cfg.data.modality  # the item side's parts are named after what it reads ("audio.encoder")
-    parts = [PartCount(item + p.part[5:] if p.part.startswith("image") else p.part, p.total, p.trainable)
+    kind = cfg.data.modality  # the item side's parts are named after what it reads ("audio.encoder")
+    parts = [PartCount(kind + p.part[4:] if p.part.startswith("item") else p.part, p.total, p.trainable)
              for p in parameter_table(model)]
     total = PartCount("total", parts[-1].total + sum(r.total for r in frozen), parts[-1].trainable)
     return DryRun(method.name, frozen + parts[:-1] + [total], cfg.to_dict())

@@ -14,7 +14,7 @@ its running statistics move once per micro-batch (the first pass puts them back)
 `accumulate_step` is plain gradient accumulation, kept for comparison and for users who ask for
 it: each micro-batch's loss sees only its own negatives, which is a different objective.
 
-The model offers `encode_image(x)`, `encode_text(x)` and `logit_scale_for(image_emb, text_emb)`
+The model offers `encode_item(x)`, `encode_text(x)` and `logit_scale_for(item_emb, text_emb)`
 (as `DualEncoder` and `MiniCLIP` do). An input is a tensor, passed as is, or a dict of tensors,
 passed as keywords; both are cut along dim 0.
 
@@ -38,18 +38,18 @@ from mmret.errors import MmretError
 from mmret.models.batch import Batch, batch_size, call, slice_batch
 from mmret.training.losses import clip_loss
 
-LossFn = Callable[..., Tensor]  # (image_emb, text_emb, logit_scale[, positives=(B, B) bool]) -> loss
-# (images, texts) -> (image_emb, text_emb) with a graph: how the pass whose backward ends the step embeds
+LossFn = Callable[..., Tensor]  # (item_emb, text_emb, logit_scale[, positives=(B, B) bool]) -> loss
+# (items, texts) -> (item_emb, text_emb) with a graph: how the pass whose backward ends the step embeds
 Embed = Callable[[Batch, Batch], tuple[Tensor, Tensor]]
 # a context manager entered once per forward (e.g. torch.autocast(...), which may be re-entered in
 # turn), or a function that makes one (e.g. partial(torch.autocast, "cpu", dtype=torch.bfloat16))
 Autocast = AbstractContextManager | Callable[[], AbstractContextManager]
 
 
-def _spans(images: Batch, texts: Batch, micro_batch: int) -> list[tuple[int, int]]:
-    n = batch_size(images)
+def _spans(items: Batch, texts: Batch, micro_batch: int) -> list[tuple[int, int]]:
+    n = batch_size(items)
     if batch_size(texts) != n:
-        raise MmretError(f"a batch needs as many images as captions, got {n} and {batch_size(texts)}")
+        raise MmretError(f"a batch needs as many items as captions, got {n} and {batch_size(texts)}")
     if micro_batch < 1:
         raise MmretError(f"--micro-batch must be at least 1, got {micro_batch}")
     return [(a, min(a + micro_batch, n)) for a in range(0, n, micro_batch)]
@@ -59,12 +59,12 @@ def _enter(autocast: Autocast) -> AbstractContextManager:
     return autocast if isinstance(autocast, AbstractContextManager) else autocast()
 
 
-def _embed(model: nn.Module, images: Batch, texts: Batch) -> tuple[Tensor, Tensor]:
-    return call(model.encode_image, images), call(model.encode_text, texts)  # (b, D), (b, D)
+def _embed(model: nn.Module, items: Batch, texts: Batch) -> tuple[Tensor, Tensor]:
+    return call(model.encode_item, items), call(model.encode_text, texts)  # (b, D), (b, D)
 
 
 def _embedder(model: nn.Module, sync_embed: Embed | None) -> Embed:
-    return sync_embed or (lambda images, texts: _embed(model, images, texts))
+    return sync_embed or (lambda items, texts: _embed(model, items, texts))
 
 
 def _backward(loss: Tensor, scaler: Any) -> None:
@@ -96,22 +96,22 @@ class RngState:
             yield
 
 
-def _loss(loss_fn: LossFn, model: nn.Module, image_emb: Tensor, text_emb: Tensor,
+def _loss(loss_fn: LossFn, model: nn.Module, item_emb: Tensor, text_emb: Tensor,
           positives: Tensor | None) -> Tensor:
     """`loss_fn` over these embeddings; `positives` (pairs that are right beyond the diagonal) only when given."""
-    scale = model.logit_scale_for(image_emb, text_emb)
+    scale = model.logit_scale_for(item_emb, text_emb)
     if positives is None:
-        return loss_fn(image_emb, text_emb, scale)
-    return loss_fn(image_emb, text_emb, scale, positives=positives)
+        return loss_fn(item_emb, text_emb, scale)
+    return loss_fn(item_emb, text_emb, scale, positives=positives)
 
 
-def full_step(model: nn.Module, images: Batch, texts: Batch, loss_fn: LossFn = clip_loss,
+def full_step(model: nn.Module, items: Batch, texts: Batch, loss_fn: LossFn = clip_loss,
               scaler: Any = None, autocast: Autocast = nullcontext, sync_embed: Embed | None = None,
               positives: Tensor | None = None) -> Tensor:
     """One forward and backward through the whole batch; returns the detached loss."""
     with _enter(autocast):
-        image_emb, text_emb = _embedder(model, sync_embed)(images, texts)
-        loss = _loss(loss_fn, model, image_emb, text_emb, positives)
+        item_emb, text_emb = _embedder(model, sync_embed)(items, texts)
+        loss = _loss(loss_fn, model, item_emb, text_emb, positives)
     _backward(loss, scaler)
     return loss.detach()
 
@@ -137,39 +137,39 @@ def _keep_norm_stats(model: nn.Module) -> Iterator[None]:
 
 
 def _embed_without_graph(
-    model: nn.Module, images: Batch, texts: Batch, spans: list[tuple[int, int]], autocast: Autocast
+    model: nn.Module, items: Batch, texts: Batch, spans: list[tuple[int, int]], autocast: Autocast
 ) -> tuple[list[RngState], Tensor, Tensor]:
     """Pass 1: the embeddings of the whole batch, and the RNG state each micro-batch started from."""
-    states, image_parts, text_parts = [], [], []
+    states, item_parts, text_parts = [], [], []
     # the replay pass updates BatchNorm running statistics; updating them here too would count twice
     with torch.no_grad(), _keep_norm_stats(model):
         for a, b in spans:
             states.append(RngState())
             with _enter(autocast):
-                image_emb, text_emb = _embed(model, slice_batch(images, a, b), slice_batch(texts, a, b))
-            image_parts.append(image_emb)
+                item_emb, text_emb = _embed(model, slice_batch(items, a, b), slice_batch(texts, a, b))
+            item_parts.append(item_emb)
             text_parts.append(text_emb)
-    return states, torch.cat(image_parts), torch.cat(text_parts)  # (B, D), (B, D)
+    return states, torch.cat(item_parts), torch.cat(text_parts)  # (B, D), (B, D)
 
 
-def _batch_loss(model: nn.Module, loss_fn: LossFn, image_emb: Tensor, text_emb: Tensor, scaler: Any,
+def _batch_loss(model: nn.Module, loss_fn: LossFn, item_emb: Tensor, text_emb: Tensor, scaler: Any,
                 autocast: Autocast, positives: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The whole batch's loss, back-propagated into the temperature and the embedding leaves.
 
     The loss is scaled before backward, so a GradScaler's factor is in every cached gradient and
     in the temperature's, as in a plain scaled backward.
     """
-    image_emb.requires_grad_()
+    item_emb.requires_grad_()
     text_emb.requires_grad_()
     with _enter(autocast):
-        loss = _loss(loss_fn, model, image_emb, text_emb, positives)
+        loss = _loss(loss_fn, model, item_emb, text_emb, positives)
     _backward(loss, scaler)
-    return loss.detach(), image_emb.grad, text_emb.grad
+    return loss.detach(), item_emb.grad, text_emb.grad
 
 
 def contrastive_step(
     model: nn.Module,
-    images: Batch,
+    items: Batch,
     texts: Batch,
     micro_batch: int,
     loss_fn: LossFn = clip_loss,
@@ -185,19 +185,19 @@ def contrastive_step(
     micro-batch's replay (default: the model itself). `positives` (B, B) bool marks pairs beyond
     the diagonal that the loss counts as right. Returns the detached, unscaled loss.
     """
-    spans = _spans(images, texts, micro_batch)
+    spans = _spans(items, texts, micro_batch)
     if len(spans) == 1:
-        return full_step(model, images, texts, loss_fn, scaler, autocast, sync_embed, positives)
-    states, image_emb, text_emb = _embed_without_graph(model, images, texts, spans, autocast)
-    loss, g_image, g_text = _batch_loss(model, loss_fn, image_emb, text_emb, scaler, autocast, positives)
+        return full_step(model, items, texts, loss_fn, scaler, autocast, sync_embed, positives)
+    states, item_emb, text_emb = _embed_without_graph(model, items, texts, spans, autocast)
+    loss, g_item, g_text = _batch_loss(model, loss_fn, item_emb, text_emb, scaler, autocast, positives)
     for n, ((a, b), state) in enumerate(zip(spans, states)):
         embed = _embedder(model, sync_embed if n == len(spans) - 1 else None)
         with state.replay(), _enter(autocast):
-            image_part, text_part = embed(slice_batch(images, a, b), slice_batch(texts, a, b))
+            item_part, text_part = embed(slice_batch(items, a, b), slice_batch(texts, a, b))
         # d(surrogate)/d(embedding) is the cached gradient, so backward carries it into the weights
         surrogate = sum(
             (part.float() * grad[a:b].float()).sum()
-            for part, grad in ((image_part, g_image), (text_part, g_text))
+            for part, grad in ((item_part, g_item), (text_part, g_text))
             if grad is not None and part.requires_grad
         )
         if isinstance(surrogate, Tensor):  # else no trainable part before the embeddings
@@ -207,7 +207,7 @@ def contrastive_step(
 
 def accumulate_step(
     model: nn.Module,
-    images: Batch,
+    items: Batch,
     texts: Batch,
     micro_batch: int,
     loss_fn: LossFn = clip_loss,
@@ -222,11 +222,11 @@ def accumulate_step(
     its similarities), so with micro < batch this is a weaker objective than `contrastive_step`;
     it is here for comparison and on request. Returns the detached, unscaled loss.
     """
-    spans = _spans(images, texts, micro_batch)
+    spans = _spans(items, texts, micro_batch)
     n, losses = spans[-1][1], []
     for a, b in spans:
         part = None if positives is None else positives[a:b, a:b]
-        loss = full_step(model, slice_batch(images, a, b), slice_batch(texts, a, b),
+        loss = full_step(model, slice_batch(items, a, b), slice_batch(texts, a, b),
                          lambda i, t, s, **kw: loss_fn(i, t, s, **kw) * ((b - a) / n), scaler, autocast,
                          sync_embed if b == n else None, part)
         losses.append(loss)

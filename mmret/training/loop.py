@@ -61,11 +61,11 @@ class RunResult:
     processes: int = 1
 
 
-def train_step(s: Session, images: Any, texts: Any) -> float:
+def train_step(s: Session, items: Any, texts: Any) -> float:
     """One optimizer step over one contrastive batch (its right pairs beyond the diagonal, if any,
     in `s.positives`); returns its loss."""
     try:
-        loss = s.stepper(images, texts, s.state.step, s.positives)
+        loss = s.stepper(items, texts, s.state.step, s.positives)
     except NonFiniteLoss as e:
         raise MmretError(
             f"the loss became {e.loss} at step {s.state.step + 1} (epoch {s.state.epoch + 1}); training stopped and "
@@ -83,10 +83,10 @@ def train_one_epoch(s: Session, task: Any) -> None:
     batches = s.plan.batches(st.epoch, s.world.min_last_batch)[st.batch:]
     mine = [(items[s.world.part(len(items))], captions[s.world.part(len(items))]) for items, captions in batches]
     s.model.train()
-    for (items, captions), (images, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
+    for (items, captions), (inputs, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
         n = len(items)  # pairs in the global batch
         s.positives = s.world.positives(s.plan.positives(items, captions), cfg.accumulation)
-        loss = train_step(s, images, texts)
+        loss = train_step(s, inputs, texts)
         s.step_rng = torch.get_rng_state()
         st.batch, st.loss_sum, st.pairs = st.batch + 1, st.loss_sum + loss * n, st.pairs + n
         task.advance(n, loss=loss, lr=s.optimizer.param_groups[0]["lr"])
@@ -98,9 +98,9 @@ def train_one_epoch(s: Session, task: Any) -> None:
 
 
 @torch.inference_mode()
-def validation_loss(model: nn.Module, image_emb: torch.Tensor, text_emb: torch.Tensor,
+def validation_loss(model: nn.Module, item_emb: torch.Tensor, text_emb: torch.Tensor,
                     captions_of: list[np.ndarray], batch_size: int) -> float:
-    """The contrastive loss over fixed batches of (image, its first caption), in image order."""
+    """The contrastive loss over fixed batches of (item, its first caption), in item order."""
     first = np.array([caps[0] for caps in captions_of])
     device = next(model.parameters()).device
     losses, weights = [], []
@@ -108,8 +108,8 @@ def validation_loss(model: nn.Module, image_emb: torch.Tensor, text_emb: torch.T
         idx = np.arange(a, min(a + batch_size, len(first)))
         if len(idx) < 2:
             continue
-        images, texts = image_emb[idx].to(device), text_emb[first[idx]].to(device)
-        losses.append(float(clip_loss(images, texts, model.logit_scale_for(images, texts))))
+        items, texts = item_emb[idx].to(device), text_emb[first[idx]].to(device)
+        losses.append(float(clip_loss(items, texts, model.logit_scale_for(items, texts))))
         weights.append(len(idx))
     return float(np.average(losses, weights=weights)) if losses else float("nan")
 
@@ -120,10 +120,10 @@ def evaluate(s: Session) -> dict[str, float]:
     from mmret.inference.metrics import directions, retrieval_metrics
 
     source, modality = s.val, get_modality(s.cfg.data.modality)
-    image_emb, text_emb = embed_source(s.model, source, s.cfg.train.batch_size, s.device, s.autocast)
-    result = retrieval_metrics(image_emb, text_emb, torch.tensor(source.tables.caption_image), item=modality.short,
+    item_emb, text_emb = embed_source(s.model, source, s.cfg.train.batch_size, s.device, s.autocast)
+    result = retrieval_metrics(item_emb, text_emb, torch.tensor(source.tables.caption_item), item=modality.short,
                                map_at=modality.map_at)
-    loss = validation_loss(s.model, image_emb, text_emb, source.tables.captions_of, s.cfg.train.batch_size)
+    loss = validation_loss(s.model, item_emb, text_emb, source.tables.captions_of, s.cfg.train.batch_size)
     recalls = [result.metrics[f"{d}_r{k}"] for d in directions(modality.short) for k in (1, 5, 10)]
     return {**result.metrics, SELECT_METRIC: float(np.mean(recalls)), "val_loss": loss}
 
@@ -211,12 +211,13 @@ def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: A
         distribute_step(s.stepper, world, cfg.train.accumulation)
     st, tc = s.state, cfg.train
     if resume_dir is None:
-        s.log(f"training {cfg.method.method} on {cfg.data.dataset}: {s.train.num_images} train / "
-              f"{s.val.num_images} val images, {s.total_steps} steps, {s.precision} on {s.device}")
+        s.log(f"training {cfg.method.method} on {cfg.data.dataset}: {s.train.num_items} train / "
+              f"{s.val.num_items} val {get_modality(cfg.data.modality).plural}, {s.total_steps} steps, "
+              f"{s.precision} on {s.device}")
     stopped = "finished all epochs"
-    total_pairs = s.train.num_images * tc.epochs
+    total_pairs = s.train.num_items * tc.epochs
     with reporter.task("training", total=total_pairs, unit="pairs") as task:
-        task.advance(min(st.epoch * s.train.num_images + st.pairs, total_pairs))
+        task.advance(min(st.epoch * s.train.num_items + st.pairs, total_pairs))
         try:
             while st.epoch < tc.epochs:
                 train_one_epoch(s, task)

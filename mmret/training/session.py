@@ -201,8 +201,8 @@ def init_heads(model: nn.Module, source: Any, device: torch.device, seed: int, c
     device a chunk at a time, so the sample never sits on the device whole."""
     if not any(isinstance(m, InputNorm) for m in model.modules()):
         return
-    images, texts = source.sample(seed=seed)
-    for tower, x in ((model.image_tower, images), (model.text_tower, texts)):
+    items, texts = source.sample(seed=seed)
+    for tower, x in ((model.item_tower, items), (model.text_tower, texts)):
         if hasattr(tower, "pooled_sample"):
             n = len(x["input_ids"]) if isinstance(x, dict) else len(x)
             parts = [call(tower.pooled_sample, to_device(_rows(x, a, a + chunk), device)).cpu()

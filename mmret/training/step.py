@@ -73,7 +73,7 @@ class NonFiniteLoss(Exception):
 
 @dataclass
 class Stepper:
-    """What one step needs. `batch_transform(images, texts, generator)` augments a batch (latent
+    """What one step needs. `batch_transform(items, texts, generator)` augments a batch (latent
     mixup); `keep_grads` accumulates into gradients that already exist instead of zeroing them
     (memory probing measures a step at steady state that way); `loss_fn` is the contrastive loss
     over the batch's embeddings (a distributed wrapper gathers them first). On many processes
@@ -94,30 +94,30 @@ class Stepper:
     keep_grads: bool = False
     loss_fn: Callable = clip_loss
     autocast: Callable[[], Any] | None = None  # default: autocast_context(device, precision)
-    sync_embed: Callable | None = None  # (images, texts) -> embeddings through DDP; None alone
+    sync_embed: Callable | None = None  # (items, texts) -> embeddings through DDP; None alone
     mean_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # the loss averaged over processes
 
     def __post_init__(self) -> None:
         if self.autocast is None:
             self.autocast = lambda: autocast_context(self.device, self.precision)
 
-    def __call__(self, images: Any, texts: Any, step: int, positives: torch.Tensor | None = None) -> float:
+    def __call__(self, items: Any, texts: Any, step: int, positives: torch.Tensor | None = None) -> float:
         """Step `step` (0-based) of the run over one batch; returns its loss. Raises
         `NonFiniteLoss` before the optimizer moves when the loss is not finite. `positives` (B, B)
         bool marks pairs the loss counts as right besides the diagonal (captions shared by pictures)."""
         cfg = self.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.total_steps, int(cfg.warmup * self.total_steps), self.peak_lr)
-        images, texts = to_device(images, self.device), to_device(texts, self.device)
+        items, texts = to_device(items, self.device), to_device(texts, self.device)
         if self.batch_transform is not None:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            images, texts = self.batch_transform(images, texts, gen)
+            items, texts = self.batch_transform(items, texts, gen)
             positives = None  # mixed pairs blend two pictures each: which of them share a caption is undefined
         step_fn = contrastive_step if cfg.accumulation == "cache" else accumulate_step
         micro = cfg.micro_batch or cfg.batch_size
 
         def forward_backward() -> torch.Tensor:
-            return step_fn(self.model, images, texts, micro, loss_fn=self.loss_fn, scaler=self.scaler,
+            return step_fn(self.model, items, texts, micro, loss_fn=self.loss_fn, scaler=self.scaler,
                            autocast=self.autocast, sync_embed=self.sync_embed, positives=positives)
 
         if self.sam is not None:

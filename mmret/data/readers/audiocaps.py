@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text, find_file, index_files, register_reader
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, find_file, index_files, register_reader
 from mmret.errors import MmretError
 from mmret.modalities.audio import AUDIO_EXTENSIONS
 
@@ -40,7 +40,7 @@ def candidates(youtube_id: str, start: str) -> list[str]:
     return named + [youtube_id, f"Y{youtube_id}"]
 
 
-def read_split(path: Path, split: str, files: dict[str, Path], problems: list[Problem]) -> list[ImageRecord]:
+def read_split(path: Path, split: str, files: dict[str, Path], problems: list[Problem]) -> list[ItemRecord]:
     text = decode_text(path.read_bytes(), path.name, problems)
     if text is None:
         raise MmretError(f"{path} is not a text file")
@@ -63,7 +63,7 @@ def read_split(path: Path, split: str, files: dict[str, Path], problems: list[Pr
                 problems.append(Problem("missing audio", clip, f"no sound file for YouTube id {youtube_id} "
                                         f"(start {start} s) under the root", split))
             continue
-        records.append(ImageRecord(clip, str(found), [row["caption"] or ""], split))
+        records.append(ItemRecord(clip, str(found), [row["caption"] or ""], split))
     return records
 
 

@@ -19,10 +19,10 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class ImageRecord:
+class ItemRecord:
     """One item (a picture, or a sound for an audio dataset) and its captions."""
 
-    image_id: str
+    item_id: str
     path: str  # absolute, or relative to the dataset folder for files the dataset owns
     captions: list[str]
     split: str | None = None  # the source's official split, if it has one
@@ -33,17 +33,17 @@ class ImageRecord:
 @dataclass
 class Problem:
     kind: str  # short category shown in the summary, e.g. "missing image"
-    item: str  # the file, line or image concerned
+    item: str  # the file, line or item concerned
     reason: str
     split: str | None = None
 
 
 @dataclass
 class SourceData:
-    images: list[ImageRecord]
+    items: list[ItemRecord]
     files: list[str]  # the annotation files that were read
     split_note: str  # where the splits come from, said in the summary
-    # a random split for images without an official one: (val, test) fractions, or counts with the
+    # a random split for items without an official one: (val, test) fractions, or counts with the
     # dataset size they were set for (Flickr30k: 1014 and 1000 of 31014), scaled down for smaller sets
     split_sizes: tuple[float, float] | tuple[int, int, int] | None = None
     problems: list[Problem] = field(default_factory=list)

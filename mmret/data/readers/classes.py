@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmret.data.readers.base import SPLITS, ImageRecord, Problem, SourceData, decode_text, register_reader
+from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData, decode_text, register_reader
 from mmret.data.readers.folder import item_files, read_table, table_modality
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES
@@ -41,15 +41,15 @@ def _sidecar_captions(item: Path, rel: str, problems: list[Problem]) -> list[str
     return [line for line in (text or "").splitlines() if line.strip()]
 
 
-def _with_captions(records: list[ImageRecord], problems: list[Problem]) -> list[ImageRecord]:
+def _with_captions(records: list[ItemRecord], problems: list[Problem]) -> list[ItemRecord]:
     """Records without captions of their own take their sidecar's lines, else their class name."""
     for rec in records:
         if not rec.captions:
-            rec.captions = _sidecar_captions(Path(rec.path), rec.image_id, problems) or [class_name(rec.label)]
+            rec.captions = _sidecar_captions(Path(rec.path), rec.item_id, problems) or [class_name(rec.label)]
     return records
 
 
-def _from_folders(root: Path, problems: list[Problem]) -> tuple[list[ImageRecord], str]:
+def _from_folders(root: Path, problems: list[Problem]) -> tuple[list[ItemRecord], str]:
     modality, files = item_files(root)
     records, filled = [], set()
     for item in files:
@@ -59,7 +59,7 @@ def _from_folders(root: Path, problems: list[Problem]) -> tuple[list[ImageRecord
             continue
         label = rel.split("/", 1)[0]
         filled.add(label)
-        records.append(ImageRecord(rel, str(item), [], label=label))
+        records.append(ItemRecord(rel, str(item), [], label=label))
     for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
         if folder.name not in filled:
             problems.append(Problem("empty class", folder.name, f"holds no {modality.plural}; left out"))
@@ -73,29 +73,29 @@ def _split_of(value, path: Path, row: int) -> str | None:
     return split or None
 
 
-def _from_table(path: Path, root: Path, problems: list[Problem]) -> tuple[list[ImageRecord], str]:
+def _from_table(path: Path, root: Path, problems: list[Problem]) -> tuple[list[ItemRecord], str]:
     frame = read_table(path, problems, needed=("image", "label"))
     captions = frame["caption"] if "caption" in frame.columns else [None] * len(frame)
     splits = frame["split"] if "split" in frame.columns else [None] * len(frame)
-    records: dict[str, ImageRecord] = {}
+    records: dict[str, ItemRecord] = {}
     conflicts: dict[str, set[str]] = {}
-    for row, (image, label, caption, split) in enumerate(zip(frame["image"], frame["label"], captions, splits), 2):
-        image, label = _cell(image), _cell(label)
-        if not image:
+    for row, (name, label, caption, split) in enumerate(zip(frame["image"], frame["label"], captions, splits), 2):
+        name, label = _cell(name), _cell(label)
+        if not name:
             problems.append(Problem("no file", f"row {row}", "empty image cell; left out"))
             continue
-        image = Path(image).as_posix()
+        name = Path(name).as_posix()
         if not label:
-            problems.append(Problem("no label", image, f"row {row} has an empty label; left out"))
+            problems.append(Problem("no label", name, f"row {row} has an empty label; left out"))
             continue
-        rec = records.setdefault(image, ImageRecord(image, str((root / image).absolute()), [], label=label))
+        rec = records.setdefault(name, ItemRecord(name, str((root / name).absolute()), [], label=label))
         if rec.label != label:
-            conflicts.setdefault(image, {rec.label}).add(label)
+            conflicts.setdefault(name, {rec.label}).add(label)
         rec.split = rec.split or _split_of(split, path, row)
         if _cell(caption):
             rec.captions.append(_cell(caption))
-    for image, labels in conflicts.items():
-        problems.append(Problem("conflicting labels", image, f"labelled {' and '.join(sorted(labels))}; left out"))
+    for name, labels in conflicts.items():
+        problems.append(Problem("conflicting labels", name, f"labelled {' and '.join(sorted(labels))}; left out"))
     records = {k: v for k, v in records.items() if k not in conflicts}
     return list(records.values()), table_modality(list(records.values()))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text, find_file, index_files, register_reader
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, find_file, index_files, register_reader
 from mmret.errors import MmretError
 from mmret.modalities.audio import AUDIO_EXTENSIONS
 
@@ -23,7 +23,7 @@ def pick(paths: list[Path], folder: str) -> Path:
     return next((p for p in paths if folder in p.parent.name), paths[0])
 
 
-def read_table(path: Path, split: str, index: dict[str, list[Path]], problems: list[Problem]) -> list[ImageRecord]:
+def read_table(path: Path, split: str, index: dict[str, list[Path]], problems: list[Problem]) -> list[ItemRecord]:
     text = decode_text(path.read_bytes(), path.name, problems)
     if text is None:
         raise MmretError(f"{path} is not a text file")
@@ -44,7 +44,7 @@ def read_table(path: Path, split: str, index: dict[str, list[Path]], problems: l
         if found is None:
             problems.append(Problem("missing audio", name, f"listed in {path.name} but not found under the root", split))
             continue
-        records.append(ImageRecord(Path(name).stem, str(pick(found, TABLES[split])), row[1:], split))
+        records.append(ItemRecord(Path(name).stem, str(pick(found, TABLES[split])), row[1:], split))
     return records
 
 

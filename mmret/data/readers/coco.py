@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmret.data.readers.base import ImageRecord, Problem, SourceData, find_file, index_images, locate, register_reader
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, find_file, index_images, locate, register_reader
 from mmret.data.readers.flickr30k import read_karpathy_json
 from mmret.errors import MmretError
 
@@ -21,7 +21,7 @@ OFFICIAL = ("captions_train2014.json", "captions_val2014.json", "captions_train2
 KARPATHY_COCO_SIZES = (5000, 5000, 40504)  # val and test images, carved out of val2014's 40504
 
 
-def read_official(path: Path, index: dict[str, Path], root: Path) -> list[ImageRecord]:
+def read_official(path: Path, index: dict[str, Path], root: Path) -> list[ItemRecord]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         images = {img["id"]: img["file_name"] for img in data["images"]}
@@ -31,7 +31,7 @@ def read_official(path: Path, index: dict[str, Path], root: Path) -> list[ImageR
     captions: dict[int, list[str]] = {i: [] for i in images}
     for ann in sorted(annotations, key=lambda a: a.get("id", 0)):
         captions.setdefault(ann["image_id"], []).append(ann.get("caption", ""))
-    return [ImageRecord(str(i), locate(name, index, root), captions[i]) for i, name in images.items()]
+    return [ItemRecord(str(i), locate(name, index, root), captions[i]) for i, name in images.items()]
 
 
 @register_reader("coco")
@@ -43,19 +43,19 @@ def read_coco(root: Path, cfg) -> SourceData:
         raise MmretError(f"no COCO annotations under {root}: expected {', '.join(OFFICIAL[:2])} or dataset_coco.json")
     files = [str(p) for p in ([karpathy] if karpathy else []) + official]
     split_of: dict[str, str] = {}
-    karpathy_records: list[ImageRecord] = []
+    karpathy_records: list[ItemRecord] = []
     if karpathy:
         karpathy_records = read_karpathy_json(karpathy, root, id_of=lambda e: str(e.get("cocoid", Path(e["filename"]).stem)))
-        split_of = {r.image_id: r.split for r in karpathy_records}
+        split_of = {r.item_id: r.split for r in karpathy_records}
     if not official:
         return SourceData(karpathy_records, files, "Karpathy split (dataset_coco.json)", problems=problems)
     index = index_images(root)
-    records: list[ImageRecord] = []
+    records: list[ItemRecord] = []
     for path in official:
         part = read_official(path, index, root)
         for rec in part:
             if karpathy:
-                rec.split = split_of.get(rec.image_id, "train")
+                rec.split = split_of.get(rec.item_id, "train")
             elif "train" in path.name:
                 rec.split = "train"
         records.extend(part)

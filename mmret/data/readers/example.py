@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from mmret.data.readers.base import ImageRecord, SourceData, register_reader
+from mmret.data.readers.base import ItemRecord, SourceData, register_reader
 from mmret.errors import MmretError
 
 COLORS = {
@@ -89,7 +89,7 @@ def read_example(root: Path, cfg) -> SourceData:
     for i, (first, second, relation) in enumerate(scenes(cfg.count, cfg.seed)):
         name = f"{i:05d}.png"
         render(first, second, relation, rng).save(out / name)
-        records.append(ImageRecord(f"{i:05d}", f"images/{name}", captions_for(first, second, relation)))
+        records.append(ItemRecord(f"{i:05d}", f"images/{name}", captions_for(first, second, relation)))
     note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the images"
     files = [f"{len(records)} generated pictures"]
     return SourceData(records, files, note, split_sizes=(cfg.val, cfg.test))

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from mmret.data.readers.base import (
-    ImageRecord, Problem, SourceData, decode_text, find_file, index_images, locate, register_reader,
+    ItemRecord, Problem, SourceData, decode_text, find_file, index_images, locate, register_reader,
 )
 from mmret.errors import MmretError
 
@@ -30,7 +30,7 @@ def stem_id(filename: str) -> str:
     return Path(filename).stem
 
 
-def read_karpathy_json(path: Path, root: Path, id_of=stem_id) -> list[ImageRecord]:
+def read_karpathy_json(path: Path, root: Path, id_of=stem_id) -> list[ItemRecord]:
     """Records from a Karpathy split file (Flickr8k, Flickr30k and COCO share the format)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -41,8 +41,8 @@ def read_karpathy_json(path: Path, root: Path, id_of=stem_id) -> list[ImageRecor
     records = []
     for entry in entries:
         name = entry["filename"]
-        records.append(ImageRecord(
-            image_id=id_of(entry),
+        records.append(ItemRecord(
+            item_id=id_of(entry),
             path=locate(name, index, root),
             captions=[s.get("raw", "") for s in entry.get("sentences", [])],
             split=_SPLIT_NAMES.get(entry.get("split", "train"), "train"),
@@ -50,7 +50,7 @@ def read_karpathy_json(path: Path, root: Path, id_of=stem_id) -> list[ImageRecor
     return records
 
 
-def read_results_csv(path: Path, root: Path, problems: list[Problem]) -> list[ImageRecord]:
+def read_results_csv(path: Path, root: Path, problems: list[Problem]) -> list[ItemRecord]:
     text = decode_text(path.read_bytes(), path.name, problems)
     if text is None:
         raise MmretError(f"{path} is not a text file")
@@ -67,11 +67,11 @@ def read_results_csv(path: Path, root: Path, problems: list[Problem]) -> list[Im
             problems.append(Problem("recovered line", f"{path.name}:{number}",
                                     "second '|' missing; caption taken after the comment number"))
         name = match["image"]
-        records.append(ImageRecord(stem_id(name), locate(name, index, root), [match["caption"]]))
+        records.append(ItemRecord(stem_id(name), locate(name, index, root), [match["caption"]]))
     return records
 
 
-def read_karpathy_txt(files: dict[str, Path], root: Path, problems: list[Problem]) -> list[ImageRecord]:
+def read_karpathy_txt(files: dict[str, Path], root: Path, problems: list[Problem]) -> list[ItemRecord]:
     index = index_images(root)
     records = []
     for split, path in files.items():
@@ -84,7 +84,7 @@ def read_karpathy_txt(files: dict[str, Path], root: Path, problems: list[Problem
                 problems.append(Problem("malformed line", f"{path.name}:{number}", f"cannot parse {line[:60]!r}"))
                 continue
             name = match["image"]
-            records.append(ImageRecord(stem_id(name), locate(name, index, root), [match["caption"]], split))
+            records.append(ItemRecord(stem_id(name), locate(name, index, root), [match["caption"]], split))
     return records
 
 

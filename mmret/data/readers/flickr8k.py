@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmret.data.readers.base import (
-    ImageRecord, Problem, SourceData, decode_text, find_file, index_images, locate, register_reader,
+    ItemRecord, Problem, SourceData, decode_text, find_file, index_images, locate, register_reader,
 )
 from mmret.errors import MmretError
 
@@ -36,7 +36,7 @@ def read_flickr8k(root: Path, cfg) -> SourceData:
             files.append(str(path))
             split_of.update({line: split for line in read_lines(path, problems)})
     index = index_images(root)
-    records: list[ImageRecord] = []
+    records: list[ItemRecord] = []
     for number, line in enumerate(read_lines(tokens, problems), start=1):
         key, sep, caption = line.partition("\t")
         name = key.rsplit("#", 1)[0]
@@ -46,9 +46,9 @@ def read_flickr8k(root: Path, cfg) -> SourceData:
         split = split_of.get(name)
         if split_of and split is None:
             split = "train"
-            if not records or records[-1].image_id != Path(name).stem:
+            if not records or records[-1].item_id != Path(name).stem:
                 problems.append(Problem("not in a split list", name, "listed in no split file; put in train"))
-        records.append(ImageRecord(Path(name).stem, locate(name, index, root), [caption], split))
+        records.append(ItemRecord(Path(name).stem, locate(name, index, root), [caption], split))
     if split_of:
         return SourceData(records, files, "official Flickr8k split (train/dev/test lists)", problems=problems)
     note = f"seeded random split (seed {cfg.seed}): no Flickr_8k.*Images.txt lists found"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text, register_reader
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, register_reader
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES, Modality
 
@@ -50,17 +50,17 @@ def read_table(path: Path, problems: list[Problem],
     return frame
 
 
-def records_from_table(path: Path, root: Path, problems: list[Problem]) -> list[ImageRecord]:
+def records_from_table(path: Path, root: Path, problems: list[Problem]) -> list[ItemRecord]:
     import pandas as pd
 
     frame = read_table(path, problems)
-    records: dict[str, ImageRecord] = {}
-    for image, caption in zip(frame["image"], frame["caption"]):
-        image = str(image).strip()
+    records: dict[str, ItemRecord] = {}
+    for name, caption in zip(frame["image"], frame["caption"]):
+        name = str(name).strip()
         caption = "" if caption is None or (isinstance(caption, float) and pd.isna(caption)) else str(caption)
-        if image not in records:
-            records[image] = ImageRecord(Path(image).as_posix(), str((root / image).absolute()), [])
-        records[image].captions.append(caption)
+        if name not in records:
+            records[name] = ItemRecord(Path(name).as_posix(), str((root / name).absolute()), [])
+        records[name].captions.append(caption)
     return list(records.values())
 
 
@@ -82,7 +82,7 @@ def item_files(root: Path) -> tuple[Modality, list[Path]]:
     return modality, found[modality.name]
 
 
-def table_modality(records: list[ImageRecord]) -> str:
+def table_modality(records: list[ItemRecord]) -> str:
     """The modality whose files the table names (image when none matches)."""
     for modality in MODALITIES.values():
         if any(modality.is_item_file(Path(r.path).name) for r in records):
@@ -90,11 +90,11 @@ def table_modality(records: list[ImageRecord]) -> str:
     return "image"
 
 
-def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]) -> list[ImageRecord]:
+def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]) -> list[ItemRecord]:
     records = []
-    for image in files:
-        rel = image.relative_to(root).as_posix()
-        sidecar = image.with_suffix(".txt")
+    for file in files:
+        rel = file.relative_to(root).as_posix()
+        sidecar = file.with_suffix(".txt")
         if not sidecar.is_file():
             problems.append(Problem("no caption", rel, f"no caption file {sidecar.name} beside it"))
             continue
@@ -103,7 +103,7 @@ def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]
         if text is not None and not captions:
             problems.append(Problem("empty caption", rel, f"{sidecar.name} holds no caption"))
             continue
-        records.append(ImageRecord(rel, str(image), captions))
+        records.append(ItemRecord(rel, str(file), captions))
     return records
 
 
@@ -112,7 +112,7 @@ def records_without_captions(root: Path) -> SourceData:
     if not files:
         endings = ", ".join(e for m in MODALITIES.values() for e in m.extensions)
         raise MmretError(f"no items under {root}: expected files ending in {endings}")
-    records = [ImageRecord(f.relative_to(root).as_posix(), str(f), []) for f in files]
+    records = [ItemRecord(f.relative_to(root).as_posix(), str(f), []) for f in files]
     return SourceData(records, [], "", modality=modality.name)
 
 
@@ -131,7 +131,7 @@ def read_folder(root: Path, cfg) -> SourceData:
     records = records_from_sidecars(root, files, problems)
     if not records and not problems:
         endings = ", ".join(e for m in MODALITIES.values() for e in m.extensions)
-        raise MmretError(f"no captioned images under {root}: expected images ({endings}) "
+        raise MmretError(f"no captioned pictures or sounds under {root}: expected files ({endings}) "
                          f"with a .txt caption file beside each, or one of {', '.join(TABLES)} "
                          "(or --no-captions for a gallery to search)")
     return SourceData(records, [f"{len(records)} caption files"], note, split_sizes=(cfg.val, cfg.test),

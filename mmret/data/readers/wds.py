@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mmret.common.items import member_address
-from mmret.data.readers.base import ImageRecord, Problem, SourceData, decode_text
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES, ItemError
 
@@ -152,7 +152,7 @@ def read_wds(root: Path, cfg) -> SourceData:
     urls = [os.path.abspath(u) for u in shard_urls(str(root))]
     base = os.path.commonpath([os.path.dirname(u) for u in urls])
     records, problems, seen, kinds = [], [], set(), set()
-    for s in read_samples(urls, cfg.check_images, default_workers(torch.device("cpu"))):
+    for s in read_samples(urls, cfg.check_items, default_workers(torch.device("cpu"))):
         problems += [Problem(**p) for p in s["problems"]]
         if "captions" not in s:
             continue
@@ -162,7 +162,7 @@ def read_wds(root: Path, cfg) -> SourceData:
         seen.add(s["key"])
         kinds.add(s["modality"])
         address = member_address(os.path.relpath(s["url"], base), s["member"])
-        records.append(ImageRecord(s["key"], address, s["captions"], columns=s["columns"]))
+        records.append(ItemRecord(s["key"], address, s["captions"], columns=s["columns"]))
     if len(kinds) > 1:
         raise MmretError(f"the shards hold {' and '.join(sorted(kinds))} items; prepare each kind from shards of its own")
     note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the items"

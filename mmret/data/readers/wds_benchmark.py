@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from mmret.common.items import MemberError, member_address, shard_index
-from mmret.data.readers.base import SPLITS, ImageRecord, Problem, SourceData, register_reader
+from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData, register_reader
 from mmret.data.readers.wds import read_samples, read_wds
 from mmret.errors import MmretError
 
@@ -118,7 +118,7 @@ def shards(folder: Path) -> list[str]:
 
 
 def _record(s: dict, split: str, names: list[str] | None, labels: list[str] | None,
-            problems: list[Problem]) -> ImageRecord | None:
+            problems: list[Problem]) -> ItemRecord | None:
     if names is None:
         captions, label = s.get("captions"), None
     elif "label" in s and s["label"] < len(names):
@@ -131,7 +131,7 @@ def _record(s: dict, split: str, names: list[str] | None, labels: list[str] | No
     if not captions:
         return None
     address = member_address(f"{split}/{Path(s['url']).name}", s["member"])  # relative to the root
-    return ImageRecord(f"{split}/{s['key']}", address, captions, split=split, label=label, columns=s["columns"])
+    return ItemRecord(f"{split}/{s['key']}", address, captions, split=split, label=label, columns=s["columns"])
 
 
 def read_benchmark(root: Path, cfg) -> SourceData:
@@ -154,17 +154,17 @@ def read_benchmark(root: Path, cfg) -> SourceData:
                          "beside test/0.tar, ...)")
     urls = [u for split_urls in splits.values() for u in split_urls]
     records, seen, kinds = [], set(), set()
-    for s in read_samples(urls, cfg.check_images, default_workers(torch.device("cpu")), labels=names is not None):
+    for s in read_samples(urls, cfg.check_items, default_workers(torch.device("cpu")), labels=names is not None):
         problems += [Problem(**p) for p in s["problems"]]
         split = Path(s["url"]).parent.name
         rec = _record(s, split, names, labels, problems) if "columns" in s else None
         if rec is None:
             continue
-        if rec.image_id in seen:
+        if rec.item_id in seen:
             problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}",
                                     "an earlier shard of the split has this key; kept that one"))
             continue
-        seen.add(rec.image_id)
+        seen.add(rec.item_id)
         kinds.add(s["modality"])
         records.append(rec)
     carve = "train" in splits and "val" not in splits and cfg.val > 0
