@@ -191,6 +191,28 @@ def test_cli_dry_run_and_probe_memory_know_sound_towers(env):
     assert "audio.encoder" in presets.stdout
 
 
+def test_the_item_tower_is_one_setting_that_sounds_spell_audio(env, tmp_path):
+    """--audio, --vision and --item-tower set the same item tower, in train, probe-memory and
+    precompute-embeddings; the command probe-memory recommends names it after the items."""
+    configs = []
+    for flag in ("--audio", "--item-tower", "--vision"):
+        dry = runner.invoke(app, ["train", "--method", "heads", flag, env["ast"], "--text", env["bert"],
+                                  "--dataset", "sounds", "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        configs.append(json.loads(dry.stdout[dry.stdout.index("\n{") + 1:]))
+    assert configs[0] == configs[1] == configs[2] and configs[0]["encoders"]["item"] == env["ast"]
+    assert "vision" not in configs[0]["encoders"]
+    probe = runner.invoke(app, ["probe-memory", "--vram", "1", "--method", "heads", "--audio", env["ast"], "--text",
+                                env["bert"], "--batch-size", "4", "--save", str(tmp_path / "fits.json")])
+    assert probe.exit_code == 0, probe.output
+    assert f"--audio {env['ast']}" in probe.stdout.replace("\n", "")
+    assert json.loads((tmp_path / "fits.json").read_text())["encoders"]["item"] == env["ast"]
+    cached = runner.invoke(app, ["precompute-embeddings", "--dataset", "sounds", "--audio", env["ast"], "--precision",
+                                 "fp32"])
+    assert cached.exit_code == 0, cached.output
+    assert any("-audio-" in p.name for p in (env["data"] / "sounds" / "features").iterdir())
+
+
 def test_serve_plays_sounds_draws_their_spectrograms_and_takes_a_sound_upload(world):
     """The web API over a sound run: hits link to the recording itself (the page's audio player
     plays it), thumbnails are spectrogram JPEGs, an uploaded sound finds itself, and a picture
