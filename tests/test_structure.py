@@ -5,6 +5,7 @@ run loading only the text tower."""
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,70 +21,188 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmret"
 # lowest first: a module may import from its own layer and the layers before it, never after
 LAYERS = ["errors", "common", "modalities", "data", "encoders", "features", "models", "methods", "runs",
           "inference", "serve", "training", "memory", "quickstart", "verify", "cli", "__main__"]
+# the same rule inside a subpackage, lowest first, for the modules (or folders) it names; modules it does not
+# name (package faces among them) stand outside that order
+SUBLAYERS: dict[str, list[str]] = {
+    "common": ["lazy", "paths", "io", "digest", "items", "progress", "shards", "device"],
+    "modalities": ["base", "spectrogram", "listening", "image", "audio"],
+    "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
+    "encoders": ["base", "presets", "hub", "preprocess", "load", "image", "text", "audio", "spectrogram"],
+    "features": ["config", "cache", "runner", "encode", "shards", "views", "source", "precompute"],
+    "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "mixup", "dual", "bridge",
+               "miniclip", "scratch_clip"],
+    "methods": ["config", "catalog", "base", "queries", "features", "heads", "bridge", "towers", "scratch",
+                "zeroshot"],
+    "runs": ["config", "folders", "checkpoint"],
+    "training": ["losses", "batches", "sam", "gradcache", "step", "session", "distributed", "plots", "dry_run",
+                 "loop"],
+    "serve": ["config", "schemas", "worker", "service", "app", "server"],
+    "memory": ["live", "probe", "plan"],
+    "cli": ["ui", "app", "show", "prepare", "train", "inference", "serve", "verify", "quickstart"],
+}
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+@dataclass(frozen=True)
+class Edge:
+    target: str
+    how: str  # import | relative import | import_module | module string (a lazy table, a registry)
+    line: int
+
+
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports() -> dict[str, set[str]]:
-    """mmret module -> the mmret modules it imports anywhere in its body (function-level too)."""
-    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
+def _absolute(node: ast.ImportFrom, here: str, is_package: bool) -> str:
+    """The module an `ImportFrom` names, relative imports resolved against the importing module."""
+    if not node.level:
+        return node.module or ""
+    base = here.split(".") if is_package else here.split(".")[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _edges(tree: ast.AST, here: str, is_package: bool, modules: set[str]) -> list[Edge]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [Edge(a.name, "import", node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(node, here, is_package)
+            how = "relative import" if node.level else "import"
+            # `from a.b import c` imports a.b, and a.b.c when c is a module
+            found += [Edge(f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source, how, node.lineno)
+                      for a in node.names]
+        elif isinstance(node, ast.Call) and _called(node.func) in ("import_module", "__import__") and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            found.append(Edge(node.args[0].value, "import_module", node.lineno))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules:
+            # a module named by a string is imported later: a lazy face's table, a registry of built-ins
+            found.append(Edge(node.value, "module string", node.lineno))
+    return found
+
+
+def _called(func: ast.expr) -> str:
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+
+
+def import_edges(package: Path = PACKAGE) -> dict[str, list[Edge]]:
+    """package module -> the package modules it imports anywhere in its body (function-level too), however
+    written: absolute or relative imports, `importlib.import_module("...")`, or a module named by a string
+    (lazy tables, registries of built-ins import those strings later)."""
+    files = {module_name(p, package): p for p in package.rglob("*.py")}
+    graph: dict[str, list[Edge]] = {}
     for name, path in files.items():
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                # `from a.b import c` imports a.b, and a.b.c when c is a module
-                targets |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
-                            for a in node.names}
-        graph[name] = {t for t in targets if t in files and t != name}
+        edges = _edges(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py", set(files))
+        graph[name] = [e for e in edges if e.target in files and e.target != name]
     return graph
 
 
-def test_no_import_cycle_inside_mmret():
-    graph, state, stack = imports(), {}, []
+def imports(package: Path = PACKAGE) -> dict[str, set[str]]:
+    return {name: {e.target for e in edges} for name, edges in import_edges(package).items()}
 
-    def visit(node: str) -> None:
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
         state[node] = "open"
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycle = stack[stack.index(nxt):] + [nxt]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                visit(nxt)
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
         stack.pop()
         state[node] = "done"
+        return None
 
     for module in sorted(graph):
-        if module not in state:
-            visit(module)
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
 
 
-def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
+def rank(module: str, layers: list[str], sublayers: dict[str, list[str]]) -> tuple[int, int]:
+    """Where a module stands: its subpackage's layer, then its place inside the subpackage (-1: not named)."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return -1, -1
+    top = layers.index(parts[1])
+    inner = sublayers.get(parts[1], [])
+    return top, inner.index(parts[2]) if len(parts) > 2 and parts[2] in inner else -1
+
+
+def upward(package: Path = PACKAGE, layers: list[str] = LAYERS,
+           sublayers: dict[str, list[str]] = SUBLAYERS) -> list[str]:
+    """Every import that reaches back up: to a later subpackage, or inside a subpackage to a module named
+    after the importing one in its own order. A package face (`__init__`) is above its modules."""
+    found = []
+    for a, edges in import_edges(package).items():
+        for e in edges:
+            (ta, ia), (tb, ib) = rank(a, layers, sublayers), rank(e.target, layers, sublayers)
+            same = a.split(".")[:2] == e.target.split(".")[:2]
+            if (not same and tb > ta >= 0) or (same and ia >= 0 and ib > ia):
+                found.append(f"{a}:{e.line} -> {e.target} ({e.how})")
+    return sorted(found)
+
+
+def test_no_import_cycle_inside_mmret():
+    cycle = find_cycle(imports())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def _scratch(tmp_path: Path, files: dict[str, str]) -> Path:
+    package = tmp_path / "mmret"
+    for rel, text in files.items():
+        (package / rel).parent.mkdir(parents=True, exist_ok=True)
+        (package / rel).write_text(text)
+    return package
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path):
     """The check itself: two modules importing each other inside functions are caught."""
-    fake = tmp_path / "mmret"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("")
-    (fake / "a.py").write_text("def f():\n    from mmret.b import g\n")
-    (fake / "b.py").write_text("def g():\n    import mmret.a\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
-    with pytest.raises(pytest.fail.Exception, match="import cycle: mmret.a -> mmret.b -> mmret.a"):
-        test_no_import_cycle_inside_mmret()
+    package = _scratch(tmp_path, {"__init__.py": "", "a.py": "def f():\n    from mmret.b import g\n",
+                                  "b.py": "def g():\n    import mmret.a\n"})
+    assert find_cycle(imports(package)) == ["mmret.a", "mmret.b", "mmret.a"]
 
 
-def layer(module: str) -> int:
-    return LAYERS.index(module.split(".")[1]) if "." in module else -1
+def test_data_flows_one_way_between_and_inside_the_subpackages():
+    assert not upward(), "modules that reach back up: " + "; ".join(upward())
 
 
-def test_data_flows_one_way_between_the_subpackages():
-    upward = sorted(f"{a} -> {b}" for a, targets in imports().items() for b in targets
-                    if "." in a and layer(b) > layer(a))
-    assert not upward, "modules that reach back up: " + "; ".join(upward)
+SCRATCH_LAYERS = ["low", "high"]
+
+
+@pytest.mark.parametrize("how, text", [
+    ("import", "from mmret.high.top import x\n"),
+    ("relative import", "from ..high.top import x\n"),
+    ("relative import", "from ..high import top\n"),
+    ("import_module", "import importlib\ndef f():\n    return importlib.import_module('mmret.high.top')\n"),
+    ("import_module", "from importlib import import_module\nm = import_module('mmret.high.top')\n"),
+    ("module string", "from mmret.common_lazy import lazy_names\n__getattr__ = lazy_names(globals(), "
+                      "{'x': 'mmret.high.top'})\n"),
+])
+def test_the_layer_check_sees_an_upward_import_however_it_is_written(tmp_path, how, text):
+    package = _scratch(tmp_path, {"__init__.py": "", "low/__init__.py": "", "low/base.py": text,
+                                  "high/__init__.py": "", "high/top.py": "x = 1\n"})
+    found = upward(package, SCRATCH_LAYERS, {})
+    assert found and found[0].startswith("mmret.low.base:") and found[0].endswith(f"-> mmret.high.top ({how})")
+    assert not upward(_scratch(tmp_path / "ok", {"__init__.py": "", "low/__init__.py": "", "low/base.py": "",
+                                                 "high/__init__.py": "", "high/top.py": text.replace(
+                                                     "high.top", "low.base").replace("..high", "..low").replace(
+                                                     "import top", "import base")}), SCRATCH_LAYERS, {})
+
+
+def test_the_layer_check_holds_inside_a_subpackage(tmp_path):
+    """Inside a subpackage the named order holds too: `low.base` may not import `low.later`, by any route."""
+    package = _scratch(tmp_path, {"__init__.py": "", "low/__init__.py": "", "high/__init__.py": "",
+                                  "low/base.py": "from . import later\n", "low/later.py": "from .base import y\n"})
+    assert upward(package, SCRATCH_LAYERS, {"low": ["base", "later"]}) == [
+        "mmret.low.base:1 -> mmret.low.later (relative import)"]
+    assert upward(package, SCRATCH_LAYERS, {}) == []  # unnamed modules of one subpackage may use each other
 
 
 def test_no_module_is_over_500_lines():
