@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tiny_models
-from mmret.methods.catalog import RECIPES, recipe_values
+from mmret.methods.config import RECIPES, recipe_values
 from mmret.methods.towers import LoraConfig, apply_peft, apply_recipe
 from mmret.models.tuners import set_grad_checkpointing
 from mmret.models.tuners.lora import merge_lora, target_modules

@@ -1,10 +1,11 @@
 """The package's shape: no import cycles, data flowing one way between the subpackages, a method
-registered from outside `mmret` training through the command line, and a text search on a heads
-run loading only the text tower."""
+registered from outside `mmret` bringing its options to the command line and training through it,
+and a text search on a heads run loading only the text tower."""
 
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from mmret.cli import app
+from mmret.common.options import option
+from mmret.errors import MmretError
+from mmret.methods import METHODS, MethodConfig, get_method, register_method
+from mmret.methods.config import check_positive
+from mmret.methods.features import FeaturesMethod
+from mmret.models import DualEncoder
+from mmret.models.heads import InputNorm
+from mmret.models.temperature import build_temperature
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmret"
 
@@ -24,21 +33,21 @@ LAYERS = ["errors", "common", "modalities", "data", "encoders", "features", "mod
 # the same rule inside a subpackage, lowest first, for the modules (or folders) it names; modules it does not
 # name (package faces among them) stand outside that order
 SUBLAYERS: dict[str, list[str]] = {
-    "common": ["lazy", "paths", "io", "digest", "items", "progress", "shards", "device"],
+    "common": ["lazy", "registry", "options", "paths", "io", "digest", "items", "progress", "shards", "device"],
     "modalities": ["base", "spectrogram", "listening", "image", "audio"],
     "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
-    "encoders": ["base", "presets", "hub", "preprocess", "load", "image", "text", "audio", "spectrogram"],
+    "encoders": ["base", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram", "load"],
     "features": ["config", "cache", "runner", "encode", "shards", "views", "source", "precompute"],
     "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "mixup", "dual", "bridge",
                "miniclip", "scratch_clip"],
-    "methods": ["config", "catalog", "base", "queries", "features", "heads", "bridge", "towers", "scratch",
-                "zeroshot"],
-    "runs": ["config", "folders", "checkpoint"],
+    "methods": ["config", "base", "registry", "queries", "features", "heads", "bridge", "towers", "scratch",
+                "zeroshot", "catalog"],
+    "runs": ["config", "settings", "folders", "checkpoint"],
     "training": ["losses", "batches", "sam", "gradcache", "step", "session", "distributed", "plots", "dry_run",
                  "loop"],
     "serve": ["config", "schemas", "worker", "service", "app", "server"],
     "memory": ["live", "probe", "plan"],
-    "cli": ["ui", "app", "show", "prepare", "train", "inference", "serve", "verify", "quickstart"],
+    "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "verify", "quickstart"],
 }
 
 
@@ -219,62 +228,91 @@ def world(tiny_world):
     return tiny_world
 
 
-def test_a_method_registered_from_a_test_file_trains_through_the_cli(world, tmp_path, monkeypatch):
-    """A new features-method, defined here with its own config and registered; nothing under mmret/
-    knows it. `mmret train --method shared` trains it on the example data and `mmret eval` scores it."""
-    from dataclasses import dataclass
+@dataclass
+class SharedConfig(MethodConfig):
+    method: str = "shared"
+    width: int = option(24, "The shared space's width before the last projection")
 
-    from mmret.methods import METHODS, MethodConfig, register_method
-    from mmret.methods.features import FeatureContext, FeaturesMethod
-    from mmret.models import DualEncoder
-    from mmret.models.heads import InputNorm
-    from mmret.models.temperature import build_temperature
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("width", self.width)
 
-    @dataclass
-    class SharedConfig(MethodConfig):
-        method: str = "shared"
-        width: int = 24  # the shared space before the last projection
 
-    class SharedHead(nn.Module):
-        def __init__(self, in_dim: int, shared: nn.Module):
-            super().__init__()
-            self.norm = InputNorm(in_dim)  # started from training features, as the heads method does
-            self.fit, self.shared = nn.Linear(in_dim, shared.in_features), shared
+class SharedHead(nn.Module):
+    def __init__(self, in_dim: int, shared: nn.Module):
+        super().__init__()
+        self.norm = InputNorm(in_dim)  # started from training features, as the heads method does
+        self.fit, self.shared = nn.Linear(in_dim, shared.in_features), shared
 
-        def forward(self, x):
-            return self.shared(torch.relu(self.fit(self.norm(x))))
+    def forward(self, x):
+        return self.shared(torch.relu(self.fit(self.norm(x))))
 
-    class SharedMethod(FeaturesMethod):
-        """Each side fits its features to one width; a single projection, shared, maps both."""
 
-        name, help, lr, config = "shared", "one projection shared by both sides", 5e-3, SharedConfig
+class SharedMethod(FeaturesMethod):
+    """Each side fits its features to one width; a single projection, shared, maps both."""
 
-        def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
-            m = cfg.method
-            shared = nn.Linear(m.width, m.embed_dim)
-            return DualEncoder(SharedHead(ctx.dims.item_dim, shared), SharedHead(ctx.dims.text_dim, shared),
-                               m.embed_dim, build_temperature(m.temperature, m.init_temperature))
+    name, help, lr, config = "shared", "one projection shared by both sides", 5e-3, SharedConfig
 
-    monkeypatch.setitem(METHODS, "shared", None)  # so the registration below is undone after the test
+    def build(self, cfg, ctx):
+        m = cfg.method
+        shared = nn.Linear(m.width, m.embed_dim)
+        return DualEncoder(SharedHead(ctx.dims.item_dim, shared), SharedHead(ctx.dims.text_dim, shared),
+                           m.embed_dim, build_temperature(m.temperature, m.init_temperature))
+
+
+class AnotherShared(SharedMethod):
+    """A second method that wants the same name."""
+
+
+@pytest.fixture
+def shared_method():
+    """`shared` registered for one test, as a plugin would register it; nothing under mmret/ knows it."""
     register_method(SharedMethod())
+    yield
+    del METHODS["shared"]
+
+
+def test_a_method_registered_from_a_test_file_brings_its_options_and_trains(world, tmp_path, monkeypatch,
+                                                                            shared_method):
+    """A new features-method, defined in this file with its own config class: `train --help` shows its
+    option in its own panel with the dataclass's default; it trains with that option and with a
+    `--config` YAML file; `mmret eval` scores it; a second method with its name is refused."""
     monkeypatch.setenv("MMRET_DATA_DIR", str(world["root"] / "data"))
     monkeypatch.setenv("MMRET_RUNS_DIR", str(tmp_path / "runs"))
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--method", "shared", "--vision", world["vit"], "--text", world["bert"],
-                                 "--epochs", "6", "--batch-size", "16", "--embed-dim", "16", "--patience", "0",
+    shown = runner.invoke(app, ["train", "--help"], terminal_width=200).stdout
+    panel = shown[shown.index("Method: shared:"):]
+    assert "--width <int>" in panel and "The shared space's width before the last projection. [default: 24]" in panel
+    assert "shared: one projection shared by both sides" in shown  # --method lists it
+    common = ["--vision", world["vit"], "--text", world["bert"], "--batch-size", "16", "--embed-dim", "16",
+              "--patience", "0"]
+    result = runner.invoke(app, ["train", "--method", "shared", "--width", "20", "--epochs", "6", *common,
                                  "--name", "shared-run"])
     assert result.exit_code == 0, result.output
     history = pd.read_parquet(tmp_path / "runs" / "shared-run" / "metrics.parquet")
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0] - 0.2
-    assert '"width": 24' in (tmp_path / "runs" / "shared-run" / "config.json").read_text()
+    assert json.loads((tmp_path / "runs" / "shared-run" / "config.json").read_text())["method"]["width"] == 20
+    (tmp_path / "shared.yaml").write_text("method: shared\nwidth: 28\nepochs: 2\n")
+    from_file = runner.invoke(app, ["train", "--config", str(tmp_path / "shared.yaml"), *common, "--name", "yaml"])
+    assert from_file.exit_code == 0, from_file.output
+    saved = json.loads((tmp_path / "runs" / "yaml" / "config.json").read_text())
+    assert (saved["method"]["method"], saved["method"]["width"], saved["train"]["epochs"]) == ("shared", 28, 2)
+    bad = runner.invoke(app, ["train", "--method", "shared", "--width", "0", *common])
+    assert (bad.exit_code, bad.stderr) == (1, "error: --width must be positive, got 0\n")
     scored = runner.invoke(app, ["eval", "--run", "shared-run", "--format", "json"])
     assert scored.exit_code == 0, scored.output
+    with pytest.raises(MmretError, match=r"method 'shared' is already registered by [\w.]*SharedMethod; "
+                                         r"[\w.]*AnotherShared cannot register it again"):
+        register_method(AnotherShared())
+    get_method("heads")  # a built-in's name is taken once its module is imported
+    with pytest.raises(MmretError, match=r"method 'heads' is already registered by mmret\.methods\.heads\.HeadsMethod"):
+        register_method(type("Heads", (SharedMethod,), {"name": "heads"})())
 
 
 def test_a_text_search_on_a_heads_run_loads_only_the_text_tower(world, tmp_path, monkeypatch):
     from mmret.encoders import load as loading
-    from mmret.training import train
     from mmret.runs import RunConfig, with_overrides
+    from mmret.training import train
 
     cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", item=world["vit"], text=world["bert"],
                                            data_dir=world["root"] / "data", runs_dir=tmp_path / "runs", epochs=2,

@@ -12,7 +12,9 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from mmret import __version__
+from mmret.common.options import settings_of
 from mmret.errors import MmretError, explain
+from mmret.runs.config import EncoderConfig
 
 app = typer.Typer(
     name="mmret",
@@ -32,9 +34,8 @@ RunsDir = Annotated[Optional[Path], typer.Option(
     "--runs-dir", envvar="MMRET_RUNS_DIR", show_envvar=True, help="Folder holding the runs (default: ./runs).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Checkpoint = Annotated[str, typer.Option(help="Which checkpoint: best or last.")]
-# the item tower is one setting (`item`), spelled the way a dataset's items are named: --vision for
-# pictures, --audio for sounds, or --item-tower for either
-ITEM_TOWER = ("--item-tower", "--vision", "--audio")
+# the item tower is one setting (`item`), spelled the way a dataset's items are named (see EncoderConfig)
+ITEM_TOWER = next(s.flags for s in settings_of(EncoderConfig) if s.name == "item")
 ITEM_FLAGS = {"image": "--vision", "audio": "--audio"}  # modality -> how a command line names the tower
 
 
@@ -78,15 +79,6 @@ def command(fn: Callable) -> Callable:
             raise typer.Exit(getattr(e, "exit_code", 1)) from None
 
     return wrapper
-
-
-def read_config(path: Path) -> dict:
-    """The JSON of a --config file (a run's config.json, or one probe-memory saved)."""
-    from mmret.common.io import read_json
-
-    if not path.is_file():
-        raise MmretError(f"--config {path}: no such file")
-    return read_json(path, "pass a run's config.json or one `mmret probe-memory --save` wrote")
 
 
 def _version(value: bool) -> None:

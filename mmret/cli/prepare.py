@@ -15,9 +15,9 @@ from mmret.errors import MmretError
 # ---------------------------------------------------------------------------- prepare
 
 def _source_help() -> str:
-    from mmret.data.readers import READER_HELP
+    from mmret.data.readers import reader_help
 
-    return "Dataset format: " + "; ".join(f"{k} ({v})" for k, v in READER_HELP.items())
+    return "Dataset format: " + "; ".join(f"{k} ({v})" for k, v in reader_help().items())
 
 
 @app.command()

@@ -9,11 +9,12 @@ __getattr__ = lazy_names(globals(), {
     "PrepareConfig": "mmret.data.config",
     "PrepareResult": "mmret.data.create",
     "PreparedDataset": "mmret.data.prepared",
-    "READERS": "mmret.data.readers.base",
-    "READER_HELP": "mmret.data.readers.base",
+    "READERS": "mmret.data.readers.registry",
     "SPLITS": "mmret.data.readers.base",
     "load_dataset": "mmret.data.prepared",
     "prepare": "mmret.data.create",
     "prepared_names": "mmret.data.prepared",
+    "reader_help": "mmret.data.readers",
 })
-__all__ = sorted(["PrepareConfig", "PrepareResult", "PreparedDataset", "READERS", "READER_HELP", "SPLITS", "load_dataset", "prepare", "prepared_names"])
+__all__ = ["PrepareConfig", "PrepareResult", "PreparedDataset", "READERS", "SPLITS", "load_dataset", "prepare",
+           "prepared_names", "reader_help"]

@@ -30,8 +30,8 @@ from mmret import __version__
 from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.data.config import PrepareConfig
-from mmret.data.readers import get_reader
-from mmret.data.readers.base import PATTERN_ROOTS, SPLITS, ItemRecord, Problem
+from mmret.data.readers import get_reader, pattern_root
+from mmret.data.readers.base import SPLITS, ItemRecord, Problem
 from mmret.data.tables import (
     assign_random_splits, check_files, clean_captions, inside_root, merge_duplicate_ids, problem_counts, to_tables,
 )
@@ -63,7 +63,7 @@ def _check_target(cfg: PrepareConfig) -> Path:
         return target
     if cfg.root is None:
         raise MmretError(f"prepare {cfg.source} needs --root: the folder that holds the dataset")
-    if cfg.source not in PATTERN_ROOTS and not cfg.root.is_dir():
+    if not pattern_root(cfg.source) and not cfg.root.is_dir():
         raise MmretError(f"--root {cfg.root} is not a folder")
     return target
 

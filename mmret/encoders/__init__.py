@@ -25,10 +25,11 @@ A hub id and the folder it was downloaded to load through the same code.
 `.spec` holds everything that changes the numbers (model id and revision or a hash of the folder's
 files, pooling, image size and normalisation, text length): the feature cache key is its hash.
 
-Modules: `hub` (where weights come from), `presets` (the names users type), `load` (by name, with
-or without weights; each modality's family registers its builder), `base` (what every tower
-shares), `preprocess` (a picture tower's resize/crop/normalise), `image`, `audio` and `text` (the
-families), `spectrogram` (the picture-tower-over-spectrograms wrapper).
+Modules: `hub` (where weights come from), `presets` (the names users type), `registry` (the table
+where each modality's family registers its builder), `load` (by name, with or without weights; it
+names the built-in families), `base` (what every tower shares), `preprocess` (a picture tower's
+resize/crop/normalise), `image`, `audio` and `text` (the families), `spectrogram` (the
+picture-tower-over-spectrograms wrapper).
 """
 
 from mmret.common.lazy import lazy_names
@@ -37,7 +38,7 @@ __getattr__ = lazy_names(globals(), {
     "AudioEncoder": "mmret.encoders.audio",
     "SpectrogramEncoder": "mmret.encoders.spectrogram",
     "build_audio_encoder": "mmret.encoders.audio",
-    "register_wrapper": "mmret.encoders.load",
+    "register_wrapper": "mmret.encoders.registry",
     "tower_modality": "mmret.encoders.load",
     "DEFAULT_MAX_LENGTH": "mmret.encoders.base",
     "ENCODERS": "mmret.encoders.presets",
@@ -58,8 +59,12 @@ __getattr__ = lazy_names(globals(), {
     "load_image_encoder": "mmret.encoders.load",
     "load_text_encoder": "mmret.encoders.load",
     "load_tower": "mmret.encoders.load",
-    "register_family": "mmret.encoders.load",
+    "register_family": "mmret.encoders.registry",
     "register_preset": "mmret.encoders.presets",
     "resolve_source": "mmret.encoders.hub",
 })
-__all__ = sorted(["DEFAULT_MAX_LENGTH", "ENCODERS", "EncoderOutput", "ImageEncoder", "ImagePreprocess", "ImageTransform", "LOADS", "ModelSource", "Preset", "TextEncoder", "TimmImageEncoder", "Tower", "TransformersImageEncoder", "build_image_encoder", "build_text_encoder", "encoder_names", "load_image_encoder", "load_text_encoder", "load_tower", "register_family", "register_preset", "resolve_source", "AudioEncoder", "SpectrogramEncoder", "build_audio_encoder", "register_wrapper", "tower_modality"])
+__all__ = ["AudioEncoder", "DEFAULT_MAX_LENGTH", "ENCODERS", "EncoderOutput", "ImageEncoder", "ImagePreprocess",
+           "ImageTransform", "LOADS", "ModelSource", "Preset", "SpectrogramEncoder", "TextEncoder",
+           "TimmImageEncoder", "Tower", "TransformersImageEncoder", "build_audio_encoder", "build_image_encoder",
+           "build_text_encoder", "encoder_names", "load_image_encoder", "load_text_encoder", "load_tower",
+           "register_family", "register_preset", "register_wrapper", "resolve_source", "tower_modality"]

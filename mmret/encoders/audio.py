@@ -27,7 +27,7 @@ from torch import nn
 
 from mmret.encoders.base import EncoderOutput, Tower, hf_config, load_hf, quiet_loading
 from mmret.encoders.hub import ModelSource
-from mmret.encoders.load import register_family
+from mmret.encoders.registry import register_family
 from mmret.errors import MmretError
 from mmret.modalities.audio import AudioDecoder
 from mmret.modalities.base import ItemLoader

@@ -1,9 +1,10 @@
 """Loading a frozen tower by preset, hub id, local folder or `timm:NAME`, with its weights or
 (`meta=True`) without them.
 
-Each modality's family registers its builder (`register_family`): a function from a resolved
-`ModelSource` to a tower. The loaders here resolve the name, apply a preset's options, build, and
-give a tower built without weights the way to load them later (`Tower.with_weights`).
+Each modality's family registers its builder (`mmret.encoders.registry`): a function from a
+resolved `ModelSource` to a tower. The built-in families are named here, above their modules, and
+imported on first use. The loaders resolve the name, apply a preset's options, build, and give a
+tower built without weights the way to load them later (`Tower.with_weights`).
 
 A preset built without weights uses the local Hugging Face cache when it holds the checkpoint
 (so its spec, and with it the feature-cache key, is the real one), else its published
@@ -15,35 +16,20 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmret.common.lazy import import_all
 from mmret.encoders.base import Tower
 from mmret.encoders.hub import ARCHITECTURE_ONLY, ModelSource, resolve_source
 from mmret.encoders.presets import ENCODERS, Preset, encoder_names
+from mmret.encoders.registry import FAMILIES, MODEL_TYPES, WRAPPERS
 from mmret.errors import MmretError
 
 _logger = logging.getLogger(__name__)
 
-FAMILIES: dict[str, Callable[..., Tower]] = {}  # modality -> build(source, weights, **options)
-MODEL_TYPES: dict[str, str] = {}  # transformers model_type -> the item modality its family takes
-WRAPPERS: dict[str, tuple[str, Callable[..., Tower]]] = {}  # name prefix -> (modality, build(inner, meta, **options))
-# each registers its family (or wrapper) when imported
+# the built-in families and wrappers: each module registers its own when imported
 BUILTIN_FAMILIES = ("mmret.encoders.image", "mmret.encoders.text", "mmret.encoders.audio", "mmret.encoders.spectrogram")
 LOADS: dict[str, int] = {}  # towers loaded with weights in this process, per modality (tests count them)
-
-
-def register_family(modality: str, build: Callable[..., Tower], model_types: tuple[str, ...] = ()) -> None:
-    """`build(source, weights, **options)` makes the `modality` towers; `model_types` are the
-    transformers model types that only it takes (so a folder's config says what its items are)."""
-    FAMILIES[modality] = build
-    MODEL_TYPES.update({kind: modality for kind in model_types})
-
-
-def register_wrapper(prefix: str, modality: str, build: Callable[..., Tower]) -> None:
-    """Names `PREFIX<inner>` build a `modality` tower around another tower (`spectrogram:NAME`: an
-    image tower over log-mel pictures) with `build(inner, meta=..., **options)`."""
-    WRAPPERS[prefix] = (modality, build)
 
 
 def tower_modality(name: str) -> str | None:
@@ -51,9 +37,9 @@ def tower_modality(name: str) -> str | None:
     model type says), or None when only loading it could tell. Reads no weights and never goes
     to the network; for `probe-memory` and `--dry-run` without a prepared dataset."""
     import_all(BUILTIN_FAMILIES)
-    for prefix, (modality, _) in WRAPPERS.items():
+    for prefix, wrapper in WRAPPERS.items():
         if name.startswith(prefix):
-            return modality
+            return wrapper.modality
     preset = ENCODERS.get(name)
     if preset is not None:
         return next((m for m in preset.modalities if m != "text"), None)
@@ -66,11 +52,11 @@ def tower_modality(name: str) -> str | None:
 
 def _wrapped(name: str, modality: str, meta: bool, given: dict) -> Tower | None:
     """The tower a registered prefix (`spectrogram:`) builds around another, or None."""
-    for prefix, (kind, build) in WRAPPERS.items():
+    for prefix, wrapper in WRAPPERS.items():
         if name.startswith(prefix):
-            if kind != modality:
-                raise MmretError(f"{name!r} is a {kind} encoder, not an {modality} encoder")
-            tower = build(name[len(prefix):], meta=meta, **given)
+            if wrapper.modality != modality:
+                raise MmretError(f"{name!r} is a {wrapper.modality} encoder, not an {modality} encoder")
+            tower = wrapper.build(load_tower(name[len(prefix):], wrapper.inner, meta=meta, **given))
             tower.name = name
             return tower
     return None

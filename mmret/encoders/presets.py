@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmret.common.registry import Registry
+
 # CLIP ViT-B (the published openai/clip-vit-base-patch16/32 configs; the patch size differs)
 CLIP_VISION_B = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                      image_size=224)
@@ -39,12 +41,12 @@ class Preset:
         return tuple(self.options)
 
 
-ENCODERS: dict[str, Preset] = {}
+ENCODERS: Registry = Registry("encoder preset")  # name -> Preset
 
 
 def register_preset(preset: Preset) -> Preset:
-    ENCODERS[preset.name] = preset
-    return preset
+    """Add a preset name; a taken name raises."""
+    return ENCODERS.add(preset.name, preset, f"the preset for {preset.source}")
 
 
 def encoder_names(modality: str) -> list[str]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmret.encoders.base import EncoderOutput, Tower
-from mmret.encoders.load import load_tower, register_wrapper
+from mmret.encoders.registry import register_wrapper
 from mmret.modalities.audio import AudioDecoder
 from mmret.modalities.base import ItemLoader
 from mmret.modalities.spectrogram import MelSettings, mel_picture
@@ -99,10 +99,5 @@ class SpectrogramEncoder(Tower):
         return f"name={self.name!r}, over log-mel pictures at {self.mel.sample_rate} Hz, {self.mel.seconds} s"
 
 
-def build_spectrogram_encoder(inner: str, meta: bool = False, image_size: int | None = None,
-                              pooling: str | None = None) -> SpectrogramEncoder:
-    """`spectrogram:<inner>`: the picture tower `inner` over log-mel pictures."""
-    return SpectrogramEncoder(load_tower(inner, "image", meta=meta, image_size=image_size, pooling=pooling))
-
-
-register_wrapper(PREFIX, "audio", build_spectrogram_encoder)
+# `spectrogram:<name>`: the picture tower `<name>` (loaded with the options given) over log-mel pictures
+register_wrapper(PREFIX, "audio", SpectrogramEncoder, inner="image")

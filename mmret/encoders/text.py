@@ -20,7 +20,7 @@ from mmret.encoders.base import (
     quiet_loading,
 )
 from mmret.encoders.hub import ModelSource
-from mmret.encoders.load import register_family
+from mmret.encoders.registry import register_family
 from mmret.errors import MmretError
 
 _logger = logging.getLogger(__name__)

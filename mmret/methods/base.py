@@ -8,21 +8,18 @@ dataclass (as peft gives each tuner its own), holding what it shares with every 
 (`MethodConfig`) and its own settings. Everything outside `mmret.methods` asks the method; nothing
 there branches on which method it is.
 
-The registry lives here; `mmret.methods` imports the method modules, which register themselves.
-A method defined anywhere (a test file, a plugin) registers the same way.
+A method registers itself (`mmret.methods.registry.register_method`) when its module is imported;
+`mmret.methods.catalog` names the built-in ones and imports them when one is first asked for. A
+method defined anywhere (a test file, a plugin) registers the same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from mmret.common.lazy import import_all
-from mmret.errors import MmretError
-from mmret.methods.catalog import BUILTIN_METHODS
-from mmret.methods.config import BUILTIN_CONFIGS, MethodConfig, check_positive  # noqa: F401  (re-exported)
+from mmret.methods.config import MethodConfig
 
 if TYPE_CHECKING:  # torch is imported by the methods themselves, so that the registry's names cost nothing
     import torch
@@ -85,7 +82,7 @@ class Method:
     `build` and `query_inputs`; the rest has defaults that fit most."""
 
     name: str = ""
-    help: str = ""
+    help: str = ""  # one line for `--method`'s help (a built-in's is in `mmret.methods.catalog`, read without torch)
     lr: float = 1e-3  # default peak learning rate
     config: type[MethodConfig] = MethodConfig
     trainable: bool = True  # False for a pretrained model evaluated as is (zero-shot)
@@ -147,76 +144,3 @@ class Method:
     def memory_notes(self, cfg: Any) -> list[str]:
         """What the memory estimate leaves out and why."""
         return []
-
-
-METHODS: dict[str, Method] = {}
-_builtins: list[bool] = []  # [True] once the built-in methods are imported
-
-
-def registry() -> dict[str, Method]:
-    """Every registered method, the built-in ones imported on first use, in `--help`'s order."""
-    if not _builtins:
-        _builtins.append(True)
-        import_all(tuple(dict.fromkeys(module for module, _, _ in BUILTIN_METHODS.values())))
-        builtin = {name: METHODS[name] for name in BUILTIN_METHODS if name in METHODS}
-        others = {name: m for name, m in METHODS.items() if name not in builtin}
-        METHODS.clear()
-        METHODS.update({**builtin, **others})
-    return METHODS
-
-
-def register_method(method: Method) -> Method:
-    """Register a method object under its name (`mmret train --method NAME`)."""
-    if not method.name:
-        raise ValueError("a method needs a name")
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str, training: bool = False) -> Method:
-    known = name in METHODS or name in BUILTIN_METHODS  # an unknown name is answered without importing torch
-    methods = registry() if known else METHODS
-    if name not in methods or (training and not methods[name].trainable):
-        names = [n for n, (_, _, trainable) in BUILTIN_METHODS.items() if trainable]
-        names += [m.name for m in METHODS.values() if m.trainable and m.name not in names]
-        raise MmretError(f"unknown method {name!r}; choose one of {', '.join(names)}")
-    return methods[name]
-
-
-def _fields(kind: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(kind)}
-
-
-def config_class(name: str) -> type[MethodConfig]:
-    """The config class of method `name`, without importing the method's code when it is a built-in."""
-    if name in METHODS:
-        return METHODS[name].config
-    if name in BUILTIN_METHODS:
-        return BUILTIN_CONFIGS[name]
-    get_method(name)  # the one-line error for an unknown method
-    raise AssertionError(name)
-
-
-def _configs() -> dict[str, type[MethodConfig]]:
-    return {**BUILTIN_CONFIGS, **{name: m.config for name, m in METHODS.items()}}
-
-
-def method_settings() -> set[str]:
-    """Every setting of every method's config (the built-in ones and any registered since)."""
-    return set().union(_fields(MethodConfig), *(_fields(c) for c in _configs().values()))
-
-
-def config_for(name: str, **values: Any) -> MethodConfig:
-    """The config of method `name` from `values`; settings that belong to other methods are left
-    out (a config.json written before methods had configs of their own holds them all)."""
-    kind = config_class(name)
-    unknown = set(values) - method_settings()
-    if unknown:
-        raise MmretError(f"unknown method settings in config: {', '.join(sorted(unknown))}")
-    own = _fields(kind) - {"method"}
-    return kind(**{k: v for k, v in values.items() if k in own}, method=name)
-
-
-def owners(setting: str) -> list[str]:
-    """The registered methods whose config has `setting`."""
-    return [name for name, c in _configs().items() if setting in _fields(c)]

@@ -11,11 +11,10 @@ input norms and the temperature train.
 
 from __future__ import annotations
 
-from mmret.methods.catalog import help_of
 from mmret.methods.config import BridgeConfig
-from mmret.methods.base import register_method
 from mmret.methods.features import FeatureContext
 from mmret.methods.heads import HeadsMethod, with_input_norm
+from mmret.methods.registry import register_method
 from mmret.models import DualEncoder, ProjectionHead, QueryBridge, ResidualBridge
 from mmret.models.bridge import PooledHead
 from mmret.models.temperature import build_temperature
@@ -23,7 +22,6 @@ from mmret.models.temperature import build_temperature
 
 class BridgeMethod(HeadsMethod):
     name = "bridge"
-    help = help_of("bridge")
     lr = 5e-4
     config = BridgeConfig
     item_tokens = True

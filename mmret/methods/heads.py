@@ -13,10 +13,9 @@ from torch import nn
 
 from mmret.features import ensure_features
 from mmret.features.precompute import item_views
-from mmret.methods.catalog import help_of
 from mmret.methods.config import HeadsConfig
-from mmret.methods.base import register_method
 from mmret.methods.features import FeatureContext, FeaturesMethod
+from mmret.methods.registry import register_method
 from mmret.models import DualEncoder, ProjectionHead
 from mmret.models.heads import InputNorm
 from mmret.models.mixup import latent_mixup
@@ -29,7 +28,6 @@ def with_input_norm(dim: int, tower: nn.Module, enabled: bool) -> nn.Module:
 
 class HeadsMethod(FeaturesMethod):
     name = "heads"
-    help = help_of("heads")
     lr = 1e-3
     config = HeadsConfig
 

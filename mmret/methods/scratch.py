@@ -21,10 +21,10 @@ import torch
 from mmret.data.pairs import FileSource, mentions_sides, split_tables
 from mmret.data.prepared import run_tables
 from mmret.errors import MmretError
-from mmret.methods.catalog import help_of
+from mmret.methods.base import SIDES, Inputs, Method
 from mmret.methods.config import ScratchConfig
-from mmret.methods.base import SIDES, Inputs, Method, register_method
 from mmret.methods.queries import item_batch
+from mmret.methods.registry import register_method
 from mmret.modalities.base import ItemLoader
 from mmret.modalities.image import load_rgb
 
@@ -39,7 +39,6 @@ class ScratchContext:
 
 class ScratchMethod(Method):
     name = "scratch"
-    help = help_of("scratch")
     lr = 1e-3
     config = ScratchConfig
     runs_towers = True

@@ -25,12 +25,18 @@ from mmret.data.prepared import run_tables
 from mmret.encoders import load_text_encoder, load_tower
 from mmret.errors import MmretError
 from mmret.features import CAPTIONS, FeatureSource, ensure_features
-from mmret.methods.catalog import help_of, recipe_values
-from mmret.methods.config import TowerConfig, LoraConfig, PrefixConfig, AdapterConfig, FullConfig
-from mmret.methods.base import (
-    SIDES, FrozenPart, Inputs, Method, MethodConfig, register_method, registry,
+from mmret.methods.base import SIDES, FrozenPart, Inputs, Method
+from mmret.methods.config import (
+    AdapterConfig,
+    FullConfig,
+    LoraConfig,
+    MethodConfig,
+    PrefixConfig,
+    TowerConfig,
+    recipe_values,
 )
 from mmret.methods.queries import encode_with_tower, item_batch
+from mmret.methods.registry import METHODS, register_method
 from mmret.modalities import get_modality
 from mmret.models import DualEncoder, ProjectionHead
 from mmret.models.heads import InputNorm
@@ -176,7 +182,8 @@ class TowerMethod(Method):
         if ctx.cached is None:
             return []
         enc = ctx.item if ctx.cached == "item" else ctx.text
-        return [FrozenPart(f"{enc.modality} encoder ({enc.name}, frozen, cached)", sum(p.numel() for p in enc.parameters()))]
+        label = f"{enc.modality} encoder ({enc.name}, frozen, cached)"
+        return [FrozenPart(label, sum(p.numel() for p in enc.parameters()))]
 
     def memory_notes(self, cfg: Any) -> list[str]:
         cached = self.cached_sides(cfg)
@@ -200,12 +207,12 @@ def _head(encoder: nn.Module, m: Any) -> nn.Module | None:
 
 
 def tower_methods() -> list[str]:
-    return [name for name, method in registry().items() if isinstance(method, TowerMethod)]
+    return [name for name, method in METHODS.items() if isinstance(method, TowerMethod)]
 
 
 def apply_peft(encoder: nn.Module, method: str, m: Any) -> nn.Module:
     """Adapt a loaded tower in place with the tower method called `method` (see `TowerMethod.adapt`)."""
-    found = registry().get(method)
+    found = METHODS.get(method)
     if not isinstance(found, TowerMethod):
         raise MmretError(f"method {method!r} does not adapt a pretrained tower; choose one of "
                          f"{', '.join(tower_methods())}")
@@ -218,10 +225,9 @@ def apply_peft(encoder: nn.Module, method: str, m: Any) -> nn.Module:
 class LoraMethod(TowerMethod):
     """LoRA (peft) on the attention projections; see `mmret.models.tuners.lora` for the names.
 
-    The two recipes people copy are `--recipe text-r8` and `--recipe both-r64` (`mmret.methods.catalog.RECIPES`)."""
+    The two recipes people copy are `--recipe text-r8` and `--recipe both-r64` (`mmret.methods.config.RECIPES`)."""
 
     name = "lora"
-    help = help_of("lora")
     lr = 1e-4
     config = LoraConfig
 
@@ -239,7 +245,6 @@ class PrefixMethod(TowerMethod):
     `mmret.models.tuners.prompts` for why this is our own small module rather than peft's)."""
 
     name = "prefix"
-    help = help_of("prefix")
     lr = 1e-3
     config = PrefixConfig
 
@@ -266,7 +271,6 @@ class AdapterMethod(TowerMethod):
     """Bottleneck adapters after the attention and the MLP of every block (`--adapter-dim`)."""
 
     name = "adapter"
-    help = help_of("adapter")
     lr = 5e-4
     config = AdapterConfig
 
@@ -280,7 +284,6 @@ class FullMethod(TowerMethod):
     """Every weight of the towers trains; the reference row of any comparison."""
 
     name = "full"
-    help = help_of("full")
     lr = 1e-5
     config = FullConfig
     train_base = True

@@ -10,19 +10,17 @@ from __future__ import annotations
 from torch import nn
 
 from mmret.errors import MmretError
-from mmret.methods.catalog import help_of
-from mmret.methods.base import register_method
-from mmret.methods.config import MethodConfig
+from mmret.methods.config import ZeroShotConfig
 from mmret.methods.features import FeatureContext, FeaturesMethod
+from mmret.methods.registry import register_method
 from mmret.models import DualEncoder
 from mmret.models.temperature import build_temperature
 
 
 class ZeroShotMethod(FeaturesMethod):
     name = "zeroshot"
-    help = help_of("zeroshot")
     lr = 0.0
-    config = MethodConfig
+    config = ZeroShotConfig
     trainable = False
 
     def build(self, cfg, ctx: FeatureContext) -> DualEncoder:

@@ -1,4 +1,4 @@
-"""The `Modality` record and its registry (see the package docstring)."""
+"""The `Modality` record and its registry, which takes each name once (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmret.common.items import MemberError, open_item
+from mmret.common.registry import Registry
 from mmret.errors import MmretError
 
 
@@ -49,12 +50,12 @@ class Modality:
         return f"{self.name}_id"
 
 
-MODALITIES: dict[str, Modality] = {}
+MODALITIES: Registry = Registry("modality")  # name -> Modality
 
 
 def register_modality(modality: Modality) -> Modality:
-    MODALITIES[modality.name] = modality
-    return modality
+    """Add a kind of item; a taken name raises."""
+    return MODALITIES.add(modality.name, modality, modality.decode.__module__)
 
 
 def get_modality(name: str | None) -> Modality:

@@ -15,21 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmret.common.paths import check_name, data_root, runs_root
+from mmret.common.io import config_dict
+from mmret.common.options import option, settings_of
+from mmret.common.paths import DATA_DIR_ENV, RUNS_DIR_ENV, check_name, data_root, runs_root
 from mmret.errors import MmretError
+from mmret.methods import MethodConfig, config_class, config_for, method_settings, owners
+from mmret.methods.config import check_positive
 
 _logger = logging.getLogger(__name__)
-from mmret.common.io import config_dict
-from mmret.methods import MethodConfig, config_for, method_settings, owners
-from mmret.methods.base import check_positive, config_class
+
 
 @dataclass
 class DataConfig:
-    dataset: str = "example"  # prepared dataset under the data root
-    folds: int = 0  # k-fold cross-validation over all items (0: use the dataset's own splits)
-    fold: int = 0  # which fold is the test split when folds > 0
-    data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
-    modality: str = "image"  # what the dataset's items are (set from the dataset when training starts)
+    dataset: str = option("example", "Prepared dataset to train on")
+    folds: int = option(0, "k-fold cross-validation: re-split all items into k folds; 0 keeps the dataset's splits")
+    fold: int = option(0, "With --folds: the fold used as test split")
+    data_dir: Path | None = option(None, "Folder holding the prepared datasets", shown="./data", envvar=DATA_DIR_ENV)
+    modality: str = option("image", "What the dataset's items are", cli=False)  # set from the dataset in training
 
     def __post_init__(self) -> None:
         if self.folds == 1 or self.folds < 0:
@@ -41,37 +43,49 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    item: str = "dino-vits16"  # frozen item tower (a picture or a sound tower): preset, hub id or local folder
-    text: str = "distilbert"  # frozen text tower: preset, hub id or local folder
-    model: str | None = None  # a CLIP whose two towers are adapted (lora/prefix/adapter/full)
-    max_length: int = 64  # text tokens per caption
+    # the item tower is one setting, spelled the way a dataset's items are named: --vision for pictures,
+    # --audio for sounds, or --item-tower for either
+    item: str = option("dino-vits16", "Frozen item tower (pictures: --vision, sounds: --audio): preset, hub id or "
+                                      "folder (sounds: ast-audioset, clap-htsat, spectrogram:IMAGE-TOWER)",
+                       flags=("--item-tower", "--vision", "--audio"))
+    text: str = option("distilbert", "Frozen text tower: preset, hub id or folder")
+    model: str | None = option(None, "A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers "
+                                     "lora/prefix/adapter/full adapt, in place of --vision and --text")
+    max_length: int = option(64, "Text tokens per caption")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20  # passes over the training items
-    batch_size: int = 128  # pairs in one contrastive loss
-    micro_batch: int | None = None  # pairs per forward pass (default: the whole batch)
-    accumulation: str = "cache"  # cache: every pair sees the whole batch's negatives; plain: only its micro-batch's
-    lr: float | None = None  # peak learning rate (default: the method's)
-    weight_decay: float = 0.05  # AdamW decay (never on norms, biases or the temperature)
-    warmup: float = 0.05  # fraction of all steps spent warming up linearly
-    grad_clip: float = 1.0  # clip the global gradient norm (0: off)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA)
-    patience: int = 5  # stop after this many evaluations without a better val mean recall (0: never)
-    seed: int = 0  # seeds data order, initialisation and dropout
-    workers: int | None = None  # DataLoader workers for pixel inputs (default: CPU count, at most 4)
-    grad_checkpointing: bool = False  # recompute tower activations in backward to save memory
-    hflip: bool | None = None  # random horizontal flips of training pictures (default: unless captions say left/right)
-    sam: bool = False  # sharpness-aware minimisation
-    sam_rho: float = 0.05  # SAM neighbourhood size
-    save_every: int = 0  # also keep a checkpoint every N epochs (0: only best and last)
-    max_steps: int | None = None  # stop after this many optimizer steps (for quick checks)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    same_caption: str = "positive"  # pictures whose captions share a text: positive (not each other's negatives) | negative (CLIP)
-    hard_negatives: int = 0  # batches of groups of this many mined near neighbours (0: random batches)
-    mine_by: str = "both"  # hard negatives are neighbours by cached item features, text features, or both
-    hn_beta: float = 0.0  # HN-NCE: weight negatives by softmax(beta * logit) (0: plain InfoNCE)
+    epochs: int = option(20, "Passes over the training items")
+    batch_size: int = option(128, "Pairs in one contrastive loss")
+    micro_batch: int | None = option(None, "Pairs per forward pass; smaller than --batch-size uses gradient "
+                                           "caching, so every pair still sees the whole batch's negatives",
+                                     shown="the whole batch")
+    accumulation: str = option("cache", "With --micro-batch: cache (exact) or plain accumulation (each "
+                                        "micro-batch sees only its own negatives)")
+    lr: float | None = option(None, "Peak learning rate", shown="the method's")
+    weight_decay: float = option(0.05, "AdamW weight decay (never on norms, biases or the temperature)")
+    warmup: float = option(0.05, "Fraction of all steps spent warming up linearly")
+    grad_clip: float = option(1.0, "Clip the global gradient norm; 0 turns it off")
+    precision: str = option("auto", "auto, fp32, bf16 or fp16 (CUDA only, with loss scaling)")
+    patience: int = option(5, "Stop after this many epochs without a better val mean recall; 0 never stops early")
+    seed: int = option(0, "Seed of data order, initialisation and dropout")
+    workers: int | None = option(None, "Item decoding workers of the methods that read files",
+                                 shown="CPU count - 1, from 1 to 4")
+    grad_checkpointing: bool = option(False, "Recompute tower activations in backward to save memory")
+    hflip: bool | None = option(None, "Random horizontal flips of training pictures",
+                                shown="on unless captions say left or right")
+    sam: bool = option(False, "Sharpness-aware minimisation (two passes a step)")
+    sam_rho: float = option(0.05, "SAM neighbourhood size rho")
+    save_every: int = option(0, "Also keep a checkpoint every N epochs; 0 keeps only the best and the last")
+    max_steps: int | None = option(None, "Stop after this many optimizer steps")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    same_caption: str = option("positive", "Items whose captions have the same text: positive (never each other's "
+                                           "negatives) or negative (as CLIP)")
+    hard_negatives: int = option(0, "Batches of groups of this many near neighbours mined from cached features; "
+                                    "0 is random batches")
+    mine_by: str = option("both", "Hard negatives are neighbours by cached item, text or both features")
+    hn_beta: float = option(0.0, "HN-NCE: weight negatives by softmax(beta x logit); 0 is plain InfoNCE")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "micro_batch", "lr", "max_steps"):
@@ -86,6 +100,8 @@ class TrainConfig:
             raise MmretError(f"--warmup is a fraction of all steps in [0, 1), got {self.warmup}")
         if self.patience < 0 or self.save_every < 0 or self.grad_clip < 0:
             raise MmretError("--patience, --save-every and --grad-clip cannot be negative")
+        if self.workers is not None and self.workers < 0:
+            raise MmretError(f"--workers cannot be negative, got {self.workers}")
         if self.same_caption not in ("positive", "negative"):
             raise MmretError(f"--same-caption must be positive or negative, got {self.same_caption!r}")
         if self.hard_negatives == 1 or self.hard_negatives < 0:
@@ -102,11 +118,11 @@ class TrainConfig:
 class RunConfig:
     """Everything a training run needs, saved as `runs/<run>/config.json` to rebuild its model."""
 
-    name: str | None = None  # run folder name (default: date-method-dataset)
-    runs_dir: Path | None = None  # runs root (default $MMRET_RUNS_DIR or ./runs)
+    name: str | None = option(None, "Run name", shown="date-method-dataset")
+    runs_dir: Path | None = option(None, "Folder holding the runs", shown="./runs", envvar=RUNS_DIR_ENV)
     data: DataConfig = field(default_factory=DataConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
-    method: MethodConfig = field(default_factory=lambda: config_for("bridge"))
+    method: MethodConfig = field(default_factory=lambda: config_for(MethodConfig.method))
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -185,8 +201,9 @@ def _method_section(current: MethodConfig, changes: dict[str, Any]) -> MethodCon
     name = changes.pop("method", current.method)
     base = dataclasses.asdict(current) if name == current.method else {
         f.name: getattr(current, f.name) for f in dataclasses.fields(MethodConfig)}
-    if "rank" in changes and "alpha" not in changes:
-        changes["alpha"] = None  # the default alpha follows the rank
+    for setting in settings_of(config_class(name)):  # a setting worked out from another is worked out again
+        if setting.follows in changes and setting.name not in changes:
+            changes[setting.name] = None
     cfg = config_for(name, **{**base, **changes})
     for key in sorted(k for k in changes if not hasattr(cfg, k)):
         _logger.warning("--%s is a setting of %s; --method %s has no use for it", key.replace("_", "-"),

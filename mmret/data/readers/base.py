@@ -1,4 +1,5 @@
-"""What every reader produces, the reader registry, and small helpers readers share.
+"""What every reader produces and small helpers readers share (the readers' table is
+`mmret.data.readers.registry`).
 
 A reader parses one source format into `SourceData`: item records (id, file, captions, the
 official split if the source has one), the modality of its items, and the problems it met.
@@ -10,10 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-from mmret.common.lazy import import_all
-from mmret.errors import MmretError
 
 SPLITS = ("train", "val", "test")
 
@@ -50,59 +47,6 @@ class SourceData:
     modality: str = "image"  # what the items are (see mmret.modalities)
     item_root: str | None = None  # the folder item paths are relative to, when not the dataset's (tar shards)
     info: dict = field(default_factory=dict)  # more entries for dataset.json (a CLIP_benchmark set's classnames)
-
-
-Reader = Callable[[Path, "PrepareConfig"], SourceData]  # noqa: F821  (config imported lazily)
-
-# the built-in readers: the module that registers each, and the help `mmret prepare --help` lists
-# (kept here, so the help costs no import of the readers or of pandas)
-BUILTIN_READERS = {
-    "flickr30k": ("mmret.data.readers.flickr30k",
-                  "Flickr30k: dataset_flickr30k.json, flickr30k_*_karpathy.txt or Kaggle results.csv"),
-    "coco": ("mmret.data.readers.coco", "MS-COCO: captions_{train,val}2014.json and/or Karpathy's dataset_coco.json"),
-    "flickr8k": ("mmret.data.readers.flickr8k", "Flickr8k: Flickr8k.token.txt with Flickr_8k.{train,dev,test}Images.txt"),
-    "folder": ("mmret.data.readers.folder",
-               "any folder of images or sounds with x.txt captions beside them, or a captions.csv/.jsonl/.parquet; "
-               "with --no-captions, any folder of images or sounds"),
-    "classes": ("mmret.data.readers.classes",
-                "items sorted into class folders (root/<class>/...), or a labels.csv/.jsonl/.parquet of image and "
-                "label; for eval --task classification and linear-probe"),
-    "example": ("mmret.data.readers.example",
-                "a built-in set of coloured-shape pictures with captions, generated with no download"),
-    "wds": ("mmret.data.readers.wds_benchmark",
-            "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, optional key.json), --root "
-            "'shards/{00000..00099}.tar'; or a CLIP_benchmark webdataset folder (--root DIR holding test/nshards.txt, "
-            "test/0.tar, ...; retrieval or classification)"),
-    "clotho": ("mmret.data.readers.clotho",
-               "Clotho: clotho_captions_{development,validation,evaluation}.csv with the audio folders"),
-    "audiocaps": ("mmret.data.readers.audiocaps",
-                  "AudioCaps: train/val/test.csv with the clips you have, found by YouTube id"),
-}
-READER_HELP: dict[str, str] = {name: help for name, (_, help) in BUILTIN_READERS.items()}
-READERS: dict[str, Reader] = {}
-PATTERN_ROOTS = {"wds"}  # readers whose --root is a shard pattern, not a folder
-
-
-def register_reader(name: str, help: str | None = None, pattern_root: bool = False) -> Callable[[Reader], Reader]:
-    """Register `fn(root, cfg) -> SourceData` as `mmret prepare NAME` (a built-in's help is above);
-    `pattern_root`: its --root is a pattern of files (shards), not a folder."""
-    def wrap(fn: Reader) -> Reader:
-        READERS[name] = fn
-        READER_HELP.setdefault(name, help or "")
-        if pattern_root:
-            PATTERN_ROOTS.add(name)
-        return fn
-
-    return wrap
-
-
-def get_reader(name: str) -> Reader:
-    """The reader of source format `name` (the built-in readers are imported on first use)."""
-    if name not in READERS and name in BUILTIN_READERS:
-        import_all(tuple(module for module, _ in BUILTIN_READERS.values()))
-    if name not in READERS:
-        raise MmretError(f"unknown source {name!r}; choose one of {', '.join(READER_HELP)}")
-    return READERS[name]
 
 
 # ---------------------------------------------------------------- helpers for readers

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData, decode_text, register_reader
+from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData, decode_text
 from mmret.data.readers.folder import item_files, read_table, table_modality
+from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, find_file, index_files, register_reader
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, find_file, index_files
+from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 from mmret.modalities.audio import AUDIO_EXTENSIONS
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmret.data.readers.base import ItemRecord, Problem, SourceData, find_file, index_images, locate, register_reader
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, find_file, index_images, locate
 from mmret.data.readers.flickr30k import read_karpathy_json
+from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 
 OFFICIAL = ("captions_train2014.json", "captions_val2014.json", "captions_train2017.json", "captions_val2017.json")

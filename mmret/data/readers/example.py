@@ -14,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from mmret.data.readers.base import ItemRecord, SourceData, register_reader
+from mmret.data.readers.base import ItemRecord, SourceData
+from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 
 COLORS = {

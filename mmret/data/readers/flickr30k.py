@@ -15,9 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from mmret.data.readers.base import (
-    ItemRecord, Problem, SourceData, decode_text, find_file, index_images, locate, register_reader,
-)
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, find_file, index_images, locate
+from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 
 KARPATHY_SIZES = (1014, 1000, 31014)  # val, test, of all images in Karpathy's split

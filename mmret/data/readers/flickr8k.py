@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmret.data.readers.base import (
-    ItemRecord, Problem, SourceData, decode_text, find_file, index_images, locate, register_reader,
-)
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, find_file, index_images, locate
+from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}

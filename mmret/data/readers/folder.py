@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, register_reader
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text
+from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES, Modality
 

@@ -31,7 +31,8 @@ from collections import Counter
 from pathlib import Path
 
 from mmret.common.items import MemberError, member_address, shard_index
-from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData, register_reader
+from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData
+from mmret.data.readers.registry import register_reader
 from mmret.data.readers.wds import read_samples, read_wds
 from mmret.errors import MmretError
 
