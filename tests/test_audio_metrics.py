@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmret.inference.metrics import bootstrap_ci, metrics_from_scores, paired_bootstrap, retrieval_metrics
+from mmret.metrics.retrieval import bootstrap_ci, metrics_from_scores, paired_bootstrap, retrieval_metrics
 
 
 def _dcase_t2a(scores: torch.Tensor, text_audio: list[int]) -> dict[str, float]:
@@ -105,7 +105,7 @@ def test_bootstrap_and_paired_comparison_carry_the_audio_metrics():
 
 
 def test_same_text_metrics_name_their_items():
-    from mmret.inference.metrics import same_text_metrics
+    from mmret.metrics.retrieval import same_text_metrics
 
     g = torch.Generator().manual_seed(0)
     items, texts = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)

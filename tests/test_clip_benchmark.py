@@ -16,11 +16,12 @@ from clip_benchmark.metrics import zeroshot_classification as cb_cls
 from clip_benchmark.metrics import zeroshot_retrieval as cb_ret
 from sklearn.metrics import balanced_accuracy_score
 
-from mmret.inference import clip_benchmark as cb
-from mmret.inference.classify import classification_metrics, zero_shot_weights
-from mmret.inference.linear_probe import C_GRID, choose_c, probe_arrays
-from mmret.inference.metrics import metrics_from_scores, retrieval_metrics
-from mmret.inference.templates import IMAGENET_TEMPLATES
+from mmret.evaluation import clip_benchmark as cb
+from mmret.evaluation.classification import zero_shot_weights
+from mmret.evaluation.linear_probe import C_GRID, choose_c, probe_arrays
+from mmret.evaluation.templates import IMAGENET_TEMPLATES
+from mmret.metrics.classification import classification_metrics
+from mmret.metrics.retrieval import metrics_from_scores, retrieval_metrics
 
 
 def accuracy_numpy2(output, target, topk=(1,)):

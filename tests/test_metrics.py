@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from mmret.errors import MmretError
-from mmret.inference.metrics import (
-    _weighted_metrics, bootstrap_ci, metrics_from_ranks, metrics_from_scores, paired_bootstrap,
+from mmret.metrics.retrieval import (
+    _weighted_metrics,
+    bootstrap_ci,
+    metrics_from_ranks,
+    metrics_from_scores,
+    paired_bootstrap,
     retrieval_metrics,
 )
 
@@ -270,7 +274,7 @@ def test_bad_inputs_end_in_clear_errors():
 
 
 def test_same_text_metrics_by_hand():
-    from mmret.inference.metrics import same_text_metrics
+    from mmret.metrics.retrieval import same_text_metrics
 
     # three pictures; captions 0 and 1 are the same text ("a flower") under pictures 0 and 1
     scores = torch.tensor([[0.9, 0.8, 0.1],   # caption 0 (of picture 0): picture 0 first

@@ -11,7 +11,6 @@ from mmret.cli import show
 from mmret.cli.app import Checkpoint, DataDir, Device, RunsDir, app, check_writable, command, run_or_zero_shot
 from mmret.errors import MmretError
 
-
 # ---------------------------------------------------------------------------- eval and search
 
 
@@ -44,7 +43,7 @@ def eval_command(
 ) -> None:
     """Retrieval (Recall@k, MRR, median rank, mAP, RSUM both ways, as papers report them), zero-shot
     classification or a linear probe; optionally an embedding map and a failure gallery."""
-    from mmret.inference.config import FORMATS, EvalConfig, parse_ks
+    from mmret.evaluation.config import FORMATS, EvalConfig, parse_ks
 
     if format not in FORMATS:
         raise MmretError(f"--format must be {', '.join(FORMATS)}, got {format!r}")
@@ -55,7 +54,7 @@ def eval_command(
         if path is not None:
             check_writable(path, option)
     from mmret.cli import ui
-    from mmret.inference.suite import run_eval
+    from mmret.evaluation.suite import run_eval
     from mmret.runs import load_run_config, resolve_run
     from mmret.runs.folders import newest_run
 

@@ -117,7 +117,7 @@ def validation_loss(model: nn.Module, item_emb: torch.Tensor, text_emb: torch.Te
 def evaluate(s: Session) -> dict[str, float]:
     """Recall@1/5/10 both ways (and their mean), MRR and the loss on the validation split; metric
     names say what the items are (t2i / i2t for pictures, t2a / a2t for sounds)."""
-    from mmret.inference.metrics import directions, retrieval_metrics
+    from mmret.metrics.retrieval import directions, retrieval_metrics
 
     source, modality = s.val, get_modality(s.cfg.data.modality)
     item_emb, text_emb = embed_source(s.model, source, s.cfg.train.batch_size, s.device, s.autocast)

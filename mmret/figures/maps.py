@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from mmret.errors import MmretError
+from mmret.figures import MAP_METHODS
+from mmret.figures.draw import MapPoints, map_figure
 from mmret.inference.embeddings import Embeddings
-from mmret.inference.config import MAP_METHODS as METHODS
-from mmret.inference.figures import MapPoints, map_figure
 from mmret.modalities import Modality
 
 INSTALL = "pip install umap-learn scikit-learn (or: pip install 'mmret[eval]')"
@@ -42,7 +42,7 @@ def project(vectors: np.ndarray, method: str = "umap", seed: int = 0) -> np.ndar
     n = len(vectors)
     if n < 5:
         raise MmretError(f"a map needs at least 5 embeddings, the split has {n}; map a larger split (e.g. --split all)")
-    if method not in METHODS:
+    if method not in MAP_METHODS:
         raise MmretError(f"--map-method must be umap or tsne, got {method!r}")
     try:
         if method == "umap":

@@ -1,7 +1,7 @@
 """Failure galleries (`mmret eval --failures worst.png`): the text→item queries a run gets most
 wrong, each with its caption, the right item and the items it ranked above it.
 
-Ranks follow `mmret.inference.metrics` (a wrong item scoring as high as the right one counts as
+Ranks follow `mmret.metrics.retrieval` (a wrong item scoring as high as the right one counts as
 above it); the worst queries are those of the highest rank, the earlier caption first among
 equals. The same rows are written as JSON beside the PNG for scripts.
 """
@@ -16,9 +16,9 @@ import torch
 
 from mmret.common.io import write_json
 from mmret.errors import MmretError
+from mmret.figures.draw import GalleryRow, gallery_figure
 from mmret.inference.embeddings import Embeddings
-from mmret.inference.figures import GalleryRow, gallery_figure
-from mmret.inference.metrics import retrieval_metrics
+from mmret.metrics.retrieval import retrieval_metrics
 from mmret.modalities import Modality
 
 

@@ -5,7 +5,7 @@ A multinomial logistic regression (scikit-learn, L-BFGS, L2) is fitted on the tr
 regularisation is chosen on the val split by the search CLIP_benchmark's `linear_probe.py` runs
 (97 log-spaced values, 7 evenly spread first, then around the best with steps of 8, 4, 2 and 1;
 the first of equally good values wins), and the chosen model, refitted on train + val, is scored
-on the test split with `mmret.inference.classify`'s metrics. CLIP_benchmark trains a torch linear
+on the test split with `mmret.evaluation.classification`'s metrics. CLIP_benchmark trains a torch linear
 layer with AdamW over a weight-decay grid on a GPU; this follows the CLIP paper's own probe
 (scikit-learn L-BFGS logistic regression, the inverse strength C swept over 1e-6 .. 1e6), which
 needs no GPU and no learning-rate schedule. Results go to
@@ -26,9 +26,10 @@ import torch
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.errors import MmretError
-from mmret.inference.classify import classification_metrics, item_labels, labelled_dataset
+from mmret.evaluation.classification import item_labels, labelled_dataset
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.loaded import LoadedRun
+from mmret.metrics.classification import classification_metrics
 
 C_GRID = np.logspace(-6, 6, 97)  # inverse regularisation strengths, as in CLIP's sweep
 _FIRST = [int(i) for i in np.linspace(0, len(C_GRID) - 1, 7)]  # 0, 16, ..., 96: the first pass

@@ -1,7 +1,7 @@
 """`mmret eval`: retrieval metrics of trained runs on a dataset split, the way papers report them.
 
 A run's final embeddings of the split (written once by `mmret.inference.embeddings`) are scored
-with `mmret.inference.metrics`: text→item and item→text Recall@1/5/10, MRR, median rank, mAP (and
+with `mmret.metrics.retrieval`: text→item and item→text Recall@1/5/10, MRR, median rank, mAP (and
 for sounds DCASE's mAP@10) and RSUM, named by the items' modality (t2i / i2t, t2a / a2t), with
 optional bootstrap confidence intervals. Several runs on the same split are compared with a
 paired bootstrap that marks significant differences from the first run. Each result is saved to
@@ -26,8 +26,16 @@ from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.metrics import (DEFAULT_KS, PairedDiff, RetrievalResult, bootstrap_ci, directions,
-                                     paired_bootstrap, retrieval_metrics, same_text_metrics)
+from mmret.metrics.retrieval import (
+    DEFAULT_KS,
+    PairedDiff,
+    RetrievalResult,
+    bootstrap_ci,
+    directions,
+    paired_bootstrap,
+    retrieval_metrics,
+    same_text_metrics,
+)
 from mmret.modalities import get_modality
 
 

@@ -12,8 +12,8 @@ from typing import Any
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
-from mmret.inference import clip_benchmark as cb
-from mmret.inference.config import EvalConfig
+from mmret.evaluation import clip_benchmark as cb
+from mmret.evaluation.config import EvalConfig
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
 
@@ -29,16 +29,16 @@ class EvalReport:
 
 def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list[Any]:
     if cfg.task == "classification":
-        from mmret.inference.classify import evaluate_classification
+        from mmret.evaluation.classification import evaluate_classification
 
         return [evaluate_classification(r, cfg.dataset, cfg.split, cfg.templates, cfg.bootstrap, cfg.seed,
                                         cfg.which, cfg.device, reporter, data_dir=cfg.data_dir) for r in run_dirs]
     if cfg.task == "linear-probe":
-        from mmret.inference.linear_probe import evaluate_linear_probe
+        from mmret.evaluation.linear_probe import evaluate_linear_probe
 
         return [evaluate_linear_probe(r, cfg.dataset, cfg.split, cfg.seed, cfg.which, cfg.device, reporter,
                                       cfg.data_dir) for r in run_dirs]
-    from mmret.inference.evaluate import compare_runs, evaluate_run
+    from mmret.evaluation.retrieval import compare_runs, evaluate_run
 
     if len(run_dirs) == 1:
         return [evaluate_run(run_dirs[0], cfg.dataset, cfg.split, cfg.bootstrap, cfg.seed, cfg.which, cfg.device,
@@ -66,14 +66,14 @@ def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, repor
     emb = write_run_embeddings(run, result.dataset, cfg.split, reporter=reporter, data_dir=cfg.data_dir)
     ds = load_dataset(emb.dataset, cfg.data_dir or run.cfg.data.data_dir)
     if cfg.map is not None:
-        from mmret.inference.maps import embedding_map
+        from mmret.figures.maps import embedding_map
 
         with reporter.task(f"drawing the {cfg.map_method} map", total=1, unit="maps") as task:
             report.map = embedding_map(emb, ds, ds.modality, cfg.map, cfg.map_method, seed=cfg.seed,
                                        title=f"{run.name}: {emb.dataset} {emb.split}")
             task.advance()
     if cfg.failures is not None:
-        from mmret.inference.failures import failure_gallery
+        from mmret.figures.failures import failure_gallery
 
         ranks = getattr(result, "ranks", None)
         report.failures = failure_gallery(emb, ds.modality, cfg.failures, cfg.worst,
