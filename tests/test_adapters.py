@@ -12,20 +12,20 @@ import math
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tiny_models
+from mmret.encoders import EncoderOutput, load_image_encoder, load_text_encoder
+from mmret.errors import MmretError
+from mmret.methods import MethodConfig, config_for
 from mmret.methods.catalog import RECIPES, recipe_values
 from mmret.methods.towers import LoraConfig, apply_peft, apply_recipe
 from mmret.models.tuners import set_grad_checkpointing
 from mmret.models.tuners.lora import merge_lora, target_modules
 from mmret.runs.checkpoint import load_weights, save_weights
-from mmret.methods import MethodConfig, config_for
-from mmret.encoders import EncoderOutput, load_image_encoder, load_text_encoder
-from mmret.errors import MmretError
-from mmret.training.losses import clip_loss
+from mmret.training.losses import ClipLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle above a blue square", "two green shapes", "a yellow triangle left of a circle",
@@ -281,7 +281,7 @@ def test_each_method_lowers_a_toy_contrastive_loss(towers, method, lr):
     for _ in range(40):
         item_emb = F.normalize(pair["image"](**images).pooled, dim=-1)
         text_emb = F.normalize(pair["text"](**texts).pooled, dim=-1)
-        loss = clip_loss(item_emb, text_emb, 10.0)
+        loss = ClipLoss()(item_emb, text_emb, 10.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
