@@ -15,6 +15,7 @@ import pytest
 import tiny_models
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from mmret.encoders import EncoderOutput, load_image_encoder, load_text_encoder
@@ -23,7 +24,7 @@ from mmret.methods import MethodConfig, config_for
 from mmret.methods.catalog import RECIPES, recipe_values
 from mmret.methods.towers import LoraConfig, apply_peft, apply_recipe
 from mmret.models.tuners import set_grad_checkpointing
-from mmret.models.tuners.lora import merge_lora, target_modules
+from mmret.models.tuners.lora import target_modules
 from mmret.runs.checkpoint import load_weights, save_weights
 from mmret.training.losses import ClipLoss
 
@@ -244,6 +245,22 @@ def test_saved_trainable_weights_reload_onto_a_fresh_base_exactly(towers, tmp_pa
     load_weights(fresh, tmp_path / "w.safetensors")
     for a, b in zip(_embed(fresh), _embed(pair)):
         assert torch.equal(a, b)
+
+
+def merge_lora(encoder: nn.Module) -> int:
+    """Fold every LoRA update into its base weight and put the plain layer back (peft's merge), so
+    the tower runs at base speed with the same outputs. Returns the number of merged layers (0: no
+    LoRA here). Load trained weights before merging: a merged tower has no LoRA parameters left."""
+    model = getattr(encoder, "model", encoder)
+    names = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.merge(safe_merge=True)  # raises on NaN/inf in the merged weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+    if names and hasattr(model, "peft_config"):
+        del model.peft_config
+    return len(names)
 
 
 @pytest.mark.parametrize("modality,arch", [("image", "clip"), ("text", "clip"), ("image", "timm"), ("text", "bert")])

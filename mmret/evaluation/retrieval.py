@@ -48,8 +48,6 @@ def headline(ks=DEFAULT_KS, item: str = "i", map_at: tuple[int, ...] = ()) -> li
             + [f"{d}_map{k}" for k in map_at for d in (t2x, x2t)] + ["rsum"])
 
 
-HEADLINE = headline()
-
 
 @dataclass
 class EvalResult:

@@ -1,5 +1,6 @@
 """Search a run's gallery: the items that best match text queries, a query item, or an item of
-the gallery itself (more like this), and the captions that fit a query item.
+the gallery itself (more like this: its row's embedding as the query, the row left out, as `mmret
+serve` asks), and the captions that fit a query item.
 
 A `Gallery` is loaded once and answers many queries: the run (`LoadedRun`), its final embeddings
 of a dataset split (default: every item of the run's dataset) and the indexes over them, cached in
@@ -174,13 +175,6 @@ class Gallery:
         """(Q, D) float32 embeddings of item files (the run's modality)."""
         return self.run.encode_items(list(paths)).numpy()
 
-    def rows(self, ids: list[str]) -> list[int]:
-        """Gallery rows of item ids; an unknown id is a one-line error."""
-        missing = [i for i in ids if i not in self.row_of]
-        if missing:
-            raise MmretError(f"no item {missing[0]!r} in the gallery {self.dataset}-{self.split}")
-        return [self.row_of[i] for i in ids]
-
     def vectors(self, rows: list[int]) -> np.ndarray:
         """(Q, D) float32 gallery embeddings of rows: the query of "more like this"."""
         return np.asarray(self.emb.items[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
@@ -228,13 +222,6 @@ class Gallery:
     def search_items(self, paths: list[str | Path], k: int) -> list[QueryResult]:
         queries = self.encode_items(paths)
         return [QueryResult(str(p), h, c) for p, h, c in zip(paths, self.items_for(queries, k), self.captions_for(queries, k))]
-
-    def search_ids(self, ids: list[str], k: int) -> list[QueryResult]:
-        """More like each gallery item: its nearest other items, and the captions that fit it."""
-        rows = self.rows(ids)
-        queries = self.vectors(rows)
-        items, captions = self.items_for(queries, k, leave_out=rows), self.captions_for(queries, k)
-        return [QueryResult(i, h, c) for i, h, c in zip(ids, items, captions)]
 
 
 def search(run_dir: Path, queries: list[str], item: Path | None = None, dataset: str | None = None,

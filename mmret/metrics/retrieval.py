@@ -59,10 +59,6 @@ class RetrievalResult:
     map_at: tuple[int, ...] = ()  # mAP@k cut-offs reported besides the full mAP
     i2t_ap_at: torch.Tensor | None = None  # (n_item, len(map_at)) float64 item→text AP@k; nan = no captions
 
-    def hits(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-query hits at k: (n_text,) text→item and (n_item,) item→text booleans."""
-        return self.t2i_ranks <= k, (self.i2t_ranks > 0) & (self.i2t_ranks <= k)
-
 
 @dataclass(frozen=True)
 class PairedDiff:
