@@ -93,15 +93,15 @@ def test_bootstrap_and_paired_comparison_carry_the_audio_metrics():
     text_audio = torch.arange(40) % 8
     a = metrics_from_scores(torch.randn(40, 8, generator=g), text_audio, item="a", map_at=(10,))
     b = metrics_from_scores(torch.randn(40, 8, generator=g), text_audio, item="a", map_at=(10,))
-    ci = bootstrap_ci(a, 200, seed=0)
+    ci = bootstrap_ci(a, n_boot=200, seed=0)
     assert set(ci) == set(a.metrics)
     lo, hi = ci["t2a_map10"]
     assert lo <= a.metrics["t2a_map10"] <= hi
-    diff = paired_bootstrap(a, b, 200, seed=0)
+    diff = paired_bootstrap(a, b, n_boot=200, seed=0)
     assert diff["a2t_map10"].delta == pytest.approx(b.metrics["a2t_map10"] - a.metrics["a2t_map10"])
     picture = metrics_from_scores(torch.randn(40, 8, generator=g), text_audio)
     with pytest.raises(Exception, match="not evaluated on the same queries"):
-        paired_bootstrap(a, picture, 100)
+        paired_bootstrap(a, picture, n_boot=100)
 
 
 def test_same_text_metrics_name_their_items():

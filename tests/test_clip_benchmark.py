@@ -151,7 +151,8 @@ def test_linear_probe_searches_c_the_way_clip_benchmark_does():
 
 
 def test_schema_names_and_file_name():
-    rec = cb.record("retrieval", "flickr30k", "mmret-heads-dino-minilm", "my/run", {"image_retrieval_recall@5": 0.5})
+    rec = cb.record("retrieval", "flickr30k", model="mmret-heads-dino-minilm", pretrained="my/run",
+                    metrics={"image_retrieval_recall@5": 0.5})
     assert list(rec) == ["dataset", "model", "pretrained", "task", "metrics", "language"]
     assert rec["task"] == "zeroshot_retrieval" and rec["language"] == "en"
     assert cb.file_name(rec) == "flickr30k_run_mmret-heads-dino-minilm_en_zeroshot_retrieval.json"

@@ -211,7 +211,7 @@ def test_map_of_an_unlabelled_split_is_coloured_by_split(world, tmp_path):
 
     emb = write_run_embeddings(world["run"], "example", "all")
     ds = load_dataset("example", world["data"])
-    result = embedding_map(emb, ds, ds.modality, tmp_path / "m.png", "tsne", thumbnails=4, max_items=10)
+    result = embedding_map(emb, ds, ds.modality, tmp_path / "m.png", method="tsne", thumbnails=4, max_items=10)
     assert (result.colour_by, result.groups, result.n_items, result.thumbnails) == ("split", ["test", "train", "val"],
                                                                                    10, 4)
     assert result.n_captions == 50  # the five captions of each of the ten sampled pictures

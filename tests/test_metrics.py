@@ -189,7 +189,7 @@ def test_weighted_metrics_equal_metrics_of_the_repeated_queries():
     ap = torch.where(i2t > 0, torch.rand(12, generator=g, dtype=torch.float64), float("nan"))
     w_text = torch.randint(0, 4, (3, 50), generator=g)
     w_item = torch.randint(0, 4, (3, 12), generator=g) * (i2t > 0)
-    stats = _weighted_metrics(t2i, i2t, ap, w_text, w_item, (1, 5, 10))
+    stats = _weighted_metrics(t2i, i2t, ap, w_text=w_text, w_item=w_item, ks=(1, 5, 10))
     for b in range(3):
         want = metrics_from_ranks(t2i.repeat_interleave(w_text[b]), i2t.repeat_interleave(w_item[b]),
                                   ap.repeat_interleave(w_item[b]))

@@ -278,8 +278,8 @@ def test_a_method_registered_from_a_test_file_trains_through_the_cli(world, tmp_
 
 def test_a_text_search_on_a_heads_run_loads_only_the_text_tower(world, tmp_path, monkeypatch):
     from mmret.encoders import load as loading
-    from mmret.training import train
     from mmret.runs import RunConfig, with_overrides
+    from mmret.training import train
 
     cfg = with_overrides(RunConfig(), dict(method="heads", dataset="example", item=world["vit"], text=world["bert"],
                                            data_dir=world["root"] / "data", runs_dir=tmp_path / "runs", epochs=2,

@@ -118,13 +118,13 @@ class ClassificationResult:
         return out
 
 
-def evaluate_classification(run_dir: Path, dataset: str | None = None, split: str = "test",
+def evaluate_classification(run_dir: Path, dataset: str | None = None, split: str = "test", *,
                             templates: Path | None = None, bootstrap: int = 0, seed: int = 0, which: str = "best",
                             device: str = "auto", reporter: Reporter = NULL, plot: bool = True,
                             data_dir: Path | None = None) -> ClassificationResult:
     """Zero-shot classification of one split (of a dataset in `data_dir`, default the run's data
     root); saves the JSON (and the confusion matrix PNG)."""
-    run = LoadedRun(run_dir, which, device)
+    run = LoadedRun(run_dir, which=which, device=device)
     ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
     shipped = ds.info.get("templates") if templates is None else None  # a CLIP_benchmark set's own
     prompts_from = dataset_templates(shipped, ds.name) if shipped else load_templates(templates)
@@ -143,12 +143,12 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
     logits = torch.from_numpy(np.asarray(emb.items, dtype=np.float32)) @ weights.T  # (N, C)
     scores = classification_metrics(logits, target)
     result = ClassificationResult(
-        run_dir.name, ds.name, split, scores.metrics, labels,
-        torch.bincount(target, minlength=len(labels)).tolist(), max(map(len, prompts)),
-        confusion_matrix(target, scores.pred, len(labels)).numpy(),
-        training_overlap(run, list(emb.item_table["path"])),
-        bootstrap_accuracy(scores, target, len(labels), bootstrap, seed) if bootstrap else None, embeddings=emb,
-        templates_from="dataset" if shipped else str(templates) if templates else None,
+        run=run_dir.name, dataset=ds.name, split=split, metrics=scores.metrics, labels=labels,
+        counts=torch.bincount(target, minlength=len(labels)).tolist(), templates=max(map(len, prompts)),
+        confusion=confusion_matrix(target, scores.pred, len(labels)).numpy(),
+        train_overlap=training_overlap(run, list(emb.item_table["path"])),
+        ci=bootstrap_accuracy(scores, target, len(labels), n_boot=bootstrap, seed=seed) if bootstrap else None,
+        embeddings=emb, templates_from="dataset" if shipped else str(templates) if templates else None,
         own_templates=prompts_from if shipped or templates else None)
     result.path = run_dir / "eval" / f"{ds.name}-{split}-classification.json"
     if plot:

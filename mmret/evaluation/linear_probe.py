@@ -125,14 +125,14 @@ def probe_arrays(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes
     return metrics, float(C_GRID[best]), tried[float(C_GRID[best])], tried
 
 
-def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str = "test", seed: int = 0,
+def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str = "test", *, seed: int = 0,
                           which: str = "best", device: str = "auto", reporter: Reporter = NULL,
                           data_dir: Path | None = None) -> ProbeResult:
     """Probe a run's item embeddings of a labelled dataset: fitted on train, chosen on val, scored on test."""
     if split != "test":
         raise MmretError(f"the linear probe fits on train, chooses its regularisation on val and is scored on "
                          f"test; drop --split {split}")
-    run = LoadedRun(run_dir, which, device)
+    run = LoadedRun(run_dir, which=which, device=device)
     ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
     labels = sorted(set(ds.items["label"]))
     _need_items({s: len(ds.split(s).items) for s in ("train", "val", "test")})
@@ -141,8 +141,8 @@ def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str 
     x = {s: np.asarray(e.items, dtype=np.float32) for s, e in parts.items()}
     y = {s: item_labels(e, ds, labels).numpy() for s, e in parts.items()}
     metrics, C, val_acc, tried = probe_arrays(x, y, len(labels), seed)
-    result = ProbeResult(run_dir.name, ds.name, split, metrics, C, val_acc,
-                         {s: len(x[s]) for s in ("train", "val", "test")}, labels, seed, tried)
+    result = ProbeResult(run=run_dir.name, dataset=ds.name, split=split, metrics=metrics, C=C, val_acc1=val_acc,
+                         sizes={s: len(x[s]) for s in ("train", "val", "test")}, labels=labels, seed=seed, tried=tried)
     result.path = run_dir / "eval" / f"{ds.name}-{split}-linear-probe.json"
     write_json(result.path, {**result.to_json(), "checkpoint": parts["train"].manifest["checkpoint"],
                              "which": which, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

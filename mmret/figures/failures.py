@@ -30,7 +30,7 @@ class FailuresResult:
     n_queries: int
 
 
-def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, count: int = 8,
+def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, *, count: int = 8,
                   above: int = 5) -> list[GalleryRow]:
     """The `count` captions whose item ranked lowest, with up to `above` items ranked over it."""
     if count < 1:
@@ -56,14 +56,14 @@ def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, count:
     return rows
 
 
-def failure_gallery(emb: Embeddings, modality: Modality, path: Path, count: int = 8, above: int = 5,
+def failure_gallery(emb: Embeddings, modality: Modality, path: Path, *, count: int = 8, above: int = 5,
                     t2i_ranks: torch.Tensor | None = None, title: str = "") -> FailuresResult:
     """Draw the worst text→item queries of `emb` to `path` (PNG) and list them in `path`.json."""
-    rows = worst_queries(emb, t2i_ranks, count, above)
+    rows = worst_queries(emb, t2i_ranks, count=count, above=above)
     n = len(emb.captions)
     title = title or (f"{emb.dataset} {emb.split}: the {len(rows)} worst of {n:,} text→{modality.noun} queries "
                       f"({len(emb.items):,} {modality.plural})")
-    gallery_figure(rows, modality, title, path)
+    gallery_figure(rows, modality, title=title, path=path)
     json_path = path.with_suffix(".json")
     write_json(json_path, {"dataset": emb.dataset, "split": emb.split, "queries": n,
                            "rows": [asdict(r) for r in rows]})

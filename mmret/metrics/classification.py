@@ -62,7 +62,7 @@ def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int)
     return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
-def bootstrap_accuracy(scores: ClassScores, target: torch.Tensor, num_classes: int, n_boot: int, seed: int,
+def bootstrap_accuracy(scores: ClassScores, target: torch.Tensor, num_classes: int, *, n_boot: int, seed: int,
                        level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile intervals of every metric from `n_boot` resamples of the items (seeded)."""
     if n_boot < 2:
