@@ -67,14 +67,13 @@ class ClipLoss(nn.Module):
         rows, total = per_item.shape
         labels = torch.arange(start, start + rows, device=per_item.device)
         if positives is None and not self.hn_beta:
-            summed = F.cross_entropy(per_item, labels, reduction="sum") + F.cross_entropy(per_text, labels,
-                                                                                          reduction="sum")
+            item_sum, text_sum = (F.cross_entropy(x, labels, reduction="sum") for x in (per_item, per_text))
         else:
             pos_item, pos_text = _row_positives(positives, labels, total)
-            summed = _row_losses(per_item, pos_item, self.hn_beta).sum() + _row_losses(per_text, pos_text,
-                                                                                       self.hn_beta).sum()
+            item_sum = _row_losses(per_item, pos_item, self.hn_beta).sum()
+            text_sum = _row_losses(per_text, pos_text, self.hn_beta).sum()
         shares = self.world_size if self._local else 1  # processes whose losses DDP averages into one
-        return summed * (shares / (2 * total))
+        return (item_sum + text_sum) * (shares / (2 * total))
 
     @property
     def _local(self) -> bool:
