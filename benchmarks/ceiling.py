@@ -24,8 +24,7 @@ import torch
 from mmret.data import load_dataset
 from mmret.encoders import load_text_encoder, load_tower
 from mmret.features import ensure_features
-from mmret.inference.metrics import directions, retrieval_metrics
-
+from mmret.metrics.retrieval import directions, retrieval_metrics
 
 
 def keys(item: str = "i") -> list[str]:

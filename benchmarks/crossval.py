@@ -34,7 +34,7 @@ import torch
 from mmret.common.paths import slug
 from mmret.data.negatives import caption_keys
 from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.metrics import directions, retrieval_metrics, same_text_metrics
+from mmret.metrics.retrieval import directions, retrieval_metrics, same_text_metrics
 from mmret.modalities import get_modality
 from mmret.runs import RunConfig, with_overrides
 from mmret.training import train

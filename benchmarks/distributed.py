@@ -6,7 +6,7 @@ The model is the `heads` method at a realistic size: MLP heads from 768-d frozen
 BERT-base widths) to a 512-d embedding space, over a global batch of `--batch` pairs. Three timings:
 
 - 1 process over the whole global batch (all cores);
-- 2 processes, each over its half, with the gather and DDP (`mmret.training.distributed`);
+- 2 processes, each over its half, with the gather and DDP (`mmret.training.world`, `ClipLoss`);
 - 2 processes, each over its half, WITHOUT any communication (plain local loss, no DDP): the
   same compute, so dist / local is the price of the gather and the all-reduce.
 
@@ -30,16 +30,21 @@ import torch.multiprocessing as mp
 IN_DIM, EMBED = 768, 512
 
 
-def make(batch: int, seed: int = 0):
+def make(batch: int, seed: int = 0, world=None):
     from mmret.models import DualEncoder, ProjectionHead
     from mmret.runs.config import TrainConfig
+    from mmret.training.session import run_loss
     from mmret.training.step import Stepper, make_optimizer
+    from mmret.training.world import World
 
     torch.manual_seed(seed)
+    world = world or World()
     model = DualEncoder(ProjectionHead(IN_DIM, EMBED, 2), ProjectionHead(IN_DIM, EMBED, 2), EMBED)
     cfg = TrainConfig(batch_size=batch, warmup=0.0)
     opt = make_optimizer(model, 1e-3, 0.05)
-    return Stepper(model, opt, cfg, 1e-3, 10_000, torch.device("cpu"), "fp32", torch.amp.GradScaler("cpu", enabled=False))
+    return Stepper(model=model, optimizer=opt, train=cfg, peak_lr=1e-3, total_steps=10_000, device=torch.device("cpu"),
+                   precision="fp32", scaler=torch.amp.GradScaler("cpu", enabled=False), loss=run_loss(cfg, world),
+                   world=world)
 
 
 def data(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,14 +64,13 @@ def time_steps(stepper, images, texts, steps: int, warmup: int = 3) -> float:
 def _rank(rank: int, port: int, batch: int, steps: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    from mmret.training import distributed as d
+    from mmret.training import world as d
 
     world = d.start_world("cpu")
     images, texts = data(batch)
     mine = world.part(batch)
     images, texts = images[mine], texts[mine]
-    stepper = make(batch)
-    d.distribute_step(stepper, world, "cache")
+    stepper = make(batch, world=world)
     dist_t = time_steps(stepper, images, texts, steps)
     local = make(batch)  # same compute on the half batch, no gather, no DDP
     local_t = time_steps(local, images, texts, steps)

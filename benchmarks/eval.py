@@ -58,7 +58,7 @@ def _memory_kb(field: str) -> int:
 
 def child(folder: Path, rounds: int) -> None:
     """Runs in a fresh process: load, reset the peak, evaluate, report JSON on stdout."""
-    from mmret.inference.metrics import bootstrap_ci, metrics_from_scores, retrieval_metrics
+    from mmret.metrics.retrieval import bootstrap_ci, metrics_from_scores, retrieval_metrics
 
     image = torch.from_numpy(np.load(folder / "image.npy"))
     text = torch.from_numpy(np.load(folder / "text.npy"))

@@ -29,16 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from crossval import parse_value  # the same key=value options as crossval.py (this folder is on sys.path when run)
 
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder
 from mmret.features import ensure_features
 from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.metrics import retrieval_metrics
+from mmret.metrics.retrieval import retrieval_metrics
 from mmret.runs import RunConfig, with_overrides
 from mmret.training import train
-
-from crossval import parse_value  # the same key=value options as crossval.py (this folder is on sys.path when run)
 
 OFFLINE = Path("~/.cache/mmret-offline").expanduser()
 KEYS = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)]

@@ -31,7 +31,7 @@ from mmret.encoders import load_image_encoder  # noqa: E402
 from mmret.methods.config import LoraConfig  # noqa: E402
 from mmret.methods.towers import LoraMethod  # noqa: E402
 from mmret.models.tuners import use_matmul_attention  # noqa: E402
-from mmret.training.losses import clip_loss  # noqa: E402
+from mmret.training.losses import ClipLoss  # noqa: E402
 
 
 def build(folder: Path, rank: int, targets: str, attention: str = "matmul"):
@@ -49,7 +49,7 @@ def step(encoder, head, optimizer, pixels, texts, precision: str) -> float:
     optimizer.zero_grad(set_to_none=True)
     with autocast_context(torch.device("cpu"), precision):
         images = torch.nn.functional.normalize(head(encoder(pixels).pooled).float(), dim=-1)
-        loss = clip_loss(images, texts, torch.tensor(100.0))
+        loss = ClipLoss()(images, texts, torch.tensor(100.0))
     loss.backward()
     optimizer.step()
     return float(loss.detach())

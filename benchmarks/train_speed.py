@@ -27,13 +27,12 @@ from mmret.data.pairs import FileSource, epoch_batches
 from mmret.methods import get_method
 from mmret.runs import RunConfig, with_overrides
 from mmret.training.gradcache import contrastive_step
-from mmret.training.losses import clip_loss
 from mmret.training.step import make_optimizer
 
 
 def step(model, optimizer, images, texts):
     optimizer.zero_grad(set_to_none=True)
-    loss = contrastive_step(model, images, texts, len(texts), loss_fn=clip_loss)
+    loss = contrastive_step(model, images, texts, len(texts))
     optimizer.step()
     return float(loss)
 

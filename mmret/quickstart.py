@@ -36,7 +36,7 @@ class QuickstartResult:
 def quickstart(data_dir: Path | None = None, runs_dir: Path | None = None, epochs: int | None = None,
                reporter: Reporter = NULL) -> QuickstartResult:
     from mmret.data import prepare
-    from mmret.inference.evaluate import evaluate_run
+    from mmret.evaluation.retrieval import evaluate_run
     from mmret.inference.search import search
     from mmret.training import train
 

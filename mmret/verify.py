@@ -78,7 +78,8 @@ def verify(datasets: list[str], runs: list[Path], data_dir: Path | None = None,
         targets += [("features", p) for p in sorted((ds.path / "features").glob("*")) if p.is_dir()]
     for run in runs:
         targets.append(("checkpoints", run))
-        targets += [("embeddings", p) for p in sorted((run / "embeddings").glob("*")) if (p / "manifest.json").is_file()]
+        targets += [("embeddings", p) for p in sorted((run / "embeddings").glob("*"))
+                    if (p / "manifest.json").is_file()]
     checks = {"features": _feature_cache, "embeddings": _embeddings, "checkpoints": _checkpoints}
     out = []
     with reporter.task("verifying", total=len(targets), unit="folders") as task:

@@ -12,20 +12,21 @@ import math
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-import tiny_models
+from mmret.encoders import EncoderOutput, load_image_encoder, load_text_encoder
+from mmret.errors import MmretError
+from mmret.methods import MethodConfig, config_for
 from mmret.methods.config import RECIPES, recipe_values
 from mmret.methods.towers import LoraConfig, apply_peft, apply_recipe
 from mmret.models.tuners import set_grad_checkpointing
-from mmret.models.tuners.lora import merge_lora, target_modules
+from mmret.models.tuners.lora import target_modules
 from mmret.runs.checkpoint import load_weights, save_weights
-from mmret.methods import MethodConfig, config_for
-from mmret.encoders import EncoderOutput, load_image_encoder, load_text_encoder
-from mmret.errors import MmretError
-from mmret.training.losses import clip_loss
+from mmret.training.losses import ClipLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle above a blue square", "two green shapes", "a yellow triangle left of a circle",
@@ -246,6 +247,22 @@ def test_saved_trainable_weights_reload_onto_a_fresh_base_exactly(towers, tmp_pa
         assert torch.equal(a, b)
 
 
+def merge_lora(encoder: nn.Module) -> int:
+    """Fold every LoRA update into its base weight and put the plain layer back (peft's merge), so
+    the tower runs at base speed with the same outputs. Returns the number of merged layers (0: no
+    LoRA here). Load trained weights before merging: a merged tower has no LoRA parameters left."""
+    model = getattr(encoder, "model", encoder)
+    names = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name in names:
+        layer = model.get_submodule(name)
+        layer.merge(safe_merge=True)  # raises on NaN/inf in the merged weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
+    if names and hasattr(model, "peft_config"):
+        del model.peft_config
+    return len(names)
+
+
 @pytest.mark.parametrize("modality,arch", [("image", "clip"), ("text", "clip"), ("image", "timm"), ("text", "bert")])
 def test_merged_lora_gives_the_unmerged_embeddings(towers, modality, arch):
     enc = apply_peft(load(towers, modality, arch), "lora", cfg_for("lora"))
@@ -281,7 +298,7 @@ def test_each_method_lowers_a_toy_contrastive_loss(towers, method, lr):
     for _ in range(40):
         item_emb = F.normalize(pair["image"](**images).pooled, dim=-1)
         text_emb = F.normalize(pair["text"](**texts).pooled, dim=-1)
-        loss = clip_loss(item_emb, text_emb, 10.0)
+        loss = ClipLoss()(item_emb, text_emb, 10.0)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmret.inference.metrics import bootstrap_ci, metrics_from_scores, paired_bootstrap, retrieval_metrics
+from mmret.metrics.retrieval import bootstrap_ci, metrics_from_scores, paired_bootstrap, retrieval_metrics
 
 
 def _dcase_t2a(scores: torch.Tensor, text_audio: list[int]) -> dict[str, float]:
@@ -93,19 +93,19 @@ def test_bootstrap_and_paired_comparison_carry_the_audio_metrics():
     text_audio = torch.arange(40) % 8
     a = metrics_from_scores(torch.randn(40, 8, generator=g), text_audio, item="a", map_at=(10,))
     b = metrics_from_scores(torch.randn(40, 8, generator=g), text_audio, item="a", map_at=(10,))
-    ci = bootstrap_ci(a, 200, seed=0)
+    ci = bootstrap_ci(a, n_boot=200, seed=0)
     assert set(ci) == set(a.metrics)
     lo, hi = ci["t2a_map10"]
     assert lo <= a.metrics["t2a_map10"] <= hi
-    diff = paired_bootstrap(a, b, 200, seed=0)
+    diff = paired_bootstrap(a, b, n_boot=200, seed=0)
     assert diff["a2t_map10"].delta == pytest.approx(b.metrics["a2t_map10"] - a.metrics["a2t_map10"])
     picture = metrics_from_scores(torch.randn(40, 8, generator=g), text_audio)
     with pytest.raises(Exception, match="not evaluated on the same queries"):
-        paired_bootstrap(a, picture, 100)
+        paired_bootstrap(a, picture, n_boot=100)
 
 
 def test_same_text_metrics_name_their_items():
-    from mmret.inference.metrics import same_text_metrics
+    from mmret.metrics.retrieval import same_text_metrics
 
     g = torch.Generator().manual_seed(0)
     items, texts = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)

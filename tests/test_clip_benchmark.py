@@ -16,11 +16,12 @@ from clip_benchmark.metrics import zeroshot_classification as cb_cls
 from clip_benchmark.metrics import zeroshot_retrieval as cb_ret
 from sklearn.metrics import balanced_accuracy_score
 
-from mmret.inference import clip_benchmark as cb
-from mmret.inference.classify import classification_metrics, zero_shot_weights
-from mmret.inference.linear_probe import C_GRID, choose_c, probe_arrays
-from mmret.inference.metrics import metrics_from_scores, retrieval_metrics
-from mmret.inference.templates import IMAGENET_TEMPLATES
+from mmret.evaluation import clip_benchmark as cb
+from mmret.evaluation.classification import zero_shot_weights
+from mmret.evaluation.linear_probe import C_GRID, choose_c, probe_arrays
+from mmret.evaluation.templates import IMAGENET_TEMPLATES
+from mmret.metrics.classification import classification_metrics
+from mmret.metrics.retrieval import metrics_from_scores, retrieval_metrics
 
 
 def accuracy_numpy2(output, target, topk=(1,)):
@@ -150,7 +151,8 @@ def test_linear_probe_searches_c_the_way_clip_benchmark_does():
 
 
 def test_schema_names_and_file_name():
-    rec = cb.record("retrieval", "flickr30k", "mmret-heads-dino-minilm", "my/run", {"image_retrieval_recall@5": 0.5})
+    rec = cb.record("retrieval", "flickr30k", model="mmret-heads-dino-minilm", pretrained="my/run",
+                    metrics={"image_retrieval_recall@5": 0.5})
     assert list(rec) == ["dataset", "model", "pretrained", "task", "metrics", "language"]
     assert rec["task"] == "zeroshot_retrieval" and rec["language"] == "en"
     assert cb.file_name(rec) == "flickr30k_run_mmret-heads-dino-minilm_en_zeroshot_retrieval.json"

@@ -7,17 +7,17 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret.cli import app
 from mmret.data import load_dataset
+from mmret.evaluation.retrieval import evaluate_run
 from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.evaluate import evaluate_run
-from mmret.inference.metrics import retrieval_metrics
 from mmret.inference.search import search
+from mmret.metrics.retrieval import retrieval_metrics
 
 runner = CliRunner()
 

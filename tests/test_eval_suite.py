@@ -8,23 +8,24 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret import training
 from mmret.cli import app
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.errors import MmretError
-from mmret.inference.classify import classification_metrics, evaluate_classification, zero_shot_weights
+from mmret.evaluation.classification import evaluate_classification, zero_shot_weights
+from mmret.evaluation.linear_probe import C_GRID
+from mmret.evaluation.suite import EvalConfig, run_eval
+from mmret.evaluation.templates import IMAGENET_TEMPLATES
+from mmret.figures.failures import failure_gallery
 from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.failures import failure_gallery
-from mmret.inference.linear_probe import C_GRID
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.metrics import retrieval_metrics
-from mmret.inference.suite import EvalConfig, run_eval
-from mmret.inference.templates import IMAGENET_TEMPLATES
+from mmret.metrics.classification import classification_metrics
+from mmret.metrics.retrieval import retrieval_metrics
 from mmret.modalities import get_modality
 from mmret.runs import RunConfig, with_overrides
 
@@ -206,11 +207,11 @@ def test_embedding_map(env, tmp_path, method):
 
 
 def test_map_of_an_unlabelled_split_is_coloured_by_split(world, tmp_path):
-    from mmret.inference.maps import embedding_map, project
+    from mmret.figures.maps import embedding_map, project
 
     emb = write_run_embeddings(world["run"], "example", "all")
     ds = load_dataset("example", world["data"])
-    result = embedding_map(emb, ds, ds.modality, tmp_path / "m.png", "tsne", thumbnails=4, max_items=10)
+    result = embedding_map(emb, ds, ds.modality, tmp_path / "m.png", method="tsne", thumbnails=4, max_items=10)
     assert (result.colour_by, result.groups, result.n_items, result.thumbnails) == ("split", ["test", "train", "val"],
                                                                                    10, 4)
     assert result.n_captions == 50  # the five captions of each of the ten sampled pictures

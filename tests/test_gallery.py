@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_models
 from PIL import Image
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret import training
 from mmret.cli import app
 from mmret.data import PrepareConfig, load_dataset, prepare
@@ -194,7 +194,7 @@ def test_caches_written_before_stamps_still_load_and_lend_nothing(env, tmp_path,
     (emb.path / "manifest.json").write_text(json.dumps(manifest))
     written = (emb.path / "manifest.json").stat().st_mtime_ns
     ds = load_dataset("olden", env["data"])
-    vit = loaded.LoadedRun(env["run"], "last").model(("item",))[0].item
+    vit = loaded.LoadedRun(env["run"], which="last").model(("item",))[0].item
     assert open_features(ds, vit, "images") is not None  # opened by its key, as before
     again = write_run_embeddings(env["run"], "olden", "all", which="last")
     assert (again.path / "manifest.json").stat().st_mtime_ns == written and len(again.items) == 6

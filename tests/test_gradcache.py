@@ -7,16 +7,16 @@ from functools import partial
 
 import pytest
 import torch
+from tiny_models import bridge_model, heads_model
 from torch import nn
 
-from mmret.training import gradcache
 from mmret.errors import MmretError
-from mmret.models.batch import slice_batch
-from mmret.training.gradcache import accumulate_step, contrastive_step, full_step
-from mmret.training.losses import clip_loss
 from mmret.models import DualEncoder, ProjectionHead
-from tiny_models import bridge_model, heads_model
+from mmret.models.batch import slice_batch
 from mmret.models.temperature import build_temperature
+from mmret.training import gradcache
+from mmret.training.gradcache import accumulate_step, contrastive_step, full_step
+from mmret.training.losses import ClipLoss
 
 B, MICRO = 10, 3  # uneven on purpose: micro-batches of 3, 3, 3, 1
 
@@ -38,7 +38,7 @@ def reference(model, images, texts, micro, autocast=nullcontext):
             item_parts.append(model.encode_item(slice_batch(images, a, a + micro)))
             text_parts.append(model.encode_text(slice_batch(texts, a, a + micro)))
         item_emb, text_emb = torch.cat(item_parts), torch.cat(text_parts)
-        loss = clip_loss(item_emb, text_emb, model.logit_scale_for(item_emb, text_emb))
+        loss = ClipLoss()(item_emb, text_emb, model.logit_scale_for(item_emb, text_emb))
     loss.backward()
     return loss.detach(), grads(model)
 
@@ -224,9 +224,9 @@ def test_cached_step_is_exact_with_shared_caption_positives_and_hn_nce(hn_beta):
     model, images, texts = heads_case(dropout=0.0)
     pos = torch.eye(B, dtype=torch.bool)
     pos[0, 4] = pos[4, 0] = pos[2, 9] = pos[9, 2] = True  # pairs across micro-batches share a caption
-    loss_fn = partial(clip_loss, hn_beta=hn_beta)
+    loss_fn = ClipLoss(hn_beta=hn_beta)
     model.zero_grad()
-    ref_loss = full_step(model, images, texts, loss_fn, positives=pos)
+    ref_loss = full_step(model, images, texts, loss_fn=loss_fn, positives=pos)
     ref = grads(model)
     loss, got = run(contrastive_step, model, images, texts, micro=4, loss_fn=loss_fn, positives=pos)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_models
 from safetensors.torch import load_file
 
-import tiny_models
 from mmret import training
 from mmret.common.digest import file_digest
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.errors import MmretError
+from mmret.evaluation.retrieval import evaluate_run
 from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.evaluate import evaluate_run
 from mmret.inference.search import search
 from mmret.runs import RunConfig, load_run_config, with_overrides
 from mmret.runs.checkpoint import _save, read_meta

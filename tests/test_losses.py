@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmret.training.losses import clip_logits, clip_loss
+from mmret.training.losses import ClipLoss
+
+clip_loss = ClipLoss()  # one process, the diagonal as the only positives, plain InfoNCE
 
 
 def test_two_by_two_by_hand():
@@ -18,7 +20,7 @@ def test_two_by_two_by_hand():
     # image→text rows: -log softmax at the diagonal = log(1 + e^-0.8), log(1 + e^-1.6)
     # text→image columns [2, 0] and [1.2, 1.6]: log(1 + e^-2), log(1 + e^-0.4)
     expected = sum(math.log1p(math.exp(-d)) for d in (0.8, 1.6, 2.0, 0.4)) / 4
-    assert torch.allclose(clip_logits(image, text, 2.0), torch.tensor([[2.0, 1.2], [0.0, 1.6]]))
+    assert torch.allclose(clip_loss.logits(image, text, 2.0)[0], torch.tensor([[2.0, 1.2], [0.0, 1.6]]))
     assert clip_loss(image, text, torch.tensor(2.0)).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -57,7 +59,8 @@ def test_shared_captions_are_positives_and_the_diagonal_alone_is_the_plain_loss(
     image = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
     text = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
     eye = torch.eye(4, dtype=torch.bool)
-    assert clip_loss(image, text, 10.0, positives=eye).item() == pytest.approx(clip_loss(image, text, 10.0).item(), rel=1e-6)
+    plain = clip_loss(image, text, 10.0).item()
+    assert clip_loss(image, text, 10.0, positives=eye).item() == pytest.approx(plain, rel=1e-6)
     pos = eye.clone()
     pos[0, 1] = pos[1, 0] = True  # pictures 0 and 1 share their caption's text
     # by hand: row i's loss is log(sum over the row) - log(sum over its positives)
@@ -66,7 +69,8 @@ def test_shared_captions_are_positives_and_the_diagonal_alone_is_the_plain_loss(
     for m, p in ((logits, pos), (logits.T, pos.T)):
         for i in range(4):
             terms.append(torch.logsumexp(m[i], 0) - torch.logsumexp(m[i][p[i]], 0))
-    assert clip_loss(image, text, 10.0, positives=pos).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    expected = torch.stack(terms).mean().item()
+    assert clip_loss(image, text, 10.0, positives=pos).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_shared_caption_is_never_pushed_away():
@@ -96,5 +100,6 @@ def test_hn_nce_weights_by_hand():
             denom = torch.exp(m[i, i]) + sum(wj * torch.exp(n) for wj, n in zip(w, neg))
             terms.append(torch.log(denom) - m[i, i])
     expected = torch.stack(terms).mean().item()
-    assert clip_loss(image, text, scale, hn_beta=beta).item() == pytest.approx(expected, rel=1e-5)
-    assert clip_loss(image, text, scale, hn_beta=beta).item() > clip_loss(image, text, scale).item()  # hard ones weigh more
+    hn_nce = ClipLoss(hn_beta=beta)(image, text, scale).item()
+    assert hn_nce == pytest.approx(expected, rel=1e-5)
+    assert hn_nce > clip_loss(image, text, scale).item()  # hard ones weigh more

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from mmret.data.tokenizer import train_bpe
 from mmret.errors import MmretError
 from mmret.modalities.image import load_rgb
-from mmret.models.miniclip import MiniCLIP, MiniCLIPConfig, count_parameters, image_transform
-from mmret.data.tokenizer import train_bpe
+from mmret.models.miniclip import MiniCLIP, MiniCLIPConfig, image_transform
 
 B = 8
 SMALL = dict(vocab_size=300, max_length=24, text_width=32, text_depth=2, text_heads=2, linformer_k=8,
@@ -87,6 +87,10 @@ def test_unnormalized_embeddings_and_bf16(batch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model.encode_item(pixels)
     assert torch.isfinite(low).all() and low.shape == (B, 48)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def test_parameter_counts_by_hand():

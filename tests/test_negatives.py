@@ -9,8 +9,14 @@ import torch
 
 from mmret import training
 from mmret.data.negatives import (
-    batch_positives, batch_sizes, caption_keys, hard_negative_batches, mine_neighbours, neighbour_groups,
-    normalise_caption, shared_text_items,
+    batch_positives,
+    batch_sizes,
+    caption_keys,
+    hard_negative_batches,
+    mine_neighbours,
+    neighbour_groups,
+    normalise_caption,
+    shared_text_items,
 )
 from mmret.data.pairs import epoch_batches, group_captions
 from mmret.errors import MmretError
@@ -129,11 +135,11 @@ def test_captions_shared_by_pictures_are_never_each_others_negatives(world, tmp_
 
     def spy(item_emb, text_emb, scale, positives=None):
         seen.append(positives)
-        from mmret.training.losses import clip_loss
-        return clip_loss(item_emb, text_emb, scale, positives=positives)
+        from mmret.training.losses import ClipLoss
+        return ClipLoss()(item_emb, text_emb, scale, positives=positives)
 
     s = training.setup(config(world, tmp_path, name="dup", batch_size=48))
-    s.stepper.loss_fn = spy
+    s.stepper.loss = spy
     tables = s.train.tables
     for item in range(0, 40, 5):  # eight pictures captioned alike, as Tux Paint's six "A flower."
         for c in tables.captions_of[item]:

@@ -28,12 +28,14 @@ from mmret.models.temperature import build_temperature
 PACKAGE = Path(__file__).resolve().parents[1] / "mmret"
 
 # lowest first: a module may import from its own layer and the layers before it, never after
-LAYERS = ["errors", "common", "modalities", "data", "encoders", "features", "models", "methods", "runs",
-          "inference", "serve", "training", "memory", "quickstart", "verify", "cli", "__main__"]
+LAYERS = ["errors", "common", "metrics", "modalities", "data", "encoders", "features", "models", "methods", "runs",
+          "training", "memory", "inference", "figures", "evaluation", "serve", "quickstart", "verify", "cli",
+          "__main__"]
 # the same rule inside a subpackage, lowest first, for the modules (or folders) it names; modules it does not
 # name (package faces among them) stand outside that order
 SUBLAYERS: dict[str, list[str]] = {
     "common": ["lazy", "registry", "options", "paths", "io", "digest", "items", "progress", "shards", "device"],
+    "metrics": ["retrieval", "classification"],
     "modalities": ["base", "spectrogram", "listening", "image", "audio"],
     "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
     "encoders": ["base", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram", "load"],
@@ -43,10 +45,13 @@ SUBLAYERS: dict[str, list[str]] = {
     "methods": ["config", "base", "registry", "queries", "features", "heads", "bridge", "towers", "scratch",
                 "zeroshot", "catalog"],
     "runs": ["config", "settings", "folders", "checkpoint"],
-    "training": ["losses", "batches", "sam", "gradcache", "step", "session", "distributed", "plots", "dry_run",
-                 "loop"],
-    "serve": ["config", "schemas", "worker", "service", "app", "server"],
+    "training": ["losses", "batches", "sam", "gradcache", "world", "step", "session", "distributed", "plots",
+                 "dry_run", "loop"],
     "memory": ["live", "probe", "plan"],
+    "inference": ["loaded", "embeddings", "exact", "index", "search", "zeroshot"],
+    "figures": ["draw", "maps", "failures"],
+    "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe", "suite"],
+    "serve": ["config", "schemas", "worker", "service", "app", "server"],
     "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "verify", "quickstart"],
 }
 

@@ -6,18 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import load_file
+from test_adapters import merge_lora
 
-import tiny_models
 from mmret import training
-from mmret.models.tuners.lora import merge_lora
-from mmret.data import PrepareConfig
-from mmret.runs import RunConfig, with_overrides
-from mmret.data import prepare
+from mmret.data import PrepareConfig, prepare
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
 from mmret.methods import get_method
+from mmret.runs import RunConfig, with_overrides
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +77,8 @@ def test_a_saved_run_reloads_to_identical_embeddings_and_merged_lora_matches(wor
     cfg = config(world, tmp_path, method="lora", epochs=2, **towers(world, "clip"))
     result = training.train(cfg)
     paths, captions = batch(world)
-    first_towers, a = LoadedRun(result.run_dir, "last").model()
-    second_towers, b = LoadedRun(result.run_dir, "last").model()
+    first_towers, a = LoadedRun(result.run_dir, which="last").model()
+    second_towers, b = LoadedRun(result.run_dir, which="last").model()
     ea, eb = embed(a, first_towers, paths, captions), embed(b, second_towers, paths, captions)
     assert all(torch.equal(x, y) for x, y in zip(ea, eb))
     base_towers = get_method("lora").open(cfg)
@@ -122,8 +121,8 @@ def test_a_frozen_tower_is_read_from_the_feature_cache_not_run(world, tmp_path, 
     from mmret.data import load_dataset
     from mmret.encoders import TimmImageEncoder, load_image_encoder
     from mmret.features import ensure_features
-    from mmret.models.towers import EncoderTower
     from mmret.inference.search import search
+    from mmret.models.towers import EncoderTower
 
     ensure_features(load_dataset("example", world["root"] / "data"), load_image_encoder(world["vit"]), "images")
 

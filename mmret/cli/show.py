@@ -3,7 +3,6 @@ command modules use it; library code returns results and never prints."""
 
 from __future__ import annotations
 
-
 from mmret.cli import ui
 
 
@@ -24,11 +23,13 @@ def show_prepare(result) -> None:
     ui.console.print(ui.table(f"{result.name} ({result.source})", columns, rows))
     ui.console.print(f"splits: {result.split_note}", highlight=False)
     if result.problems:
-        ui.console.print("dropped or fixed: " + ", ".join(f"{n} {k}" for k, n in result.dropped.items()), highlight=False)
+        dropped = ", ".join(f"{n} {k}" for k, n in result.dropped.items())
+        ui.console.print(f"dropped or fixed: {dropped}", highlight=False)
         for p in result.problems[:5]:
             ui.console.print(f"  {p.kind}: {p.item}: {p.reason}", highlight=False, soft_wrap=True)
         if len(result.problems) > 5:
-            ui.console.print(f"  ... all {len(result.problems)} listed in {result.path / 'dataset.json'}", highlight=False)
+            ui.console.print(f"  ... all {len(result.problems)} listed in {result.path / 'dataset.json'}",
+                             highlight=False)
     ui.console.print(f"wrote {result.path} in {result.seconds:.1f}s", highlight=False)
 
 
@@ -114,9 +115,10 @@ def show_memory(report, given_flags: str = "") -> None:
     flags = f"--micro-batch {tc.micro_batch or tc.batch_size} --precision {tc.precision}"
     flags += " --grad-checkpointing" if tc.grad_checkpointing else ""
     ui.console.print(f"recommended: {describe(best.candidate, report.batch_size)}; peak {ui.human_bytes(best.peak)} "
-                     f"({ui.human_bytes(needed(best.peak))} with the margin) of {ui.human_bytes(report.usable)} usable:",
-                     highlight=False, soft_wrap=True)
-    ui.console.print(f"  mmret train {given_flags + ' ' if given_flags else ''}{flags}", highlight=False, soft_wrap=True)
+                     f"({ui.human_bytes(needed(best.peak))} with the margin) of {ui.human_bytes(report.usable)} "
+                     "usable:", highlight=False, soft_wrap=True)
+    ui.console.print(f"  mmret train {given_flags + ' ' if given_flags else ''}{flags}", highlight=False,
+                     soft_wrap=True)
 
 
 def show_eval(results, format: str) -> None:
@@ -131,7 +133,8 @@ def show_eval(results, format: str) -> None:
     for key in first.headline:
         cells = [key]
         for r in results:
-            cell = f"{r.metrics[key]:.4f}" if key not in ("rsum",) and not key.endswith("medr") else f"{r.metrics[key]:.1f}"
+            whole = key == "rsum" or key.endswith("medr")  # a rank or a sum of percents, not a fraction
+            cell = f"{r.metrics[key]:.1f}" if whole else f"{r.metrics[key]:.4f}"
             if r.ci:
                 lo, hi = r.ci[key]
                 cell += f" [{lo:.3f}, {hi:.3f}]" if not key.endswith(("medr", "rsum")) else f" [{lo:.0f}, {hi:.0f}]"
@@ -141,7 +144,8 @@ def show_eval(results, format: str) -> None:
         rows.append(cells)
     rows.append([f"chance R@{'/'.join(map(str, first.ks))}"]
                 + [" / ".join(f"{min(1, k / r.n_items):.3f}" for k in r.ks) for r in results])
-    title = f"{first.dataset} {first.split}: {first.n_items:,} {_modality(first.modality).plural}, {first.n_captions:,} captions"
+    title = (f"{first.dataset} {first.split}: {first.n_items:,} {_modality(first.modality).plural}, "
+             f"{first.n_captions:,} captions")
     _markdown_or_table(title, columns, rows, format)
     if any(r.diffs and any(d.significant for d in r.diffs.values()) for r in results):
         ui.console.print(f"* differs from {first.run} (paired bootstrap, 95%)", highlight=False)

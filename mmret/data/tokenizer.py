@@ -11,23 +11,17 @@ tokenizer folder, or a hub id (offline: only when it is in the local cache).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import torch
 from torch import Tensor
 
-from mmret.errors import MmretError
 from mmret.common.io import atomic_path
+from mmret.errors import MmretError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 in a trained BPE
 _BYTES = 256  # the byte-level alphabet every BPE vocabulary starts from
-
-
-class TextTokenizer(Protocol):
-    vocab_size: int
-
-    def tokenize(self, texts: list[str], max_length: int) -> dict[str, Tensor]: ...
 
 
 def _pad_batch(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:

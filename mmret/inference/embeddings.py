@@ -105,9 +105,10 @@ def _manifest(path: Path) -> dict:
 
 def open_embeddings(path: Path) -> Embeddings:
     manifest = _manifest(path)
-    tables = [read_parquet(_file(path, name), FIX).rename(columns=OLD_NAMES) for name in FILES[2:]]
-    return Embeddings(path, manifest["dataset"], manifest["split"], load_npy(_file(path, "items.npy"), FIX),
-                      load_npy(path / "captions.npy", FIX), *tables, manifest)
+    item_table, caption_table = (read_parquet(_file(path, name), FIX).rename(columns=OLD_NAMES) for name in FILES[2:])
+    return Embeddings(path=path, dataset=manifest["dataset"], split=manifest["split"],
+                      items=load_npy(_file(path, "items.npy"), FIX), captions=load_npy(path / "captions.npy", FIX),
+                      item_table=item_table, caption_table=caption_table, manifest=manifest)
 
 
 def _digests(path: Path, names: Any = FILES) -> dict[str, str]:
@@ -139,8 +140,8 @@ def identity(run: LoadedRun, ds: Any, split: str) -> dict:
             "folds": [cfg.data.folds, cfg.data.fold] if ds.name == cfg.data.dataset else [0, 0]}
 
 
-def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, split: str = "test", which: str = "best",
-                         device: str = "auto", batch_size: int = 256, reporter: Reporter = NULL,
+def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, split: str = "test", *,
+                         which: str = "best", device: str = "auto", batch_size: int = 256, reporter: Reporter = NULL,
                          data_dir: Path | None = None, shard: str | None = None,
                          finalize: bool = False) -> Embeddings | None:
     """Embed a split (or `all`) of a dataset (default: the run's, from `data_dir` or the run's data
@@ -148,7 +149,7 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
     then apply). With `shard` ("i/N", or torchrun's rank) this process embeds its blocks only, and
     None comes back unless it was the last and assembled the folder; `finalize` only assembles."""
     start = time.perf_counter()
-    run = run if isinstance(run, LoadedRun) else LoadedRun(run, which, device)
+    run = run if isinstance(run, LoadedRun) else LoadedRun(run, which=which, device=device)
     ds = load_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
     target = run.run_dir / "embeddings" / f"{ds.name}-{split}"
     expected = identity(run, ds, split)
@@ -156,28 +157,29 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
         return open_embeddings(target)
     sharded = shard_of(shard)
     if sharded is not None or finalize:
-        return _by_blocks(run, ds, split, batch_size, reporter, target, expected, sharded, start)
+        return _by_blocks(run, ds, split, batch_size=batch_size, reporter=reporter, target=target, expected=expected,
+                          shard=sharded, start=start)
     source = run.source(ds, split, reporter)
     stamps = _stamps(ds, source.tables)
     old = _previous(target, run.digest)
     (item_from, item_todo), (caption_from, caption_todo) = (
         match(stamps[i], old[i].stamp.to_numpy(object) if old else None) for i in (0, 1))
-    new_items, new_captions = run.embed_rows(source, item_todo, caption_todo, batch_size, reporter,
-                                             f"{ds.name}-{split}")
+    new_items, new_captions = run.embed_rows(source, item_rows=item_todo, caption_rows=caption_todo,
+                                             batch_size=batch_size, reporter=reporter, label=f"{ds.name}-{split}")
     dim = next((x.shape[1] for x in (new_items, new_captions, old[2] if old else None)
                 if x is not None and x.shape[1]), 0)
     items = _assemble(item_from, item_todo, new_items, old[2] if old else None, dim)
     captions = _assemble(caption_from, caption_todo, new_captions, old[3] if old else None, dim)
     ds.check_current("embedding")
-    return _write(target, expected, ds, run.name, source.tables, items, captions, stamps,
-                  (len(items) - len(item_todo), len(captions) - len(caption_todo)), start)
+    return _write(target, expected, ds, run=run.name, t=source.tables, items=items, captions=captions, stamps=stamps,
+                  reused=(len(items) - len(item_todo), len(captions) - len(caption_todo)), start=start)
 
 
 def _stamps(ds: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
     return item_stamps(t.item_ids, t.paths, ds.path), caption_stamps(t.captions)
 
 
-def _write(target: Path, expected: dict, ds: Any, run: str, t: Any, items: np.ndarray, captions: np.ndarray,
+def _write(target: Path, expected: dict, ds: Any, *, run: str, t: Any, items: np.ndarray, captions: np.ndarray,
            stamps: tuple[np.ndarray, np.ndarray], reused: tuple[int, int], start: float) -> Embeddings:
     """Write the folder at once: float16 arrays, the tables with each row's stamp, the manifest."""
     with atomic_dir(target, replace=True) as tmp:
@@ -226,7 +228,7 @@ def _blocks(n: int, batch_size: int) -> list[range]:
     return [range(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Reporter, target: Path, expected: dict,
+def _by_blocks(run: LoadedRun, ds, split: str, *, batch_size: int, reporter: Reporter, target: Path, expected: dict,
                shard: Shard | None, start: float) -> Embeddings | None:
     parts = target.parent / f".{target.name}.parts"
     with FeatureCache(parts).locked(wait=True):  # the folder lock of the feature cache serves here too
@@ -256,13 +258,14 @@ def _by_blocks(run: LoadedRun, ds, split: str, batch_size: int, reporter: Report
             return open_embeddings(target)
         if missing:
             if shard is None:
-                raise MmretError(f"{len(missing)} blocks of these embeddings are not written yet ({', '.join(missing[:5])}"
-                                 f"{' ...' if len(missing) > 5 else ''}); run the --shard processes again, then --finalize")
+                raise MmretError(f"{len(missing)} blocks of these embeddings are not written yet "
+                                 f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); run the --shard "
+                                 "processes again, then --finalize")
             return None
         ds.check_current("embedding")
         arrays = {side: np.concatenate([np.load(parts / f"{side}-{k:06d}.npy") for s, k, _ in blocks if s == side])
                   for side in ("items", "captions")}
-        emb = _write(target, expected, ds, run.name, source.tables, arrays["items"], arrays["captions"],
-                     _stamps(ds, source.tables), (0, 0), start)
+        emb = _write(target, expected, ds, run=run.name, t=source.tables, items=arrays["items"],
+                     captions=arrays["captions"], stamps=_stamps(ds, source.tables), reused=(0, 0), start=start)
     shutil.rmtree(parts, ignore_errors=True)
     return emb

@@ -205,7 +205,7 @@ def _measure(index: FaissIndex, check, breadth: int) -> dict:
     return {"breadth": breadth, "recall@10": round(recall, 4), "ms_per_query": round(ms, 4)}
 
 
-def _faiss_entry(exact: ExactIndex, cfg: IndexConfig, queries: Any | None, folder: Path,
+def _faiss_entry(exact: ExactIndex, cfg: IndexConfig, *, queries: Any | None, folder: Path,
                  reporter: Reporter, old: dict | None) -> dict:
     """Build (or reuse, when its build parameters match) the FAISS index in `folder`, then tune it."""
     faiss = _faiss()
@@ -249,7 +249,7 @@ def vectors_digest(vectors: np.ndarray) -> str:
 
 def build_index(
     vectors: str | Path | np.ndarray, folder: str | Path, fingerprint: dict[str, Any],
-    cfg: IndexConfig | None = None, queries: Any | None = None, reporter: Reporter = NULL,
+    cfg: IndexConfig | None = None, *, queries: Any | None = None, reporter: Reporter = NULL,
 ) -> ExactIndex | FaissIndex:
     """Write a new index folder for `vectors` ((n, dim) float16 .npy file or array), replacing any old one.
 
@@ -265,14 +265,15 @@ def build_index(
     with atomic_dir(folder, replace=True) as tmp:
         _place_vectors(vectors, tmp / "vectors.npy")
         if cfg.kind != "exact":
-            meta["faiss"][cfg.kind] = _faiss_entry(exact, cfg, queries, tmp, reporter, None)
+            meta["faiss"][cfg.kind] = _faiss_entry(exact, cfg, queries=queries, folder=tmp, reporter=reporter,
+                                                   old=None)
         write_json(tmp / "meta.json", meta)
     return open_index(folder, fingerprint, cfg.kind)
 
 
 def ensure_index(
     vectors: str | Path | np.ndarray, folder: str | Path, fingerprint: dict[str, Any],
-    cfg: IndexConfig | None = None, queries: Any | None = None, rebuild: bool = False,
+    cfg: IndexConfig | None = None, *, queries: Any | None = None, rebuild: bool = False,
     reporter: Reporter = NULL,
 ) -> ExactIndex | FaissIndex:
     """The index in `folder`, built on first use and reused after.
@@ -283,7 +284,7 @@ def ensure_index(
     cfg = cfg or IndexConfig()
     folder = Path(folder)
     if rebuild or not folder.exists():
-        return build_index(vectors, folder, fingerprint, cfg, queries, reporter)
+        return build_index(vectors, folder, fingerprint, cfg, queries=queries, reporter=reporter)
     meta = _read_meta(folder)
     _check_fingerprint(folder, meta, fingerprint)
     array = _check_gallery(_load_vectors(vectors))
@@ -292,7 +293,8 @@ def ensure_index(
                          f"delete {folder} or pass --rebuild-index to build it again")
     if cfg.kind != "exact" and _stale_entry(meta["faiss"].get(cfg.kind), cfg, queries):
         exact = _open(folder, meta, "exact", array)
-        meta["faiss"][cfg.kind] = _faiss_entry(exact, cfg, queries, folder, reporter, meta["faiss"].get(cfg.kind))
+        meta["faiss"][cfg.kind] = _faiss_entry(exact, cfg, queries=queries, folder=folder, reporter=reporter,
+                                               old=meta["faiss"].get(cfg.kind))
         write_json(folder / "meta.json", meta)
     return _open(folder, meta, cfg.kind, array)
 
@@ -329,7 +331,8 @@ def _open(folder: Path, meta: dict, kind: str, verified: np.ndarray | None = Non
         except (OSError, ValueError):
             array = None
         if array is None or array.shape != (meta["n"], meta["dim"]) or vectors_digest(array) != meta["digest"]:
-            raise MmretError(f"the vectors in {folder} do not match its meta.json; delete {folder} to rebuild the index")
+            raise MmretError(f"the vectors in {folder} do not match its meta.json; delete {folder} to rebuild the "
+                             "index")
     exact = ExactIndex(array, max_norm=meta["max_norm"], info={"folder": str(folder)})
     if kind == "exact":
         return exact
@@ -362,7 +365,8 @@ def _check_fingerprint(folder: Path, meta: dict, fingerprint: dict[str, Any]) ->
     built = ", ".join(f"{k}={have.get(k)}" for k in differ)
     asked = ", ".join(f"{k}={want.get(k)}" for k in differ)
     raise StaleIndex(f"the index in {folder} was built for {built}, not {asked}: it belongs to another "
-                     f"model or dataset and will not be used; delete {folder} or pass --rebuild-index to build it again")
+                     f"model or dataset and will not be used; delete {folder} or pass --rebuild-index to build it "
+                     "again")
 
 
 def _jsonable(fingerprint: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,9 @@ from mmret.runs.checkpoint import load_weights
 
 
 class LoadedRun:
-    def __init__(self, run_dir: Path, which: str = "best", device: str = "auto"):
+    """The run in `run_dir` with its `which` checkpoint (best | last), run on `device`."""
+
+    def __init__(self, run_dir: Path, *, which: str = "best", device: str = "auto"):
         self.run_dir, self.which = Path(run_dir), which
         self.cfg = load_run_config(self.run_dir)
         self.method = get_method(self.cfg.method.method)
@@ -71,7 +73,7 @@ class LoadedRun:
         (source,) = self.method.sources(self.cfg, ctx, dataset, (split,), self.device, reporter)
         return source
 
-    def embed_rows(self, source: Any, item_rows: Any = None, caption_rows: Any = None, batch_size: int = 256,
+    def embed_rows(self, source: Any, *, item_rows: Any = None, caption_rows: Any = None, batch_size: int = 256,
                    reporter: Reporter = NULL, label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """(item embeddings, caption embeddings) of the given rows of a source (None: every row)."""
         _, model = self.model(SIDES)

@@ -1,5 +1,6 @@
 """Search a run's gallery: the items that best match text queries, a query item, or an item of
-the gallery itself (more like this), and the captions that fit a query item.
+the gallery itself (more like this: its row's embedding as the query, the row left out, as `mmret
+serve` asks), and the captions that fit a query item.
 
 A `Gallery` is loaded once and answers many queries: the run (`LoadedRun`), its final embeddings
 of a dataset split (default: every item of the run's dataset) and the indexes over them, cached in
@@ -86,22 +87,24 @@ class SearchResult:
         return out
 
 
-def gallery_index(run_dir: Path, emb: Embeddings, which: str, cfg: IndexConfig, rebuild: bool, reporter: Reporter):
-    """The cached index over the run's item (or caption) embeddings."""
+def gallery_index(run_dir: Path, emb: Embeddings, side: str, *, cfg: IndexConfig, rebuild: bool,
+                  reporter: Reporter):
+    """The cached index over the run's item (`side` items) or caption (captions) embeddings."""
     fingerprint = {"run": run_dir.name, "checkpoint": emb.manifest["checkpoint"], "dataset": emb.dataset,
-                   "split": emb.split, "gallery": which,
-                   "fingerprint": emb.manifest[f"{which}_fingerprint"]}
-    folder = run_dir / "index" / f"{emb.dataset}-{emb.split}-{which}"
+                   "split": emb.split, "gallery": side,
+                   "fingerprint": emb.manifest[f"{side}_fingerprint"]}
+    folder = run_dir / "index" / f"{emb.dataset}-{emb.split}-{side}"
     # an approximate index's recall is measured with the other modality's embeddings as queries,
     # which is how it will be searched
-    other = emb.captions if which == "items" else emb.items
+    other = emb.captions if side == "items" else emb.items
     queries = np.asarray(other[:cfg.check_queries], dtype=np.float32) if cfg.kind != "exact" and len(other) else None
     try:
-        return ensure_index(emb.array_path(which), folder, fingerprint, cfg, queries=queries,
+        return ensure_index(emb.array_path(side), folder, fingerprint, cfg, queries=queries,
                             rebuild=rebuild, reporter=reporter)
     except StaleIndex:  # the run or the dataset changed since: build the index again, as the embeddings were
-        _logger.warning("the %s gallery of %s changed since its index was built; building it again", which, emb.path.name)
-        return ensure_index(emb.array_path(which), folder, fingerprint, cfg, queries=queries, rebuild=True,
+        _logger.warning("the %s gallery of %s changed since its index was built; building it again", side,
+                        emb.path.name)
+        return ensure_index(emb.array_path(side), folder, fingerprint, cfg, queries=queries, rebuild=True,
                             reporter=reporter)
 
 
@@ -111,7 +114,7 @@ class Gallery:
     Queries become embeddings through the run (`encode_texts`, `encode_items`) or are gallery rows
     (`vectors`); `items_for` and `captions_for` turn query embeddings into hits."""
 
-    def __init__(self, run: LoadedRun, emb: Embeddings, items_index: Any, captions_index: Any | None,
+    def __init__(self, run: LoadedRun, emb: Embeddings, items_index: Any, captions_index: Any | None, *,
                  index: str = "exact"):
         self.run, self.emb, self.index = run, emb, index
         self.items_index, self.captions_index = items_index, captions_index
@@ -126,19 +129,20 @@ class Gallery:
             self.captions_of[row].append(text)
 
     @classmethod
-    def open(cls, run: LoadedRun | Path, dataset: str | None = None, split: str = "all", index: str = "exact",
-             rebuild_index: bool = False, captions: bool = True, device: str = "auto", which: str = "best",
+    def open(cls, run: LoadedRun | Path, dataset: str | None = None, split: str = "all", *, index: str = "exact",
+             rebuild_index: bool = False, captions: bool = True, which: str = "best", device: str = "auto",
              reporter: Reporter = NULL, data_dir: Path | None = None) -> "Gallery":
         """Load `run` (a folder or a loaded run) and its gallery; `captions` also opens the caption
         index (for item queries), when the gallery has captions."""
-        run = run if isinstance(run, LoadedRun) else LoadedRun(run, which, device)
+        run = run if isinstance(run, LoadedRun) else LoadedRun(run, which=which, device=device)
         emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
         cfg = IndexConfig(kind=index)
-        items_index = gallery_index(run.run_dir, emb, "items", cfg, rebuild_index, reporter)
+        items_index = gallery_index(run.run_dir, emb, "items", cfg=cfg, rebuild=rebuild_index, reporter=reporter)
         captions_index = None
         if captions and len(emb.captions):
-            captions_index = gallery_index(run.run_dir, emb, "captions", cfg, rebuild_index, reporter)
-        return cls(run, emb, items_index, captions_index, index)
+            captions_index = gallery_index(run.run_dir, emb, "captions", cfg=cfg, rebuild=rebuild_index,
+                                           reporter=reporter)
+        return cls(run, emb, items_index, captions_index, index=index)
 
     # -- what the gallery is
     @property
@@ -174,13 +178,6 @@ class Gallery:
         """(Q, D) float32 embeddings of item files (the run's modality)."""
         return self.run.encode_items(list(paths)).numpy()
 
-    def rows(self, ids: list[str]) -> list[int]:
-        """Gallery rows of item ids; an unknown id is a one-line error."""
-        missing = [i for i in ids if i not in self.row_of]
-        if missing:
-            raise MmretError(f"no item {missing[0]!r} in the gallery {self.dataset}-{self.split}")
-        return [self.row_of[i] for i in ids]
-
     def vectors(self, rows: list[int]) -> np.ndarray:
         """(Q, D) float32 gallery embeddings of rows: the query of "more like this"."""
         return np.asarray(self.emb.items[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
@@ -195,8 +192,9 @@ class Gallery:
         for q, (s, i) in enumerate(zip(scores, ids)):
             keep = (i >= 0) & (i != (leave_out[q] if leave_out is not None else -1))
             s, i = s[keep][:k], i[keep][:k]
-            out.append([Hit(r + 1, float(score), self.ids[row], self.paths[row], list(self.captions_of[row]))
-                        for r, (score, row) in enumerate(zip(s.tolist(), i.tolist()))])
+            ranked = enumerate(zip(s.tolist(), i.tolist()))
+            out.append([Hit(rank=r + 1, score=float(score), item_id=self.ids[row], path=self.paths[row],
+                            captions=list(self.captions_of[row])) for r, (score, row) in ranked])
         return out
 
     def captions_for(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
@@ -209,7 +207,8 @@ class Gallery:
             hits = []
             for r, (score, row) in enumerate((a, b) for a, b in zip(s.tolist(), i.tolist()) if b >= 0):
                 item = int(self.caption_items[row])
-                hits.append(Hit(r + 1, float(score), self.ids[item], self.paths[item], [self.caption_texts[row]]))
+                hits.append(Hit(rank=r + 1, score=float(score), item_id=self.ids[item], path=self.paths[item],
+                                captions=[self.caption_texts[row]]))
             out.append(hits)
         return out
 
@@ -226,20 +225,15 @@ class Gallery:
         return out
 
     def search_items(self, paths: list[str | Path], k: int) -> list[QueryResult]:
+        """The items and captions nearest to each item file."""
         queries = self.encode_items(paths)
-        return [QueryResult(str(p), h, c) for p, h, c in zip(paths, self.items_for(queries, k), self.captions_for(queries, k))]
-
-    def search_ids(self, ids: list[str], k: int) -> list[QueryResult]:
-        """More like each gallery item: its nearest other items, and the captions that fit it."""
-        rows = self.rows(ids)
-        queries = self.vectors(rows)
-        items, captions = self.items_for(queries, k, leave_out=rows), self.captions_for(queries, k)
-        return [QueryResult(i, h, c) for i, h, c in zip(ids, items, captions)]
+        items, captions = self.items_for(queries, k), self.captions_for(queries, k)
+        return [QueryResult(str(p), h, c) for p, h, c in zip(paths, items, captions)]
 
 
-def search(run_dir: Path, queries: list[str], item: Path | None = None, dataset: str | None = None,
+def search(run_dir: Path, queries: list[str], *, item: Path | None = None, dataset: str | None = None,
            split: str = "all", k: int = 10, index: str = "exact", rebuild_index: bool = False,
-           device: str = "auto", which: str = "best", reporter: Reporter = NULL,
+           which: str = "best", device: str = "auto", reporter: Reporter = NULL,
            data_dir: Path | None = None, query_modality: str | None = None) -> SearchResult:
     """Top-k items for each text query, or items and captions for a query item file (`item`: a
     picture or a sound, whichever the run's items are; `query_modality` says which the caller
@@ -250,16 +244,17 @@ def search(run_dir: Path, queries: list[str], item: Path | None = None, dataset:
         raise MmretError(f"--{query_modality or 'image'} {item} is a folder; give the path of one file to search with")
     if k < 1:
         raise MmretError(f"-k must be at least 1, got {k}")
-    run = LoadedRun(run_dir, which, device)
+    run = LoadedRun(run_dir, which=which, device=device)
     modality = get_modality(run.cfg.data.modality)
     if not queries and item is None:
         raise MmretError(f"nothing to search for: give a query text, --queries FILE, or --{modality.name} PATH")
     if item is not None and query_modality not in (None, modality.name):
         raise MmretError(f"run {run.name} searches {modality.plural}, not {get_modality(query_modality).plural}: "
                          f"query with --{modality.name} PATH")
-    gallery = Gallery.open(run, dataset, split, index, rebuild_index, captions=item is not None,
+    gallery = Gallery.open(run, dataset, split, index=index, rebuild_index=rebuild_index, captions=item is not None,
                            reporter=reporter, data_dir=data_dir)
     results = gallery.search_texts(queries, k) if queries else []
     if item is not None:
         results += gallery.search_items([item], k)
-    return SearchResult(run_dir.name, gallery.dataset, split, index, results, gallery.modality.name)
+    return SearchResult(run=run_dir.name, dataset=gallery.dataset, split=split, index=index, results=results,
+                        modality=gallery.modality.name)

@@ -3,8 +3,20 @@ configuration fits a memory budget (see `mmret.memory.plan`)."""
 
 from mmret.memory.live import CATEGORIES, Breakdown, LiveBytes
 from mmret.memory.plan import (
-    Candidate, MemoryReport, NothingFits, Row, describe, largest_fitting, measured, micro_batches, needed,
-    probe_memory, recommend, save_config, size_text, smallest_row,
+    Candidate,
+    MemoryReport,
+    NothingFits,
+    Row,
+    describe,
+    largest_fitting,
+    measured,
+    micro_batches,
+    needed,
+    probe_memory,
+    recommend,
+    save_config,
+    size_text,
+    smallest_row,
 )
 from mmret.memory.probe import Probe, build_model, fake_probe
 

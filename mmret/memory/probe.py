@@ -165,9 +165,11 @@ class Probe:
         tc = dataclasses.replace(self.cfg.train, precision=precision, batch_size=batch_size, micro_batch=micro_batch)
         # fake steps run no scaler: its state is a few scalars and unscaling works in place
         scaler = grad_scaler(self.device if self.mode is None else torch.device("cpu"), precision)
-        self.stepper = Stepper(self.model, self.optimizer, tc, tc.lr or self.method.lr, 1, self.device, precision,
-                               scaler, SAM(self.optimizer, tc.sam_rho, scaler, keep_grads) if tc.sam else None,
-                               self.method.batch_transform(self.cfg), keep_grads, autocast=self.autocast(precision))
+        self.stepper = Stepper(model=self.model, optimizer=self.optimizer, train=tc, peak_lr=tc.lr or self.method.lr,
+                               total_steps=1, device=self.device, precision=precision, scaler=scaler,
+                               sam=SAM(self.optimizer, tc.sam_rho, scaler, keep_grads) if tc.sam else None,
+                               batch_transform=self.method.batch_transform(self.cfg), keep_grads=keep_grads,
+                               autocast=self.autocast(precision))
         return self.stepper
 
     def step(self, precision: str, micro_batch: int) -> Breakdown:

@@ -27,7 +27,7 @@ from mmret.models.temperature import Temperature, build_temperature, logit_scale
 class DualOutput(NamedTuple):
     item_emb: Tensor  # (B, D), normalised
     text_emb: Tensor  # (B, D), normalised
-    logit_scale: Tensor  # () the multiplier 1/temperature that `clip_loss` takes
+    logit_scale: Tensor  # () the multiplier 1/temperature that `ClipLoss` takes
 
 
 class DualEncoder(nn.Module):

@@ -132,7 +132,7 @@ class MiniCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def logit_scale_for(self, item_emb: Tensor, text_emb: Tensor) -> Tensor:
-        """The scalar logit scale for this batch of normalized embeddings: `clip_loss`'s third argument."""
+        """The scalar logit scale for this batch of normalized embeddings: `ClipLoss`'s third argument."""
         return logit_scale_for(self.temperature, item_emb, text_emb)
 
     @property
@@ -170,7 +170,3 @@ def image_transform(image_size: int = 64):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

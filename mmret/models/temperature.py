@@ -120,6 +120,6 @@ def build_temperature(kind: str = "learned", init_tau: float = 0.07, max_scale: 
 
 
 def logit_scale_for(temperature: Temperature, item_emb: Tensor, text_emb: Tensor) -> Tensor:
-    """The logit scale for a batch of normalized embeddings (B, D), (B, D): what `clip_loss` takes."""
+    """The logit scale for a batch of normalized embeddings (B, D), (B, D): what `ClipLoss` takes."""
     similarity = item_emb @ text_emb.t() if temperature.needs_similarity else None  # (B, B)
     return temperature(similarity)

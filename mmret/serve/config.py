@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from mmret.errors import MmretError
@@ -13,6 +13,7 @@ from mmret.inference.index import INDEX_KINDS
 @dataclass
 class ServeConfig:
     run_dir: Path  # the run whose model searches (a trained run, or a zero-shot run folder)
+    _: KW_ONLY  # the other eighteen settings by name: too many to pass in order
     dataset: str | None = None  # the gallery's dataset (default: the run's)
     split: str = "all"  # the gallery's split
     index: str = "exact"  # exact | ivf | hnsw

@@ -71,8 +71,8 @@ class SearchService:
     @classmethod
     def open(cls, cfg: ServeConfig, reporter: Reporter = NULL) -> "SearchService":
         """Load the run, the gallery's embeddings and indexes, then warm every path a query takes."""
-        gallery = Gallery.open(cfg.run_dir, cfg.dataset, cfg.split, cfg.index, cfg.rebuild_index, captions=True,
-                               device=cfg.device, which=cfg.which, reporter=reporter)
+        gallery = Gallery.open(cfg.run_dir, cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index,
+                               captions=True, which=cfg.which, device=cfg.device, reporter=reporter)
         service = cls(gallery, cfg)
         service.warm_up()
         return service
@@ -100,7 +100,8 @@ class SearchService:
             "run": run.name, "method": run.cfg.method.method, "checkpoint": run.which, "checkpoint_digest": run.digest,
             "dim": g.dim, "dataset": g.dataset, "split": g.split, "modality": self.modality.name,
             "noun": self.modality.noun, "plural": self.modality.plural, "items": g.n_items, "captions": g.n_captions,
-            "index": g.index, "device": str(run.device), "version": __version__, "api_key": self.cfg.api_key is not None,
+            "index": g.index, "device": str(run.device), "version": __version__,
+            "api_key": self.cfg.api_key is not None,
             "k": self.cfg.k, "uptime_s": round(time.time() - self.started, 1),
             "limits": {"max_k": self.cfg.max_k, "max_query_chars": self.cfg.max_query_chars,
                        "max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels},

@@ -18,11 +18,12 @@ The model offers `encode_item(x)`, `encode_text(x)` and `logit_scale_for(item_em
 (as `DualEncoder` and `MiniCLIP` do). An input is a tensor, passed as is, or a dict of tensors,
 passed as keywords; both are cut along dim 0.
 
-On many processes (`mmret.training.distributed`) each process runs these steps over its slice of
-the global batch, micro-batch by micro-batch: `loss_fn` gathers the embeddings of every process
-(with gradient), so the cached gradients are those of the global loss, and `sync_embed` is the
-DistributedDataParallel forward that the backward which ends the step goes through (the whole
-batch's in `full_step`, the last micro-batch's replay here), so the gradients are averaged once.
+On many processes (`mmret.training.world`) each process runs these steps over its slice of the
+global batch, micro-batch by micro-batch: `loss_fn` (`ClipLoss` with `world_size` > 1) gathers the
+embeddings of every process with gradient, so the cached gradients are those of the global loss,
+and `sync_embed` is the DistributedDataParallel forward that the backward which ends the step goes
+through (the whole batch's in `full_step`, the last micro-batch's replay here), so the gradients
+are averaged once.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from torch import Tensor, nn
 
 from mmret.errors import MmretError
 from mmret.models.batch import Batch, batch_size, call, slice_batch
-from mmret.training.losses import clip_loss
+from mmret.training.losses import ClipLoss
 
-LossFn = Callable[..., Tensor]  # (item_emb, text_emb, logit_scale[, positives=(B, B) bool]) -> loss
+# (item_emb, text_emb, logit_scale_for[, positives=(B, B) bool]) -> loss, where logit_scale_for is
+# the model's: (item_emb, text_emb) of the whole batch -> the logit scale (see `ClipLoss`)
+LossFn = Callable[..., Tensor]
 # (items, texts) -> (item_emb, text_emb) with a graph: how the pass whose backward ends the step embeds
 Embed = Callable[[Batch, Batch], tuple[Tensor, Tensor]]
 # a context manager entered once per forward (e.g. torch.autocast(...), which may be re-entered in
@@ -98,14 +101,14 @@ class RngState:
 
 def _loss(loss_fn: LossFn, model: nn.Module, item_emb: Tensor, text_emb: Tensor,
           positives: Tensor | None) -> Tensor:
-    """`loss_fn` over these embeddings; `positives` (pairs that are right beyond the diagonal) only when given."""
-    scale = model.logit_scale_for(item_emb, text_emb)
+    """`loss_fn` over these embeddings; `positives` (pairs that are right beyond the diagonal) only when given.
+    The loss computes the logit scale from the whole batch's embeddings (on many processes, the gathered ones)."""
     if positives is None:
-        return loss_fn(item_emb, text_emb, scale)
-    return loss_fn(item_emb, text_emb, scale, positives=positives)
+        return loss_fn(item_emb, text_emb, model.logit_scale_for)
+    return loss_fn(item_emb, text_emb, model.logit_scale_for, positives=positives)
 
 
-def full_step(model: nn.Module, items: Batch, texts: Batch, loss_fn: LossFn = clip_loss,
+def full_step(model: nn.Module, items: Batch, texts: Batch, *, loss_fn: LossFn = ClipLoss(),
               scaler: Any = None, autocast: Autocast = nullcontext, sync_embed: Embed | None = None,
               positives: Tensor | None = None) -> Tensor:
     """One forward and backward through the whole batch; returns the detached loss."""
@@ -152,7 +155,7 @@ def _embed_without_graph(
     return states, torch.cat(item_parts), torch.cat(text_parts)  # (B, D), (B, D)
 
 
-def _batch_loss(model: nn.Module, loss_fn: LossFn, item_emb: Tensor, text_emb: Tensor, scaler: Any,
+def _batch_loss(model: nn.Module, item_emb: Tensor, text_emb: Tensor, *, loss_fn: LossFn, scaler: Any,
                 autocast: Autocast, positives: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The whole batch's loss, back-propagated into the temperature and the embedding leaves.
 
@@ -172,7 +175,8 @@ def contrastive_step(
     items: Batch,
     texts: Batch,
     micro_batch: int,
-    loss_fn: LossFn = clip_loss,
+    *,
+    loss_fn: LossFn = ClipLoss(),
     scaler: Any = None,
     autocast: Autocast = nullcontext,
     sync_embed: Embed | None = None,
@@ -187,9 +191,11 @@ def contrastive_step(
     """
     spans = _spans(items, texts, micro_batch)
     if len(spans) == 1:
-        return full_step(model, items, texts, loss_fn, scaler, autocast, sync_embed, positives)
+        return full_step(model, items, texts, loss_fn=loss_fn, scaler=scaler, autocast=autocast,
+                         sync_embed=sync_embed, positives=positives)
     states, item_emb, text_emb = _embed_without_graph(model, items, texts, spans, autocast)
-    loss, g_item, g_text = _batch_loss(model, loss_fn, item_emb, text_emb, scaler, autocast, positives)
+    loss, g_item, g_text = _batch_loss(model, item_emb, text_emb, loss_fn=loss_fn, scaler=scaler, autocast=autocast,
+                                       positives=positives)
     for n, ((a, b), state) in enumerate(zip(spans, states)):
         embed = _embedder(model, sync_embed if n == len(spans) - 1 else None)
         with state.replay(), _enter(autocast):
@@ -210,7 +216,8 @@ def accumulate_step(
     items: Batch,
     texts: Batch,
     micro_batch: int,
-    loss_fn: LossFn = clip_loss,
+    *,
+    loss_fn: LossFn = ClipLoss(),
     scaler: Any = None,
     autocast: Autocast = nullcontext,
     sync_embed: Embed | None = None,
@@ -227,7 +234,7 @@ def accumulate_step(
     for a, b in spans:
         part = None if positives is None else positives[a:b, a:b]
         loss = full_step(model, slice_batch(items, a, b), slice_batch(texts, a, b),
-                         lambda i, t, s, **kw: loss_fn(i, t, s, **kw) * ((b - a) / n), scaler, autocast,
-                         sync_embed if b == n else None, part)
+                         loss_fn=lambda i, t, s, **kw: loss_fn(i, t, s, **kw) * ((b - a) / n), scaler=scaler,
+                         autocast=autocast, sync_embed=sync_embed if b == n else None, positives=part)
         losses.append(loss)
     return torch.stack(losses).sum()

@@ -30,9 +30,10 @@ from mmret.modalities import get_modality
 from mmret.models.embed import embed_source
 from mmret.runs import RunConfig, load_run_config, point_latest
 from mmret.runs.checkpoint import read_meta, save_state, save_weights
-from mmret.training.losses import clip_loss
+from mmret.training.losses import ClipLoss
 from mmret.training.session import Session, setup
 from mmret.training.step import NonFiniteLoss
+from mmret.training.world import World, start_world, stop_world
 
 _logger = logging.getLogger(__name__)
 
@@ -103,13 +104,13 @@ def validation_loss(model: nn.Module, item_emb: torch.Tensor, text_emb: torch.Te
     """The contrastive loss over fixed batches of (item, its first caption), in item order."""
     first = np.array([caps[0] for caps in captions_of])
     device = next(model.parameters()).device
-    losses, weights = [], []
+    losses, weights, loss = [], [], ClipLoss()
     for a in range(0, len(first), batch_size):
         idx = np.arange(a, min(a + batch_size, len(first)))
         if len(idx) < 2:
             continue
         items, texts = item_emb[idx].to(device), text_emb[first[idx]].to(device)
-        losses.append(float(clip_loss(items, texts, model.logit_scale_for(items, texts))))
+        losses.append(float(loss(items, texts, model.logit_scale_for)))
         weights.append(len(idx))
     return float(np.average(losses, weights=weights)) if losses else float("nan")
 
@@ -117,7 +118,7 @@ def validation_loss(model: nn.Module, item_emb: torch.Tensor, text_emb: torch.Te
 def evaluate(s: Session) -> dict[str, float]:
     """Recall@1/5/10 both ways (and their mean), MRR and the loss on the validation split; metric
     names say what the items are (t2i / i2t for pictures, t2a / a2t for sounds)."""
-    from mmret.inference.metrics import directions, retrieval_metrics
+    from mmret.metrics.retrieval import directions, retrieval_metrics
 
     source, modality = s.val, get_modality(s.cfg.data.modality)
     item_emb, text_emb = embed_source(s.model, source, s.cfg.train.batch_size, s.device, s.autocast)
@@ -191,24 +192,20 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     """Train a method as configured; with `resume_dir`, continue that run from its last checkpoint.
     Started by torchrun (or under SLURM) on several processes, each trains its slice of every
     batch (see `mmret.training.distributed`); only the main process reports progress and writes."""
-    from mmret.training import distributed
+    from mmret.training.distributed import run_on_world
 
-    world = distributed.start_world(cfg.train.device)
+    world = start_world(cfg.train.device)
     try:
         if world.size > 1:
-            return distributed.run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world),
-                                            world, cfg, resume_dir)
+            return run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world),
+                                world, cfg, resume_dir)
         return _train(cfg, reporter, resume_dir, world)
     finally:
-        distributed.stop_world(world)
+        stop_world(world)
 
 
-def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: Any) -> RunResult:
+def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: World) -> RunResult:
     s = setup(cfg, reporter, resume_dir, world)
-    if world.size > 1:
-        from mmret.training.distributed import distribute_step
-
-        distribute_step(s.stepper, world, cfg.train.accumulation)
     st, tc = s.state, cfg.train
     if resume_dir is None:
         s.log(f"training {cfg.method.method} on {cfg.data.dataset}: {s.train.num_items} train / "
@@ -235,7 +232,8 @@ def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: A
             _checkpoint(s, {})
             _plot(s)
             s.log(f"interrupted at step {st.step}; saved last")
-            raise TrainingInterrupted(f"interrupted at step {st.step}: saved {s.run_dir / 'checkpoints' / 'last.safetensors'}; "
+            last = s.run_dir / "checkpoints" / "last.safetensors"
+            raise TrainingInterrupted(f"interrupted at step {st.step}: saved {last}; "
                                       f"continue with `mmret train --resume {s.run_dir.name}`") from None
     return _result(s, stopped)
 

@@ -1,10 +1,11 @@
-"""The contrastive loss: symmetric InfoNCE over the batch similarity matrix, as in CLIP.
+"""The contrastive loss: symmetric InfoNCE over the batch similarity matrix, as in CLIP, on one
+process or many: open_clip's `ClipLoss(local_loss, gather_with_grad, rank, world_size)`.
 
 Pair i (item i, caption i) is the positive; every other item or caption in the batch is a
-negative. This is open_clip's `ClipLoss` on one device, in a few lines: the loss sees exactly the
-negatives in the tensors it is given, which is why `gradcache.py` exists.
+negative. The loss sees exactly the negatives in the tensors it is given, which is why
+`gradcache.py` exists.
 
-Two changes to that, both off unless asked for:
+Two changes to CLIP's loss, both off unless asked for:
 
 - `positives` (B, B) bool marks more positives than the diagonal: pair j's caption is also right
   for picture i (the same text, "A flower.", under two pictures). Those pairs are not pushed
@@ -14,48 +15,124 @@ Two changes to that, both off unless asked for:
   count, so the weights average 1), as HN-NCE does (Radenovic et al. 2023, after Robinson et al.
   2021): negatives that already score high count more. The weights are an importance-sampling
   distribution, so no gradient flows through them (detached). beta = 0 is plain InfoNCE.
+
+On many processes (`world_size` > 1) each process passes its slice of the global batch; the
+slices of every process are all-gathered in rank order (they may differ in size by a row or more)
+and `positives` is the global batch's (B, B). With `local_loss` a process scores only its own rows
+against every column, its labels offset by the rows before it; without, every process scores the
+whole (B, B). Either way the loss is weighted so that its mean over the processes, which is what
+DistributedDataParallel's gradient averaging takes, is the one-process loss over the global batch.
+With `gather_with_grad` the gradients are exactly the one-process gradients too: the gather's
+backward sends each process the gradient of its own rows, summed over the processes. Without it
+only the process's own rows carry gradient: the whole-matrix loss then steps with 1/world_size of
+the gradient, the local loss misses the terms other processes' rows hold (open_clip's defaults,
+kept for comparison; training uses both flags).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+# the logit scale (1/temperature) as a number, or computed from the whole batch's embeddings (a
+# dynamic temperature reads their similarities: on many processes, the gathered ones)
+Scale = Tensor | float | Callable[[Tensor, Tensor], Tensor]
 
 
-def clip_logits(item_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """Scaled similarities (B_item, B_txt); row i = item i against every caption."""
-    return logit_scale * item_emb @ text_emb.T  # (B, B)
+class ClipLoss(nn.Module):
+    """Mean of item→text and text→item cross-entropy over the (global) batch, pair i the positive
+    of row i; see the module docstring for `local_loss`, `gather_with_grad`, `rank`, `world_size`
+    and `hn_beta`."""
+
+    def __init__(self, *, local_loss: bool = False, gather_with_grad: bool = False, rank: int = 0,
+                 world_size: int = 1, hn_beta: float = 0.0):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not a process of a world of {world_size}")
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.rank, self.world_size, self.hn_beta = rank, world_size, hn_beta
+
+    def forward(self, item_emb: Tensor, text_emb: Tensor, logit_scale: Scale,
+                positives: Tensor | None = None) -> Tensor:
+        """`item_emb`, `text_emb`: (b, D) this process's pairs, normally L2-normalised. `logit_scale`
+        is the multiplier (exp of the learnable log-scale), as open_clip passes it, or a function of
+        the whole batch's (item, text) embeddings that returns it. `positives` (B, B) bool: further
+        right pairs of the global batch (the diagonal always is)."""
+        per_item, per_text, start = self.logits(item_emb, text_emb, logit_scale)  # (R, B), (R, B)
+        rows, total = per_item.shape
+        labels = torch.arange(start, start + rows, device=per_item.device)
+        if positives is None and not self.hn_beta:
+            item_sum, text_sum = (F.cross_entropy(x, labels, reduction="sum") for x in (per_item, per_text))
+        else:
+            pos_item, pos_text = _row_positives(positives, labels, total)
+            item_sum = _row_losses(per_item, pos_item, self.hn_beta).sum()
+            text_sum = _row_losses(per_text, pos_text, self.hn_beta).sum()
+        shares = self.world_size if self._local else 1  # processes whose losses DDP averages into one
+        return (item_sum + text_sum) * (shares / (2 * total))
+
+    @property
+    def _local(self) -> bool:
+        return self.local_loss and self.world_size > 1
+
+    def logits(self, item_emb: Tensor, text_emb: Tensor, logit_scale: Scale) -> tuple[Tensor, Tensor, int]:
+        """(item rows, caption rows, where the rows start in the global batch): this process's rows
+        against every column with `local_loss`, else the whole batch's (alone: the whole batch)."""
+        all_items, all_texts, start = self.gather(item_emb, text_emb)  # (B, D), (B, D)
+        scale = logit_scale(all_items, all_texts) if callable(logit_scale) else logit_scale
+        if self._local:
+            return scale * item_emb @ all_texts.T, scale * text_emb @ all_items.T, start
+        per_item = scale * all_items @ all_texts.T  # (B, B)
+        return per_item, per_item.T, 0
+
+    def gather(self, item_emb: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Every process's embeddings in rank order, and where this process's rows start."""
+        if self.world_size == 1:
+            return item_emb, text_emb, 0
+        sizes = _sizes(len(item_emb), item_emb.device, self.world_size)
+        return (_gather(item_emb, sizes, self.rank, self.gather_with_grad),
+                _gather(text_emb, sizes, self.rank, self.gather_with_grad), sum(sizes[:self.rank]))
 
 
-def clip_loss(item_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
-              positives: Tensor | None = None, hn_beta: float = 0.0) -> Tensor:
-    """Mean of item→text and text→item cross-entropy, with pair i as the positive of row i.
-
-    `item_emb`, `text_emb`: (B, D), normally L2-normalised. `logit_scale` is the multiplier
-    (exp of the learnable log-scale, 1/temperature), as open_clip passes it, not its logarithm.
-    `positives` (B, B) bool: further right pairs (the diagonal always is); `hn_beta`: HN-NCE weighting.
-    """
-    logits = clip_logits(item_emb, text_emb, logit_scale)  # (B, B)
-    if positives is None and not hn_beta:
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-    pos = eye if positives is None else positives.to(device=logits.device, dtype=torch.bool) | eye
-    return (_row_loss(logits, pos, hn_beta) + _row_loss(logits.T, pos.T, hn_beta)) / 2
+def _sizes(n: int, device: torch.device, world_size: int) -> list[int]:
+    """How many rows every process holds."""
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+    torch.distributed.all_gather(counts, torch.tensor([n], dtype=torch.long, device=device))
+    return [int(c) for c in counts]
 
 
-def _row_loss(logits: Tensor, pos: Tensor, beta: float) -> Tensor:
-    """Mean over rows of -log(sum_pos e^l / (sum_pos e^l + sum_neg w e^l))."""
-    return row_losses(logits, pos, beta).mean()
+def _gather(x: Tensor, sizes: list[int], rank: int, with_grad: bool) -> Tensor:
+    """(sum(sizes), D): every process's rows of `x`. The all-gather needs equal shapes, so each
+    process pads to the largest slice and the padding is cut away after."""
+    padded = F.pad(x, (0, 0, 0, max(sizes) - len(x))).contiguous()
+    if with_grad:
+        with warnings.catch_warnings():  # open_clip's gather_with_grad; torch suggests a private module instead
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = list(torch.distributed.nn.functional.all_gather(padded))
+    else:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.detach())
+        parts[rank] = padded  # the own rows keep their graph
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def row_losses(logits: Tensor, pos: Tensor, beta: float = 0.0) -> Tensor:
+def _row_positives(positives: Tensor | None, labels: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """(R, B) bool right columns of the item rows and of the caption rows `labels` of the global batch."""
+    eye = torch.zeros(len(labels), total, dtype=torch.bool, device=labels.device)
+    eye[torch.arange(len(labels), device=labels.device), labels] = True
+    if positives is None:
+        return eye, eye
+    pos = positives.to(device=labels.device, dtype=torch.bool)
+    return pos[labels] | eye, pos.T[labels] | eye
+
+
+def _row_losses(logits: Tensor, pos: Tensor, beta: float) -> Tensor:
     """(R,) each row's -log(sum_pos e^l / (sum_pos e^l + sum_neg w e^l)) for (R, C) `logits` and
-    `pos` (R, C) bool, every row with at least one positive (a distributed loss passes its own rows
-    against the columns of every process)."""
+    `pos` (R, C) bool, every row with at least one positive."""
     logits = logits.float()
     pos_term = logits.masked_fill(~pos, -math.inf).logsumexp(1)  # (R,)
     neg = logits.masked_fill(pos, -math.inf)  # (R, C)

@@ -9,7 +9,6 @@ import pandas as pd
 
 from mmret.common.io import atomic_path
 
-
 LABELS = {"t2i_r1": "text→image R@1", "i2t_r1": "image→text R@1", "t2a_r1": "text→audio R@1",
           "a2t_r1": "audio→text R@1", "mean_recall": "mean recall"}
 

@@ -1,21 +1,15 @@
 """Everything a run needs while it trains: `setup` builds it (data sources, model, optimizer, the
-step, the loop's state, possibly restored from a checkpoint), `init_heads` starts the input
-norms from a sample of training inputs, `restore` puts a stopped run back where it was.
-
-`World` is the process a run trains in: alone here (the only writer, nothing to wait for, the
-whole of every batch). A run on several processes brings its own world
-(`mmret.training.distributed`: rank, who writes, a barrier, this process's slice of a batch) and
-wraps this loop.
+step and its loss, the loop's state, possibly restored from a checkpoint), `init_heads` starts
+the input norms from a sample of training inputs, `restore` puts a stopped run back where it was.
+A run on several processes passes its `World` (`mmret.training.world`); alone it is a world of one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,55 +28,12 @@ from mmret.models.tuners import use_matmul_attention
 from mmret.runs import RunConfig, create_run_dir
 from mmret.runs.checkpoint import load_state, load_weights
 from mmret.training.batches import BatchPlan
-from mmret.training.losses import clip_loss
+from mmret.training.losses import ClipLoss
 from mmret.training.sam import SAM
 from mmret.training.step import Stepper, make_optimizer, training_precision
+from mmret.training.world import World
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class World:
-    """The processes a run trains in: one, by default."""
-
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes the run's files (metrics, plots, checkpoints)."""
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        """Wait until every process gets here (nothing to wait for alone)."""
-
-    def part(self, n: int) -> slice:
-        """This process's rows of a global batch of `n` pairs (all of them alone)."""
-        return slice(0, n)
-
-    def share(self, value: Any, device: torch.device) -> Any:
-        """The main process's `value` (JSON-able), on every process."""
-        return value
-
-    def positives(self, positives: torch.Tensor | None, accumulation: str) -> torch.Tensor | None:
-        """What of a global batch's (B, B) right pairs this process's loss reads (all of them alone)."""
-        return positives
-
-    @property
-    def min_last_batch(self) -> int:
-        """The smallest last batch of an epoch: smaller ones join the batch before, so that every
-        process holds at least two pairs of it (BatchNorm needs two rows in training)."""
-        return 2 * self.size
-
-    @contextmanager
-    def main_first(self):
-        """Run the block in the main process first, then in the others (work that fills shared
-        caches: the others then find them complete)."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
 
 
 @dataclass
@@ -175,11 +126,11 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     if resume_dir is None and world.is_main:
         method.save(context, run_dir)
     scaler = grad_scaler(device, precision)
-    stepper = Stepper(model, optimizer, cfg.train, cfg.train.lr or method.lr,
-                      cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, device, precision, scaler,
-                      SAM(optimizer, cfg.train.sam_rho, scaler) if cfg.train.sam else None,
-                      method.batch_transform(cfg),
-                      loss_fn=partial(clip_loss, hn_beta=cfg.train.hn_beta) if cfg.train.hn_beta else clip_loss)
+    stepper = Stepper(model=model, optimizer=optimizer, train=cfg.train, peak_lr=cfg.train.lr or method.lr,
+                      total_steps=cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, device=device,
+                      precision=precision, scaler=scaler,
+                      sam=SAM(optimizer, cfg.train.sam_rho, scaler) if cfg.train.sam else None,
+                      batch_transform=method.batch_transform(cfg), loss=run_loss(cfg.train, world), world=world)
     session = Session(cfg, run_dir, device, precision, method, dataset, train, val, model, optimizer, stepper,
                       LoopState(), steps_per_epoch, plan, world)
     if resume_dir is not None:
@@ -187,9 +138,20 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     return session
 
 
+def run_loss(train: Any, world: World) -> ClipLoss:
+    """The loss each process takes: with gradient caching, over the global batch (the slices of
+    every process gathered with gradient, this process's rows against all columns); plain
+    accumulation's micro-batches see only their own pairs, on many processes as on one."""
+    if train.accumulation == "cache":
+        return ClipLoss(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.size,
+                        hn_beta=train.hn_beta)
+    return ClipLoss(hn_beta=train.hn_beta)
+
+
 def _new_run_dir(cfg: RunConfig, world: World, device: torch.device) -> Path:
     """The main process creates the run folder (and names it); the others learn its name."""
-    name = create_run_dir(cfg, latest=False).name if world.is_main else None  # runs/latest moves once a checkpoint exists
+    # runs/latest moves once a checkpoint exists
+    name = create_run_dir(cfg, latest=False).name if world.is_main else None
     cfg.name = world.share(name, device)
     world.barrier()
     return cfg.runs_dir / cfg.name

@@ -1,25 +1,28 @@
 """One optimizer step over one contrastive batch, and the pure pieces around it: the learning-rate
 schedule, AdamW's parameter groups, and the training precision.
 
-`Stepper` holds what a step needs (model, optimizer, loss scaler, SAM, the schedule) and nothing
-about runs, folders or data, so the training loop, memory probing and a distributed wrapper all
-run the same step. A step computes the exact contrastive loss over the whole batch (gradient
-caching when `--micro-batch` is smaller), clips, steps the optimizer and clamps the temperature.
+`Stepper` holds what a step needs (model, optimizer, loss scaler, SAM, the schedule, the loss and
+the processes it is shared by) and nothing about runs, folders or data, so the training loop on
+one process or many and memory probing all run the same step. A step computes the exact
+contrastive loss over the whole batch (gradient caching when `--micro-batch` is smaller), clips,
+steps the optimizer and clamps the temperature.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from mmret.common.device import autocast_context, bf16_supported, check_precision, reduced_precision
+from mmret.errors import MmretError
 from mmret.models.batch import to_device
 from mmret.training.gradcache import accumulate_step, contrastive_step
-from mmret.training.losses import clip_loss
+from mmret.training.losses import ClipLoss
+from mmret.training.world import World
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -71,15 +74,16 @@ class NonFiniteLoss(Exception):
         self.loss = loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stepper:
     """What one step needs. `batch_transform(items, texts, generator)` augments a batch (latent
     mixup); `keep_grads` accumulates into gradients that already exist instead of zeroing them
-    (memory probing measures a step at steady state that way); `loss_fn` is the contrastive loss
-    over the batch's embeddings (a distributed wrapper gathers them first). On many processes
-    (`mmret.training.distributed`) `sync_embed` is the DistributedDataParallel forward the backward
-    that ends a step goes through, and `mean_loss` averages the step's loss over the processes, so
-    every process reports (and stops on) the same number."""
+    (memory probing measures a step at steady state that way); `loss` is the contrastive loss over
+    the batch's embeddings. On many processes (`world`, see `mmret.training.world`) each process
+    steps over its slice of the global batch: `loss` gathers the slices (or, for plain
+    accumulation, sees this process's pairs alone), the backward that ends a step goes through
+    DistributedDataParallel, and the step's loss is averaged over the processes, so every process
+    reports (and stops on) the same number."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -92,14 +96,17 @@ class Stepper:
     sam: Any = None  # SAM wrapper around the optimizer, with --sam
     batch_transform: Callable | None = None
     keep_grads: bool = False
-    loss_fn: Callable = clip_loss
+    loss: ClipLoss = field(default_factory=ClipLoss)
+    world: World = field(default_factory=World)
     autocast: Callable[[], Any] | None = None  # default: autocast_context(device, precision)
-    sync_embed: Callable | None = None  # (items, texts) -> embeddings through DDP; None alone
-    mean_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # the loss averaged over processes
 
     def __post_init__(self) -> None:
         if self.autocast is None:
             self.autocast = lambda: autocast_context(self.device, self.precision)
+        if self.world.size > 1 and self.train.batch_size < self.world.min_last_batch:
+            raise MmretError(f"--batch-size {self.train.batch_size} is split over {self.world.size} processes; use "
+                             f"at least {self.world.min_last_batch} (two pairs a process)")
+        self._embed = self.world.ddp(self.model, self.device)  # None alone
 
     def __call__(self, items: Any, texts: Any, step: int, positives: torch.Tensor | None = None) -> float:
         """Step `step` (0-based) of the run over one batch; returns its loss. Raises
@@ -117,16 +124,16 @@ class Stepper:
         micro = cfg.micro_batch or cfg.batch_size
 
         def forward_backward() -> torch.Tensor:
-            return step_fn(self.model, items, texts, micro, loss_fn=self.loss_fn, scaler=self.scaler,
-                           autocast=self.autocast, sync_embed=self.sync_embed, positives=positives)
+            return step_fn(self.model, items, texts, micro, loss_fn=self.loss, scaler=self.scaler,
+                           autocast=self.autocast, sync_embed=self._embed, positives=positives)
 
         if self.sam is not None:
             loss_t, _ = self.sam.step(forward_backward, module=self.model, max_grad_norm=cfg.grad_clip or None)
-            loss = _finite(float(self._mean(loss_t)))
+            loss = _finite(float(self.world.mean(loss_t)))
         else:
             if not self.keep_grads:
                 self.optimizer.zero_grad(set_to_none=True)
-            loss = _finite(float(self._mean(forward_backward())))
+            loss = _finite(float(self.world.mean(forward_backward())))
             self.scaler.unscale_(self.optimizer)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -134,9 +141,6 @@ class Stepper:
             self.scaler.update()
         self.model.clamp_logit_scale_()
         return loss
-
-    def _mean(self, loss: torch.Tensor) -> torch.Tensor:
-        return self.mean_loss(loss.detach()) if self.mean_loss is not None else loss
 
 
 def _finite(loss: float) -> float:

@@ -1,5 +1,5 @@
 """LoRA inside a pretrained tower, through peft: which Linear layers `--targets` names in each
-architecture, the injection, and the merge that folds the update back for evaluation and search.
+architecture, and the injection.
 
 peft's LoRA is injected with `peft.inject_adapter_in_model`, which keeps the model's own class
 and forward (a `PeftModel` wrapper would not: timm's `forward_features` and the CLIP towers'
@@ -93,20 +93,3 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets:
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
     return inject_adapter_in_model(config, model)
 
-
-def merge_lora(encoder: nn.Module) -> int:
-    """Fold every LoRA update into its base weight and put the plain layer back, so the tower runs
-    at base speed with the same outputs. Returns the number of merged layers (0: no LoRA here).
-    Load trained weights before merging: a merged tower has no LoRA parameters left."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    model = getattr(encoder, "model", encoder)
-    names = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name in names:
-        layer = model.get_submodule(name)
-        layer.merge(safe_merge=True)  # raises on NaN/inf in the merged weight
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
-    if names and hasattr(model, "peft_config"):
-        del model.peft_config
-    return len(names)

@@ -84,8 +84,8 @@ class MapPoints:
     kind: str  # "item" or "caption"
 
 
-def map_figure(items: MapPoints, captions: MapPoints, groups: list[str], legend: str, thumbs: list[tuple[int, str]],
-               modality: Modality, title: str, path: Path, thumb_px: int = 40) -> int:
+def map_figure(items: MapPoints, captions: MapPoints, *, groups: list[str], legend: str,
+               thumbs: list[tuple[int, str]], modality: Modality, title: str, path: Path, thumb_px: int = 40) -> int:
     """Items as dots and captions as crosses, coloured by group, with `thumbs` (item row, file)
     drawn at their dots; returns how many thumbnails were drawn."""
     plt = _pyplot()
@@ -129,7 +129,8 @@ class GalleryRow:
     above: list[tuple[str, float]]  # (file, score) of the items ranked above it, best first
 
 
-def gallery_figure(rows: list[GalleryRow], modality: Modality, title: str, path: Path, thumb_px: int = 160) -> None:
+def gallery_figure(rows: list[GalleryRow], modality: Modality, *, title: str, path: Path,
+                   thumb_px: int = 160) -> None:
     """One row per failed query: its caption over the right item (green) and what ranked above it (red)."""
     plt = _pyplot()
     cols = 1 + max(1, max(len(r.above) for r in rows))

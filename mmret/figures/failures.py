@@ -1,7 +1,7 @@
 """Failure galleries (`mmret eval --failures worst.png`): the text→item queries a run gets most
 wrong, each with its caption, the right item and the items it ranked above it.
 
-Ranks follow `mmret.inference.metrics` (a wrong item scoring as high as the right one counts as
+Ranks follow `mmret.metrics.retrieval` (a wrong item scoring as high as the right one counts as
 above it); the worst queries are those of the highest rank, the earlier caption first among
 equals. The same rows are written as JSON beside the PNG for scripts.
 """
@@ -16,9 +16,9 @@ import torch
 
 from mmret.common.io import write_json
 from mmret.errors import MmretError
+from mmret.figures.draw import GalleryRow, gallery_figure
 from mmret.inference.embeddings import Embeddings
-from mmret.inference.figures import GalleryRow, gallery_figure
-from mmret.inference.metrics import retrieval_metrics
+from mmret.metrics.retrieval import retrieval_metrics
 from mmret.modalities import Modality
 
 
@@ -30,7 +30,7 @@ class FailuresResult:
     n_queries: int
 
 
-def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, count: int = 8,
+def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, *, count: int = 8,
                   above: int = 5) -> list[GalleryRow]:
     """The `count` captions whose item ranked lowest, with up to `above` items ranked over it."""
     if count < 1:
@@ -56,14 +56,14 @@ def worst_queries(emb: Embeddings, t2i_ranks: torch.Tensor | None = None, count:
     return rows
 
 
-def failure_gallery(emb: Embeddings, modality: Modality, path: Path, count: int = 8, above: int = 5,
+def failure_gallery(emb: Embeddings, modality: Modality, path: Path, *, count: int = 8, above: int = 5,
                     t2i_ranks: torch.Tensor | None = None, title: str = "") -> FailuresResult:
     """Draw the worst text→item queries of `emb` to `path` (PNG) and list them in `path`.json."""
-    rows = worst_queries(emb, t2i_ranks, count, above)
+    rows = worst_queries(emb, t2i_ranks, count=count, above=above)
     n = len(emb.captions)
     title = title or (f"{emb.dataset} {emb.split}: the {len(rows)} worst of {n:,} text→{modality.noun} queries "
                       f"({len(emb.items):,} {modality.plural})")
-    gallery_figure(rows, modality, title, path)
+    gallery_figure(rows, modality, title=title, path=path)
     json_path = path.with_suffix(".json")
     write_json(json_path, {"dataset": emb.dataset, "split": emb.split, "queries": n,
                            "rows": [asdict(r) for r in rows]})

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from mmret.errors import MmretError
+from mmret.figures import MAP_METHODS
+from mmret.figures.draw import MapPoints, map_figure
 from mmret.inference.embeddings import Embeddings
-from mmret.inference.config import MAP_METHODS as METHODS
-from mmret.inference.figures import MapPoints, map_figure
 from mmret.modalities import Modality
 
 INSTALL = "pip install umap-learn scikit-learn (or: pip install 'mmret[eval]')"
@@ -42,7 +42,7 @@ def project(vectors: np.ndarray, method: str = "umap", seed: int = 0) -> np.ndar
     n = len(vectors)
     if n < 5:
         raise MmretError(f"a map needs at least 5 embeddings, the split has {n}; map a larger split (e.g. --split all)")
-    if method not in METHODS:
+    if method not in MAP_METHODS:
         raise MmretError(f"--map-method must be umap or tsne, got {method!r}")
     try:
         if method == "umap":
@@ -75,7 +75,7 @@ def _groups(emb: Embeddings, ds: Any, rows: np.ndarray) -> tuple[str, list[str],
     return "modality", [emb.split], np.zeros(len(rows), dtype=np.int64)
 
 
-def embedding_map(emb: Embeddings, ds: Any, modality: Modality, path: Path, method: str = "umap",
+def embedding_map(emb: Embeddings, ds: Any, modality: Modality, path: Path, *, method: str = "umap",
                   thumbnails: int = 30, max_items: int = 2000, seed: int = 0, title: str = "") -> MapResult:
     """Draw the map of `emb` (at most `max_items` items, a seeded sample, with their captions)."""
     rng = np.random.default_rng(seed)
@@ -93,6 +93,8 @@ def embedding_map(emb: Embeddings, ds: Any, modality: Modality, path: Path, meth
     files = emb.item_table["path"].to_numpy()[rows]
     sampled = f", a sample of {len(rows):,} of {n_items:,} {modality.plural}" if len(rows) < n_items else ""
     title = title or f"{emb.dataset} {emb.split}: {len(rows):,} {modality.plural} and {len(caption_rows):,} captions"
-    drawn = map_figure(items, captions, groups, f"colour: {colour_by}", [(int(i), files[i]) for i in picked],
-                       modality, f"{title} ({method}{sampled})", path)
-    return MapResult(path, method, len(rows), len(caption_rows), colour_by, groups, drawn)
+    drawn = map_figure(items, captions, groups=groups, legend=f"colour: {colour_by}",
+                       thumbs=[(int(i), files[i]) for i in picked], modality=modality,
+                       title=f"{title} ({method}{sampled})", path=path)
+    return MapResult(path=path, method=method, n_items=len(rows), n_captions=len(caption_rows), colour_by=colour_by,
+                     groups=groups, thumbnails=drawn)

@@ -59,10 +59,6 @@ class RetrievalResult:
     map_at: tuple[int, ...] = ()  # mAP@k cut-offs reported besides the full mAP
     i2t_ap_at: torch.Tensor | None = None  # (n_item, len(map_at)) float64 item→text AP@k; nan = no captions
 
-    def hits(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-query hits at k: (n_text,) text→item and (n_item,) item→text booleans."""
-        return self.t2i_ranks <= k, (self.i2t_ranks > 0) & (self.i2t_ranks <= k)
-
 
 @dataclass(frozen=True)
 class PairedDiff:
@@ -78,7 +74,7 @@ class PairedDiff:
 
 
 def retrieval_metrics(
-    item_emb: torch.Tensor, text_emb: torch.Tensor, text_item: torch.Tensor,
+    item_emb: torch.Tensor, text_emb: torch.Tensor, text_item: torch.Tensor, *,
     ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None, item: str = "i", map_at: Sequence[int] = (),
 ) -> RetrievalResult:
     """Rank every caption's item and every item's captions; `chunk` = query rows per block.
@@ -94,11 +90,11 @@ def retrieval_metrics(
     t2i = _t2i_ranks(lambda s, e: text32[s:e] @ item32.T, text_item.to(text32.device), n_item, chunk)
     i2t, ap, ap_at = _i2t_ranks(lambda s, e: item32[s:e] @ text32.T, text_item.to(text32.device), n_item, chunk,
                                 map_at)
-    return _result(t2i, i2t, ap, text_item, ks, item, map_at, ap_at)
+    return _result(t2i, i2t, ap, text_item, ks=ks, item=item, map_at=map_at, ap_at=ap_at)
 
 
 def metrics_from_scores(
-    scores: torch.Tensor, text_item: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
+    scores: torch.Tensor, text_item: torch.Tensor, *, ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None,
     item: str = "i", map_at: Sequence[int] = (),
 ) -> RetrievalResult:
     """The same metrics from a given (n_text, n_item) score matrix, e.g. from a re-ranker."""
@@ -112,11 +108,11 @@ def metrics_from_scores(
     map_at = _check_ks(map_at) if map_at else ()
     t2i = _t2i_ranks(lambda s, e: scores[s:e].float(), gt, n_item, chunk)
     i2t, ap, ap_at = _i2t_ranks(lambda s, e: scores[:, s:e].T.float(), gt, n_item, chunk, map_at)
-    return _result(t2i, i2t, ap, text_item, ks, item, map_at, ap_at)
+    return _result(t2i, i2t, ap, text_item, ks=ks, item=item, map_at=map_at, ap_at=ap_at)
 
 
 def metrics_from_ranks(
-    t2i_ranks: torch.Tensor, i2t_ranks: torch.Tensor, i2t_ap: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
+    t2i_ranks: torch.Tensor, i2t_ranks: torch.Tensor, i2t_ap: torch.Tensor, *, ks: Sequence[int] = DEFAULT_KS,
     item: str = "i", map_at: Sequence[int] = (), i2t_ap_at: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Recalls, MRR, median ranks, mAP and RSUM from per-query ranks (items of rank 0 are skipped);
@@ -124,12 +120,13 @@ def metrics_from_ranks(
     ks = _check_ks(ks)
     w_text = torch.ones(1, len(t2i_ranks), dtype=torch.int64)
     w_item = (i2t_ranks > 0).to(torch.int64)[None]
-    stats = _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_item, ks, item, tuple(map_at), i2t_ap_at)
+    stats = _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text=w_text, w_item=w_item, ks=ks, item=item,
+                              map_at=tuple(map_at), i2t_ap_at=i2t_ap_at)
     return {name: value.item() for name, value in stats.items()}
 
 
 def same_text_metrics(
-    item_emb: torch.Tensor, text_emb: torch.Tensor, text_item: torch.Tensor, text_key: torch.Tensor,
+    item_emb: torch.Tensor, text_emb: torch.Tensor, text_item: torch.Tensor, text_key: torch.Tensor, *,
     ks: Sequence[int] = DEFAULT_KS, chunk: int | None = None, item: str = "i",
 ) -> dict[str, float]:
     """Recalls, MRR and median ranks when captions with the same text count as one answer (metric
@@ -153,7 +150,7 @@ def same_text_metrics(
     item32, text32 = item_emb.float().cpu(), text_emb.float().cpu()
     t2i = _ranks_among(lambda s, e: text32[s:e] @ item32.T, lambda s, e: has[:, groups[s:e]].T, n_text, n_item, chunk)
     i2t = _ranks_among(lambda s, e: item32[s:e] @ text32.T, lambda s, e: has[s:e][:, groups], n_item, n_text, chunk)
-    out = metrics_from_ranks(t2i, i2t, torch.zeros(n_item, dtype=torch.float64), ks, item=item)
+    out = metrics_from_ranks(t2i, i2t, torch.zeros(n_item, dtype=torch.float64), ks=ks, item=item)
     out.pop(f"{directions(item)[1]}_map")
     return out
 
@@ -171,7 +168,7 @@ def _ranks_among(block: Block, right: Block, n_rows: int, n_cols: int, chunk: in
 
 
 def bootstrap_ci(
-    result: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95, unit: str = "item",
+    result: RetrievalResult, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, unit: str = "item",
 ) -> dict[str, tuple[float, float]]:
     """Percentile confidence interval of every metric from `n_boot` resamples of the queries.
 
@@ -184,7 +181,7 @@ def bootstrap_ci(
 
 
 def paired_bootstrap(
-    a: RetrievalResult, b: RetrievalResult, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+    a: RetrievalResult, b: RetrievalResult, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
     unit: str = "item",
 ) -> dict[str, PairedDiff]:
     """Whether run b differs from run a on the same queries: both are scored on the same resamples."""
@@ -303,11 +300,12 @@ def _ap_at(rank: torch.Tensor, n_pos: torch.Tensor, map_at: tuple[int, ...]) -> 
     return torch.stack(out, dim=1).cpu()
 
 
-def _result(t2i, i2t, ap, text_item, ks, item="i", map_at=(), ap_at=None) -> RetrievalResult:
+def _result(t2i, i2t, ap, text_item, *, ks, item="i", map_at=(), ap_at=None) -> RetrievalResult:
     ks = _check_ks(ks)
     _check_item(item)
-    metrics = metrics_from_ranks(t2i, i2t, ap, ks, item, map_at, ap_at)
-    return RetrievalResult(metrics, t2i, i2t, ap, text_item.cpu(), ks, item, tuple(map_at), ap_at)
+    metrics = metrics_from_ranks(t2i, i2t, ap, ks=ks, item=item, map_at=map_at, i2t_ap_at=ap_at)
+    return RetrievalResult(metrics, t2i, i2t, ap, text_item.cpu(), ks, item=item, map_at=tuple(map_at),
+                           i2t_ap_at=ap_at)
 
 
 # --- weighted statistics: one code path for point estimates and bootstrap replicates -----------
@@ -318,7 +316,7 @@ def directions(item: str = "i") -> tuple[str, str]:
     return f"t2{item}", f"{item}2t"
 
 
-def _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, w_text, w_item, ks, item="i", map_at=(),
+def _weighted_metrics(t2i_ranks, i2t_ranks, i2t_ap, *, w_text, w_item, ks, item="i", map_at=(),
                       i2t_ap_at=None) -> dict[str, torch.Tensor]:
     """Every metric under B query weightings at once: w_text (B, n_text), w_item (B, n_item)."""
     t2x, x2t = directions(item)
@@ -365,8 +363,8 @@ def _replicates(results: list[RetrievalResult], n_boot: int, seed: int, unit: st
         else:
             w_text = _draw_counts(torch.arange(len(first.text_item)), batch, len(first.text_item), gen)
         for r, acc in zip(results, parts):
-            stats = _weighted_metrics(r.t2i_ranks, r.i2t_ranks, r.i2t_ap, w_text, w_item, r.ks, r.item, r.map_at,
-                                      r.i2t_ap_at)
+            stats = _weighted_metrics(r.t2i_ranks, r.i2t_ranks, r.i2t_ap, w_text=w_text, w_item=w_item, ks=r.ks,
+                                      item=r.item, map_at=r.map_at, i2t_ap_at=r.i2t_ap_at)
             for name, values in stats.items():
                 acc.setdefault(name, []).append(values)
     return [{name: torch.cat(v) for name, v in acc.items()} for acc in parts]

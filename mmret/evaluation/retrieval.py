@@ -1,7 +1,7 @@
 """`mmret eval`: retrieval metrics of trained runs on a dataset split, the way papers report them.
 
 A run's final embeddings of the split (written once by `mmret.inference.embeddings`) are scored
-with `mmret.inference.metrics`: text→item and item→text Recall@1/5/10, MRR, median rank, mAP (and
+with `mmret.metrics.retrieval`: text→item and item→text Recall@1/5/10, MRR, median rank, mAP (and
 for sounds DCASE's mAP@10) and RSUM, named by the items' modality (t2i / i2t, t2a / a2t), with
 optional bootstrap confidence intervals. Several runs on the same split are compared with a
 paired bootstrap that marks significant differences from the first run. Each result is saved to
@@ -26,8 +26,16 @@ from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.metrics import (DEFAULT_KS, PairedDiff, RetrievalResult, bootstrap_ci, directions,
-                                     paired_bootstrap, retrieval_metrics, same_text_metrics)
+from mmret.metrics.retrieval import (
+    DEFAULT_KS,
+    PairedDiff,
+    RetrievalResult,
+    bootstrap_ci,
+    directions,
+    paired_bootstrap,
+    retrieval_metrics,
+    same_text_metrics,
+)
 from mmret.modalities import get_modality
 
 
@@ -39,8 +47,6 @@ def headline(ks=DEFAULT_KS, item: str = "i", map_at: tuple[int, ...] = ()) -> li
             + [f"{t2x}_mrr", f"{x2t}_mrr", f"{t2x}_medr", f"{x2t}_medr", f"{x2t}_map"]
             + [f"{d}_map{k}" for k in map_at for d in (t2x, x2t)] + ["rsum"])
 
-
-HEADLINE = headline()
 
 
 @dataclass
@@ -83,11 +89,11 @@ class EvalResult:
         return out
 
 
-def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test", bootstrap: int = 0,
+def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test", *, bootstrap: int = 0,
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
                  data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS) -> EvalResult:
     """Score one run on a split (Recall@k for each of `ks`); saves `runs/<run>/eval/<ds>-<split>.json`."""
-    run = LoadedRun(run_dir, which, device)
+    run = LoadedRun(run_dir, which=which, device=device)
     name = dataset or run.cfg.data.dataset
     if load_dataset(name, data_dir or run.cfg.data.data_dir).captions.empty:
         raise MmretError(f"dataset {name!r} has no captions, so there is nothing to score; a gallery without "
@@ -96,31 +102,32 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
     items = torch.from_numpy(np.asarray(emb.items, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
     modality = get_modality(emb.modality)
-    ranks = retrieval_metrics(items, captions, emb.caption_item, ks, item=modality.short, map_at=modality.map_at)
-    ci = bootstrap_ci(ranks, bootstrap, seed) if bootstrap else None
+    ranks = retrieval_metrics(items, captions, emb.caption_item, ks=ks, item=modality.short, map_at=modality.map_at)
+    ci = bootstrap_ci(ranks, n_boot=bootstrap, seed=seed) if bootstrap else None
     keys = caption_keys(emb.caption_table["caption"].tolist())
     same = (same_text_metrics(items, captions, emb.caption_item, torch.from_numpy(keys), item=modality.short)
             if len(np.unique(keys)) < len(keys) else None)  # only when items share a caption text
-    result = EvalResult(run_dir.name, emb.dataset, split, ranks.metrics, len(items), len(captions), ci, ranks=ranks,
-                        modality=modality.name, same_text=same)
+    result = EvalResult(run=run_dir.name, dataset=emb.dataset, split=split, metrics=ranks.metrics, n_items=len(items),
+                        n_captions=len(captions), ci=ci, ranks=ranks, modality=modality.name, same_text=same)
     result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
     write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return result
 
 
-def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", bootstrap: int = 1000,
+def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", *, bootstrap: int = 1000,
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
                  data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS) -> list[EvalResult]:
     """Every run on the same split; each after the first carries a paired bootstrap against it."""
     from mmret.runs import load_run_config
 
     dataset = dataset or load_run_config(run_dirs[0]).data.dataset
-    results = [evaluate_run(r, dataset, split, 0, seed, which, device, reporter, data_dir, ks) for r in run_dirs]
+    results = [evaluate_run(r, dataset, split, seed=seed, which=which, device=device, reporter=reporter,
+                            data_dir=data_dir, ks=ks) for r in run_dirs]
     first = results[0]
     for result in results[1:]:
-        result.diffs = paired_bootstrap(first.ranks, result.ranks, max(bootstrap, 100), seed)
+        result.diffs = paired_bootstrap(first.ranks, result.ranks, n_boot=max(bootstrap, 100), seed=seed)
     if bootstrap:
         for result in results:
-            result.ci = bootstrap_ci(result.ranks, bootstrap, seed)
+            result.ci = bootstrap_ci(result.ranks, n_boot=bootstrap, seed=seed)
     return results

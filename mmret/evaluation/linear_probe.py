@@ -5,7 +5,7 @@ A multinomial logistic regression (scikit-learn, L-BFGS, L2) is fitted on the tr
 regularisation is chosen on the val split by the search CLIP_benchmark's `linear_probe.py` runs
 (97 log-spaced values, 7 evenly spread first, then around the best with steps of 8, 4, 2 and 1;
 the first of equally good values wins), and the chosen model, refitted on train + val, is scored
-on the test split with `mmret.inference.classify`'s metrics. CLIP_benchmark trains a torch linear
+on the test split with `mmret.evaluation.classification`'s metrics. CLIP_benchmark trains a torch linear
 layer with AdamW over a weight-decay grid on a GPU; this follows the CLIP paper's own probe
 (scikit-learn L-BFGS logistic regression, the inverse strength C swept over 1e-6 .. 1e6), which
 needs no GPU and no learning-rate schedule. Results go to
@@ -26,9 +26,10 @@ import torch
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.errors import MmretError
-from mmret.inference.classify import classification_metrics, item_labels, labelled_dataset
+from mmret.evaluation.classification import item_labels, labelled_dataset
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.loaded import LoadedRun
+from mmret.metrics.classification import classification_metrics
 
 C_GRID = np.logspace(-6, 6, 97)  # inverse regularisation strengths, as in CLIP's sweep
 _FIRST = [int(i) for i in np.linspace(0, len(C_GRID) - 1, 7)]  # 0, 16, ..., 96: the first pass
@@ -124,14 +125,14 @@ def probe_arrays(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes
     return metrics, float(C_GRID[best]), tried[float(C_GRID[best])], tried
 
 
-def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str = "test", seed: int = 0,
+def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str = "test", *, seed: int = 0,
                           which: str = "best", device: str = "auto", reporter: Reporter = NULL,
                           data_dir: Path | None = None) -> ProbeResult:
     """Probe a run's item embeddings of a labelled dataset: fitted on train, chosen on val, scored on test."""
     if split != "test":
         raise MmretError(f"the linear probe fits on train, chooses its regularisation on val and is scored on "
                          f"test; drop --split {split}")
-    run = LoadedRun(run_dir, which, device)
+    run = LoadedRun(run_dir, which=which, device=device)
     ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
     labels = sorted(set(ds.items["label"]))
     _need_items({s: len(ds.split(s).items) for s in ("train", "val", "test")})
@@ -140,8 +141,8 @@ def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str 
     x = {s: np.asarray(e.items, dtype=np.float32) for s, e in parts.items()}
     y = {s: item_labels(e, ds, labels).numpy() for s, e in parts.items()}
     metrics, C, val_acc, tried = probe_arrays(x, y, len(labels), seed)
-    result = ProbeResult(run_dir.name, ds.name, split, metrics, C, val_acc,
-                         {s: len(x[s]) for s in ("train", "val", "test")}, labels, seed, tried)
+    result = ProbeResult(run=run_dir.name, dataset=ds.name, split=split, metrics=metrics, C=C, val_acc1=val_acc,
+                         sizes={s: len(x[s]) for s in ("train", "val", "test")}, labels=labels, seed=seed, tried=tried)
     result.path = run_dir / "eval" / f"{ds.name}-{split}-linear-probe.json"
     write_json(result.path, {**result.to_json(), "checkpoint": parts["train"].manifest["checkpoint"],
                              "which": which, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -12,8 +12,8 @@ from typing import Any
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
-from mmret.inference import clip_benchmark as cb
-from mmret.inference.config import EvalConfig
+from mmret.evaluation import clip_benchmark as cb
+from mmret.evaluation.config import EvalConfig
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
 
@@ -29,22 +29,23 @@ class EvalReport:
 
 def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list[Any]:
     if cfg.task == "classification":
-        from mmret.inference.classify import evaluate_classification
+        from mmret.evaluation.classification import evaluate_classification
 
-        return [evaluate_classification(r, cfg.dataset, cfg.split, cfg.templates, cfg.bootstrap, cfg.seed,
-                                        cfg.which, cfg.device, reporter, data_dir=cfg.data_dir) for r in run_dirs]
+        return [evaluate_classification(r, cfg.dataset, cfg.split, templates=cfg.templates, bootstrap=cfg.bootstrap,
+                                        seed=cfg.seed, which=cfg.which, device=cfg.device, reporter=reporter,
+                                        data_dir=cfg.data_dir) for r in run_dirs]
     if cfg.task == "linear-probe":
-        from mmret.inference.linear_probe import evaluate_linear_probe
+        from mmret.evaluation.linear_probe import evaluate_linear_probe
 
-        return [evaluate_linear_probe(r, cfg.dataset, cfg.split, cfg.seed, cfg.which, cfg.device, reporter,
-                                      cfg.data_dir) for r in run_dirs]
-    from mmret.inference.evaluate import compare_runs, evaluate_run
+        return [evaluate_linear_probe(r, cfg.dataset, cfg.split, seed=cfg.seed, which=cfg.which, device=cfg.device,
+                                      reporter=reporter, data_dir=cfg.data_dir) for r in run_dirs]
+    from mmret.evaluation.retrieval import compare_runs, evaluate_run
 
+    options = dict(bootstrap=cfg.bootstrap, seed=cfg.seed, which=cfg.which, device=cfg.device, reporter=reporter,
+                   data_dir=cfg.data_dir, ks=cfg.recall_k)
     if len(run_dirs) == 1:
-        return [evaluate_run(run_dirs[0], cfg.dataset, cfg.split, cfg.bootstrap, cfg.seed, cfg.which, cfg.device,
-                             reporter, cfg.data_dir, cfg.recall_k)]
-    return compare_runs(run_dirs, cfg.dataset, cfg.split, cfg.bootstrap, cfg.seed, cfg.which, cfg.device,
-                        reporter, cfg.data_dir, cfg.recall_k)
+        return [evaluate_run(run_dirs[0], cfg.dataset, cfg.split, **options)]
+    return compare_runs(run_dirs, cfg.dataset, cfg.split, **options)
 
 
 def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
@@ -52,31 +53,34 @@ def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
     model, pretrained = cb.model_names(run.cfg, run.name, run.method.trainable, cfg.which)
     name = cb.dataset_name(ds.name, ds.info.get("source"), result.split, wds="clip_benchmark" in ds.info)
     if cfg.task == "retrieval":
-        return cb.record("retrieval", name, model, pretrained, cb.retrieval_metrics(result.metrics, cfg.recall_k))
+        return cb.record("retrieval", name, model=model, pretrained=pretrained,
+                         metrics=cb.retrieval_metrics(result.metrics, cfg.recall_k))
     if cfg.task == "classification":  # as with --dump_classnames, and --dump_templates for templates not the default
         own = {"templates": result.own_templates} if result.own_templates else {}
-        return cb.record("classification", name, model, pretrained, result.metrics, classnames=result.labels, **own)
-    return cb.record("linear-probe", name, model, pretrained,
-                     {**result.metrics, "C": result.C, "fewshot_k": -1, "normalized": True, "seed": result.seed})
+        return cb.record("classification", name, model=model, pretrained=pretrained, metrics=result.metrics,
+                         classnames=result.labels, **own)
+    return cb.record("linear-probe", name, model=model, pretrained=pretrained,
+                     metrics={**result.metrics, "C": result.C, "fewshot_k": -1, "normalized": True,
+                              "seed": result.seed})
 
 
 def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, reporter: Reporter) -> None:
     """The map and the failure gallery of the first run, from its embeddings of the split."""
-    run = LoadedRun(run_dir, cfg.which, cfg.device)
+    run = LoadedRun(run_dir, which=cfg.which, device=cfg.device)
     emb = write_run_embeddings(run, result.dataset, cfg.split, reporter=reporter, data_dir=cfg.data_dir)
     ds = load_dataset(emb.dataset, cfg.data_dir or run.cfg.data.data_dir)
     if cfg.map is not None:
-        from mmret.inference.maps import embedding_map
+        from mmret.figures.maps import embedding_map
 
         with reporter.task(f"drawing the {cfg.map_method} map", total=1, unit="maps") as task:
-            report.map = embedding_map(emb, ds, ds.modality, cfg.map, cfg.map_method, seed=cfg.seed,
+            report.map = embedding_map(emb, ds, ds.modality, cfg.map, method=cfg.map_method, seed=cfg.seed,
                                        title=f"{run.name}: {emb.dataset} {emb.split}")
             task.advance()
     if cfg.failures is not None:
-        from mmret.inference.failures import failure_gallery
+        from mmret.figures.failures import failure_gallery
 
         ranks = getattr(result, "ranks", None)
-        report.failures = failure_gallery(emb, ds.modality, cfg.failures, cfg.worst,
+        report.failures = failure_gallery(emb, ds.modality, cfg.failures, count=cfg.worst,
                                           t2i_ranks=ranks.t2i_ranks if ranks is not None else None,
                                           title=f"{run.name}: {emb.dataset} {emb.split}, the {cfg.worst} worst "
                                                 f"text→{ds.modality.noun} queries")
@@ -95,6 +99,6 @@ def run_eval(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter = NULL) -
         _draw(run_dirs[0], report.results[0], cfg, report, reporter)
     if cfg.clip_benchmark:
         for run_dir, result in zip(run_dirs, report.results):
-            rec = _benchmark_record(LoadedRun(run_dir, cfg.which, cfg.device), result, cfg)
+            rec = _benchmark_record(LoadedRun(run_dir, which=cfg.which, device=cfg.device), result, cfg)
             report.clip_benchmark.append((cb.write_record(run_dir, rec), rec))
     return report

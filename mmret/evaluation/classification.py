@@ -4,11 +4,8 @@ normalised mean is the class's weight vector, and an item's class is the one who
 matches best (`zeroshot_classification.py`: `zero_shot_classifier`, `accuracy`,
 `balanced_accuracy_score`).
 
-The metrics are pure tensor functions with the tie rule of `mmret.inference.metrics`: a wrong
-class that scores exactly as high as the right one is ranked above it, so without ties top-k
-accuracy equals CLIP_benchmark's `topk` count and with ties it never flatters a model. The mean
-per-class recall is scikit-learn's balanced accuracy: the recall of every class present in the
-split, averaged.
+The metrics are `mmret.metrics.classification`'s (top-k accuracy and mean per-class recall, with
+the pessimistic tie rule of the retrieval metrics).
 
 Results go to `runs/<run>/eval/<ds>-<split>-classification.json` with a confusion matrix PNG
 beside it. The dataset must carry class labels (`mmret prepare classes`).
@@ -16,7 +13,6 @@ beside it. The dataset must carry class labels (`mmret prepare classes`).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,19 +27,12 @@ from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import PreparedDataset, load_dataset, run_tables
 from mmret.errors import MmretError
+from mmret.evaluation.templates import class_prompts, dataset_templates, load_templates
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.templates import class_prompts, dataset_templates, load_templates
+from mmret.metrics.classification import bootstrap_accuracy, classification_metrics, confusion_matrix
 
-TOP_KS = (1, 5)
 PROMPT_BATCH = 256  # prompts embedded per call: ImageNet's 80 x 1000 never go through a tower at once
-
-
-@dataclass(frozen=True)
-class ClassScores:
-    metrics: dict[str, float]  # acc1, acc5 (nan below 5 classes), mean_per_class_recall
-    ranks: torch.Tensor  # (N,) int64: rank of each item's right class among all classes
-    pred: torch.Tensor  # (N,) int64: the best-scoring class (the first of equal ones)
 
 
 def zero_shot_weights(encode: Callable[[list[str]], torch.Tensor], prompts: list[list[str]],
@@ -55,57 +44,6 @@ def zero_shot_weights(encode: Callable[[list[str]], torch.Tensor], prompts: list
     owner = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(g) for g in prompts]))
     sums = torch.zeros(len(prompts), emb.shape[1]).index_add_(0, owner, emb)
     return F.normalize(sums, dim=-1)  # the mean's direction: the count divides out
-
-
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = TOP_KS) -> ClassScores:
-    """Top-k accuracies and mean per-class recall of (N, C) scores against (N,) class indices."""
-    if logits.ndim != 2 or 0 in logits.shape:
-        raise MmretError(f"scores must be a non-empty (items, classes) matrix, got shape {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise MmretError("the class scores hold NaN or inf values; check the run's embeddings")
-    n, c = logits.shape
-    target = torch.as_tensor(target)
-    if target.shape != (n,) or target.is_floating_point() or int(target.min()) < 0 or int(target.max()) >= c:
-        raise MmretError(f"targets must be {n} class indices below {c}, got {target.dtype} of shape {tuple(target.shape)}")
-    target = target.long()
-    right = logits.gather(1, target[:, None])  # (N, 1)
-    ranks = (logits >= right).sum(1)  # pessimistic: ties with the right class count against it
-    pred = logits.argmax(1)
-    metrics = {f"acc{k}": (ranks <= k).double().mean().item() if k <= c else math.nan for k in ks}
-    metrics["mean_per_class_recall"] = mean_per_class_recall(pred, target, c)
-    return ClassScores(metrics, ranks, pred)
-
-
-def mean_per_class_recall(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Recall of each class present in `target`, averaged (scikit-learn's balanced accuracy)."""
-    total = torch.bincount(target, minlength=num_classes)
-    hits = torch.bincount(target[pred == target], minlength=num_classes)
-    present = total > 0
-    return (hits[present].double() / total[present]).mean().item()
-
-
-def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, C) counts: row = the right class, column = the predicted one."""
-    return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
-def bootstrap_accuracy(scores: ClassScores, target: torch.Tensor, num_classes: int, n_boot: int, seed: int,
-                       level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of every metric from `n_boot` resamples of the items (seeded)."""
-    if n_boot < 2:
-        raise MmretError(f"the bootstrap needs at least 2 resamples (1000 is usual), got {n_boot}")
-    gen = torch.Generator().manual_seed(seed)
-    n = len(target)
-    weights = torch.zeros(n_boot, n).scatter_add_(1, torch.randint(n, (n_boot, n), generator=gen),
-                                                  torch.ones(n_boot, n))  # (B, N) draws of each item
-    onehot = F.one_hot(target, num_classes).float()  # (N, C)
-    per_class = weights @ (onehot * (scores.pred == target).float()[:, None])  # (B, C) hits
-    counts = weights @ onehot
-    reps = {k: weights @ (scores.ranks <= int(k[3:])).float() / n for k in scores.metrics if k.startswith("acc")}
-    reps["mean_per_class_recall"] = torch.nanmean(per_class / counts, dim=1)  # 0/0 = nan: class not drawn
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return {k: tuple(torch.quantile(v.double(), q).tolist()) for k, v in reps.items()
-            if not math.isnan(scores.metrics[k])}
 
 
 # ---------------------------------------------------------------- a run on a labelled dataset
@@ -180,13 +118,13 @@ class ClassificationResult:
         return out
 
 
-def evaluate_classification(run_dir: Path, dataset: str | None = None, split: str = "test",
+def evaluate_classification(run_dir: Path, dataset: str | None = None, split: str = "test", *,
                             templates: Path | None = None, bootstrap: int = 0, seed: int = 0, which: str = "best",
                             device: str = "auto", reporter: Reporter = NULL, plot: bool = True,
                             data_dir: Path | None = None) -> ClassificationResult:
     """Zero-shot classification of one split (of a dataset in `data_dir`, default the run's data
     root); saves the JSON (and the confusion matrix PNG)."""
-    run = LoadedRun(run_dir, which, device)
+    run = LoadedRun(run_dir, which=which, device=device)
     ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
     shipped = ds.info.get("templates") if templates is None else None  # a CLIP_benchmark set's own
     prompts_from = dataset_templates(shipped, ds.name) if shipped else load_templates(templates)
@@ -205,16 +143,16 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
     logits = torch.from_numpy(np.asarray(emb.items, dtype=np.float32)) @ weights.T  # (N, C)
     scores = classification_metrics(logits, target)
     result = ClassificationResult(
-        run_dir.name, ds.name, split, scores.metrics, labels,
-        torch.bincount(target, minlength=len(labels)).tolist(), max(map(len, prompts)),
-        confusion_matrix(target, scores.pred, len(labels)).numpy(),
-        training_overlap(run, list(emb.item_table["path"])),
-        bootstrap_accuracy(scores, target, len(labels), bootstrap, seed) if bootstrap else None, embeddings=emb,
-        templates_from="dataset" if shipped else str(templates) if templates else None,
+        run=run_dir.name, dataset=ds.name, split=split, metrics=scores.metrics, labels=labels,
+        counts=torch.bincount(target, minlength=len(labels)).tolist(), templates=max(map(len, prompts)),
+        confusion=confusion_matrix(target, scores.pred, len(labels)).numpy(),
+        train_overlap=training_overlap(run, list(emb.item_table["path"])),
+        ci=bootstrap_accuracy(scores, target, len(labels), n_boot=bootstrap, seed=seed) if bootstrap else None,
+        embeddings=emb, templates_from="dataset" if shipped else str(templates) if templates else None,
         own_templates=prompts_from if shipped or templates else None)
     result.path = run_dir / "eval" / f"{ds.name}-{split}-classification.json"
     if plot:
-        from mmret.inference.figures import confusion_figure
+        from mmret.figures.draw import confusion_figure
 
         result.confusion_png = result.path.with_suffix(".png")
         confusion_figure(result.confusion, labels, f"{run_dir.name}: {ds.name} {split}, zero-shot top-1 "

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmret.errors import MmretError
+from mmret.figures import MAP_METHODS
 
-MAP_METHODS = ("umap", "tsne")
 TASKS = ("retrieval", "classification", "linear-probe")
 FORMATS = ("table", "markdown", "json", "clip-benchmark")
 

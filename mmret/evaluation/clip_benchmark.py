@@ -58,7 +58,7 @@ def retrieval_metrics(metrics: dict[str, float], ks: tuple[int, ...]) -> dict[st
     return out
 
 
-def record(task: str, dataset: str, model: str, pretrained: str, metrics: dict[str, Any],
+def record(task: str, dataset: str, *, model: str, pretrained: str, metrics: dict[str, Any],
            language: str = "en", **extra: Any) -> dict[str, Any]:
     """One result as CLIP_benchmark's `cli.py` dumps it (`extra`: its optional classnames/templates)."""
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": TASKS[task],
