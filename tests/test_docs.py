@@ -43,7 +43,7 @@ def test_the_reference_names_every_command_and_option():
 
 ROOT = DOCS.parent
 GENERATED = DOCS / "reference" / "commands.md"  # written from the app itself: checked above, not here
-FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
+FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[^\n]*$", re.M | re.S)  # indented too: fences inside lists
 CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
@@ -68,12 +68,15 @@ def slug(heading: str) -> str:
 
 
 def anchors(page: Path) -> set[str]:
+    """The page's heading anchors; GitHub numbers repeated headings -1, -2, ..."""
     seen: dict[str, int] = {}
+    found = set()
     for heading in HEADING.findall(FENCE.sub("", page.read_text(encoding="utf-8"))):
         base = slug(heading)
         n = seen.get(base, 0)
         seen[base] = n + 1
-        yield base if n == 0 else f"{base}-{n}"
+        found.add(base if n == 0 else f"{base}-{n}")
+    return found
 
 
 def broken_links(page: Path) -> list[str]:
@@ -85,7 +88,7 @@ def broken_links(page: Path) -> list[str]:
         file = (page.parent / path).resolve() if path else page
         if not file.exists():
             broken.append(f"{target}: no such file")
-        elif anchor and file.suffix == ".md" and anchor not in set(anchors(file)):
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target}: no heading with that anchor in {file.name}")
     return broken
 
@@ -97,7 +100,7 @@ def test_slugs_are_githubs():
     assert slug("Batches, the loss and the optimiser") == "batches-the-loss-and-the-optimiser"
 
 
-def test_every_relative_link_points_to_a_file_and_heading(tmp_path):
+def test_every_relative_link_points_to_a_file_and_heading():
     assert len(pages()) > 10  # the README and the docs/ site
     broken = {p.relative_to(ROOT).as_posix(): b for p in pages() if (b := broken_links(p))}
     assert not broken, broken
@@ -125,7 +128,7 @@ def _commands() -> dict[str, set[str]]:
 def mmret_calls(text: str) -> list[tuple[str, list[str]]]:
     """(command, its option names) for every `mmret CMD ...` (or `python -m mmret CMD ...`) in shell text:
     each line of the code blocks, lines ending in a backslash joined, and each inline span that starts with one."""
-    shell = [block for block in re.findall(r"^(?:```|~~~)[^\n]*\n(.*?)^(?:```|~~~)", text, re.M | re.S)]
+    shell = re.findall(r"^[ \t]*(?:```|~~~)[^\n]*\n(.*?)^[ \t]*(?:```|~~~)", text, re.M | re.S)
     shell += [span for _, span in CODE_SPAN.findall(FENCE.sub("", text))
               if re.match(r"(python3? -m )?mmret\s", span.strip())]
     calls = []
@@ -167,9 +170,10 @@ def test_every_mmret_command_in_the_docs_is_real_with_real_options():
 def test_the_command_check_reads_shell_as_a_shell():
     text = ("```bash\ntorchrun --nproc_per_node 4 -m mmret train --method lora \\\n    --batch-size 8  # mmret nope\n"
             "pip install -e . && mmret quickstart --epochs=3 > out.txt\nls mmret/cli/\n```\n"
+            "1. In a list:\n   ```bash\n   $ mmret verify --run latest\n   ```\n"
             "Run `mmret search \"a dog\" -k 5`, not `mmret/serve/app.py`.\n")
     assert mmret_calls(text) == [("train", ["--method", "--batch-size"]), ("quickstart", ["--epochs"]),
-                                 ("search", ["-k"])]
+                                 ("verify", ["--run"]), ("search", ["-k"])]
 
 
 def named_paths(text: str) -> list[str]:
