@@ -198,3 +198,15 @@ def test_no_page_keeps_notes_meant_for_the_project():
     found = [f"{p.relative_to(ROOT).as_posix()}: {m.group(0)!r}" for p in pages()
              for m in notes.finditer(p.read_text(encoding="utf-8"))]
     assert not found, found
+
+
+def test_the_readme_spells_out_the_quick_starts_training():
+    """The README's `mmret train --method scratch ...` line is the quick start's, option for option."""
+    from mmret.quickstart import TRAIN_OPTIONS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("mmret train --method scratch"))
+    tokens = shlex.split(line, comments=True)[2:]
+    given = {name[2:].replace("-", "_"): value for name, value in zip(tokens[::2], tokens[1::2])}
+    assert given.keys() == TRAIN_OPTIONS.keys()
+    assert all(type(value)(given[key]) == value for key, value in TRAIN_OPTIONS.items()), given
