@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from mmret.encoders import load_image_encoder, load_text_encoder
-from mmret.methods import MethodConfig, config_for, get_method
-from mmret.methods.towers import apply_recipe
+from mmret.methods import MethodConfig, config_for, get_method, recipe_values
 from mmret.models.dual import DualEncoder, PartCount, parameter_table
 from mmret.models.temperature import build_temperature
 from mmret.models.tuners import covers
@@ -36,10 +35,9 @@ EMBED_DIM = 512
 
 def settings() -> dict[str, tuple[str, MethodConfig]]:
     """label -> (method, its config)."""
-    base = MethodConfig()
     return {
-        "lora text-r8": ("lora", apply_recipe(base, "text-r8")),
-        "lora both-r64": ("lora", apply_recipe(base, "both-r64")),
+        "lora text-r8": ("lora", config_for("lora", **recipe_values("text-r8"))),
+        "lora both-r64": ("lora", config_for("lora", **recipe_values("both-r64"))),
         "prefix": ("prefix", config_for("prefix")),
         "adapter": ("adapter", config_for("adapter")),
         "full": ("full", config_for("full")),

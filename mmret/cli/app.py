@@ -121,7 +121,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir) -> Path:
+def run_or_zero_shot(*, run, zero_shot, dataset, data_dir, runs_dir) -> Path:
     """The run folder named by --run, or the one standing for --zero-shot MODEL on --dataset."""
     from mmret.runs import load_run_config, resolve_run
 

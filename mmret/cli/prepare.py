@@ -11,7 +11,6 @@ from mmret.cli import show
 from mmret.cli.app import DataDir, Device, RunsDir, app, command, item_tower, run_or_zero_shot
 from mmret.errors import MmretError
 
-
 # ---------------------------------------------------------------------------- prepare
 
 def _source_help() -> str:
@@ -96,7 +95,7 @@ def precompute_embeddings(
     if run or zero_shot:
         from mmret.inference.embeddings import write_run_embeddings
 
-        run_dir = run_or_zero_shot(run, zero_shot, dataset, data_dir, runs_dir)
+        run_dir = run_or_zero_shot(run=run, zero_shot=zero_shot, dataset=dataset, data_dir=data_dir, runs_dir=runs_dir)
         emb = write_run_embeddings(run_dir, dataset, split, device=device, reporter=ui.RichReporter(),
                                    shard=shard, finalize=finalize)
         if emb is None:

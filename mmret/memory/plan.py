@@ -434,7 +434,7 @@ def _cuts(cfg: RunConfig, method: Any, row: Row | None) -> list[str]:
     if row is not None and row.phase == "eval":
         cuts.append(f"a smaller --batch-size than {cfg.train.batch_size} (evaluation runs whole batches)")
     if row is not None and row.phase == "setup":
-        cuts.append("input_norm false in a --config (its setup sample sits on the device)")
+        cuts.append("--no-input-norm (its setup sample sits on the device)")
     return cuts + method.memory_cuts(cfg)
 
 

@@ -23,20 +23,17 @@ from torch import nn
 from mmret.data.pairs import FileSource, mentions_sides, split_tables
 from mmret.data.prepared import run_tables
 from mmret.encoders import load_text_encoder, load_tower
-from mmret.errors import MmretError
 from mmret.features import CAPTIONS, FeatureSource, ensure_features
 from mmret.methods.base import SIDES, FrozenPart, Inputs, Method
 from mmret.methods.config import (
     AdapterConfig,
     FullConfig,
     LoraConfig,
-    MethodConfig,
     PrefixConfig,
     TowerConfig,
-    recipe_values,
 )
 from mmret.methods.queries import encode_with_tower, item_batch
-from mmret.methods.registry import METHODS, register_method
+from mmret.methods.registry import register_method
 from mmret.modalities import get_modality
 from mmret.models import DualEncoder, ProjectionHead
 from mmret.models.heads import InputNorm
@@ -206,19 +203,6 @@ def _head(encoder: nn.Module, m: Any) -> nn.Module | None:
                                                                 m.head_hidden, m.dropout))
 
 
-def tower_methods() -> list[str]:
-    return [name for name, method in METHODS.items() if isinstance(method, TowerMethod)]
-
-
-def apply_peft(encoder: nn.Module, method: str, m: Any) -> nn.Module:
-    """Adapt a loaded tower in place with the tower method called `method` (see `TowerMethod.adapt`)."""
-    found = METHODS.get(method)
-    if not isinstance(found, TowerMethod):
-        raise MmretError(f"method {method!r} does not adapt a pretrained tower; choose one of "
-                         f"{', '.join(tower_methods())}")
-    return found.adapt(encoder, m)
-
-
 # ---------------------------------------------------------------------------- the four methods
 
 
@@ -300,10 +284,3 @@ for _method in (LoraMethod(), PrefixMethod(), AdapterMethod(), FullMethod()):
 
 
 # ---------------------------------------------------------------------------- LoRA recipes
-
-def apply_recipe(m: MethodConfig, name: str) -> LoraConfig:
-    """The LoRA config of recipe `name` on top of `m`'s shared settings (validated)."""
-    from dataclasses import fields
-
-    shared = {f.name: getattr(m, f.name) for f in fields(MethodConfig)}
-    return LoraConfig(**{**shared, **recipe_values(name)})
