@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from mmret.methods.config import recipe_values
-from mmret.runs import RunConfig, with_overrides
 from mmret.errors import MmretError
 from mmret.memory import CATEGORIES, MemoryReport, describe, needed, probe_memory
+from mmret.methods.config import recipe_values
+from mmret.runs import RunConfig, with_overrides
 
 GB = 2**30
 SETUPS = {

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 import tiny_models
+
 from mmret.data import PrepareConfig, load_dataset, prepare
 
 

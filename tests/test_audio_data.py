@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_audio
 import torch
 
-import tiny_audio
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.errors import MmretError
 from mmret.modalities import get_modality

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_audio
+import tiny_models
 import torch
 from safetensors.torch import load_file
 
-import tiny_audio
-import tiny_models
 from mmret.encoders import (
-    AudioEncoder, SpectrogramEncoder, load_text_encoder, load_tower, tower_modality,
+    AudioEncoder,
+    SpectrogramEncoder,
+    load_text_encoder,
+    load_tower,
+    tower_modality,
 )
 from mmret.errors import MmretError
 from mmret.modalities.audio import load_audio

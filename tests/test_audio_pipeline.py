@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_audio
+import tiny_models
 import torch
 from typer.testing import CliRunner
 
-import tiny_audio
-import tiny_models
 from mmret import training
 from mmret.cli import app
 from mmret.data import PrepareConfig, load_dataset, prepare

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmret.runs.checkpoint import load_state, load_weights, read_meta, save_state, save_weights, trainable_state
 from mmret.errors import MmretError
+from mmret.runs.checkpoint import load_state, load_weights, read_meta, save_state, save_weights, trainable_state
 
 
 def model_with_frozen_part():

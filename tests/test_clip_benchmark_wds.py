@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from clip_benchmark.datasets.builder import build_wds_dataset, image_captions_collate_fn
 from clip_benchmark.metrics import zeroshot_retrieval as cb_ret
@@ -19,7 +20,6 @@ from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset, con
 from PIL import Image
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret.cli import app
 from mmret.common.items import open_item
 from mmret.data import load_dataset

@@ -9,13 +9,13 @@ import os
 import pandas as pd
 import pytest
 import torch.multiprocessing as mp
+from test_distributed import free_port
 from typer.testing import CliRunner
 
 from mmret import training
 from mmret.cli import app
 from mmret.runs import RunConfig, with_overrides
 from mmret.runs.checkpoint import read_meta
-from test_distributed import free_port
 
 RECALLS = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall"]
 LOSSES = ["train_loss", "val_loss"]

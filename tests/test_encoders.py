@@ -9,12 +9,18 @@ import time
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from PIL import Image
 
-import tiny_models
 from mmret.encoders import (
-    ENCODERS, ImageEncoder, TextEncoder, TimmImageEncoder, encoder_names, load_image_encoder, load_text_encoder,
+    ENCODERS,
+    ImageEncoder,
+    TextEncoder,
+    TimmImageEncoder,
+    encoder_names,
+    load_image_encoder,
+    load_text_encoder,
 )
 from mmret.errors import MmretError
 

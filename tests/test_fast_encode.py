@@ -9,9 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from mmret.common import device as dev
 from mmret.encoders import load_image_encoder, load_text_encoder
 from mmret.errors import MmretError

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from typer.testing import CliRunner
 
-import tiny_models
-from mmret.common import device as dev
-from mmret.features import encode as features
-from mmret.features import runner as runner_mod
 from mmret.cli import app
-from mmret.data import PrepareConfig
-from mmret.data import load_dataset, prepare
+from mmret.common import device as dev
+from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder, load_text_encoder
 from mmret.errors import MmretError
 from mmret.features import FeatureCache, cache_rows, ensure_features, feature_key, open_features
+from mmret.features import encode as features
+from mmret.features import runner as runner_mod
 from mmret.modalities.image import load_rgb
 
 runner = CliRunner()

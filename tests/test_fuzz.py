@@ -9,9 +9,9 @@ import random
 from pathlib import Path
 
 import pytest
+import tiny_models
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret.cli import app
 from mmret.data import PrepareConfig, prepare
 from mmret.runs import RunConfig, with_overrides

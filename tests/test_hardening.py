@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_models
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret.cli import app
 from mmret.data import PrepareConfig, prepare
 from mmret.errors import MmretError

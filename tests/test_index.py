@@ -13,7 +13,13 @@ import torch
 import mmret.inference.exact as index_mod
 from mmret.errors import MmretError
 from mmret.inference.index import (
-    ExactIndex, IndexConfig, build_index, ensure_index, open_index, recall_at_k, vectors_digest,
+    ExactIndex,
+    IndexConfig,
+    build_index,
+    ensure_index,
+    open_index,
+    recall_at_k,
+    vectors_digest,
 )
 
 

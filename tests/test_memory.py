@@ -6,23 +6,38 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models
 import torch
 from torch import nn
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret.cli import app
-from mmret.runs import RunConfig, with_overrides
-from mmret.errors import MmretError
+from mmret.common.progress import NULL
 from mmret.encoders import load_image_encoder, load_text_encoder
+from mmret.errors import MmretError
 from mmret.memory import (
-    Breakdown, Candidate, LiveBytes, NothingFits, Probe, Row, build_model, describe, fake_probe, largest_fitting,
-    measured, micro_batches, needed, probe_memory, recommend, size_text, smallest_row,
+    Breakdown,
+    Candidate,
+    LiveBytes,
+    NothingFits,
+    Probe,
+    Row,
+    build_model,
+    describe,
+    fake_probe,
+    largest_fitting,
+    measured,
+    micro_batches,
+    needed,
+    probe_memory,
+    recommend,
+    size_text,
+    smallest_row,
 )
 from mmret.memory.plan import _measure_rows
 from mmret.memory.probe import _fake_mode
 from mmret.methods import get_method
-from mmret.common.progress import NULL
+from mmret.runs import RunConfig, with_overrides
 
 runner = CliRunner()
 

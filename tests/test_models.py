@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import bridge_model, heads_model
 from torch import nn
 
 from mmret.errors import MmretError
-from mmret.models.mixup import latent_mixup, mix, sample_mixup
-from mmret.models.temperature import build_temperature
 from mmret.models import (
     DualEncoder,
     ProjectionHead,
@@ -19,7 +18,8 @@ from mmret.models import (
     count_part,
     parameter_table,
 )
-from tiny_models import bridge_model, heads_model
+from mmret.models.mixup import latent_mixup, mix, sample_mixup
+from mmret.models.temperature import build_temperature
 
 
 def n_params(module: nn.Module) -> int:

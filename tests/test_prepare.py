@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmret.data import PrepareConfig
-from mmret.data import load_dataset, prepare
+from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.data.tables import split_counts
 from mmret.errors import MmretError
 

@@ -7,12 +7,11 @@ import pandas as pd
 import pytest
 
 from mmret import training
-from mmret.training import loop
-from mmret.data import PrepareConfig
-from mmret.runs import RunConfig, with_overrides
-from mmret.data import prepare
-from mmret.inference.embeddings import write_run_embeddings
+from mmret.data import PrepareConfig, prepare
 from mmret.errors import MmretError
+from mmret.inference.embeddings import write_run_embeddings
+from mmret.runs import RunConfig, with_overrides
+from mmret.training import loop
 
 
 @pytest.fixture(scope="module")

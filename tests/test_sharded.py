@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny_models
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret import training
 from mmret.cli import app
 from mmret.common.shards import env_shard, parse_shard

@@ -10,7 +10,11 @@ import torch.nn.functional as F
 
 from mmret.errors import MmretError
 from mmret.models.temperature import (
-    DynamicTemperature, FixedTemperature, LearnedTemperature, build_temperature, logit_scale_for,
+    DynamicTemperature,
+    FixedTemperature,
+    LearnedTemperature,
+    build_temperature,
+    logit_scale_for,
 )
 
 

@@ -6,8 +6,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from mmret.errors import MmretError
 from mmret.data.tokenizer import BpeTokenizer, HfTokenizer, load_tokenizer, train_bpe
+from mmret.errors import MmretError
 
 UNSEEN = ["A Café with ÜBER-long   spacing!", "日本語のキャプション 🎉", "tab\tand\nnewline"]
 

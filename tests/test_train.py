@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mmret import training
+from mmret.cli import app
+from mmret.data.pairs import epoch_batches
+from mmret.errors import MmretError
+from mmret.runs import RunConfig, with_overrides
+from mmret.runs.checkpoint import read_meta
 from mmret.training import loop
 from mmret.training import step as step_module
-from mmret.runs.checkpoint import read_meta
-from mmret.cli import app
-from mmret.runs import RunConfig, with_overrides
-from mmret.errors import MmretError
-from mmret.data.pairs import epoch_batches
 
 RECALLS = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall", "train_loss", "val_loss"]
 

@@ -11,10 +11,10 @@ import tarfile
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_models
 from PIL import Image
 from typer.testing import CliRunner
 
-import tiny_models
 from mmret import training
 from mmret.cli import app
 from mmret.common.items import open_item, split_address

@@ -10,9 +10,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import tiny_models
+import torch
 
 KINDS = ("rising", "falling", "low", "high", "noise", "pulses")
 CAPTIONS = {

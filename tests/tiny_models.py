@@ -28,11 +28,11 @@ def vocab() -> list[str]:
 
 
 def _save_bert_tokenizer(folder: Path, model_max_length: int = 64) -> None:
-    from transformers import BertTokenizerFast
-
     # the vocabulary goes in as a dict: transformers 5 silently ignores `vocab_file=` and would
     # leave a tokenizer that knows only the special tokens (every word [UNK])
     import inspect
+
+    from transformers import BertTokenizerFast
 
     words = vocab()
     vocab_file = folder / "vocab.txt"

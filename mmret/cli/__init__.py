@@ -5,8 +5,8 @@ function and renders its result. No logic lives here.
 `inference`, `serve` and `quickstart` register their commands on it; `ui` draws tables and progress bars.
 """
 
-from mmret.cli.app import app
-from mmret.cli import prepare  # noqa: F401, I001  (registers its commands, in the order --help lists them)
+from mmret.cli.app import app  # noqa: I001  (the modules below register their commands, in the order --help lists them)
+from mmret.cli import prepare  # noqa: F401
 from mmret.cli import train  # noqa: F401
 from mmret.cli import inference  # noqa: F401
 from mmret.cli import serve  # noqa: F401

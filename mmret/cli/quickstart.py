@@ -9,7 +9,6 @@ import typer
 from mmret.cli import show
 from mmret.cli.app import DataDir, RunsDir, app, command
 
-
 # ---------------------------------------------------------------------------- quickstart
 
 

@@ -16,11 +16,19 @@ import torch
 from torch import nn
 
 from mmret.encoders.base import (
-    EncoderOutput, Tower, accepts, check_pooling, hf_config, is_clip, is_dual, load_hf, size_pair,
+    EncoderOutput,
+    Tower,
+    accepts,
+    check_pooling,
+    hf_config,
+    is_clip,
+    is_dual,
+    load_hf,
+    size_pair,
 )
 from mmret.encoders.hub import ModelSource
-from mmret.encoders.registry import register_family
 from mmret.encoders.preprocess import ImagePreprocess, ImageTransform, preprocess_from_hf, preprocess_from_timm
+from mmret.encoders.registry import register_family
 from mmret.errors import MmretError
 from mmret.modalities.base import ItemLoader
 from mmret.modalities.image import load_rgb

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from mmret.encoders.base import (
-    DEFAULT_MAX_LENGTH, EncoderOutput, Tower, accepts, check_pooling, hf_config, is_clip, is_dual, load_hf,
+    DEFAULT_MAX_LENGTH,
+    EncoderOutput,
+    Tower,
+    accepts,
+    check_pooling,
+    hf_config,
+    is_clip,
+    is_dual,
+    load_hf,
     quiet_loading,
 )
 from mmret.encoders.hub import ModelSource

@@ -25,12 +25,28 @@ from mmret.common.io import read_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
-from mmret.errors import MmretError
 from mmret.data.stamps import match
+from mmret.errors import MmretError
 from mmret.features.cache import (
-    CAPTIONS, FORMAT, CachedFeatures, EncodeStats, FeatureCache, _layout, _now, _read_manifest, _split_shards, _view,
-    cache_rows, dataset_fingerprint, feature_key, features_root, lendable_rows, open_features, remove_cache,
-    row_stamps, sibling_caches,
+    CAPTIONS,
+    FORMAT,
+    CachedFeatures,
+    EncodeStats,
+    FeatureCache,
+    _layout,
+    _now,
+    _read_manifest,
+    _split_shards,
+    _view,
+    cache_rows,
+    dataset_fingerprint,
+    feature_key,
+    features_root,
+    lendable_rows,
+    open_features,
+    remove_cache,
+    row_stamps,
+    sibling_caches,
 )
 from mmret.features.runner import TowerRunner
 from mmret.features.runner import forward as _forward

@@ -49,7 +49,12 @@ import torch
 
 from mmret.common import device as _device
 from mmret.common.device import (
-    COSINE_THRESHOLD, PrecisionChoice, autocast_context, choose_inference_precision, min_cosine, synchronize,
+    COSINE_THRESHOLD,
+    PrecisionChoice,
+    autocast_context,
+    choose_inference_precision,
+    min_cosine,
+    synchronize,
 )
 
 _logger = logging.getLogger(__name__)
@@ -91,7 +96,8 @@ def quantize_int8(tower: torch.nn.Module, inputs: dict) -> torch.nn.Module:
     outliers a fixed scale clips), dynamic ones 0.997."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config,
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
     )
 
     # linear layers only: they hold nearly all of a transformer's work, and quantised convolutions

@@ -19,8 +19,17 @@ from mmret.common.progress import NULL, Reporter
 from mmret.common.shards import Shard
 from mmret.errors import MmretError
 from mmret.features.cache import (
-    CachedFeatures, EncodeStats, FeatureCache, _read_manifest, _split_shards, _view, cache_rows, dataset_fingerprint,
-    feature_key, features_root, open_features,
+    CachedFeatures,
+    EncodeStats,
+    FeatureCache,
+    _read_manifest,
+    _split_shards,
+    _view,
+    cache_rows,
+    dataset_fingerprint,
+    feature_key,
+    features_root,
+    open_features,
 )
 from mmret.features.encode import SHARD_ROWS, _Job, _kind, shard_batches, tower_precision
 from mmret.features.runner import choose_precision

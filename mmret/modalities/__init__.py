@@ -9,8 +9,10 @@ Modules: `image` (pictures), `audio` (sounds: decoding and probing), `spectrogra
 log-mel picture), `listening` (search results over sounds as an HTML page).
 """
 
-from mmret.modalities.base import MODALITIES, ItemError, ItemLoader, Modality, SheetItem, get_modality, register_modality
-from mmret.modalities import image  # noqa: F401, I001  (registers the image modality)
+from mmret.modalities.base import (  # noqa: I001  (image registers before audio: MODALITIES keeps that order)
+    MODALITIES, ItemError, ItemLoader, Modality, SheetItem, get_modality, register_modality,
+)
+from mmret.modalities import image  # noqa: F401  (registers the image modality)
 from mmret.modalities import audio  # noqa: F401  (registers the audio modality)
 
 __all__ = ["MODALITIES", "ItemError", "ItemLoader", "Modality", "SheetItem", "get_modality", "register_modality"]
