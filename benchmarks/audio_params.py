@@ -54,7 +54,8 @@ def adapted(preset: str, method: str, options: dict) -> tuple[int, int] | str:
 
 
 def main() -> None:
-    for preset, label in (("ast-audioset", "AST (ast-audioset)"), ("clap-htsat", "CLAP HTSAT audio tower (clap-htsat)")):
+    for preset, label in (("ast-audioset", "AST (ast-audioset)"),
+                          ("clap-htsat", "CLAP HTSAT audio tower (clap-htsat)")):
         base = sum(p.numel() for p in load_tower(preset, "audio", meta=True).model.parameters())
         print(f"{label}: {base:,} parameters")
         print("| method | tower parameters | trainable | % of the tower | closed form |")

@@ -101,7 +101,8 @@ def main() -> None:
     print("baseline                  " + "  ".join(f"{k:15s}" for k in names))
     out = {}
     for name, fit in [(f"ridge lambda={lam}", lambda x, y, lam=lam: ridge(x, y, lam)) for lam in (10, 100, 1000)] + \
-                     [(f"cca k={k} reg={r}", lambda x, y, k=k, r=r: cca(x, y, k, r)) for k, r in ((64, 1.0), (128, 1.0))]:
+                     [(f"cca k={k} reg={r}", lambda x, y, k=k, r=r: cca(x, y, k, r))
+                      for k, r in ((64, 1.0), (128, 1.0))]:
         out[name] = fold_scores(images, texts, caption_item, folds, fit, item)
         s = np.array([[f[k] for k in names] for f in out[name]])
         print(f"{name:24s}  " + "  ".join(f"{m:.3f} ± {d:.3f}" for m, d in zip(s.mean(0), s.std(0))))

@@ -152,7 +152,8 @@ def report(args) -> None:
         first = next(iter(results))
         lines += ["", f"Paired with {first} fold by fold (the same test pictures): mean ± std of the difference, and "
                   "on how many folds the method was ahead:", "",
-                  "| method | Δ t2i R@1 | Δ t2i R@10 | Δ i2t R@1 | Δ i2t R@10 | t2i R@1 ahead |", "|---" * 6 + "|"] + paired
+                  "| method | Δ t2i R@1 | Δ t2i R@10 | Δ i2t R@1 | Δ i2t R@10 | t2i R@1 ahead |",
+                  "|---" * 6 + "|"] + paired
     ceiling = json.loads(Path(args.ceiling).read_text()) if args.ceiling else None
     if ceiling:
         lines += ["", "Closed-form maps on the same folds (`benchmarks/ceiling.py`, fit on all non-test pairs):", "",
@@ -253,7 +254,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated folds to run (default: all), e.g. for a quick check")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--json", help="add the per-fold scores to this file (other entries are kept)")
-    parser.add_argument("--report", nargs="+", help="write the README table from these --json files instead of training")
+    parser.add_argument("--report", nargs="+",
+                        help="write the README table from these --json files instead of training")
     parser.add_argument("--ceiling", help="with --report: benchmarks/ceiling.py --json output for the same dataset")
     parser.add_argument("--out", help="with --report: write the markdown here")
     parser.add_argument("--png", help="with --report: write a bar chart here")

@@ -63,7 +63,8 @@ def time_steps(stepper, images, texts, steps: int, warmup: int = 3) -> float:
 
 def _rank(rank: int, port: int, batch: int, steps: int, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
     from mmret.training import world as d
 
     world = d.start_world("cpu")
@@ -114,11 +115,13 @@ def main() -> None:
     print(f"| 1 process, 1 thread, whole batch | {one_1t * 1e3:.1f} | {args.batch / one_1t:,.0f} |")
     print(f"| 2 processes (gloo), 1 thread each, gather + DDP | {dist_t * 1e3:.1f} | {args.batch / dist_t:,.0f} |")
     print(f"| 2 processes, 1 thread each, no communication | {local_t * 1e3:.1f} | {args.batch / local_t:,.0f} |")
-    print(f"2 processes / 1 process pairs/s: {one_t / dist_t:.2f}x ({threads} threads), {one_1t / dist_t:.2f}x (1 thread)")
+    print(f"2 processes / 1 process pairs/s: {one_t / dist_t:.2f}x ({threads} threads), "
+          f"{one_1t / dist_t:.2f}x (1 thread)")
     print(f"gather + DDP overhead (2 processes with / without communication): {dist_t / local_t:.2f}x step time")
     print("\nembedding all-gather per step, from the formula 2 x B x D x bytes x (N-1)/N per process "
           "(forward; the backward sends as much again as gradients):")
-    print("| batch | dim | precision | processes | per process, forward | per process, fwd + bwd | whole cluster, fwd + bwd |")
+    print("| batch | dim | precision | processes | per process, forward | per process, fwd + bwd "
+          "| whole cluster, fwd + bwd |")
     print("|---|---|---|---|---|---|---|")
     for name, size in (("fp16", 2), ("fp32", 4)):
         for ranks in (8, 64):

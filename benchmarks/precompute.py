@@ -261,13 +261,14 @@ def report(b: dict, flops: float, decode: tuple, naive_rate: tuple, runs: dict, 
         peak = b["model"][dtype]
         vs_bf16 = bf16.get(form) or bf16.get("compiled")
         rel = f"{s[0] / vs_bf16[0]:6.2f}/{s[1] / vs_bf16[1]:<6.2f}" if vs_bf16 and precision != "bf16" else f"{'':13s}"
-        print(f"{precision + ', ' + form:30s} {s[0]:8.1f}/{s[1]:<8.1f} {s[0] * flops / 1e9:8.0f}/{s[1] * flops / 1e9:<8.0f} "
+        print(f"{precision + ', ' + form:30s} {s[0]:8.1f}/{s[1]:<8.1f} "
+              f"{s[0] * flops / 1e9:8.0f}/{s[1] * flops / 1e9:<8.0f} "
               f"{s[0] * flops / peak[0]:6.2f}/{s[1] * flops / peak[1]:<6.2f} "
               f"{s[0] / naive_rate[0]:6.2f}/{s[1] / naive_rate[1]:<6.2f} {rel} {r['first_s']:8.0f}s  "
               f"{r['precision']}{' compiled' if r['compiled'] else ''}")
     print("\nimages/s after the first batch (which holds the precision check and any compile); 'x matmul' is the "
-          "model's FLOP/s over the dense matmul rate of the dtype it ran in, at the model's shapes (targets: bf16 >= 0.6, "
-          ">= 3x naive; int8 >= 1.5x bf16)")
+          "model's FLOP/s over the dense matmul rate of the dtype it ran in, at the model's shapes (targets: "
+          "bf16 >= 0.6, >= 3x naive; int8 >= 1.5x bf16)")
     for (precision, form), r in runs.items():
         print(f"  {precision}, {form}: {r['reason']}")
 
@@ -295,7 +296,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_photos(tmp / "photos", args.images, size)
-        prepare(PrepareConfig(source="folder", root=tmp / "photos", name="bench", val=0.0, test=0.0, data_dir=tmp / "data"))
+        prepare(PrepareConfig(source="folder", root=tmp / "photos", name="bench", val=0.0, test=0.0,
+                              data_dir=tmp / "data"))
         dataset = load_dataset("bench", tmp / "data")
         encoder = load_image_encoder(str(model_folder(args.model, tmp)))
         paths = dataset.items["path"].tolist()

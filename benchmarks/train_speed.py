@@ -98,9 +98,9 @@ def main() -> None:
     b = args.batch_size
     with torch.inference_mode():
         tower_flops = flops_per_pair(lambda: encoder(torch.zeros(b, 3, *encoder.image_size))) / b
-    print(f"dataset {args.dataset}: {pairs} pairs in {len(batches)} batches of <= {b}, {torch.get_num_threads()} threads, "
-          f"fp32; frozen tower forward {tower_flops / 1e9:.2f} GFLOP per pair; bridge: queries {cfg.method.queries}, "
-          f"layers {cfg.method.bridge_layers}, width {cfg.method.bridge_width}")
+    print(f"dataset {args.dataset}: {pairs} pairs in {len(batches)} batches of <= {b}, "
+          f"{torch.get_num_threads()} threads, fp32; frozen tower forward {tower_flops / 1e9:.2f} GFLOP per pair; "
+          f"bridge: queries {cfg.method.queries}, layers {cfg.method.bridge_layers}, width {cfg.method.bridge_width}")
     for pool in args.token_pool:
         bridge_cfg = with_overrides(cfg, {"token_pool": pool})
 

@@ -27,7 +27,8 @@ from mmret.modalities.spectrogram import MelSettings, mel_picture
 def towers(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio-towers")
     return {"ast": tiny_audio.save_tiny_ast(root / "ast"), "ast_cls": tiny_audio.save_tiny_ast(root / "astc", 1, True),
-            "clap": tiny_audio.save_tiny_clap(root / "clap"), "dinov2": tiny_models.save_tiny_dinov2(root / "dinov2", with_processor=True),
+            "clap": tiny_audio.save_tiny_clap(root / "clap"),
+            "dinov2": tiny_models.save_tiny_dinov2(root / "dinov2", with_processor=True),
             "sound": tiny_audio.write_sound(root / "s.ogg", "rising", 3.0, 44100), "root": root}
 
 
@@ -39,7 +40,8 @@ def test_ast_folder_matches_transformers(towers):
     assert (enc.dim, enc.token_dim, enc.preprocessing.sample_rate) == (32, 32, 16000)
     assert enc.preprocessing.seconds == pytest.approx((127 * 160 + 400) / 16000)
     x = enc.item_loader()(towers["sound"])  # decoded, resampled 44.1 -> 16 kHz, cut, features
-    extractor, model = ASTFeatureExtractor.from_pretrained(towers["ast"]), ASTModel.from_pretrained(towers["ast"]).eval()
+    extractor, model = (ASTFeatureExtractor.from_pretrained(towers["ast"]),
+                        ASTModel.from_pretrained(towers["ast"]).eval())
     wave = load_audio(towers["sound"], 16000, enc.preprocessing.seconds)
     ref_in = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_values"]
     assert torch.equal(x[None], ref_in)
@@ -53,7 +55,8 @@ def test_the_published_classification_checkpoint_loads_into_the_bare_model(tower
     enc = load_tower(str(towers["ast_cls"]), "audio")
     saved = load_file(str(towers["ast_cls"] / "model.safetensors"))
     # saved as the published checkpoint is (transformers 4 names: ...encoder.layer.0.attention.attention.query)
-    key = next(k for k in saved if k.endswith(("layer.0.attention.attention.query.weight", "layers.0.attention.q_proj.weight")))
+    key = next(k for k in saved
+               if k.endswith(("layer.0.attention.attention.query.weight", "layers.0.attention.q_proj.weight")))
     assert torch.equal(enc.model.layers[0].attention.q_proj.weight, saved[key])
 
 
@@ -73,7 +76,8 @@ def test_clap_towers_match_transformers_clap_model(towers):
     from transformers import ClapFeatureExtractor, ClapModel
 
     audio, text = load_tower(str(towers["clap"]), "audio"), load_text_encoder(str(towers["clap"]))
-    assert (audio.dim, audio.token_dim, audio.preprocessing.sample_rate, audio.preprocessing.seconds) == (16, 32, 48000, 1.0)
+    assert ((audio.dim, audio.token_dim, audio.preprocessing.sample_rate, audio.preprocessing.seconds)
+            == (16, 32, 48000, 1.0))
     assert (text.dim, text.pooling) == (16, "proj")
     model = ClapModel.from_pretrained(towers["clap"]).eval()
     extractor = ClapFeatureExtractor.from_pretrained(towers["clap"])

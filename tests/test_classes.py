@@ -129,7 +129,8 @@ def test_bad_label_tables(tmp_path, data_dir):
     with pytest.raises(MmretError, match="labels.csv needs columns 'image' and 'label'; it has file, class"):
         run(root, data_dir)
     (root / "labels.csv").write_text("image,label,split\na.png,cat,holdout\n")
-    with pytest.raises(MmretError, match=r"labels.csv row 2: split must be train, val or test \(or empty\), got 'holdout'"):
+    with pytest.raises(MmretError,
+                       match=r"labels.csv row 2: split must be train, val or test \(or empty\), got 'holdout'"):
         run(root, data_dir)
 
 
@@ -149,7 +150,8 @@ def test_cli_prepare_classes(tmp_path, data_dir):
     result = runner.invoke(app, ["prepare", "classes", "--root", str(root)])
     assert result.exit_code == 0, result.output
     assert "stratified by class" in result.stdout
-    assert "classes (items sorted into class folders" in " ".join(runner.invoke(app, ["prepare", "--help"]).stdout.split())
+    assert "classes (items sorted into class folders" in " ".join(
+        runner.invoke(app, ["prepare", "--help"]).stdout.split())
 
 
 def test_class_name_reads_separators_as_spaces():

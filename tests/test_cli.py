@@ -49,12 +49,14 @@ def test_error_is_one_red_line_and_exit_code_1(data_dir):
     assert runner.invoke(app, ["prepare", "example", "--count", "20"]).exit_code == 0
     result = runner.invoke(app, ["prepare", "example", "--count", "20"])
     assert result.exit_code == 1
-    assert result.stderr == f"error: dataset 'example' already exists at {data_dir / 'example'}; pass --force to replace it\n"
+    assert result.stderr == (f"error: dataset 'example' already exists at {data_dir / 'example'}; pass --force to "
+                             "replace it\n")
     assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("args, line", [
-    (["prepare", "imagenet"], "error: unknown source 'imagenet'; choose one of flickr30k, coco, flickr8k, folder, classes, example, wds, clotho, audiocaps"),
+    (["prepare", "imagenet"], "error: unknown source 'imagenet'; choose one of flickr30k, coco, flickr8k, folder, "
+                              "classes, example, wds, clotho, audiocaps"),
     (["prepare", "folder"], "error: prepare folder needs --root: the folder that holds the dataset"),
     (["prepare", "folder", "--val", "2"], "error: --val must be a fraction in [0, 1), got 2.0"),
 ])

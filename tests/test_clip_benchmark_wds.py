@@ -117,7 +117,8 @@ def test_retrieval_items_captions_and_splits_are_as_written(world):
     info = json.loads((world["data"] / "cbret" / "dataset.json").read_text())
     assert info["clip_benchmark"] == {"dataset_type": "retrieval", "shards": {"test": 3, "train": 4}}
     assert "classnames" not in info and "label" not in ds.items.columns
-    assert "1 other split" in world["out"]["cbret"] and "extra/: not train, val or test; left out" in world["out"]["cbret"]
+    assert ("1 other split" in world["out"]["cbret"]
+            and "extra/: not train, val or test; left out" in world["out"]["cbret"])
     assert not any(p.suffix == ".webp" for p in (world["data"] / "cbret").rglob("*"))  # nothing unpacked
 
 
@@ -184,10 +185,12 @@ def test_zero_shot_classification_uses_the_sets_classes_and_templates(world, mon
     cb = json.loads(runner.invoke(app, args + ["--format", "clip-benchmark"]).stdout)
     assert (cb["dataset"], cb["task"], cb["classnames"], cb["templates"]) == ("wds/cbcls", "zeroshot_classification",
                                                                            CLASSES, TEMPLATES)
-    assert (world["runs"] / "zeroshot-clip" / "eval" / "clip_benchmark" / "wds_cbcls_zero-shot_clip_en_zeroshot_classification.json").is_file()
+    assert (world["runs"] / "zeroshot-clip" / "eval" / "clip_benchmark"
+            / "wds_cbcls_zero-shot_clip_en_zeroshot_classification.json").is_file()
     (world["root"] / "mine.txt").write_text("itap of a {c}\n")
     embedded.clear()
-    (rec,) = json.loads(runner.invoke(app, args + ["--templates", str(world["root"] / "mine.txt"), "--format", "json"]).stdout)
+    (rec,) = json.loads(runner.invoke(app, args + ["--templates", str(world["root"] / "mine.txt"),
+                                                   "--format", "json"]).stdout)
     assert rec["templates_per_class"] == 1 and embedded == [f"itap of a {c}" for c in CLASSES]  # --templates wins
 
 
@@ -216,7 +219,8 @@ def _broken(world, tmp_path, which: str):
      "error: {r} is a CLIP_benchmark classification set (no dataset_type.txt saying retrieval) without "
      "classnames.txt: add it, one class name per line in label order"),
     (lambda r: [shutil.rmtree(r / d) for d in ("test", "train", "extra")],
-     "error: {r} holds no train, val or test folder of CLIP_benchmark shards (test/nshards.txt beside test/0.tar, ...)"),
+     "error: {r} holds no train, val or test folder of CLIP_benchmark shards (test/nshards.txt beside "
+     "test/0.tar, ...)"),
 ])
 def test_a_broken_layout_is_one_line(world, tmp_path, damage, line):
     root = _broken(world, tmp_path, "retrieval")

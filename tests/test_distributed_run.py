@@ -116,5 +116,6 @@ def test_a_process_that_dies_ends_the_run_and_last_stays_good(tiny_world, one, t
 def test_nproc_refuses_a_batch_too_small_to_split_and_names_a_failed_process(tiny_world, one, tmp_path):
     _, runs = one
     args = cli_args(tiny_world, runs, "small")
-    small = CliRunner().invoke(app, args[:args.index("--batch-size") + 1] + ["2"] + args[args.index("--batch-size") + 2:])
+    small = CliRunner().invoke(app, args[:args.index("--batch-size") + 1] + ["2"]
+                               + args[args.index("--batch-size") + 2:])
     assert small.exit_code == 1 and "--batch-size 2 is split over 2 processes; use at least 4" in small.output

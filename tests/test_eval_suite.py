@@ -96,7 +96,8 @@ def test_classification_scores_what_the_embeddings_give(world):
 def test_classification_on_the_training_split_says_so(env):
     result = runner.invoke(app, ["eval", "--task", "classification", "--split", "train"])
     assert result.exit_code == 0, result.output
-    assert "note: shapes-heads trained on 15 of these 15 items: its scores flatter it" in " ".join(result.stderr.split())
+    assert ("note: shapes-heads trained on 15 of these 15 items: its scores flatter it"
+            in " ".join(result.stderr.split()))
     assert "zero-shot classification of 15 items into 3 classes, 80 prompts each" in " ".join(result.stdout.split())
 
 
@@ -109,9 +110,12 @@ def test_clip_benchmark_json_has_its_schema_and_the_native_numbers(env):
                                                                                 "shapes-heads")
     assert rec["model"] == "mmret-heads-vit-bert"
     native = json.loads(runner.invoke(app, ["eval", "--format", "json", "--recall-k", "1,2"]).stdout)[0]["metrics"]
-    assert rec["metrics"] == {"image_retrieval_recall@1": native["t2i_r1"], "image_retrieval_recall@2": native["t2i_r2"],
-                              "text_retrieval_recall@1": native["i2t_r1"], "text_retrieval_recall@2": native["i2t_r2"]}
-    saved = env["run"] / "eval" / "clip_benchmark" / "shapes_shapes-heads_mmret-heads-vit-bert_en_zeroshot_retrieval.json"
+    assert rec["metrics"] == {"image_retrieval_recall@1": native["t2i_r1"],
+                              "image_retrieval_recall@2": native["t2i_r2"],
+                              "text_retrieval_recall@1": native["i2t_r1"],
+                              "text_retrieval_recall@2": native["i2t_r2"]}
+    saved = (env["run"] / "eval" / "clip_benchmark"
+             / "shapes_shapes-heads_mmret-heads-vit-bert_en_zeroshot_retrieval.json")
     assert json.loads(saved.read_text()) == rec
 
 
@@ -154,7 +158,8 @@ def test_linear_probe(world):
 
 def test_custom_templates(env, tmp_path):
     (tmp_path / "t.txt").write_text("# mine\na {c} shape\na picture of a {}\n")
-    out = runner.invoke(app, ["eval", "--task", "classification", "--templates", str(tmp_path / "t.txt"), "--format", "json"])
+    out = runner.invoke(app, ["eval", "--task", "classification", "--templates", str(tmp_path / "t.txt"),
+                              "--format", "json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)[0]["templates_per_class"] == 2
     out = runner.invoke(app, ["eval", "--task", "classification", "--templates", str(tmp_path / "t.txt"),
@@ -162,12 +167,15 @@ def test_custom_templates(env, tmp_path):
     assert json.loads(out.stdout)["templates"] == ["a {c} shape", "a picture of a {c}"]
     (tmp_path / "own.json").write_text(json.dumps({"red": ["a red one"], "blue": ["a blue one", "blue"]}))
     out = runner.invoke(app, ["eval", "--task", "classification", "--templates", str(tmp_path / "own.json")])
-    assert out.stderr.strip() == "error: --templates gives no prompts for 1 classes: green; its keys must be the dataset's labels"
+    assert out.stderr.strip() == ("error: --templates gives no prompts for 1 classes: green; its keys must be the "
+                                  "dataset's labels")
 
 
 @pytest.mark.parametrize("content, line", [
-    ("a photo\n", "error: t.txt line 1: a template needs {c} (or {}) where the class name goes, and no other braces; got 'a photo'"),
-    ("a {c} of {x}\n", "error: t.txt line 1: a template needs {c} (or {}) where the class name goes, and no other braces; got 'a {c} of {x}'"),
+    ("a photo\n", "error: t.txt line 1: a template needs {c} (or {}) where the class name goes, and no other "
+                  "braces; got 'a photo'"),
+    ("a {c} of {x}\n", "error: t.txt line 1: a template needs {c} (or {}) where the class name goes, and no other "
+                       "braces; got 'a {c} of {x}'"),
     ("\n\n", "error: --templates {path} holds no templates: write one per line, e.g. 'a photo of a {c}.'"),
 ])
 def test_bad_template_files(env, tmp_path, content, line):
@@ -178,12 +186,16 @@ def test_bad_template_files(env, tmp_path, content, line):
 
 @pytest.mark.parametrize("args, line", [
     (["--task", "classification", "--dataset", "example"],
-     "error: dataset 'example' has no class labels; prepare a folder of class subfolders with `mmret prepare classes --root DIR` and evaluate on that"),
+     "error: dataset 'example' has no class labels; prepare a folder of class subfolders with "
+     "`mmret prepare classes --root DIR` and evaluate on that"),
     (["--task", "sorting"], "error: --task must be retrieval, classification, linear-probe, got 'sorting'"),
-    (["--recall-k", "1,x"], "error: --recall-k must be positive whole numbers separated by commas (e.g. 1,5,10), got '1,x'"),
-    (["--recall-k", "0"], "error: --recall-k must be positive whole numbers separated by commas (e.g. 1,5,10), got '0'"),
+    (["--recall-k", "1,x"],
+     "error: --recall-k must be positive whole numbers separated by commas (e.g. 1,5,10), got '1,x'"),
+    (["--recall-k", "0"],
+     "error: --recall-k must be positive whole numbers separated by commas (e.g. 1,5,10), got '0'"),
     (["--task", "linear-probe", "--split", "val"],
-     "error: the linear probe fits on train, chooses its regularisation on val and is scored on test; drop --split val"),
+     "error: the linear probe fits on train, chooses its regularisation on val and is scored on test; "
+     "drop --split val"),
     (["--task", "linear-probe", "--bootstrap", "100"],
      "error: --bootstrap applies to retrieval and classification, not to the linear probe"),
     (["--templates", "t.txt"], "error: --templates applies to --task classification only"),

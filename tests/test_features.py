@@ -118,7 +118,8 @@ def test_other_weights_pooling_or_length_make_new_keys(example_ds, towers, tmp_p
     keys = {feature_key(text, example_ds, "captions"),
             feature_key(load_text_encoder(str(towers["minilm"]), max_length=16), example_ds, "captions"),
             feature_key(load_text_encoder(str(towers["minilm"]), pooling="cls"), example_ds, "captions"),
-            feature_key(load_text_encoder(str(tiny_models.save_tiny_bert(tmp_path / "m", seed=3))), example_ds, "captions"),
+            feature_key(load_text_encoder(str(tiny_models.save_tiny_bert(tmp_path / "m", seed=3))), example_ds,
+                        "captions"),
             feature_key(text, example_ds, "captions", tokens=True)}
     assert len(keys) == 5
 
@@ -147,7 +148,8 @@ def test_a_killed_run_resumes_and_ends_with_the_same_arrays(example_ds, vit, mon
 
     monkeypatch.setattr(FeatureCache, "commit", dying_commit)
     with pytest.raises(KeyboardInterrupt):
-        ensure_features(example_ds, vit, "images", tokens=True, precision="fp32", workers=0, batch_size=8, shard_rows=16)
+        ensure_features(example_ds, vit, "images", tokens=True, precision="fp32", workers=0, batch_size=8,
+                        shard_rows=16)
     path = example_ds.path / "features" / feature_key(vit, example_ds, "images", tokens=True)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["status"] == "building" and manifest["done"] == [0, 1] and len(manifest["shards"]) == 5
@@ -328,9 +330,10 @@ def test_command_encodes_then_reuses(example_ds, towers):
      "error: unknown image encoder 'nosuch': use a preset (dino-vits16, dinov2-vits14, clip-b32, clip-b16), "
      "a hub id such as owner/name, or a local model folder"),
     (["--dataset", "example", "--text", "dino-vits16"],
-     "error: 'dino-vits16' is a image encoder, not an text encoder; text presets: distilbert, minilm, clip-b32, clip-b16, "
-     "clap-htsat"),
-    (["--dataset", "example"], "error: pass an item tower (pictures: --vision, sounds: --audio) and/or --text: there is nothing to encode"),
+     "error: 'dino-vits16' is a image encoder, not an text encoder; text presets: distilbert, minilm, clip-b32, "
+     "clip-b16, clap-htsat"),
+    (["--dataset", "example"],
+     "error: pass an item tower (pictures: --vision, sounds: --audio) and/or --text: there is nothing to encode"),
     (["--dataset", "example", "--vision", "clip-b32", "--precision", "fp16", "--device", "cpu"],
      "error: --precision fp16 needs a CUDA GPU (CPUs compute float16 slowly and without loss scaling); "
      "use --precision bf16 or fp32 on the CPU"),

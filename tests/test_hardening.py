@@ -75,7 +75,8 @@ def one_line(result, expected: str) -> None:
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
     root = tmp_path_factory.mktemp("towers")
-    return {"vit": str(tiny_models.save_tiny_timm_vit(root / "vit")), "bert": str(tiny_models.save_tiny_bert(root / "bert"))}
+    return {"vit": str(tiny_models.save_tiny_timm_vit(root / "vit")),
+            "bert": str(tiny_models.save_tiny_bert(root / "bert"))}
 
 
 def example(home: Path, count: int = 40) -> None:
@@ -174,7 +175,8 @@ def test_a_dataset_prepared_again_during_precompute_stops_it(home, towers, monke
         return real(self, shard, failed)
 
     monkeypatch.setattr(FeatureCache, "commit", reprepare_then_commit)
-    with pytest.raises(MmretError, match="dataset 'example' was prepared again while precompute-embeddings was reading it"):
+    with pytest.raises(MmretError,
+                       match="dataset 'example' was prepared again while precompute-embeddings was reading it"):
         ensure_features(load_dataset("example"), load_image_encoder(towers["vit"]), "images", shard_rows=16)
 
 
@@ -231,8 +233,8 @@ def test_a_truncated_checkpoint_is_one_line(home, trained):
     best = trained / "checkpoints" / "best.safetensors"
     best.write_bytes(best.read_bytes()[:40])
     one_line(runner.invoke(app, ["eval", "--run", "r"]),
-             f"^error: {best} is damaged \\(not a readable safetensors checkpoint: .*\\); use the run's other checkpoint "
-             "\\(--checkpoint best or last\\) or train the run again$")
+             f"^error: {best} is damaged \\(not a readable safetensors checkpoint: .*\\); use the run's other "
+             "checkpoint \\(--checkpoint best or last\\) or train the run again$")
 
 
 def test_a_pickle_in_place_of_a_checkpoint_is_refused_unread(home, trained):
@@ -410,7 +412,8 @@ def test_a_ragged_csv_row_is_reported_not_shifted(home):
     assert result.exit_code == 0, result.output
     captions = pd.read_parquet(home / "data" / "t" / "captions.parquet")
     assert captions[["image_id", "caption"]].values.tolist() == [["a.png", "a cat"]]
-    assert "ragged row: captions.csv: 4 fields where the header has 2 (quote captions that hold commas)" in result.stdout
+    assert ("ragged row: captions.csv: 4 fields where the header has 2 (quote captions that hold commas)"
+            in result.stdout)
 
 
 def test_a_test_only_folder_is_allowed(home):

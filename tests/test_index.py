@@ -214,7 +214,8 @@ def test_faiss_index_recall_is_measured_against_exact_search(tmp_path, kind):
     assert info["factory"].endswith("SQfp16") and info["recall_queries"] == "given queries"
     assert info["n_check_queries"] == 300
     # the stored recall is what the index really gives at the stored breadth on those queries
-    assert recall_at_k(index.search(check, 10)[1], _exact_top10(gallery, check)) == pytest.approx(info["recall@10"], abs=1e-4)
+    assert recall_at_k(index.search(check, 10)[1], _exact_top10(gallery, check)) == pytest.approx(info["recall@10"],
+                                                                                                  abs=1e-4)
     assert info["recall@10"] >= 0.95
     chosen = [step for step in info["tuning"] if step["breadth"] == info["breadth"]][0]
     assert chosen["recall@10"] == info["recall@10"] >= 0.95

@@ -154,14 +154,17 @@ def test_recalls_agree_with_clip_benchmark():
     n_item, per_item, dim = 40, 5, 16
     item_emb = torch.nn.functional.normalize(torch.randn(n_item, dim, generator=g), dim=1)
     text_item = torch.arange(n_item).repeat_interleave(per_item)
-    text_emb = torch.nn.functional.normalize(item_emb[text_item] + 0.9 * torch.randn(len(text_item), dim, generator=g), dim=1)
+    text_emb = torch.nn.functional.normalize(item_emb[text_item] + 0.9 * torch.randn(len(text_item), dim, generator=g),
+                                             dim=1)
     ours = retrieval_metrics(item_emb, text_emb, text_item).metrics
     scores = text_emb @ item_emb.T
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), text_item] = True
     for k in (1, 5, 10):
-        t2i = (_clip_benchmark_batchify(_clip_benchmark_recall_at_k, scores, positive, 7, k=k) > 0).float().mean().item()
-        i2t = (_clip_benchmark_batchify(_clip_benchmark_recall_at_k, scores.T, positive.T, 7, k=k) > 0).float().mean().item()
+        t2i = (_clip_benchmark_batchify(_clip_benchmark_recall_at_k, scores, positive, 7, k=k)
+               > 0).float().mean().item()
+        i2t = (_clip_benchmark_batchify(_clip_benchmark_recall_at_k, scores.T, positive.T, 7, k=k)
+               > 0).float().mean().item()
         assert ours[f"t2i_r{k}"] == pytest.approx(t2i, abs=1e-6)  # their image_retrieval_recall@k
         assert ours[f"i2t_r{k}"] == pytest.approx(i2t, abs=1e-6)  # their text_retrieval_recall@k
     assert 0 < ours["t2i_r1"] < ours["t2i_r10"] < 1  # a case where the recalls are informative

@@ -53,7 +53,8 @@ def test_flickr30k_results_csv_recovers_the_malformed_row(tmp_path, data_dir):
     ds = load_dataset("flickr30k", data_dir)
     caps = ds.captions[ds.captions.item_id == "2199200615"]["caption"].tolist()
     assert len(caps) == 5 and caps[-1] == "A dog runs across the grass ."
-    assert ds.captions[ds.captions.item_id == "1000092795"]["caption"].iloc[1] == "Two young , White males are outside near many bushes ."
+    assert (ds.captions[ds.captions.item_id == "1000092795"]["caption"].iloc[1]
+            == "Two young , White males are outside near many bushes .")
     assert [p.kind for p in result.problems] == ["recovered line"]
     assert "seeded random split" in result.split_note
     assert result.counts["total"] == {"items": 2, "captions": 10, "dropped items": 0}
@@ -79,7 +80,8 @@ def test_flickr30k_karpathy_json_keeps_its_split(tmp_path, data_dir):
 def test_flickr30k_clip_benchmark_txt_files_with_commas_in_captions(tmp_path, data_dir):
     root = tmp_path / "f30k"
     flickr_images(root, ["10", "20", "30"])
-    (root / "flickr30k_train_karpathy.txt").write_text("image,caption\n10.jpg,A man, a plan, a canal.\n10.jpg,Another one.\n")
+    (root / "flickr30k_train_karpathy.txt").write_text(
+        "image,caption\n10.jpg,A man, a plan, a canal.\n10.jpg,Another one.\n")
     (root / "flickr30k_val_karpathy.txt").write_text("image,caption\n20.jpg,Val caption.\n")
     (root / "flickr30k_test_karpathy.txt").write_text("image,caption\n30.jpg,Test caption.\n")
     run("flickr30k", root, data_dir)
@@ -183,7 +185,8 @@ def test_folder_with_one_captions_table(tmp_path, data_dir, fmt):
         frame.to_parquet(root / "captions.parquet")
     run("folder", root, data_dir)
     ds = load_dataset("folder", data_dir)
-    assert ds.captions.groupby("item_id").caption.apply(list).to_dict() == {"a.jpg": ["one, with comma", "three"], "b/c.png": ["two"]}
+    assert ds.captions.groupby("item_id").caption.apply(list).to_dict() == {"a.jpg": ["one, with comma", "three"],
+                                                                            "b/c.png": ["two"]}
 
 
 def test_folder_table_without_the_needed_columns(tmp_path, data_dir):
@@ -259,7 +262,8 @@ def test_missing_and_broken_images_are_dropped_with_a_reason(tmp_path, data_dir)
     (root / "results.csv").write_text(RESULTS_CSV)
     result = run("flickr30k", root, data_dir)
     assert result.counts["total"]["items"] == 1
-    assert [(p.kind, p.reason) for p in result.problems if p.kind == "missing image"] == [("missing image", "file not found")]
+    assert ([(p.kind, p.reason) for p in result.problems if p.kind == "missing image"]
+            == [("missing image", "file not found")])
 
 
 def test_check_images_drops_truncated_zero_byte_and_bomb(tmp_path, data_dir, monkeypatch):

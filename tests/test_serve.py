@@ -132,7 +132,8 @@ def test_knn_service_follows_clip_retrievals_shape(client, train):
     assert by_vector[0]["id"] == row.item_id
     assert client.get("/indices-list").json() == ["example"]
     refused(client.post("/knn-service", json={"text": "x", "indice_name": "other"}), 404, "no index 'other'")
-    refused(client.post("/knn-service", json={"image_url": "http://example.com/a.jpg"}), 422, "image_url is not supported")
+    refused(client.post("/knn-service", json={"image_url": "http://example.com/a.jpg"}), 422,
+            "image_url is not supported")
     refused(client.post("/knn-service", json={"embedding_input": [0.0] * 32}), 422, "embedding_input must be 32")
     refused(client.post("/knn-service", json={"image": "not base64!"}), 400, "image must be base64")
 
@@ -159,7 +160,8 @@ def test_page_docs_and_openapi_need_nothing_from_elsewhere(client):
         asset = client.get(f"/static/{name}")
         assert asset.status_code == 200 and "http://" not in asset.text and "https://" not in asset.text
     docs = client.get("/docs")
-    assert docs.status_code == 200 and "cdn" not in docs.text and "/static-offline-docs/swagger-ui-bundle.js" in docs.text
+    assert (docs.status_code == 200 and "cdn" not in docs.text
+            and "/static-offline-docs/swagger-ui-bundle.js" in docs.text)
     assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/api/search", "/api/search/upload", "/knn-service", "/api/info", "/api/health"} <= set(spec["paths"])
@@ -199,7 +201,8 @@ def test_path_traversal_sent_raw_to_the_real_server(service):
         host, port = live.url.removeprefix("http://").split(":")
         for target in ("/media/../../etc/passwd", "/thumbnails/../../../etc/passwd", "/static/../config.py",
                        "/media/%2e%2e/%2e%2e/etc/passwd"):
-            status, body = raw_request(host, int(port), f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            status, body = raw_request(host, int(port),
+                                       f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert status == 404 and b"root:" not in body, (target, status, body)
         status, _ = raw_request(host, int(port), "NOT AN HTTP REQUEST\r\n\r\n")
         assert status == 400
@@ -241,7 +244,8 @@ def test_a_text_file_sent_as_a_picture(client):
     refused(client.post("/api/search/upload", files={"file": ("cat.jpg", b"just some words\n" * 100, "image/jpeg")}),
             415, "the upload is not a picture mmret can read")
     refused(client.post("/knn-service", json={"image": base64.b64encode(b"words").decode()}), 415)
-    refused(client.post("/api/search/upload", files={"file": ("empty.png", b"", "image/png")}), 422, "the upload is empty")
+    refused(client.post("/api/search/upload", files={"file": ("empty.png", b"", "image/png")}), 422,
+            "the upload is empty")
     alive(client)
 
 
@@ -249,7 +253,8 @@ def test_a_text_file_sent_as_a_picture(client):
 def test_k_out_of_range(client, train, k):
     refused(client.post("/api/search", json={"text": "a red circle", "k": k}), 422, "k: Input should be")
     refused(client.post("/api/search", json={"id": train.item_id.iloc[0], "k": k}), 422, "k: Input should be")
-    refused(client.post("/knn-service", json={"text": "a red circle", "num_images": k}), 422, "num_images: Input should")
+    refused(client.post("/knn-service", json={"text": "a red circle", "num_images": k}), 422,
+            "num_images: Input should")
     with open(train.path.iloc[0], "rb") as f:
         refused(client.post("/api/search/upload", files={"file": ("a.png", f, "image/png")}, data={"k": str(k)}),
                 422, "k: Input should be")

@@ -103,7 +103,8 @@ def test_run_embeddings_by_shards_equal_one_process(tiny_world, tmp_path):
                                            patience=0, name="r"))
     run = training.train(cfg).run_dir
     one = write_run_embeddings(run, split="all", batch_size=2, device="cpu")
-    expected = {n: (one.path / n).read_bytes() for n in ("items.npy", "captions.npy", "items.parquet", "captions.parquet")}
+    expected = {n: (one.path / n).read_bytes()
+                for n in ("items.npy", "captions.npy", "items.parquet", "captions.parquet")}
     shutil.rmtree(one.path)
     with pytest.raises(MmretError, match="blocks of these embeddings are not written yet"):
         write_run_embeddings(run, split="all", batch_size=2, device="cpu", finalize=True)

@@ -24,7 +24,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("towers")
     prepare(PrepareConfig(source="example", count=40, data_dir=root / "data"))
     return {"root": root, "clip": str(tiny_models.save_tiny_clip(root / "clip")),
-            "vit": str(tiny_models.save_tiny_timm_vit(root / "vit")), "bert": str(tiny_models.save_tiny_bert(root / "bert"))}
+            "vit": str(tiny_models.save_tiny_timm_vit(root / "vit")),
+            "bert": str(tiny_models.save_tiny_bert(root / "bert"))}
 
 
 def config(world, tmp_path, **options) -> RunConfig:
@@ -132,7 +133,8 @@ def test_a_frozen_tower_is_read_from_the_feature_cache_not_run(world, tmp_path, 
     monkeypatch.setattr(TimmImageEncoder, "forward", refuse)
     cfg = config(world, tmp_path, method="lora", tower="text", epochs=2, **towers(world, "experts"))
     result = training.train(cfg)
-    model = training.setup(config(world, tmp_path, method="lora", tower="text", name="probe", **towers(world, "experts"))).model
+    model = training.setup(config(world, tmp_path, method="lora", tower="text", name="probe",
+                                  **towers(world, "experts"))).model
     assert isinstance(model.text_tower, EncoderTower) and not isinstance(model.item_tower, EncoderTower)
     rows = {r.part: r for r in training.dry_run(cfg).rows}
     assert any("frozen, cached" in part for part in rows)

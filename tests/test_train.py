@@ -85,8 +85,10 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(world, tmp_path, monk
 
 def test_gradient_caching_run_matches_the_full_batch_run(world, tmp_path):
     full = training.train(config(world, tmp_path, method="heads", name="full", dropout=0.0, epochs=2))
-    cached = training.train(config(world, tmp_path, method="heads", name="cached", dropout=0.0, epochs=2, micro_batch=4))
-    pd.testing.assert_frame_equal(metrics(full.run_dir)[RECALLS], metrics(cached.run_dir)[RECALLS], atol=1e-4, rtol=1e-4)
+    cached = training.train(config(world, tmp_path, method="heads", name="cached", dropout=0.0, epochs=2,
+                                   micro_batch=4))
+    pd.testing.assert_frame_equal(metrics(full.run_dir)[RECALLS], metrics(cached.run_dir)[RECALLS],
+                                  atol=1e-4, rtol=1e-4)
 
 
 def test_dry_run_counts_are_exact(world, tmp_path):
@@ -96,7 +98,8 @@ def test_dry_run_counts_are_exact(world, tmp_path):
     # input norm (scale + shift), fc1 weight + bias, fc2 weight + bias
     item_head = 2 * vit_width + vit_width * 16 + 16 + 16 * 8 + 8
     text_head = 2 * bert_width + bert_width * 16 + 16 + 16 * 8 + 8
-    assert rows["image"] == (item_head, item_head)  # the item side named after what it reads and rows["text"] == (text_head, text_head)
+    # the item side named after what it reads and rows["text"] == (text_head, text_head)
+    assert rows["image"] == (item_head, item_head)
     assert rows["temperature"] == (1, 1)
     frozen = rows["image encoder"][0] + rows["text encoder"][0]
     assert rows["image encoder"][1] == rows["text encoder"][1] == 0
@@ -118,7 +121,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
         return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(step_module, "contrastive_step", nan_after_an_epoch)
-    with pytest.raises(MmretError, match=r"the loss became nan at step 5 \(epoch 2\); training stopped and the last good checkpoint is kept"):
+    with pytest.raises(MmretError, match=r"the loss became nan at step 5 \(epoch 2\); training stopped and the last "
+                                         r"good checkpoint is kept"):
         training.train(config(world, tmp_path, method="heads", name="nan"))
     assert read_meta(tmp_path / "runs" / "nan" / "checkpoints" / "last.safetensors")["step"] == 3
 
@@ -163,8 +167,10 @@ def test_cli_train_dry_run_and_bad_method(world, tmp_path, monkeypatch):
     assert re.search(r"│ image\s+│\s+328 │\s+328 │\s+100.00% │", result.stdout)  # 2*32 + 32*8 + 8
     assert '"method": "heads"' in result.stdout
     bad = runner.invoke(app, ["train", "--method", "magic"])
-    assert (bad.exit_code, bad.stderr.strip()) == (1, "error: unknown method 'magic'; choose one of heads, bridge, lora, prefix, adapter, full, scratch")
-    missing = runner.invoke(app, ["train", "--method", "heads", "--dataset", "nope", "--vision", world["vit"], "--text", world["bert"]])
+    assert (bad.exit_code, bad.stderr.strip()) == (1, "error: unknown method 'magic'; choose one of heads, bridge, "
+                                                      "lora, prefix, adapter, full, scratch")
+    missing = runner.invoke(app, ["train", "--method", "heads", "--dataset", "nope", "--vision", world["vit"],
+                                  "--text", world["bert"]])
     assert missing.exit_code == 1 and missing.stderr.startswith("error: no prepared dataset 'nope'")
     no_run = runner.invoke(app, ["train", "--resume", "ghost"])
     assert no_run.exit_code == 1 and "no run 'ghost'" in no_run.stderr

@@ -131,5 +131,6 @@ def test_an_address_that_leaves_the_root_is_refused(shards, tmp_path):
 
 
 def test_missing_shards_are_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["prepare", "wds", "--root", str(tmp_path / "{0..3}.tar"), "--data-dir", str(tmp_path)])
+    result = CliRunner().invoke(app, ["prepare", "wds", "--root", str(tmp_path / "{0..3}.tar"),
+                                      "--data-dir", str(tmp_path)])
     assert result.exit_code == 1 and "4 of 4 shards of" in result.output

@@ -37,7 +37,8 @@ def _save_bert_tokenizer(folder: Path, model_max_length: int = 64) -> None:
     words = vocab()
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(words) + "\n", encoding="utf-8")
-    source = ({"vocab": {w: i for i, w in enumerate(words)}} if "vocab" in inspect.signature(BertTokenizerFast).parameters
+    source = ({"vocab": {w: i for i, w in enumerate(words)}}
+              if "vocab" in inspect.signature(BertTokenizerFast).parameters
               else {"vocab_file": str(vocab_file)})  # transformers 4
     tok = BertTokenizerFast(**source, do_lower_case=True, model_max_length=model_max_length)
     tok.save_pretrained(folder)
@@ -85,7 +86,8 @@ def save_tiny_bert(folder: str | Path, kind: str = "bert", pooling_config: str |
     if pooling_config:
         (folder / "1_Pooling").mkdir(exist_ok=True)
         (folder / "1_Pooling" / "config.json").write_text(
-            f'{{"word_embedding_dimension": {HIDDEN}, "pooling_mode_cls_token": {str(pooling_config == "cls").lower()}, '
+            f'{{"word_embedding_dimension": {HIDDEN}, '
+            f'"pooling_mode_cls_token": {str(pooling_config == "cls").lower()}, '
             f'"pooling_mode_mean_tokens": {str(pooling_config == "mean").lower()}}}', encoding="utf-8")
     return folder
 
@@ -107,7 +109,8 @@ def save_tiny_clip(folder: str | Path, seed: int = 0, projection_dim: int = 16) 
                          pad_token_id=0, **layers),
         vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **layers), projection_dim=projection_dim)
     CLIPModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
     _save_bert_tokenizer(folder, model_max_length=40)
     return folder
 

@@ -23,16 +23,37 @@ def _source_help() -> str:
 @command
 def prepare(
     source: Annotated[str, typer.Argument(help=_source_help(), show_default=False)],
-    root: Annotated[Optional[Path], typer.Option(help="Folder that holds the raw dataset (not needed for `example`); for wds a shard pattern such as 'shards/{00000..00099}.tar', or a CLIP_benchmark webdataset folder (test/nshards.txt, test/0.tar, ...).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Name of the prepared dataset under the data folder (default: SOURCE).")] = None,
-    val: Annotated[float, typer.Option(help="Fraction of items for validation when the source has no official split.")] = 0.1,
-    test: Annotated[float, typer.Option(help="Fraction of items for testing when the source has no official split (1.0: all of them, a set for evaluation only).")] = 0.1,
+    root: Annotated[Optional[Path], typer.Option(
+        help="Folder that holds the raw dataset (not needed for `example`); for wds a shard pattern such as "
+             "'shards/{00000..00099}.tar', or a CLIP_benchmark webdataset folder (test/nshards.txt, "
+             "test/0.tar, ...).",
+    )] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Name of the prepared dataset under the data folder (default: SOURCE).",
+    )] = None,
+    val: Annotated[float, typer.Option(
+        help="Fraction of items for validation when the source has no official split.",
+    )] = 0.1,
+    test: Annotated[float, typer.Option(
+        help="Fraction of items for testing when the source has no official split (1.0: all of them, a set for "
+             "evaluation only).",
+    )] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the random split (and of the generated example).")] = 0,
-    check_items: Annotated[bool, typer.Option("--check-images", "--check-audio", help="Decode every picture or sound fully and drop broken ones, and silent sounds (slower).")] = False,
+    check_items: Annotated[bool, typer.Option(
+        "--check-images", "--check-audio",
+        help="Decode every picture or sound fully and drop broken ones, and silent sounds (slower).",
+    )] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the dataset if it was prepared before.")] = False,
     count: Annotated[int, typer.Option(help="Number of pictures in the generated `example` dataset.")] = 500,
-    allow_outside_root: Annotated[bool, typer.Option("--allow-outside-root", help="Let a captions table name files outside --root (they are left out otherwise).")] = False,
-    no_captions: Annotated[bool, typer.Option("--no-captions", help="A gallery to search, not to train on: every picture, with or without captions (all in test). Prepare it again with --force to add new pictures; only they are embedded next time.")] = False,
+    allow_outside_root: Annotated[bool, typer.Option(
+        "--allow-outside-root",
+        help="Let a captions table name files outside --root (they are left out otherwise).",
+    )] = False,
+    no_captions: Annotated[bool, typer.Option(
+        "--no-captions",
+        help="A gallery to search, not to train on: every picture, with or without captions (all in test). Prepare "
+             "it again with --force to add new pictures; only they are embedded next time.",
+    )] = False,
     data_dir: DataDir = None,
 ) -> None:
     """Read a raw dataset and write its item (picture or sound) and caption tables with train/val/test splits."""
@@ -64,23 +85,62 @@ def _encoder_help(modality: str) -> str:
 @app.command("precompute-embeddings")
 @command
 def precompute_embeddings(
-    dataset: Annotated[Optional[str], typer.Option(help="Prepared dataset to encode (with --run: default the run's).", show_default=False)] = None,
-    run: Annotated[Optional[str], typer.Option(help="Write this trained run's final embeddings (name, folder or latest) to runs/<run>/embeddings/<ds>-<split>/.", show_default=False)] = None,
-    zero_shot: Annotated[Optional[str], typer.Option(help="Write the final embeddings of a pretrained CLIP as it is (e.g. clip-b32).", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Prepared dataset to encode (with --run: default the run's).",
+        show_default=False,
+    )] = None,
+    run: Annotated[Optional[str], typer.Option(
+        help="Write this trained run's final embeddings (name, folder or latest) to "
+             "runs/<run>/embeddings/<ds>-<split>/.",
+        show_default=False,
+    )] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(
+        help="Write the final embeddings of a pretrained CLIP as it is (e.g. clip-b32).",
+        show_default=False,
+    )] = None,
     item: Annotated[Optional[str], item_tower(_encoder_help("item"))] = None,
     text: Annotated[Optional[str], typer.Option(help=_encoder_help("text"), show_default=False)] = None,
-    split: Annotated[str, typer.Option(help="Rows to compute now: all, train, val or test (one cache spans every split).")] = "all",
-    tokens: Annotated[bool, typer.Option("--tokens", help="Also keep the token states (N, T, D), for methods that read them.")] = False,
+    split: Annotated[str, typer.Option(
+        help="Rows to compute now: all, train, val or test (one cache spans every split).",
+    )] = "all",
+    tokens: Annotated[bool, typer.Option(
+        "--tokens",
+        help="Also keep the token states (N, T, D), for methods that read them.",
+    )] = False,
     batch_size: Annotated[str, typer.Option(help="Rows per forward pass, or auto.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16, or int8 on big jobs, when it matches fp32 and is faster; AMP on CUDA), fp32, bf16, fp16 (CUDA only) or int8 (CPU, item tower).")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16, or int8 on big jobs, when it matches fp32 and is faster; AMP on CUDA), fp32, bf16, fp16 "
+             "(CUDA only) or int8 (CPU, item tower).",
+    )] = "auto",
     device: Device = "auto",
-    image_size: Annotated[Optional[int], typer.Option(help="A picture tower's square input size in pixels (default: the model's own).", show_default=False)] = None,
+    image_size: Annotated[Optional[int], typer.Option(
+        help="A picture tower's square input size in pixels (default: the model's own).",
+        show_default=False,
+    )] = None,
     max_length: Annotated[int, typer.Option(help="Text tokens per caption.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="Item decoding workers (default: CPU count - 1, at most 4).", show_default=False)] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="Compile the item tower with torch.compile first: a minute or so once, then faster [default: on a CPU when the work left would take over 5 minutes].", show_default=False)] = None,
-    shard: Annotated[Optional[str], typer.Option(help="i/N: this process encodes the i-th of N disjoint slices into the same cache (N machines or GPUs fill one cache; the last to finish seals it). Under torchrun each process takes its rank.", show_default=False)] = None,
-    finalize: Annotated[bool, typer.Option("--finalize", help="Seal a cache whose slices were all encoded by --shard processes.")] = False,
-    views: Annotated[int, typer.Option(help="Also cache this many augmented views (random crops and flips) of each picture, for training with --views.")] = 0,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Item decoding workers (default: CPU count - 1, at most 4).",
+        show_default=False,
+    )] = None,
+    compile: Annotated[Optional[bool], typer.Option(
+        "--compile/--no-compile",
+        help="Compile the item tower with torch.compile first: a minute or so once, then faster [default: on a CPU "
+             "when the work left would take over 5 minutes].",
+        show_default=False,
+    )] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        help="i/N: this process encodes the i-th of N disjoint slices into the same cache (N machines or GPUs fill "
+             "one cache; the last to finish seals it). Under torchrun each process takes its rank.",
+        show_default=False,
+    )] = None,
+    finalize: Annotated[bool, typer.Option(
+        "--finalize",
+        help="Seal a cache whose slices were all encoded by --shard processes.",
+    )] = False,
+    views: Annotated[int, typer.Option(
+        help="Also cache this many augmented views (random crops and flips) of each picture, for training with "
+             "--views.",
+    )] = 0,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:

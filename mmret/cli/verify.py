@@ -13,8 +13,14 @@ from mmret.errors import MmretError
 @app.command()
 @command
 def verify(
-    dataset: Annotated[Optional[list[str]], typer.Option(help="Prepared dataset whose feature caches to check (repeat for more).", show_default=False)] = None,
-    run: Annotated[Optional[list[str]], typer.Option(help="Run whose checkpoints and embeddings to check (name, folder or latest; repeat for more).", show_default=False)] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(
+        help="Prepared dataset whose feature caches to check (repeat for more).",
+        show_default=False,
+    )] = None,
+    run: Annotated[Optional[list[str]], typer.Option(
+        help="Run whose checkpoints and embeddings to check (name, folder or latest; repeat for more).",
+        show_default=False,
+    )] = None,
     data_dir: DataDir = None,
     runs_dir: RunsDir = None,
 ) -> None:

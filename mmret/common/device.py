@@ -173,7 +173,8 @@ def choose_inference_precision(forward: Callable[[str], torch.Tensor], device: t
     cos, speedup = min_cosine(ref, out), t32 / max(tlow, 1e-9)
     timings = {"fp32": t32, low: tlow}
     if not cos >= threshold:  # also catches NaN from an overflow
-        return PrecisionChoice("fp32", f"fp32: {low} cosine to fp32 only {cos:.4f} < {threshold}", cos, speedup, timings)
+        return PrecisionChoice("fp32", f"fp32: {low} cosine to fp32 only {cos:.4f} < {threshold}", cos, speedup,
+                               timings)
     if device.type == "cpu" and speedup <= 1.0:
         return PrecisionChoice("fp32", f"fp32: {low} is accurate (cosine {cos:.4f}) but not faster here "
                                f"({speedup:.2f}x)", cos, speedup, timings)

@@ -126,8 +126,8 @@ def ensure_free_space(folder: str | Path, nbytes: int, what: str, margin: int = 
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
     if free < nbytes + margin:
-        raise MmretError(f"{what} needs {nbytes / 2**30:.2f} GB in {folder} but its disk has {free / 2**30:.2f} GB free; "
-                         "free some space or point --data-dir / --runs-dir at a larger disk")
+        raise MmretError(f"{what} needs {nbytes / 2**30:.2f} GB in {folder} but its disk has {free / 2**30:.2f} GB "
+                         "free; free some space or point --data-dir / --runs-dir at a larger disk")
 
 
 def reserve(path: str | Path) -> None:

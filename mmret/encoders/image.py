@@ -71,7 +71,8 @@ class ImageEncoder(Tower):
     def notes(self) -> list[str]:
         return [self.preprocessing.note] if self.preprocessing.note else []
 
-    def transform(self, train: bool = False, hflip: bool = True, scale: tuple[float, float] = (0.5, 1.0)) -> ImageTransform:
+    def transform(self, train: bool = False, hflip: bool = True,
+                  scale: tuple[float, float] = (0.5, 1.0)) -> ImageTransform:
         """PIL picture -> (3, H, W) tensor."""
         return ImageTransform(self.preprocessing, train=train, hflip=hflip, scale=scale)
 

@@ -149,7 +149,8 @@ def _hf_image_processor(folder: Path, model_type: str) -> tuple[Any, str]:
                          f"for model type {model_type!r}; add a preprocessor_config.json to the folder")
     if model_type in _PUBLISHED_PROCESSORS:
         return (getattr(transformers, name)(**_PUBLISHED_PROCESSORS[model_type]),
-                f"{name} with the published {model_type} settings (defaults: no preprocessor_config.json in the folder)")
+                f"{name} with the published {model_type} settings (defaults: no preprocessor_config.json in the "
+                "folder)")
     return getattr(transformers, name)(), f"{name} defaults (no preprocessor_config.json in the folder)"
 
 

@@ -60,10 +60,12 @@ def _clip(patch: int) -> Architecture:
 
 
 register_preset(Preset(
-    "dino-vits16", "timm/vit_small_patch16_224.dino", "DINO ViT-S/16 (timm): 197 tokens x 384 at 224 px, CLS pooled 384.",
+    "dino-vits16", "timm/vit_small_patch16_224.dino",
+    "DINO ViT-S/16 (timm): 197 tokens x 384 at 224 px, CLS pooled 384.",
     {"image": {}}, Architecture("timm", "vit_small_patch16_224")))
 register_preset(Preset(
-    "dinov2-vits14", "facebook/dinov2-small", "DINOv2 ViT-S/14 (transformers): 257 tokens x 384 at 224 px, CLS pooled 384.",
+    "dinov2-vits14", "facebook/dinov2-small",
+    "DINOv2 ViT-S/14 (transformers): 257 tokens x 384 at 224 px, CLS pooled 384.",
     {"image": {"pooling": "cls"}}, Architecture("transformers", "dinov2", dict(
         hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518, mlp_ratio=4,
         layerscale_value=1.0))))

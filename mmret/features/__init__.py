@@ -18,4 +18,6 @@ __getattr__ = lazy_names(globals(), {
     "features_root": "mmret.features.cache",
     "open_features": "mmret.features.cache",
 })
-__all__ = sorted(["CAPTIONS", "CachedFeatures", "EncodeStats", "FeatureCache", "FeatureSource", "PrecomputeConfig", "cache_rows", "dataset_fingerprint", "ensure_features", "feature_key", "features_root", "open_features"])
+__all__ = sorted(["CAPTIONS", "CachedFeatures", "EncodeStats", "FeatureCache", "FeatureSource", "PrecomputeConfig",
+                  "cache_rows", "dataset_fingerprint", "ensure_features", "feature_key", "features_root",
+                  "open_features"])

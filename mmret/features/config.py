@@ -55,7 +55,8 @@ class PrecomputeConfig:
         if self.shard is not None:
             parse_shard(self.shard)
         if self.views and (self.shard or self.finalize):
-            raise MmretError("--views is computed by one process; run it without --shard/--finalize once the cache is sealed")
+            raise MmretError("--views is computed by one process; run it without --shard/--finalize once the cache "
+                             "is sealed")
         if self.finalize and self.shard:
             raise MmretError("--finalize seals what the --shard processes encoded; pass one or the other")
         self.data_dir = data_root(self.data_dir)

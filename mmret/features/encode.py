@@ -206,7 +206,8 @@ class _Job:
         """Open the half-built cache in the folder, or allocate a new one."""
         manifest = _read_manifest(cache.path)
         if manifest is not None and cache.open(manifest):
-            _logger.info("resuming %s: %d of %d shards done", cache.path.name, len(manifest["done"]), len(manifest["shards"]))
+            _logger.info("resuming %s: %d of %d shards done", cache.path.name, len(manifest["done"]),
+                         len(manifest["shards"]))
             return
         splits, shards = _layout(self.rows, self.shard_rows)
         shapes, dtypes = _probe_shapes(self.encoder, self.which, len(self.rows), self.tokens, self.device)
@@ -230,7 +231,8 @@ class _Job:
         return _caption_batches(self.rows, batches, self.encoder, self.tokens, self.device)
 
     def resolved_batch_size(self) -> int:
-        return auto_batch_size(self.encoder, self.which, self.device) if self.batch_size == "auto" else int(self.batch_size)
+        return (auto_batch_size(self.encoder, self.which, self.device) if self.batch_size == "auto"
+                else int(self.batch_size))
 
     def run(self, cache: FeatureCache) -> CachedFeatures:
         self.prepare(cache)
@@ -258,7 +260,8 @@ class _Job:
         same stamp (the same unchanged file, or the same caption); returns the rows left to encode.
         A cache computed in another precision than the one requested lends nothing."""
         cache = progress.cache
-        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path, self.view):
+        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path,
+                                             self.view):
             lent = lendable_rows(path, manifest)
             if not len(todo) or lent is None or not self._compatible(cache.manifest, manifest):
                 continue
@@ -286,7 +289,8 @@ class _Job:
     def prune(self, cache: FeatureCache) -> None:
         """Remove the other caches of this tower once this one is complete: they were made from
         an older preparation of the dataset, which no table opens any more."""
-        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path, self.view):
+        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path,
+                                             self.view):
             made_from = manifest["dataset"].get("generation") or manifest["dataset"].get("created") or ""
             if str(made_from) != self.dataset.generation and remove_cache(path):
                 _logger.info("removed %s: superseded by %s", path.name, cache.path.name)
@@ -295,7 +299,8 @@ class _Job:
         lo, hi = (0, manifest["rows"]) if self.split == "all" else manifest["splits"][self.split]
         todo = sum(b - a for a, b in (manifest["shards"][j] for j in todo_shards))
         return EncodeStats(reused=(hi - lo) - todo, batch_size=batch_size, device=str(self.device),
-                           precision=manifest.get("precision") or "", precision_reason=manifest.get("precision_reason") or "")
+                           precision=manifest.get("precision") or "",
+                           precision_reason=manifest.get("precision_reason") or "")
 
     def encode(self, cache: FeatureCache, record: Any, batches: list[np.ndarray], stats: EncodeStats) -> None:
         """Encode `batches` of rows; `record(idx, values, reasons)` keeps each batch's arrays and

@@ -274,7 +274,8 @@ class TowerRunner:
 
         # freezing set globally while compiling: passed as a torch.compile option, the int8 passes miss it
         with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.tensor.*", category=UserWarning)  # inductor's int8 folding
+            # inductor's int8 folding
+            warnings.filterwarnings("ignore", message=".*torch.tensor.*", category=UserWarning)
             out = forward(self.compiled, self._padded(inputs), self.device, run_as)
         return type(out)(*(t[:n].float() if t is not None and t.is_floating_point() else
                            (t[:n] if t is not None else None) for t in out))

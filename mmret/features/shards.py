@@ -128,7 +128,8 @@ def encode_shard(dataset: Any, encoder: Any, which: str, shard: Shard, tokens: b
         job.prepare(cache)
         mine = [j for j in _pending(cache, split) if j % count == index]
         size = job.resolved_batch_size()
-        _fix_precision(job, cache, shard_batches(cache.manifest, mine or _split_shards(cache.manifest, split)[:1], size)[0])
+        _fix_precision(job, cache,
+                       shard_batches(cache.manifest, mine or _split_shards(cache.manifest, split)[:1], size)[0])
         cache.arrays = {}
     stats = job.stats(cache.manifest, mine, size)
     if mine:

@@ -29,8 +29,10 @@ class BridgeMethod(HeadsMethod):
     def build(self, cfg, ctx: FeatureContext) -> DualEncoder:
         m, dims = cfg.method, ctx.dims
         d = dims.item_token_dim
-        head = (lambda width: ProjectionHead(width, m.embed_dim, m.head_layers, m.head_hidden, m.dropout))
         residual = m.bridge_base != "none"
+
+        def head(width):
+            return ProjectionHead(width, m.embed_dim, m.head_layers, m.head_hidden, m.dropout)
 
         def queries():
             return with_input_norm(d, QueryBridge(

@@ -108,7 +108,8 @@ def read_info(source: str | Path | BinaryIO) -> AudioInfo:
     truncated = ""
     if match and int(match[2]) < int(match[1]):
         have = info.frames / info.samplerate
-        truncated = f"the header promises {have * int(match[1]) / max(1, int(match[2])):.2f} s, the file holds {have:.2f} s"
+        truncated = (f"the header promises {have * int(match[1]) / max(1, int(match[2])):.2f} s, "
+                     f"the file holds {have:.2f} s")
     return AudioInfo(int(info.samplerate), int(info.channels), int(info.frames), truncated)
 
 

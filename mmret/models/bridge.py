@@ -141,7 +141,8 @@ class QueryBridge(nn.Module):
             )
         if self.token_pool > 1:
             if mask is not None:
-                raise MmretError("bridge: --token-pool pools a picture's patch grid; it does not apply to masked tokens")
+                raise MmretError("bridge: --token-pool pools a picture's patch grid; it does not apply to masked "
+                                 "tokens")
             tokens = pool_patch_grid(tokens, self.token_pool)  # (B, T', in_dim)
         if self.training and self.token_drop > 0 and mask is None:
             tokens = drop_tokens(tokens, self.token_drop)  # (B, T'', in_dim)
@@ -236,7 +237,8 @@ class ResidualBridge(nn.Module):
             raise MmretError(f"bridge expects token states (batch, tokens, width), got {tuple(tokens.shape)}; "
                              "cache the encoder's token states (not pooled features) for the bridge method")
         if mask is not None:
-            raise MmretError("bridge: the pooled path reads a picture's class token; masked token states are not supported")
+            raise MmretError("bridge: the pooled path reads a picture's class token; masked token states are not "
+                             "supported")
         out = self.pooled(tokens)  # (B, out_dim)
         return out if self.correction is None else out + self.correction(tokens)
 

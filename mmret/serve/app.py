@@ -186,7 +186,8 @@ async def _save(service: SearchService, file: UploadFile) -> Path:
 
 
 async def _knn(service: SearchService, body: Any) -> Answer:
-    given = [name for name in ("text", "image", "image_url", "embedding_input", "id") if getattr(body, name) is not None]
+    given = [name for name in ("text", "image", "image_url", "embedding_input", "id")
+             if getattr(body, name) is not None]
     if len(given) != 1:
         raise ApiError(422, "give exactly one of text, image, embedding_input and id")
     if body.indice_name not in (None, service.gallery.dataset):
@@ -199,7 +200,8 @@ async def _knn(service: SearchService, body: Any) -> Answer:
     if body.embedding_input is not None:
         return await service.vector(body.embedding_input, k)
     if body.image_url is not None:
-        raise ApiError(422, "image_url is not supported: this server fetches nothing; send the picture in image (base64)")
+        raise ApiError(422, "image_url is not supported: this server fetches nothing; send the picture in image "
+                            "(base64)")
     try:
         data = base64.b64decode(body.image, validate=True)
     except (binascii.Error, ValueError):
