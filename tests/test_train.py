@@ -98,8 +98,8 @@ def test_dry_run_counts_are_exact(world, tmp_path):
     # input norm (scale + shift), fc1 weight + bias, fc2 weight + bias
     item_head = 2 * vit_width + vit_width * 16 + 16 + 16 * 8 + 8
     text_head = 2 * bert_width + bert_width * 16 + 16 + 16 * 8 + 8
-    # the item side named after what it reads and rows["text"] == (text_head, text_head)
-    assert rows["image"] == (item_head, item_head)
+    assert rows["image"] == (item_head, item_head)  # the item side is named after what it reads
+    assert rows["text"] == (text_head, text_head)
     assert rows["temperature"] == (1, 1)
     frozen = rows["image encoder"][0] + rows["text encoder"][0]
     assert rows["image encoder"][1] == rows["text encoder"][1] == 0
