@@ -195,13 +195,17 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     from mmret.training.distributed import run_on_world
 
     world = start_world(cfg.train.device)
+    finished = False
     try:
         if world.size > 1:
-            return run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world),
-                                world, cfg, resume_dir)
-        return _train(cfg, reporter, resume_dir, world)
+            result = run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world),
+                                  world, cfg, resume_dir)
+        else:
+            result = _train(cfg, reporter, resume_dir, world)
+        finished = True
+        return result
     finally:
-        stop_world(world)
+        stop_world(world, finished=finished)
 
 
 def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: World) -> RunResult:

@@ -197,6 +197,11 @@ def start_world(device: str = "auto") -> World:
     return DistributedWorld(rank, size, local)
 
 
-def stop_world(world: World) -> None:
+def stop_world(world: World, *, finished: bool = True) -> None:
+    """Leave the process group. A process that `finished` first waits for the others: rank 0 hosts the
+    rendezvous store, and tearing the group down while another process still talks to it can abort
+    in C++. After a failure nobody waits (a peer may be gone)."""
     if isinstance(world, DistributedWorld) and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
