@@ -35,9 +35,9 @@ class QuickstartResult:
 
 def quickstart(data_dir: Path | None = None, runs_dir: Path | None = None, epochs: int | None = None,
                reporter: Reporter = NULL) -> QuickstartResult:
+    from mmret.api import load
     from mmret.data import prepare
     from mmret.evaluation.retrieval import evaluate_run
-    from mmret.inference.search import search
     from mmret.training import train
 
     start = time.perf_counter()
@@ -47,5 +47,5 @@ def quickstart(data_dir: Path | None = None, runs_dir: Path | None = None, epoch
         options["epochs"] = epochs
     trained = train(with_overrides(RunConfig(), options), reporter)
     evaluated = evaluate_run(trained.run_dir, split="test", reporter=reporter)
-    searched = search(trained.run_dir, [QUERY], split="all", k=5, reporter=reporter)
+    searched = load(trained.run_dir).search(QUERY, split="all", k=5, reporter=reporter)
     return QuickstartResult(prepared, trained, evaluated, searched, time.perf_counter() - start)

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from mmret import __version__
 from mmret.common.options import settings_of
+from mmret.common.version import __version__
 from mmret.errors import MmretError, explain
 from mmret.runs.config import EncoderConfig
 

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmret.api import load
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import PreparedDataset, load_dataset, run_tables
 from mmret.errors import MmretError
 from mmret.evaluation.templates import class_prompts, dataset_templates, load_templates
-from mmret.inference.embeddings import Embeddings, write_run_embeddings
+from mmret.inference.embeddings import Embeddings
 from mmret.inference.loaded import LoadedRun
 from mmret.metrics.classification import bootstrap_accuracy, classification_metrics, confusion_matrix
 
@@ -124,18 +125,19 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
                             data_dir: Path | None = None) -> ClassificationResult:
     """Zero-shot classification of one split (of a dataset in `data_dir`, default the run's data
     root); saves the JSON (and the confusion matrix PNG)."""
-    run = LoadedRun(run_dir, which=which, device=device)
-    ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    model = load(run_dir, checkpoint=which, device=device)
+    run = model.run
+    ds = labelled_dataset(dataset or model.dataset, data_dir or run.cfg.data.data_dir)
     shipped = ds.info.get("templates") if templates is None else None  # a CLIP_benchmark set's own
     prompts_from = dataset_templates(shipped, ds.name) if shipped else load_templates(templates)
-    emb = write_run_embeddings(run, ds.name, split, reporter=reporter, data_dir=data_dir)
+    emb = model.embed_split(ds.name, split, reporter=reporter, data_dir=data_dir)
     labels, names = ds.classes()  # every class of the dataset, so all splits share one order
     target = item_labels(emb, ds, labels)
     prompts = class_prompts(labels, names, prompts_from)
     n_prompts = sum(map(len, prompts))
     with reporter.task(f"embedding {n_prompts:,} prompts", total=n_prompts, unit="prompts") as task:
         def encode(texts: list[str]) -> torch.Tensor:
-            out = run.encode_texts(texts)
+            out = model.encode_text(texts, output="torch")
             task.advance(len(texts))
             return out
 

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmret.api import load
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.errors import MmretError
 from mmret.evaluation.classification import item_labels, labelled_dataset
-from mmret.inference.embeddings import Embeddings, write_run_embeddings
-from mmret.inference.loaded import LoadedRun
+from mmret.inference.embeddings import Embeddings
 from mmret.metrics.classification import classification_metrics
 
 C_GRID = np.logspace(-6, 6, 97)  # inverse regularisation strengths, as in CLIP's sweep
@@ -132,11 +132,11 @@ def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str 
     if split != "test":
         raise MmretError(f"the linear probe fits on train, chooses its regularisation on val and is scored on "
                          f"test; drop --split {split}")
-    run = LoadedRun(run_dir, which=which, device=device)
-    ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    model = load(run_dir, checkpoint=which, device=device)
+    ds = labelled_dataset(dataset or model.dataset, data_dir or model.config.data.data_dir)
     labels = sorted(set(ds.items["label"]))
     _need_items({s: len(ds.split(s).items) for s in ("train", "val", "test")})
-    parts: dict[str, Embeddings] = {s: write_run_embeddings(run, ds.name, s, reporter=reporter, data_dir=data_dir)
+    parts: dict[str, Embeddings] = {s: model.embed_split(ds.name, s, reporter=reporter, data_dir=data_dir)
                                     for s in ("train", "val", "test")}
     x = {s: np.asarray(e.items, dtype=np.float32) for s, e in parts.items()}
     y = {s: item_labels(e, ds, labels).numpy() for s, e in parts.items()}

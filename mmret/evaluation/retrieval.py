@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmret.api import load
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.negatives import caption_keys
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
-from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.loaded import LoadedRun
 from mmret.metrics.retrieval import (
     DEFAULT_KS,
     PairedDiff,
@@ -93,12 +92,12 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
                  data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS) -> EvalResult:
     """Score one run on a split (Recall@k for each of `ks`); saves `runs/<run>/eval/<ds>-<split>.json`."""
-    run = LoadedRun(run_dir, which=which, device=device)
-    name = dataset or run.cfg.data.dataset
-    if load_dataset(name, data_dir or run.cfg.data.data_dir).captions.empty:
+    model = load(run_dir, checkpoint=which, device=device)
+    name = dataset or model.dataset
+    if load_dataset(name, data_dir or model.config.data.data_dir).captions.empty:
         raise MmretError(f"dataset {name!r} has no captions, so there is nothing to score; a gallery without "
                          "captions is for mmret search and mmret serve")
-    emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
+    emb = model.embed_split(name, split, reporter=reporter, data_dir=data_dir)
     items = torch.from_numpy(np.asarray(emb.items, dtype=np.float32))
     captions = torch.from_numpy(np.asarray(emb.captions, dtype=np.float32))
     modality = get_modality(emb.modality)

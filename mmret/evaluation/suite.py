@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmret.api import load
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.evaluation import clip_benchmark as cb
 from mmret.evaluation.config import EvalConfig
-from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
 
 
@@ -66,15 +66,15 @@ def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
 
 def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, reporter: Reporter) -> None:
     """The map and the failure gallery of the first run, from its embeddings of the split."""
-    run = LoadedRun(run_dir, which=cfg.which, device=cfg.device)
-    emb = write_run_embeddings(run, result.dataset, cfg.split, reporter=reporter, data_dir=cfg.data_dir)
-    ds = load_dataset(emb.dataset, cfg.data_dir or run.cfg.data.data_dir)
+    model = load(run_dir, checkpoint=cfg.which, device=cfg.device)
+    emb = model.embed_split(result.dataset, cfg.split, reporter=reporter, data_dir=cfg.data_dir)
+    ds = load_dataset(emb.dataset, cfg.data_dir or model.config.data.data_dir)
     if cfg.map is not None:
         from mmret.figures.maps import embedding_map
 
         with reporter.task(f"drawing the {cfg.map_method} map", total=1, unit="maps") as task:
             report.map = embedding_map(emb, ds, ds.modality, cfg.map, method=cfg.map_method, seed=cfg.seed,
-                                       title=f"{run.name}: {emb.dataset} {emb.split}")
+                                       title=f"{model.name}: {emb.dataset} {emb.split}")
             task.advance()
     if cfg.failures is not None:
         from mmret.figures.failures import failure_gallery
@@ -82,7 +82,7 @@ def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, repor
         ranks = getattr(result, "ranks", None)
         report.failures = failure_gallery(emb, ds.modality, cfg.failures, count=cfg.worst,
                                           t2i_ranks=ranks.t2i_ranks if ranks is not None else None,
-                                          title=f"{run.name}: {emb.dataset} {emb.split}, the {cfg.worst} worst "
+                                          title=f"{model.name}: {emb.dataset} {emb.split}, the {cfg.worst} worst "
                                                 f"text→{ds.modality.noun} queries")
 
 
@@ -99,6 +99,6 @@ def run_eval(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter = NULL) -
         _draw(run_dirs[0], report.results[0], cfg, report, reporter)
     if cfg.clip_benchmark:
         for run_dir, result in zip(run_dirs, report.results):
-            rec = _benchmark_record(LoadedRun(run_dir, which=cfg.which, device=cfg.device), result, cfg)
+            rec = _benchmark_record(load(run_dir, checkpoint=cfg.which, device=cfg.device).run, result, cfg)
             report.clip_benchmark.append((cb.write_record(run_dir, rec), rec))
     return report

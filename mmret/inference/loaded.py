@@ -2,14 +2,15 @@
 and a model built for the sides a task needs, so a text query builds only the text tower (and,
 for a method over cached features, loads only the frozen text tower's weights).
 
-Everything inference does with a run goes through `LoadedRun`: encoding captions or item files
-(search queries), and embedding a dataset split (eval and the search gallery).
+Everything inference does with a run goes through `LoadedRun`: encoding captions or items (search
+queries, and the Python API's `mmret.load`), and embedding a dataset split (eval and the search
+gallery).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -17,7 +18,9 @@ from torch import nn
 from mmret.common.device import autocast_context, pick_device
 from mmret.common.digest import file_digest
 from mmret.common.progress import NULL, Reporter
+from mmret.inference.inputs import item_batch
 from mmret.methods import SIDES, get_method
+from mmret.modalities import ItemLoader, Modality, get_modality
 from mmret.models.batch import call
 from mmret.models.embed import embed_source, move_real
 from mmret.runs import checkpoint_path, load_run_config
@@ -35,6 +38,7 @@ class LoadedRun:
         self.digest = file_digest(self.checkpoint)  # identifies the checkpoint's bytes
         self.device = pick_device(device)
         self._built: dict[frozenset, tuple[Any, nn.Module]] = {}
+        self._loader: ItemLoader | None = None
 
     @property
     def name(self) -> str:
@@ -53,19 +57,40 @@ class LoadedRun:
         self._built[frozenset(need)] = built
         return built
 
+    @property
+    def modality(self) -> Modality:
+        """What the run's items are."""
+        return get_modality(self.cfg.data.modality)
+
+    def item_loader(self) -> ItemLoader:
+        """One query item (a file, or its `decode`d form) -> the preprocessed tensor the model reads."""
+        if self._loader is None:
+            ctx, _ = self.model(("item",))
+            self._loader = self.method.query_loader(self.cfg, ctx)
+        return self._loader
+
+    def tokenizer(self) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        """Captions -> the token ids and attention mask the run's text side reads."""
+        ctx, _ = self.model(("text",))
+        return self.method.tokenizer(self.cfg, ctx)
+
     @torch.inference_mode()
-    def encode(self, side: str, queries: list) -> torch.Tensor:
-        """(Q, D) normalized float32 embeddings of captions (`text`) or item files (`item`)."""
+    def encode(self, side: str, queries: Any) -> torch.Tensor:
+        """(Q, D) normalized float32 embeddings of captions (`text`) or of items (`item`): files,
+        items held in memory, or preprocessed tensors (see `mmret.inference.inputs`)."""
         ctx, model = self.model((side,))
-        inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
-        encode = model.encode_text if side == "text" else model.encode_item
-        return call(encode, inputs).float().cpu()
+        if side == "text":
+            inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
+            return call(model.encode_text, inputs).float().cpu()
+        batch = item_batch(self.modality, self.item_loader(), list(queries))
+        inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(batch)
+        return call(model.encode_item, inputs).float().cpu()
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode("text", texts)
 
-    def encode_items(self, paths: list[str | Path]) -> torch.Tensor:
-        return self.encode("item", paths)
+    def encode_items(self, items: list[Any]) -> torch.Tensor:
+        return self.encode("item", items)
 
     def source(self, dataset: Any, split: str, reporter: Reporter = NULL) -> Any:
         """The source of one split of a prepared dataset, as this run's method reads it."""

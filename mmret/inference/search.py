@@ -174,9 +174,9 @@ class Gallery:
         """(Q, D) float32 embeddings of captions."""
         return self.run.encode_texts(list(texts)).numpy()
 
-    def encode_items(self, paths: list[str | Path]) -> np.ndarray:
-        """(Q, D) float32 embeddings of item files (the run's modality)."""
-        return self.run.encode_items(list(paths)).numpy()
+    def encode_items(self, items: list[Any]) -> np.ndarray:
+        """(Q, D) float32 embeddings of items of the run's modality (files, or items held in memory)."""
+        return self.run.encode_items(list(items)).numpy()
 
     def vectors(self, rows: list[int]) -> np.ndarray:
         """(Q, D) float32 gallery embeddings of rows: the query of "more like this"."""
@@ -224,27 +224,29 @@ class Gallery:
             out.append(QueryResult(text, found, known=known))
         return out
 
-    def search_items(self, paths: list[str | Path], k: int) -> list[QueryResult]:
-        """The items and captions nearest to each item file."""
-        queries = self.encode_items(paths)
-        items, captions = self.items_for(queries, k), self.captions_for(queries, k)
-        return [QueryResult(str(p), h, c) for p, h, c in zip(paths, items, captions)]
+    def search_items(self, items: list[Any], k: int) -> list[QueryResult]:
+        """The items and captions nearest to each query item (a file, or an item held in memory)."""
+        queries = self.encode_items(items)
+        hits, captions = self.items_for(queries, k), self.captions_for(queries, k)
+        names = [str(i) if isinstance(i, (str, Path)) else f"({type(i).__name__})" for i in items]
+        return [QueryResult(n, h, c) for n, h, c in zip(names, hits, captions)]
 
 
-def search(run_dir: Path, queries: list[str], *, item: Path | None = None, dataset: str | None = None,
+def search(run: Path | LoadedRun, queries: list[str], *, item: Any = None, dataset: str | None = None,
            split: str = "all", k: int = 10, index: str = "exact", rebuild_index: bool = False,
            which: str = "best", device: str = "auto", reporter: Reporter = NULL,
            data_dir: Path | None = None, query_modality: str | None = None) -> SearchResult:
-    """Top-k items for each text query, or items and captions for a query item file (`item`: a
-    picture or a sound, whichever the run's items are; `query_modality` says which the caller
-    meant, and a query of the other kind is refused)."""
+    """Top-k items for each text query, or items and captions for a query item (`item`: a picture
+    or a sound, whichever the run's items are, as a file or held in memory; `query_modality` says
+    which the caller meant, and a query of the other kind is refused). `run` is a run folder or a
+    loaded run (whose checkpoint and device then apply)."""
     if any(not q.strip() for q in queries):
         raise MmretError("a query is empty; give the words to search for")
-    if item is not None and Path(item).is_dir():
+    if isinstance(item, (str, Path)) and Path(item).is_dir():
         raise MmretError(f"--{query_modality or 'image'} {item} is a folder; give the path of one file to search with")
     if k < 1:
         raise MmretError(f"-k must be at least 1, got {k}")
-    run = LoadedRun(run_dir, which=which, device=device)
+    run = run if isinstance(run, LoadedRun) else LoadedRun(run, which=which, device=device)
     modality = get_modality(run.cfg.data.modality)
     if not queries and item is None:
         raise MmretError(f"nothing to search for: give a query text, --queries FILE, or --{modality.name} PATH")
@@ -256,5 +258,5 @@ def search(run_dir: Path, queries: list[str], *, item: Path | None = None, datas
     results = gallery.search_texts(queries, k) if queries else []
     if item is not None:
         results += gallery.search_items([item], k)
-    return SearchResult(run=run_dir.name, dataset=gallery.dataset, split=split, index=index, results=results,
+    return SearchResult(run=run.name, dataset=gallery.dataset, split=split, index=index, results=results,
                         modality=gallery.modality.name)

@@ -79,7 +79,7 @@ SIDES = ("item", "text")  # the item side (a picture or a sound) and the caption
 
 class Method:
     """Base of every method. Subclasses set the class attributes and implement `open`, `sources`,
-    `build` and `query_inputs`; the rest has defaults that fit most."""
+    `build`, `query_loader`, `tokenizer` and `query_inputs`; the rest has defaults that fit most."""
 
     name: str = ""
     help: str = ""  # one line for `--method`'s help (a built-in's is in `mmret.methods.catalog`, read without torch)
@@ -115,9 +115,19 @@ class Method:
         """The sides whose frozen towers never run in training: their outputs come from the cache."""
         return ()
 
-    # -- search queries
-    def query_inputs(self, cfg: Any, ctx: Any, side: str, device: torch.device) -> Callable[[list], Any]:
-        """A function from raw queries (captions, or item files) to the model's input for `side`."""
+    # -- search queries and the Python API
+    def query_loader(self, cfg: Any, ctx: Any) -> Any:
+        """The `ItemLoader` that turns one query item (a file; its `decode` and `transform` also
+        serve items given in memory) into the preprocessed tensor `query_inputs` stacks."""
+        raise NotImplementedError
+
+    def tokenizer(self, cfg: Any, ctx: Any) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        """Captions -> the text tower's token ids and attention mask."""
+        raise NotImplementedError
+
+    def query_inputs(self, cfg: Any, ctx: Any, side: str, device: torch.device) -> Callable[[Any], Any]:
+        """A function to the model's input for `side`: from captions (`text`), or from a stacked
+        batch of preprocessed items, (B, ...) as `query_loader` makes them (`item`)."""
         raise NotImplementedError
 
     # -- memory probing and the parameter table

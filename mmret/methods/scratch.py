@@ -23,7 +23,6 @@ from mmret.data.prepared import run_tables
 from mmret.errors import MmretError
 from mmret.methods.base import SIDES, Inputs, Method
 from mmret.methods.config import ScratchConfig
-from mmret.methods.queries import item_batch
 from mmret.methods.registry import register_method
 from mmret.modalities.base import ItemLoader
 from mmret.modalities.image import load_rgb
@@ -105,13 +104,17 @@ class ScratchMethod(Method):
             text_depth=m.text_depth, linformer_k=min(m.linformer_k, cfg.encoders.max_length), dropout=m.dropout,
             embed_dim=m.embed_dim, temperature=m.temperature, temperature_init=m.init_temperature))
 
-    def query_inputs(self, cfg: Any, ctx: ScratchContext, side: str, device: torch.device) -> Callable[[list], Any]:
+    def query_loader(self, cfg: Any, ctx: ScratchContext) -> ItemLoader:
+        return self._loaders(cfg, hflip=False)[1]
+
+    def tokenizer(self, cfg: Any, ctx: ScratchContext) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        return self._tokenize(cfg, ctx)
+
+    def query_inputs(self, cfg: Any, ctx: ScratchContext, side: str, device: torch.device) -> Callable[[Any], Any]:
         if side == "text":
             tokenize = self._tokenize(cfg, ctx)
             return lambda texts: {k: v.to(device) for k, v in tokenize(list(texts)).items()}
-        _, load = self._loaders(cfg, hflip=False)
-        picture = SimpleNamespace(modality="image", input_name="pixels")
-        return lambda paths: {k: v.to(device) for k, v in item_batch(picture, load, paths).items()}
+        return lambda batch: {"pixels": batch.to(device)}
 
     def input_shapes(self, cfg: Any, ctx: ScratchContext, num_tokens: Callable) -> Inputs:
         m = cfg.method

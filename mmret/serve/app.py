@@ -36,7 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mmret import __version__
+from mmret.common.version import __version__
 from mmret.errors import MmretError
 from mmret.serve.schemas import CaptionHit, Health, ItemHit, KnnResult, Query, SearchResponse, request_models
 from mmret.serve.service import Answer, ApiError, SearchService

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmret import __version__
+from mmret.api import load
 from mmret.common.io import atomic_path
 from mmret.common.paths import data_root
 from mmret.common.progress import NULL, Reporter
+from mmret.common.version import __version__
 from mmret.data.stamps import item_stamps
 from mmret.errors import MmretError
 from mmret.inference.search import Gallery, Hit
@@ -71,8 +72,8 @@ class SearchService:
     @classmethod
     def open(cls, cfg: ServeConfig, reporter: Reporter = NULL) -> "SearchService":
         """Load the run, the gallery's embeddings and indexes, then warm every path a query takes."""
-        gallery = Gallery.open(cfg.run_dir, cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index,
-                               captions=True, which=cfg.which, device=cfg.device, reporter=reporter)
+        gallery = load(cfg.run_dir, checkpoint=cfg.which, device=cfg.device).gallery(
+            cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index, reporter=reporter)
         service = cls(gallery, cfg)
         service.warm_up()
         return service
