@@ -39,11 +39,12 @@ SUBLAYERS: dict[str, list[str]] = {
     "metrics": ["retrieval", "classification"],
     "modalities": ["base", "spectrogram", "listening", "image", "audio"],
     "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
-    "encoders": ["base", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram", "load"],
+    "encoders": ["base", "convert", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram",
+                 "load"],
     "features": ["config", "cache", "runner", "encode", "shards", "views", "source", "precompute"],
-    "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "mixup", "dual", "bridge",
-               "miniclip", "scratch_clip"],
-    "methods": ["config", "base", "registry", "queries", "features", "heads", "bridge", "towers", "scratch",
+    "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "fused", "mixup", "dual",
+               "bridge", "miniclip", "scratch_clip"],
+    "methods": ["config", "queries", "base", "registry", "features", "heads", "bridge", "towers", "scratch",
                 "zeroshot", "catalog"],
     "runs": ["config", "settings", "folders", "checkpoint"],
     "training": ["losses", "batches", "sam", "gradcache", "world", "step", "session", "distributed", "plots",
@@ -52,8 +53,9 @@ SUBLAYERS: dict[str, list[str]] = {
     "inference": ["inputs", "loaded", "embeddings", "exact", "index", "search", "zeroshot"],
     "figures": ["draw", "maps", "failures"],
     "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe", "suite"],
+    "export": ["registry", "card", "graphs", "peft_adapter", "onnx_format", "openvino_format", "sbert", "catalog"],
     "serve": ["config", "schemas", "worker", "service", "app", "server"],
-    "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "verify", "quickstart"],
+    "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "export", "verify", "quickstart"],
 }
 
 

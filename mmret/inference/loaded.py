@@ -23,6 +23,7 @@ from mmret.methods import SIDES, get_method
 from mmret.modalities import ItemLoader, Modality, get_modality
 from mmret.models.batch import call
 from mmret.models.embed import embed_source, move_real
+from mmret.models.fused import FusedSide
 from mmret.runs import checkpoint_path, load_run_config
 from mmret.runs.checkpoint import load_weights
 
@@ -74,6 +75,11 @@ class LoadedRun:
         ctx, _ = self.model(("text",))
         return self.method.tokenizer(self.cfg, ctx)
 
+    def standalone_tokenizer(self) -> Any:
+        """The same tokenizer as a `tokenizers.Tokenizer` that needs nothing of mmret (for exports)."""
+        ctx, _ = self.model(("text",))
+        return self.method.standalone_tokenizer(self.cfg, ctx)
+
     @torch.inference_mode()
     def encode(self, side: str, queries: Any) -> torch.Tensor:
         """(Q, D) normalized float32 embeddings of captions (`text`) or of items (`item`): files,
@@ -91,6 +97,15 @@ class LoadedRun:
 
     def encode_items(self, items: list[Any]) -> torch.Tensor:
         return self.encode("item", items)
+
+    def fused(self, side: str) -> FusedSide:
+        """One side from its raw inputs (pixels or features; token ids and mask) to the normalized
+        embedding, as one module in eval mode on the run's device (what exports convert)."""
+        ctx, model = self.model(SIDES)
+        frozen = self.method.frozen_tower(self.cfg, ctx, side, self.device)
+        item_input = self.method.item_input(self.cfg, ctx)
+        fused = FusedSide(model, side, *(frozen or (None, "pooled")), item_input=item_input)
+        return fused.eval()
 
     def source(self, dataset: Any, split: str, reporter: Reporter = NULL) -> Any:
         """The source of one split of a prepared dataset, as this run's method reads it."""

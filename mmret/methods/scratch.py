@@ -65,13 +65,16 @@ class ScratchMethod(Method):
     def _loaders(self, cfg: Any, hflip: bool) -> tuple[ItemLoader, ItemLoader]:
         from torchvision import transforms as T
 
-        from mmret.models.miniclip import IMAGENET_MEAN, IMAGENET_STD, image_transform
+        from mmret.encoders.preprocess import ImagePreprocess, ImageTransform
+        from mmret.models.miniclip import IMAGENET_MEAN, IMAGENET_STD
 
         size = cfg.method.image_size
         train = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                            T.CenterCrop(size)] + ([T.RandomHorizontalFlip()] if hflip else [])
                           + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        return ItemLoader(load_rgb, train), ItemLoader(load_rgb, image_transform(size))
+        # evaluation: resize, centre crop, ImageNet statistics (MiniCLIP's `image_transform`), as numbers exports read
+        pre = ImagePreprocess((size, size), size, "bicubic", IMAGENET_MEAN, IMAGENET_STD, "scratch")
+        return ItemLoader(load_rgb, train), ItemLoader(load_rgb, ImageTransform(pre))
 
     def _tokenize(self, cfg: Any, ctx: ScratchContext) -> Callable:
         return partial(ctx.tokenizer.tokenize, max_length=cfg.encoders.max_length)
@@ -107,14 +110,14 @@ class ScratchMethod(Method):
     def query_loader(self, cfg: Any, ctx: ScratchContext) -> ItemLoader:
         return self._loaders(cfg, hflip=False)[1]
 
-    def tokenizer(self, cfg: Any, ctx: ScratchContext) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    def tokenizer(self, cfg: Any, ctx: ScratchContext) -> Any:
         return self._tokenize(cfg, ctx)
 
-    def query_inputs(self, cfg: Any, ctx: ScratchContext, side: str, device: torch.device) -> Callable[[Any], Any]:
-        if side == "text":
-            tokenize = self._tokenize(cfg, ctx)
-            return lambda texts: {k: v.to(device) for k, v in tokenize(list(texts)).items()}
-        return lambda batch: {"pixels": batch.to(device)}
+    def standalone_tokenizer(self, cfg: Any, ctx: ScratchContext) -> Any:
+        return ctx.tokenizer.standalone(cfg.encoders.max_length)
+
+    def item_input(self, cfg: Any, ctx: ScratchContext) -> str:
+        return "pixels"
 
     def input_shapes(self, cfg: Any, ctx: ScratchContext, num_tokens: Callable) -> Inputs:
         m = cfg.method
