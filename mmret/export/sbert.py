@@ -45,9 +45,9 @@ def text_side(model: Any) -> tuple[Any, nn.Module]:
 
     ctx, dual = model.run.model(("text",))
     frozen = model.run.method.frozen_tower(model.config, ctx, "text", model.device)
-    encoder, head = (frozen[0], dual.text_tower) if frozen else (getattr(dual.text_tower, "encoder", None),
-                                                                  getattr(dual.text_tower, "head", None))
-    if not isinstance(encoder, TextEncoder) or (not frozen and not isinstance(dual.text_tower, EncoderTower)):
+    side = getattr(dual, "text_tower", None)  # a model trained from scratch has its own layout
+    encoder, head = (frozen[0], side) if frozen else (getattr(side, "encoder", None), getattr(side, "head", None))
+    if not isinstance(encoder, TextEncoder) or (not frozen and not isinstance(side, EncoderTower)):
         raise MmretError(f"run {model.name} ({model.method}) has no transformers text tower (a model trained from "
                          "scratch is mmret's own): sentence-transformers cannot load it; use --format onnx")
     if encoder.pooling not in ("mean", "cls"):
