@@ -54,7 +54,7 @@ SUBLAYERS: dict[str, list[str]] = {
     "figures": ["draw", "maps", "failures"],
     "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe", "suite"],
     "export": ["registry", "card", "graphs", "peft_adapter", "onnx_format", "openvino_format", "sbert", "catalog"],
-    "serve": ["config", "schemas", "worker", "service", "app", "server"],
+    "serve": ["config", "schemas", "worker", "service", "knn", "app", "server"],
     "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "export", "verify", "quickstart"],
 }
 

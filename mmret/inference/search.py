@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.index import IndexConfig, StaleIndex, ensure_index
@@ -42,6 +44,9 @@ class Hit:
     path: str
     captions: list[str]  # the item's captions (item hits); or the one matching caption (caption hits)
     right: bool | None = None  # the query is one of the gallery's captions: whether this is its item
+    url: str | None = None  # where the item came from (img2dataset's url, a captions table's url column), if known
+    row: int = -1  # the item's row in the gallery (its embeddings' row)
+    caption_row: int = -1  # caption hits: the caption's row in the gallery's captions
 
 
 @dataclass
@@ -87,6 +92,30 @@ class SearchResult:
         return out
 
 
+def near_duplicates(vectors: np.ndarray, threshold: float = 0.94, block: int = 1024) -> set[int]:
+    """The positions clip-retrieval's `deduplicate` leaves out of a ranked list: results whose
+    embeddings are within `threshold` cosine of another's are one group, transitively (connected
+    components), and each group keeps only its best-ranked member. Compared block by block, so
+    10,000 results never hold a 10,000 x 10,000 matrix."""
+    x = np.asarray(vectors, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    parent = list(range(len(x)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start in range(0, len(x), block):
+        close = np.argwhere(x[start:start + block] @ x.T >= threshold)
+        for i, j in close.tolist():
+            a, b = root(start + i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # a group's root is its best-ranked member
+    return {i for i in range(len(x)) if root(i) != i}
+
+
 def gallery_index(run_dir: Path, emb: Embeddings, side: str, *, cfg: IndexConfig, rebuild: bool,
                   reporter: Reporter):
     """The cached index over the run's item (`side` items) or caption (captions) embeddings."""
@@ -115,7 +144,7 @@ class Gallery:
     (`vectors`); `items_for` and `captions_for` turn query embeddings into hits."""
 
     def __init__(self, run: LoadedRun, emb: Embeddings, items_index: Any, captions_index: Any | None, *,
-                 index: str = "exact"):
+                 index: str = "exact", sources: pd.DataFrame | None = None):
         self.run, self.emb, self.index = run, emb, index
         self.items_index, self.captions_index = items_index, captions_index
         self.ids = emb.item_table["item_id"].astype(str).tolist()
@@ -127,6 +156,17 @@ class Gallery:
         self.captions_of: list[list[str]] = [[] for _ in self.ids]
         for text, row in zip(self.caption_texts, self.caption_items.tolist()):
             self.captions_of[row].append(text)
+        # each row's source fields (item_id, then e.g. url, sha256), when the dataset kept any
+        known = sources is not None and len(sources.columns) > 1
+        self.sources = (sources.drop_duplicates("item_id").set_index("item_id").reindex(self.ids) if known
+                        else pd.DataFrame(index=pd.Index(self.ids, name="item_id")))
+        self.urls: list[str | None] = ([None if pd.isna(u) else str(u) for u in self.sources["url"]]
+                                       if "url" in self.sources.columns else [None] * len(self.ids))
+
+    def source(self, row: int) -> dict[str, Any]:
+        """The source's own fields of a gallery row (those it has), as JSON-ready values."""
+        fields = self.sources.iloc[row].to_dict() if len(self.sources.columns) else {}
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in fields.items() if not pd.isna(v)}
 
     @classmethod
     def open(cls, run: LoadedRun | Path, dataset: str | None = None, split: str = "all", *, index: str = "exact",
@@ -142,7 +182,8 @@ class Gallery:
         if captions and len(emb.captions):
             captions_index = gallery_index(run.run_dir, emb, "captions", cfg=cfg, rebuild=rebuild_index,
                                            reporter=reporter)
-        return cls(run, emb, items_index, captions_index, index=index)
+        sources = load_dataset(emb.dataset, data_dir or run.cfg.data.data_dir).sources()
+        return cls(run, emb, items_index, captions_index, index=index, sources=sources)
 
     # -- what the gallery is
     @property
@@ -194,7 +235,8 @@ class Gallery:
             s, i = s[keep][:k], i[keep][:k]
             ranked = enumerate(zip(s.tolist(), i.tolist()))
             out.append([Hit(rank=r + 1, score=float(score), item_id=self.ids[row], path=self.paths[row],
-                            captions=list(self.captions_of[row])) for r, (score, row) in ranked])
+                            captions=list(self.captions_of[row]), url=self.urls[row], row=row)
+                        for r, (score, row) in ranked])
         return out
 
     def captions_for(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
@@ -208,7 +250,7 @@ class Gallery:
             for r, (score, row) in enumerate((a, b) for a, b in zip(s.tolist(), i.tolist()) if b >= 0):
                 item = int(self.caption_items[row])
                 hits.append(Hit(rank=r + 1, score=float(score), item_id=self.ids[item], path=self.paths[item],
-                                captions=[self.caption_texts[row]]))
+                                captions=[self.caption_texts[row]], url=self.urls[item], row=item, caption_row=row))
             out.append(hits)
         return out
 

@@ -153,8 +153,9 @@ class SearchService:
         return self.gallery.row_of[item]
 
     def _check_k(self, k: int) -> int:
-        if not 1 <= k <= self.cfg.max_k:
-            raise ApiError(422, f"k must be between 1 and {self.cfg.max_k}, got {k}")
+        most = max(self.cfg.max_k, self.cfg.max_knn)  # /knn-service may ask for more than the page's routes
+        if not 1 <= k <= most:
+            raise ApiError(422, f"k must be between 1 and {most}, got {k}")
         return k
 
     def _check_text(self, text: str) -> str:
