@@ -7,6 +7,9 @@ optional bootstrap confidence intervals. Several runs on the same split are comp
 paired bootstrap that marks significant differences from the first run. Each result is saved to
 `runs/<run>/eval/<ds>-<split>.json`; when pictures of the split share a caption text, it also
 holds `same_text`: the metrics with those captions counted as one answer (`same_text_metrics`).
+`--format clip-benchmark` also scores Recall@k under CLIP_benchmark's tie rule (`torch.topk` picks
+among equal scores by position; mmret counts a tie against the query) and reports those; when
+exact ties made the two differ, the JSON keeps them as `clip_benchmark_ties`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from mmret.common.progress import NULL, Reporter
 from mmret.data.negatives import caption_keys
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
+from mmret.evaluation import clip_benchmark as cb
 from mmret.metrics.retrieval import (
     DEFAULT_KS,
     PairedDiff,
@@ -62,6 +66,7 @@ class EvalResult:
     ranks: RetrievalResult | None = field(default=None, repr=False)
     modality: str = "image"  # what the items are: names the metrics and the table's rows
     same_text: dict[str, float] | None = None  # metrics when captions of the same text count as one answer
+    topk: dict[str, float] | None = None  # Recall@k with CLIP_benchmark's tie rule (when asked for)
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -82,6 +87,8 @@ class EvalResult:
             out["ci95"] = {k: list(v) for k, v in self.ci.items()}
         if self.same_text:
             out["same_text"] = self.same_text
+        if self.topk and any(abs(v - self.metrics[k]) > 1e-12 for k, v in self.topk.items()):
+            out["clip_benchmark_ties"] = self.topk  # ties changed a recall: both rules' numbers are kept
         if self.diffs:
             out["vs_first"] = {k: {"delta": d.delta, "low": d.low, "high": d.high, "p": d.p_value,
                                    "significant": d.significant} for k, d in self.diffs.items()}
@@ -90,8 +97,10 @@ class EvalResult:
 
 def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test", *, bootstrap: int = 0,
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
-                 data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS) -> EvalResult:
-    """Score one run on a split (Recall@k for each of `ks`); saves `runs/<run>/eval/<ds>-<split>.json`."""
+                 data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS,
+                 clip_benchmark: bool = False) -> EvalResult:
+    """Score one run on a split (Recall@k for each of `ks`; with `clip_benchmark`, also under
+    CLIP_benchmark's tie rule, `topk`); saves `runs/<run>/eval/<ds>-<split>.json`."""
     model = load(run_dir, checkpoint=which, device=device)
     name = dataset or model.dataset
     if load_dataset(name, data_dir or model.config.data.data_dir).captions.empty:
@@ -106,8 +115,10 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
     keys = caption_keys(emb.caption_table["caption"].tolist())
     same = (same_text_metrics(items, captions, emb.caption_item, torch.from_numpy(keys), item=modality.short)
             if len(np.unique(keys)) < len(keys) else None)  # only when items share a caption text
+    topk = cb.topk_recalls(items, captions, emb.caption_item, ks, item=modality.short) if clip_benchmark else None
     result = EvalResult(run=run_dir.name, dataset=emb.dataset, split=split, metrics=ranks.metrics, n_items=len(items),
-                        n_captions=len(captions), ci=ci, ranks=ranks, modality=modality.name, same_text=same)
+                        n_captions=len(captions), ci=ci, ranks=ranks, modality=modality.name, same_text=same,
+                        topk=topk)
     result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
     write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -116,13 +127,14 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
 
 def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", *, bootstrap: int = 1000,
                  seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
-                 data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS) -> list[EvalResult]:
+                 data_dir: Path | None = None, ks: tuple[int, ...] = DEFAULT_KS,
+                 clip_benchmark: bool = False) -> list[EvalResult]:
     """Every run on the same split; each after the first carries a paired bootstrap against it."""
     from mmret.runs import load_run_config
 
     dataset = dataset or load_run_config(run_dirs[0]).data.dataset
     results = [evaluate_run(r, dataset, split, seed=seed, which=which, device=device, reporter=reporter,
-                            data_dir=data_dir, ks=ks) for r in run_dirs]
+                            data_dir=data_dir, ks=ks, clip_benchmark=clip_benchmark) for r in run_dirs]
     first = results[0]
     for result in results[1:]:
         result.diffs = paired_bootstrap(first.ranks, result.ranks, n_boot=max(bootstrap, 100), seed=seed)

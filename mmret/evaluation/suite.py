@@ -42,7 +42,7 @@ def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list
     from mmret.evaluation.retrieval import compare_runs, evaluate_run
 
     options = dict(bootstrap=cfg.bootstrap, seed=cfg.seed, which=cfg.which, device=cfg.device, reporter=reporter,
-                   data_dir=cfg.data_dir, ks=cfg.recall_k)
+                   data_dir=cfg.data_dir, ks=cfg.recall_k, clip_benchmark=cfg.clip_benchmark)
     if len(run_dirs) == 1:
         return [evaluate_run(run_dirs[0], cfg.dataset, cfg.split, **options)]
     return compare_runs(run_dirs, cfg.dataset, cfg.split, **options)
@@ -54,7 +54,7 @@ def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
     name = cb.dataset_name(ds.name, ds.info.get("source"), result.split, wds="clip_benchmark" in ds.info)
     if cfg.task == "retrieval":
         return cb.record("retrieval", name, model=model, pretrained=pretrained,
-                         metrics=cb.retrieval_metrics(result.metrics, cfg.recall_k))
+                         metrics=cb.retrieval_metrics(result.topk or result.metrics, cfg.recall_k))
     if cfg.task == "classification":  # as with --dump_classnames, and --dump_templates for templates not the default
         own = {"templates": result.own_templates} if result.own_templates else {}
         return cb.record("classification", name, model=model, pretrained=pretrained, metrics=result.metrics,
@@ -99,6 +99,6 @@ def run_eval(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter = NULL) -
         _draw(run_dirs[0], report.results[0], cfg, report, reporter)
     if cfg.clip_benchmark:
         for run_dir, result in zip(run_dirs, report.results):
-            rec = _benchmark_record(load(run_dir, checkpoint=cfg.which, device=cfg.device).run, result, cfg)
+            rec = _benchmark_record(LoadedRun(run_dir, which=cfg.which, device=cfg.device), result, cfg)
             report.clip_benchmark.append((cb.write_record(run_dir, rec), rec))
     return report
