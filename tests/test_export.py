@@ -145,3 +145,15 @@ def test_export_refuses_an_unknown_format_and_a_folder_in_use(world, tmp_path):
     out = runner.invoke(app, ["export", str(world["heads"]), "--to", str(tmp_path / "used")])
     assert out.exit_code == 1 and "exists and is not empty; give a new folder, or --force" in out.stderr
     assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
+
+
+def test_a_format_is_registered_once():
+    from mmret.errors import MmretError
+    from mmret.export.catalog import format_names, get_exporter
+    from mmret.export.registry import Exporter, register_export
+
+    assert format_names()[:4] == ["peft", "onnx", "openvino", "sentence-transformers"]
+    get_exporter("onnx")  # a built-in's module registers it when first asked for
+    with pytest.raises(MmretError, match=r"export format 'onnx' is already registered by mmret\.export\.onnx_format\."
+                                         r"write; .* cannot register it again"):
+        register_export(Exporter("onnx", "another onnx", lambda model, folder: {}))
