@@ -87,6 +87,7 @@ class Method:
     config: type[MethodConfig] = MethodConfig
     trainable: bool = True  # False for a pretrained model evaluated as is (zero-shot)
     runs_towers: bool = False  # pretrained towers (or whole models) run at every step
+    towers: bool = True  # built on pretrained towers (--vision / --audio and --text, or --model)
     checkpointable: bool = False  # --grad-checkpointing changes something
     sample_size: int = 128  # rows `init_heads` draws from a training source to start the input norms
 
@@ -119,6 +120,11 @@ class Method:
     def query_inputs(self, cfg: Any, ctx: Any, side: str, device: torch.device) -> Callable[[list], Any]:
         """A function from raw queries (captions, or item files) to the model's input for `side`."""
         raise NotImplementedError
+
+    def unknown_words(self, cfg: Any, ctx: Any, text: str) -> list[str]:
+        """The words of a text query the run's text side never learned: none for a pretrained text
+        tower; a tokenizer trained on the run's captions knows only their words."""
+        return []
 
     # -- memory probing and the parameter table
     def input_shapes(self, cfg: Any, ctx: Any, num_tokens: Callable[[nn.Module], int]) -> Inputs:
