@@ -10,6 +10,7 @@ tokenizer folder, or a hub id (offline: only when it is in the local cache).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -57,6 +58,18 @@ class BpeTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` that are not one token of the vocabulary, in either case, first or later
+        in a text. A BPE trained on a run's captions makes a token of every frequent word of them (and
+        always encodes the rest, byte by byte), so these are the words its model never learned."""
+        pre = self.tokenizer.pre_tokenizer
+
+        def known(word: str) -> bool:
+            spelled = [pre.pre_tokenize_str(w)[0][0] for w in (word, " " + word)]  # byte-level, with and without Ġ
+            return any(self.tokenizer.token_to_id(t) is not None for t in spelled)
+
+        return [w for w in re.findall(r"\w+(?:'\w+)?", text) if not (known(w) or known(w.lower()))]
 
     def save(self, path: str | Path) -> Path:
         """Write `tokenizer.json` (or the given file name) atomically; return its path."""

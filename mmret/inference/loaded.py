@@ -8,8 +8,9 @@ Everything inference does with a run goes through `LoadedRun`: encoding captions
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from torch import nn
 from mmret.common.device import autocast_context, pick_device
 from mmret.common.digest import file_digest
 from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import load_dataset, run_tables
+from mmret.errors import MmretError
 from mmret.methods import SIDES, get_method
 from mmret.models.batch import call
 from mmret.models.embed import embed_source, move_real
@@ -60,6 +63,25 @@ class LoadedRun:
         inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
         encode = model.encode_text if side == "text" else model.encode_item
         return call(encode, inputs).float().cpu()
+
+    def trained_on(self, paths: Sequence[str]) -> int | None:
+        """How many of the item files `paths` the run trained on (None for a run that was not
+        trained, or whose dataset is gone): a run scored on its own training items looks better than
+        it is. Files are compared by real path, so the same picture under another dataset counts."""
+        cfg = self.cfg
+        if not self.method.trainable:
+            return None
+        try:
+            train = run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)).split("train")
+        except MmretError:
+            return None
+        seen = {os.path.realpath(p) for p in train.items["path"]}
+        return sum(os.path.realpath(p) in seen for p in paths)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of a text query this run's text side never learned (see `Method.unknown_words`)."""
+        ctx, _ = self.model(("text",))
+        return self.method.unknown_words(self.cfg, ctx, text)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode("text", texts)

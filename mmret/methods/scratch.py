@@ -42,6 +42,7 @@ class ScratchMethod(Method):
     lr = 1e-3
     config = ScratchConfig
     runs_towers = True
+    towers = False  # both towers are trained from nothing
 
     def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
              need: tuple[str, ...] = SIDES) -> ScratchContext:
@@ -112,6 +113,13 @@ class ScratchMethod(Method):
         _, load = self._loaders(cfg, hflip=False)
         picture = SimpleNamespace(modality="image", input_name="pixels")
         return lambda paths: {k: v.to(device) for k, v in item_batch(picture, load, paths).items()}
+
+    def unknown_words(self, cfg: Any, ctx: ScratchContext, text: str) -> list[str]:
+        """A BPE trained on the run's captions knows their words only; a transformers tokenizer's
+        vocabulary was not made from them, so nothing is said of it."""
+        from mmret.data.tokenizer import BpeTokenizer
+
+        return ctx.tokenizer.unknown_words(text) if isinstance(ctx.tokenizer, BpeTokenizer) else []
 
     def input_shapes(self, cfg: Any, ctx: ScratchContext, num_tokens: Callable) -> Inputs:
         m = cfg.method
