@@ -100,10 +100,10 @@ def eval_command(
         ds = dataset or (load_run_config(newest).data.dataset if newest else None)
         run_dirs.insert(0, run_or_zero_shot(run=None, zero_shot=zero_shot, dataset=ds, data_dir=data_dir,
                                             runs_dir=runs_dir))
-    for run_dir in run_dirs:
-        show.say_run(run_dir, checkpoint, newest=not (compare or run or zero_shot))
     report = run_eval(run_dirs, cfg, ui.NullReporterIfJson(format in ("json", "clip-benchmark")))
     show.show_eval_report(report, format)
+    for run_dir in run_dirs:  # on stderr: what the numbers above came from, when that was not the user's choice
+        show.say_run(run_dir, checkpoint, newest=not (compare or run or zero_shot))
 
 
 @app.command()
@@ -175,8 +175,6 @@ def search(
     if image is not None and audio is not None:
         raise MmretError("search with --image or --audio, not both")
     run_dir = run_or_zero_shot(run=run, zero_shot=zero_shot, dataset=dataset, data_dir=data_dir, runs_dir=runs_dir)
-    if not json_output:
-        show.say_run(run_dir, checkpoint, newest=not (run or zero_shot))
     result = run_search(run_dir, texts, item=image or audio, dataset=dataset, split=split, k=k, index=index,
                         rebuild_index=rebuild_index, which=checkpoint, device=device,
                         reporter=ui.NullReporterIfJson(json_output), data_dir=data_dir,
@@ -191,5 +189,6 @@ def search(
         print(json.dumps(result.to_json(), indent=2))
         return
     show.show_search(result, grid)
+    show.say_run(run_dir, checkpoint, newest=not (run or zero_shot))
 
 

@@ -13,9 +13,9 @@ def _modality(name: str):
 
 
 def say_run(run_dir, which: str, newest: bool) -> None:
-    """On stderr, before the work: which run and checkpoint a command uses, when either was not
-    the user's own choice (the newest run) or could surprise (the best checkpoint of a run that
-    stopped before it finished is not the best it would have reached)."""
+    """On stderr: which run and checkpoint a command used, when either was not the user's own
+    choice (the newest run) or could surprise (the best checkpoint of a run that stopped before it
+    finished is not the best it would have reached)."""
     from mmret.runs.checkpoint import checkpoint_line
 
     line, finished = checkpoint_line(run_dir, which)
@@ -259,10 +259,12 @@ def show_linear_probe(results, format: str) -> None:
 def show_search(result, grid) -> None:
     items = _modality(result.modality)
     for q in result.results:
-        if q.mostly_unknown:
+        if q.unknown:
             words = ", ".join(repr(w) for w in dict.fromkeys(q.unknown))
-            ui.print_note(f"{words} of {q.query!r} are outside the vocabulary run {result.run}'s tokenizer learned "
-                          "from its training captions: it never saw them, so these scores mean little")
+            ui.print_note(f"{words} of {q.query!r} {'are' if len(q.unknown) > 1 else 'is'} in none of run "
+                          f"{result.run}'s training captions, the only words a model trained from scratch has "
+                          "learned: " + ("these scores mean little" if q.mostly_unknown else
+                                         "it reads the query as if they were not there"))
         rows = [(f"{h.rank}{' ✓' if h.right else ''}", f"{h.score:.4f}", h.item_id, " | ".join(h.captions[:2]))
                 for h in q.items]
         ui.console.print(ui.table(f"{q.query!r}: {items.plural}", ["#", "score", "id", "captions"], rows))

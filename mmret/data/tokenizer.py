@@ -25,6 +25,14 @@ SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 in a trained BPE
 _BYTES = 256  # the byte-level alphabet every BPE vocabulary starts from
 
 
+WORD = re.compile(r"\w+(?:'\w+)?")  # a word of a caption or a query: letters and digits, with an inner apostrophe
+
+
+def words(text: str) -> list[str]:
+    """The words of a text, lower-cased, in order."""
+    return [w.lower() for w in WORD.findall(text)]
+
+
 def _pad_batch(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
     longest = max(len(r) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
@@ -58,18 +66,6 @@ class BpeTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def unknown_words(self, text: str) -> list[str]:
-        """The words of `text` that are not one token of the vocabulary, in either case, first or later
-        in a text. A BPE trained on a run's captions makes a token of every frequent word of them (and
-        always encodes the rest, byte by byte), so these are the words its model never learned."""
-        pre = self.tokenizer.pre_tokenizer
-
-        def known(word: str) -> bool:
-            spelled = [pre.pre_tokenize_str(w)[0][0] for w in (word, " " + word)]  # byte-level, with and without Ġ
-            return any(self.tokenizer.token_to_id(t) is not None for t in spelled)
-
-        return [w for w in re.findall(r"\w+(?:'\w+)?", text) if not (known(w) or known(w.lower()))]
 
     def save(self, path: str | Path) -> Path:
         """Write `tokenizer.json` (or the given file name) atomically; return its path."""

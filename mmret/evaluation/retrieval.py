@@ -140,7 +140,8 @@ def comparison_sentence(first: EvalResult, other: EvalResult, resamples: int) ->
 
     rest = len([k for k in other.headline if k in (other.diffs or {})]) - len(found)
     return (f"{other.run} differs from {first.run} beyond chance in {len(found)} metric{'s' * (len(found) > 1)} "
-            f"({test}): " + "; ".join(said(k, d) for k, d in found) + f"; the other {rest} do not")
+            f"({test}): " + "; ".join(said(k, d) for k, d in found)
+            + (f"; {rest} other{'s do' if rest > 1 else ' does'} not" if rest else ""))
 
 
 def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", *, bootstrap: int = 1000,

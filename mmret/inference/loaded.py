@@ -8,6 +8,7 @@ Everything inference does with a run goes through `LoadedRun`: encoding captions
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,10 +79,16 @@ class LoadedRun:
         seen = {os.path.realpath(p) for p in train.items["path"]}
         return sum(os.path.realpath(p) in seen for p in paths)
 
+    @functools.cached_property
+    def vocabulary(self) -> set[str] | None:
+        """The words this run's text side learned, when it learned no others (see `Method.vocabulary`)."""
+        return self.method.vocabulary(self.cfg, self.model(("text",))[0])
+
     def unknown_words(self, text: str) -> list[str]:
-        """The words of a text query this run's text side never learned (see `Method.unknown_words`)."""
-        ctx, _ = self.model(("text",))
-        return self.method.unknown_words(self.cfg, ctx, text)
+        """The words of a text query this run never learned (none for a pretrained text tower)."""
+        from mmret.data.tokenizer import words
+
+        return [] if self.vocabulary is None else [w for w in words(text) if w not in self.vocabulary]
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode("text", texts)

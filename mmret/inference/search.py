@@ -55,9 +55,9 @@ class QueryResult:
     @property
     def mostly_unknown(self) -> bool:
         """Whether most words of a text query are outside what the run learned: its scores then mean little."""
-        import re
+        from mmret.data.tokenizer import words
 
-        return bool(self.unknown) and 2 * len(self.unknown) > len(re.findall(r"\w+(?:'\w+)?", self.query))
+        return bool(self.unknown) and 2 * len(self.unknown) > len(words(self.query))
 
     def sheet_row(self) -> tuple[str, list]:
         """(title, items) for a results sheet: each hit's rank, score, id and captions, marked

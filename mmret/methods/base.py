@@ -121,10 +121,11 @@ class Method:
         """A function from raw queries (captions, or item files) to the model's input for `side`."""
         raise NotImplementedError
 
-    def unknown_words(self, cfg: Any, ctx: Any, text: str) -> list[str]:
-        """The words of a text query the run's text side never learned: none for a pretrained text
-        tower; a tokenizer trained on the run's captions knows only their words."""
-        return []
+    def vocabulary(self, cfg: Any, ctx: Any) -> set[str] | None:
+        """The words a run's text side learned, when it learned no others (a model trained from
+        scratch knows only the words of its training captions), lower-cased; None for a pretrained
+        text tower, which knows words beyond them."""
+        return None
 
     # -- memory probing and the parameter table
     def input_shapes(self, cfg: Any, ctx: Any, num_tokens: Callable[[nn.Module], int]) -> Inputs:

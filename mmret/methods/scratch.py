@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from mmret.data.pairs import FileSource, mentions_sides, split_tables
-from mmret.data.prepared import run_tables
+from mmret.data.prepared import load_dataset, run_tables
 from mmret.errors import MmretError
 from mmret.methods.base import SIDES, Inputs, Method
 from mmret.methods.config import ScratchConfig
@@ -114,12 +114,16 @@ class ScratchMethod(Method):
         picture = SimpleNamespace(modality="image", input_name="pixels")
         return lambda paths: {k: v.to(device) for k, v in item_batch(picture, load, paths).items()}
 
-    def unknown_words(self, cfg: Any, ctx: ScratchContext, text: str) -> list[str]:
-        """A BPE trained on the run's captions knows their words only; a transformers tokenizer's
-        vocabulary was not made from them, so nothing is said of it."""
-        from mmret.data.tokenizer import BpeTokenizer
+    def vocabulary(self, cfg: Any, ctx: ScratchContext) -> set[str] | None:
+        """The words of the training captions, which are all the text tower ever read (None when
+        the run's dataset is gone)."""
+        from mmret.data.tokenizer import words
 
-        return ctx.tokenizer.unknown_words(text) if isinstance(ctx.tokenizer, BpeTokenizer) else []
+        try:
+            captions = split_tables(run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)), "train")
+        except MmretError:
+            return None
+        return {w for caption in captions.captions for w in words(caption)}
 
     def input_shapes(self, cfg: Any, ctx: ScratchContext, num_tokens: Callable) -> Inputs:
         m = cfg.method
