@@ -144,16 +144,17 @@ class LineReporter:
         self.write, self.every, self.clock = write, every, clock
         self.open: list[_LineTask] = []
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()  # the running thread's own: a thread started later gets another
 
     def task(self, description: str, total: int | None = None, unit: str = "it") -> _LineTask:
         task = _LineTask(self, description, total, unit, self.clock())
         with self._lock:
             self.open.append(task)
             if self._thread is None:
-                self._wake.clear()
-                self._thread = threading.Thread(target=self._tick, name="mmret-progress", daemon=True)
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._tick, args=(self._stop,), name="mmret-progress",
+                                                daemon=True)
                 self._thread.start()
         return task
 
@@ -170,8 +171,8 @@ class LineReporter:
                     self.write(task.line(now))
                     task.said = now
 
-    def _tick(self) -> None:
-        while not self._wake.wait(min(1.0, self.every / 2)):
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(min(1.0, self.every / 2)):
             self.tick()
 
     def _close(self, task: _LineTask) -> None:
@@ -186,6 +187,6 @@ class LineReporter:
             thread = self._thread if not self.open else None
             if thread is not None:
                 self._thread = None
-                self._wake.set()
+                self._stop.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
