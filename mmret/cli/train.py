@@ -47,7 +47,9 @@ def train(
     recipe: Recipe = None,
     config: ConfigFile = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue this stopped run (name or folder) from its last "
-                                                       "checkpoint.", show_default=False)] = None,
+                                                       "checkpoint; with --epochs N (or --max-steps N), train a "
+                                                       "stopped or finished run on to that length.",
+                                                  show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the parameter table and the resolved config, "
                                                             "and stop.")] = False,
     nproc: Annotated[int, typer.Option(help="Train on this many processes on this machine (torchrun's launcher, "
