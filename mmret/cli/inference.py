@@ -102,6 +102,8 @@ def eval_command(
                                             runs_dir=runs_dir))
     report = run_eval(run_dirs, cfg, ui.NullReporterIfJson(format in ("json", "clip-benchmark")))
     show.show_eval_report(report, format)
+    for run_dir in run_dirs:  # on stderr: what the numbers above came from, when that was not the user's choice
+        show.say_run(run_dir, checkpoint, newest=not (compare or run or zero_shot))
 
 
 @app.command()
@@ -187,5 +189,6 @@ def search(
         print(json.dumps(result.to_json(), indent=2))
         return
     show.show_search(result, grid)
+    show.say_run(run_dir, checkpoint, newest=not (run or zero_shot))
 
 

@@ -77,6 +77,9 @@ def serve(
                       max_knn=max_knn, max_query_chars=max_query_chars, max_upload_mb=max_upload_mb,
                       max_pixels=max_pixels)
     sock = bind(cfg.host, cfg.port)  # before the minutes of loading: a taken port fails at once
+    from mmret.cli import show
+
+    show.say_run(run_dir, checkpoint, newest=not (run or zero_shot))
     service = SearchService.open(cfg, ui.RichReporter())
     log = logging.getLogger("mmret.serve")
     handler = logging.StreamHandler()

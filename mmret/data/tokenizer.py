@@ -10,6 +10,7 @@ tokenizer folder, or a hub id (offline: only when it is in the local cache).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +23,14 @@ from mmret.errors import MmretError
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 in a trained BPE
 _BYTES = 256  # the byte-level alphabet every BPE vocabulary starts from
+
+
+WORD = re.compile(r"\w+(?:'\w+)?")  # a word of a caption or a query: letters and digits, with an inner apostrophe
+
+
+def words(text: str) -> list[str]:
+    """The words of a text, lower-cased, in order."""
+    return [w.lower() for w in WORD.findall(text)]
 
 
 def _pad_batch(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:

@@ -48,12 +48,18 @@ class ProbeResult:
     seed: int = 0
     tried: dict[float, float] = field(default_factory=dict, repr=False)  # C -> val top-1
     path: Path | None = None
+    train_overlap: int | None = None  # scored (test) items the run trained on (None: not a trained run)
+
+    @property
+    def n_items(self) -> int:
+        return self.sizes["test"]
 
     def to_json(self) -> dict[str, Any]:
         c = len(self.labels)
         return {"run": self.run, "dataset": self.dataset, "split": self.split, "task": "linear-probe",
                 "metrics": self.metrics, "C": self.C, "val_acc1": self.val_acc1, "sizes": self.sizes,
                 "classes": self.labels, "seed": self.seed, "tried": {f"{k:.3g}": v for k, v in self.tried.items()},
+                "train_overlap": self.train_overlap,
                 "chance": {"acc1": 1 / c, "acc5": min(1.0, 5 / c), "mean_per_class_recall": 1 / c}}
 
 
@@ -142,7 +148,8 @@ def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str 
     y = {s: item_labels(e, ds, labels).numpy() for s, e in parts.items()}
     metrics, C, val_acc, tried = probe_arrays(x, y, len(labels), seed)
     result = ProbeResult(run=run_dir.name, dataset=ds.name, split=split, metrics=metrics, C=C, val_acc1=val_acc,
-                         sizes={s: len(x[s]) for s in ("train", "val", "test")}, labels=labels, seed=seed, tried=tried)
+                         sizes={s: len(x[s]) for s in ("train", "val", "test")}, labels=labels, seed=seed, tried=tried,
+                         train_overlap=model.run.trained_on(list(parts["test"].item_table["path"])))
     result.path = run_dir / "eval" / f"{ds.name}-{split}-linear-probe.json"
     write_json(result.path, {**result.to_json(), "checkpoint": parts["train"].manifest["checkpoint"],
                              "which": which, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -67,6 +67,8 @@ class EvalResult:
     modality: str = "image"  # what the items are: names the metrics and the table's rows
     same_text: dict[str, float] | None = None  # metrics when captions of the same text count as one answer
     topk: dict[str, float] | None = None  # Recall@k with CLIP_benchmark's tie rule (when asked for)
+    train_overlap: int | None = None  # items of the split the run trained on (None: not a trained run)
+    comparison: str | None = None  # the paired test against the first run of a comparison, in words
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -81,7 +83,7 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         out = {"run": self.run, "dataset": self.dataset, "split": self.split, "modality": self.modality,
                "metrics": self.metrics,
-               "n_items": self.n_items, "n_captions": self.n_captions,
+               "n_items": self.n_items, "n_captions": self.n_captions, "train_overlap": self.train_overlap,
                "chance": {f"r{k}": min(1.0, k / self.n_items) for k in self.ks}}
         if self.ci:
             out["ci95"] = {k: list(v) for k, v in self.ci.items()}
@@ -92,6 +94,7 @@ class EvalResult:
         if self.diffs:
             out["vs_first"] = {k: {"delta": d.delta, "low": d.low, "high": d.high, "p": d.p_value,
                                    "significant": d.significant} for k, d in self.diffs.items()}
+            out["vs_first_summary"] = self.comparison
         return out
 
 
@@ -118,11 +121,36 @@ def evaluate_run(run_dir: Path, dataset: str | None = None, split: str = "test",
     topk = cb.topk_recalls(items, captions, emb.caption_item, ks, item=modality.short) if clip_benchmark else None
     result = EvalResult(run=run_dir.name, dataset=emb.dataset, split=split, metrics=ranks.metrics, n_items=len(items),
                         n_captions=len(captions), ci=ci, ranks=ranks, modality=modality.name, same_text=same,
-                        topk=topk)
+                        topk=topk, train_overlap=model.run.trained_on(list(emb.item_table["path"])))
     result.path = run_dir / "eval" / f"{emb.dataset}-{split}.json"
     write_json(result.path, {**result.to_json(), "checkpoint": emb.manifest["checkpoint"], "which": which,
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     return result
+
+
+def comparison_sentence(first: EvalResult, other: EvalResult, resamples: int) -> str:
+    """The paired test's outcome in words: which metrics of `other` differ from `first`'s beyond
+    chance (95% interval of the difference excluding zero), better or worse, or that none does."""
+    lower_better = ("medr",)  # a rank: smaller is better
+    items = get_modality(first.modality).plural
+    test = f"paired bootstrap over the {first.n_items:,} {items}, {resamples:,} resamples, 95%"
+    found = [(k, d) for k in other.headline if (d := (other.diffs or {}).get(k)) is not None and d.significant]
+    if not found:
+        fractions = [(k, d) for k, d in (other.diffs or {}).items() if k in other.headline
+                     and not k.endswith(("medr", "rsum"))]  # comparable sizes: recalls, MRR, mAP
+        largest = max(fractions, key=lambda kd: abs(kd[1].delta), default=None)
+        within = (f"; the largest difference, {largest[0]} {largest[1].delta:+.3f} [{largest[1].low:+.3f}, "
+                  f"{largest[1].high:+.3f}], is within noise") if largest else ""
+        return f"{other.run} and {first.run} do not differ beyond chance in any metric ({test}){within}"
+
+    def said(k: str, d: PairedDiff) -> str:
+        better = (d.delta < 0) if k.endswith(lower_better) else (d.delta > 0)
+        return f"{k} {d.delta:+.3f} [{d.low:+.3f}, {d.high:+.3f}] ({'better' if better else 'worse'})"
+
+    rest = len([k for k in other.headline if k in (other.diffs or {})]) - len(found)
+    return (f"{other.run} differs from {first.run} beyond chance in {len(found)} metric{'s' * (len(found) > 1)} "
+            f"({test}): " + "; ".join(said(k, d) for k, d in found)
+            + (f"; {rest} other{'s do' if rest > 1 else ' does'} not" if rest else ""))
 
 
 def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = "test", *, bootstrap: int = 1000,
@@ -138,6 +166,7 @@ def compare_runs(run_dirs: list[Path], dataset: str | None = None, split: str = 
     first = results[0]
     for result in results[1:]:
         result.diffs = paired_bootstrap(first.ranks, result.ranks, n_boot=max(bootstrap, 100), seed=seed)
+        result.comparison = comparison_sentence(first, result, max(bootstrap, 100))
     if bootstrap:
         for result in results:
             result.ci = bootstrap_ci(result.ranks, n_boot=bootstrap, seed=seed)

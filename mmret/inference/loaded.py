@@ -9,8 +9,10 @@ gallery).
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +20,8 @@ from torch import nn
 from mmret.common.device import autocast_context, pick_device
 from mmret.common.digest import file_digest
 from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import load_dataset, run_tables
+from mmret.errors import MmretError
 from mmret.inference.inputs import item_batch
 from mmret.methods import SIDES, get_method
 from mmret.modalities import ItemLoader, Modality, get_modality
@@ -91,6 +95,31 @@ class LoadedRun:
         batch = item_batch(self.modality, self.item_loader(), list(queries))
         inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(batch)
         return call(model.encode_item, inputs).float().cpu()
+
+    def trained_on(self, paths: Sequence[str]) -> int | None:
+        """How many of the item files `paths` the run trained on (None for a run that was not
+        trained, or whose dataset is gone): a run scored on its own training items looks better than
+        it is. Files are compared by real path, so the same picture under another dataset counts."""
+        cfg = self.cfg
+        if not self.method.trainable:
+            return None
+        try:
+            train = run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)).split("train")
+        except MmretError:
+            return None
+        seen = {os.path.realpath(p) for p in train.items["path"]}
+        return sum(os.path.realpath(p) in seen for p in paths)
+
+    @functools.cached_property
+    def vocabulary(self) -> set[str] | None:
+        """The words this run's text side learned, when it learned no others (see `Method.vocabulary`)."""
+        return self.method.vocabulary(self.cfg, self.model(("text",))[0])
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of a text query this run never learned (none for a pretrained text tower)."""
+        from mmret.data.tokenizer import words
+
+        return [] if self.vocabulary is None else [w for w in words(text) if w not in self.vocabulary]
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode("text", texts)

@@ -55,6 +55,14 @@ class QueryResult:
     items: list[Hit]  # best-matching items
     captions: list[Hit] = field(default_factory=list)  # best-matching captions (item queries)
     known: bool = False  # the query text is one of the gallery's captions (so its right item is known)
+    unknown: list[str] = field(default_factory=list)  # words of a text query the run never learned
+
+    @property
+    def mostly_unknown(self) -> bool:
+        """Whether most words of a text query are outside what the run learned: its scores then mean little."""
+        from mmret.data.tokenizer import words
+
+        return bool(self.unknown) and 2 * len(self.unknown) > len(words(self.query))
 
     def sheet_row(self) -> tuple[str, list]:
         """(title, items) for a results sheet: each hit's rank, score, id and captions, marked
@@ -88,7 +96,8 @@ class SearchResult:
             return {modality.id_column if k == "item_id" else k: v for k, v in h.items()}
 
         out["results"] = [{"query": q["query"], modality.plural: [hit(h) for h in q["items"]],
-                           "captions": [hit(h) for h in q["captions"]], "known": q["known"]} for q in out["results"]]
+                           "captions": [hit(h) for h in q["captions"]], "known": q["known"],
+                           "unknown_words": q["unknown"]} for q in out["results"]]
         return out
 
 
@@ -263,7 +272,7 @@ class Gallery:
             known = text in self.known_captions
             for h in found:
                 h.right = text in h.captions if known else None
-            out.append(QueryResult(text, found, known=known))
+            out.append(QueryResult(text, found, known=known, unknown=self.run.unknown_words(text)))
         return out
 
     def search_items(self, items: list[Any], k: int) -> list[QueryResult]:

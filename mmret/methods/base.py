@@ -87,6 +87,7 @@ class Method:
     config: type[MethodConfig] = MethodConfig
     trainable: bool = True  # False for a pretrained model evaluated as is (zero-shot)
     runs_towers: bool = False  # pretrained towers (or whole models) run at every step
+    towers: bool = True  # built on pretrained towers (--vision / --audio and --text, or --model)
     checkpointable: bool = False  # --grad-checkpointing changes something
     sample_size: int = 128  # rows `init_heads` draws from a training source to start the input norms
 
@@ -154,6 +155,12 @@ class Method:
             return getattr(encode_with_tower(frozen[0], raw, device), frozen[1]) if frozen is not None else raw
 
         return inputs
+
+    def vocabulary(self, cfg: Any, ctx: Any) -> set[str] | None:
+        """The words a run's text side learned, when it learned no others (a model trained from
+        scratch knows only the words of its training captions), lower-cased; None for a pretrained
+        text tower, which knows words beyond them."""
+        return None
 
     # -- memory probing and the parameter table
     def input_shapes(self, cfg: Any, ctx: Any, num_tokens: Callable[[nn.Module], int]) -> Inputs:

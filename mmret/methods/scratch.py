@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from mmret.data.pairs import FileSource, mentions_sides, split_tables
-from mmret.data.prepared import run_tables
+from mmret.data.prepared import load_dataset, run_tables
 from mmret.errors import MmretError
 from mmret.methods.base import SIDES, Inputs, Method
 from mmret.methods.config import ScratchConfig
@@ -41,6 +41,7 @@ class ScratchMethod(Method):
     lr = 1e-3
     config = ScratchConfig
     runs_towers = True
+    towers = False  # both towers are trained from nothing
 
     def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
              need: tuple[str, ...] = SIDES) -> ScratchContext:
@@ -118,6 +119,17 @@ class ScratchMethod(Method):
 
     def item_input(self, cfg: Any, ctx: ScratchContext) -> str:
         return "pixels"
+
+    def vocabulary(self, cfg: Any, ctx: ScratchContext) -> set[str] | None:
+        """The words of the training captions, which are all the text tower ever read (None when
+        the run's dataset is gone)."""
+        from mmret.data.tokenizer import words
+
+        try:
+            captions = split_tables(run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)), "train")
+        except MmretError:
+            return None
+        return {w for caption in captions.captions for w in words(caption)}
 
     def input_shapes(self, cfg: Any, ctx: ScratchContext, num_tokens: Callable) -> Inputs:
         m = cfg.method

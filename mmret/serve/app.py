@@ -43,7 +43,8 @@ from mmret.serve.service import Answer, ApiError, SearchService
 
 _logger = logging.getLogger("mmret.serve")
 
-STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
+STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html",
+          "favicon.svg": "image/svg+xml"}
 JSON_LIMIT = 1024 * 1024  # bytes of a JSON request without a picture in it (a long query gets its own message)
 NO_STORE = {"Cache-Control": "no-store"}
 
