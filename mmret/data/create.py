@@ -16,8 +16,8 @@ test split. A dataset prepared again (`--force`) keeps the caches computed from 
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -28,6 +28,7 @@ import pandas as pd
 
 from mmret import __version__
 from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
+from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter
 from mmret.data.config import PrepareConfig
 from mmret.data.readers import get_reader, pattern_root
@@ -106,10 +107,12 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         source = reader(tmp if cfg.source == "example" else cfg.root, cfg)
         problems, modality = source.problems, get_modality(source.modality)
         records = merge_duplicate_ids(source.items)
+        root = tmp if cfg.source == "example" else source.item_root or cfg.root
         if not cfg.allow_outside_root:
-            records = inside_root(records, tmp if cfg.source == "example" else source.item_root or cfg.root, problems)
+            records = inside_root(records, root, problems)
         records = clean_captions(records, problems) if cfg.captions else _without_captions(records)
-        records, columns = check_files(records, tmp, cfg.check_items, problems, modality, reporter)
+        roots = Roots.of(tmp, root, anywhere=cfg.allow_outside_root)  # as `PreparedDataset.roots` will be
+        records, columns = check_files(records, tmp, cfg.check_items, problems, modality, roots, reporter)
         if not records:
             kinds = ", ".join(f"{n} {k}" for k, n in problem_counts(problems).items()) or f"no {modality.plural} listed"
             hint = ("; --no-captions prepares them as a gallery to search" if any(p.kind == "no caption" for p in problems)

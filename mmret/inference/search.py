@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter
 from mmret.errors import MmretError
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
@@ -72,12 +73,14 @@ class SearchResult:
     index: str
     results: list[QueryResult]
     modality: str = "image"  # what the gallery's items are
+    roots: Roots = field(default_factory=Roots, repr=False)  # where the gallery's files may be read
 
     def to_json(self) -> dict[str, Any]:
         import dataclasses
 
         modality = get_modality(self.modality)
         out = dataclasses.asdict(self)
+        del out["roots"]
 
         def hit(h: dict) -> dict:
             return {modality.id_column if k == "item_id" else k: v for k, v in h.items()}
@@ -156,6 +159,11 @@ class Gallery:
     @property
     def split(self) -> str:
         return self.emb.split
+
+    @property
+    def roots(self) -> Roots:
+        """Where the gallery's item files may be read (its dataset's roots)."""
+        return self.emb.roots
 
     @property
     def n_items(self) -> int:
@@ -257,4 +265,4 @@ def search(run_dir: Path, queries: list[str], *, item: Path | None = None, datas
     if item is not None:
         results += gallery.search_items([item], k)
     return SearchResult(run=run_dir.name, dataset=gallery.dataset, split=split, index=index, results=results,
-                        modality=gallery.modality.name)
+                        modality=gallery.modality.name, roots=gallery.roots)

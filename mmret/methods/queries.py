@@ -7,13 +7,15 @@ from typing import Any
 
 import torch
 
+from mmret.common.paths import ANYWHERE
 from mmret.errors import MmretError
 from mmret.modalities import ItemError, get_modality
 
 
 def item_batch(tower: Any, load: Any, paths: list) -> dict[str, torch.Tensor]:
-    """`forward`'s keyword input for the item files `paths`, through the item loader `load`."""
-    items = []
+    """`forward`'s keyword input for the item files `paths`, through the item loader `load`: files the
+    user names as queries, read wherever they are (but only if they are regular files)."""
+    items, load = [], load.reading(ANYWHERE)
     for path in paths:
         try:
             items.append(load(path))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -142,10 +142,11 @@ def _wrap(draw, text: str, font, width: int, lines: int) -> list[str]:
 MARKS = {"right": (30, 150, 60), "wrong": (200, 50, 40)}
 
 
-def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) -> None:
+def contact_sheet(rows: list, path: Path, roots: Any, columns: int = 5, thumb: int = 200) -> None:
     """Search results as one PNG people can read at a glance: for each query (`rows`: (title,
     [SheetItem])) its title, then a row of thumbnails with rank, score, id and captions under each;
-    a green frame on the right item and a red one on the others when the query is a known caption."""
+    a green frame on the right item and a red one on the others when the query is a known caption.
+    The pictures are read through `roots` (the gallery's dataset's)."""
     from PIL import ImageDraw
 
     from mmret.common.io import atomic_path
@@ -167,7 +168,8 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
             if item.mark in MARKS:
                 draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=MARKS[item.mark], width=4)
             try:
-                img = load_rgb(open_source(item.path))
+                with open_source(item.path, roots) as source:
+                    img = load_rgb(source, draft=thumb)
                 img.thumbnail((thumb, thumb))
                 sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
             except ImageError as e:
@@ -180,11 +182,11 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
         sheet.save(tmp, format="PNG")
 
 
-def thumbnail(path: str | Path, size: int) -> np.ndarray:
-    """(H, W, 3) uint8: the picture shrunk to at most `size` pixels a side, aspect kept, oriented and
-    in RGB. JPEGs are decoded at a reduced scale (`draft`), so a large photo costs a fraction of its
-    full decode."""
-    img = _open(path)
+def thumbnail(source: str | Path | BinaryIO, size: int) -> np.ndarray:
+    """(H, W, 3) uint8: the picture (a path or an open binary file) shrunk to at most `size` pixels a
+    side, aspect kept, oriented and in RGB. JPEGs are decoded at a reduced scale (`draft`), so a
+    large photo costs a fraction of its full decode."""
+    img = _open(source)
     try:
         img.draft("RGB", (2 * size, 2 * size))  # no-op for other formats
         img.load()

@@ -22,8 +22,10 @@ bodies are limited before they are read (`BodyLimit`); each request is logged on
 import base64
 import binascii
 import hmac
+import io
 import logging
 import mimetypes
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -124,9 +126,9 @@ def create_app(service: SearchService) -> Any:
     @app.get("/media/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse)
     async def media(item: str) -> Response:
         """A gallery item's file, by its id."""
-        path = service.media_path(item)
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=kind, headers=_media_headers(cfg))
+        source = await run_in_threadpool(service.media, item)
+        kind = mimetypes.guess_type(str(source.name))[0] or "application/octet-stream"
+        return _opened_file(source, kind, _media_headers(cfg))
 
     @app.get("/thumbnails/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse)
     async def thumbnail(item: str) -> Response:
@@ -138,6 +140,33 @@ def create_app(service: SearchService) -> Any:
     app.add_middleware(BodyLimit, upload_limit=cfg.max_upload_bytes)
     app.add_middleware(RequestLog)
     return app
+
+
+def _opened_file(source: Any, kind: str, headers: dict[str, str]) -> Response:
+    """A response with the bytes of a file already opened through the guard, never reopened by a
+    path a link could redirect: a file on Linux through its descriptor's /proc/self/fd entry (which
+    reopens that very file, and keeps FileResponse's byte ranges for seeking in a sound), else the
+    bytes read from the open file (a tar member's are in memory already)."""
+    if not hasattr(source, "fileno") or isinstance(source, io.BytesIO) or not os.path.isdir("/proc/self/fd"):
+        with source:
+            return Response(source.read(), media_type=kind, headers=headers)
+    return _DescriptorResponse(source, media_type=kind, headers=headers)
+
+
+class _DescriptorResponse(FileResponse):
+    """FileResponse of an open file, served from its descriptor and closed when the response ends
+    (also when the client goes away)."""
+
+    def __init__(self, source: Any, **kwargs: Any):
+        fd = source.fileno()
+        super().__init__(f"/proc/self/fd/{fd}", stat_result=os.fstat(fd), **kwargs)
+        self.source = source
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.source.close()
 
 
 def _links(item: str) -> dict[str, str]:

@@ -13,19 +13,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from mmret import __version__
 from mmret.common.io import atomic_path
-from mmret.common.paths import data_root
+from mmret.common.paths import Roots, data_root
 from mmret.common.progress import NULL, Reporter
 from mmret.data.stamps import item_stamps
 from mmret.errors import MmretError
 from mmret.inference.search import Gallery, Hit
 from mmret.modalities import ItemError
+from mmret.modalities.base import open_source
 from mmret.serve.config import ServeConfig
 from mmret.serve.worker import BatchWorker, Busy
 
@@ -196,15 +197,14 @@ class SearchService:
         return [(self.gallery.items_for(query, k)[0], self.gallery.captions_for(query, k)[0])]
 
     # -- files
-    def media_path(self, item: str) -> Path:
-        """The file of a gallery item, found by its id only (never by a path from the request)."""
-        path = Path(self.gallery.paths[self.row(item)])
-        if not path.is_file():
-            raise ApiError(404, f"the file of {item[:200]!r} is missing")
-        return path
+    def media(self, item: str) -> BinaryIO:
+        """The file of a gallery item, found by its id only (never by a path from the request), opened
+        through the gallery's roots (see `mmret.common.paths.Roots`): a file replaced by a link to
+        elsewhere since the dataset was prepared is refused. The caller closes it."""
+        return open_gallery_file(item, self.gallery.paths[self.row(item)], self.gallery.roots)
 
     def thumbnail(self, item: str) -> Path:
-        return self.thumbnails.get(item, self.media_path(item))
+        return self.thumbnails.get(item, self.gallery.paths[self.row(item)], self.gallery.roots)
 
     def save_upload(self, chunks: Any, suffix: str) -> Path:
         """Write an upload to a temporary file (the caller deletes it)."""
@@ -216,6 +216,16 @@ class SearchService:
         return Path(name)
 
 
+def open_gallery_file(item: str, path: str, roots: Roots) -> BinaryIO:
+    """A gallery item's file opened through `roots`: 404 when it is missing, 403 when it may not be
+    read (it now resolves outside the dataset's roots, or is no regular file)."""
+    try:
+        return open_source(path, roots)
+    except ItemError as e:
+        status = 404 if str(e) == "file not found" else 403
+        raise ApiError(status, f"the file of {item[:200]!r} cannot be served: {e}") from None
+
+
 class Thumbnails:
     """Small JPEGs of gallery items, made on first request and kept in `folder/<size>/`, named by
     the item's stamp (id, file, size, mtime), so a changed file gets a new one."""
@@ -225,7 +235,7 @@ class Thumbnails:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, item: str, path: Path) -> Path:
+    def get(self, item: str, path: str, roots: Roots) -> Path:
         if self.modality.thumbnail is None:
             raise ApiError(404, f"no thumbnails for {self.modality.plural}; fetch the item itself")
         stamp = item_stamps([item], [str(path)], "")[0]
@@ -238,7 +248,8 @@ class Thumbnails:
         with lock:  # two requests for one new thumbnail make it once
             if not out.is_file():
                 try:
-                    pixels = self.modality.thumbnail(path, self.size)
+                    with open_gallery_file(item, path, roots) as source:
+                        pixels = self.modality.thumbnail(source, self.size)
                 except ItemError as e:
                     raise ApiError(415, f"cannot make a thumbnail of {item[:200]!r}: {e}") from None
                 with atomic_path(out) as tmp:
