@@ -313,7 +313,7 @@ def test_limits_of_another_config_and_the_api_key(gallery, memorised, train):
         refused(client.post("/api/search", json={"text": "x" * 21}, headers=keyed), 422, "text: String should")
         with open(train.path.iloc[0], "rb") as f:  # 64 x 64 = 4,096 pixels, over 100
             refused(client.post("/api/search/upload", files={"file": ("a.png", f, "image/png")}, headers=keyed), 413,
-                    "the picture has 4,096 pixels; the limit is 100")
+                    "the upload is too large: 64 x 64 pixels (4,096) is over the limit of 100 pixels")
         ok = client.post("/api/search", json={"text": "a red circle", "k": 5}, headers=keyed)
         assert ok.status_code == 200 and len(ok.json()["results"]) == 5
     finally:

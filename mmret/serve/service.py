@@ -20,13 +20,14 @@ from PIL import Image
 
 from mmret import __version__
 from mmret.common.io import atomic_path
-from mmret.common.paths import Roots, data_root
+from mmret.common.paths import ANYWHERE, Roots, data_root
 from mmret.common.progress import NULL, Reporter
 from mmret.data.stamps import item_stamps
 from mmret.errors import MmretError
 from mmret.inference.search import Gallery, Hit
 from mmret.modalities import ItemError
 from mmret.modalities.base import open_source
+from mmret.modalities.image import TooLarge, TooThin
 from mmret.serve.config import ServeConfig
 from mmret.serve.worker import BatchWorker, Busy
 
@@ -168,12 +169,18 @@ class SearchService:
         """The upload opens as this gallery's kind of item and is within the pixel limit (read
         from the header, before anything is decoded)."""
         try:
-            columns = self.modality.probe(path, False)
+            with open_source(path, ANYWHERE) as source:
+                columns = self.modality.probe(source, False)
+        except TooLarge as e:
+            raise ApiError(413, f"the upload is too large: {e}") from None
+        except TooThin as e:
+            raise ApiError(422, f"the upload is too thin: {e}") from None
         except ItemError as e:
             raise ApiError(415, f"the upload is not a {self.modality.noun} mmret can read: {e}") from None
         pixels = columns.get("width", 0) * columns.get("height", 0)
         if pixels > self.cfg.max_pixels:
-            raise ApiError(413, f"the {self.modality.noun} has {pixels:,} pixels; the limit is {self.cfg.max_pixels:,}")
+            raise ApiError(413, f"the upload is too large: {columns['width']:,} x {columns['height']:,} pixels "
+                                f"({pixels:,}) is over the limit of {self.cfg.max_pixels:,} pixels")
 
     # -- the worker threads' batches
     def _run_vectors(self, jobs: list[_VectorJob]) -> list[tuple[list[Hit], list[Hit]]]:
