@@ -44,7 +44,7 @@ def service(gallery, memorised):
 
 @pytest.fixture(scope="module")
 def client(service):
-    return TestClient(create_app(service))
+    return TestClient(create_app(service), base_url="http://127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +300,7 @@ def test_limits_of_another_config_and_the_api_key(gallery, memorised, train):
     cfg = ServeConfig(memorised["run"], which="last", api_key=KEY, max_pixels=100, k=5, max_k=5, max_query_chars=20)
     service = SearchService(gallery, cfg)
     try:
-        client = TestClient(create_app(service))
+        client = TestClient(create_app(service), base_url="http://127.0.0.1")
         assert client.get("/api/health").status_code == 200 and client.get("/").status_code == 200  # open
         for path in ("/api/info", f"/media/{train.item_id.iloc[0]}", f"/thumbnails/{train.item_id.iloc[0]}",
                      "/indices-list"):

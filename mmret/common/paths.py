@@ -46,6 +46,9 @@ def runs_root(override: str | Path | None = None) -> Path:
 def check_name(option: str, name: str, reserved: tuple[str, ...] = ()) -> str:
     """`name` if it may name a folder under a root (letters, digits, '-', '_', '.'; not only dots;
     not a `reserved` name), else a one-line error. Every command that takes a name checks it here."""
+    if name and not name.strip("."):
+        raise MmretError(f"{option} {name!r} is only dots, which name a folder and its parent; give a name with a "
+                         "letter or digit in it")
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise MmretError(f"{option} {name!r} may hold only letters, digits, '-', '_' and '.'")
     if name in reserved:

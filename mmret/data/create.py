@@ -91,6 +91,15 @@ def _without_captions(records: list[ItemRecord]) -> list[ItemRecord]:
     return [dataclasses.replace(r, captions=[], split="test") for r in records]
 
 
+def _empty_splits(records: list[ItemRecord], sizes: tuple) -> list[Problem]:
+    """A line for each split asked for (a share above 0) that no item landed in: each class, or the
+    whole dataset, too small to give it one."""
+    shares = {"val": sizes[0], "test": sizes[1]} if len(sizes) == 2 else {}
+    return [Problem("empty split", split, f"no {split} items: the dataset (or each of its classes) is too small for "
+                                          f"a {share:g} share; add items, or pass --{split} 0")
+            for split, share in shares.items() if share > 0 and not any(r.split == split for r in records)]
+
+
 def _carry_caches(old: Path, new: Path) -> None:
     """Move the caches of the dataset being replaced into its new folder (see the module docstring)."""
     for name in CARRIED:
@@ -120,6 +129,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
             raise MmretError(f"no usable {modality.plural} in {cfg.root}: {kinds}{hint}")
         if source.split_sizes is not None and cfg.captions:
             assign_random_splits(records, source.split_sizes, cfg.seed)
+            problems += _empty_splits(records, source.split_sizes)
         split_note = source.split_note if cfg.captions else GALLERY_NOTE
         items, captions = to_tables(records, columns, modality)
         counts = _counts(items, captions, problems, modality)

@@ -177,9 +177,12 @@ class FileSource(Source):
         self.pin_memory = pin_memory
 
     def _loader(self, items: _Items, batches: list[list[tuple[int, int]]]):
+        # a generator of its own: the loader's seed draw leaves the global generator to the steps, so a run
+        # resumed inside an epoch draws what the uninterrupted run drew (items seed their own transforms)
         workers = min(self.workers, len(batches))
         return torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers,
-                                           pin_memory=self.pin_memory, persistent_workers=False)
+                                           pin_memory=self.pin_memory, persistent_workers=False,
+                                           generator=torch.Generator().manual_seed(0))
 
     def mining_features(self, by: str = "both") -> np.ndarray:
         if self.cached is None:

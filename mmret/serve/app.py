@@ -40,7 +40,17 @@ from starlette.exceptions import HTTPException
 
 from mmret import __version__
 from mmret.errors import MmretError
-from mmret.serve.schemas import CaptionHit, Health, ItemHit, KnnResult, Query, SearchResponse, request_models
+from mmret.serve.guards import add_guards
+from mmret.serve.schemas import (
+    CaptionHit,
+    Health,
+    ItemHit,
+    KnnResult,
+    Query,
+    SearchResponse,
+    error_responses,
+    request_models,
+)
 from mmret.serve.service import Answer, ApiError, SearchService
 
 _logger = logging.getLogger("mmret.serve")
@@ -54,7 +64,7 @@ def create_app(service: SearchService) -> Any:
     from fastapi_offline import FastAPIOffline  # the docs pages without a CDN: nothing is fetched at run time
 
     cfg = service.cfg
-    models = request_models(cfg)
+    models = request_models(cfg, service.gallery.dim)
     app = FastAPIOffline(title="mmret serve", version=__version__, summary=(
         f"Search {service.gallery.dataset} ({service.gallery.n_items:,} {service.modality.plural}) with the run "
         f"{service.gallery.run.name}"))
@@ -79,17 +89,18 @@ def create_app(service: SearchService) -> Any:
             raise ApiError(404, "no such file")
         return _static(name)
 
-    @app.get("/api/health", response_model=Health, tags=["server"])
+    @app.get("/api/health", response_model=Health, tags=["server"], responses=error_responses(cfg))
     async def health() -> dict:
         """Whether the server is up (no key needed)."""
         return {"status": "ok"}
 
-    @app.get("/api/info", dependencies=keyed, tags=["server"])
+    @app.get("/api/info", dependencies=keyed, tags=["server"], responses=error_responses(cfg))
     async def info() -> dict:
         """The loaded run and gallery, and the limits of this server."""
         return service.info()
 
-    @app.post("/api/search", response_model=SearchResponse, dependencies=keyed, tags=["search"])
+    @app.post("/api/search", response_model=SearchResponse, dependencies=keyed, tags=["search"],
+              responses=error_responses(cfg, 400, 403, 404, 413, 422, 503))
     async def search(body: models.SearchRequest) -> SearchResponse:
         """Items for a text, or more like a gallery item (by id), with the captions that fit it."""
         if (body.text is None) == (body.id is None):
@@ -98,8 +109,10 @@ def create_app(service: SearchService) -> Any:
             return to_response("text", body.text, body.k, await service.text(body.text, body.k))
         return to_response("id", body.id, body.k, await service.similar(body.id, body.k))
 
-    @app.post("/api/search/upload", response_model=SearchResponse, dependencies=keyed, tags=["search"])
-    async def search_upload(file: UploadFile = File(..., description="an item of the gallery's kind"),
+    @app.post("/api/search/upload", response_model=SearchResponse, dependencies=keyed, tags=["search"],
+              responses=error_responses(cfg, 400, 403, 413, 415, 422, 503))
+    async def search_upload(file: UploadFile = File(..., description="an item of the gallery's kind",
+                                                    json_schema_extra={"minLength": 1}),  # an empty one is refused
                             k: int = Form(cfg.k, ge=1, le=cfg.max_k)) -> SearchResponse:
         """Items and captions for an uploaded item (a picture for a gallery of pictures)."""
         path = await _save(service, file)
@@ -108,7 +121,8 @@ def create_app(service: SearchService) -> Any:
         finally:
             path.unlink(missing_ok=True)
 
-    @app.post("/knn-service", response_model=list[KnnResult], dependencies=keyed, tags=["clip-retrieval"])
+    @app.post("/knn-service", response_model=list[KnnResult], dependencies=keyed, tags=["clip-retrieval"],
+              responses=error_responses(cfg, 400, 403, 404, 413, 415, 422, 503))
     async def knn_service(body: models.KnnRequest) -> list[KnnResult]:
         """clip-retrieval's `/knn-service`: the nearest items (modality image) or captions (text)."""
         answer = await _knn(service, body)
@@ -118,19 +132,21 @@ def create_app(service: SearchService) -> Any:
         return [KnnResult(id=h.item_id, similarity=h.score, caption=h.captions[0] if h.captions else None,
                           **_links(h.item_id)) for h in answer.items]
 
-    @app.get("/indices-list", dependencies=keyed, tags=["clip-retrieval"])
+    @app.get("/indices-list", dependencies=keyed, tags=["clip-retrieval"], responses=error_responses(cfg))
     async def indices_list() -> list[str]:
         """clip-retrieval's list of indices: the one gallery this server holds."""
         return [service.gallery.dataset]
 
-    @app.get("/media/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse)
+    @app.get("/media/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse,
+             responses=error_responses(cfg, 403, 404, 422))
     async def media(item: str) -> Response:
         """A gallery item's file, by its id."""
         source = await run_in_threadpool(service.media, item)
         kind = mimetypes.guess_type(str(source.name))[0] or "application/octet-stream"
         return _opened_file(source, kind, _media_headers(cfg))
 
-    @app.get("/thumbnails/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse)
+    @app.get("/thumbnails/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse,
+             responses=error_responses(cfg, 403, 404, 415, 422))
     async def thumbnail(item: str) -> Response:
         """A small JPEG of a gallery item, made on first request and kept."""
         path = await run_in_threadpool(service.thumbnail, item)
@@ -138,6 +154,7 @@ def create_app(service: SearchService) -> Any:
 
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, upload_limit=cfg.max_upload_bytes)
+    add_guards(app, cfg)  # the key, the origins, the Host names: in front of every route
     app.add_middleware(RequestLog)
     return app
 

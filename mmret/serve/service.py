@@ -121,10 +121,12 @@ class SearchService:
 
     async def vector(self, values: list[float], k: int) -> Answer:
         """Items and captions for a query embedding given by the client (normalized here)."""
-        vec = np.asarray(values, dtype=np.float32)
-        if vec.shape != (self.gallery.dim,) or not np.isfinite(vec).all() or not np.linalg.norm(vec) > 0:
+        vec = np.asarray(values, dtype=np.float64)
+        if vec.shape != (self.gallery.dim,) or not np.isfinite(vec).all() or not np.abs(vec).max() > 0:
             raise ApiError(422, f"embedding_input must be {self.gallery.dim} finite numbers, not all zero")
-        return await self._ask(self.vectors, _VectorJob(None, -1, self._check_k(k), True, vec / np.linalg.norm(vec)))
+        vec = vec / np.abs(vec).max()  # first: the norm of numbers near the float limits would overflow
+        vec = (vec / np.linalg.norm(vec)).astype(np.float32)
+        return await self._ask(self.vectors, _VectorJob(None, -1, self._check_k(k), True, vec))
 
     async def upload(self, path: Path, k: int) -> Answer:
         """Items and captions for an uploaded item file (already within the byte limit)."""
