@@ -230,7 +230,7 @@ def test_serve_plays_sounds_draws_their_spectrograms_and_takes_a_sound_upload(wo
     gallery = Gallery.open(world["heads"], split="all", data_dir=world["data"])
     service = SearchService(gallery, ServeConfig(world["heads"]))
     try:
-        client = TestClient(create_app(service))
+        client = TestClient(create_app(service), base_url="http://127.0.0.1")
         info = client.get("/api/info").json()
         assert (info["modality"], info["noun"], info["items"]) == ("audio", "sound", 24)
         body = client.post("/api/search", json={"text": "a low steady hum", "k": 3}).json()

@@ -334,8 +334,8 @@ def test_a_full_disk_before_a_cache_is_one_line_and_leaves_nothing(home, towers,
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
     result = runner.invoke(app, ["precompute-embeddings", "--dataset", "example", "--vision", towers["vit"]])
-    one_line(result, "^error: the feature cache needs 0.00 GB in .* but its disk has 0.00 GB free; free some space "
-                     "or point --data-dir / --runs-dir at a larger disk$")
+    one_line(result, "^error: the feature cache needs [0-9.]+ MB in .*, and 64.0 MB to spare, but its disk has 0.0 MB "
+                     "free; free some space or point --data-dir / --runs-dir at a larger disk$")
     assert not any((home / "data" / "example" / "features").glob("*/manifest.json"))
 
 

@@ -45,7 +45,7 @@ def service(gallery, memorised):
 
 @pytest.fixture(scope="module")
 def client(service):
-    return TestClient(create_app(service))
+    return TestClient(create_app(service), base_url="http://127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +355,7 @@ def test_limits_of_another_config_and_the_api_key(gallery, memorised, train):
     cfg = ServeConfig(memorised["run"], which="last", api_key=KEY, max_pixels=100, k=5, max_k=5, max_query_chars=20)
     service = SearchService(gallery, cfg)
     try:
-        client = TestClient(create_app(service))
+        client = TestClient(create_app(service), base_url="http://127.0.0.1")
         assert client.get("/api/health").status_code == 200 and client.get("/").status_code == 200  # open
         for path in ("/api/info", f"/media/{train.item_id.iloc[0]}", f"/thumbnails/{train.item_id.iloc[0]}",
                      "/indices-list"):
@@ -368,7 +368,7 @@ def test_limits_of_another_config_and_the_api_key(gallery, memorised, train):
         refused(client.post("/api/search", json={"text": "x" * 21}, headers=keyed), 422, "text: String should")
         with open(train.path.iloc[0], "rb") as f:  # 64 x 64 = 4,096 pixels, over 100
             refused(client.post("/api/search/upload", files={"file": ("a.png", f, "image/png")}, headers=keyed), 413,
-                    "the picture has 4,096 pixels; the limit is 100")
+                    "the upload is too large: 64 x 64 pixels (4,096) is over the limit of 100 pixels")
         ok = client.post("/api/search", json={"text": "a red circle", "k": 5}, headers=keyed)
         assert ok.status_code == 200 and len(ok.json()["results"]) == 5
     finally:

@@ -13,7 +13,7 @@ import typer
 
 from mmret.common.options import settings_of
 from mmret.common.version import __version__
-from mmret.errors import MmretError, explain
+from mmret.errors import MmretError, explain, printable
 from mmret.runs.config import ITEM_FLAGS, EncoderConfig
 
 app = typer.Typer(
@@ -104,10 +104,14 @@ def main_callback(
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Log lines to whatever `sys.stderr` is now (a test runner swaps it per command)."""
+    """Log lines to whatever `sys.stderr` is now (a test runner swaps it per command), their control
+    characters escaped (a log line may quote a file's content)."""
 
     def __init__(self) -> None:
         super().__init__()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
 
     @property
     def stream(self):

@@ -182,7 +182,7 @@ def search(
     if grid is not None:
         from mmret.modalities import get_modality
 
-        get_modality(result.modality).results_sheet([q.sheet_row() for q in result.results], grid)
+        get_modality(result.modality).results_sheet([q.sheet_row() for q in result.results], grid, result.roots)
     if json_output:
         import json
 

@@ -23,18 +23,31 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+from mmret.errors import printable
+
+
+class SafeConsole(Console):
+    """A rich console that prints the control characters in any text it is given (a caption, a file
+    name, a message quoting a file) as escapes (`mmret.errors.printable`), keeping only the line
+    breaks: text from a file can never drive the terminal. Every string printed, table cells
+    included, passes through `render_str`."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str("\n".join(printable(line) for line in text.split("\n")), **kwargs)
+
+
+console = SafeConsole()
+err_console = SafeConsole(stderr=True, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
-    """The one red line a user sees for an `MmretError`."""
-    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+    """The one red line a user sees for an `MmretError` (line breaks in it escaped too)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(printable(message))}", soft_wrap=True, highlight=False)
 
 
 def print_note(message: str) -> None:
     """A number that would mislead without a word, or something the user should know before trusting a result."""
-    err_console.print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+    err_console.print(f"[yellow]note:[/yellow] {escape(printable(message))}", soft_wrap=True, highlight=False)
 
 
 def say(message: str) -> None:

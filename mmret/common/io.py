@@ -25,11 +25,15 @@ REMAKE = "write it again with the command that made it"
 
 
 class DamagedFile(MmretError, ValueError):
-    """A file mmret wrote (or was given) that cannot be decoded."""
+    """A file mmret wrote (or was given) that cannot be decoded; `path` names it."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 def damaged(path: str | Path, what: str, fix: str = REMAKE) -> DamagedFile:
-    return DamagedFile(f"{path} is damaged ({what}); {fix}")
+    return DamagedFile(f"{path} is damaged ({what}); {fix}", path)
 
 
 def _umask() -> int:
@@ -147,8 +151,12 @@ def ensure_free_space(folder: str | Path, nbytes: int, what: str, margin: int = 
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
     if free < nbytes + margin:
-        raise MmretError(f"{what} needs {nbytes / 2**30:.2f} GB in {folder} but its disk has {free / 2**30:.2f} GB "
-                         "free; free some space or point --data-dir / --runs-dir at a larger disk")
+        raise MmretError(f"{what} needs {_size(nbytes)} in {folder}, and {_size(margin)} to spare, but its disk has "
+                         f"{_size(free)} free; free some space or point --data-dir / --runs-dir at a larger disk")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
 def reserve(path: str | Path) -> None:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from mmret.common.io import damaged, read_json, read_parquet
 from mmret.common.items import resolve_item
-from mmret.common.paths import check_name, data_root, within
+from mmret.common.paths import Roots, check_name, data_root, within
 from mmret.data.readers.base import SPLITS
 from mmret.data.readers.classes import class_name
 from mmret.data.tables import SOURCE
@@ -56,6 +56,14 @@ class PreparedDataset:
         if str(now.get("generation") or now.get("created", "")) != self.generation:
             raise MmretError(f"dataset {self.name!r} was prepared again while {during} was reading it; its files no "
                              "longer match the tables read at the start. Run the command again")
+
+    @property
+    def roots(self) -> Roots:
+        """Where its item files may be read: the dataset folder and the root it was prepared from (or
+        the shards' folder), real paths compared, symbolic links followed; anywhere when it was
+        prepared with --allow-outside-root."""
+        return Roots.of(self.path, self.info.get("item_root") or self.info.get("root"),
+                        anywhere=bool(self.info.get("arguments", {}).get("allow_outside_root")))
 
     @property
     def modality(self) -> Modality:

@@ -5,6 +5,7 @@ captions, check the item files (through their modality), assign splits, and buil
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import re
 from collections import Counter
@@ -14,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmret.common.paths import within
+from mmret.common.paths import Roots, within
 from mmret.common.progress import NULL, Reporter
 from mmret.data.readers.base import ItemRecord, Problem
 from mmret.modalities import ItemError, Modality
+from mmret.modalities.base import open_source
 
 _SPACES = re.compile(r"\s+")
 SOURCE = "source_"  # the item table's columns that hold the source's own fields (`source_url`, ...)
@@ -47,15 +49,20 @@ def clean_captions(records: list[ItemRecord], problems: list[Problem]) -> list[I
 
 
 def inside_root(records: list[ItemRecord], root: Path, problems: list[Problem]) -> list[ItemRecord]:
-    """The records whose file lies inside `root` (a path from a table such as `../../x.png` or an
-    absolute path elsewhere is left out unopened, and reported)."""
-    kept = []
+    """The records whose file really lies inside `root`: a path from a table such as `../../x.png`,
+    an absolute path elsewhere, and a file or folder inside `root` that is a symbolic link to
+    elsewhere are left out unopened, and reported. (Reading goes through `Roots` again, so a link
+    put in place later is refused then.)"""
+    kept, roots = [], Roots.of(root)
     for rec in records:
-        if within(Path(root) / rec.path, root):
+        path = Path(root) / rec.path
+        real = os.path.realpath(path)
+        if within(path, root) and roots.holds(real):
             kept.append(rec)
-        else:
-            problems.append(Problem("outside root", rec.path, f"not inside {root}; left out unopened (pass "
-                                                              "--allow-outside-root to include such files)", rec.split))
+            continue
+        where = f"not inside {root}" if not within(path, root) else f"resolves to {real}, outside {root}"
+        problems.append(Problem("outside root", rec.path, f"{where}; left out unopened (pass --allow-outside-root to "
+                                                          "include such files)", rec.split))
     return kept
 
 
@@ -71,15 +78,16 @@ def merge_duplicate_ids(records: list[ItemRecord]) -> list[ItemRecord]:
 
 
 def check_files(records: list[ItemRecord], base: Path, full: bool, problems: list[Problem], modality: Modality,
-                reporter: Reporter = NULL) -> tuple[list[ItemRecord], list[dict[str, int]]]:
-    """Keep records whose file opens (and with `full`, decodes); return them with their table
-    columns (a picture's width and height, a sound's rate, channels and length). What the probe
-    notes about a kept file (a sound mixed down from 8 channels) becomes a problem line too."""
+                roots: Roots, reporter: Reporter = NULL) -> tuple[list[ItemRecord], list[dict[str, int]]]:
+    """Keep records whose file opens through `roots` (and with `full`, decodes); return them with
+    their table columns (a picture's width and height, a sound's rate, channels and length). What
+    the probe notes about a kept file (a sound mixed down from 8 channels) becomes a problem line too."""
     def probe(rec: ItemRecord):
         if rec.columns is not None:  # probed by the reader, from the bytes it read
             return rec.columns
         try:
-            return modality.probe(base / rec.path, full)
+            with open_source(base / rec.path, roots) as source:
+                return modality.probe(source, full)
         except ItemError as e:
             return e
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mmret.common.paths import ANYWHERE
 from mmret.errors import MmretError
 from mmret.modalities import ItemError, ItemLoader, Modality
 
@@ -25,8 +26,8 @@ def preprocess_item(modality: Modality, loader: ItemLoader, item: Any) -> torch.
     if isinstance(item, torch.Tensor) and item.is_floating_point():
         return item
     try:
-        if isinstance(item, (str, Path)):
-            return loader(item)
+        if isinstance(item, (str, Path)):  # a file the user names: read wherever it is, if a regular file
+            return loader.reading(ANYWHERE)(item)
         if modality.accept is None:
             raise ItemError(f"{modality.plural} are given as file paths")
         return loader.transform(modality.accept(item, loader.decode))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
@@ -85,12 +86,14 @@ class SearchResult:
     index: str
     results: list[QueryResult]
     modality: str = "image"  # what the gallery's items are
+    roots: Roots = field(default_factory=Roots, repr=False)  # where the gallery's files may be read
 
     def to_json(self) -> dict[str, Any]:
         import dataclasses
 
         modality = get_modality(self.modality)
         out = dataclasses.asdict(self)
+        del out["roots"]
 
         def hit(h: dict) -> dict:
             return {modality.id_column if k == "item_id" else k: v for k, v in h.items()}
@@ -208,6 +211,11 @@ class Gallery:
         return self.emb.split
 
     @property
+    def roots(self) -> Roots:
+        """Where the gallery's item files may be read (its dataset's roots)."""
+        return self.emb.roots
+
+    @property
     def n_items(self) -> int:
         return len(self.ids)
 
@@ -310,4 +318,4 @@ def search(run: Path | LoadedRun, queries: list[str], *, item: Any = None, datas
     if item is not None:
         results += gallery.search_items([item], k)
     return SearchResult(run=run.name, dataset=gallery.dataset, split=split, index=index, results=results,
-                        modality=gallery.modality.name)
+                        modality=gallery.modality.name, roots=gallery.roots)

@@ -66,12 +66,12 @@ class ScratchMethod(Method):
     def _loaders(self, cfg: Any, hflip: bool) -> tuple[ItemLoader, ItemLoader]:
         from torchvision import transforms as T
 
-        from mmret.encoders.preprocess import ImagePreprocess, ImageTransform
+        from mmret.encoders.preprocess import ImagePreprocess, ImageTransform, resize_and_crop
         from mmret.models.miniclip import IMAGENET_MEAN, IMAGENET_STD
 
         size = cfg.method.image_size
-        train = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                           T.CenterCrop(size)] + ([T.RandomHorizontalFlip()] if hflip else [])
+        train = T.Compose(resize_and_crop(size, (size, size), T.InterpolationMode.BICUBIC)
+                          + ([T.RandomHorizontalFlip()] if hflip else [])
                           + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         # evaluation: resize, centre crop, ImageNet statistics (MiniCLIP's `image_transform`), as numbers exports read
         pre = ImagePreprocess((size, size), size, "bicubic", IMAGENET_MEAN, IMAGENET_STD, "scratch")

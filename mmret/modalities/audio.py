@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from mmret.errors import MmretError
-from mmret.modalities.base import ItemError, Modality, open_source, register_modality
+from mmret.modalities.base import ItemError, Modality, register_modality
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
 SILENCE = 1e-4  # peak amplitude below this (-80 dBFS) is silence
@@ -287,18 +287,18 @@ def _probe_columns(source: Path | BinaryIO, full: bool) -> dict[str, Any]:
             "duration_ms": min(round(info.seconds * 1000), 2**31 - 1), "notes": _notes(info)}
 
 
-def _listening_page(rows: list, path: Path) -> None:
+def _listening_page(rows: list, path: Path, roots: Any) -> None:
     from mmret.modalities.listening import listening_page
 
-    listening_page(rows, path, load_audio)
+    listening_page(rows, path, roots, load_audio)
 
 
-def thumbnail(path: str | Path, size: int) -> np.ndarray:
+def thumbnail(source: str | Path | BinaryIO, size: int) -> np.ndarray:
     """(H, W, 3) uint8: the log-mel spectrogram of the first 10 s in colour, at most `size` pixels a
-    side, for embedding maps and failure galleries."""
+    side, for embedding maps and failure galleries (`source`: a path or an open binary file)."""
     from mmret.modalities.listening import spectrogram_rgb
 
-    return spectrogram_rgb(open_source(path), load_audio, size)
+    return spectrogram_rgb(source, load_audio, size)
 
 
 AUDIO = register_modality(Modality(

@@ -104,6 +104,13 @@ def read_meta(path: Path) -> dict[str, Any]:
     return _read(path, _meta)
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint file, checked against the digest written with it (a
+    `DamagedFile` when any byte changed), and its metadata readable."""
+    read_meta(path)
+    return _load(path)
+
+
 def save_weights(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     _save(trainable_state(model), path, meta)
 
@@ -120,6 +127,11 @@ def load_weights(model: nn.Module, path: Path) -> dict[str, Any]:
         some = sorted(missing or unexpected)[:3]
         raise MmretError(f"checkpoint {path} does not fit this model ({'missing' if missing else 'unexpected'} "
                          f"{', '.join(some)}); was it made with another configuration?")
+    wrong = [k for k in sorted(weights) if not expected[k].is_meta and weights[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise MmretError(f"checkpoint {path} does not fit this model ({k} is {tuple(weights[k].shape)} there, "
+                         f"{tuple(expected[k].shape)} here); was it made with another configuration?")
     model.load_state_dict({k: v for k, v in weights.items() if not expected[k].is_meta}, strict=False)
     return read_meta(path)
 

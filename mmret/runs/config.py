@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmret.common.io import config_dict
-from mmret.common.options import option, settings_of
+from mmret.common.options import coerce, option, settings_of
 from mmret.common.paths import DATA_DIR_ENV, RUNS_DIR_ENV, check_name, data_root, runs_root
 from mmret.errors import MmretError
 from mmret.methods import MethodConfig, config_class, config_for, method_settings, owners
@@ -150,7 +150,7 @@ class RunConfig:
             if key == "method":
                 name = section.pop("method", LEGACY_METHOD)
                 section = {**getattr(config_class(name), "SAVED_BEFORE", {}), **section}
-                kwargs[key] = config_for(name, **section)
+                kwargs[key] = config_for(name, **_typed(config_class(name), section, key))
                 continue
             section = {RENAMED.get((key, k), k): v for k, v in section.items() if (key, k) not in RETIRED}
             if section:  # a saved section: settings added since it was written keep their old meaning
@@ -159,8 +159,15 @@ class RunConfig:
             bad = set(section) - names
             if bad:
                 raise MmretError(f"unknown {key} settings in config: {', '.join(sorted(bad))}")
-            kwargs[key] = kind(**section)
+            kwargs[key] = kind(**_typed(kind, section, key))
         return cls(**kwargs)
+
+
+def _typed(kind: type, section: dict[str, Any], key: str) -> dict[str, Any]:
+    """A section read from a file with each setting checked against its type (one line for
+    `embed_dim: "abc"`, not a TypeError deep in a model)."""
+    settings = {st.name: st for st in settings_of(kind)}
+    return {k: coerce(settings[k], v, f"config.json {key}") if k in settings else v for k, v in section.items()}
 
 
 SECTIONS = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfig, "train": TrainConfig}

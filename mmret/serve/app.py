@@ -21,8 +21,10 @@ bodies are limited before they are read (`BodyLimit`); each request is logged on
 # no `from __future__ import annotations`: FastAPI reads the request models from the annotations
 # of handlers defined inside `create_app`, which string annotations would hide from it
 import hmac
+import io
 import logging
 import mimetypes
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -37,8 +39,9 @@ from starlette.exceptions import HTTPException
 
 from mmret.common.version import __version__
 from mmret.errors import MmretError
+from mmret.serve.guards import add_guards
 from mmret.serve.knn import add_knn_routes
-from mmret.serve.schemas import CaptionHit, Health, ItemHit, Query, SearchResponse, request_models
+from mmret.serve.schemas import CaptionHit, Health, ItemHit, Query, SearchResponse, error_responses, request_models
 from mmret.serve.service import Answer, ApiError, SearchService
 
 _logger = logging.getLogger("mmret.serve")
@@ -53,7 +56,7 @@ def create_app(service: SearchService) -> Any:
     from fastapi_offline import FastAPIOffline  # the docs pages without a CDN: nothing is fetched at run time
 
     cfg = service.cfg
-    models = request_models(cfg)
+    models = request_models(cfg, service.gallery.dim)
     app = FastAPIOffline(title="mmret serve", version=__version__, summary=(
         f"Search {service.gallery.dataset} ({service.gallery.n_items:,} {service.modality.plural}) with the run "
         f"{service.gallery.run.name}"))
@@ -78,17 +81,18 @@ def create_app(service: SearchService) -> Any:
             raise ApiError(404, "no such file")
         return _static(name)
 
-    @app.get("/api/health", response_model=Health, tags=["server"])
+    @app.get("/api/health", response_model=Health, tags=["server"], responses=error_responses(cfg))
     async def health() -> dict:
         """Whether the server is up (no key needed)."""
         return {"status": "ok"}
 
-    @app.get("/api/info", dependencies=keyed, tags=["server"])
+    @app.get("/api/info", dependencies=keyed, tags=["server"], responses=error_responses(cfg))
     async def info() -> dict:
         """The loaded run and gallery, and the limits of this server."""
         return service.info()
 
-    @app.post("/api/search", response_model=SearchResponse, dependencies=keyed, tags=["search"])
+    @app.post("/api/search", response_model=SearchResponse, dependencies=keyed, tags=["search"],
+              responses=error_responses(cfg, 400, 403, 404, 413, 422, 503))
     async def search(body: models.SearchRequest) -> SearchResponse:
         """Items for a text, or more like a gallery item (by id), with the captions that fit it."""
         if (body.text is None) == (body.id is None):
@@ -97,8 +101,10 @@ def create_app(service: SearchService) -> Any:
             return to_response("text", body.text, body.k, await service.text(body.text, body.k))
         return to_response("id", body.id, body.k, await service.similar(body.id, body.k))
 
-    @app.post("/api/search/upload", response_model=SearchResponse, dependencies=keyed, tags=["search"])
-    async def search_upload(file: UploadFile = File(..., description="an item of the gallery's kind"),
+    @app.post("/api/search/upload", response_model=SearchResponse, dependencies=keyed, tags=["search"],
+              responses=error_responses(cfg, 400, 403, 413, 415, 422, 503))
+    async def search_upload(file: UploadFile = File(..., description="an item of the gallery's kind",
+                                                    json_schema_extra={"minLength": 1}),  # an empty one is refused
                             k: int = Form(cfg.k, ge=1, le=cfg.max_k)) -> SearchResponse:
         """Items and captions for an uploaded item (a picture for a gallery of pictures)."""
         path = await _save(service, file)
@@ -107,14 +113,16 @@ def create_app(service: SearchService) -> Any:
         finally:
             path.unlink(missing_ok=True)
 
-    @app.get("/media/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse)
+    @app.get("/media/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse,
+             responses=error_responses(cfg, 403, 404, 422))
     async def media(item: str) -> Response:
         """A gallery item's file, by its id."""
-        path = service.media_path(item)
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=kind, headers=_media_headers(cfg))
+        source = await run_in_threadpool(service.media, item)
+        kind = mimetypes.guess_type(str(source.name))[0] or "application/octet-stream"
+        return _opened_file(source, kind, _media_headers(cfg))
 
-    @app.get("/thumbnails/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse)
+    @app.get("/thumbnails/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse,
+             responses=error_responses(cfg, 403, 404, 415, 422))
     async def thumbnail(item: str) -> Response:
         """A small JPEG of a gallery item, made on first request and kept."""
         path = await run_in_threadpool(service.thumbnail, item)
@@ -123,8 +131,36 @@ def create_app(service: SearchService) -> Any:
     add_knn_routes(app, service, models, keyed)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, upload_limit=cfg.max_upload_bytes)
+    add_guards(app, cfg)  # the key, the origins, the Host names: in front of every route
     app.add_middleware(RequestLog)
     return app
+
+
+def _opened_file(source: Any, kind: str, headers: dict[str, str]) -> Response:
+    """A response with the bytes of a file already opened through the guard, never reopened by a
+    path a link could redirect: a file on Linux through its descriptor's /proc/self/fd entry (which
+    reopens that very file, and keeps FileResponse's byte ranges for seeking in a sound), else the
+    bytes read from the open file (a tar member's are in memory already)."""
+    if not hasattr(source, "fileno") or isinstance(source, io.BytesIO) or not os.path.isdir("/proc/self/fd"):
+        with source:
+            return Response(source.read(), media_type=kind, headers=headers)
+    return _DescriptorResponse(source, media_type=kind, headers=headers)
+
+
+class _DescriptorResponse(FileResponse):
+    """FileResponse of an open file, served from its descriptor and closed when the response ends
+    (also when the client goes away)."""
+
+    def __init__(self, source: Any, **kwargs: Any):
+        fd = source.fileno()
+        super().__init__(f"/proc/self/fd/{fd}", stat_result=os.fstat(fd), **kwargs)
+        self.source = source
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.source.close()
 
 
 def _links(item: str) -> dict[str, str]:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from mmret.inference.search import Hit, near_duplicates
-from mmret.serve.schemas import KnnResult, MetadataResult
+from mmret.serve.schemas import KnnResult, MetadataResult, error_responses
 from mmret.serve.service import Answer, ApiError, SearchService
 
 DEDUPLICATE = 0.94  # clip_back's cosine threshold for "the same picture"
@@ -56,10 +56,11 @@ def _body_schema(model: type[BaseModel]) -> dict:
 
 
 def add_knn_routes(app: Any, service: SearchService, models: Any, keyed: list) -> None:
-    gallery = service.gallery
+    gallery, cfg = service.gallery, service.cfg
 
     @app.post("/knn-service", response_model=list[KnnResult], response_model_exclude_none=True, dependencies=keyed,
-              tags=["clip-retrieval"], openapi_extra=_body_schema(models.KnnRequest))
+              tags=["clip-retrieval"], openapi_extra=_body_schema(models.KnnRequest),
+              responses=error_responses(cfg, 400, 403, 404, 413, 415, 422, 503))
     async def knn_service(request: Request) -> list[dict]:
         """clip-retrieval's `/knn-service`: the nearest items (modality image) or captions (text)."""
         body = await json_body(request, models.KnnRequest)
@@ -76,7 +77,7 @@ def add_knn_routes(app: Any, service: SearchService, models: Any, keyed: list) -
         return [_result(h, base, described=n < body.num_images) for n, h in enumerate(hits[:wanted])]
 
     @app.post("/metadata", response_model=list[MetadataResult], dependencies=keyed, tags=["clip-retrieval"],
-              openapi_extra=_body_schema(models.MetadataRequest))
+              openapi_extra=_body_schema(models.MetadataRequest), responses=error_responses(cfg, 400, 403, 404, 422))
     async def metadata(request: Request) -> list[dict]:
         """clip-retrieval's `/metadata`: caption, url and source fields of gallery rows (the ids /knn-service gave)."""
         body = await json_body(request, models.MetadataRequest)
@@ -87,7 +88,7 @@ def add_knn_routes(app: Any, service: SearchService, models: Any, keyed: list) -
         base = str(request.base_url).rstrip("/")
         return [{"id": i, "metadata": {**gallery.source(i), **_described(i, base)}} for i in body.ids]
 
-    @app.get("/indices-list", dependencies=keyed, tags=["clip-retrieval"])
+    @app.get("/indices-list", dependencies=keyed, tags=["clip-retrieval"], responses=error_responses(cfg))
     async def indices_list() -> list[str]:
         """clip-retrieval's list of indices: the one gallery this server holds."""
         return [gallery.dataset]
@@ -117,7 +118,7 @@ def _check_index(service: SearchService, name: str | None) -> None:
 
 
 async def _knn(service: SearchService, body: Any, k: int) -> Answer:
-    text = body.text if body.text else None  # clip_back treats "" as no text
+    text = body.text if body.text and body.text.strip() else None  # clip_back treats "" as no text
     given = [name for name, value in (("text", text), ("image", body.image), ("image_url", body.image_url),
                                       ("embedding_input", body.embedding_input), ("id", body.id)) if value is not None]
     if len(given) != 1:

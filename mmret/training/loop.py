@@ -7,7 +7,9 @@ checkpoints and decides on early stopping.
 
 Exact resume: the data order is a pure function of (seed, epoch), mixup draws from a generator
 seeded by (seed, step), and the checkpoint holds the optimizer, the global RNG states and the
-position inside the epoch, so `--resume` continues as if the run had never stopped.
+position inside the epoch, so `--resume` continues as if the run had never stopped. Ctrl-C lands
+between steps; a step cut short inside is undone first (`mmret.training.snapshot`), so the last
+checkpoint is the run after its last whole step, to the bit.
 
 Extending (`--resume RUN --epochs N`, or `--max-steps N`): a stopped or finished run trains on to
 its new length. The learning rate is a pure function of the step and the planned length
@@ -39,9 +41,10 @@ from mmret.errors import MmretError
 from mmret.modalities import get_modality
 from mmret.models.embed import embed_source
 from mmret.runs import RunConfig, load_run_config, point_latest
-from mmret.runs.checkpoint import read_meta, save_state, save_weights
+from mmret.runs.checkpoint import read_meta, rng_state, save_state, save_weights, set_rng_state
 from mmret.training.losses import ClipLoss
 from mmret.training.session import Session, setup
+from mmret.training.snapshot import StepSnapshot
 from mmret.training.step import NonFiniteLoss
 from mmret.training.world import World, start_world, stop_world
 
@@ -100,9 +103,15 @@ def train_one_epoch(s: Session, task: Any) -> None:
     for (items, captions), (inputs, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
         n = len(items)  # pairs in the global batch
         s.positives = s.world.positives(s.plan.positives(items, captions), cfg.accumulation)
-        loss = train_step(s, inputs, texts)
-        s.step_rng = torch.get_rng_state()
-        st.batch, st.loss_sum, st.pairs = st.batch + 1, st.loss_sum + loss * n, st.pairs + n
+        before = StepSnapshot.take(s.model, s.stepper.scaler)
+        with uninterrupted():  # a Ctrl-C lands after the step and its counts, never inside the update
+            try:
+                loss = train_step(s, inputs, texts)
+            except KeyboardInterrupt:  # raised inside the step: undo what it changed (see `snapshot`)
+                before.restore(s.model, s.optimizer, s.stepper.scaler, s.stepper.sam)
+                raise
+            s.step_rng = rng_state()
+            st.batch, st.loss_sum, st.pairs = st.batch + 1, st.loss_sum + loss * n, st.pairs + n
         task.advance(n, loss=loss, lr=s.optimizer.param_groups[0]["lr"])
         if cfg.max_steps and st.step >= cfg.max_steps:
             return
@@ -299,7 +308,7 @@ def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: W
                     stopped = f"reached --max-steps {tc.max_steps}"
                     break
         except KeyboardInterrupt:
-            torch.set_rng_state(s.step_rng)  # as if the interrupted step had never started
+            set_rng_state(*s.step_rng)  # the generators as the last whole step left them
             _checkpoint(s, {})
             _plot(s)
             s.log(f"interrupted at step {st.step}; saved last")

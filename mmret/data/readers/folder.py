@@ -12,13 +12,19 @@ With `--no-captions` every item file under the root is read and caption files ar
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import warnings
 from pathlib import Path
 
-from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text
+from mmret.common.paths import Roots, UnsafePath
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, read_inside
 from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES, Modality
+
+_logger = logging.getLogger(__name__)
 
 TABLES = ("captions.csv", "captions.jsonl", "captions.parquet")
 
@@ -34,16 +40,24 @@ def read_table(path: Path, problems: list[Problem],
                                 f"{len(header)} (quote captions that hold commas): {','.join(fields)[:80]!r}; left out"))
 
     try:
-        if path.suffix == ".csv":
-            header = pd.read_csv(path, nrows=0, encoding_errors="replace").columns
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace", index_col=False,
-                                engine="python", on_bad_lines=ragged)
-        elif path.suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True, dtype=False)
-        else:
-            frame = pd.read_parquet(path)
+        data = Roots.of(path.parent).read_bytes(path)
+    except UnsafePath as e:
+        raise MmretError(f"cannot read {e}") from None
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # pandas' ParserWarning would print a second line
+            warnings.simplefilter("always")
+            if path.suffix == ".csv":
+                header = pd.read_csv(io.BytesIO(data), nrows=0, encoding_errors="replace").columns
+                frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding_errors="replace",
+                                    index_col=False, engine="python", on_bad_lines=ragged)
+            elif path.suffix == ".jsonl":
+                frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
+            else:
+                frame = pd.read_parquet(io.BytesIO(data))
     except Exception as e:
-        raise MmretError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+        raise MmretError(f"cannot read {path}: {printable(str(e).splitlines()[0][:200])}") from None
+    for w in caught:
+        _logger.debug("%s: %s", path.name, w.message)
     if "image" in needed and "image" not in frame.columns and "audio" in frame.columns:
         frame = frame.rename(columns={"audio": "image"})  # a table of sounds names its files `audio`
     if set(needed) - set(frame.columns):
@@ -102,7 +116,10 @@ def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]
         if not sidecar.is_file():
             problems.append(Problem("no caption", rel, f"no caption file {sidecar.name} beside it"))
             continue
-        text = decode_text(sidecar.read_bytes(), sidecar.relative_to(root).as_posix(), problems)
+        raw = read_inside(root, sidecar, rel, problems)
+        if raw is None:
+            continue
+        text = decode_text(raw, sidecar.relative_to(root).as_posix(), problems)
         captions = [] if text is None else [line for line in text.splitlines() if line.strip()]
         if text is not None and not captions:
             problems.append(Problem("empty caption", rel, f"{sidecar.name} holds no caption"))
