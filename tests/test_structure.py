@@ -34,8 +34,8 @@ LAYERS = ["errors", "common", "metrics", "modalities", "data", "encoders", "feat
 # the same rule inside a subpackage, lowest first, for the modules (or folders) it names; modules it does not
 # name (package faces among them) stand outside that order
 SUBLAYERS: dict[str, list[str]] = {
-    "common": ["version", "lazy", "registry", "options", "paths", "io", "digest", "items", "progress", "shards",
-               "device"],
+    "common": ["version", "lazy", "threads", "registry", "options", "paths", "io", "digest", "items", "progress",
+               "shards", "device"],
     "metrics": ["retrieval", "classification"],
     "modalities": ["base", "spectrogram", "listening", "image", "audio"],
     "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
