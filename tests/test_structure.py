@@ -50,7 +50,7 @@ SUBLAYERS: dict[str, list[str]] = {
     "training": ["losses", "batches", "sam", "snapshot", "gradcache", "world", "step", "session", "distributed",
                  "plots", "dry_run", "loop"],
     "memory": ["live", "probe", "plan"],
-    "inference": ["inputs", "loaded", "embeddings", "exact", "index", "search", "zeroshot"],
+    "inference": ["inputs", "runtime", "loaded", "embeddings", "exact", "index", "search", "zeroshot"],
     "figures": ["draw", "maps", "failures"],
     "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe", "suite"],
     "export": ["registry", "card", "graphs", "peft_adapter", "onnx_format", "openvino_format", "sbert", "catalog"],

@@ -1,0 +1,75 @@
+"""Text queries through an inference runtime: a run's text side converted once per checkpoint, kept only
+when the measured rule passes (cosine >= 0.999 to torch float32 on the run's captions, and faster),
+the decision recorded so a second start neither converts nor measures, and torch as the fallback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mmret.errors import MmretError
+from mmret.inference import runtime
+from mmret.inference.loaded import LoadedRun
+
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture
+def run_dir(memorised, tmp_path):
+    return shutil.copytree(memorised["run"], tmp_path / "run")  # the shared run stays without a runtime folder
+
+
+def test_a_run_converts_once_and_answers_as_torch_does(run_dir, monkeypatch):
+    monkeypatch.setenv(runtime.RUNTIME_ENV, "auto")
+    texts = ["a red circle", "two blue squares on the left", "x"]
+    with monkeypatch.context() as m:
+        m.setenv(runtime.RUNTIME_ENV, "torch")
+        expected = LoadedRun(run_dir).encode_texts(texts).numpy()
+    run = LoadedRun(run_dir)
+    got = run.encode_texts(texts).numpy()
+    folder = runtime.folder_of(run_dir, run.digest)
+    choice = json.loads((folder / "choice.json").read_text())
+    assert set(choice["cosine"]) == set(runtime.installed()) and "torch" in choice["ms"]
+    if choice["backend"] == "torch":  # measured slower or further than the rule allows: torch answers
+        assert run.text_runtime is None and "no runtime both" in choice["reason"]
+    else:
+        assert run.text_runtime.choice.backend == choice["backend"] in runtime.BACKENDS
+        assert choice["cosine"][choice["backend"]] >= runtime.MIN_COSINE
+        assert choice["ms"][choice["backend"]] < choice["ms"]["torch"]
+    np.testing.assert_allclose(got, expected, atol=5e-3)
+    # a second start reads the decision: no conversion, no measuring, and no tower built for the words
+    monkeypatch.setattr(runtime, "choose", lambda *a: pytest.fail("converted again"))
+    again = LoadedRun(run_dir)
+    np.testing.assert_allclose(again.encode_texts(texts).numpy(), got, atol=1e-6)
+    if choice["backend"] != "torch":
+        assert again.unknown_words("a red circle") == [] and again._built == {}
+
+
+def test_a_forced_choice_runs_each_runtime_like_torch(run_dir, monkeypatch):
+    monkeypatch.setenv(runtime.RUNTIME_ENV, "auto")
+    run = LoadedRun(run_dir)
+    with monkeypatch.context() as m:  # every runtime passes: each one's answers are checked, not only the fastest
+        m.setattr(runtime, "MIN_COSINE", -1.0)
+        m.setattr(runtime, "_median_ms", lambda fn, rounds=15: fn() is None)
+        choice = runtime.choose(run, runtime.folder_of(run_dir, run.digest))
+    texts = ["a green triangle", "a purple square"]
+    with monkeypatch.context() as m:
+        m.setenv(runtime.RUNTIME_ENV, "torch")
+        expected = LoadedRun(run_dir).encode_texts(texts).numpy()
+    for backend in runtime.installed():
+        rt = runtime.TextRuntime(runtime.folder_of(run_dir, run.digest), runtime.Choice(backend, ""))
+        np.testing.assert_allclose(rt(texts), expected, atol=5e-3)
+    assert choice.cosine and all(c > 0.999 for c in choice.cosine.values())
+
+
+def test_torch_when_turned_off_or_not_converted(run_dir, monkeypatch):
+    monkeypatch.setenv(runtime.RUNTIME_ENV, "torch")
+    assert LoadedRun(run_dir).text_runtime is None
+    monkeypatch.setenv(runtime.RUNTIME_ENV, "auto")
+    assert runtime.text_runtime(LoadedRun(run_dir), convert=False) is None
+    monkeypatch.setenv(runtime.RUNTIME_ENV, "fast")
+    with pytest.raises(MmretError, match="MMRET_RUNTIME must be auto or torch, got 'fast'"):
+        runtime.mode()
