@@ -81,3 +81,53 @@ def test_children_split_the_cores_and_the_parent_is_restored(clean_env):
     with threads.children_threads(2):
         assert os.environ["OMP_NUM_THREADS"] == os.environ[threads.THREADS_ENV] == "2"
     assert os.environ["OMP_NUM_THREADS"] == "4" and threads.THREADS_ENV not in os.environ
+
+
+@pytest.fixture
+def seats(clean_env, tmp_path):
+    fresh = threads._Seats()
+    fresh.folder = tmp_path / "processes"
+    clean_env.setattr(threads, "_SEATS", fresh)
+    clean_env.setattr(threads, "available_cores", lambda: 4)
+    clean_env.setattr(threads, "REBALANCE_SECONDS", 0.0)
+    fresh.take()
+    yield fresh
+    fresh.leave()
+
+
+def _neighbour(seats, code: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", code])
+    (seats.folder / str(process.pid)).touch()
+    return process
+
+
+def test_busy_mmret_processes_share_the_cores_and_idle_or_ended_ones_do_not(seats):
+    busy = _neighbour(seats, "while True: pass")
+    idle = _neighbour(seats, "import time; time.sleep(60)")
+    try:
+        assert threads.rebalance() == 1 and torch.get_num_threads() == 1  # at first sight all three count
+        import time
+
+        time.sleep(1.0)  # the busy loop uses about a core meanwhile, the sleeper none
+        assert threads.rebalance() == 2 and torch.get_num_threads() == 2
+        busy.kill()
+        busy.wait()
+        assert threads.rebalance() == 4 and not (seats.folder / str(busy.pid)).exists()  # an ended one is forgotten
+    finally:
+        for p in (busy, idle):
+            p.kill()
+            p.wait()
+
+
+def test_no_seat_when_the_user_fixed_the_threads(clean_env, tmp_path):
+    fresh = threads._Seats()
+    fresh.folder = tmp_path / "processes"
+    clean_env.setattr(threads, "_SEATS", fresh)
+    threads.share_the_machine(1)
+    assert fresh.mine is None and threads.rebalance() is None and not fresh.folder.exists()
+    clean_env.delenv(threads.THREADS_ENV)
+    clean_env.delenv("OMP_NUM_THREADS")
+    threads.share_the_machine()
+    assert fresh.mine == fresh.folder / str(os.getpid()) and fresh.mine.is_file()
+    fresh.leave()
+    assert not (fresh.folder / str(os.getpid())).exists()

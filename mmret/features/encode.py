@@ -22,6 +22,7 @@ import torch
 from mmret.common.device import check_precision, default_workers, synchronize
 from mmret.common.io import read_json
 from mmret.common.progress import NULL, Reporter
+from mmret.common.threads import rebalance
 from mmret.common.version import __version__
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
@@ -316,6 +317,7 @@ class _Job:
             runner = TowerRunner(self.encoder, self.device, manifest, self.compile if self.which != CAPTIONS else False,
                                  max(len(b) for b in batches), total, lambda note: task.advance(0, status=note))
             for idx, inputs, reasons in self.batches(batches):
+                rebalance()  # this process's share of the cores among the busy mmret processes
                 ok = np.array([not r for r in reasons])
                 stats.failed += record(idx, _to_arrays(runner(inputs), self.tokens, ok), reasons)
                 stats.encoded += len(idx)
