@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny_models
 
 from mmret.errors import MmretError
 from mmret.inference import runtime
@@ -32,7 +33,7 @@ def test_a_run_converts_once_and_answers_as_torch_does(run_dir, monkeypatch):
     got = run.encode_texts(texts).numpy()
     folder = runtime.folder_of(run_dir, run.digest)
     choice = json.loads((folder / "choice.json").read_text())
-    assert set(choice["cosine"]) == set(runtime.installed()) and "torch" in choice["ms"]
+    assert set(choice["cosine"]) == set(runtime.installed_runtimes()) and "torch" in choice["ms"]
     if choice["backend"] == "torch":  # measured slower or further than the rule allows: torch answers
         assert run.text_runtime is None and "no runtime both" in choice["reason"]
     else:
@@ -59,7 +60,7 @@ def test_a_forced_choice_runs_each_runtime_like_torch(run_dir, monkeypatch):
     with monkeypatch.context() as m:
         m.setenv(runtime.RUNTIME_ENV, "torch")
         expected = LoadedRun(run_dir).encode_texts(texts).numpy()
-    for backend in runtime.installed():
+    for backend in runtime.installed_runtimes():
         rt = runtime.TextRuntime(runtime.folder_of(run_dir, run.digest), runtime.Choice(backend, ""))
         np.testing.assert_allclose(rt(texts), expected, atol=5e-3)
     assert choice.cosine and all(c > 0.999 for c in choice.cosine.values())
@@ -72,4 +73,44 @@ def test_torch_when_turned_off_or_not_converted(run_dir, monkeypatch):
     assert runtime.text_runtime(LoadedRun(run_dir), convert=False) is None
     monkeypatch.setenv(runtime.RUNTIME_ENV, "fast")
     with pytest.raises(MmretError, match="MMRET_RUNTIME must be auto or torch, got 'fast'"):
-        runtime.mode()
+        runtime.runtime_mode()
+
+
+# ---------------------------------------------------------------------------- a frozen tower in precompute
+
+
+def test_a_frozen_tower_in_a_runtime_is_kept_by_the_rule_converted_once_and_recorded(example_ds, tmp_path,
+                                                                                       monkeypatch):
+    from mmret.encoders import convert as convert_mod
+    from mmret.encoders import load_image_encoder
+    from mmret.features import backend, ensure_features
+    from mmret.features import runner as runner_mod
+
+    monkeypatch.setenv(runtime.RUNTIME_ENV, "auto")
+    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(backend, "TRIAL_SECONDS", -1.0)  # a tiny tower's work never pays a conversion
+    vit = load_image_encoder(str(tiny_models.save_tiny_timm_vit(tmp_path / "vit")))
+    tried = []
+    real = runner_mod.TowerRunner._try_runtime
+    monkeypatch.setattr(runner_mod.TowerRunner, "_try_runtime",
+                        lambda self, *a: tried.append(self.manifest) or real(self, *a))
+    feats = ensure_features(example_ds, vit, workers=0, precision="fp32", batch_size=16)
+    assert len(tried) == 1 and list((tmp_path / "cache" / "towers").glob("*/tower.onnx"))
+    manifest = json.loads((feats.path / "manifest.json").read_text())
+    if manifest.get("backend"):
+        assert manifest["backend"] in runtime.BACKENDS and f"{manifest['backend']}: cosine to fp32" in \
+            manifest["precision_reason"]
+    with monkeypatch.context() as m:  # the same pictures through torch
+        m.setenv(runtime.RUNTIME_ENV, "torch")
+        shutil.rmtree(feats.path)
+        again = ensure_features(example_ds, vit, workers=0, precision="fp32", batch_size=16)
+    np.testing.assert_allclose(np.asarray(feats.pooled, dtype=np.float32), np.asarray(again.pooled, dtype=np.float32),
+                               atol=2e-2)
+    # the converted tower is reused (another dataset, a later run): no second conversion
+    shutil.rmtree(again.path)
+    monkeypatch.setattr(convert_mod, "to_onnx", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr(backend, "to_onnx", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr(backend, "TRIAL_SECONDS", 1e9)  # converted already: tried however little work is left
+    last = ensure_features(example_ds, vit, workers=0, precision="fp32", batch_size=16)
+    assert len(tried) == 3  # the torch run above looked too, and found the runtimes turned off
+    assert json.loads((last.path / "manifest.json").read_text()).get("backend") == manifest.get("backend")

@@ -41,7 +41,7 @@ SUBLAYERS: dict[str, list[str]] = {
     "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
     "encoders": ["base", "convert", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram",
                  "load"],
-    "features": ["config", "cache", "named", "runner", "encode", "shards", "views", "source", "precompute"],
+    "features": ["config", "cache", "named", "backend", "runner", "encode", "shards", "views", "source", "precompute"],
     "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "fused", "mixup", "dual",
                "bridge", "miniclip", "scratch_clip"],
     "methods": ["config", "queries", "base", "registry", "features", "heads", "bridge", "towers", "scratch",

@@ -315,7 +315,8 @@ class _Job:
         label = self.which if self.view is None else f"{self.which} view {self.view.index}"
         with self.reporter.task(f"{label} · {self.encoder.name}", total=total, unit=unit) as task:
             runner = TowerRunner(self.encoder, self.device, manifest, self.compile if self.which != CAPTIONS else False,
-                                 max(len(b) for b in batches), total, lambda note: task.advance(0, status=note))
+                                 max(len(b) for b in batches), total, lambda note: task.advance(0, status=note),
+                                 pooled_only=not self.tokens and self.which != CAPTIONS)
             for idx, inputs, reasons in self.batches(batches):
                 rebalance()  # this process's share of the cores among the busy mmret processes
                 ok = np.array([not r for r in reasons])

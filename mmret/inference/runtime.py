@@ -15,11 +15,9 @@ later starts neither convert nor measure again. Any failure falls back to torch 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,12 +27,13 @@ import numpy as np
 
 from mmret.common.io import atomic_dir, write_json
 from mmret.common.threads import compute_threads
+from mmret.encoders.convert import BACKENDS, RUNTIME_ENV, installed_runtimes, runtime_mode, runtime_session
 from mmret.errors import MmretError
+
+__all__ = ["BACKENDS", "RUNTIME_ENV", "Choice", "TextRuntime", "choose", "folder_of", "text_runtime"]
 
 _logger = logging.getLogger(__name__)
 
-RUNTIME_ENV = "MMRET_RUNTIME"  # auto (the measured rule) | torch
-BACKENDS = ("openvino", "onnxruntime")
 MIN_COSINE = 0.999
 FORMAT = 1
 EXAMPLE_TEXTS = ["a caption to trace the graph with", "two"]  # a batch of 2: torch.export keeps 0 and 1 fixed
@@ -50,51 +49,8 @@ class Choice:
     format: int = FORMAT
 
 
-def mode() -> str:
-    import os
-
-    value = os.environ.get(RUNTIME_ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "torch"):
-        raise MmretError(f"{RUNTIME_ENV} must be auto or torch, got {value!r}")
-    return value
-
-
-def installed() -> list[str]:
-    """The runtimes this environment has (and the converter they need)."""
-    if importlib.util.find_spec("onnxscript") is None:
-        return []
-    return [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
-
-
 def folder_of(run_dir: Path, digest: str) -> Path:
     return Path(run_dir) / "runtime" / f"text-{digest[:16]}"
-
-
-def _session(backend: str, onnx: Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """One call: inputs -> (B, D) embeddings; runs one request at a time (a server calls from threads)."""
-    threads, lock = compute_threads(), threading.Lock()
-    if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
-
-        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            with lock:
-                return session.run(None, feeds)[0]
-        return run
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(onnx), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                           "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-
-    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-        with lock:
-            return np.array(request.infer(feeds)[0], copy=True)
-    return run
 
 
 class TextRuntime:
@@ -105,7 +61,7 @@ class TextRuntime:
 
         self.folder, self.choice = folder, choice
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.run = _session(choice.backend, folder / "text.onnx")
+        self.run = runtime_session(choice.backend, folder / "text.onnx", compute_threads())
 
     def inputs(self, texts: list[str]) -> dict[str, np.ndarray]:
         encoded = self.tokenizer.encode_batch(list(texts))
@@ -128,12 +84,12 @@ def read_choice(folder: Path) -> Choice | None:
 def text_runtime(run: Any, convert: bool = True) -> TextRuntime | None:
     """The runtime for `run`'s text queries (a `LoadedRun`), or None for torch: converted and measured
     on first use when `convert`, the recorded decision afterwards."""
-    if mode() == "torch":
+    if runtime_mode() == "torch":
         return None
     folder = folder_of(run.run_dir, run.digest)
     choice = read_choice(folder)
     if choice is None:
-        if not convert or not installed():
+        if not convert or not installed_runtimes():
             return None
         choice = choose(run, folder)
     if choice.backend == "torch":
@@ -203,7 +159,7 @@ def choose(run: Any, folder: Path) -> Choice:
             expected = reference(texts)
             ms = {"torch": _median_ms(lambda: reference(texts[:1]))}
         cosine: dict[str, float] = {}
-        for backend in installed():
+        for backend in installed_runtimes():
             try:
                 runtime = TextRuntime(tmp, Choice(backend, ""))
                 cosine[backend] = _cosines(runtime(texts), expected)
