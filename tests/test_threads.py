@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in (threads.THREADS_ENV, "OMP_NUM_THREADS", "OMP_WAIT_POLICY"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded as it was, so what the code under test sets is undone after
+        monkeypatch.delenv(name)
     before = torch.get_num_threads()
     yield monkeypatch
     torch.set_num_threads(before)

@@ -91,7 +91,12 @@ def text_runtime(run: Any, convert: bool = True) -> TextRuntime | None:
     if choice is None:
         if not convert or not installed_runtimes():
             return None
-        choice = choose(run, folder)
+        try:
+            choice = choose(run, folder)
+        except Exception as e:  # noqa: BLE001 - the query is answered all the same, by torch
+            _logger.warning("text queries run in torch: converting %s failed (%s)", run.name,
+                            (str(e) or repr(e)).splitlines()[0])
+            return None
     if choice.backend == "torch":
         return None
     try:
