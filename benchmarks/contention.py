@@ -63,7 +63,8 @@ def main() -> None:
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores available")
     print(f"loadavg before: {Path('/proc/loadavg').read_text().strip()}")
-    where = subprocess.check_output([sys.executable, "-c", "import mmret; print(mmret.__file__)"], env=env, text=True)
+    where = subprocess.check_output([sys.executable, "-c", "import mmret; print(mmret.__file__)"], env=env, text=True,
+                                    cwd=tempfile.gettempdir())  # as the quick starts run: not from this checkout
     print(f"env: {' '.join(args.env) or '(none set)'}; mmret from {Path(where.strip()).parent}")
     with tempfile.TemporaryDirectory(prefix="mmret-contention-") as tmp:
         root = Path(tmp)
