@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import tiny_models
 from typer.testing import CliRunner
@@ -69,3 +70,41 @@ def test_the_remembered_spec_is_the_towers_and_is_dropped_when_its_files_change(
     (folder / named.MEMO).write_text("{not json")  # a damaged memo is only a lost shortcut
     assert not isinstance(named.named_tower(folder, str(towers["vit"]), "image"), named.NamedTower)
     assert json.loads((folder / named.MEMO).read_text())
+
+
+def test_the_same_pictures_under_another_dataset_name_encode_nothing(example_ds, towers, data_dir, monkeypatch):
+    import shutil
+
+    from mmret.data import PrepareConfig, load_dataset, prepare
+    from mmret.features import ensure_features
+
+    folder = data_dir.parent / "copies"  # the example's pictures and captions as a folder dataset, files renamed
+    folder.mkdir()
+    rows = example_ds.items.head(20)
+    for n, path in enumerate(rows["path"]):
+        shutil.copy(path, folder / f"copy{n}.png")
+        captions = example_ds.captions[example_ds.captions["item_id"] == rows["item_id"].iloc[n]]["caption"]
+        (folder / f"copy{n}.txt").write_text("\n".join(captions) + "\n")
+    (folder / "new.png").write_bytes(tiny_models.save_picture(data_dir.parent / "new.png", seed=7).read_bytes())
+    (folder / "new.txt").write_text("a new picture\n")
+    prepare(PrepareConfig(source="folder", root=folder, name="copies", data_dir=data_dir))
+    vit = load_image_encoder(str(towers["vit"]))
+    first = ensure_features(example_ds, vit, workers=0, precision="fp32")
+    copies = load_dataset("copies", data_dir)
+    again = ensure_features(copies, vit, workers=0, precision="fp32")
+    assert (again.stats.encoded, again.stats.reused) == (1, 20)  # only the new picture is encoded
+    lent, checked = dict(zip(first.ids, np.asarray(first.pooled))), 0
+    for item, row in zip(again.ids, np.asarray(again.pooled)):
+        source = copies.items.set_index("item_id").loc[item, "path"]
+        if "copy" in source:
+            original = rows["item_id"].iloc[int(source.rsplit("copy", 1)[1].split(".")[0])]
+            np.testing.assert_array_equal(row, lent[str(original)])
+            checked += 1
+    assert checked == 20
+    # captions lend by their text across datasets too
+    from mmret.encoders import load_text_encoder
+
+    bert = load_text_encoder(str(towers["bert"]))
+    ensure_features(example_ds, bert, "captions", workers=0, precision="fp32")
+    texts = ensure_features(copies, bert, "captions", workers=0, precision="fp32")
+    assert texts.stats.encoded == 1 and texts.stats.reused == len(copies.captions) - 1
