@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmret.common.paths import ANYWHERE
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder
 from mmret.features import backend, ensure_features
@@ -166,7 +167,7 @@ def flops_per_image(encoder) -> float:
 
 def decode_rate(encoder, paths: list[str]) -> tuple[float, float]:
     """Pictures/s of decoding + preprocessing on one core (as a DataLoader worker runs it)."""
-    load = encoder.item_loader()
+    load = encoder.item_loader().reading(ANYWHERE)  # the benchmark's own files
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
