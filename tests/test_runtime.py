@@ -77,6 +77,9 @@ def test_torch_when_turned_off_or_not_converted(run_dir, monkeypatch):
     assert LoadedRun(run_dir).text_runtime is None
     monkeypatch.setenv(runtime.RUNTIME_ENV, "auto")
     assert runtime.text_runtime(LoadedRun(run_dir), convert=False) is None
+    with runtime.no_conversion():  # the quick start's one search
+        assert LoadedRun(run_dir).text_runtime is None
+    assert not runtime.folder_of(run_dir, LoadedRun(run_dir).digest).exists()
     monkeypatch.setenv(runtime.RUNTIME_ENV, "fast")
     with pytest.raises(MmretError, match="MMRET_RUNTIME must be auto or torch, got 'fast'"):
         runtime.runtime_mode()

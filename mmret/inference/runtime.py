@@ -15,13 +15,15 @@ later starts neither convert nor measure again. Any failure falls back to torch 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,7 +32,7 @@ from mmret.common.threads import compute_threads
 from mmret.encoders.convert import BACKENDS, RUNTIME_ENV, installed_runtimes, runtime_mode, runtime_session
 from mmret.errors import MmretError
 
-__all__ = ["BACKENDS", "RUNTIME_ENV", "Choice", "TextRuntime", "choose", "folder_of", "text_runtime"]
+__all__ = ["BACKENDS", "RUNTIME_ENV", "Choice", "TextRuntime", "choose", "folder_of", "no_conversion", "text_runtime"]
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +49,21 @@ class Choice:
     ms: dict[str, float] = field(default_factory=dict)  # backend (and torch) -> median ms for one query
     pretrained_words: bool = True  # the run knows words beyond its captions (no unknown-word notes needed)
     format: int = FORMAT
+
+
+_converting = threading.local()  # False inside `no_conversion()`
+
+
+@contextlib.contextmanager
+def no_conversion() -> Iterator[None]:
+    """Text queries inside this block use a runtime already converted, never convert one: for a run
+    queried once (the quick start's one search), where a conversion costs more than it saves."""
+    before = getattr(_converting, "allowed", True)
+    _converting.allowed = False
+    try:
+        yield
+    finally:
+        _converting.allowed = before
 
 
 def folder_of(run_dir: Path, digest: str) -> Path:
@@ -89,7 +106,7 @@ def text_runtime(run: Any, convert: bool = True) -> TextRuntime | None:
     folder = folder_of(run.run_dir, run.digest)
     choice = read_choice(folder)
     if choice is None:
-        if not convert or not installed_runtimes():
+        if not convert or not getattr(_converting, "allowed", True) or not installed_runtimes():
             return None
         try:
             choice = choose(run, folder)
