@@ -39,7 +39,6 @@ def quickstart(data_dir: Path | None = None, runs_dir: Path | None = None, epoch
     from mmret.api import load
     from mmret.data import prepare
     from mmret.evaluation.retrieval import evaluate_run
-    from mmret.inference.runtime import no_conversion
     from mmret.training import train
 
     start = time.perf_counter()
@@ -60,6 +59,5 @@ def quickstart(data_dir: Path | None = None, runs_dir: Path | None = None, epoch
     step(3)
     evaluated = evaluate_run(trained.run_dir, split="test", reporter=reporter)
     step(4)
-    with no_conversion():  # one search of a new run: converting its text side for a runtime would not pay
-        searched = load(trained.run_dir).search(QUERY, split="all", k=5, reporter=reporter)
+    searched = load(trained.run_dir).search(QUERY, split="all", k=5, reporter=reporter)
     return QuickstartResult(prepared, trained, evaluated, searched, time.perf_counter() - start)

@@ -36,7 +36,8 @@ def test_a_run_converts_once_and_answers_as_torch_does(run_dir, monkeypatch):
         m.setenv(runtime.RUNTIME_ENV, "torch")
         expected = LoadedRun(run_dir).encode_texts(texts).numpy()
     run = LoadedRun(run_dir)
-    got = run.encode_texts(texts).numpy()
+    with runtime.allow_conversion():  # as `mmret serve` starts
+        got = run.encode_texts(texts).numpy()
     folder = runtime.folder_of(run_dir, run.digest)
     choice = json.loads((folder / "choice.json").read_text())
     assert set(choice["cosine"]) == set(runtime.installed_runtimes()) and "torch" in choice["ms"]
@@ -77,8 +78,7 @@ def test_torch_when_turned_off_or_not_converted(run_dir, monkeypatch):
     assert LoadedRun(run_dir).text_runtime is None
     monkeypatch.setenv(runtime.RUNTIME_ENV, "auto")
     assert runtime.text_runtime(LoadedRun(run_dir), convert=False) is None
-    with runtime.no_conversion():  # the quick start's one search
-        assert LoadedRun(run_dir).text_runtime is None
+    assert LoadedRun(run_dir).text_runtime is None  # a search, an eval, a Python call: no conversion of its own
     assert not runtime.folder_of(run_dir, LoadedRun(run_dir).digest).exists()
     monkeypatch.setenv(runtime.RUNTIME_ENV, "fast")
     with pytest.raises(MmretError, match="MMRET_RUNTIME must be auto or torch, got 'fast'"):

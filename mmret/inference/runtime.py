@@ -32,7 +32,8 @@ from mmret.common.threads import compute_threads
 from mmret.encoders.convert import BACKENDS, RUNTIME_ENV, installed_runtimes, runtime_mode, runtime_session
 from mmret.errors import MmretError
 
-__all__ = ["BACKENDS", "RUNTIME_ENV", "Choice", "TextRuntime", "choose", "folder_of", "no_conversion", "text_runtime"]
+__all__ = ["BACKENDS", "RUNTIME_ENV", "Choice", "TextRuntime", "allow_conversion", "choose", "folder_of",
+           "text_runtime"]
 
 _logger = logging.getLogger(__name__)
 
@@ -51,15 +52,16 @@ class Choice:
     format: int = FORMAT
 
 
-_converting = threading.local()  # False inside `no_conversion()`
+_converting = threading.local()  # True inside `allow_conversion()`
 
 
 @contextlib.contextmanager
-def no_conversion() -> Iterator[None]:
-    """Text queries inside this block use a runtime already converted, never convert one: for a run
-    queried once (the quick start's one search), where a conversion costs more than it saves."""
-    before = getattr(_converting, "allowed", True)
-    _converting.allowed = False
+def allow_conversion() -> Iterator[None]:
+    """Text queries inside this block may convert the run's text side for a runtime (about 20 s on a
+    2-core CPU). Only a process that answers many queries pays that back: `mmret serve` converts at
+    start; a search, an eval or a Python call uses a runtime already converted, and torch otherwise."""
+    before = getattr(_converting, "allowed", False)
+    _converting.allowed = True
     try:
         yield
     finally:
@@ -106,7 +108,7 @@ def text_runtime(run: Any, convert: bool = True) -> TextRuntime | None:
     folder = folder_of(run.run_dir, run.digest)
     choice = read_choice(folder)
     if choice is None:
-        if not convert or not getattr(_converting, "allowed", True) or not installed_runtimes():
+        if not convert or not getattr(_converting, "allowed", False) or not installed_runtimes():
             return None
         try:
             choice = choose(run, folder)
