@@ -10,7 +10,9 @@ else a random DINOv2-S built from its config):
             form), and how fast decoding + preprocessing one picture runs on one core;
   naive     load, preprocess and encode one picture at a time (fp32, batch 1, no workers);
   pipeline  `ensure_features` as the command runs it (DataLoader workers, batches), for every
-            precision (fp32, bf16, int8) eager and compiled (int8 has only a compiled form).
+            precision (fp32, bf16, int8) eager and compiled (int8 has only a compiled form), and
+            through an inference runtime (`runtime`: OpenVINO / ONNX Runtime as `mmret.features.backend`
+            tries them, converting once; kept only when it passes the measured rule, else torch eager).
 For each pipeline: images/s, the model's FLOP/s, that over the dense matmul rate of its dtype at
 the model's shapes (target for bf16 >= 0.6), the speed-up over the naive loop (target >= 3x), and
 for int8 the speed-up over the bf16 pipeline (target >= 1.5x); plus the compile time and the
@@ -19,12 +21,13 @@ per CPU second times the thread count (what the work costs: it hardly changes wh
 compete for the cores); the load average is printed so the wall numbers can be judged.
 
     python benchmarks/precompute.py [--images 256] [--photo 640x480] [--precisions fp32 bf16 int8]
-                                    [--forms eager compiled] [--threads N] [--model PATH]
+                                    [--forms eager compiled runtime] [--threads N] [--model PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -37,9 +40,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmret.common.paths import ANYWHERE
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder
-from mmret.features import ensure_features
+from mmret.features import backend, ensure_features
 
 OFFLINE = Path("~/.cache/mmret-offline/models/dinov2-small").expanduser()
 THREADS = torch.get_num_threads()
@@ -163,7 +167,7 @@ def flops_per_image(encoder) -> float:
 
 def decode_rate(encoder, paths: list[str]) -> tuple[float, float]:
     """Pictures/s of decoding + preprocessing on one core (as a DataLoader worker runs it)."""
-    load = encoder.item_loader()
+    load = encoder.item_loader().reading(ANYWHERE)  # the benchmark's own files
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -224,17 +228,21 @@ class Clock:
         return n / (rest[-1][0] - w0), n / (rest[-1][1] - c0) * THREADS
 
 
-def pipeline(dataset, encoder, precision: str, compiled: bool, workers: int | None) -> dict:
+def pipeline(dataset, encoder, precision: str, form: str, workers: int | None) -> dict:
     shutil.rmtree(dataset.path / "features", ignore_errors=True)
+    os.environ["MMRET_RUNTIME"] = "auto" if form == "runtime" else "torch"
+    backend.TRIAL_SECONDS = -1.0  # the runtime form tries the runtime whatever the work left
     clock = Clock()
     start = time.perf_counter()
     with Meter() as m:
-        feats = ensure_features(dataset, encoder, "images", precision=precision, compile=compiled,
+        feats = ensure_features(dataset, encoder, "images", precision=precision, compile=form == "compiled",
                                 reporter=clock, workers=workers)
     s = feats.stats
     first = clock.marks[0][0] - start
+    ran = json.loads((feats.path / "manifest.json").read_text()).get("backend")
     return {"overall": rates(s.encoded, m), "steady": clock.steady(), "precision": s.precision,
-            "compiled": s.compiled, "reason": s.precision_reason, "batch": s.batch_size, "first_s": first}
+            "compiled": s.compiled, "reason": s.precision_reason, "batch": s.batch_size, "first_s": first,
+            "backend": ran}
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -268,12 +276,17 @@ def report(b: dict, flops: float, decode: tuple, naive_rate: tuple, runs: dict, 
               f"{s[0] * flops / 1e9:8.0f}/{s[1] * flops / 1e9:<8.0f} "
               f"{s[0] * flops / peak[0]:6.2f}/{s[1] * flops / peak[1]:<6.2f} "
               f"{s[0] / naive_rate[0]:6.2f}/{s[1] / naive_rate[1]:<6.2f} {rel} {r['first_s']:8.0f}s  "
-              f"{r['precision']}{' compiled' if r['compiled'] else ''}")
+              f"{r['precision']}{' compiled' if r['compiled'] else ''}{' ' + r['backend'] if r['backend'] else ''}")
     print("\nimages/s after the first batch (which holds the precision check and any compile); 'x matmul' is the "
           "model's FLOP/s over the dense matmul rate of the dtype it ran in, at the model's shapes (targets: "
           "bf16 >= 0.6, >= 3x naive; int8 >= 1.5x bf16)")
     for (precision, form), r in runs.items():
         print(f"  {precision}, {form}: {r['reason']}")
+    for precision in ("fp32", "bf16"):
+        if (precision, "runtime") in runs and ("bf16", "compiled") in runs:
+            s, c = runs[(precision, "runtime")]["steady"], runs[("bf16", "compiled")]["steady"]
+            print(f"{precision}, runtime ({runs[(precision, 'runtime')]['backend'] or 'not kept: torch'}) over bf16 "
+                  f"compiled torch: {s[0] / c[0]:.2f}x wall, {s[1] / c[1]:.2f}x CPU time (target >= 1.4x)")
 
 
 def main() -> None:
@@ -283,7 +296,8 @@ def main() -> None:
     parser.add_argument("--photo", default="640x480", help="generated JPEG size, e.g. 4032x3024 for phone photos")
     parser.add_argument("--model", type=Path, default=OFFLINE)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
-    parser.add_argument("--forms", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--forms", nargs="+", default=["eager", "compiled", "runtime"],
+                        choices=["eager", "compiled", "runtime"])
     parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: as the command)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -293,11 +307,15 @@ def main() -> None:
         THREADS = args.threads
     logging.basicConfig(level=logging.WARNING, format="  %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"{cpu}; /proc/loadavg {Path('/proc/loadavg').read_text().strip()}")
     print(f"torch {torch.__version__}, {THREADS} threads, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.1f}")
     size = tuple(int(v) for v in args.photo.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        os.environ[backend.CACHE_ENV] = str(tmp / "cache")  # the runtime form converts in its first batch
         make_photos(tmp / "photos", args.images, size)
         prepare(PrepareConfig(source="folder", root=tmp / "photos", name="bench", val=0.0, test=0.0,
                               data_dir=tmp / "data"))
@@ -314,12 +332,12 @@ def main() -> None:
         runs = {}
         for precision in args.precisions:
             for form in args.forms:
-                if precision == "int8" and form == "eager":
-                    continue  # int8 runs compiled only
-                runs[(precision, form)] = pipeline(dataset, encoder, precision, form == "compiled", args.workers)
+                if precision == "int8" and form != "compiled":
+                    continue  # int8 runs compiled only (a runtime's int8 is not built yet)
+                runs[(precision, form)] = pipeline(dataset, encoder, precision, form, args.workers)
                 print(f"  {precision}, {form} done, load average {os.getloadavg()[0]:.1f}", flush=True)
         report(b, flops, decode, naive_rate, runs, batch)
-    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    print(f"load average at end {os.getloadavg()[0]:.1f}; /proc/loadavg {Path('/proc/loadavg').read_text().strip()}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import tiny_models
 
 from mmret.data import PrepareConfig, load_dataset, prepare
+
+# text queries through an inference runtime convert the run's text side on first use (seconds a run);
+# tests/test_runtime.py turns it on where it is the subject
+os.environ.setdefault("MMRET_RUNTIME", "torch")
 
 
 @pytest.fixture

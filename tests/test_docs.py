@@ -125,6 +125,9 @@ def _commands() -> dict[str, set[str]]:
             for name, cmd in group.commands.items()}
 
 
+GROUP_OPTIONS = {"--threads"}  # options of `mmret` itself that take a value, written before the command
+
+
 def mmret_calls(text: str) -> list[tuple[str, list[str]]]:
     """(command, its option names) for every `mmret CMD ...` (or `python -m mmret CMD ...`) in shell text:
     each line of the code blocks, lines ending in a backslash joined, and each inline span that starts with one."""
@@ -145,6 +148,8 @@ def mmret_calls(text: str) -> list[tuple[str, list[str]]]:
                 continue
             for i, token in enumerate(tokens[:-1]):
                 if token == "mmret" and (i == 0 or tokens[i - 1] in SHELL_ENDS | {"-m", "$"}):
+                    while i + 2 < len(tokens) and tokens[i + 1] in GROUP_OPTIONS:  # `mmret --threads 1 CMD`
+                        i += 2
                     rest = []
                     for t in tokens[i + 2:]:
                         if t in SHELL_ENDS:
@@ -168,6 +173,16 @@ def test_every_mmret_command_in_the_docs_is_real_with_real_options():
             wrong += [f"{where}: `mmret {name}` has no option {o}" for o in options if o not in commands[name]]
     assert not wrong, "\n".join(wrong)
     assert seen == set(commands), f"commands no page shows in a code block: {set(commands) - seen}"
+
+
+def test_the_group_options_are_the_apps():
+    import typer
+
+    from mmret.cli import app
+
+    valued = {o for p in typer.main.get_command(app).params if not p.is_flag for o in p.opts}
+    assert valued == GROUP_OPTIONS
+    assert mmret_calls("```\nmmret --threads 1 search --top 3 a\n```") == [("search", ["--top"])]
 
 
 def test_the_command_check_reads_shell_as_a_shell():

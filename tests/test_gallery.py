@@ -116,7 +116,10 @@ def test_eval_and_train_refuse_a_gallery_without_captions(env, tmp_path):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Rows the frozen towers encode, and rows a run embeds, from now on."""
+    """Rows the frozen towers encode, and rows a run embeds, from now on. The galleries here copy the
+    example's pictures, whose features the example's caches would lend by content (test_never_twice.py):
+    that is turned off, so what is counted is one dataset's own reuse."""
+    monkeypatch.setattr(encoding, "content_twins", lambda *args, **kwargs: [])
     seen = {"encoded": 0, "embedded": 0}
     real_encode, real_embed = encoding._Job.encode, loaded.embed_source
 

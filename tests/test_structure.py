@@ -34,14 +34,14 @@ LAYERS = ["errors", "common", "metrics", "modalities", "data", "encoders", "feat
 # the same rule inside a subpackage, lowest first, for the modules (or folders) it names; modules it does not
 # name (package faces among them) stand outside that order
 SUBLAYERS: dict[str, list[str]] = {
-    "common": ["version", "lazy", "registry", "options", "paths", "io", "digest", "items", "progress", "shards",
-               "device"],
+    "common": ["version", "lazy", "threads", "registry", "options", "paths", "io", "digest", "items", "progress",
+               "shards", "device"],
     "metrics": ["retrieval", "classification"],
     "modalities": ["base", "spectrogram", "listening", "image", "audio"],
     "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
     "encoders": ["base", "convert", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram",
                  "load"],
-    "features": ["config", "cache", "runner", "encode", "shards", "views", "source", "precompute"],
+    "features": ["config", "cache", "named", "backend", "runner", "encode", "shards", "views", "source", "precompute"],
     "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "fused", "mixup", "dual",
                "bridge", "miniclip", "scratch_clip"],
     "methods": ["config", "queries", "base", "registry", "features", "heads", "bridge", "towers", "scratch",
@@ -50,7 +50,7 @@ SUBLAYERS: dict[str, list[str]] = {
     "training": ["losses", "batches", "sam", "snapshot", "gradcache", "world", "step", "session", "distributed",
                  "plots", "dry_run", "loop"],
     "memory": ["live", "probe", "plan"],
-    "inference": ["inputs", "loaded", "embeddings", "exact", "index", "search", "zeroshot"],
+    "inference": ["inputs", "runtime", "loaded", "embeddings", "exact", "index", "search", "zeroshot"],
     "figures": ["draw", "maps", "failures"],
     "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe", "suite"],
     "export": ["registry", "card", "graphs", "peft_adapter", "onnx_format", "openvino_format", "sbert", "catalog"],

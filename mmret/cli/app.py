@@ -12,6 +12,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from mmret.common.options import settings_of
+from mmret.common.threads import THREADS_ENV, share_the_machine
 from mmret.common.version import __version__
 from mmret.errors import MmretError, explain, printable
 from mmret.runs.config import ITEM_FLAGS, EncoderConfig
@@ -87,11 +88,17 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
+@command
 def main_callback(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", envvar=THREADS_ENV, show_envvar=True, show_default=False,
+        help="CPU threads for the model's math [default: the cores this process may use; OMP_NUM_THREADS "
+             "if set].")] = None,
 ) -> None:
     """Image-text and audio-text retrieval you can train on one consumer GPU or a laptop CPU."""
+    share_the_machine(threads)  # before any command imports torch: waiting threads sleep, pools fit the cores
     root = logging.getLogger()
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()

@@ -63,7 +63,8 @@ def show_precompute(result) -> None:
         rows.append((feats.which, name, f"{s.encoded:,} / {s.reused:,}", str(tuple(feats.pooled.shape)),
                      tokens, s.precision or "-", ui.human_bytes(feats.disk_bytes), f"{s.seconds:.1f}s", rate))
     columns = ["rows", "tower", "new / reused", "pooled", "tokens", "precision", "disk", "time", "rows/s"]
-    ui.console.print(ui.table(f"{result.dataset}: frozen features on {result.device}", columns, rows))
+    where = f"on {result.device}" if result.device else "(all cached: no tower loaded)"
+    ui.console.print(ui.table(f"{result.dataset}: frozen features {where}", columns, rows))
     for _, feats in result.parts:
         if feats.stats.precision_reason:
             ui.console.print(f"{feats.which} precision: {feats.stats.precision_reason}", highlight=False)

@@ -112,10 +112,11 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding workers: on the CPU leave the cores to the model but one; on a GPU use more."""
-    import os
+    """Decoding workers: on the CPU leave the cores to the model but one; on a GPU use more. The cores are
+    those this process may use (a worker process runs one torch thread)."""
+    from mmret.common.threads import available_cores
 
-    cpus = os.cpu_count() or 1
+    cpus = available_cores()
     return min(8, cpus) if device.type == "cuda" else min(4, max(1, cpus - 1))
 
 

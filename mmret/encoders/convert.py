@@ -8,15 +8,19 @@ graph, and saves the weights in float32 (`compress_to_fp16=False`: OpenVINO's de
 OpenVINO on a CPU with bfloat16 units also computes in bfloat16 unless told otherwise: `RUNTIME`
 holds the setting that keeps float32, which a caller passes to `compile_model`.
 
-Exports use these for a run's towers; an inference backend for frozen towers uses them for a tower
-alone. Both need the `export` extra (onnx, onnxscript, onnxruntime, openvino).
+Exports use these for a run's towers; the inference backends (a frozen tower in precompute, a run's
+text queries) use them for a tower alone and open the result with `runtime_session`. Both need the
+`export` extra (onnx, onnxscript, onnxruntime, openvino). `MMRET_RUNTIME=torch` keeps the backends off.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,6 +29,8 @@ from mmret.errors import MmretError
 
 RUNTIME = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO compile_model settings that keep float32 on any CPU
 OPSET = 18
+RUNTIME_ENV = "MMRET_RUNTIME"  # auto (each backend kept by its measured rule) | torch
+BACKENDS = ("openvino", "onnxruntime")  # tried in this order
 
 
 def _need(module: str) -> Any:
@@ -72,3 +78,48 @@ def to_openvino(onnx_path: Path, path: Path) -> Path:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MmretError(f"cannot convert {onnx_path.name} to OpenVINO: {first[:300]}") from None
     return path
+
+
+def runtime_mode() -> str:
+    value = os.environ.get(RUNTIME_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "torch"):
+        raise MmretError(f"{RUNTIME_ENV} must be auto or torch, got {value!r}")
+    return value
+
+
+def installed_runtimes() -> list[str]:
+    """The runtimes this environment has (with the converter they need), none when turned off."""
+    if runtime_mode() == "torch" or importlib.util.find_spec("onnxscript") is None:
+        return []
+    return [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
+
+
+def runtime_session(backend: str, onnx: Path, threads: int) -> Callable[[dict[str, Any]], Any]:
+    """An ONNX file opened by `backend` on the CPU with `threads` threads: numpy inputs -> the first
+    output (a numpy array). Runs one request at a time (a server calls from several threads); OpenVINO
+    keeps its default precision (bfloat16 on CPUs with bfloat16 units): callers check its cosine."""
+    import numpy as np
+
+    lock = threading.Lock()
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+
+        def run(feeds: dict[str, Any]) -> Any:
+            with lock:
+                return session.run(None, feeds)[0]
+        return run
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(onnx), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                           "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def run_ov(feeds: dict[str, Any]) -> Any:
+        with lock:
+            return np.array(request.infer(feeds)[0], copy=True)
+    return run_ov

@@ -173,10 +173,10 @@ def _architecture_preprocess(source: ModelSource) -> ImagePreprocess:
 
 def hf_image_encoder(source: ModelSource, image_size: int | None, pooling: str | None,
                      weights: bool = True) -> ImageEncoder:
-    from transformers import AutoModel, CLIPVisionModelWithProjection
-
     config = hf_config(source)
     if is_clip(source.config, "vision"):
+        from transformers import CLIPVisionModelWithProjection  # seconds to import: only for CLIP towers
+
         vision = config.vision_config if source.config["model_type"] == "clip" else config
         vision.projection_dim = getattr(config, "projection_dim", vision.projection_dim)  # kept on the top config
         model = load_hf(CLIPVisionModelWithProjection, source, vision, weights)
@@ -185,6 +185,8 @@ def hf_image_encoder(source: ModelSource, image_size: int | None, pooling: str |
         raise MmretError(f"{source.id}: model type {source.config['model_type']!r} has two towers and only "
                          "CLIP's are supported; pass a vision-only model")
     else:
+        from transformers import AutoModel
+
         model, vision = load_hf(AutoModel, source, config, weights), config
         if not accepts(model, "pixel_values"):
             raise MmretError(f"{source.id} ({source.config['model_type']}) is not an image model")

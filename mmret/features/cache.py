@@ -415,6 +415,7 @@ class FeatureCache:
 
 
 STAMPS = "stamps.json"
+CONTENT = "content.json"  # items: a digest of each file's bytes (captions lend by their stamps, which are their text)
 
 
 def _spec_text(spec: Any) -> str:
@@ -437,10 +438,11 @@ def sibling_caches(dataset: PreparedDataset, encoder: Any, which: str, tokens: b
     return sorted(found, key=lambda pm: str(pm[1].get("created", "")), reverse=True)
 
 
-def lendable_rows(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """(stamps, rows) of a cache's rows that are computed and valid, or None for a cache without stamps."""
+def lendable_rows(path: Path, manifest: dict, stamps_file: str = STAMPS) -> tuple[np.ndarray, np.ndarray] | None:
+    """(stamps, rows) of a cache's rows that are computed and valid, or None for a cache without stamps
+    (`stamps_file`: CONTENT for the items' contents)."""
     try:
-        stamps = np.asarray(read_json(path / STAMPS), dtype=object)
+        stamps = np.asarray(read_json(path / stamps_file), dtype=object)
         ids = np.asarray(read_json(path / "ids.json")).astype(str)
     except (OSError, ValueError):
         return None

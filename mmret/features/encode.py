@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,22 +21,26 @@ import pandas as pd
 import torch
 
 from mmret.common.device import check_precision, default_workers, synchronize
-from mmret.common.io import read_json
+from mmret.common.io import read_json, write_json
 from mmret.common.progress import NULL, Reporter
+from mmret.common.threads import rebalance
 from mmret.common.version import __version__
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
-from mmret.data.stamps import match
+from mmret.data.stamps import content_stamps, match
 from mmret.errors import MmretError
 from mmret.features.cache import (
     CAPTIONS,
+    CONTENT,
     FORMAT,
+    STAMPS,
     CachedFeatures,
     EncodeStats,
     FeatureCache,
     _layout,
     _now,
     _read_manifest,
+    _spec_text,
     _split_shards,
     _view,
     cache_rows,
@@ -170,6 +175,27 @@ def tower_precision(device: torch.device, precision: str, which: str) -> str:
     return precision
 
 
+def content_twins(dataset: PreparedDataset, encoder: Any, which: str, tokens: bool,
+                  view: Any = None) -> list[tuple[Path, dict]]:
+    """Caches of the same tower, token setting and augmented view in the other datasets of the same
+    data folder that record their rows' content (`CONTENT`; captions: their stamps), newest first:
+    the same picture or caption there lends its features. Caches written before contents were
+    recorded still open; they only lend nothing to other datasets."""
+    spec, view_spec = _spec_text(encoder.spec), _spec_text(None if view is None else view.spec())
+    found = []
+    for folder in sorted(dataset.path.parent.iterdir()) if dataset.path.parent.is_dir() else []:
+        root = folder / "features"
+        if folder == dataset.path or not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            manifest = _read_manifest(path) if path.is_dir() else None
+            if (manifest is not None and manifest.get("which") == which and bool(manifest.get("tokens")) == tokens
+                    and _spec_text(manifest.get("encoder")) == spec and _spec_text(manifest.get("view")) == view_spec
+                    and (which == CAPTIONS or (path / CONTENT).is_file())):
+                found.append((path, manifest))
+    return sorted(found, key=lambda pm: str(pm[1].get("created", "")), reverse=True)
+
+
 @dataclass
 class _Job:
     """One `ensure_features` call: what to encode and how."""
@@ -202,6 +228,11 @@ class _Job:
     def stamps(self) -> np.ndarray:
         return row_stamps(self.dataset, self.which, self.rows)
 
+    @functools.cached_property
+    def content(self) -> np.ndarray:
+        """What each row is, whatever its dataset: its file's bytes (items) or its text (captions)."""
+        return self.stamps if self.which == CAPTIONS else content_stamps(self.rows["path"])
+
     def prepare(self, cache: FeatureCache) -> None:
         """Open the half-built cache in the folder, or allocate a new one."""
         manifest = _read_manifest(cache.path)
@@ -221,6 +252,8 @@ class _Job:
             "view": None if self.view is None else self.view.spec(),
             "created": _now(),
         }, self.ids.tolist(), shapes, {n: dtypes[n] for n in shapes}, self.stamps.tolist())
+        if self.which != CAPTIONS:
+            write_json(cache.path / CONTENT, self.content.tolist())
         cache.writable()
 
     def batches(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
@@ -260,12 +293,18 @@ class _Job:
         same stamp (the same unchanged file, or the same caption); returns the rows left to encode.
         A cache computed in another precision than the one requested lends nothing."""
         cache = progress.cache
-        for path, manifest in sibling_caches(self.dataset, self.encoder, self.which, self.tokens, cache.path,
-                                             self.view):
-            lent = lendable_rows(path, manifest)
-            if not len(todo) or lent is None or not self._compatible(cache.manifest, manifest):
+        siblings = [(path, manifest, STAMPS) for path, manifest in sibling_caches(
+            self.dataset, self.encoder, self.which, self.tokens, cache.path, self.view)]
+        twins = [(path, manifest, STAMPS if self.which == CAPTIONS else CONTENT) for path, manifest in content_twins(
+            self.dataset, self.encoder, self.which, self.tokens, self.view)]  # other datasets: by content
+        for path, manifest, kind in siblings + twins:
+            if not len(todo) or not self._compatible(cache.manifest, manifest):
                 continue
-            found, missing = match(self.stamps[todo], lent[0])
+            lent = lendable_rows(path, manifest, kind)
+            if lent is None:
+                continue
+            mine = self.stamps if kind == STAMPS else self.content  # a caption's stamp is its text
+            found, missing = match(mine[todo], lent[0])
             rows, source = todo[found >= 0], lent[1][found[found >= 0]]
             arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in cache.arrays}
             order = np.argsort(source)  # sorted reads of the old arrays
@@ -314,8 +353,10 @@ class _Job:
         label = self.which if self.view is None else f"{self.which} view {self.view.index}"
         with self.reporter.task(f"{label} · {self.encoder.name}", total=total, unit=unit) as task:
             runner = TowerRunner(self.encoder, self.device, manifest, self.compile if self.which != CAPTIONS else False,
-                                 max(len(b) for b in batches), total, lambda note: task.advance(0, status=note))
+                                 max(len(b) for b in batches), total, lambda note: task.advance(0, status=note),
+                                 pooled_only=not self.tokens and self.which != CAPTIONS)
             for idx, inputs, reasons in self.batches(batches):
+                rebalance()  # this process's share of the cores among the busy mmret processes
                 ok = np.array([not r for r in reasons])
                 stats.failed += record(idx, _to_arrays(runner(inputs), self.tokens, ok), reasons)
                 stats.encoded += len(idx)

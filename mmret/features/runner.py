@@ -131,10 +131,11 @@ class TowerRunner:
     batch when None), switching to a compiled or int8 form as the module docstring says."""
 
     def __init__(self, tower: Any, device: torch.device, manifest: dict, compile: bool | None, batch_size: int,
-                 rows_left: int, status: Callable[[str], None] | None = None):
+                 rows_left: int, status: Callable[[str], None] | None = None, pooled_only: bool = False):
         self.tower, self.device, self.manifest, self.batch_size = tower, device, manifest, batch_size
-        self.want_compile, self.rows_left = compile, rows_left
+        self.want_compile, self.rows_left, self.pooled_only = compile, rows_left, pooled_only
         self.compiled: Any = None  # the compiled (or int8) tower, once it runs
+        self.runtime: Any = None  # the tower in an inference runtime (`mmret.features.backend`), once kept
         self.status = status or (lambda note: None)
         self.first = True
 
@@ -147,6 +148,8 @@ class TowerRunner:
         if self.first:
             self.first = False
             out = self._first_batch(inputs)
+        elif self.runtime is not None:
+            out = self.runtime(**inputs)
         else:
             out = self._run_compiled(inputs) if self.compiled is not None else self._eager(inputs)
         self.rows_left -= n
@@ -182,6 +185,10 @@ class TowerRunner:
             self.manifest["precision_reason"] += "; int8 failed, fp32 instead"
             return reference
         out = outputs[eager]
+        if self.pooled_only and self.device.type == "cpu" and self.precision in ("fp32", "bf16"):
+            kept = self._try_runtime(inputs, outputs, eager, seconds[eager] * self.rows_left / n)
+            if kept is not None:
+                return kept
         compile = self.want_compile
         if compile is None:
             compile = self.device.type == "cpu" and seconds[eager] * self.rows_left / n > AUTO_COMPILE_SECONDS
@@ -191,6 +198,47 @@ class TowerRunner:
                 out, compile_seconds, batch_seconds = started
                 if auto and self._int8_worth_trying(compile_seconds, batch_seconds, n):
                     out = self._try_int8(inputs, reference, out, batch_seconds)
+        return out
+
+    def _try_runtime(self, inputs: dict, outputs: dict, eager: str, seconds_left: float) -> Any:
+        """Keep an inference runtime's form of the tower (`mmret.features.backend`) when it agrees with
+        fp32 on this batch and is faster than torch's `eager` form; its output, or None."""
+        from mmret.features import backend
+
+        if self.want_compile is True or not backend.worth_trying(self.tower, inputs, seconds_left):
+            return None
+        reference = outputs["fp32"] if "fp32" in outputs else forward(self.tower, inputs, self.device, "fp32")
+        self.status("converting for an inference runtime")
+        try:
+            candidates = backend.runtimes(self.tower, inputs)
+        except Exception as e:  # noqa: BLE001 - no converter, an op it cannot convert: torch encodes
+            _logger.warning("no inference runtime for %s: %s", self.tower.name, (str(e) or repr(e)).splitlines()[0])
+            return None
+        finally:
+            self.status("")
+        start = time.perf_counter()
+        forward(self.tower, inputs, self.device, eager)
+        torch_seconds, best = time.perf_counter() - start, None
+        for candidate in candidates:
+            try:
+                candidate(**inputs)  # the first call builds the runtime's kernels
+                start = time.perf_counter()
+                out = candidate(**inputs)
+                seconds = time.perf_counter() - start
+            except Exception as e:  # noqa: BLE001 - one runtime failing leaves the others and torch
+                _logger.warning("%s failed on %s: %s", candidate.backend, self.tower.name, str(e).splitlines()[0])
+                continue
+            cosine = min_cosine(reference.pooled, out.pooled)
+            _logger.info("%s on %s: cosine %.5f, %.2fs vs torch %s %.2fs", candidate.backend, self.tower.name, cosine,
+                         seconds, eager, torch_seconds)
+            if cosine >= COSINE_THRESHOLD and seconds < torch_seconds and (best is None or seconds < best[2]):
+                best = (candidate, out, seconds, cosine)
+        if best is None:
+            return None
+        self.runtime, out, seconds, cosine = best
+        self.manifest["backend"] = self.runtime.backend
+        self.manifest["precision_reason"] += (f"; {self.runtime.backend}: cosine to fp32 {cosine:.4f} >= "
+                                              f"{COSINE_THRESHOLD}, {torch_seconds / seconds:.2f}x torch {eager}")
         return out
 
     def _int8_worth_trying(self, compile_seconds: float, batch_seconds: float, n: int) -> bool:

@@ -88,6 +88,8 @@ class LoadedRun:
     def encode(self, side: str, queries: Any) -> torch.Tensor:
         """(Q, D) normalized float32 embeddings of captions (`text`) or of items (`item`): files,
         items held in memory, or preprocessed tensors (see `mmret.inference.inputs`)."""
+        if side == "text" and self.text_runtime is not None:
+            return torch.from_numpy(self.text_runtime(list(queries)))
         ctx, model = self.model((side,))
         if side == "text":
             inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
@@ -111,8 +113,18 @@ class LoadedRun:
         return sum(os.path.realpath(p) in seen for p in paths)
 
     @functools.cached_property
+    def text_runtime(self) -> Any:
+        """The inference runtime that answers text queries when it passed the measured rule for this
+        checkpoint (`mmret.inference.runtime`), else None (torch answers)."""
+        from mmret.inference.runtime import text_runtime
+
+        return text_runtime(self) if self.device.type == "cpu" else None
+
+    @functools.cached_property
     def vocabulary(self) -> set[str] | None:
         """The words this run's text side learned, when it learned no others (see `Method.vocabulary`)."""
+        if self.text_runtime is not None and self.text_runtime.choice.pretrained_words:
+            return None  # recorded when the side was converted: no need to build the side to know it
         return self.method.vocabulary(self.cfg, self.model(("text",))[0])
 
     def unknown_words(self, text: str) -> list[str]:

@@ -77,7 +77,10 @@ class SearchService:
         gallery = load(cfg.run_dir, checkpoint=cfg.which, device=cfg.device).gallery(
             cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index, reporter=reporter)
         service = cls(gallery, cfg)
-        service.warm_up()
+        from mmret.inference.runtime import allow_conversion
+
+        with allow_conversion():  # a server answers enough queries to pay for a runtime's conversion
+            service.warm_up()
         return service
 
     def warm_up(self) -> None:

@@ -13,7 +13,6 @@ processes.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from mmret.common.threads import children_threads, compute_threads
 from mmret.errors import MmretError
 from mmret.training.world import World
 
@@ -104,15 +104,16 @@ def train_on_processes(nproc: int, cfg: Any = None, resume_dir: Path | None = No
 
     from mmret.common.io import write_json
 
+    # CPU processes share the cores instead of each taking all of them
+    share = None if torch.cuda.is_available() else max(1, compute_threads() // nproc)
     if resume_dir is not None:
         longer = [f"--{k.replace('_', '-')}={v}" for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v]
-        return launch_local(nproc, ["--resume", str(resume_dir), *longer])
+        with children_threads(share):
+            return launch_local(nproc, ["--resume", str(resume_dir), *longer])
     if cfg.train.batch_size < 2 * nproc:
         raise MmretError(f"--batch-size {cfg.train.batch_size} is split over {nproc} processes; use at least "
                          f"{2 * nproc} (two pairs a process)")
-    if not torch.cuda.is_available():  # CPU processes share the cores instead of each taking all of them
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    with tempfile.TemporaryDirectory(prefix="mmret-nproc-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mmret-nproc-") as tmp, children_threads(share):
         path = Path(tmp) / "config.json"
         write_json(path, cfg.to_dict())
         return launch_local(nproc, ["--config", str(path)])

@@ -37,6 +37,7 @@ from torch import nn
 
 from mmret.common.io import ensure_free_space, uninterrupted, write_json, write_parquet
 from mmret.common.progress import NULL, Reporter
+from mmret.common.threads import rebalance
 from mmret.errors import MmretError
 from mmret.modalities import get_modality
 from mmret.models.embed import embed_source
@@ -102,6 +103,7 @@ def train_one_epoch(s: Session, task: Any) -> None:
     s.model.train()
     for (items, captions), (inputs, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
         n = len(items)  # pairs in the global batch
+        rebalance()  # this process's share of the cores among the busy mmret processes
         s.positives = s.world.positives(s.plan.positives(items, captions), cfg.accumulation)
         before = StepSnapshot.take(s.model, s.stepper.scaler)
         with uninterrupted():  # a Ctrl-C lands after the step and its counts, never inside the update
