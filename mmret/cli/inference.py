@@ -114,11 +114,13 @@ def search(
         show_default=False,
     )] = None,
     image: Annotated[Optional[Path], typer.Option(
-        help="Search with this picture instead: similar pictures and the captions that fit it.",
+        help="Search with this picture instead: similar pictures and the captions that fit it (or, for a run over "
+             "sounds, the sounds of its space: see --bind-to).",
         show_default=False,
     )] = None,
     audio: Annotated[Optional[Path], typer.Option(
-        help="Search with this sound instead (a run over sounds): similar sounds and the captions that fit it.",
+        help="Search with this sound instead: similar sounds and the captions that fit it (or, for a run over "
+             "pictures, the pictures of its space: see --bind-to).",
         show_default=False,
     )] = None,
     queries: Annotated[Optional[Path], typer.Option(

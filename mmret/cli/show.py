@@ -273,5 +273,9 @@ def show_search(result, grid) -> None:
             ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", f"of {items.name}"], rows))
     ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search "
                      "(--json gives every file's path)", highlight=False)
+    if result.query_run:
+        ui.print_note(f"the query was embedded by run {result.query_run}, which shares run {result.run}'s space (its "
+                      "text side): its scores rank these results against each other, not against a search of the "
+                      "query's own kind")
     if grid is not None:
         ui.console.print(f"{items.sheet_name}: {grid}", highlight=False)
