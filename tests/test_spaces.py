@@ -146,3 +146,53 @@ def test_the_python_api_searches_pictures_with_a_sound(space):
     result = pics.search(item=sound, query_modality="audio", k=5)
     assert result.query_run == "snd" and len(result.results[0].items) == 5
     assert all(h.path.endswith(".png") for h in result.results[0].items)
+
+
+def test_cross_modal_eval_scores_both_ways_with_chance_and_the_caption_chain(env):
+    result = runner.invoke(app, ["eval", "--task", "cross-modal", "--run", "pics", "--queries", "sounds",
+                                 "--items", "pictures", "--bootstrap", "50", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(result.stdout)
+    assert r["runs"] == {"audio": "snd", "image": "pics"} and r["space"] == "pics"
+    assert [(row["direction"], row["route"]) for row in r["rows"]] == [
+        ("audio → image", "direct"), ("audio → image", "caption chain"),
+        ("image → audio", "direct"), ("image → audio", "caption chain")]
+    assert r["sizes"]["candidates"] == 18 and r["sizes"]["pairs"] == r["sizes"]["queries"]  # one picture a sound
+    n = r["sizes"]["candidates"]
+    assert r["chance"]["audio → image"]["r1"] == pytest.approx(1 / n)
+    assert r["chance"]["audio → image"]["r5"] == pytest.approx(5 / n)
+    direct = r["rows"][0]
+    assert direct["ci"]["r5"][0] <= direct["metrics"]["r5"] <= direct["ci"]["r5"][1]
+    table = runner.invoke(app, ["eval", "--task", "cross-modal", "--run", "snd", "--queries", "sounds",
+                                "--items", "pictures"])
+    assert table.exit_code == 0 and "space of pics" in table.output and "caption chain" in table.output
+
+
+def test_cross_modal_pairs_from_a_table_and_its_refusals(env, tmp_path):
+    from mmret.evaluation.cross_modal import evaluate_cross_modal
+
+    sound_ids = [p.relative_to(env["sounds"]).as_posix() for p in sorted(env["sounds"].rglob("*.*"))
+                 if p.suffix != ".txt"]
+    table = tmp_path / "pairs.csv"
+    table.write_text("sound,picture\n" + "".join(f"{s},noise/noise-04.png\n" for s in sound_ids))
+    r = evaluate_cross_modal(env["pics"], "sounds", "pictures", pairs=table, data_dir=env["data"])
+    assert r.sizes["pairs"] == r.sizes["queries"] and r.sizes["items"] == 1
+    same = runner.invoke(app, ["eval", "--task", "cross-modal", "--run", "pics", "--queries", "pictures",
+                               "--items", "pictures"])
+    assert same.exit_code == 1 and "both hold images" in same.output
+    alone = runner.invoke(app, ["eval", "--task", "cross-modal", "--run", "pics", "--queries", "sounds"])
+    assert alone.exit_code == 1 and "needs --queries DATASET and --items DATASET" in alone.output
+
+
+def test_pair_metrics_and_chance_by_hand():
+    from mmret.metrics.pairs import chance_metrics, pair_ranks, rank_metrics
+
+    scores = np.array([[0.9, 0.5, 0.1], [0.2, 0.2, 0.8], [0.1, 0.7, 0.7]])
+    right = np.array([[True, False, False], [True, False, False], [False, False, True]])
+    ranks = pair_ranks(scores, right)
+    assert ranks.tolist() == [1, 3, 2]  # a tie with a wrong candidate counts against the right one
+    m = rank_metrics(ranks, (1, 2))
+    assert (m["r1"], m["r2"], m["mrr"], m["medr"]) == pytest.approx((1 / 3, 2 / 3, (1 + 1 / 3 + 1 / 2) / 3, 2))
+    c = chance_metrics(3, np.array([1, 2]), (1,))
+    assert c["r1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert c["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3) / 3 + (2 / 3 + 1 / 3 * 1 / 2)) / 2)

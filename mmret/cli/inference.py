@@ -31,9 +31,23 @@ def eval_command(
     )] = None,
     split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
     task: Annotated[str, typer.Option(
-        help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); or linear-probe (logistic "
-             "regression on the run's frozen item embeddings).",
+        help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); linear-probe (logistic "
+             "regression on the run's frozen item embeddings); or cross-modal (items of one kind finding items of "
+             "another through the run's space: --queries, --items).",
     )] = "retrieval",
+    queries: Annotated[Optional[str], typer.Option(
+        help="Cross-modal: the dataset whose --split holds the queries (e.g. sounds).",
+        show_default=False,
+    )] = None,
+    items: Annotated[Optional[str], typer.Option(
+        help="Cross-modal: the dataset whose items (all of them) are the candidates (e.g. pictures).",
+        show_default=False,
+    )] = None,
+    pairs: Annotated[Optional[Path], typer.Option(
+        help="Cross-modal: a CSV of (query item id, candidate item id) rows [default: items that share a relative "
+             "path without the ending are a pair].",
+        show_default=False,
+    )] = None,
     compare: Annotated[Optional[list[str]], typer.Option(
         help="Runs to put side by side (repeat the option or separate with commas); differences from the first are "
              "tested with a paired bootstrap.",
@@ -84,7 +98,8 @@ def eval_command(
         raise MmretError(f"--format must be {', '.join(FORMATS)}, got {format!r}")
     cfg = EvalConfig(task=task, dataset=dataset, split=split, recall_k=parse_ks(recall_k), bootstrap=bootstrap,
                      seed=seed, which=checkpoint, device=device, templates=templates, map=map, map_method=map_method,
-                     failures=failures, worst=worst, clip_benchmark=format == "clip-benchmark", data_dir=data_dir)
+                     failures=failures, worst=worst, clip_benchmark=format == "clip-benchmark", data_dir=data_dir,
+                     queries=queries, items=items, pairs=pairs)
     for path, option in ((map, "--map"), (failures, "--failures")):
         if path is not None:
             check_writable(path, option)
