@@ -196,3 +196,16 @@ def test_pair_metrics_and_chance_by_hand():
     c = chance_metrics(3, np.array([1, 2]), (1,))
     assert c["r1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
     assert c["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3) / 3 + (2 / 3 + 1 / 3 * 1 / 2)) / 2)
+
+
+def test_a_text_query_over_a_space_finds_pictures_and_sounds_ranked_apart(env):
+    result = runner.invoke(app, ["search", "a rising whistle", "--run", "snd", "--space", "--json", "-k", "2"])
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    assert [(a["run"], a["modality"]) for a in answers] == [("pics", "image"), ("snd", "audio")]
+    assert len(answers[0]["results"][0]["images"]) == 2 and len(answers[1]["results"][0]["audio"]) == 2
+    table = runner.invoke(app, ["search", "a rising whistle", "--run", "pics", "--space"])
+    assert table.exit_code == 0 and "scores of different kinds of items are not comparable" in table.output
+    sound = next(p for p in sorted((env["sounds"] / "falling").iterdir()) if p.suffix != ".txt")
+    both = mmret.load(env["pics"]).search_space(item=sound, query_modality="audio", k=3)
+    assert [r.query_run for r in both] == ["snd", None]  # the sound finds pictures through snd, and sounds as itself

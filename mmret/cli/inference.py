@@ -165,6 +165,11 @@ def search(
     )] = False,
     checkpoint: Checkpoint = "best",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON for scripts.")] = False,
+    space: Annotated[bool, typer.Option(
+        "--space",
+        help="Search the gallery of every run in --run's space (see train --bind-to): its pictures and its sounds, "
+             "each ranked apart.",
+    )] = False,
     grid: Annotated[Optional[Path], typer.Option(
         help="Also write the results here for people to look at: a contact sheet (PNG) of pictures, a listening page "
              "(HTML: a player and a spectrogram per hit) of sounds.",
@@ -192,6 +197,23 @@ def search(
     if image is not None and audio is not None:
         raise MmretError("search with --image or --audio, not both")
     run_dir = run_or_zero_shot(run=run, zero_shot=zero_shot, dataset=dataset, data_dir=data_dir, runs_dir=runs_dir)
+    if space:
+        if dataset is not None or grid is not None:
+            raise MmretError("--space searches each run's own dataset; leave out --dataset and --grid")
+        results = load(run_dir, checkpoint=checkpoint, device=device).search_space(
+            texts, item=image or audio, split=split, k=k, index=index, reporter=ui.NullReporterIfJson(json_output),
+            query_modality="audio" if audio is not None else "image" if image is not None else None)
+        if json_output:
+            import json
+
+            print(json.dumps([r.to_json() for r in results], indent=2))
+            return
+        for result in results:
+            show.show_search(result, None)
+        if len({r.modality for r in results}) > 1:
+            ui.print_note("each gallery is ranked apart: scores of different kinds of items are not comparable (each "
+                          "kind sits at its own distance from the text)")
+        return
     result = load(run_dir, checkpoint=checkpoint, device=device).search(
         texts, item=image or audio, dataset=dataset, split=split, k=k, index=index, rebuild_index=rebuild_index,
         reporter=ui.NullReporterIfJson(json_output), data_dir=data_dir,

@@ -33,7 +33,7 @@ from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.index import IndexConfig, StaleIndex, ensure_index
 from mmret.inference.loaded import LoadedRun
 from mmret.modalities import Modality, get_modality
-from mmret.runs.space import space_member
+from mmret.runs.space import space_member, space_runs
 
 _logger = logging.getLogger(__name__)
 
@@ -325,3 +325,17 @@ def search(run: Path | LoadedRun, queries: list[str], *, item: Any = None, datas
     return SearchResult(run=run.name, dataset=gallery.dataset, split=split, index=index, results=results,
                         modality=gallery.modality.name, roots=gallery.roots,
                         query_run=encoder.name if encoder is not None else None)
+
+
+def search_space(run: Path | LoadedRun, queries: list[str], *, item: Any = None, split: str = "all", k: int = 10,
+                 index: str = "exact", which: str = "best", device: str = "auto", reporter: Reporter = NULL,
+                 data_dir: Path | None = None, query_modality: str | None = None) -> list[SearchResult]:
+    """`search` over the gallery of every run of `run`'s space (each its own dataset's items: the
+    pictures of a picture run, the sounds of a sound run), the anchor first. The text side is the
+    same in all of them, but each gallery is ranked apart: scores of different modalities are not
+    comparable (each run's items sit at their own distance from the text)."""
+    run_dir = run.run_dir if isinstance(run, LoadedRun) else Path(run)
+    which, device = (run.which, str(run.device)) if isinstance(run, LoadedRun) else (which, device)
+    return [search(member, queries, item=item, split=split, k=k, index=index, which=which, device=device,
+                   reporter=reporter, data_dir=data_dir, query_modality=query_modality)
+            for member in space_runs(run_dir)]
