@@ -209,3 +209,64 @@ def test_a_text_query_over_a_space_finds_pictures_and_sounds_ranked_apart(env):
     sound = next(p for p in sorted((env["sounds"] / "falling").iterdir()) if p.suffix != ".txt")
     both = mmret.load(env["pics"]).search_space(item=sound, query_modality="audio", k=3)
     assert [r.query_run for r in both] == ["snd", None]  # the sound finds pictures through snd, and sounds as itself
+
+
+@pytest.fixture(scope="module")
+def served(space):
+    from mmret.serve.config import ServeConfig
+    from mmret.serve.service import SearchService
+
+    service = SearchService.open(ServeConfig(space["pics"], k=6, allow_host=("testserver", "127.0.0.1")))
+    yield service
+    service.close()
+
+
+def test_the_server_of_a_picture_run_takes_a_sound_and_says_through_which_run(served, space):
+    from fastapi.testclient import TestClient
+
+    from mmret.serve.app import create_app
+
+    client = TestClient(create_app(served))
+    info = client.get("/api/info").json()
+    assert [(s["modality"], s["run"]) for s in info["space"]] == [("audio", "snd")] and ".ogg" in info["space"][0][
+        "extensions"]
+    sound = next(p for p in sorted((space["sounds"] / "pulses").iterdir()) if p.suffix != ".txt")
+    answer = client.post("/api/search/upload", files={"file": (sound.name, sound.read_bytes())}, data={"k": "4"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["query_run"] == "snd" and body["modality"] == "image" and len(body["results"]) == 4
+    assert all(hit["id"].endswith(".png") for hit in body["results"])
+    picture = sorted((space["pictures"] / "low").glob("*.png"))[0]
+    own = client.post("/api/search/upload", files={"file": (picture.name, picture.read_bytes())}).json()
+    assert own["query_run"] is None
+    text = client.post("/api/search/upload", files={"file": ("notes.txt", b"neither a picture nor a sound")})
+    assert text.status_code == 415 and "is not a picture or sound mmret can read" in text.json()["error"]
+
+
+def test_a_sound_dropped_on_the_picture_page_in_a_real_browser(served, space, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_browser import WAIT, open_browser
+
+    from mmret.serve.app import create_app
+    from mmret.serve.server import LiveServer
+
+    sound = next(p for p in sorted((space["sounds"] / "rising").iterdir()) if p.suffix != ".txt")
+    with LiveServer(create_app(served)) as live:
+        browser = open_browser(tmp_path / "profile")
+        try:
+            wait = WebDriverWait(browser, WAIT)
+            browser.get(live.url + "/")
+            wait.until(ec.text_to_be_present_in_element((By.ID, "about"), "pictures"))
+            assert browser.find_element(By.ID, "file-label").text == "Search with a picture or a sound"
+            assert ".ogg" in browser.find_element(By.ID, "file").get_attribute("accept")
+            browser.find_element(By.ID, "file").send_keys(str(sound))
+            wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+            hits = [e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#results .hit")]
+            status = browser.find_element(By.ID, "status").text
+            browser.save_screenshot(str(tmp_path / "space.png"))
+        finally:
+            browser.quit()
+    assert len(hits) == 18 and all(h.endswith(".png") for h in hits)  # every picture: the page asks for 24
+    assert f"like the sound {sound.name} (through run snd, same space)" in status
