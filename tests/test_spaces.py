@@ -265,8 +265,9 @@ def test_a_sound_dropped_on_the_picture_page_in_a_real_browser(served, space, tm
             wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
             hits = [e.get_attribute("data-id") for e in browser.find_elements(By.CSS_SELECTOR, "#results .hit")]
             status = browser.find_element(By.ID, "status").text
+            played = browser.find_elements(By.CSS_SELECTOR, "#query-media audio")  # the sound is played, not drawn
             browser.save_screenshot(str(tmp_path / "space.png"))
         finally:
             browser.quit()
     assert len(hits) == 18 and all(h.endswith(".png") for h in hits)  # every picture: the page asks for 24
-    assert f"like the sound {sound.name} (through run snd, same space)" in status
+    assert f"like the sound {sound.name} (through run snd, same space)" in status and len(played) == 1

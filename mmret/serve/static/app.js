@@ -180,7 +180,11 @@ function showQuery(query) {
     $("query-box").hidden = true;
     return;
   }
-  const sound = state.info && state.info.modality === "audio";
+  // an uploaded file is shown as the kind its ending says (a sound searching a space's pictures is played)
+  const ending = query.file ? `.${query.file.name.split(".").pop().toLowerCase()}` : "";
+  const kinds = state.info ? [state.info, ...(state.info.space || [])] : [];
+  const kind = kinds.find((s) => (s.extensions || []).includes(ending)) || state.info;
+  const sound = Boolean(kind && kind.modality === "audio");
   let media;
   if (query.file) {
     state.queryUrl = URL.createObjectURL(query.file);
