@@ -29,7 +29,7 @@ from mmret.errors import MmretError
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.inputs import as_items, preprocess_item
 from mmret.inference.loaded import LoadedRun
-from mmret.inference.search import Gallery, SearchResult, search
+from mmret.inference.search import Gallery, SearchResult, search, search_space
 from mmret.modalities import Modality, get_modality
 
 Output = Literal["numpy", "torch"]
@@ -177,6 +177,18 @@ class Model:
         return search(self.run, texts, item=item, dataset=dataset or self.dataset, split=split, k=k, index=index,
                       rebuild_index=rebuild_index, reporter=reporter, data_dir=data_dir or self.data_dir,
                       query_modality=query_modality)
+
+
+    def search_space(self, queries: str | Sequence[str] = (), *, item: Any = None, k: int = 10, split: str = "all",
+                     index: str = "exact", reporter: Reporter = NULL, query_modality: str | None = None
+                     ) -> list[SearchResult]:
+        """`search` over every run of this run's space (`mmret train --bind-to`), each over its own
+        dataset: one `SearchResult` per run, the anchor first. A query item of another kind than a
+        run's items is embedded by the run of the space that has its kind. Scores of different
+        galleries are not comparable; rank within each."""
+        texts = [queries] if isinstance(queries, str) else list(queries)
+        return search_space(self.run, texts, item=item, split=split, k=k, index=index, reporter=reporter,
+                            data_dir=self.data_dir, query_modality=query_modality)
 
 
 def load(run: str | Path | None = None, *, checkpoint: str = "best", device: str = "auto",

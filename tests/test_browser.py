@@ -19,6 +19,7 @@ import pytest
 
 from mmret.data import load_dataset
 from mmret.inference.search import Gallery
+from mmret.modalities.audio import AUDIO_EXTENSIONS
 from mmret.serve.app import create_app
 from mmret.serve.config import ServeConfig
 from mmret.serve.server import LiveServer
@@ -204,7 +205,8 @@ def test_the_page_fits_every_picture_and_folds_the_captions(memorised, tmp_path)
                 browser.find_element(By.CSS_SELECTOR, "#more-captions summary").click()
                 rest = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#captions-rest li")]
                 real_info = service.info  # the same page over a gallery of sounds speaks of sounds
-                service.info = lambda: {**real_info(), "modality": "audio", "noun": "sound", "plural": "sounds"}
+                service.info = lambda: {**real_info(), "modality": "audio", "noun": "sound", "plural": "sounds",
+                                        "extensions": list(AUDIO_EXTENSIONS)}
                 browser.get(server.url + "/")
                 wait.until(lambda b: b.find_element(By.ID, "file-label").text == "Search with a sound")
                 sound_words = (" ".join(browser.find_element(By.ID, "hint").get_attribute("textContent").split()),
@@ -225,5 +227,5 @@ def test_the_page_fits_every_picture_and_folds_the_captions(memorised, tmp_path)
     assert len(desktop) == 10 and set(desktop) == {170}, desktop  # the tall and the wide picture fit the same box
     assert len(phone) == 10 and set(phone) == {140} and not overflow, phone
     assert sound_words == ("Type a caption and press Enter, or drop a sound anywhere on the page. Press / to come "
-                           "back to the search box.", "audio/*", "Describe a sound, press Enter")
+                           "back to the search box.", ",".join(AUDIO_EXTENSIONS), "Describe a sound, press Enter")
     assert (tmp_path / "upload-desktop.png").stat().st_size > 10_000 and (tmp_path / "upload-phone.png").is_file()

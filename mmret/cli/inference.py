@@ -31,9 +31,23 @@ def eval_command(
     )] = None,
     split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
     task: Annotated[str, typer.Option(
-        help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); or linear-probe (logistic "
-             "regression on the run's frozen item embeddings).",
+        help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); linear-probe (logistic "
+             "regression on the run's frozen item embeddings); or cross-modal (items of one kind finding items of "
+             "another through the run's space: --queries, --items).",
     )] = "retrieval",
+    queries: Annotated[Optional[str], typer.Option(
+        help="Cross-modal: the dataset whose --split holds the queries (e.g. sounds).",
+        show_default=False,
+    )] = None,
+    items: Annotated[Optional[str], typer.Option(
+        help="Cross-modal: the dataset whose items (all of them) are the candidates (e.g. pictures).",
+        show_default=False,
+    )] = None,
+    pairs: Annotated[Optional[Path], typer.Option(
+        help="Cross-modal: a CSV of (query item id, candidate item id) rows [default: items that share a relative "
+             "path without the ending are a pair].",
+        show_default=False,
+    )] = None,
     compare: Annotated[Optional[list[str]], typer.Option(
         help="Runs to put side by side (repeat the option or separate with commas); differences from the first are "
              "tested with a paired bootstrap.",
@@ -84,7 +98,8 @@ def eval_command(
         raise MmretError(f"--format must be {', '.join(FORMATS)}, got {format!r}")
     cfg = EvalConfig(task=task, dataset=dataset, split=split, recall_k=parse_ks(recall_k), bootstrap=bootstrap,
                      seed=seed, which=checkpoint, device=device, templates=templates, map=map, map_method=map_method,
-                     failures=failures, worst=worst, clip_benchmark=format == "clip-benchmark", data_dir=data_dir)
+                     failures=failures, worst=worst, clip_benchmark=format == "clip-benchmark", data_dir=data_dir,
+                     queries=queries, items=items, pairs=pairs)
     for path, option in ((map, "--map"), (failures, "--failures")):
         if path is not None:
             check_writable(path, option)
@@ -114,11 +129,13 @@ def search(
         show_default=False,
     )] = None,
     image: Annotated[Optional[Path], typer.Option(
-        help="Search with this picture instead: similar pictures and the captions that fit it.",
+        help="Search with this picture instead: similar pictures and the captions that fit it (or, for a run over "
+             "sounds, the sounds of its space: see --bind-to).",
         show_default=False,
     )] = None,
     audio: Annotated[Optional[Path], typer.Option(
-        help="Search with this sound instead (a run over sounds): similar sounds and the captions that fit it.",
+        help="Search with this sound instead: similar sounds and the captions that fit it (or, for a run over "
+             "pictures, the pictures of its space: see --bind-to).",
         show_default=False,
     )] = None,
     queries: Annotated[Optional[Path], typer.Option(
@@ -148,6 +165,11 @@ def search(
     )] = False,
     checkpoint: Checkpoint = "best",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON for scripts.")] = False,
+    space: Annotated[bool, typer.Option(
+        "--space",
+        help="Search the gallery of every run in --run's space (see train --bind-to): its pictures and its sounds, "
+             "each ranked apart.",
+    )] = False,
     grid: Annotated[Optional[Path], typer.Option(
         help="Also write the results here for people to look at: a contact sheet (PNG) of pictures, a listening page "
              "(HTML: a player and a spectrogram per hit) of sounds.",
@@ -175,6 +197,23 @@ def search(
     if image is not None and audio is not None:
         raise MmretError("search with --image or --audio, not both")
     run_dir = run_or_zero_shot(run=run, zero_shot=zero_shot, dataset=dataset, data_dir=data_dir, runs_dir=runs_dir)
+    if space:
+        if dataset is not None or grid is not None:
+            raise MmretError("--space searches each run's own dataset; leave out --dataset and --grid")
+        results = load(run_dir, checkpoint=checkpoint, device=device).search_space(
+            texts, item=image or audio, split=split, k=k, index=index, reporter=ui.NullReporterIfJson(json_output),
+            query_modality="audio" if audio is not None else "image" if image is not None else None)
+        if json_output:
+            import json
+
+            print(json.dumps([r.to_json() for r in results], indent=2))
+            return
+        for result in results:
+            show.show_search(result, None)
+        if len({r.modality for r in results}) > 1:
+            ui.print_note("each gallery is ranked apart: scores of different kinds of items are not comparable (each "
+                          "kind sits at its own distance from the text)")
+        return
     result = load(run_dir, checkpoint=checkpoint, device=device).search(
         texts, item=image or audio, dataset=dataset, split=split, k=k, index=index, rebuild_index=rebuild_index,
         reporter=ui.NullReporterIfJson(json_output), data_dir=data_dir,

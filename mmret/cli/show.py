@@ -193,6 +193,8 @@ def show_eval_report(report, format: str) -> None:
         ui.console.print_json(json.dumps([r.to_json() for r in report.results]))
     elif report.task == "classification":
         show_classification(report.results, format)
+    elif report.task == "cross-modal":
+        show_cross_modal(report.results, format)
     else:
         show_linear_probe(report.results, format)
     if report.map is not None:
@@ -257,6 +259,29 @@ def show_linear_probe(results, format: str) -> None:
         ui.console.print(f"saved {r.path}", highlight=False, soft_wrap=True)
 
 
+def show_cross_modal(results, format: str) -> None:
+    for r in results:
+        keys = list(r.rows[0].metrics)
+        rows = []
+        for row in r.rows:
+            cells = [row.direction, row.route]
+            for key in keys:
+                whole = key == "medr"
+                cell = f"{row.metrics[key]:.1f}" if whole else f"{row.metrics[key]:.4f}"
+                if row.ci:
+                    lo, hi = row.ci[key]
+                    cell += f" [{lo:.0f}, {hi:.0f}]" if whole else f" [{lo:.3f}, {hi:.3f}]"
+                cells.append(cell)
+            rows.append(cells)
+        for direction, chance in r.chance.items():
+            rows.append([direction, "chance"] + [f"{chance[k]:.4f}" if k in chance else "" for k in keys])
+        runs = ", ".join(f"{m} by {name}" for m, name in r.runs.items())
+        title = (f"space of {r.space}: {r.sizes['queries']:,} {r.queries} {r.split} queries with a partner among "
+                 f"{r.sizes['candidates']:,} {r.items} ({r.sizes['pairs']:,} pairs; {runs})")
+        _markdown_or_table(title, ["direction", "route"] + keys, rows, format)
+        ui.console.print(f"saved {r.path}", highlight=False)
+
+
 def show_search(result, grid) -> None:
     items = _modality(result.modality)
     for q in result.results:
@@ -274,5 +299,9 @@ def show_search(result, grid) -> None:
             ui.console.print(ui.table(f"{q.query!r}: captions", ["#", "score", "caption", f"of {items.name}"], rows))
     ui.console.print(f"gallery: {result.dataset}-{result.split} of run {result.run}, {result.index} search "
                      "(--json gives every file's path)", highlight=False)
+    if result.query_run:
+        ui.print_note(f"the query was embedded by run {result.query_run}, which shares run {result.run}'s space (its "
+                      "text side): its scores rank these results against each other, not against a search of the "
+                      "query's own kind")
     if grid is not None:
         ui.console.print(f"{items.sheet_name}: {grid}", highlight=False)

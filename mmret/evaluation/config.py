@@ -9,7 +9,7 @@ from pathlib import Path
 from mmret.errors import MmretError
 from mmret.figures import MAP_METHODS
 
-TASKS = ("retrieval", "classification", "linear-probe")
+TASKS = ("retrieval", "classification", "linear-probe", "cross-modal")
 FORMATS = ("table", "markdown", "json", "clip-benchmark")
 
 
@@ -41,6 +41,9 @@ class EvalConfig:
     worst: int = 8  # queries in the failure gallery
     clip_benchmark: bool = False  # also write each result in CLIP_benchmark's schema
     data_dir: Path | None = None  # where the dataset is prepared (default: the run's data root)
+    queries: str | None = None  # cross-modal: the dataset whose split holds the queries
+    items: str | None = None  # cross-modal: the dataset whose items are the candidates
+    pairs: Path | None = None  # cross-modal: a table of (query item id, candidate item id); default: same paths
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -53,4 +56,10 @@ class EvalConfig:
             raise MmretError(f"--bootstrap must be 0 (none) or a number of resamples, got {self.bootstrap}")
         if self.templates is not None and self.task != "classification":
             raise MmretError("--templates applies to --task classification only")
+        if self.task == "cross-modal" and not (self.queries and self.items):
+            raise MmretError("--task cross-modal needs --queries DATASET and --items DATASET (of two kinds of items)")
+        if (self.queries or self.items or self.pairs) and self.task != "cross-modal":
+            raise MmretError("--queries, --items and --pairs apply to --task cross-modal only")
+        if self.task == "cross-modal" and self.clip_benchmark:
+            raise MmretError("CLIP_benchmark has no cross-modal task; use --format table, markdown or json")
         self.recall_k = parse_ks(",".join(map(str, self.recall_k)))

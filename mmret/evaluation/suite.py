@@ -28,6 +28,12 @@ class EvalReport:
 
 
 def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list[Any]:
+    if cfg.task == "cross-modal":
+        from mmret.evaluation.cross_modal import evaluate_cross_modal
+
+        return [evaluate_cross_modal(r, cfg.queries, cfg.items, pairs=cfg.pairs, split=cfg.split,
+                                     bootstrap=cfg.bootstrap, seed=cfg.seed, which=cfg.which, device=cfg.device,
+                                     reporter=reporter, data_dir=cfg.data_dir) for r in run_dirs]
     if cfg.task == "classification":
         from mmret.evaluation.classification import evaluate_classification
 
@@ -90,7 +96,7 @@ def run_eval(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter = NULL) -
     """Evaluate every run on the same split; draw and convert what `cfg` asks for."""
     if not run_dirs:
         raise MmretError("nothing to evaluate: give --run, --compare or --zero-shot")
-    if (cfg.map or cfg.failures) and len(run_dirs) > 1:
+    if (cfg.map or cfg.failures) and (len(run_dirs) > 1 or cfg.task == "cross-modal"):
         raise MmretError("--map and --failures draw one run; evaluate the runs one at a time to draw each")
     if cfg.task == "linear-probe" and cfg.bootstrap:
         raise MmretError("--bootstrap applies to retrieval and classification, not to the linear probe")

@@ -33,6 +33,7 @@ from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.index import IndexConfig, StaleIndex, ensure_index
 from mmret.inference.loaded import LoadedRun
 from mmret.modalities import Modality, get_modality
+from mmret.runs.space import space_member, space_runs
 
 _logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class SearchResult:
     results: list[QueryResult]
     modality: str = "image"  # what the gallery's items are
     roots: Roots = field(default_factory=Roots, repr=False)  # where the gallery's files may be read
+    query_run: str | None = None  # the run of the same space that embedded a query item of another modality
 
     def to_json(self) -> dict[str, Any]:
         import dataclasses
@@ -283,9 +285,11 @@ class Gallery:
             out.append(QueryResult(text, found, known=known, unknown=self.run.unknown_words(text)))
         return out
 
-    def search_items(self, items: list[Any], k: int) -> list[QueryResult]:
-        """The items and captions nearest to each query item (a file, or an item held in memory)."""
-        queries = self.encode_items(items)
+    def search_items(self, items: list[Any], k: int, encoder: LoadedRun | None = None) -> list[QueryResult]:
+        """The items and captions nearest to each query item (a file, or an item held in memory),
+        embedded by the gallery's run, or by `encoder`, a run of the same space whose items are of
+        the query's modality (a sound finds pictures: see `mmret.runs.space`)."""
+        queries = self.encode_items(items) if encoder is None else encoder.encode_items(list(items)).numpy()
         hits, captions = self.items_for(queries, k), self.captions_for(queries, k)
         names = [str(i) if isinstance(i, (str, Path)) else f"({type(i).__name__})" for i in items]
         return [QueryResult(n, h, c) for n, h, c in zip(names, hits, captions)]
@@ -309,13 +313,29 @@ def search(run: Path | LoadedRun, queries: list[str], *, item: Any = None, datas
     modality = get_modality(run.cfg.data.modality)
     if not queries and item is None:
         raise MmretError(f"nothing to search for: give a query text, --queries FILE, or --{modality.name} PATH")
+    encoder = None  # a query item of another modality is embedded by the run of the space that has its kind
     if item is not None and query_modality not in (None, modality.name):
-        raise MmretError(f"run {run.name} searches {modality.plural}, not {get_modality(query_modality).plural}: "
-                         f"query with --{modality.name} PATH")
+        kind = get_modality(query_modality)
+        encoder = LoadedRun(space_member(run.run_dir, kind.name, kind.plural), which=run.which, device=str(run.device))
     gallery = Gallery.open(run, dataset, split, index=index, rebuild_index=rebuild_index, captions=item is not None,
                            reporter=reporter, data_dir=data_dir)
     results = gallery.search_texts(queries, k) if queries else []
     if item is not None:
-        results += gallery.search_items([item], k)
+        results += gallery.search_items([item], k, encoder)
     return SearchResult(run=run.name, dataset=gallery.dataset, split=split, index=index, results=results,
-                        modality=gallery.modality.name, roots=gallery.roots)
+                        modality=gallery.modality.name, roots=gallery.roots,
+                        query_run=encoder.name if encoder is not None else None)
+
+
+def search_space(run: Path | LoadedRun, queries: list[str], *, item: Any = None, split: str = "all", k: int = 10,
+                 index: str = "exact", which: str = "best", device: str = "auto", reporter: Reporter = NULL,
+                 data_dir: Path | None = None, query_modality: str | None = None) -> list[SearchResult]:
+    """`search` over the gallery of every run of `run`'s space (each its own dataset's items: the
+    pictures of a picture run, the sounds of a sound run), the anchor first. The text side is the
+    same in all of them, but each gallery is ranked apart: scores of different modalities are not
+    comparable (each run's items sit at their own distance from the text)."""
+    run_dir = run.run_dir if isinstance(run, LoadedRun) else Path(run)
+    which, device = (run.which, str(run.device)) if isinstance(run, LoadedRun) else (which, device)
+    return [search(member, queries, item=item, split=split, k=k, index=index, which=which, device=device,
+                   reporter=reporter, data_dir=data_dir, query_modality=query_modality)
+            for member in space_runs(run_dir)]

@@ -27,11 +27,19 @@ from mmret.errors import MmretError
 from mmret.common.io import atomic_path, damaged
 
 
+BOUND = "_mmret_bound"  # a parameter taken frozen from another run's space (`--bind-to`): still the run's own
+
+
+def _own(p: torch.Tensor) -> bool:
+    return p.requires_grad or getattr(p, BOUND, False)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters that train, and the persistent buffers of modules that own such parameters."""
-    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """Parameters that train (or were taken frozen by `--bind-to`, which a checkpoint keeps so the run
+    opens on its own), and the persistent buffers of modules that own such parameters."""
+    state = {n: p.detach() for n, p in model.named_parameters() if _own(p)}
     for mod_name, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if not any(_own(p) for p in module.parameters(recurse=False)):
             continue
         for buf_name, buf in module.named_buffers(recurse=False):
             if buf_name not in module._non_persistent_buffers_set:

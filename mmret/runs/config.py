@@ -89,6 +89,11 @@ class TrainConfig:
                                     "0 is random batches")
     mine_by: str = option("both", "Hard negatives are neighbours by cached item, text or both features")
     hn_beta: float = option(0.0, "HN-NCE: weight negatives by softmax(beta x logit); 0 is plain InfoNCE")
+    bind_to: str | None = option(None, "Train into this run's space: its text tower and text head are taken frozen "
+                                       "(text embeddings identical in both runs) and only this run's items train, "
+                                       "so its items and that run's can find each other; the text settings come "
+                                       "from that run")
+    anchor: str | None = option(None, "The run whose text side this run's space is (set by --bind-to)", cli=False)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "micro_batch", "lr", "max_steps"):

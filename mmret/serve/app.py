@@ -69,7 +69,7 @@ def create_app(service: SearchService) -> Any:
                                                **_links(h.item_id)) for h in answer.items],
                               captions=[CaptionHit(rank=h.rank, caption=h.captions[0], score=h.score, id=h.item_id,
                                                    **_links(h.item_id)) for h in answer.captions],
-                              ms=answer.ms)
+                              ms=answer.ms, query_run=answer.query_run)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:

@@ -50,6 +50,8 @@ class SearchResponse(BaseModel):
     results: list[ItemHit] = Field(description="the best-matching items, best first")
     captions: list[CaptionHit] = Field(description="for item queries: the captions that fit it best")
     ms: float = Field(description="time spent on the query in the server")
+    query_run: str | None = Field(None, description="an upload of another kind than the gallery's (a sound for "
+                                                    "pictures): the run of the space that embedded it")
 
 
 class KnnResult(BaseModel):

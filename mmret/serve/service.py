@@ -25,10 +25,13 @@ from mmret.common.progress import NULL, Reporter
 from mmret.common.version import __version__
 from mmret.data.stamps import item_stamps
 from mmret.errors import MmretError
+from mmret.inference.loaded import LoadedRun
 from mmret.inference.search import Gallery, Hit
-from mmret.modalities import ItemError
+from mmret.modalities import ItemError, get_modality
 from mmret.modalities.base import open_source
 from mmret.modalities.image import TooLarge, TooThin
+from mmret.runs import load_run_config
+from mmret.runs.space import space_member, space_runs
 from mmret.serve.config import ServeConfig
 from mmret.serve.worker import BatchWorker, Busy
 
@@ -50,6 +53,7 @@ class Answer:
     items: list[Hit]
     captions: list[Hit]
     ms: float
+    query_run: str | None = None  # the run of the space that embedded an upload of another kind
 
 
 @dataclass
@@ -62,9 +66,11 @@ class _VectorJob:
 
 
 class SearchService:
-    def __init__(self, gallery: Gallery, cfg: ServeConfig):
+    def __init__(self, gallery: Gallery, cfg: ServeConfig, partners: dict[str, LoadedRun] | None = None):
         self.gallery, self.cfg = gallery, cfg
         self.modality = gallery.modality
+        # modality -> the run of the gallery's space that embeds uploads of that kind (a sound for pictures)
+        self.partners = partners or {}
         self.vectors = BatchWorker("queries", self._run_vectors, cfg.max_batch, cfg.max_waiting)
         self.items = BatchWorker("items", self._run_items, 1, cfg.max_waiting)
         self.thumbnails = Thumbnails(data_root(gallery.run.cfg.data.data_dir) / gallery.dataset / "thumbnails",
@@ -76,7 +82,7 @@ class SearchService:
         """Load the run, the gallery's embeddings and indexes, then warm every path a query takes."""
         gallery = load(cfg.run_dir, checkpoint=cfg.which, device=cfg.device).gallery(
             cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index, reporter=reporter)
-        service = cls(gallery, cfg)
+        service = cls(gallery, cfg, space_partners(cfg.run_dir, gallery.modality.name, cfg.which, cfg.device))
         from mmret.inference.runtime import allow_conversion
 
         with allow_conversion():  # a server answers enough queries to pay for a runtime's conversion
@@ -90,7 +96,7 @@ class SearchService:
         self._run_vectors([_VectorJob("warm up", -1, 1, True), _VectorJob(None, 0, 1, True)])
         for path in self.gallery.paths[:8]:
             try:
-                self._run_items([(path, 1)])
+                self._run_items([(path, 1, self.modality.name)])
                 break
             except (MmretError, ApiError):
                 continue  # an unreadable gallery file: try the next one
@@ -105,9 +111,12 @@ class SearchService:
         return {
             "run": run.name, "method": run.cfg.method.method, "checkpoint": run.which, "checkpoint_digest": run.digest,
             "dim": g.dim, "dataset": g.dataset, "split": g.split, "modality": self.modality.name,
-            "noun": self.modality.noun, "plural": self.modality.plural, "items": g.n_items, "captions": g.n_captions,
+            "noun": self.modality.noun, "plural": self.modality.plural, "extensions": list(self.modality.extensions),
+            "items": g.n_items, "captions": g.n_captions,
             "index": g.index, "device": str(run.device), "version": __version__,
             "api_key": self.cfg.api_key is not None,
+            "space": [{"modality": m, "noun": get_modality(m).noun, "plural": get_modality(m).plural, "run": r.name,
+                       "extensions": list(get_modality(m).extensions)} for m, r in self.partners.items()],
             "k": self.cfg.k, "uptime_s": round(time.time() - self.started, 1),
             "limits": {"max_k": self.cfg.max_k, "max_query_chars": self.cfg.max_query_chars,
                        "max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels},
@@ -137,8 +146,10 @@ class SearchService:
         k = self._check_k(k)
         from starlette.concurrency import run_in_threadpool
 
-        await run_in_threadpool(self._check_item_file, path)
-        return await self._ask(self.items, (str(path), k))
+        kind = await run_in_threadpool(self._check_item_file, path)
+        answer = await self._ask(self.items, (str(path), k, kind))
+        answer.query_run = self.partners[kind].name if kind in self.partners else None
+        return answer
 
     async def _ask(self, worker: BatchWorker, job: Any) -> Answer:
         import asyncio
@@ -172,22 +183,37 @@ class SearchService:
             raise ApiError(422, "the query is empty")
         return text
 
-    def _check_item_file(self, path: Path) -> None:
-        """The upload opens as this gallery's kind of item and is within the pixel limit (read
-        from the header, before anything is decoded)."""
+    def _probe(self, path: Path, modality: Any) -> dict[str, Any]:
         try:
             with open_source(path, ANYWHERE) as source:
-                columns = self.modality.probe(source, False)
+                return modality.probe(source, False)
         except TooLarge as e:
             raise ApiError(413, f"the upload is too large: {e}") from None
         except TooThin as e:
             raise ApiError(422, f"the upload is too thin: {e}") from None
+
+    def _check_item_file(self, path: Path) -> str:
+        """The kind of item the upload is: this gallery's, or that of a run of its space (a sound
+        for a gallery of pictures bound to a sound run); within the pixel limit (read from the
+        header, before anything is decoded)."""
+        kind, columns = self.modality.name, None
+        try:
+            columns = self._probe(path, self.modality)
         except ItemError as e:
-            raise ApiError(415, f"the upload is not a {self.modality.noun} mmret can read: {e}") from None
+            for other in self.partners:
+                try:
+                    kind, columns = other, self._probe(path, get_modality(other))
+                    break
+                except ItemError:
+                    continue
+            if columns is None:
+                nouns = " or ".join([self.modality.noun] + [get_modality(m).noun for m in self.partners])
+                raise ApiError(415, f"the upload is not a {nouns} mmret can read: {e}") from None
         pixels = columns.get("width", 0) * columns.get("height", 0)
         if pixels > self.cfg.max_pixels:
             raise ApiError(413, f"the upload is too large: {columns['width']:,} x {columns['height']:,} pixels "
                                 f"({pixels:,}) is over the limit of {self.cfg.max_pixels:,} pixels")
+        return kind
 
     # -- the worker threads' batches
     def _run_vectors(self, jobs: list[_VectorJob]) -> list[tuple[list[Hit], list[Hit]]]:
@@ -202,10 +228,11 @@ class SearchService:
         found = dict(zip(want, g.captions_for(queries[want], k))) if want else {}
         return [(items[i][:j.k], found.get(i, [])[:j.k]) for i, j in enumerate(jobs)]
 
-    def _run_items(self, jobs: list[tuple[str, int]]) -> list[tuple[list[Hit], list[Hit]]]:
-        (path, k), = jobs
+    def _run_items(self, jobs: list[tuple[str, int, str]]) -> list[tuple[list[Hit], list[Hit]]]:
+        (path, k, kind), = jobs
         try:
-            query = self.gallery.encode_items([path])
+            query = (self.partners[kind].encode_items([path]).numpy() if kind in self.partners
+                     else self.gallery.encode_items([path]))
         except MmretError as e:  # said without the temporary file's name
             raise ApiError(415, str(e).replace(f" {path}", "")) from None
         return [(self.gallery.items_for(query, k)[0], self.gallery.captions_for(query, k)[0])]
@@ -222,12 +249,20 @@ class SearchService:
 
     def save_upload(self, chunks: Any, suffix: str) -> Path:
         """Write an upload to a temporary file (the caller deletes it)."""
-        suffix = suffix.lower() if suffix.lower() in self.modality.extensions else ""
+        known = set(self.modality.extensions).union(*(get_modality(m).extensions for m in self.partners))
+        suffix = suffix.lower() if suffix.lower() in known else ""
         fd, name = tempfile.mkstemp(prefix="mmret-query-", suffix=suffix)
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
         return Path(name)
+
+
+def space_partners(run_dir: Path, modality: str, which: str, device: str) -> dict[str, LoadedRun]:
+    """For each other kind of item in `run_dir`'s space, the run that embeds it (see `space_member`)."""
+    kinds = {load_run_config(r).data.modality for r in space_runs(run_dir)} - {modality}
+    return {m: LoadedRun(space_member(run_dir, m, get_modality(m).plural), which=which, device=device)
+            for m in sorted(kinds)}
 
 
 def open_gallery_file(item: str, path: str, roots: Roots) -> BinaryIO:

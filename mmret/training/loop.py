@@ -43,6 +43,7 @@ from mmret.modalities import get_modality
 from mmret.models.embed import embed_source
 from mmret.runs import RunConfig, load_run_config, point_latest
 from mmret.runs.checkpoint import read_meta, rng_state, save_state, save_weights, set_rng_state
+from mmret.runs.space import bind_settings
 from mmret.training.losses import ClipLoss
 from mmret.training.session import Session, setup
 from mmret.training.snapshot import StepSnapshot
@@ -220,6 +221,9 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     batch (see `mmret.training.distributed`); only the main process reports progress and writes."""
     from mmret.training.distributed import run_on_world
 
+    if cfg.train.bind_to and resume_dir is None:  # a new run into another run's space
+        for line in bind_settings(cfg):
+            reporter.note(line)
     world = start_world(cfg.train.device)
     finished = False
     try:

@@ -28,6 +28,7 @@ from mmret.models.tuners import use_matmul_attention
 from mmret.runs import RunConfig, create_run_dir
 from mmret.runs.checkpoint import load_state, load_weights, rng_state
 from mmret.training.batches import BatchPlan
+from mmret.training.binding import bind_text_side
 from mmret.training.losses import ClipLoss
 from mmret.training.sam import SAM
 from mmret.training.step import Stepper, make_optimizer, training_precision
@@ -119,6 +120,8 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
         use_matmul_attention(model)  # SDPA's backward is slow on CPUs
     if resume_dir is None:
         init_heads(model, train, device, cfg.train.seed)
+    if cfg.train.bind_to:
+        bind_text_side(model, cfg.runs_dir / cfg.train.bind_to)
     optimizer = make_optimizer(model, cfg.train.lr or method.lr, cfg.train.weight_decay)
     plan = BatchPlan.make(train, cfg.train)
     steps_per_epoch = len(plan.batches(0, world.min_last_batch))

@@ -180,7 +180,11 @@ function showQuery(query) {
     $("query-box").hidden = true;
     return;
   }
-  const sound = state.info && state.info.modality === "audio";
+  // an uploaded file is shown as the kind its ending says (a sound searching a space's pictures is played)
+  const ending = query.file ? `.${query.file.name.split(".").pop().toLowerCase()}` : "";
+  const kinds = state.info ? [state.info, ...(state.info.space || [])] : [];
+  const kind = kinds.find((s) => (s.extensions || []).includes(ending)) || state.info;
+  const sound = Boolean(kind && kind.modality === "audio");
   let media;
   if (query.file) {
     state.queryUrl = URL.createObjectURL(query.file);
@@ -241,7 +245,11 @@ async function upload(file) {
   form.append("file", file, file.name);
   form.append("k", String(k()));
   try {
-    render(await api("/api/search/upload", { method: "POST", body: form }), `like ${file.name}`);
+    const answer = await api("/api/search/upload", { method: "POST", body: form });
+    // an item of another kind (a sound on a page of pictures) was embedded by a run of the same space
+    const other = (state.info.space || []).find((s) => s.run === answer.query_run);
+    render(answer, other ? `like the ${other.noun} ${file.name} (through run ${other.run}, same space)`
+      : `like ${file.name}`);
     history.replaceState(null, "", location.pathname);
   } catch (e) {
     document.body.dataset.state = "error";
@@ -275,9 +283,11 @@ async function loadInfo() {
   $("about").textContent = `${i.dataset} · ${plural(i.items, i.noun, `${i.noun}s`)}` +
     (i.captions ? ` · ${plural(i.captions, "caption", "captions")}` : "") + ` · run ${i.run} (${i.method})`;
   $("q").placeholder = `Describe a ${i.noun}, press Enter`;
-  $("file-label").textContent = `Search with a ${i.noun}`;
-  document.querySelectorAll(".noun").forEach((e) => { e.textContent = i.noun; });  // a sound page says sound
-  $("file").accept = i.modality === "audio" ? "audio/*" : "image/*";
+  // the kinds an upload may be: the gallery's, and those of the runs bound into its space (a sound for pictures)
+  const kinds = [i, ...(i.space || [])];
+  $("file-label").textContent = `Search with a ${kinds.map((s) => s.noun).join(" or a ")}`;
+  document.querySelectorAll(".noun").forEach((e) => { e.textContent = kinds.map((s) => s.noun).join(" or "); });
+  $("file").accept = kinds.flatMap((s) => s.extensions).join(",");
   $("k").value = [12, 24, 48, 96].includes(i.k) ? String(i.k) : $("k").value;
   const query = fromHash();
   if (query) run(query);
