@@ -271,3 +271,26 @@ def test_a_sound_dropped_on_the_picture_page_in_a_real_browser(served, space, tm
             browser.quit()
     assert len(hits) == 18 and all(h.endswith(".png") for h in hits)  # every picture: the page asks for 24
     assert f"like the sound {sound.name} (through run snd, same space)" in status and len(played) == 1
+
+
+@pytest.mark.parametrize("method", ["bridge", "lora"])
+def test_bridge_and_tower_methods_bind_the_same_way(copy, method):
+    extra = {"rank": 2} if method == "lora" else {}
+    anchor = training.train(config(copy, dataset="pictures", item=copy["dinov2"], name=f"{method}-pictures",
+                                   method=method, epochs=1, **extra)).run_dir
+    bound = training.train(config(copy, dataset="sounds", item=copy["ast"], name=f"{method}-sounds", method=method,
+                                  epochs=1, bind_to=anchor.name, **extra)).run_dir
+    captions = ["a rising whistle", "a clock ticking"]
+    assert mmret.load(bound).encode_text(captions).tobytes() == mmret.load(anchor).encode_text(captions).tobytes()
+
+
+def test_a_bound_run_resumed_keeps_its_text_side(copy):
+    run = training.train(config(copy, dataset="sounds", item=copy["ast"], name="longer", bind_to="pics",
+                                epochs=1)).run_dir
+    sounds = mmret.load(run).gallery().paths[:2]
+    before = mmret.load(run, checkpoint="last").encode_audio(sounds)
+    training.resume(run, epochs=3)
+    after = mmret.load(run, checkpoint="last")
+    captions = ["a deep drone"]
+    assert after.encode_text(captions).tobytes() == mmret.load(copy["runs"] / "pics").encode_text(captions).tobytes()
+    assert not np.array_equal(after.encode_audio(sounds), before)  # its item side did train on
