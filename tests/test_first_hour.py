@@ -122,8 +122,8 @@ def _piped_env(busy) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command, steps", [
-    (["serve", "--dataset", "gallery", "--port", "0"], ["images · vit", "captions · bert"]),
-    (["eval", "--task", "classification", "--dataset", "shapes", "--split", "all"], ["images · vit"]),
+    (["serve", "--run", "tiny", "--dataset", "gallery", "--port", "0"], ["images · vit", "captions · bert"]),
+    (["eval", "--run", "tiny", "--task", "classification", "--dataset", "shapes", "--split", "all"], ["images · vit"]),
     (["probe-memory", "--vram", "6", "--method", "heads", "--vision", "{vit}", "--text", "{bert}", "--dataset",
       "example"], ["estimating peak memory"]),
 ], ids=["serve's gallery", "classification", "probe-memory"])
@@ -145,6 +145,39 @@ def test_long_steps_print_progress_lines_into_a_pipe(busy, tmp_path, command, st
     for step in steps:
         assert step in {m["what"] for m in PROGRESS.finditer(text)}, text
         assert step in {m["what"] for m in ENDED.finditer(text)}, text
+
+
+def test_eval_and_search_of_a_stopped_run_say_which_checkpoint(busy, monkeypatch):
+    from mmret import training
+    from mmret.runs import RunConfig, with_overrides
+    from mmret.training import loop
+
+    real_step = loop.train_step
+
+    def step_then_stop(s, items, texts):
+        if s.state.step == 3:  # in the middle of epoch 2 of 3 (2 steps an epoch)
+            raise KeyboardInterrupt
+        return real_step(s, items, texts)
+
+    monkeypatch.setattr(loop, "train_step", step_then_stop)
+    with pytest.raises(training.TrainingInterrupted):
+        training.train(with_overrides(RunConfig(), dict(
+            method="heads", dataset="example", item=str(busy["vit"]), text=str(busy["bert"]), data_dir=busy["data"],
+            runs_dir=busy["runs"], epochs=3, batch_size=16, embed_dim=16, name="stopped")))
+    monkeypatch.setenv("MMRET_DATA_DIR", str(busy["data"]))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(busy["runs"]))
+    line = re.compile(r"^run stopped, its (best|last) checkpoint \(epoch 1, step (2, val mean recall [\d.]+|3)\); "
+                      r"the run stopped at epoch \d of 3 without finishing \(`mmret train --resume stopped` goes on\)$",
+                      re.M)
+    for args in (["eval", "--run", "stopped"], ["eval", "--run", "stopped", "--checkpoint", "last"],
+                 ["search", "a red circle", "--run", "stopped", "-k", "2"]):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 0, out.output
+        said = " ".join(out.stderr.split(" \n"))
+        assert line.search(said), said
+        assert f"its {'last' if 'last' in args else 'best'} checkpoint" in said
+    newest = runner.invoke(app, ["eval", "--run", "tiny"])  # a finished run the user named: nothing to say
+    assert newest.exit_code == 0 and "checkpoint" not in newest.stderr, newest.stderr
 
 
 def test_a_tower_not_on_this_machine_names_the_option_that_takes_a_folder(tmp_path, monkeypatch):
