@@ -180,6 +180,19 @@ def test_eval_and_search_of_a_stopped_run_say_which_checkpoint(busy, monkeypatch
     assert newest.exit_code == 0 and "checkpoint" not in newest.stderr, newest.stderr
 
 
+def test_a_towers_note_is_said_once_however_often_it_loads(tmp_path, caplog):
+    """serve loads the item tower for the gallery and again for the queries: its note comes once."""
+    import logging
+
+    from mmret.encoders import load_image_encoder
+
+    dino = tiny_models.save_tiny_dinov2(tmp_path / "dino")  # no preprocessor_config.json: a note
+    with caplog.at_level(logging.WARNING, logger="mmret.encoders"):
+        for _ in range(3):
+            load_image_encoder(str(dino), image_size=32)
+    assert caplog.text.count("no preprocessor_config.json") == 1, caplog.text
+
+
 def test_a_tower_not_on_this_machine_names_the_option_that_takes_a_folder(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
