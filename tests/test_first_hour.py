@@ -124,9 +124,11 @@ def _piped_env(busy) -> dict[str, str]:
 @pytest.mark.parametrize("command, steps", [
     (["serve", "--run", "tiny", "--dataset", "gallery", "--port", "0"], ["images · vit", "captions · bert"]),
     (["eval", "--run", "tiny", "--task", "classification", "--dataset", "shapes", "--split", "all"], ["images · vit"]),
+    (["eval", "--run", "tiny", "--task", "linear-probe", "--dataset", "shapes"],
+     ["fitting the linear probe (choosing C)"]),
     (["probe-memory", "--vram", "6", "--method", "heads", "--vision", "{vit}", "--text", "{bert}", "--dataset",
       "example"], ["estimating peak memory"]),
-], ids=["serve's gallery", "classification", "probe-memory"])
+], ids=["serve's gallery", "classification", "linear probe", "probe-memory"])
 def test_long_steps_print_progress_lines_into_a_pipe(busy, tmp_path, command, steps):
     """Each command's long steps, with output to a pipe: plain lines with the count, the rate and the
     time so far, and one when the step ends; no bars redrawn in place."""
