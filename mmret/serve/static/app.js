@@ -274,7 +274,7 @@ async function loadInfo() {
   const i = state.info;
   $("about").textContent = `${i.dataset} · ${plural(i.items, i.noun, `${i.noun}s`)}` +
     (i.captions ? ` · ${plural(i.captions, "caption", "captions")}` : "") + ` · run ${i.run} (${i.method})`;
-  $("q").placeholder = `Describe a ${i.noun}, press Enter`;
+  $("q").placeholder = `Describe a ${i.noun}`;
   $("file-label").textContent = `Search with a ${i.noun}`;
   document.querySelectorAll(".noun").forEach((e) => { e.textContent = i.noun; });  // a sound page says sound
   $("file").accept = i.modality === "audio" ? "audio/*" : "image/*";
