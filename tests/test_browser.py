@@ -227,5 +227,5 @@ def test_the_page_fits_every_picture_and_folds_the_captions(memorised, tmp_path)
     assert len(desktop) == 10 and set(desktop) == {170}, desktop  # the tall and the wide picture fit the same box
     assert len(phone) == 10 and set(phone) == {140} and not overflow, phone
     assert sound_words == ("Type a caption and press Enter, or drop a sound anywhere on the page. Press / to come "
-                           "back to the search box.", ",".join(AUDIO_EXTENSIONS), "Describe a sound, press Enter")
+                           "back to the search box.", ",".join(AUDIO_EXTENSIONS), "Describe a sound")
     assert (tmp_path / "upload-desktop.png").stat().st_size > 10_000 and (tmp_path / "upload-phone.png").is_file()

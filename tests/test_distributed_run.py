@@ -5,6 +5,7 @@ the run with one line and leaves `last` as the last good checkpoint; `mmret trai
 from __future__ import annotations
 
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -88,11 +89,14 @@ def cli_args(world, runs, name: str) -> list[str]:
             "--device", "cpu", "--name", name, "--nproc", "2"]
 
 
-def test_two_processes_end_with_the_metrics_of_one_and_resume_on_one(tiny_world, one, tmp_path, monkeypatch):
+def test_two_processes_end_with_the_metrics_of_one_and_resume_on_one(tiny_world, one, tmp_path, monkeypatch, capfd):
     single, runs = one
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = CliRunner().invoke(app, cli_args(tiny_world, runs, "two"))  # torchrun's launcher, started here
     assert result.exit_code == 0, result.output
+    said = capfd.readouterr().err  # the processes' own output: the first speaks for the run, once
+    assert re.search(r"^training heads on example: .*, fp32 on cpu, 2 processes \(gloo\)$", said, re.M), said
+    assert said.count("too few to learn") == 1, said
     assert_same_metrics(metrics(single.run_dir), metrics(runs / "two"))
     assert on_processes(config(tiny_world, runs, name="stopped"), tmp_path, stop_at=4) == [0, 0]
     assert "continue with `mmret train --resume stopped`" in (tmp_path / "rank0.txt").read_text()

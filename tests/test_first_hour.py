@@ -87,6 +87,140 @@ def test_the_quick_start_piped_to_a_file_prints_progress(tmp_path):
     assert "\x1b[" not in text and "━" not in text.split("example (example)")[0]  # no bars redrawn in a log
 
 
+PROGRESS = re.compile(r"^(?P<what>[^:\n]+): [\d,]+/[\d,]+ (?P<unit>\w+) \(\d+%\), [\d.,-]+ (?P=unit)/s"
+                      r"(, eta [\d:]+s?)?, [\d:]+s? so far", re.M)
+ENDED = re.compile(r"^(?P<what>[^:\n]+): [\d,]+ (?P<unit>\w+) in [\d:]+s?( \([\d.,]+ (?P=unit)/s\))?", re.M)
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory):
+    """A heads run on tiny towers, a gallery it has never embedded and a class-folder dataset: work
+    that `serve`, `eval --task classification` and `probe-memory` do before they answer."""
+    from test_eval_suite import COLOURS, SHAPES, shape_picture
+
+    from mmret import training
+    from mmret.runs import RunConfig, with_overrides
+
+    root = tmp_path_factory.mktemp("busy")
+    data, runs = root / "data", root / "runs"
+    prepare(PrepareConfig(source="example", count=40, data_dir=data))
+    prepare(PrepareConfig(source="example", count=300, name="gallery", data_dir=data))
+    for colour in COLOURS:
+        for i in range(30):
+            shape_picture(root / "raw" / colour / f"{SHAPES[i % 3]}{i}.png", colour, SHAPES[i % 3], i % 4)
+    prepare(PrepareConfig(source="classes", root=root / "raw", name="shapes", data_dir=data))
+    vit, bert = tiny_models.save_tiny_timm_vit(root / "vit"), tiny_models.save_tiny_bert(root / "bert")
+    training.train(with_overrides(RunConfig(), dict(
+        method="heads", dataset="example", item=str(vit), text=str(bert), data_dir=data, runs_dir=runs, epochs=1,
+        batch_size=16, embed_dim=16, name="tiny")))
+    return {"data": data, "runs": runs, "vit": vit, "bert": bert}
+
+
+def _piped_env(busy) -> dict[str, str]:
+    return {**os.environ, "MMRET_PROGRESS_SECONDS": "0.05", "MMRET_DATA_DIR": str(busy["data"]),
+            "MMRET_RUNS_DIR": str(busy["runs"]), "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+
+
+@pytest.mark.parametrize("command, steps", [
+    (["serve", "--run", "tiny", "--dataset", "gallery", "--port", "0"], ["images · vit", "captions · bert"]),
+    (["eval", "--run", "tiny", "--task", "classification", "--dataset", "shapes", "--split", "all"], ["images · vit"]),
+    (["eval", "--run", "tiny", "--task", "linear-probe", "--dataset", "shapes"],
+     ["fitting the linear probe (choosing C)"]),
+    (["probe-memory", "--vram", "6", "--method", "heads", "--vision", "{vit}", "--text", "{bert}", "--dataset",
+      "example"], ["estimating peak memory"]),
+], ids=["serve's gallery", "classification", "linear probe", "probe-memory"])
+def test_long_steps_print_progress_lines_into_a_pipe(busy, tmp_path, command, steps):
+    """Each command's long steps, with output to a pipe: plain lines with the count, the rate and the
+    time so far, and one when the step ends; no bars redrawn in place."""
+    args = [sys.executable, "-m", "mmret", *[a.format(**busy) for a in command]]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_piped_env(busy),
+                          cwd=tmp_path) as process:
+        lines: list[str] = []
+        for line in process.stdout:  # serve never ends by itself: it is stopped once it says it serves
+            lines.append(line)
+            if line.startswith("serving "):
+                process.terminate()
+        process.wait(timeout=60)
+    text = "".join(lines)
+    assert command[0] == "serve" or process.returncode == 0, text
+    assert "\x1b[" not in text and "━━" not in text.split("┏")[0], text
+    for step in steps:
+        assert step in {m["what"] for m in PROGRESS.finditer(text)}, text
+        assert step in {m["what"] for m in ENDED.finditer(text)}, text
+
+
+def test_eval_and_search_of_a_stopped_run_say_which_checkpoint(busy, monkeypatch):
+    from mmret import training
+    from mmret.runs import RunConfig, with_overrides
+    from mmret.training import loop
+
+    real_step = loop.train_step
+
+    def step_then_stop(s, items, texts):
+        if s.state.step == 3:  # in the middle of epoch 2 of 3 (2 steps an epoch)
+            raise KeyboardInterrupt
+        return real_step(s, items, texts)
+
+    monkeypatch.setattr(loop, "train_step", step_then_stop)
+    with pytest.raises(training.TrainingInterrupted):
+        training.train(with_overrides(RunConfig(), dict(
+            method="heads", dataset="example", item=str(busy["vit"]), text=str(busy["bert"]), data_dir=busy["data"],
+            runs_dir=busy["runs"], epochs=3, batch_size=16, embed_dim=16, name="stopped")))
+    monkeypatch.setenv("MMRET_DATA_DIR", str(busy["data"]))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(busy["runs"]))
+    line = re.compile(r"^run stopped, its (best|last) checkpoint \(epoch 1, step (2, val mean recall [\d.]+|3)\); "
+                      r"the run stopped at epoch \d of 3 without finishing \(`mmret train --resume stopped` goes on\)$",
+                      re.M)
+    for args in (["eval", "--run", "stopped"], ["eval", "--run", "stopped", "--checkpoint", "last"],
+                 ["search", "a red circle", "--run", "stopped", "-k", "2"]):
+        out = runner.invoke(app, args)
+        assert out.exit_code == 0, out.output
+        said = " ".join(out.stderr.split(" \n"))
+        assert line.search(said), said
+        assert f"its {'last' if 'last' in args else 'best'} checkpoint" in said
+    newest = runner.invoke(app, ["eval", "--run", "tiny"])  # a finished run the user named: nothing to say
+    assert newest.exit_code == 0 and "checkpoint" not in newest.stderr, newest.stderr
+
+
+def test_a_towers_note_is_said_once_however_often_it_loads(tmp_path, caplog):
+    """serve loads the item tower for the gallery and again for the queries: its note comes once."""
+    import logging
+
+    from mmret.encoders import load_image_encoder
+
+    dino = tiny_models.save_tiny_dinov2(tmp_path / "dino")  # no preprocessor_config.json: a note
+    with caplog.at_level(logging.WARNING, logger="mmret.encoders"):
+        for _ in range(3):
+            load_image_encoder(str(dino), image_size=32)
+    assert caplog.text.count("no preprocessor_config.json") == 1, caplog.text
+
+
+def test_a_tower_not_on_this_machine_names_the_option_that_takes_a_folder(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("MMRET_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(tmp_path / "runs"))
+    prepare(PrepareConfig(source="example", count=20, data_dir=tmp_path / "data"))
+    bert = tiny_models.save_tiny_bert(tmp_path / "bert")
+    out = runner.invoke(app, ["train", "--method", "heads", "--text", str(bert), "--epochs", "1"])
+    assert out.exit_code == 1
+    assert out.stderr.splitlines()[-1] == (
+        "error: model 'timm/vit_small_patch16_224.dino' (--vision dino-vits16) is not in the local Hugging Face "
+        "cache and HF_HUB_OFFLINE is set; download it on a connected machine, or give --vision the path of a local "
+        "model folder")
+    text = runner.invoke(app, ["train", "--method", "heads", "--vision", str(tmp_path / "no"), "--text",
+                               "mmret-test/not-cached", "--epochs", "1"])
+    assert text.exit_code == 1 and "--vision" not in text.stderr  # a folder that is not there says so first
+    vit = tiny_models.save_tiny_timm_vit(tmp_path / "vit")
+    text = runner.invoke(app, ["train", "--method", "heads", "--vision", str(vit), "--text", "mmret-test/not-cached",
+                               "--epochs", "1"])
+    assert text.exit_code == 1 and text.stderr.splitlines()[-1] == (
+        "error: model 'mmret-test/not-cached' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        "download it on a connected machine, or give --text the path of a local model folder")
+
+
 # ---------------------------------------------------------------------------- the default method
 
 

@@ -20,7 +20,8 @@ def quickstart(
     runs_dir: RunsDir = None,
 ) -> None:
     """The whole pipeline offline on the built-in example: prepare, train a small scratch model,
-    evaluate it on held-out pictures, and search with a caption (about a minute on a 2-core CPU)."""
+    evaluate it on held-out pictures, and search with a caption (about a minute on a 2-core CPU
+    nothing else trains on)."""
     from mmret.cli import ui
     from mmret.quickstart import quickstart as run_quickstart
 

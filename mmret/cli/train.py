@@ -3,9 +3,10 @@ config dataclasses (`mmret.cli.options`); the options here are the commands' own
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -81,12 +82,14 @@ def train(
         for line in settled.lines:
             ui.say(line)
     if dry_run:
-        show.show_dry_run(training.dry_run(cfg))
+        with towers_named(cfg):
+            show.show_dry_run(training.dry_run(cfg))
         return
     if nproc > 1:
         training.train_on_processes(nproc, cfg)
         return
-    show.show_train(training.train(cfg, ui.RichReporter()))
+    with towers_named(cfg):
+        show.show_train(training.train(cfg, ui.RichReporter()))
 
 
 EXTEND = ("epochs", "max_steps")  # what --resume may change: how long the run trains
@@ -103,6 +106,22 @@ def _check_resume(resume: str, settings: dict[str, Any], *, recipe: str | None, 
                          f"--max-steps may change, to train it longer); leave out "
                          f"{', '.join(flag(k) for k in given + own)} (to change them, train a new run from its "
                          "config: --config <run>/config.json)")
+
+
+@contextlib.contextmanager
+def towers_named(cfg: Any) -> Iterator[None]:
+    """A tower the machine has not downloaded fails naming the option that asked for it, which
+    also takes a local model folder (the default towers are hub ids nobody typed)."""
+    from mmret.encoders.hub import NotDownloaded
+    from mmret.runs.defaults import tower_option
+
+    try:
+        yield
+    except NotDownloaded as e:
+        option = tower_option(cfg, e.repo_id)
+        if option is None:
+            raise
+        raise e.with_option(*option) from None
 
 
 def main_process() -> bool:
@@ -148,7 +167,8 @@ def probe_memory(
     settled = settle(given=settings, file=config, recipe=recipe, target="cuda")  # the budget is a GPU's
     for line in settled.lines:
         ui.say(line)
-    report = run_probe(settled.cfg, vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
+    with towers_named(settled.cfg):
+        report = run_probe(settled.cfg, vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
     given = [f"--config {config}"] if config else []
     given += [f"--recipe {recipe}"] if recipe else []
     given += [f"{flag(k, report.config.data.modality)} {v}" for k, v in _given(settings).items() if k != "data_dir"]

@@ -58,6 +58,17 @@ class NullReporter:
 NULL = NullReporter()
 
 
+class SilentReporter(NullReporter):
+    """Says nothing at all: for the other processes of a run on several, whose main process speaks for it
+    (their notes in the log would repeat its lines once per process)."""
+
+    def note(self, message: str, warning: bool = False) -> None:
+        pass
+
+
+SILENT = SilentReporter()
+
+
 # ---------------------------------------------------------------------------- plain lines
 
 

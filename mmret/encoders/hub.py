@@ -101,9 +101,25 @@ def _hub_timeouts() -> Iterator[None]:
         session.timeout = old
 
 
-def _offline_error(repo_id: str, why: str) -> MmretError:
-    return MmretError(f"model {repo_id!r} is not in the local Hugging Face cache and {why}; download it on a "
-                      "connected machine, or pass the path of a local model folder instead")
+class NotDownloaded(MmretError):
+    """A hub model this machine has not downloaded and cannot download now. `repo_id` lets a
+    command name the option that asked for it (`with_option`)."""
+
+    def __init__(self, repo_id: str, why: str, option: tuple[str, str] | None = None):
+        self.repo_id, self.why = repo_id, why
+        asked = f" ({option[0]} {option[1]})" if option and option[1] != repo_id else ""
+        way_out = f"give {option[0]} the path of a local model folder" if option else \
+            "pass the path of a local model folder instead"
+        super().__init__(f"model {repo_id!r}{asked} is not in the local Hugging Face cache and {why}; download it on "
+                         f"a connected machine, or {way_out}")
+
+    def with_option(self, flag: str, value: str) -> "NotDownloaded":
+        """The same failure, naming the command-line option that asked for the model (`--vision dino-vits16`)."""
+        return NotDownloaded(self.repo_id, self.why, (flag, value))
+
+
+def _offline_error(repo_id: str, why: str) -> NotDownloaded:
+    return NotDownloaded(repo_id, why)
 
 
 def _snapshot(repo_id: str, revision: str | None, local_only: bool, patterns: list[str]) -> Path:

@@ -29,6 +29,7 @@ _logger = logging.getLogger(__name__)
 
 # the built-in families and wrappers: each module registers its own when imported
 BUILTIN_FAMILIES = ("mmret.encoders.image", "mmret.encoders.text", "mmret.encoders.audio", "mmret.encoders.spectrogram")
+_SAID: set[tuple[str, str]] = set()  # (tower, note) already said in this process
 LOADS: dict[str, int] = {}  # towers loaded with weights in this process, per modality (tests count them)
 
 
@@ -124,8 +125,10 @@ def load_tower(name: str, modality: str, *, meta: bool = False, weights: str | P
     else:
         LOADS[modality] = LOADS.get(modality, 0) + 1
         _logger.info("%s encoder %s: %s", modality, name, tower.spec)
-        for note in tower.notes:  # said when the tower can encode, not when it only names a cache
-            _logger.warning(note)
+        for note in tower.notes:  # said when the tower can encode, not when it only names a cache; once, though a
+            if (name, note) not in _SAID:  # server or an eval loads it again for another step
+                _SAID.add((name, note))
+                _logger.warning(note)
     return tower
 
 

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from mmret.metrics.classification import classification_metrics
 
 C_GRID = np.logspace(-6, 6, 97)  # inverse regularisation strengths, as in CLIP's sweep
 _FIRST = [int(i) for i in np.linspace(0, len(C_GRID) - 1, 7)]  # 0, 16, ..., 96: the first pass
+# the most fits a probe takes: the first pass, two new C values at each of the four halvings, the final refit
+MOST_FITS = len(_FIRST) + 2 * 4 + 1
 
 
 @dataclass
@@ -87,8 +89,10 @@ def _top1(model: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float((model.predict(x) == y).mean())
 
 
-def choose_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], seed: int = 0):
-    """(index into C_GRID, {C: val top-1}): CLIP_benchmark's peak search over the grid."""
+def choose_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], seed: int = 0,
+             fitted: Callable[[], None] = lambda: None):
+    """(index into C_GRID, {C: val top-1}): CLIP_benchmark's peak search over the grid; `fitted`
+    is called after each fit (a fit on many items takes seconds)."""
     tried: dict[int, float] = {}
 
     def peak(indices: list[int]) -> int:
@@ -96,6 +100,7 @@ def choose_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nda
         for i in indices:
             if i not in tried:
                 tried[i] = _top1(_fit(*train, C_GRID[i], seed), *val)
+                fitted()
             if tried[i] > best_acc:
                 best, best_acc = i, tried[i]
         return best
@@ -114,7 +119,8 @@ def _need_items(sizes: dict[str, int]) -> None:
                              "(prepare the dataset with --val and --test above 0)")
 
 
-def probe_arrays(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int, seed: int = 0):
+def probe_arrays(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int, seed: int = 0,
+                 reporter: Reporter = NULL):
     """Fit on x["train"], choose C on x["val"], refit on both, score x["test"]: (metrics, C, val top-1, tried)."""
     try:
         import sklearn  # noqa: F401
@@ -124,8 +130,11 @@ def probe_arrays(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes
     _need_items({s: len(x[s]) for s in ("train", "val", "test")})
     if len(np.unique(y["train"])) < 2:
         raise MmretError("the linear probe needs at least two classes in the train split")
-    best, tried = choose_c((x["train"], y["train"]), (x["val"], y["val"]), seed)
-    model = _fit(np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]]), C_GRID[best], seed)
+    with reporter.task("fitting the linear probe (choosing C)", total=MOST_FITS, unit="fits") as task:
+        best, tried = choose_c((x["train"], y["train"]), (x["val"], y["val"]), seed, task.advance)
+        model = _fit(np.concatenate([x["train"], x["val"]]), np.concatenate([y["train"], y["val"]]), C_GRID[best],
+                     seed)
+        task.advance()
     scores = classification_metrics(_logits(model, x["test"], num_classes), torch.from_numpy(y["test"]))
     metrics = {f"lp_{k}": v for k, v in scores.metrics.items()}
     return metrics, float(C_GRID[best]), tried[float(C_GRID[best])], tried
@@ -146,7 +155,7 @@ def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str 
                                     for s in ("train", "val", "test")}
     x = {s: np.asarray(e.items, dtype=np.float32) for s, e in parts.items()}
     y = {s: item_labels(e, ds, labels).numpy() for s, e in parts.items()}
-    metrics, C, val_acc, tried = probe_arrays(x, y, len(labels), seed)
+    metrics, C, val_acc, tried = probe_arrays(x, y, len(labels), seed, reporter)
     result = ProbeResult(run=run_dir.name, dataset=ds.name, split=split, metrics=metrics, C=C, val_acc1=val_acc,
                          sizes={s: len(x[s]) for s in ("train", "val", "test")}, labels=labels, seed=seed, tried=tried,
                          train_overlap=model.run.trained_on(list(parts["test"].item_table["path"])))

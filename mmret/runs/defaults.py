@@ -76,3 +76,19 @@ def _tower_lines(cfg: RunConfig, named: dict[str, Any]) -> list[str]:
     towers = " and ".join(f"{flag} {spelled(name)}" for flag, name in defaults)
     return [f"towers: {towers}, the default{'s' if len(defaults) > 1 else ''}; each takes a preset, a hub id or a "
             "local model folder (an offline machine needs the folder)"]
+
+
+def tower_option(cfg: RunConfig, repo_id: str) -> tuple[str, str] | None:
+    """The option and value of `cfg` that asked for the hub model `repo_id` (`("--vision",
+    "dino-vits16")`), so that a failure to load it names the option that takes a local folder."""
+    from mmret.encoders.presets import ENCODERS
+
+    item_flag = ITEM_FLAGS.get(settle_modality(cfg), "--item-tower")
+    for flag, value in (("--model", cfg.encoders.model), (item_flag, cfg.encoders.item), ("--text", cfg.encoders.text)):
+        if not value:
+            continue
+        for name in (value, value.split(":", 1)[-1]):  # a wrapped tower (spectrogram:NAME) names its inner one
+            preset = ENCODERS.get(name)
+            if (preset.source if preset is not None else name).partition("@")[0] == repo_id:
+                return flag, value
+    return None

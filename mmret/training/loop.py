@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from mmret.common.io import ensure_free_space, uninterrupted, write_json, write_parquet
-from mmret.common.progress import NULL, Reporter
+from mmret.common.progress import NULL, SILENT, Reporter
 from mmret.common.threads import rebalance
 from mmret.errors import MmretError
 from mmret.modalities import get_modality
@@ -228,7 +228,7 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     finished = False
     try:
         if world.size > 1:
-            result = run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world, extend),
+            result = run_on_world(lambda: _train(cfg, reporter if world.is_main else SILENT, resume_dir, world, extend),
                                   world, cfg, resume_dir)
         else:
             result = _train(cfg, reporter, resume_dir, world, extend)

@@ -282,7 +282,7 @@ async function loadInfo() {
   const i = state.info;
   $("about").textContent = `${i.dataset} · ${plural(i.items, i.noun, `${i.noun}s`)}` +
     (i.captions ? ` · ${plural(i.captions, "caption", "captions")}` : "") + ` · run ${i.run} (${i.method})`;
-  $("q").placeholder = `Describe a ${i.noun}, press Enter`;
+  $("q").placeholder = `Describe a ${i.noun}`;
   // the kinds an upload may be: the gallery's, and those of the runs bound into its space (a sound for pictures)
   const kinds = [i, ...(i.space || [])];
   $("file-label").textContent = `Search with a ${kinds.map((s) => s.noun).join(" or a ")}`;
