@@ -82,3 +82,16 @@ def test_data_dir_option_moves_the_data_root(tmp_path, data_dir):
     result = runner.invoke(app, ["prepare", "example", "--count", "12", "--data-dir", str(other)])
     assert result.exit_code == 0
     assert (other / "example" / "dataset.json").is_file() and not (data_dir / "example").exists()
+
+
+def test_a_run_name_beside_a_model_folder_of_that_name_is_the_run(tmp_path, monkeypatch, memorised):
+    import shutil
+
+    from mmret.runs import resolve_run
+
+    runs = tmp_path / "runs"
+    shutil.copytree(memorised["run"], runs / "dino")
+    (tmp_path / "dino").mkdir()
+    (tmp_path / "dino" / "config.json").write_text('{"model_type": "dinov2"}')  # a model folder in the working folder
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run("dino", runs) == (runs / "dino").resolve()

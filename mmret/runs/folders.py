@@ -34,8 +34,8 @@ def resolve_run(name: str | Path | None, runs_dir: str | Path | None = None) -> 
     root = runs_root(runs_dir)
     name = str(name or LATEST)
     candidates = [Path(name).expanduser(), root / name]
-    for path in candidates:
-        if (path / "config.json").is_file():
+    for path in candidates:  # a run folder holds checkpoints/ beside config.json (a model folder has only the latter)
+        if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
             return path.resolve()
     known = run_names(root)
     if name == LATEST:
