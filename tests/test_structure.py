@@ -35,9 +35,10 @@ LAYERS = ["errors", "common", "metrics", "modalities", "data", "encoders", "feat
 # name (package faces among them) stand outside that order
 SUBLAYERS: dict[str, list[str]] = {
     "common": ["lazy", "registry", "options", "paths", "io", "digest", "items", "progress", "shards", "device"],
-    "metrics": ["retrieval", "classification"],
+    "metrics": ["retrieval", "classification", "selection"],
     "modalities": ["base", "spectrogram", "listening", "image", "audio"],
-    "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
+    "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "composition",
+             "pairs"],
     "encoders": ["base", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram", "load"],
     "features": ["config", "cache", "runner", "encode", "shards", "views", "source", "precompute"],
     "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "mixup", "dual", "bridge",
@@ -50,7 +51,8 @@ SUBLAYERS: dict[str, list[str]] = {
     "memory": ["live", "probe", "plan"],
     "inference": ["loaded", "embeddings", "exact", "index", "search", "zeroshot"],
     "figures": ["draw", "maps", "failures"],
-    "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe", "suite"],
+    "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe",
+                   "selection", "suite"],
     "serve": ["config", "schemas", "worker", "service", "app", "server"],
     "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "verify", "quickstart"],
 }

@@ -62,11 +62,11 @@ class RunResult:
     processes: int = 1
 
 
-def train_step(s: Session, items: Any, texts: Any) -> float:
+def train_step(s: Session, items: Any, texts: Any, negatives: Any = None) -> float:
     """One optimizer step over one contrastive batch (its right pairs beyond the diagonal, if any,
-    in `s.positives`); returns its loss."""
+    in `s.positives`; its captions' wrong captions in `negatives`); returns its loss."""
     try:
-        loss = s.stepper(items, texts, s.state.step, s.positives)
+        loss = s.stepper(items, texts, s.state.step, s.positives, negatives)
     except NonFiniteLoss as e:
         raise MmretError(
             f"the loss became {e.loss} at step {s.state.step + 1} (epoch {s.state.epoch + 1}); training stopped and "
@@ -84,10 +84,10 @@ def train_one_epoch(s: Session, task: Any) -> None:
     batches = s.plan.batches(st.epoch, s.world.min_last_batch)[st.batch:]
     mine = [(items[s.world.part(len(items))], captions[s.world.part(len(items))]) for items, captions in batches]
     s.model.train()
-    for (items, captions), (inputs, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
+    for (items, captions), (_, own), (inputs, texts) in zip(batches, mine, s.train.iter_pairs(mine, epoch=st.epoch)):
         n = len(items)  # pairs in the global batch
         s.positives = s.world.positives(s.plan.positives(items, captions), cfg.accumulation)
-        loss = train_step(s, inputs, texts)
+        loss = train_step(s, inputs, texts, s.train.negative_batch(own))
         s.step_rng = torch.get_rng_state()
         st.batch, st.loss_sum, st.pairs = st.batch + 1, st.loss_sum + loss * n, st.pairs + n
         task.advance(n, loss=loss, lr=s.optimizer.param_groups[0]["lr"])
