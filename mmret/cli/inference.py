@@ -31,8 +31,9 @@ def eval_command(
     )] = None,
     split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
     task: Annotated[str, typer.Option(
-        help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); or linear-probe (logistic "
-             "regression on the run's frozen item embeddings).",
+        help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); linear-probe (logistic "
+             "regression on the run's frozen item embeddings); or caption-selection (SugarCrepe / Winoground "
+             "accuracy as CLIP_benchmark scores it, on a dataset from `prepare sugar-crepe` or `prepare winoground`).",
     )] = "retrieval",
     compare: Annotated[Optional[list[str]], typer.Option(
         help="Runs to put side by side (repeat the option or separate with commas); differences from the first are "
@@ -77,7 +78,7 @@ def eval_command(
     data_dir: DataDir = None,
 ) -> None:
     """Retrieval (Recall@k, MRR, median rank, mAP, RSUM both ways, as papers report them), zero-shot
-    classification or a linear probe; optionally an embedding map and a failure gallery."""
+    classification, a linear probe or caption selection; optionally an embedding map and a failure gallery."""
     from mmret.evaluation.config import FORMATS, EvalConfig, parse_ks
 
     if format not in FORMATS:

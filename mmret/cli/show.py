@@ -169,6 +169,8 @@ def show_eval_report(report, format: str) -> None:
         ui.console.print_json(json.dumps([r.to_json() for r in report.results]))
     elif report.task == "classification":
         show_classification(report.results, format)
+    elif report.task == "caption-selection":
+        show_selection(report.results, format)
     else:
         show_linear_probe(report.results, format)
     if report.map is not None:
@@ -215,6 +217,22 @@ def show_classification(results, format: str) -> None:
             ui.print_note(f"{r.run} trained on {r.train_overlap} of these {r.n_items} items: its scores flatter it")
         ui.console.print(f"saved {r.path}" + (f" and {r.confusion_png.name}" if r.confusion_png else ""),
                          highlight=False, soft_wrap=True)
+
+
+def show_selection(results, format: str) -> None:
+    """One row per task and metric, a column per run, chance and the number of examples beside."""
+    first = results[0]
+    rows = []
+    for task, metrics in first.metrics.items():
+        for key in ("text_acc", "image_acc", "acc"):
+            cells = [_cell(r.metrics[task][key], (r.ci or {}).get(task, {}).get(key)) for r in results]
+            rows.append([task, key, *cells, f"{first.chance[task][key]:.4f}", str(metrics["n"])])
+    title = f"{first.dataset} {first.split}: caption selection (as CLIP_benchmark scores it)"
+    _markdown_or_table(title, ["task", "metric", *[r.run for r in results], "chance", "examples"], rows, format)
+    for r in results:
+        if r.dropped:
+            ui.print_note(f"{r.run}: {r.dropped} examples left out (an item of theirs is not in {r.split})")
+        ui.console.print(f"saved {r.path}", highlight=False, soft_wrap=True)
 
 
 def show_linear_probe(results, format: str) -> None:
