@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-NAMES = ("text_acc", "image_acc", "acc")
-
 
 @dataclass
 class SelectionResult:
@@ -43,33 +41,33 @@ class SelectionResult:
     def outcomes(self) -> dict[str, np.ndarray]:
         return {"text_acc": self.text_ok, "image_acc": self.image_ok, "acc": self.both_ok}
 
-    def metrics(self, rows: np.ndarray | None = None) -> dict[str, dict[str, float]]:
-        """{task: {text_acc, image_acc, acc, n}} over `rows` of the examples (default all), and `all`
-        when there are several tasks."""
-        rows = np.arange(len(self.tasks)) if rows is None else rows
-        out = {}
-        names = list(dict.fromkeys(self.tasks[rows].tolist()))
-        for task in names + (["all"] if len(names) > 1 else []):
-            mine = rows if task == "all" else rows[self.tasks[rows] == task]
-            out[task] = {k: float(v[mine].mean()) if len(mine) else float("nan") for k, v in self.outcomes().items()}
-            out[task]["n"] = int(len(mine))
-        return out
+    def task_rows(self) -> dict[str, np.ndarray]:
+        """task -> its examples' rows, in order of appearance; `all` too when there are several tasks."""
+        names = list(dict.fromkeys(self.tasks.tolist()))
+        rows = {t: np.flatnonzero(self.tasks == t) for t in names}
+        return rows | ({"all": np.arange(len(self.tasks))} if len(names) > 1 else {})
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """{task: {text_acc, image_acc, acc, n}}, and `all` when there are several tasks."""
+        return {task: {**{k: _mean(v[rows]) for k, v in self.outcomes().items()}, "n": len(rows)}
+                for task, rows in self.task_rows().items()}
+
+
+def _mean(ok: np.ndarray) -> float:
+    """The share of True, computed as CLIP_benchmark does (a float32 mean), to its last digit."""
+    return torch.tensor(ok, dtype=torch.float32).mean().item() if len(ok) else float("nan")
 
 
 def caption_selection(items: list[Tensor], captions: list[Tensor], tasks: list[str]) -> SelectionResult:
     """Every example's outcome: `items[e]` (I, D) and `captions[e]` (C, D) embeddings, item i right
-    for caption i. Examples of one shape are scored together."""
+    for caption i. One example at a time, in CLIP_benchmark's order of operations, so that even
+    near-ties fall the same way."""
     text_ok, image_ok = np.zeros(len(items), bool), np.zeros(len(items), bool)
-    shapes: dict[tuple[int, int], list[int]] = {}
-    for e, (i, c) in enumerate(zip(items, captions)):
-        shapes.setdefault((len(i), len(c)), []).append(e)
-    for (n_items, n_captions), group in shapes.items():
-        a = F.normalize(torch.stack([items[e] for e in group]).float(), dim=-1)  # (G, I, D)
-        b = F.normalize(torch.stack([captions[e] for e in group]).float(), dim=-1)  # (G, C, D)
-        scores = a @ b.transpose(1, 2)  # (G, I, C)
-        gt = torch.arange(min(n_items, n_captions))
-        text_ok[group] = (scores.argmax(dim=2)[:, :len(gt)] == gt).all(dim=1).numpy()
-        image_ok[group] = (scores.argmax(dim=1)[:, :len(gt)] == gt).all(dim=1).numpy()
+    for e, (item_emb, text_emb) in enumerate(zip(items, captions)):
+        scores = F.normalize(item_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()  # (I, C)
+        gt = torch.arange(min(scores.shape))
+        text_ok[e] = bool((scores.argmax(dim=1)[:len(gt)] == gt).all())
+        image_ok[e] = bool((scores.argmax(dim=0)[:len(gt)] == gt).all())
     return SelectionResult(text_ok, image_ok, np.asarray(tasks, dtype=object))
 
 
@@ -99,9 +97,7 @@ def bootstrap_selection(result: SelectionResult, n_boot: int = 1000, seed: int =
     replacement, seeded)."""
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, tuple[float, float]]] = {}
-    tasks = list(dict.fromkeys(result.tasks.tolist()))
-    for task in tasks + (["all"] if len(tasks) > 1 else []):
-        rows = np.arange(len(result.tasks)) if task == "all" else np.flatnonzero(result.tasks == task)
+    for task, rows in result.task_rows().items():
         draws = rows[rng.integers(0, len(rows), size=(n_boot, len(rows)))]  # (n_boot, n)
         lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
         out[task] = {k: (float(np.percentile(v[draws].mean(1), lo)), float(np.percentile(v[draws].mean(1), hi)))
