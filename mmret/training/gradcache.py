@@ -116,11 +116,12 @@ def _loss(loss_fn: LossFn, model: nn.Module, item_emb: Tensor, text_emb: Tensor,
 
 def _embed_negatives(model: nn.Module, negatives: Batch | None, like: Tensor) -> Tensor | None:
     """(n, D) embeddings of the extra wrong captions (none: an empty (0, D), so that every process of
-    a run still takes part in gathering them)."""
+    a run still takes part in gathering them, and in the gather's backward when the captions'
+    embeddings have a gradient)."""
     if negatives is None:
         return None
     if not batch_size(negatives):
-        return like.new_zeros((0, like.shape[1]))
+        return like.new_zeros((0, like.shape[1])).requires_grad_(like.requires_grad)
     return call(model.encode_text, negatives)
 
 
