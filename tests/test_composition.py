@@ -40,6 +40,8 @@ runner = CliRunner()
     ("a green apple left of a green pear", "a green pear left of a green apple", "a green apple right of a green pear",
      None),  # the same attribute on both sides: nothing to swap
     ("A shipwreck.", None, None, None),
+    ("A red and white anemone flower.", None, None, None),  # two colours of one flower: not two things
+    ("a red cup with a green", None, None, None),
     ("the leftover of a meal above", None, None, None),  # whole words only, and a side on each end
 ])
 def test_the_rules_rewrite_as_documented(caption, swapped, replaced, attributes):

@@ -13,7 +13,8 @@ The rules, each a plain string rewrite (no model runs):
   "above" -> "below").
 - `attribute`: the first attribute word (`ATTRIBUTES`: colours and sizes) of each side of a
   relation (or of "and", "with", "next to") changes places: "a red circle above a blue square" ->
-  "a blue circle above a red square". Both sides need one, and they must differ.
+  "a blue circle above a red square". Both sides need one, followed by a word it describes (in
+  "a red and white flower" the two colours describe one thing), and they must differ.
 - `table`: the wrong candidates the dataset itself holds (`candidates.parquet`, from `mmret prepare
   sugar-crepe` or `winoground`): for a caption that is an example's right caption for its item,
   the example's captions that are right for no item (SugarCrepe's negative captions).
@@ -102,7 +103,8 @@ def swap_attributes(caption: str) -> str | None:
         return None
     lead, left, rel, right, end = parts
     a, b = _find(left, ATTRIBUTES), _find(right, ATTRIBUTES)
-    if a is None or b is None or a.group(1).lower() == b.group(1).lower():
+    if (a is None or b is None or a.group(1).lower() == b.group(1).lower() or not left[a.end():].strip()
+            or not right[b.end():].strip()):
         return None
     left = left[:a.start()] + b.group(1) + left[a.end():]
     right = right[:b.start()] + a.group(1) + right[b.end():]
