@@ -10,10 +10,23 @@ MMRET_DEBUG=1 asks for it.
 from __future__ import annotations
 
 import errno
+import re
 
 
 class MmretError(Exception):
     """An error the user can act on; its message is shown as is, without a traceback."""
+
+
+# C0 and C1 control characters (ESC starts a terminal's control sequences, BEL ends some), DEL, and the
+# invisible marks that reorder text on screen (bidirectional overrides, isolates)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one terminal line: every control character written as its escape
+    (`\\x1b`, `\\n`), so a file's content can neither move the cursor, retitle the window, clear
+    the screen nor break the line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 _OS_ADVICE = {

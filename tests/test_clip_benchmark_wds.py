@@ -109,7 +109,8 @@ def test_retrieval_items_captions_and_splits_are_as_written(world):
             item_id = f"{split}/s{i:07d}"
             assert captions[item_id] == caps  # all of them, in order
             assert images.loc[item_id, "path"].endswith(f"/{split}/{i // 3}.tar::s{i:07d}.webp")
-            assert _pixels(Image.open(open_item(images.loc[item_id, "path"]))) == _pixels(img)  # read in place
+            in_place = open_item(images.loc[item_id, "path"], ds.roots)  # read in place
+            assert _pixels(Image.open(in_place)) == _pixels(img)
     assert (images["split"] == "test").sum() == 7  # exactly the set's test
     held = images[images.index.str.startswith("train/")]["split"].value_counts().to_dict()
     assert held == {"train": 8, "val": 2}  # --val 0.25 of train, no val folder
@@ -148,7 +149,7 @@ def test_retrieval_equals_clip_benchmark_reading_its_own_folder(world, monkeypat
     assert (ours["n_items"], ours["n_captions"]) == (7, 13)
     emb = write_run_embeddings(LoadedRun(zero_shot_run(str(world["clip"]), "cbret", world["data"], world["runs"])),
                                "cbret", "test", data_dir=world["data"])
-    row_of = {_pixels(Image.open(open_item(p))): i for i, p in enumerate(emb.item_table["path"])}
+    row_of = {_pixels(Image.open(open_item(p, emb.roots))): i for i, p in enumerate(emb.item_table["path"])}
     text_row = {c: i for i, c in enumerate(emb.caption_table["caption"])}
     theirs_ds = build_wds_dataset("cbret", transform=lambda img: torch.tensor(row_of[_pixels(img)]), split="test",
                                   data_dir=str(world["ret"]))

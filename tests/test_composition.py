@@ -181,7 +181,8 @@ def test_a_tower_method_tokenizes_the_negatives(world, tmp_path):
 def test_negatives_and_mixup_do_not_combine(world, tmp_path, monkeypatch):
     monkeypatch.setenv("MMRET_DATA_DIR", str(world["root"] / "data"))
     monkeypatch.setenv("MMRET_RUNS_DIR", str(tmp_path / "runs"))
-    args = ["train", "--method", "heads", "--vision", world["vit"], "--text", world["bert"], "--epochs", "1"]
+    args = ["train", "--method", "heads", "--dataset", "example", "--vision", world["vit"], "--text", world["bert"],
+            "--epochs", "1"]
     bad = runner.invoke(app, [*args, "--caption-negatives", "swap", "--mixup", "0.4"])
     assert (bad.exit_code, bad.stderr) == (1, "error: --caption-negatives does not combine with --mixup: a blend of "
                                               "two captions has no wrong captions of its own\n")

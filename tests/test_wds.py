@@ -93,7 +93,7 @@ def test_prepare_reads_the_shards_in_place_and_reports_the_bad_member(shards):
     assert not any(p.suffix in (".png", ".jpg") for p in (data / "wds").rglob("*"))  # nothing unpacked
     first = ds.items["path"][0]
     shard, member = split_address(first)
-    assert shard.startswith(str(root / "shards")) and Image.open(open_item(first)).size == (40, 32)
+    assert shard.startswith(str(root / "shards")) and Image.open(open_item(first, ds.roots)).size == (40, 32)
 
 
 def test_encode_by_shards_and_train_from_the_tars(shards, tmp_path):

@@ -30,13 +30,28 @@ def serve(
         help="Address to listen on. Anything but 127.0.0.1 / localhost lets other machines in.",
     )] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        help="Also answer requests naming this host (a name, an address or *.example.com; repeat for more). "
+             "Besides it only the address listened on and localhost are answered.",
+        show_default=False,
+    )] = None,
+    cors: Annotated[Optional[list[str]], typer.Option(
+        help="Let web pages of this origin (e.g. https://example.com) send requests (repeat for more); other "
+             "origins' POSTs are refused.",
+        show_default=False,
+    )] = None,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="MMRET_API_KEY", show_envvar=True,
-        help="Require this key (header X-API-Key or Authorization: Bearer) for the API and the pictures.",
+        help="Require this key (header X-API-Key or Authorization: Bearer) for every route but the page and "
+             "/api/health: the API, the media and the API docs.",
         show_default=False,
     )] = None,
     k: Annotated[int, typer.Option("-k", "--top", help="Results the page shows.")] = 24,
     max_k: Annotated[int, typer.Option(help="The most results one request may ask for.")] = 1000,
+    max_knn: Annotated[int, typer.Option(
+        help="The most results one clip-retrieval /knn-service request may ask for (clip-front's download asks "
+             "10000).",
+    )] = 10_000,
     max_query_chars: Annotated[int, typer.Option(help="The longest text query, in characters.")] = 1000,
     max_upload_mb: Annotated[float, typer.Option(help="The largest uploaded picture, in MB.")] = 20.0,
     max_pixels: Annotated[int, typer.Option(
@@ -69,9 +84,13 @@ def serve(
 
     run_dir = run_or_zero_shot(run=run, zero_shot=zero_shot, dataset=dataset, data_dir=data_dir, runs_dir=runs_dir)
     cfg = ServeConfig(run_dir, dataset=dataset, split=split, index=index, rebuild_index=rebuild_index,
-                      which=checkpoint, device=device, host=host, port=port, api_key=api_key, k=k, max_k=max_k,
+                      which=checkpoint, device=device, host=host, port=port, allow_host=tuple(allow_host or ()),
+                      cors=tuple(cors or ()), api_key=api_key, k=k, max_k=max_k, max_knn=max_knn,
                       max_query_chars=max_query_chars, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
     sock = bind(cfg.host, cfg.port)  # before the minutes of loading: a taken port fails at once
+    from mmret.cli import show
+
+    show.say_run(run_dir, checkpoint, newest=not (run or zero_shot))
     service = SearchService.open(cfg, ui.RichReporter())
     log = logging.getLogger("mmret.serve")
     handler = logging.StreamHandler()
@@ -81,7 +100,7 @@ def serve(
     log.propagate = False
     show_serving(service, url_of(sock))
     try:
-        run_server(create_app(service), sock)
+        run_server(create_app(service), sock, cfg.header_timeout_s)
     finally:
         service.close()
 

@@ -1,9 +1,11 @@
-"""Terminal output for the command layer: rich progress bars behind the library's `Reporter`,
-the one-line error format, and small table helpers. Only `cli.py` imports this module.
+"""Terminal output for the command layer: rich progress bars behind the library's `Reporter` (plain
+lines every few seconds when stderr is not a terminal), the one-line error and note formats, and
+small table helpers. Only the command modules import this module.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Iterable
 
@@ -21,17 +23,52 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+from mmret.errors import printable
+
+
+class SafeConsole(Console):
+    """A rich console that prints the control characters in any text it is given (a caption, a file
+    name, a message quoting a file) as escapes (`mmret.errors.printable`), keeping only the line
+    breaks: text from a file can never drive the terminal. Every string printed, table cells
+    included, passes through `render_str`."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str("\n".join(printable(line) for line in text.split("\n")), **kwargs)
+
+
+console = SafeConsole()
+err_console = SafeConsole(stderr=True, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
-    """The one red line a user sees for an `MmretError`."""
-    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+    """The one red line a user sees for an `MmretError` (line breaks in it escaped too)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(printable(message))}", soft_wrap=True, highlight=False)
 
 
 def print_note(message: str) -> None:
-    err_console.print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+    """A number that would mislead without a word, or something the user should know before trusting a result."""
+    err_console.print(f"[yellow]note:[/yellow] {escape(printable(message))}", soft_wrap=True, highlight=False)
+
+
+def say(message: str) -> None:
+    """One line on stderr about what a command chose on the user's behalf (stdout stays the result's)."""
+    err_console.print(escape(message), soft_wrap=True, highlight=False)
+
+
+PROGRESS_ENV = "MMRET_PROGRESS_SECONDS"  # seconds between the plain progress lines of output that is not a terminal
+
+
+def progress_seconds() -> float:
+    from mmret.errors import MmretError
+
+    text = os.environ.get(PROGRESS_ENV, "5")
+    try:
+        every = float(text)
+    except ValueError:
+        every = -1.0
+    if not every > 0:
+        raise MmretError(f"{PROGRESS_ENV} must be a positive number of seconds, got {text!r}")
+    return every
 
 
 class _RateColumn(ProgressColumn):
@@ -67,18 +104,32 @@ class _RichTask:
 
 
 class RichReporter:
-    """One live rich display shared by all open tasks (rich allows only one at a time)."""
+    """One live rich display shared by all open tasks (rich allows only one at a time) on a
+    terminal; elsewhere (a log file, a pipe, CI) plain lines every few seconds (`LineReporter`)."""
 
     def __init__(self, console: Console = err_console):
+        from mmret.common.progress import LineReporter
+
         self.console = console
         self.progress: Progress | None = None
         self.open: set[int] = set()
+        self.lines = None if console.is_terminal else LineReporter(self._write, progress_seconds())
+
+    def _write(self, line: str) -> None:
+        self.console.file.write(line + "\n")
+        self.console.file.flush()
+
+    def note(self, message: str, warning: bool = False) -> None:
+        if self.lines is not None:
+            self.lines.note(message, warning)
+        elif warning:
+            self.console.print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+        else:
+            self.console.print(escape(message), soft_wrap=True, highlight=False)
 
     def task(self, description: str, total: int | None = None, unit: str = "it") -> _RichTask:
-        if not self.console.is_terminal:  # a log file or a pipe gets results, not bars redrawn in place
-            from mmret.common.progress import NULL
-
-            return NULL.task(description, total, unit)
+        if self.lines is not None:  # bars redrawn in place would be noise in a log
+            return self.lines.task(description, total, unit)
         if self.progress is None:
             self.progress = Progress(*self._columns(), console=self.console, transient=False)
             self.progress.start()

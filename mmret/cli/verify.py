@@ -34,7 +34,7 @@ def verify(
         raise MmretError("nothing to verify: pass --dataset NAME and/or --run RUN")
     checked = run_verify(list(dataset or []), [resolve_run(r, runs_dir) for r in run or []], data_dir,
                          ui.RichReporter())
-    rows = [(c.what, c.parts, "ok" if c.ok else "DAMAGED: " + ", ".join(c.damaged)) for c in checked]
+    rows = [(c.what, c.parts, c.result) for c in checked]
     ui.console.print(ui.table("verify", ["what", "parts", "result"], rows))
     bad = [c for c in checked if not c.ok]
     if bad:

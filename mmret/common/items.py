@@ -2,11 +2,13 @@
 (webdataset / img2dataset), read in place without unpacking.
 
 An item's address is a path string. A tar member is `<shard.tar>::<member name>`; `open_item`
-gives a file for a plain path and the member's bytes (an in-memory binary file) for a tar
+gives an open file for a plain path and the member's bytes (an in-memory binary file) for a tar
 member, so a modality's decoder reads either the same way and never learns where the bytes came
-from. A member is found by its name in the shard's index, which Python's `tarfile` builds once
-per shard and process (headers only, then a seek and one read per item): random access, so a
-training batch in any seeded order costs one read per item. Nothing is ever extracted to disk,
+from. Both are opened through the dataset's `Roots` (`mmret.common.paths`): a file or shard that
+resolves outside them, or is no regular file, is never read. A member is found by its name in
+the shard's index, which Python's `tarfile` builds once per shard and process (headers only, then
+a seek and one read per item): random access, so a training batch in any seeded order costs one
+read per item. Nothing is ever extracted to disk,
 and `resolve_item` keeps a relative address from a table inside its root.
 """
 
@@ -18,6 +20,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
+from mmret.common.paths import Roots, UnsafePath
 from mmret.errors import MmretError
 
 MEMBER = "::"  # shard.tar::member
@@ -43,16 +46,22 @@ def split_address(address: str) -> tuple[str, str] | None:
 _INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}  # shard -> (stat, name -> (offset, size))
 
 
-def _index(shard: str) -> dict[str, tuple[int, int]]:
+def _open_shard(shard: str, roots: Roots) -> BinaryIO:
     try:
-        st = os.stat(shard)
-    except OSError:
+        return roots.open(shard)
+    except FileNotFoundError:
         raise MemberError(f"shard {shard} not found") from None
-    stamp = (st.st_mtime_ns, st.st_size)
+    except (UnsafePath, OSError) as e:
+        raise MemberError(f"cannot read shard {shard}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _index(shard: str, f: BinaryIO) -> dict[str, tuple[int, int]]:
+    st = os.fstat(f.fileno())
+    stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     cached = _INDEX.get(shard)
     if cached is None or cached[0] != stamp:
         try:
-            with tarfile.open(shard, mode="r:") as tar:  # "r:": seekable, uncompressed only
+            with tarfile.open(fileobj=f, mode="r:") as tar:  # "r:": seekable, uncompressed only
                 names = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
         except (tarfile.TarError, OSError) as e:
             raise MemberError(f"cannot index shard {shard} (an uncompressed tar is needed): {e}") from None
@@ -60,27 +69,31 @@ def _index(shard: str) -> dict[str, tuple[int, int]]:
     return cached[1]
 
 
-def shard_index(shard: str) -> dict[str, tuple[int, int]]:
-    """The shard's file members by name, (offset, size) each; `MemberError` if it is no readable tar."""
-    return _index(shard)
+def shard_index(shard: str, roots: Roots) -> dict[str, tuple[int, int]]:
+    """The shard's file members by name, (offset, size) each; `MemberError` if it is no readable tar
+    inside `roots`."""
+    with _open_shard(shard, roots) as f:
+        return _index(shard, f)
 
 
-def read_member(shard: str, member: str) -> bytes:
-    where = _index(shard).get(member)
-    if where is None:
-        raise MemberError(f"no member {member} in {shard}")
-    offset, size = where
-    with open(shard, "rb") as f:
+def read_member(shard: str, member: str, roots: Roots) -> bytes:
+    with _open_shard(shard, roots) as f:  # the index and the bytes come from this one descriptor
+        where = _index(shard, f).get(member)
+        if where is None:
+            raise MemberError(f"no member {member} in {shard}")
+        offset, size = where
         f.seek(offset)
         return f.read(size)
 
 
-def open_item(address: str | Path) -> Path | BinaryIO:
-    """A plain path as a `Path`; a tar member as an in-memory binary file (named by its address)."""
+def open_item(address: str | Path, roots: Roots) -> BinaryIO:
+    """The item's bytes as an open binary file: a plain file opened through `roots` (an
+    `UnsafePath` or `OSError` if it may not or cannot be), or a tar member's bytes in memory (named
+    by its address)."""
     found = split_address(str(address))
     if found is None:
-        return Path(address)
-    data = io.BytesIO(read_member(*found))
+        return roots.open(address)
+    data = io.BytesIO(read_member(*found, roots))
     data.name = str(address)
     return data
 

@@ -19,8 +19,8 @@ test split. A dataset prepared again (`--force`) keeps the caches computed from 
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmret import __version__
+from mmret.common.version import __version__
 from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
+from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter
 from mmret.data.config import PrepareConfig
 from mmret.data.readers import get_reader, pattern_root
@@ -101,6 +102,15 @@ def _without_captions(records: list[ItemRecord]) -> list[ItemRecord]:
     return [dataclasses.replace(r, captions=[], split="test") for r in records]
 
 
+def _empty_splits(records: list[ItemRecord], sizes: tuple) -> list[Problem]:
+    """A line for each split asked for (a share above 0) that no item landed in: each class, or the
+    whole dataset, too small to give it one."""
+    shares = {"val": sizes[0], "test": sizes[1]} if len(sizes) == 2 else {}
+    return [Problem("empty split", split, f"no {split} items: the dataset (or each of its classes) is too small for "
+                                          f"a {share:g} share; add items, or pass --{split} 0")
+            for split, share in shares.items() if share > 0 and not any(r.split == split for r in records)]
+
+
 def _carry_caches(old: Path, new: Path) -> None:
     """Move the caches of the dataset being replaced into its new folder (see the module docstring)."""
     for name in CARRIED:
@@ -117,10 +127,12 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         source = reader(tmp if cfg.source == "example" else cfg.root, cfg)
         problems, modality = source.problems, get_modality(source.modality)
         records = merge_duplicate_ids(source.items)
+        root = tmp if cfg.source == "example" else source.item_root or cfg.root
         if not cfg.allow_outside_root:
-            records = inside_root(records, tmp if cfg.source == "example" else source.item_root or cfg.root, problems)
+            records = inside_root(records, root, problems)
         records = clean_captions(records, problems) if cfg.captions else _without_captions(records)
-        records, columns = check_files(records, tmp, cfg.check_items, problems, modality, reporter)
+        roots = Roots.of(tmp, root, anywhere=cfg.allow_outside_root)  # as `PreparedDataset.roots` will be
+        records, columns = check_files(records, tmp, cfg.check_items, problems, modality, roots, reporter)
         if not records:
             kinds = ", ".join(f"{n} {k}" for k, n in problem_counts(problems).items()) or f"no {modality.plural} listed"
             hint = ("; --no-captions prepares them as a gallery to search" if any(p.kind == "no caption" for p in problems)
@@ -128,6 +140,7 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
             raise MmretError(f"no usable {modality.plural} in {cfg.root}: {kinds}{hint}")
         if source.split_sizes is not None and cfg.captions:
             assign_random_splits(records, source.split_sizes, cfg.seed)
+            problems += _empty_splits(records, source.split_sizes)
         split_note = source.split_note if cfg.captions else GALLERY_NOTE
         items, captions = to_tables(records, columns, modality)
         counts = _counts(items, captions, problems, modality)

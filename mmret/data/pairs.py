@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from mmret.common.device import default_workers
+from mmret.common.paths import Roots
 from mmret.data.negatives import caption_keys
 from mmret.errors import MmretError
 from mmret.modalities import ItemError
@@ -60,14 +61,15 @@ class SplitTables:
     caption_item: np.ndarray  # (M,) int64 index into item_ids
     captions: list[str]
     paths: list[str]
+    roots: Roots = Roots()  # where the item files may be read (the dataset's roots)
 
     @classmethod
-    def from_frames(cls, items: pd.DataFrame, captions: pd.DataFrame) -> "SplitTables":
+    def from_frames(cls, items: pd.DataFrame, captions: pd.DataFrame, roots: Roots) -> "SplitTables":
         index = {k: i for i, k in enumerate(items["item_id"])}
         captions = captions[captions["item_id"].isin(index)]
         return cls(items["item_id"].to_numpy(), captions["caption_id"].to_numpy(),
                    captions["item_id"].map(index).to_numpy(np.int64), captions["caption"].tolist(),
-                   items["path"].tolist())
+                   items["path"].tolist(), roots)
 
     def __post_init__(self) -> None:
         self.captions_of = group_captions(self.caption_item, len(self.item_ids))
@@ -86,16 +88,17 @@ class SplitTables:
         return SplitTables(self.item_ids[keep], self.caption_ids[caption_keep],
                            remap[self.caption_item[caption_keep]],
                            [c for c, k in zip(self.captions, caption_keep) if k],
-                           [p for p, k in zip(self.paths, keep) if k])
+                           [p for p, k in zip(self.paths, keep) if k], self.roots)
 
 
 def split_tables(dataset: Any, split: str) -> SplitTables:
     """The tables of one split of a prepared dataset; a split with no items is a one-line error."""
     part = dataset.split(split)
     if part.items.empty:
-        raise MmretError(f"dataset {dataset.name!r} has no {split} {dataset.modality.plural}; prepare it with a {split} split "
-                         f"(e.g. --{split} 0.1) or train with --folds")
-    return SplitTables.from_frames(part.items, part.captions)
+        how = "smaller --val and --test fractions" if split == "train" else f"a {split} split (e.g. --{split} 0.1)"
+        raise MmretError(f"dataset {dataset.name!r} has no {split} {dataset.modality.plural}; prepare it again with "
+                         f"{how}, or train with --folds")
+    return SplitTables.from_frames(part.items, part.captions, dataset.roots)
 
 
 def mentions_sides(captions: list[str], share: float = 0.05) -> bool:
@@ -199,15 +202,18 @@ class FileSource(Source):
         self.cached, self.cached_side = cached, cached_side
         tables = cached.tables if cached is not None else tables
         self.tables, self.tokenize = tables, tokenize
-        self.train_items = _Items(tables.paths, train_load, seed)
-        self.eval_items = _Items(tables.paths, eval_load, seed)
+        self.train_items = _Items(tables.paths, train_load.reading(tables.roots), seed)
+        self.eval_items = _Items(tables.paths, eval_load.reading(tables.roots), seed)
         self.workers = default_workers(torch.device("cpu")) if workers is None else workers
         self.pin_memory = pin_memory
 
     def _loader(self, items: _Items, batches: list[list[tuple[int, int]]]):
+        # a generator of its own: the loader's seed draw leaves the global generator to the steps, so a run
+        # resumed inside an epoch draws what the uninterrupted run drew (items seed their own transforms)
         workers = min(self.workers, len(batches))
         return torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers,
-                                           pin_memory=self.pin_memory, persistent_workers=False)
+                                           pin_memory=self.pin_memory, persistent_workers=False,
+                                           generator=torch.Generator().manual_seed(0))
 
     def mining_features(self, by: str = "both") -> np.ndarray:
         if self.cached is None:

@@ -23,10 +23,10 @@ import pandas as pd
 
 from mmret.common.io import damaged, read_json, read_parquet
 from mmret.common.items import resolve_item
-from mmret.common.paths import check_name, data_root, within
+from mmret.common.paths import Roots, check_name, data_root, within
 from mmret.data.readers.base import SPLITS
 from mmret.data.readers.classes import class_name
-from mmret.data.tables import CANDIDATES
+from mmret.data.tables import CANDIDATES, SOURCE
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
 
@@ -38,7 +38,7 @@ class PreparedDataset:
     name: str
     path: Path
     info: dict
-    items: pd.DataFrame  # item_id, path, split, the modality's columns (and label)
+    items: pd.DataFrame  # item_id, path, split, the modality's columns (and label, and source_* fields)
     captions: pd.DataFrame  # caption_id, item_id, caption, split
     # caption-selection examples (`mmret.data.tables.candidate_table`): task, example, position, caption,
     # item_id (the item the caption is right for, None for a wrong one); None when the dataset has none
@@ -61,9 +61,24 @@ class PreparedDataset:
                              "longer match the tables read at the start. Run the command again")
 
     @property
+    def roots(self) -> Roots:
+        """Where its item files may be read: the dataset folder and the root it was prepared from (or
+        the shards' folder), real paths compared, symbolic links followed; anywhere when it was
+        prepared with --allow-outside-root."""
+        return Roots.of(self.path, self.info.get("item_root") or self.info.get("root"),
+                        anywhere=bool(self.info.get("arguments", {}).get("allow_outside_root")))
+
+    @property
     def modality(self) -> Modality:
         """What the items are: `dataset.json`'s modality (image for datasets that do not say)."""
         return get_modality(self.info.get("modality"))
+
+    def sources(self) -> pd.DataFrame:
+        """item_id and the source's own fields of each item, named as the source named them (an
+        img2dataset shard's `url`, `sha256`, `original_width`, ...; a captions table's other columns);
+        just item_id when the source had none."""
+        own = [c for c in self.items.columns if c.startswith(SOURCE)]
+        return self.items[["item_id", *own]].rename(columns={c: c[len(SOURCE):] for c in own})
 
     def classes(self) -> tuple[list[str], list[str]]:
         """(labels, names) of the classes zero-shot classification ranks: a CLIP_benchmark set's, all

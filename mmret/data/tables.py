@@ -5,6 +5,7 @@ captions, check the item files (through their modality), assign splits, and buil
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import re
 from collections import Counter
@@ -14,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmret.common.paths import within
+from mmret.common.paths import Roots, within
 from mmret.common.progress import NULL, Reporter
 from mmret.data.readers.base import ItemRecord, Problem, Selection
 from mmret.modalities import ItemError, Modality
+from mmret.modalities.base import open_source
 
 _SPACES = re.compile(r"\s+")
+SOURCE = "source_"  # the item table's columns that hold the source's own fields (`source_url`, ...)
 
 
 def clean_captions(records: list[ItemRecord], problems: list[Problem]) -> list[ItemRecord]:
@@ -46,15 +49,20 @@ def clean_captions(records: list[ItemRecord], problems: list[Problem]) -> list[I
 
 
 def inside_root(records: list[ItemRecord], root: Path, problems: list[Problem]) -> list[ItemRecord]:
-    """The records whose file lies inside `root` (a path from a table such as `../../x.png` or an
-    absolute path elsewhere is left out unopened, and reported)."""
-    kept = []
+    """The records whose file really lies inside `root`: a path from a table such as `../../x.png`,
+    an absolute path elsewhere, and a file or folder inside `root` that is a symbolic link to
+    elsewhere are left out unopened, and reported. (Reading goes through `Roots` again, so a link
+    put in place later is refused then.)"""
+    kept, roots = [], Roots.of(root)
     for rec in records:
-        if within(Path(root) / rec.path, root):
+        path = Path(root) / rec.path
+        real = os.path.realpath(path)
+        if within(path, root) and roots.holds(real):
             kept.append(rec)
-        else:
-            problems.append(Problem("outside root", rec.path, f"not inside {root}; left out unopened (pass "
-                                                              "--allow-outside-root to include such files)", rec.split))
+            continue
+        where = f"not inside {root}" if not within(path, root) else f"resolves to {real}, outside {root}"
+        problems.append(Problem("outside root", rec.path, f"{where}; left out unopened (pass --allow-outside-root to "
+                                                          "include such files)", rec.split))
     return kept
 
 
@@ -70,15 +78,16 @@ def merge_duplicate_ids(records: list[ItemRecord]) -> list[ItemRecord]:
 
 
 def check_files(records: list[ItemRecord], base: Path, full: bool, problems: list[Problem], modality: Modality,
-                reporter: Reporter = NULL) -> tuple[list[ItemRecord], list[dict[str, int]]]:
-    """Keep records whose file opens (and with `full`, decodes); return them with their table
-    columns (a picture's width and height, a sound's rate, channels and length). What the probe
-    notes about a kept file (a sound mixed down from 8 channels) becomes a problem line too."""
+                roots: Roots, reporter: Reporter = NULL) -> tuple[list[ItemRecord], list[dict[str, int]]]:
+    """Keep records whose file opens through `roots` (and with `full`, decodes); return them with
+    their table columns (a picture's width and height, a sound's rate, channels and length). What
+    the probe notes about a kept file (a sound mixed down from 8 channels) becomes a problem line too."""
     def probe(rec: ItemRecord):
         if rec.columns is not None:  # probed by the reader, from the bytes it read
             return rec.columns
         try:
-            return modality.probe(base / rec.path, full)
+            with open_source(base / rec.path, roots) as source:
+                return modality.probe(source, full)
         except ItemError as e:
             return e
 
@@ -143,6 +152,9 @@ def to_tables(records: list[ItemRecord], columns: list[dict[str, int]],
         items[name] = np.asarray([columns[i][name] for i in order], dtype=np.int32)
     if any(rec.label is not None for rec in records):
         items["label"] = [records[i].label for i in order]
+    sources = [records[i].source or {} for i in order]
+    for name in sorted({str(k) for s in sources for k in s}):
+        items[f"{SOURCE}{name}"] = source_column([s.get(name) for s in sources])
     rows = [(records[i].item_id, cap, records[i].split) for i in order for cap in records[i].captions]
     captions = pd.DataFrame(rows, columns=["item_id", "caption", "split"])
     captions.insert(0, "caption_id", range(len(captions)))
@@ -174,6 +186,25 @@ def candidate_table(selections: list[Selection], kept: set[str], problems: list[
                  for position, caption in enumerate(captions)]
         example += 1
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"example": "int64", "position": "int64"})
+
+
+def source_column(values: list) -> list:
+    """A source field's values as one parquet column: numbers and text as they are; nested values
+    (img2dataset's exif) as JSON; a column that mixes kinds as text; NaN as missing."""
+    import json
+
+    def plain(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return None
+        if isinstance(v, np.generic):
+            v = v.item()
+        return json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v
+
+    out = [plain(v) for v in values]
+    kinds = {type(v) for v in out if v is not None}
+    if len(kinds) > 1 and not kinds <= {int, float}:
+        out = [None if v is None else str(v) for v in out]
+    return out
 
 
 def problem_counts(problems: list[Problem]) -> dict[str, int]:

@@ -3,6 +3,11 @@ config, or the transformers image processor), and the transform that applies it.
 
 `ImageTransform` maps a PIL picture to a (3, H, W) tensor: resize, centre crop and normalise for
 evaluation; a random resized crop and (unless captions say left or right) a flip for training.
+
+The resize rule (`ResizeCrop`) is torchvision's resize of the shorter side and centre crop, computed
+for the crop alone: the same pixels reach the model, but a thin picture (1 x 20,000) no longer
+becomes size x (size x 20,000) on the way, so memory is bounded by the model's input size and the
+picture (whose size `mmret.modalities.image` bounds by its header), never by its aspect ratio.
 """
 
 from __future__ import annotations
@@ -52,6 +57,64 @@ class ImagePreprocess:
                                f"{self.origin}, resized to {image_size}", self.note)
 
 
+PLAIN_RESIZE = 16  # a resized picture up to this many times the crop is resized whole (at most 4 MB at 224)
+
+
+class ResizeCrop:
+    """PIL picture -> its shorter side resized to `size` (the longer in proportion, as `T.Resize(size)`
+    computes it), then the centre `crop` (H, W) of that (as `T.CenterCrop`). A picture whose resized
+    whole is at most `PLAIN_RESIZE` times the crop (any aspect ratio up to about 16:1) takes exactly
+    torchvision's steps. A thinner one is computed for the crop alone: the horizontal pass over the
+    rows the vertical pass reads, then the vertical pass, each over PIL's box of the region (the passes
+    and order of PIL's own resize, so the pixels are those of resizing the whole and cropping, up to
+    the float rounding of the box: a value off by one in about 1 in 10,000). Memory is then bounded by
+    the crop and the picture, never by the resized whole: 1 x 20,000 pixels resized to a shorter side
+    of 256 would be 256 x 5,120,000. Picklable."""
+
+    def __init__(self, size: int, crop: tuple[int, int], interpolation: Any):
+        self.size, self.crop, self.interpolation = size, tuple(crop), interpolation
+
+    def _resized(self, w: int, h: int) -> tuple[int, int]:
+        if w <= h:
+            return self.size, int(self.size * h / w)
+        return int(self.size * w / h), self.size
+
+    def __call__(self, img: Any) -> Any:
+        import numpy as np
+        from PIL import Image
+        from torchvision.transforms import functional as F
+
+        (w, h), (ch, cw) = img.size, self.crop
+        wr, hr = self._resized(w, h)
+        if wr * hr <= PLAIN_RESIZE * ch * cw or ch > hr or cw > wr:  # torchvision's own steps, to the bit
+            return F.center_crop(F.resize(img, self.size, self.interpolation, antialias=True), list(self.crop))
+        resample = F.pil_modes_mapping[self.interpolation]
+        top, left = int(round((hr - ch) / 2.0)), int(round((wr - cw) / 2.0))
+        sx, sy = w / wr, h / hr
+        if self.interpolation.value == "nearest":  # each output pixel is one source pixel: pick them
+            rows = np.minimum(h - 1, ((top + np.arange(ch) + 0.5) * sy).astype(np.int64))
+            cols = np.minimum(w - 1, ((left + np.arange(cw) + 0.5) * sx).astype(np.int64))
+            return Image.fromarray(np.asarray(img)[rows][:, cols])
+        reach = 3 * max(sy, 1.0) + 2  # the widest filter's support (Lanczos: 3), in source rows
+        r0, r1 = max(0, math.floor(top * sy - reach)), min(h, math.ceil((top + ch) * sy + reach))
+        band = img if (r0, r1) == (0, h) else img.crop((0, r0, w, r1))
+        wide = band.resize((cw, r1 - r0), resample, box=(left * sx, 0, (left + cw) * sx, r1 - r0))
+        return wide.resize((cw, ch), resample, box=(0, top * sy - r0, cw, (top + ch) * sy - r0))
+
+    def __repr__(self) -> str:
+        return f"ResizeCrop(size={self.size}, crop={self.crop}, interpolation={self.interpolation.value})"
+
+
+def resize_and_crop(resize: int | tuple[int, int], crop: tuple[int, int], interpolation: Any) -> list:
+    """The evaluation steps: the shorter side to `resize` and the centre crop, as one `ResizeCrop`;
+    or a squash to the (H, W) pair `resize` (bounded by the picture already), then the centre crop."""
+    from torchvision import transforms as T
+
+    if isinstance(resize, int):
+        return [ResizeCrop(resize, crop, interpolation)]
+    return [T.Resize(resize, interpolation=interpolation, antialias=True), T.CenterCrop(crop)]
+
+
 def _interpolation(name: str):
     from torchvision.transforms import InterpolationMode
 
@@ -78,7 +141,7 @@ class ImageTransform:
             steps = [T.RandomResizedCrop(pre.size, scale=scale, interpolation=interp, antialias=True)]
             steps += [T.RandomHorizontalFlip()] if hflip else []
         else:
-            steps = [T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(pre.size)]
+            steps = resize_and_crop(pre.resize, pre.size, interp)
         self.pipeline = T.Compose(steps + [T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
     def __call__(self, img) -> torch.Tensor:

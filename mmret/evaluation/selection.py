@@ -3,10 +3,10 @@
 A dataset prepared with `mmret prepare sugar-crepe` or `prepare winoground` holds caption-selection
 examples (`candidates.parquet`): items, and candidate captions of which caption i is right for
 item i. The run embeds the split's items (its final embeddings, as retrieval reads them) and every
-candidate caption through its text side (`LoadedRun.encode_texts`, the same call as a search
-query); `mmret.metrics.selection` scores them. Results per task (a SugarCrepe category, or
-winoground): `text_acc`, `image_acc`, `acc` under CLIP_benchmark's names, with bootstrap intervals
-over the examples and chance beside them; saved to `runs/<run>/eval/<ds>-<split>-selection.json`.
+candidate caption through its text side (`Model.encode_text`, the same call as a search query);
+`mmret.metrics.selection` scores them. Results per task (a SugarCrepe category, or winoground):
+`text_acc`, `image_acc`, `acc` under CLIP_benchmark's names, with bootstrap intervals over the
+examples and chance beside them; saved to `runs/<run>/eval/<ds>-<split>-selection.json`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmret.api import load
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
-from mmret.inference.embeddings import write_run_embeddings
-from mmret.inference.loaded import LoadedRun
 from mmret.metrics.selection import SelectionResult, bootstrap_selection, caption_selection, chance
 
 TEXT_BATCH = 256  # candidate captions embedded per call
@@ -39,6 +38,8 @@ class SelectionEvalResult:
     metrics: dict[str, dict[str, float]]  # task -> text_acc, image_acc, acc, n
     chance: dict[str, dict[str, float]]  # task -> the same under random scores
     dropped: int = 0  # examples left out: an item of theirs is not in the split
+    n_items: int = 0  # the split's items
+    train_overlap: int | None = None  # of them, items the run trained on (None: unknown)
     ci: dict[str, dict[str, tuple[float, float]]] | None = None  # task -> metric -> 95% interval
     path: Path | None = None
     benchmark: str | None = None  # CLIP_benchmark's name of the set (sugar_crepe, winoground), if it is one
@@ -46,7 +47,8 @@ class SelectionEvalResult:
 
     def to_json(self) -> dict[str, Any]:
         out = {"run": self.run, "dataset": self.dataset, "split": self.split, "task": "caption-selection",
-               "metrics": self.metrics, "chance": self.chance, "dropped": self.dropped}
+               "metrics": self.metrics, "chance": self.chance, "dropped": self.dropped,
+               "n_items": self.n_items, "train_overlap": self.train_overlap}
         if self.ci:
             out["ci95"] = {t: {k: list(v) for k, v in m.items()} for t, m in self.ci.items()}
         return out
@@ -69,12 +71,12 @@ def evaluate_selection(run_dir: Path, dataset: str | None = None, split: str = "
                        seed: int = 0, which: str = "best", device: str = "auto", reporter: Reporter = NULL,
                        data_dir: Path | None = None) -> SelectionEvalResult:
     """Score one run on the caption-selection examples of a split; saves the result beside its other evals."""
-    run = LoadedRun(run_dir, which=which, device=device)
-    ds = load_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    model = load(run_dir, checkpoint=which, device=device)
+    ds = load_dataset(dataset or model.dataset, data_dir or model.config.data.data_dir)
     if ds.candidates is None or ds.candidates.empty:
         raise MmretError(f"dataset {ds.name!r} has no caption-selection examples; prepare one with `mmret prepare "
                          "sugar-crepe` or `mmret prepare winoground`")
-    emb = write_run_embeddings(run, ds.name, split, reporter=reporter, data_dir=data_dir)
+    emb = model.embed_split(ds.name, split, reporter=reporter, data_dir=data_dir)
     rows = {str(i): r for r, i in enumerate(emb.item_table["item_id"])}
     examples, dropped = selection_examples(ds.candidates, rows)
     if not examples:
@@ -83,7 +85,7 @@ def evaluate_selection(run_dir: Path, dataset: str | None = None, split: str = "
     with reporter.task("embedding candidate captions", total=len(texts), unit="cap") as task:
         parts = []
         for a in range(0, len(texts), TEXT_BATCH):
-            parts.append(run.encode_texts(texts[a:a + TEXT_BATCH]))
+            parts.append(model.encode_text(texts[a:a + TEXT_BATCH], output="torch"))
             task.advance(len(parts[-1]))
     text_emb, where = torch.cat(parts), {t: i for i, t in enumerate(texts)}
     item_emb = torch.from_numpy(np.asarray(emb.items, dtype=np.float32))
@@ -91,8 +93,9 @@ def evaluate_selection(run_dir: Path, dataset: str | None = None, split: str = "
                                 [text_emb[[where[c] for c in captions]] for _, _, captions in examples],
                                 [task for task, _, _ in examples])
     metrics = outcome.metrics()
-    result = SelectionEvalResult(run=run.name, dataset=ds.name, split=split, metrics=metrics,
+    result = SelectionEvalResult(run=model.name, dataset=ds.name, split=split, metrics=metrics,
                                  chance=_chance(examples, list(metrics)), dropped=dropped, outcome=outcome,
+                                 n_items=len(rows), train_overlap=model.run.trained_on(list(emb.item_table["path"])),
                                  benchmark=ds.info.get("selection_benchmark"),
                                  ci=bootstrap_selection(outcome, bootstrap, seed) if bootstrap else None)
     result.path = run_dir / "eval" / f"{ds.name}-{split}-selection.json"

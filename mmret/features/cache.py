@@ -19,11 +19,10 @@ a hash of its files, pooling, image size and normalisation, text length), which 
 whether token states are kept, and a fingerprint of the table itself plus the time the dataset was
 prepared, so a re-prepared dataset never meets a stale cache.
 
-Writing: the arrays are allocated at full size up front and filled shard by shard (a few hundred
-rows); after each shard the arrays are flushed and then the manifest, rewritten atomically, records
-the shard as done. An interrupted run therefore loses at most the shard in flight and the next run
-resumes after the last recorded one. A complete cache is opened read-only and never written again.
-(Filling preallocated arrays avoids a second copy of what can be many gigabytes of token states.)
+Writing: the arrays are allocated at full size up front (no second copy of many gigabytes of token
+states) and filled shard by shard (a few hundred rows); after each shard the arrays are flushed and
+then the manifest, rewritten atomically, records the shard as done. An interrupted run loses at most
+the shard in flight. A complete cache is opened read-only and never written again.
 
 Many processes (`--shard i/N`, or torchrun) fill one cache: each encodes whole shards of its own
 into `parts/<shard>/` (written under a temporary name and renamed, so a killed process loses at
@@ -35,10 +34,10 @@ Items that cannot be read do not stop the run: their rows are NaN, `valid` is Fa
 and `failed` maps their ids to the reason. (`mmret.features.encode` fills a cache.)
 
 Checksums: each shard's rows of each array, and `ids.json`, have a blake2b digest in the manifest,
-taken when the shard is committed. Opening a cache checks the shards it reads: all of them when
-they add up to at most `VERIFY_ALL_BYTES`, else a seeded sample (`mmret verify` checks everything).
-A damaged shard is computed again by `ensure_features`; anything else that meets one stops with a
-line naming it. Caches written before checksums existed are read as they are.
+taken when the shard is committed. Opening a cache checks the shards it reads: all of them up to
+`VERIFY_ALL_BYTES`, else a seeded sample (`mmret verify` checks everything). A damaged shard, or
+every shard of an array file that no longer reads (truncated), is computed again by
+`ensure_features`; anything else that meets one stops with a line naming it.
 
 Reuse by row: a new cache (the dataset was prepared again: new pictures in the folder) first
 copies the rows that an older cache of the same tower holds under the same stamp, so only new or
@@ -75,9 +74,6 @@ FORMAT = 1  # bump when the layout or the meaning of the arrays changes
 VERIFY_ALL_BYTES = 256 * 2**20  # up to this much, opening a cache checks every shard it reads
 VERIFY_SAMPLE = 8  # shards checked when more would be read
 CAPTIONS = "captions"  # `which` of a caption cache; an item cache's `which` is its modality's plural (images, audio)
-
-
-# ---------------------------------------------------------------------------- keys
 
 
 def check_which(dataset: PreparedDataset, which: str) -> None:
@@ -196,7 +192,7 @@ class CachedFeatures:
         return sum((self.path / f"{n}.npy").stat().st_size for n, a in arrays.items() if a is not None)
 
 
-def _repair_hint(path: Path) -> str:
+def _repair_hint(path: Path) -> str:  # true: `open_features(repair=True)` marks what is damaged to compute again
     return f"run the command again to compute the damaged part anew (or delete {path})"
 
 
@@ -250,13 +246,18 @@ def open_features(dataset: PreparedDataset, encoder: Any, which: str | None = No
         manifest = _read_manifest(path)
         if manifest is None or not _covers(manifest, split):
             continue
-        bad = damaged_shards(path, manifest, _split_shards(manifest, split), sample=True)
-        if not bad:
-            return _view(path, manifest, split, tokens)
+        try:
+            bad = damaged_shards(path, manifest, _split_shards(manifest, split), sample=True)
+            if not bad:
+                return _view(path, manifest, split, tokens)
+            why = f"shard(s) {bad} do not match their checksums"
+        except MmretError as e:  # a whole file no longer reads (a truncated array, edited ids): every shard is lost
+            if not repair:
+                raise
+            bad, why = list(manifest["done"]), str(e).split("; ")[0]
         if not repair:
-            raise damaged(path, f"shard(s) {', '.join(map(str, bad))} do not match their checksums",
-                          _repair_hint(path))
-        _logger.warning("%s: shard(s) %s do not match their checksums; computing them again", path.name, bad)
+            raise damaged(path, why.replace("[", "").replace("]", ""), _repair_hint(path))
+        _logger.warning("%s: %s; computing them again", path.name, why)
         manifest["done"] = [i for i in manifest["done"] if i not in bad]
         manifest["status"] = "building"
         write_json(path / "manifest.json", manifest)

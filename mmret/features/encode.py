@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmret import __version__
 from mmret.common.device import check_precision, default_workers, synchronize
 from mmret.common.io import read_json
 from mmret.common.progress import NULL, Reporter
+from mmret.common.version import __version__
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
 from mmret.data.stamps import match
@@ -84,11 +84,11 @@ class _ItemRows(torch.utils.data.Dataset):
 
 
 def _item_batches(rows: pd.DataFrame, batches: list[np.ndarray], encoder: Any, workers: int,
-                  device: torch.device, load: Any = None) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
+                  device: torch.device, roots: Any, load: Any = None) -> Iterator[tuple[np.ndarray, dict, list[str]]]:
     todo = np.concatenate(batches)
     paths = rows["path"].to_numpy()[todo].tolist()
     blank = encoder.blank_inputs(1, "cpu")[encoder.input_name][0]
-    data = _ItemRows(todo, paths, load or encoder.item_loader(), blank)
+    data = _ItemRows(todo, paths, (load or encoder.item_loader()).reading(roots), blank)
     starts = np.cumsum([0] + [len(b) for b in batches])
     sampler = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]  # positions in `todo`
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=min(workers, len(sampler)),
@@ -227,7 +227,7 @@ class _Job:
         if self.which != CAPTIONS:
             workers = default_workers(self.device) if self.workers is None else self.workers
             load = None if self.view is None else self.view.loader(self.encoder)
-            return _item_batches(self.rows, batches, self.encoder, workers, self.device, load)
+            return _item_batches(self.rows, batches, self.encoder, workers, self.device, self.dataset.roots, load)
         return _caption_batches(self.rows, batches, self.encoder, self.tokens, self.device)
 
     def resolved_batch_size(self) -> int:

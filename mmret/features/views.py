@@ -41,8 +41,12 @@ class SeededLoader:
     """path -> input tensor through a random transform, with the draws seeded by (seed, view, path):
     picklable, for DataLoader workers, and the same in whichever worker runs it."""
 
-    def __init__(self, load: Callable[[str], torch.Tensor], seed: int, view: int):
+    def __init__(self, load: Any, seed: int, view: int):
         self.load, self.seed, self.view = load, seed, view
+
+    def reading(self, roots: Any) -> "SeededLoader":
+        """The same loader reading from `roots` (see `mmret.modalities.base.ItemLoader`)."""
+        return SeededLoader(self.load.reading(roots), self.seed, self.view)
 
     def __call__(self, path: str) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):

@@ -16,6 +16,7 @@ import numpy as np
 
 from mmret.common.io import atomic_path
 from mmret.modalities import ItemError, Modality
+from mmret.modalities.base import open_source
 
 _GOOD, _BAD = "#1a9850", "#d73027"  # frame of the right item, of the items ranked above it
 
@@ -37,12 +38,14 @@ def _save(fig: Any, path: Path, dpi: int = 100) -> None:
     plt.close(fig)
 
 
-def thumbnail(modality: Modality, path: str | Path, size: int) -> np.ndarray | None:
-    """The item drawn small by its modality, or None when it has no drawing or cannot be read."""
+def thumbnail(modality: Modality, path: str | Path, size: int, roots: Any) -> np.ndarray | None:
+    """The item (read through `roots`) drawn small by its modality, or None when it has no drawing or
+    cannot be read."""
     if modality.thumbnail is None:
         return None
     try:
-        return modality.thumbnail(Path(path), size)
+        with open_source(path, roots) as source:
+            return modality.thumbnail(source, size)
     except ItemError:
         return None
 
@@ -85,9 +88,10 @@ class MapPoints:
 
 
 def map_figure(items: MapPoints, captions: MapPoints, *, groups: list[str], legend: str,
-               thumbs: list[tuple[int, str]], modality: Modality, title: str, path: Path, thumb_px: int = 40) -> int:
-    """Items as dots and captions as crosses, coloured by group, with `thumbs` (item row, file)
-    drawn at their dots; returns how many thumbnails were drawn."""
+               thumbs: list[tuple[int, str]], modality: Modality, title: str, path: Path, roots: Any,
+               thumb_px: int = 40) -> int:
+    """Items as dots and captions as crosses, coloured by group, with `thumbs` (item row, file, read
+    through `roots`) drawn at their dots; returns how many thumbnails were drawn."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
@@ -100,7 +104,7 @@ def map_figure(items: MapPoints, captions: MapPoints, *, groups: list[str], lege
                edgecolors="white", linewidths=0.4, alpha=0.9)
     drawn = 0
     for row, file in thumbs:
-        picture = thumbnail(modality, file, thumb_px)
+        picture = thumbnail(modality, file, thumb_px, roots)
         if picture is None:
             continue
         box = AnnotationBbox(OffsetImage(picture, zoom=1.0), items.xy[row], frameon=True, pad=0.1,
@@ -129,16 +133,29 @@ class GalleryRow:
     above: list[tuple[str, float]]  # (file, score) of the items ranked above it, best first
 
 
-def gallery_figure(rows: list[GalleryRow], modality: Modality, *, title: str, path: Path,
+QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "„": "“"}  # opening mark -> its closing mark
+
+
+def quoted(caption: str) -> str:
+    """The caption in quotation marks, unless it is quoted already (`“School Crossing”.`, a title as
+    some sets write it), which marks of ours around it would double."""
+    core = caption.strip().rstrip(".!?;:,")
+    if len(core) > 1 and core[0] in QUOTES and core[-1] == QUOTES[core[0]]:
+        return caption.strip()
+    return f"“{caption}”"
+
+
+def gallery_figure(rows: list[GalleryRow], modality: Modality, *, title: str, path: Path, roots: Any,
                    thumb_px: int = 160) -> None:
-    """One row per failed query: its caption over the right item (green) and what ranked above it (red)."""
+    """One row per failed query: its caption over the right item (green) and what ranked above it
+    (red), the items read through `roots`."""
     plt = _pyplot()
     cols = 1 + max(1, max(len(r.above) for r in rows))
     fig = plt.figure(figsize=(2.0 * cols, 2.55 * len(rows) + 0.5))
     head, *subs = fig.subfigures(len(rows) + 1, 1, height_ratios=[0.5 / 2.55] + [1.0] * len(rows))
     head.suptitle(title, fontsize=11, y=0.6)
     for sub, row in zip(subs, rows):
-        sub.suptitle("\n".join(textwrap.wrap(f"“{row.caption}”", 40 * cols // 2)[:2]), fontsize=9, x=0.01,
+        sub.suptitle("\n".join(textwrap.wrap(quoted(row.caption), 40 * cols // 2)[:2]), fontsize=9, x=0.01,
                      ha="left")
         axes = sub.subplots(1, cols)
         cells = [(row.right, f"right {modality.noun}: rank {row.rank}\nscore {row.score:.3f}", _GOOD)]
@@ -150,7 +167,7 @@ def gallery_figure(rows: list[GalleryRow], modality: Modality, *, title: str, pa
                 ax.axis("off")
                 continue
             file, label, colour = cells[i]
-            picture = thumbnail(modality, file, thumb_px)
+            picture = thumbnail(modality, file, thumb_px, roots)
             if picture is None:
                 ax.text(0.5, 0.5, Path(file).name, ha="center", va="center", fontsize=7, wrap=True)
             else:

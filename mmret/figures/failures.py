@@ -63,7 +63,7 @@ def failure_gallery(emb: Embeddings, modality: Modality, path: Path, *, count: i
     n = len(emb.captions)
     title = title or (f"{emb.dataset} {emb.split}: the {len(rows)} worst of {n:,} text→{modality.noun} queries "
                       f"({len(emb.items):,} {modality.plural})")
-    gallery_figure(rows, modality, title=title, path=path)
+    gallery_figure(rows, modality, title=title, path=path, roots=emb.roots)
     json_path = path.with_suffix(".json")
     write_json(json_path, {"dataset": emb.dataset, "split": emb.split, "queries": n,
                            "rows": [asdict(r) for r in rows]})

@@ -95,6 +95,6 @@ def embedding_map(emb: Embeddings, ds: Any, modality: Modality, path: Path, *, m
     title = title or f"{emb.dataset} {emb.split}: {len(rows):,} {modality.plural} and {len(caption_rows):,} captions"
     drawn = map_figure(items, captions, groups=groups, legend=f"colour: {colour_by}",
                        thumbs=[(int(i), files[i]) for i in picked], modality=modality,
-                       title=f"{title} ({method}{sampled})", path=path)
+                       title=f"{title} ({method}{sampled})", path=path, roots=emb.roots)
     return MapResult(path=path, method=method, n_items=len(rows), n_captions=len(caption_rows), colour_by=colour_by,
                      groups=groups, thumbnails=drawn)

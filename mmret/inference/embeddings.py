@@ -39,6 +39,7 @@ import torch
 from mmret.common.device import autocast_context
 from mmret.common.digest import file_digest
 from mmret.common.io import atomic_dir, atomic_path, load_npy, read_json, read_parquet, write_json
+from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter
 from mmret.common.shards import Shard, shard_of
 from mmret.data.prepared import load_dataset
@@ -65,6 +66,7 @@ class Embeddings:
     item_table: pd.DataFrame  # item_id, path
     caption_table: pd.DataFrame  # caption_id, item (row in items), caption
     manifest: dict
+    roots: Roots = Roots()  # where the item files may be read: the dataset's roots (set by `write_run_embeddings`)
 
     @property
     def modality(self) -> str:
@@ -151,6 +153,14 @@ def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, spli
     start = time.perf_counter()
     run = run if isinstance(run, LoadedRun) else LoadedRun(run, which=which, device=device)
     ds = load_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    emb = _embed(run, ds, split, batch_size=batch_size, reporter=reporter, shard=shard, finalize=finalize, start=start)
+    if emb is not None:
+        emb.roots = ds.roots
+    return emb
+
+
+def _embed(run: LoadedRun, ds: Any, split: str, *, batch_size: int, reporter: Reporter, shard: str | None,
+           finalize: bool, start: float) -> Embeddings | None:
     target = run.run_dir / "embeddings" / f"{ds.name}-{split}"
     expected = identity(run, ds, split)
     if _fresh(target, expected):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from mmret.common.items import MemberError, open_item
+from mmret.common.paths import Roots, UnsafePath
 from mmret.common.registry import Registry
 from mmret.errors import MmretError
 
@@ -29,12 +30,17 @@ class Modality:
     probe: Callable[[Any, bool], dict[str, Any]]  # (file, decode fully) -> table columns, or ItemError
     decode: Callable[[Any], Any]  # file -> the decoded item (a PIL picture, a waveform), or ItemError
     columns: tuple[str, ...]  # the columns `probe` fills in the item table
-    results_sheet: Callable[..., None] | None = None  # ([(title, [SheetItem])], path): results for people to look at
-    # (path, size) -> an (H, W, 3) uint8 picture of the item at most size pixels a side, for
+    # ([(title, [SheetItem])], path, roots): results for people to look at, the items read through `roots`
+    results_sheet: Callable[..., None] | None = None
+    # (open file, size) -> an (H, W, 3) uint8 picture of the item at most size pixels a side, for
     # embedding maps and failure galleries (a sound may draw its spectrogram); or ItemError
-    thumbnail: Callable[[Path, int], Any] | None = None
+    thumbnail: Callable[[Any, int], Any] | None = None
     sheet_name: str = "contact sheet"  # what `results_sheet` writes, in messages ("listening page" for sounds)
     map_at: tuple[int, ...] = ()  # mAP@k cut-offs its benchmarks report besides full mAP (audio: DCASE's 10)
+    # (an item held in memory, the loader's `decode`) -> the item as `decode` gives it, or ItemError: what
+    # the Python API takes besides files (a PIL picture or pixel array; a (waveform, sample rate) pair)
+    accept: Callable[[Any, Any], Any] | None = None
+    given_as: str = ""  # what `accept` takes, for messages ("a PIL image or a uint8 array")
 
     def is_item_file(self, name: str) -> bool:
         return name.lower().endswith(self.extensions) and not name.startswith(".")
@@ -77,19 +83,33 @@ class SheetItem:
 
 @dataclass(frozen=True)
 class ItemLoader:
-    """address -> model input: open the item (a file, or a member of a tar shard), decode it,
-    then transform it. Picklable when both parts are, so DataLoader workers can run it."""
+    """address -> model input: open the item (a file, or a member of a tar shard) through `roots`,
+    decode it, then transform it. Picklable when its parts are, so DataLoader workers can run it.
+    A loader reads only where it is told (`reading`): a dataset's roots, or anywhere for the files
+    a user names as queries; one never told refuses every file."""
 
     decode: Callable[[Any], Any]
     transform: Callable[[Any], Any]
+    roots: Roots = Roots()
+
+    def reading(self, roots: Roots) -> "ItemLoader":
+        return replace(self, roots=roots)
 
     def __call__(self, path: str | Path) -> Any:
-        return self.transform(self.decode(open_source(path)))
+        with open_source(path, self.roots) as source:
+            return self.transform(self.decode(source))
 
 
-def open_source(path: str | Path) -> Any:
-    """The item at `path` as a modality's decoder takes it (an unreadable tar member is an ItemError)."""
+def open_source(path: str | Path, roots: Roots) -> Any:
+    """The item at `path` opened through `roots`, as a modality's decoder takes it (an open binary
+    file); a file that is missing, may not be read or cannot be is an ItemError saying why."""
     try:
-        return open_item(path)
+        return open_item(path, roots)
+    except FileNotFoundError:
+        raise ItemError("file not found") from None
+    except UnsafePath as e:
+        raise ItemError(e.reason) from None
     except MemberError as e:
         raise ItemError(str(e)) from None
+    except OSError as e:
+        raise ItemError(f"cannot open: {e.strerror or e}") from None

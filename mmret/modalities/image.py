@@ -5,6 +5,13 @@ white, palette / greyscale / CMYK / 16-bit converted, EXIF orientation applied),
 decoded straight to near the size the caller needs. `probe_image`
 reads just the size, or with `full=True` decodes everything to catch truncated files.
 Both raise `ImageError` with a short reason instead of PIL's many exception types.
+
+Both bound a picture by its header before anything is decoded (`check_size`, the one guard for
+datasets and uploads): at most `MAX_PIXELS` pixels (PIL's own refusal limit; the server has its
+own lower `--max-pixels`), a longer side of at most `MAX_SIDE` and an aspect ratio of at most
+`MAX_ASPECT`. What a picture costs after decoding is bounded by the model's input size
+(`mmret.encoders.preprocess.ResizeCrop`), so one picture costs a few bytes a decoded pixel
+(a big JPEG is decoded at a reduced scale), whatever its shape.
 `contact_sheet` draws search results as one picture; `thumbnail` a small copy (maps, galleries, a web page).
 """
 
@@ -12,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,10 +29,35 @@ from mmret.modalities.base import ItemError, Modality, open_source, register_mod
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
+MAX_PIXELS = 2 * 89_478_485  # what PIL refuses as a decompression bomb (twice its warning limit)
+MAX_SIDE = 65_535  # the longest side a JPEG can have
+MAX_ASPECT = 1000  # the longer side over the shorter: the centre crop of a thinner strip is under 1/1000 of it
 
 
 class ImageError(ItemError):
     """An image that cannot be used; the message is the reason."""
+
+
+class TooLarge(ImageError):
+    """A picture with more pixels, or a longer side, than the limit (known from its header)."""
+
+
+class TooThin(ImageError):
+    """A picture whose longer side is more than `MAX_ASPECT` times its shorter (known from its header)."""
+
+
+def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
+    """The bounds every picture must keep, from its header: at most `max_pixels` pixels, a longer side
+    of at most `MAX_SIDE`, an aspect ratio of at most `MAX_ASPECT`; else `TooLarge` or `TooThin`."""
+    long, short = max(width, height), min(width, height)
+    if short < 1:
+        raise ImageError(f"its header says {width} x {height} pixels")
+    if width * height > max_pixels:
+        raise TooLarge(f"{width:,} x {height:,} pixels ({width * height:,}) is over the limit of {max_pixels:,} pixels")
+    if long > MAX_SIDE:
+        raise TooLarge(f"{width:,} x {height:,} pixels: a side is longer than the limit of {MAX_SIDE:,}")
+    if long > MAX_ASPECT * short:
+        raise TooThin(f"{width:,} x {height:,} pixels is thinner than the limit of 1:{MAX_ASPECT}")
 
 
 def _open(path: str | Path | BinaryIO) -> Image.Image:
@@ -40,15 +72,21 @@ def _open(path: str | Path | BinaryIO) -> Image.Image:
         if path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS, refuses above twice that
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS, refuses above twice that: `check_size`
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"too many pixels, possible decompression bomb ({e})") from None
+            img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise TooLarge(f"over the limit of {MAX_PIXELS:,} pixels") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image PIL can read") from None
     except OSError as e:
         raise ImageError(f"cannot open: {e}") from None
+    try:
+        check_size(*img.size)
+    except ImageError:
+        img.close()
+        raise
+    return img
 
 
 def probe_image(path: str | Path | BinaryIO, full: bool = False) -> tuple[int, int]:
@@ -142,10 +180,11 @@ def _wrap(draw, text: str, font, width: int, lines: int) -> list[str]:
 MARKS = {"right": (30, 150, 60), "wrong": (200, 50, 40)}
 
 
-def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) -> None:
+def contact_sheet(rows: list, path: Path, roots: Any, columns: int = 5, thumb: int = 200) -> None:
     """Search results as one PNG people can read at a glance: for each query (`rows`: (title,
     [SheetItem])) its title, then a row of thumbnails with rank, score, id and captions under each;
-    a green frame on the right item and a red one on the others when the query is a known caption."""
+    a green frame on the right item and a red one on the others when the query is a known caption.
+    The pictures are read through `roots` (the gallery's dataset's)."""
     from PIL import ImageDraw
 
     from mmret.common.io import atomic_path
@@ -167,7 +206,8 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
             if item.mark in MARKS:
                 draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=MARKS[item.mark], width=4)
             try:
-                img = load_rgb(open_source(item.path))
+                with open_source(item.path, roots) as source:
+                    img = load_rgb(source, draft=thumb)
                 img.thumbnail((thumb, thumb))
                 sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
             except ImageError as e:
@@ -180,11 +220,11 @@ def contact_sheet(rows: list, path: Path, columns: int = 5, thumb: int = 200) ->
         sheet.save(tmp, format="PNG")
 
 
-def thumbnail(path: str | Path, size: int) -> np.ndarray:
-    """(H, W, 3) uint8: the picture shrunk to at most `size` pixels a side, aspect kept, oriented and
-    in RGB. JPEGs are decoded at a reduced scale (`draft`), so a large photo costs a fraction of its
-    full decode."""
-    img = _open(path)
+def thumbnail(source: str | Path | BinaryIO, size: int) -> np.ndarray:
+    """(H, W, 3) uint8: the picture (a path or an open binary file) shrunk to at most `size` pixels a
+    side, aspect kept, oriented and in RGB. JPEGs are decoded at a reduced scale (`draft`), so a
+    large photo costs a fraction of its full decode."""
+    img = _open(source)
     try:
         img.draft("RGB", (2 * size, 2 * size))  # no-op for other formats
         img.load()
@@ -201,6 +241,27 @@ def thumbnail(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
+def as_picture(picture: Any, decode: Any = None) -> Image.Image:
+    """A picture held in memory as `load_rgb` gives a file: a PIL image (EXIF orientation applied,
+    as for a file) or a uint8 array (H, W), (H, W, 3) or (H, W, 4), in RGB."""
+    if isinstance(picture, np.ndarray):
+        if picture.dtype != np.uint8 or picture.ndim not in (2, 3) or (picture.ndim == 3 and picture.shape[2]
+                                                                          not in (1, 3, 4)):
+            raise ImageError(f"a pixel array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got "
+                             f"{picture.dtype} {picture.shape}")
+        picture = Image.fromarray(picture[..., 0] if picture.ndim == 3 and picture.shape[2] == 1 else picture)
+    if not isinstance(picture, Image.Image):
+        raise ImageError(f"not a picture: {type(picture).__name__}")
+    try:
+        try:
+            picture = ImageOps.exif_transpose(picture)
+        except Exception:  # broken EXIF: keep the pixels as stored
+            pass
+        return to_rgb(picture)
+    except Exception as e:
+        raise ImageError(f"cannot decode: {e}") from None
+
+
 def _probe_columns(path: Path | BinaryIO, full: bool) -> dict[str, int]:
     width, height = probe_image(path, full=full)
     return {"width": width, "height": height}
@@ -209,4 +270,4 @@ def _probe_columns(path: Path | BinaryIO, full: bool) -> dict[str, int]:
 IMAGE = register_modality(Modality(
     name="image", plural="images", short="i", noun="picture", unit="img", extensions=IMAGE_EXTENSIONS,
     probe=_probe_columns, decode=load_rgb, columns=("width", "height"), results_sheet=contact_sheet,
-    thumbnail=thumbnail))
+    thumbnail=thumbnail, accept=as_picture, given_as="a file path, a PIL image or a uint8 array (H, W, 3)"))

@@ -67,9 +67,10 @@ def _player(address: str) -> str:
     return f'<audio controls preload="none"><source src="{path.absolute().as_uri()}" type="{mime}"></audio>'
 
 
-def _hit_row(item: Any, load: Callable[..., np.ndarray]) -> str:
+def _hit_row(item: Any, load: Callable[..., np.ndarray], roots: Any) -> str:
     try:
-        picture = f'<img src="{_png(spectrogram_rgb(open_source(item.path), load))}" alt="spectrogram">'
+        with open_source(item.path, roots) as source:
+            picture = f'<img src="{_png(spectrogram_rgb(source, load))}" alt="spectrogram">'
     except ItemError as e:
         picture = f'<span class="bad">unreadable: {html.escape(str(e))}</span>'
     first, *rest = [html.escape(line) for line in item.label] or [""]
@@ -78,15 +79,16 @@ def _hit_row(item: Any, load: Callable[..., np.ndarray]) -> str:
     return f"<tr{frame}><td>{_player(str(item.path))}</td><td>{picture}</td><td class=lines>{lines}</td></tr>"
 
 
-def listening_page(rows: list, path: Path, load: Callable[..., np.ndarray]) -> None:
-    """Write search results (`[(title, [SheetItem])]`, as every results sheet takes them) as one
-    HTML page; `load(source, sample_rate, seconds)` decodes a sound to a mono waveform."""
+def listening_page(rows: list, path: Path, roots: Any, load: Callable[..., np.ndarray]) -> None:
+    """Write search results (`[(title, [SheetItem])]`, as every results sheet takes them, the sounds
+    read through `roots`) as one HTML page; `load(source, sample_rate, seconds)` decodes a sound to
+    a mono waveform."""
     if not any(items for _, items in rows):
         return
     parts = ["<!doctype html><meta charset=utf-8><title>mmret search</title>", f"<style>{_STYLE}</style>"]
     for title, items in rows:
         parts.append(f"<h2>{html.escape(title)}</h2><table>")
-        parts += [_hit_row(item, load) for item in items]
+        parts += [_hit_row(item, load, roots) for item in items]
         parts.append("</table>")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

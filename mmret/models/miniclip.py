@@ -120,6 +120,10 @@ class MiniCLIP(nn.Module):
         self.temperature = build_temperature(cfg.temperature, cfg.temperature_init, cfg.temperature_max_scale,
                                              cfg.temperature_hidden)
 
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
     def encode_item(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """pixels (B, 3, S, S), ImageNet-normalized -> (B, embed_dim) (its items are pictures)."""
         x = self.projection(self.image_in(self.visual(pixels)))  # (B, E)
@@ -161,12 +165,14 @@ class MiniCLIP(nn.Module):
 
 
 def image_transform(image_size: int = 64):
-    """PIL RGB picture -> (3, S, S) float tensor: resize the short side, centre-crop, ImageNet-normalize."""
+    """PIL RGB picture -> (3, S, S) float tensor: resize the short side (the long one cropped first, see
+    `mmret.encoders.preprocess.ShortSideResize`), centre-crop, ImageNet-normalize."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-        transforms.CenterCrop(image_size),
+    from mmret.encoders.preprocess import resize_and_crop
+
+    size = (image_size, image_size)
+    return transforms.Compose(resize_and_crop(image_size, size, transforms.InterpolationMode.BICUBIC) + [
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmret.common.io import config_dict
-from mmret.common.options import option, settings_of
+from mmret.common.options import coerce, option, settings_of
 from mmret.common.paths import DATA_DIR_ENV, RUNS_DIR_ENV, check_name, data_root, runs_root
 from mmret.data.config import negative_rules
 from mmret.errors import MmretError
@@ -53,6 +53,9 @@ class EncoderConfig:
     model: str | None = option(None, "A CLIP (preset clip-b32/clip-b16, hub id or folder) whose two towers "
                                      "lora/prefix/adapter/full adapt, in place of --vision and --text")
     max_length: int = option(64, "Text tokens per caption")
+
+
+ITEM_FLAGS = {"image": "--vision", "audio": "--audio"}  # modality -> how a command line names the item tower
 
 
 @dataclass
@@ -151,9 +154,9 @@ class RunConfig:
         for key, kind in SECTIONS.items():
             section = dict(data.get(key, {}))
             if key == "method":
-                name = section.pop("method", MethodConfig.method)
+                name = section.pop("method", LEGACY_METHOD)
                 section = {**getattr(config_class(name), "SAVED_BEFORE", {}), **section}
-                kwargs[key] = config_for(name, **section)
+                kwargs[key] = config_for(name, **_typed(config_class(name), section, key))
                 continue
             section = {RENAMED.get((key, k), k): v for k, v in section.items() if (key, k) not in RETIRED}
             if section:  # a saved section: settings added since it was written keep their old meaning
@@ -162,8 +165,15 @@ class RunConfig:
             bad = set(section) - names
             if bad:
                 raise MmretError(f"unknown {key} settings in config: {', '.join(sorted(bad))}")
-            kwargs[key] = kind(**section)
+            kwargs[key] = kind(**_typed(kind, section, key))
         return cls(**kwargs)
+
+
+def _typed(kind: type, section: dict[str, Any], key: str) -> dict[str, Any]:
+    """A section read from a file with each setting checked against its type (one line for
+    `embed_dim: "abc"`, not a TypeError deep in a model)."""
+    settings = {st.name: st for st in settings_of(kind)}
+    return {k: coerce(settings[k], v, f"config.json {key}") if k in settings else v for k, v in section.items()}
 
 
 SECTIONS = {"data": DataConfig, "encoders": EncoderConfig, "method": MethodConfig, "train": TrainConfig}
@@ -172,6 +182,7 @@ RENAMED = {("encoders", "vision"): "item"}  # settings old config.json files hol
 # settings added later, and what a config.json written before them meant (a method's own are its
 # config class's SAVED_BEFORE)
 SAVED_BEFORE = {("train", "same_caption"): "negative"}
+LEGACY_METHOD = "bridge"  # the default when a method section without a name was written
 
 
 def settle_modality(cfg: RunConfig) -> str:

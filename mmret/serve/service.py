@@ -13,19 +13,22 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from mmret import __version__
+from mmret.api import load
 from mmret.common.io import atomic_path
-from mmret.common.paths import data_root
+from mmret.common.paths import ANYWHERE, Roots, data_root
 from mmret.common.progress import NULL, Reporter
+from mmret.common.version import __version__
 from mmret.data.stamps import item_stamps
 from mmret.errors import MmretError
 from mmret.inference.search import Gallery, Hit
 from mmret.modalities import ItemError
+from mmret.modalities.base import open_source
+from mmret.modalities.image import TooLarge, TooThin
 from mmret.serve.config import ServeConfig
 from mmret.serve.worker import BatchWorker, Busy
 
@@ -71,8 +74,8 @@ class SearchService:
     @classmethod
     def open(cls, cfg: ServeConfig, reporter: Reporter = NULL) -> "SearchService":
         """Load the run, the gallery's embeddings and indexes, then warm every path a query takes."""
-        gallery = Gallery.open(cfg.run_dir, cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index,
-                               captions=True, which=cfg.which, device=cfg.device, reporter=reporter)
+        gallery = load(cfg.run_dir, checkpoint=cfg.which, device=cfg.device).gallery(
+            cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index, reporter=reporter)
         service = cls(gallery, cfg)
         service.warm_up()
         return service
@@ -119,10 +122,12 @@ class SearchService:
 
     async def vector(self, values: list[float], k: int) -> Answer:
         """Items and captions for a query embedding given by the client (normalized here)."""
-        vec = np.asarray(values, dtype=np.float32)
-        if vec.shape != (self.gallery.dim,) or not np.isfinite(vec).all() or not np.linalg.norm(vec) > 0:
+        vec = np.asarray(values, dtype=np.float64)
+        if vec.shape != (self.gallery.dim,) or not np.isfinite(vec).all() or not np.abs(vec).max() > 0:
             raise ApiError(422, f"embedding_input must be {self.gallery.dim} finite numbers, not all zero")
-        return await self._ask(self.vectors, _VectorJob(None, -1, self._check_k(k), True, vec / np.linalg.norm(vec)))
+        vec = vec / np.abs(vec).max()  # first: the norm of numbers near the float limits would overflow
+        vec = (vec / np.linalg.norm(vec)).astype(np.float32)
+        return await self._ask(self.vectors, _VectorJob(None, -1, self._check_k(k), True, vec))
 
     async def upload(self, path: Path, k: int) -> Answer:
         """Items and captions for an uploaded item file (already within the byte limit)."""
@@ -152,8 +157,9 @@ class SearchService:
         return self.gallery.row_of[item]
 
     def _check_k(self, k: int) -> int:
-        if not 1 <= k <= self.cfg.max_k:
-            raise ApiError(422, f"k must be between 1 and {self.cfg.max_k}, got {k}")
+        most = max(self.cfg.max_k, self.cfg.max_knn)  # /knn-service may ask for more than the page's routes
+        if not 1 <= k <= most:
+            raise ApiError(422, f"k must be between 1 and {most}, got {k}")
         return k
 
     def _check_text(self, text: str) -> str:
@@ -167,12 +173,18 @@ class SearchService:
         """The upload opens as this gallery's kind of item and is within the pixel limit (read
         from the header, before anything is decoded)."""
         try:
-            columns = self.modality.probe(path, False)
+            with open_source(path, ANYWHERE) as source:
+                columns = self.modality.probe(source, False)
+        except TooLarge as e:
+            raise ApiError(413, f"the upload is too large: {e}") from None
+        except TooThin as e:
+            raise ApiError(422, f"the upload is too thin: {e}") from None
         except ItemError as e:
             raise ApiError(415, f"the upload is not a {self.modality.noun} mmret can read: {e}") from None
         pixels = columns.get("width", 0) * columns.get("height", 0)
         if pixels > self.cfg.max_pixels:
-            raise ApiError(413, f"the {self.modality.noun} has {pixels:,} pixels; the limit is {self.cfg.max_pixels:,}")
+            raise ApiError(413, f"the upload is too large: {columns['width']:,} x {columns['height']:,} pixels "
+                                f"({pixels:,}) is over the limit of {self.cfg.max_pixels:,} pixels")
 
     # -- the worker threads' batches
     def _run_vectors(self, jobs: list[_VectorJob]) -> list[tuple[list[Hit], list[Hit]]]:
@@ -196,15 +208,14 @@ class SearchService:
         return [(self.gallery.items_for(query, k)[0], self.gallery.captions_for(query, k)[0])]
 
     # -- files
-    def media_path(self, item: str) -> Path:
-        """The file of a gallery item, found by its id only (never by a path from the request)."""
-        path = Path(self.gallery.paths[self.row(item)])
-        if not path.is_file():
-            raise ApiError(404, f"the file of {item[:200]!r} is missing")
-        return path
+    def media(self, item: str) -> BinaryIO:
+        """The file of a gallery item, found by its id only (never by a path from the request), opened
+        through the gallery's roots (see `mmret.common.paths.Roots`): a file replaced by a link to
+        elsewhere since the dataset was prepared is refused. The caller closes it."""
+        return open_gallery_file(item, self.gallery.paths[self.row(item)], self.gallery.roots)
 
     def thumbnail(self, item: str) -> Path:
-        return self.thumbnails.get(item, self.media_path(item))
+        return self.thumbnails.get(item, self.gallery.paths[self.row(item)], self.gallery.roots)
 
     def save_upload(self, chunks: Any, suffix: str) -> Path:
         """Write an upload to a temporary file (the caller deletes it)."""
@@ -216,6 +227,16 @@ class SearchService:
         return Path(name)
 
 
+def open_gallery_file(item: str, path: str, roots: Roots) -> BinaryIO:
+    """A gallery item's file opened through `roots`: 404 when it is missing, 403 when it may not be
+    read (it now resolves outside the dataset's roots, or is no regular file)."""
+    try:
+        return open_source(path, roots)
+    except ItemError as e:
+        status = 404 if str(e) == "file not found" else 403
+        raise ApiError(status, f"the file of {item[:200]!r} cannot be served: {e}") from None
+
+
 class Thumbnails:
     """Small JPEGs of gallery items, made on first request and kept in `folder/<size>/`, named by
     the item's stamp (id, file, size, mtime), so a changed file gets a new one."""
@@ -225,7 +246,7 @@ class Thumbnails:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def get(self, item: str, path: Path) -> Path:
+    def get(self, item: str, path: str, roots: Roots) -> Path:
         if self.modality.thumbnail is None:
             raise ApiError(404, f"no thumbnails for {self.modality.plural}; fetch the item itself")
         stamp = item_stamps([item], [str(path)], "")[0]
@@ -238,7 +259,8 @@ class Thumbnails:
         with lock:  # two requests for one new thumbnail make it once
             if not out.is_file():
                 try:
-                    pixels = self.modality.thumbnail(path, self.size)
+                    with open_gallery_file(item, path, roots) as source:
+                        pixels = self.modality.thumbnail(source, self.size)
                 except ItemError as e:
                     raise ApiError(415, f"cannot make a thumbnail of {item[:200]!r}: {e}") from None
                 with atomic_path(out) as tmp:

@@ -111,6 +111,13 @@ class SAM:
         self.zero_grad()
         return stepped
 
+    @torch.no_grad()
+    def undo(self) -> None:
+        """Back to w from an ascent whose update was cut short (an interrupted step)."""
+        for p, weights in self._saved:
+            p.copy_(weights)
+        self._saved.clear()
+
     def _scaled_step(self, params: list[Tensor], max_grad_norm: float | None) -> bool:
         if max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)  # the one unscale; scaler.step will not repeat it

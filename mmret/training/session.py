@@ -26,7 +26,7 @@ from mmret.models.batch import call, to_device
 from mmret.models.heads import InputNorm, init_input_norms
 from mmret.models.tuners import use_matmul_attention
 from mmret.runs import RunConfig, create_run_dir
-from mmret.runs.checkpoint import load_state, load_weights
+from mmret.runs.checkpoint import load_state, load_weights, rng_state
 from mmret.training.batches import BatchPlan
 from mmret.training.losses import ClipLoss
 from mmret.training.sam import SAM
@@ -72,7 +72,7 @@ class Session:
     world: World = field(default_factory=World)
     started: float = field(default_factory=time.perf_counter)
     positives: torch.Tensor | None = None  # the current batch's right pairs beyond the diagonal (see BatchPlan)
-    step_rng: torch.Tensor = field(default_factory=torch.get_rng_state)  # CPU RNG after the last whole step
+    step_rng: tuple = field(default_factory=rng_state)  # the random generators after the last whole step
     plotted: float = field(default_factory=time.perf_counter)  # when the learning curve was last drawn
 
     @property
@@ -192,11 +192,8 @@ def restore(s: Session) -> None:
     if weights.get("step") != meta["loop"]["step"]:
         raise MmretError(f"the last checkpoint of {s.run_dir.name} is torn (weights at step {weights.get('step')}, "
                          f"optimizer at step {meta['loop']['step']}); resume from best or start again")
-    s.state = LoopState(**meta["loop"])
-    if s.state.finished:
-        raise MmretError(f"run {s.run_dir.name} has already finished ({s.state.finished}); nothing to resume. "
-                         f"Train a new run (`mmret train --config {s.run_dir / 'config.json'} ...`) to go further")
-    s.step_rng = torch.get_rng_state()
+    s.state = LoopState(**meta["loop"])  # a finished run is refused or extended by the loop (`continue_run`)
+    s.step_rng = rng_state()
     if meta.get("scaler"):
         s.stepper.scaler.load_state_dict(meta["scaler"])
     s.log(f"resumed at epoch {s.state.epoch + 1}, batch {s.state.batch}, step {s.state.step}")

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmret.common.paths import Roots, UnsafePath
+
 SPLITS = ("train", "val", "test")
 
 
@@ -25,6 +27,7 @@ class ItemRecord:
     split: str | None = None  # the source's official split, if it has one
     label: str | None = None  # its class, in a dataset for classification (`prepare classes`)
     columns: dict[str, int] | None = None  # table columns a reader already probed (it had the bytes in hand)
+    source: dict | None = None  # the source's own fields for it (img2dataset's url, sha256, ...; a table's columns)
 
 
 @dataclass
@@ -77,6 +80,18 @@ def decode_text(raw: bytes, item: str, problems: list[Problem]) -> str | None:
         return None
     problems.append(Problem("caption not UTF-8", item, "read as cp1252 (Windows-1252)"))
     return text
+
+
+def read_inside(root: Path, path: Path, item: str, problems: list[Problem]) -> bytes | None:
+    """The bytes of a file the dataset brings (a caption file beside an item), read only if it really
+    lies inside `root` and is a regular file (`mmret.common.paths.Roots`); else None, reported."""
+    try:
+        return Roots.of(root).read_bytes(path)
+    except UnsafePath as e:
+        problems.append(Problem("outside root", item, f"{path.name} {e.reason}; not read"))
+    except OSError as e:
+        problems.append(Problem("unreadable caption", item, f"{path.name}: {e.strerror or e}"))
+    return None
 
 
 def index_images(root: Path) -> dict[str, Path]:

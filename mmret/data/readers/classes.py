@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData, decode_text
+from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData, decode_text, read_inside
 from mmret.data.readers.folder import item_files, read_table, table_modality
 from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
@@ -34,19 +34,20 @@ def _cell(value) -> str:
     return "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()  # nan
 
 
-def _sidecar_captions(item: Path, rel: str, problems: list[Problem]) -> list[str]:
+def _sidecar_captions(root: Path, item: Path, rel: str, problems: list[Problem]) -> list[str]:
     sidecar = item.with_suffix(".txt")
     if not sidecar.is_file():
         return []
-    text = decode_text(sidecar.read_bytes(), rel, problems)
+    raw = read_inside(root, sidecar, rel, problems)
+    text = None if raw is None else decode_text(raw, rel, problems)
     return [line for line in (text or "").splitlines() if line.strip()]
 
 
-def _with_captions(records: list[ItemRecord], problems: list[Problem]) -> list[ItemRecord]:
+def _with_captions(root: Path, records: list[ItemRecord], problems: list[Problem]) -> list[ItemRecord]:
     """Records without captions of their own take their sidecar's lines, else their class name."""
     for rec in records:
         if not rec.captions:
-            rec.captions = _sidecar_captions(Path(rec.path), rec.item_id, problems) or [class_name(rec.label)]
+            rec.captions = _sidecar_captions(root, Path(rec.path), rec.item_id, problems) or [class_name(rec.label)]
     return records
 
 
@@ -120,5 +121,5 @@ def read_classes(root: Path, cfg) -> SourceData:
             f"of {len(labels)} classes")
     if any(r.split for r in records):
         note = f"official split from {table.name} where given; otherwise " + note
-    return SourceData(_with_captions(records, problems), files, note, split_sizes=(cfg.val, cfg.test),
+    return SourceData(_with_captions(root, records, problems), files, note, split_sizes=(cfg.val, cfg.test),
                       problems=problems, modality=modality)

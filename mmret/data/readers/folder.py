@@ -3,7 +3,8 @@
 Either a caption file beside each item (`x.jpg` + `x.txt`, `x.ogg` + `x.txt`, one caption per
 non-empty line), or one table at the root, `captions.csv`, `captions.jsonl` or `captions.parquet`,
 with an `image` (or, for sounds, `audio`) column (path relative to the root) and a `caption`
-column, one row per caption. Pictures are jpg, png, webp, bmp or gif; sounds wav, flac, ogg, opus
+column, one row per caption; its other columns (a `url`, ...) are kept in the item table as
+`source_<column>`, from each item's first row. Pictures are jpg, png, webp, bmp or gif; sounds wav, flac, ogg, opus
 or mp3; in any sub-folder. Splits are seeded fractions (`--val`, `--test`). The modality is the
 one whose files the folder (or the table's item column) holds.
 With `--no-captions` every item file under the root is read and caption files are not looked for.
@@ -11,13 +12,19 @@ With `--no-captions` every item file under the root is read and caption files ar
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import warnings
 from pathlib import Path
 
-from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text
+from mmret.common.paths import Roots, UnsafePath
+from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text, read_inside
 from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
 from mmret.modalities import MODALITIES, Modality
+
+_logger = logging.getLogger(__name__)
 
 TABLES = ("captions.csv", "captions.jsonl", "captions.parquet")
 
@@ -33,16 +40,24 @@ def read_table(path: Path, problems: list[Problem],
                                 f"{len(header)} (quote captions that hold commas): {','.join(fields)[:80]!r}; left out"))
 
     try:
-        if path.suffix == ".csv":
-            header = pd.read_csv(path, nrows=0, encoding_errors="replace").columns
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace", index_col=False,
-                                engine="python", on_bad_lines=ragged)
-        elif path.suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True, dtype=False)
-        else:
-            frame = pd.read_parquet(path)
+        data = Roots.of(path.parent).read_bytes(path)
+    except UnsafePath as e:
+        raise MmretError(f"cannot read {e}") from None
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # pandas' ParserWarning would print a second line
+            warnings.simplefilter("always")
+            if path.suffix == ".csv":
+                header = pd.read_csv(io.BytesIO(data), nrows=0, encoding_errors="replace").columns
+                frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding_errors="replace",
+                                    index_col=False, engine="python", on_bad_lines=ragged)
+            elif path.suffix == ".jsonl":
+                frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
+            else:
+                frame = pd.read_parquet(io.BytesIO(data))
     except Exception as e:
-        raise MmretError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+        raise MmretError(f"cannot read {path}: {printable(str(e).splitlines()[0][:200])}") from None
+    for w in caught:
+        _logger.debug("%s: %s", path.name, w.message)
     if "image" in needed and "image" not in frame.columns and "audio" in frame.columns:
         frame = frame.rename(columns={"audio": "image"})  # a table of sounds names its files `audio`
     if set(needed) - set(frame.columns):
@@ -55,12 +70,14 @@ def records_from_table(path: Path, root: Path, problems: list[Problem]) -> list[
     import pandas as pd
 
     frame = read_table(path, problems)
+    extra = [c for c in frame.columns if c not in ("image", "caption")]  # kept as the item's source fields
     records: dict[str, ItemRecord] = {}
-    for name, caption in zip(frame["image"], frame["caption"]):
+    for row, (name, caption) in enumerate(zip(frame["image"], frame["caption"])):
         name = str(name).strip()
         caption = "" if caption is None or (isinstance(caption, float) and pd.isna(caption)) else str(caption)
-        if name not in records:
-            records[name] = ItemRecord(Path(name).as_posix(), str((root / name).absolute()), [])
+        if name not in records:  # an item's first row gives its source fields
+            source = {str(c): frame[c].iloc[row] for c in extra} or None
+            records[name] = ItemRecord(Path(name).as_posix(), str((root / name).absolute()), [], source=source)
         records[name].captions.append(caption)
     return list(records.values())
 
@@ -99,7 +116,10 @@ def records_from_sidecars(root: Path, files: list[Path], problems: list[Problem]
         if not sidecar.is_file():
             problems.append(Problem("no caption", rel, f"no caption file {sidecar.name} beside it"))
             continue
-        text = decode_text(sidecar.read_bytes(), sidecar.relative_to(root).as_posix(), problems)
+        raw = read_inside(root, sidecar, rel, problems)
+        if raw is None:
+            continue
+        text = decode_text(raw, sidecar.relative_to(root).as_posix(), problems)
         captions = [] if text is None else [line for line in text.splitlines() if line.strip()]
         if text is not None and not captions:
             problems.append(Problem("empty caption", rel, f"{sidecar.name} holds no caption"))

@@ -21,6 +21,7 @@ import json
 import re
 from pathlib import Path
 
+from mmret.common.paths import Roots, UnsafePath
 from mmret.data.readers.base import ItemRecord, Problem, Selection, SourceData, find_file, index_images
 from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
@@ -43,7 +44,9 @@ def annotation_files(root: Path) -> dict[str, Path]:
 
 def _load(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Roots.of(path.parent).read_bytes(path).decode("utf-8"))
+    except UnsafePath as e:
+        raise MmretError(f"cannot read {e}") from None
     except (OSError, ValueError) as e:
         raise MmretError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):

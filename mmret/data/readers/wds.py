@@ -1,6 +1,7 @@
 """webdataset shards as img2dataset writes them and open_clip reads them: `.tar` files of
 `key.jpg|png|webp` (any item ending of a registered modality) + `key.txt` (the caption), with an
-optional `key.json` (img2dataset's metadata; its "caption" serves when `key.txt` is missing).
+optional `key.json` (img2dataset's metadata; its "caption" serves when `key.txt` is missing, and its
+other fields, the source `url` among them, are kept in the item table as `source_<field>`).
 
 `--root` is a shard pattern with braces, `shards/{00000..00099}.tar` (or one `.tar`). The shards
 are read with the `webdataset` package, one shard per DataLoader worker (never more workers than
@@ -17,12 +18,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmret.common.items import member_address
+from mmret.common.items import MemberError, member_address, shard_index
+from mmret.common.paths import Roots
 from mmret.data.readers.base import ItemRecord, Problem, SourceData, decode_text
-from mmret.errors import MmretError
+from mmret.errors import MmretError, printable
 from mmret.modalities import MODALITIES, ItemError
 
 
@@ -34,16 +37,72 @@ def _webdataset() -> Any:
     return webdataset
 
 
+MAX_SHARDS = 100_000  # shards one pattern may name: counted before anything is expanded
+_RANGE = re.compile(r"^(-?\d+|[a-zA-Z])\.\.(-?\d+|[a-zA-Z])(?:\.\.(-?\d+))?$")
+
+
+def _group_end(pattern: str, start: int) -> int:
+    """The index of the brace closing the one at `start` (-1 if none)."""
+    depth, i = 0, start
+    while i < len(pattern):
+        depth += {"{": 1, "}": -1}.get(pattern[i], 0)
+        if depth == 0:
+            return i
+        i += 2 if pattern[i] == "\\" else 1
+    return -1
+
+
+def brace_count(pattern: str) -> int:
+    """How many names a brace pattern expands to (`{a..b}`, `{a..b..step}`, `{x,y}`, nested), by
+    arithmetic: braceexpand builds every name of a range in memory before giving the first."""
+    total, i = 1, 0
+    while i < len(pattern):
+        end = _group_end(pattern, i) if pattern[i] == "{" else -1
+        if end < 0:
+            i += 2 if pattern[i] == "\\" else 1
+            continue
+        body, i = pattern[i + 1:end], end + 1
+        ranged = _RANGE.match(body)
+        if ranged:
+            a, b, step = ranged.groups()
+            lo, hi = (int(a), int(b)) if a.lstrip("-").isdigit() else (ord(a), ord(b))
+            total *= abs(hi - lo) // max(1, abs(int(step or 1))) + 1
+            continue
+        parts, depth, last = [], 0, 0
+        for j, ch in enumerate(body):
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                parts.append(body[last:j])
+                last = j + 1
+        total *= sum(brace_count(part) for part in parts + [body[last:]]) if parts else brace_count(body)
+    return total
+
+
 def shard_urls(pattern: str) -> list[str]:
-    """The shard files of a brace pattern (webdataset's own expansion), each of which must exist."""
+    """The shard files of a brace pattern (webdataset's own expansion, once the count is known to be
+    within `MAX_SHARDS`), each of which must exist; real paths, so the shards are read where they are."""
     expand_urls = _webdataset().shardlists.expand_urls
 
-    urls = expand_urls(str(pattern))
+    count = brace_count(str(pattern))
+    if count > MAX_SHARDS:
+        raise MmretError(f"--root {printable(str(pattern))} names {count:,} shards; mmret reads at most "
+                         f"{MAX_SHARDS:,} from one pattern: check the braces, e.g. 'shards/{{00000..00099}}.tar'")
+    try:
+        urls = expand_urls(str(pattern))
+    except ValueError as e:  # braceexpand's UnbalancedBracesError
+        raise MmretError(f"--root {printable(str(pattern))} is not a brace pattern webdataset reads: {e}") from None
     missing = [u for u in urls if not os.path.isfile(u)]
     if missing:
         raise MmretError(f"{len(missing)} of {len(urls)} shards of {pattern} do not exist (first: {missing[0]}); "
                          "check the pattern, e.g. 'shards/{00000..00099}.tar'")
-    return urls
+    return [os.path.realpath(u) for u in urls]
+
+
+def duplicate_key(first_url: str, url: str) -> str:
+    """The problem line of a sample whose key was read before (in this shard, or in an earlier one)."""
+    if first_url == url:
+        return "this shard holds the key twice; kept the first"
+    return f"{os.path.basename(first_url)} holds this key already; kept that one"
 
 
 def _every_shard(src: Iterator) -> Iterator:
@@ -119,14 +178,39 @@ def summarize(sample: dict, full: bool = False, labels: bool = False) -> dict:
         out["problems"].append({"kind": "no caption", "item": where, "reason": "no .txt (or json caption) beside it"})
         return out
     out["captions"] = [line for line in caption.splitlines() if line.strip()]
+    out["source"] = _source(sample)
     return out
 
 
-def _warn_and_go_on(exn: Exception) -> bool:
+def _source(sample: dict) -> dict | None:
+    """The sample's `.json` fields but its caption (img2dataset's url, key, sha256, original size,
+    status and the input's extra columns), kept beside the item in the table."""
+    try:
+        fields = json.loads(sample["json"]) if sample.get("json") is not None else None
+    except ValueError:
+        return None
+    return {k: v for k, v in fields.items() if k != "caption"} if isinstance(fields, dict) else None
+
+
+def _skip(exn: Exception) -> bool:
+    """webdataset's handler: a sample it cannot read is skipped, said in the debug log (shards that
+    are no readable tar were reported and left out before reading, by `readable_shards`)."""
     import logging
 
-    logging.getLogger(__name__).warning("webdataset: %s (skipped)", exn)
+    logging.getLogger(__name__).debug("webdataset skipped a sample: %s", exn)
     return True
+
+
+def readable_shards(urls: list[str], roots: Roots, problems: list[Problem]) -> list[str]:
+    """The shards that are readable uncompressed tars inside `roots`; each other one is a problem line."""
+    good = []
+    for url in urls:
+        try:
+            shard_index(url, roots)
+            good.append(url)
+        except MemberError as e:
+            problems.append(Problem("unreadable shard", url, f"{e}; left out"))
+    return good
 
 
 def read_samples(urls: list[str], full: bool, workers: int, labels: bool = False) -> Iterator[dict]:
@@ -137,7 +221,7 @@ def read_samples(urls: list[str], full: bool, workers: int, labels: bool = False
 
     wds = _webdataset()
     data = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_every_shard, empty_check=False,
-                          handler=_warn_and_go_on).map(functools.partial(summarize, full=full, labels=labels))
+                          handler=_skip).map(functools.partial(summarize, full=full, labels=labels))
     workers = min(workers, len(urls))
     yield from torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers)
 
@@ -149,20 +233,26 @@ def read_wds(root: Path, cfg) -> SourceData:
 
     import torch
 
-    urls = [os.path.abspath(u) for u in shard_urls(str(root))]
-    base = os.path.commonpath([os.path.dirname(u) for u in urls])
-    records, problems, seen, kinds = [], [], set(), set()
+    found = shard_urls(str(root))
+    base = os.path.commonpath([os.path.dirname(u) for u in found])
+    problems: list[Problem] = []
+    urls = readable_shards(found, Roots.of(base), problems)
+    if not urls:
+        raise MmretError(f"none of the {len(found)} shards of {printable(str(root))} is a readable tar: "
+                         f"{problems[0].reason}")
+    records, seen, kinds = [], {}, set()
     for s in read_samples(urls, cfg.check_items, default_workers(torch.device("cpu"))):
         problems += [Problem(**p) for p in s["problems"]]
         if "captions" not in s:
             continue
         if s["key"] in seen:
-            problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}", "an earlier shard has this key; kept that one"))
+            problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}", duplicate_key(seen[s["key"]],
+                                                                                                 s["url"])))
             continue
-        seen.add(s["key"])
+        seen[s["key"]] = s["url"]
         kinds.add(s["modality"])
         address = member_address(os.path.relpath(s["url"], base), s["member"])
-        records.append(ItemRecord(s["key"], address, s["captions"], columns=s["columns"]))
+        records.append(ItemRecord(s["key"], address, s["captions"], columns=s["columns"], source=s.get("source")))
     if len(kinds) > 1:
         raise MmretError(f"the shards hold {' and '.join(sorted(kinds))} items; prepare each kind from shards of its own")
     note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the items"

@@ -27,14 +27,16 @@ tar stops the prepare with one line: a benchmark read in part is no longer the b
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 from mmret.common.items import MemberError, member_address, shard_index
+from mmret.common.paths import Roots
 from mmret.data.readers.base import SPLITS, ItemRecord, Problem, SourceData
 from mmret.data.readers.registry import register_reader
-from mmret.data.readers.wds import read_samples, read_wds
-from mmret.errors import MmretError
+from mmret.data.readers.wds import MAX_SHARDS, duplicate_key, read_samples, read_wds
+from mmret.errors import MmretError, printable
 
 TYPE_FILE, CLASSES_FILE, TEMPLATES_FILE = "dataset_type.txt", "classnames.txt", "zeroshot_classification_templates.txt"
 
@@ -96,15 +98,21 @@ def templates(root: Path) -> list[str]:
     return [line.strip() for line in _read_text(path).splitlines() if line.strip()] if path.is_file() else []
 
 
-def shards(folder: Path) -> list[str]:
-    """The split's shards as nshards.txt counts them, each a readable tar."""
+def shards(folder: Path, roots: Roots) -> list[str]:
+    """The split's shards as nshards.txt counts them, each a readable tar inside `roots`. The count is
+    checked against the shards the folder holds before any list of that length is built."""
     count = folder / "nshards.txt"
     if not count.is_file():
         raise MmretError(f"{count} is missing: CLIP_benchmark reads how many shards {folder.name}/ holds from it "
                          f"(write the number, e.g. `ls {folder}/*.tar | wc -l > {count}`)")
     text = _read_text(count).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise MmretError(f"{count} must hold the number of shards (a whole number, at least 1), got {text[:20]!r}")
+    if not text.isdigit() or len(text) > 12 or int(text) < 1:
+        raise MmretError(f"{count} must hold the number of shards (a whole number, at least 1), got "
+                         f"{printable(text[:20])!r}")
+    if int(text) > MAX_SHARDS:
+        present = sum(1 for e in os.scandir(folder) if e.name.endswith(".tar") and e.name[:-4].isdigit())
+        raise MmretError(f"{count} says {int(text):,} shards, more than the {MAX_SHARDS:,} mmret reads from one "
+                         f"split, and {folder} holds {present:,} numbered .tar files; correct nshards.txt")
     urls = [str(folder / f"{i}.tar") for i in range(int(text))]
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
@@ -112,7 +120,7 @@ def shards(folder: Path) -> list[str]:
                          "copy them, or correct nshards.txt")
     for url in urls:
         try:
-            shard_index(url)
+            shard_index(url, roots)
         except MemberError as e:
             raise MmretError(f"{e}; write the shard again, or remove it and correct {folder.name}/nshards.txt") from None
     return urls
@@ -147,14 +155,14 @@ def read_benchmark(root: Path, cfg) -> SourceData:
     splits: dict[str, list[str]] = {}
     for folder in split_folders(root):
         if folder.name in SPLITS:
-            splits[folder.name] = shards(folder)
+            splits[folder.name] = shards(folder, Roots.of(root))
         else:
             problems.append(Problem("other split", f"{folder.name}/", "not train, val or test; left out"))
     if not splits:
         raise MmretError(f"{root} holds no train, val or test folder of CLIP_benchmark shards (test/nshards.txt "
                          "beside test/0.tar, ...)")
     urls = [u for split_urls in splits.values() for u in split_urls]
-    records, seen, kinds = [], set(), set()
+    records, seen, kinds = [], {}, set()
     for s in read_samples(urls, cfg.check_items, default_workers(torch.device("cpu")), labels=names is not None):
         problems += [Problem(**p) for p in s["problems"]]
         split = Path(s["url"]).parent.name
@@ -162,10 +170,10 @@ def read_benchmark(root: Path, cfg) -> SourceData:
         if rec is None:
             continue
         if rec.item_id in seen:
-            problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}",
-                                    "an earlier shard of the split has this key; kept that one"))
+            problems.append(Problem("duplicate key", f"{s['url']}::{s['member']}", duplicate_key(seen[rec.item_id],
+                                                                                                 s["url"])))
             continue
-        seen.add(rec.item_id)
+        seen[rec.item_id] = s["url"]
         kinds.add(s["modality"])
         records.append(rec)
     carve = "train" in splits and "val" not in splits and cfg.val > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mmret.common.paths import Roots, UnsafePath
 from mmret.data.readers.base import ItemRecord, Problem, Selection, SourceData, find_file
 from mmret.data.readers.registry import register_reader
 from mmret.errors import MmretError
@@ -38,7 +39,13 @@ def read_winoground(root: Path, cfg) -> SourceData:
     problems: list[Problem] = []
     records: dict[str, ItemRecord] = {}
     selections: list[Selection] = []
-    for number, line in enumerate(examples.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = Roots.of(examples.parent).read_bytes(examples).decode("utf-8", errors="replace").splitlines()
+    except UnsafePath as e:
+        raise MmretError(f"cannot read {e}") from None
+    except OSError as e:
+        raise MmretError(f"cannot read {examples}: {e.strerror or e}") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
