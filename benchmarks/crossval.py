@@ -12,6 +12,17 @@ keys keep t2i / i2t, "text→item" and "item→text", for any items).
         --vision ~/.cache/mmret-offline/models/dinov2-small --text ~/.cache/mmret-offline/models/all-minilm-l6-v2
 
 Extra `key=value` arguments set training options for every run (e.g. epochs=40 mixup=0.4).
+
+Seeds instead of folds, for a dataset that comes with its own test set (the relations set: trained
+on relations/train, scored on relations/test prepared with `mmret prepare sugar-crepe`):
+
+    python benchmarks/crossval.py --dataset relations-train --seeds 0,1,2,3,4 --test-dataset relations-test \
+        --checkpoint last --vision ... --text ... epochs=20 patience=0
+
+trains once per seed on the dataset's own splits and scores the test split of `--test-dataset`;
+when that dataset holds caption-selection examples (SugarCrepe's swap_obj, replace_rel, ...) each
+run's text_acc per task is scored too (`mmret eval --task caption-selection`) and tabled beside
+the recalls, with chance. Every run records the machine's load average (1 min) before and after it.
 `--label NAME` names the entry (default: the method) and `--json FILE` adds it to FILE (other
 entries kept), so variants of one method run one at a time land in one file. Then
 
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +45,8 @@ import torch
 
 from mmret.common.paths import slug
 from mmret.data.negatives import caption_keys
+from mmret.data.prepared import load_dataset
+from mmret.evaluation.selection import evaluate_selection
 from mmret.inference.embeddings import write_run_embeddings
 from mmret.metrics.retrieval import directions, retrieval_metrics, same_text_metrics
 from mmret.modalities import get_modality
@@ -40,6 +54,7 @@ from mmret.runs import RunConfig, with_overrides
 from mmret.training import train
 
 KS = (1, 5, 10)
+PAIRED = ("t2i_r1", "t2i_r10", "i2t_r1", "i2t_r10")
 COLS = [f"{d}_r{k}" for d in ("t2i", "i2t") for k in KS]
 
 
@@ -61,25 +76,37 @@ def parse_value(text: str):
 
 
 def run_fold(args, method: str, label: str, fold: int, extra: dict) -> dict:
-    options = dict(method=method, dataset=args.dataset, item=args.vision, text=args.text, folds=args.folds,
-                   fold=fold, name=f"cv-{args.tag}-{slug(label)}-fold{fold}", **extra)
-    cfg = with_overrides(RunConfig(), options)
+    """One fold (or, with --seeds, one seed: `fold` is the seed) trained and scored."""
+    if args.seeds:
+        options = dict(seed=fold, name=f"sd-{args.tag}-{slug(label)}-seed{fold}")
+    else:
+        options = dict(folds=args.folds, fold=fold, name=f"cv-{args.tag}-{slug(label)}-fold{fold}")
+    cfg = with_overrides(RunConfig(), dict(method=method, dataset=args.dataset, item=args.vision, text=args.text,
+                                           **options, **extra))
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     result = train(cfg)
     trained = time.perf_counter() - start
-    emb = write_run_embeddings(result.run_dir, split="test")
+    load_after = os.getloadavg()[0]
+    emb = write_run_embeddings(result.run_dir, args.test_dataset, split="test", which=args.checkpoint)
     images, captions = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (emb.items, emb.captions))
     modality = get_modality(emb.modality)
     scores = retrieval_metrics(images, captions, emb.caption_item, map_at=modality.map_at).metrics
     keys = torch.from_numpy(caption_keys(emb.caption_table["caption"].tolist()))
     same = same_text_metrics(images, captions, emb.caption_item, keys)
     scores.update({f"same_{k}": v for k, v in same.items()})
+    if args.test_dataset and load_dataset(args.test_dataset).candidates is not None:
+        chosen = evaluate_selection(result.run_dir, args.test_dataset, which=args.checkpoint)
+        scores.update({f"sel_{task}": m["text_acc"] for task, m in chosen.metrics.items() if task != "all"})
+        scores.update({f"chance_{task}": c["text_acc"] for task, c in chosen.chance.items() if task != "all"})
     scores.update(fold=fold, n_items=len(emb.items), n_captions=len(emb.captions), seconds=time.perf_counter() - start,
                   train_seconds=trained, epochs=result.epochs, best_epoch=best_epoch(result.run_dir),
-                  run=result.run_dir.name, item=modality.short)
+                  run=result.run_dir.name, item=modality.short, load=[load_before, load_after])
     t2x, x2t = directions(modality.short)
-    print(f"{label} fold {fold}: {t2x} R@1 {scores['t2i_r1']:.3f}  {x2t} R@1 {scores['i2t_r1']:.3f}  "
-          f"({scores['n_items']} test {modality.plural}, {result.epochs} epochs, {trained:.0f}s training)", flush=True)
+    chosen = "  ".join(f"{k[4:]} {v:.3f}" for k, v in scores.items() if k.startswith("sel_"))
+    print(f"{label} {'seed' if args.seeds else 'fold'} {fold}: {t2x} R@1 {scores['t2i_r1']:.3f}  {x2t} R@1 "
+          f"{scores['i2t_r1']:.3f}  {chosen}  ({scores['n_items']} test {modality.plural}, {result.epochs} epochs, "
+          f"{trained:.0f}s training, load {load_before:.1f} -> {load_after:.1f})", flush=True)
     return scores
 
 
@@ -102,25 +129,30 @@ def chance_row(folds: list[dict]) -> list[str]:
 
 
 def table(results: dict[str, list[dict]], with_time: bool = False, with_folds: bool = False) -> str:
-    """Mean ± std over folds of Recall@1/5/10 both ways (and training time, and how many folds
-    ran), a chance row last."""
+    """Mean ± std over folds of Recall@1/5/10 both ways (caption-selection text_acc per task, when
+    scored; training time and the load it ran under; how many folds ran), a chance row last."""
     first = next(iter(results.values()))[0]
     item = first.get("item", "i")
-    keys = COLS + [k for k in ("t2i_map10",) if k in first]  # DCASE's text→audio mAP@10 for sounds
-    cols = [label_of(k, item) for k in keys] + (["train s/fold"] if with_time else [])
+    tasks = sorted(k for k in first if k.startswith("sel_"))
+    keys = COLS + [k for k in ("t2i_map10",) if k in first] + tasks  # DCASE's text→audio mAP@10 for sounds
+    cols = [label_of(k, item) if not k.startswith("sel_") else f"{k[4:]} text_acc" for k in keys]
+    cols += ["train s/run", "load"] if with_time else []
     cols += ["folds"] if with_folds else []
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, folds in results.items():
         cells = [mean_std(folds, c) for c in keys]
         if with_time:
             cells.append(f"{np.mean([f.get('train_seconds', f['seconds']) for f in folds]):.0f}")
+            loads = [x for f in folds for x in f.get("load", [])]
+            cells.append(f"{min(loads):.1f}–{max(loads):.1f}" if loads else "")
         if with_folds:
             cells.append(str(len(folds)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    ends = " |" * (1 + with_time + with_folds)  # the last cell's end, then an empty cell per extra column
+    ends = " |" * (1 + 2 * with_time + with_folds)  # the last cell's end, then an empty cell per extra column
     n = np.mean([f["n_items"] for f in next(iter(results.values()))])
     chance = chance_row(next(iter(results.values()))) + [f"{sum(1 / r for r in range(1, int(min(10, n)) + 1)) / n:.3f}"
                                                         for k in keys if k == "t2i_map10"]  # H(10) / n
+    chance += [f"{first['chance_' + k[4:]]:.3f}" for k in tasks]
     lines.append("| chance | " + " | ".join(chance) + ends)
     return "\n".join(lines)
 
@@ -132,7 +164,8 @@ def load_entries(paths: list[str]) -> tuple[str, dict[str, dict]]:
     entries, dataset = {}, None
     for p in paths:
         data = json.loads(Path(p).read_text())
-        dataset = dataset or data.get("dataset")
+        dataset = dataset or (f"{data['dataset']}, scored on {data['test_dataset']}" if data.get("test_dataset")
+                              else data.get("dataset"))
         for fold in (f for e in data["entries"].values() for f in e["folds"]):
             if "n_images" in fold:  # saved before the item side had its own name
                 fold["n_items"] = fold.pop("n_images")
@@ -144,16 +177,21 @@ def report(args) -> None:
     dataset, entries = load_entries(args.report)
     results = {label: e["folds"] for label, e in entries.items()}
     n_folds = {len(f) for f in results.values()}
-    lines = [f"{'/'.join(map(str, sorted(n_folds)))}-fold cross-validation on {dataset} "
-             f"({np.mean([f['n_items'] for f in next(iter(results.values()))]):.0f} test pictures a fold), "
-             "mean ± std over folds:", "", table(results, with_time=True, with_folds=True)]
+    seeds = "scored on" in dataset
+    what = "runs (seeds)" if seeds else "-fold cross-validation"
+    lines = [f"{'/'.join(map(str, sorted(n_folds)))}{' ' if seeds else ''}{what} on {dataset} "
+             f"({np.mean([f['n_items'] for f in next(iter(results.values()))]):.0f} test pictures"
+             f"{'' if seeds else ' a fold'}), mean ± std over {'seeds' if seeds else 'folds'}:", "",
+             table(results, with_time=True, with_folds=True)]
     paired = paired_rows(results)
     if paired:
         first = next(iter(results))
-        lines += ["", f"Paired with {first} fold by fold (the same test pictures): mean ± std of the difference, and "
-                  "on how many folds the method was ahead:", "",
-                  "| method | Δ t2i R@1 | Δ t2i R@10 | Δ i2t R@1 | Δ i2t R@10 | t2i R@1 ahead |",
-                  "|---" * 6 + "|"] + paired
+        tasks = [f"Δ {k[4:]} text_acc" for k in sorted(next(iter(results.values()))[0]) if k.startswith("sel_")]
+        by = "seed by seed" if seeds else "fold by fold (the same test pictures)"
+        lines += ["", f"Paired with {first} {by}: mean ± std of the difference, and on how many "
+                  f"{'seeds' if seeds else 'folds'} the method was ahead:", "",
+                  "| method | Δ t2i R@1 | Δ t2i R@10 | Δ i2t R@1 | Δ i2t R@10 | "
+                  + " | ".join(tasks + ["t2i R@1 ahead"]) + " |", "|---" * (6 + len(tasks)) + "|"] + paired
     ceiling = json.loads(Path(args.ceiling).read_text()) if args.ceiling else None
     if ceiling:
         lines += ["", "Closed-form maps on the same folds (`benchmarks/ceiling.py`, fit on all non-test pairs):", "",
@@ -192,7 +230,7 @@ def paired_rows(results: dict[str, list[dict]]) -> list[str]:
         if not pairs:
             continue
         cells = []
-        for key in ("t2i_r1", "t2i_r10", "i2t_r1", "i2t_r10"):
+        for key in PAIRED + tuple(k for k in sorted(base[0]) if k.startswith("sel_")):
             d = np.array([f[key] - b[key] for b, f in pairs])
             cells.append(f"{d.mean():+.3f} ± {d.std():.3f}")
         ahead = sum(f["t2i_r1"] > b["t2i_r1"] for b, f in pairs)
@@ -236,9 +274,11 @@ def bar_chart(dataset: str, results: dict[str, list[dict]], ceiling: dict | None
 # ---------------------------------------------------------------------------- main
 
 
-def save(path: str, dataset: str, label: str, method: str, extra: dict, folds: list[dict]) -> None:
+def save(path: str, dataset: str, label: str, method: str, extra: dict, folds: list[dict],
+         test_dataset: str | None = None) -> None:
     p = Path(path)
-    data = json.loads(p.read_text()) if p.is_file() else {"dataset": dataset, "entries": {}}
+    data = json.loads(p.read_text()) if p.is_file() else {"dataset": dataset, "test_dataset": test_dataset,
+                                                          "entries": {}}
     data["entries"][label] = {"method": method, "options": extra, "folds": folds}
     p.write_text(json.dumps(data, indent=2, default=str))
 
@@ -252,6 +292,11 @@ def main() -> None:
     parser.add_argument("--label", help="name of the entry (one method only; default: the method)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--only", help="comma-separated folds to run (default: all), e.g. for a quick check")
+    parser.add_argument("--seeds", help="comma-separated seeds: train on the dataset's own splits once per seed "
+                                        "instead of folds")
+    parser.add_argument("--test-dataset", help="with --seeds: score the test split of this dataset (default: the "
+                                               "training dataset's)")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint is scored")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--json", help="add the per-fold scores to this file (other entries are kept)")
     parser.add_argument("--report", nargs="+",
@@ -270,15 +315,18 @@ def main() -> None:
     methods = args.methods.split(",")
     if args.label and len(methods) > 1:
         parser.error("--label names one method's entry; pass one method")
-    folds = [int(k) for k in args.only.split(",")] if args.only else range(args.folds)
+    if args.test_dataset and not args.seeds:
+        parser.error("--test-dataset goes with --seeds (folds are scored on their own test fold)")
+    folds = [int(k) for k in (args.seeds or args.only or "").split(",") if k] or range(args.folds)
     results = {}
     for m in methods:
         label = args.label or m
         results[label] = [run_fold(args, m, label, k, extra) for k in folds]
         if args.json:
-            save(args.json, args.dataset, label, m, extra, results[label])
+            save(args.json, args.dataset, label, m, extra, results[label], args.test_dataset)
     print()
-    print(f"{args.folds}-fold cross-validation on {args.dataset}, options {extra or 'default'}:")
+    what = f"seeds {args.seeds}" if args.seeds else f"{args.folds}-fold cross-validation"
+    print(f"{what} on {args.dataset}, options {extra or 'default'}:")
     print(table(results, with_time=True))
 
 

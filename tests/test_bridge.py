@@ -12,6 +12,7 @@ import torch
 from mmret import training
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder
+from mmret.errors import MmretError
 from mmret.features import ensure_features
 from mmret.features.views import ItemView
 from mmret.methods import config_for
@@ -125,6 +126,28 @@ def test_token_and_query_dropout_act_in_training_only():
     torch.testing.assert_close(bridge(tokens), bridge(tokens))
     bridge.train()
     assert not torch.allclose(bridge(tokens), bridge(tokens))
+
+
+def test_without_positions_the_queries_cannot_tell_a_picture_from_its_mirror():
+    """Cross-attention is blind to the order of its keys: the patch grid mirrored left to right
+    (the same token states in other places) reads the same unless --bridge-positions gives each
+    place its own embedding; then mirror and picture differ, as do grids pooled by --token-pool."""
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 1 + 16, 6)  # class token + a 4x4 grid
+    mirror = torch.cat([tokens[:, :1], tokens[:, 1:].reshape(3, 4, 4, 6).flip(2).reshape(3, 16, 6)], dim=1)
+    for pool in (1, 2):
+        blind = QueryBridge(6, 5, num_queries=4, depth=2, width=8, heads=2, token_pool=pool).eval()
+        torch.testing.assert_close(blind(tokens), blind(mirror))
+        placed = QueryBridge(6, 5, num_queries=4, depth=2, width=8, heads=2, token_pool=pool, positions=True).eval()
+        assert not torch.allclose(placed(tokens), placed(mirror), atol=1e-4)
+        row, col = placed.rows, placed.cols
+        side = 4 // pool
+        expected = torch.cat([placed.prefix_pos[None], (row[:side, None] + col[None, :side]).reshape(side * side, -1)])
+        torch.testing.assert_close(placed.position_embeddings(1 + side * side), expected)
+    with pytest.raises(MmretError, match="--bridge-positions needs a square patch grid, got 7 tokens"):
+        QueryBridge(6, 5, num_queries=2, depth=1, width=8, heads=2, positions=True)(torch.randn(2, 7, 6))
+    cfg = with_overrides(RunConfig(), {"method": "bridge", "bridge_positions": True})
+    assert cfg.method.bridge_positions is True and config_for("bridge").bridge_positions is False
 
 
 def test_augmented_views_are_cached_once_and_drawn_per_epoch(world, tmp_path):

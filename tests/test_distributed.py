@@ -1,7 +1,8 @@
 """One distributed step (2 processes, gloo on the CPU) equals one process's step over the same
 global batch, with and without gradient caching, with a dynamic temperature, and with captions
 shared across the processes' slices plus HN-NCE weighting; the plain per-process loss without the
-gather does not. The loss alone on 2 processes, with each of open_clip's `local_loss` and
+gather does not; so does a step with extra wrong captions (`--caption-negatives`), held by both
+processes or by one. The loss alone on 2 processes, with each of open_clip's `local_loss` and
 `gather_with_grad` choices, against the loss on one."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny_models import heads_model
 
+from mmret.data.pairs import NegativeBatch
 from mmret.models.temperature import build_temperature
 from mmret.runs.config import TrainConfig
 from mmret.training.losses import ClipLoss
@@ -28,12 +30,15 @@ B, IMAGE_DIM, TEXT_DIM, EMBED = 11, 12, 10, 8  # 11 pairs: the two processes hol
 # 5 rows: 3), None runs the whole slice at once
 CASES = [("whole", None, "learned", "gathered"), ("cached", 2, "learned", "gathered"),
          ("dynamic", 2, "dynamic", "gathered"), ("no-gather", None, "learned", "local"),
-         ("shared", 2, "learned", "gathered")]
+         ("shared", 2, "learned", "gathered"), ("negatives", 2, "learned", "gathered"),
+         ("negatives-one-side", None, "learned", "gathered")]
 # "shared": pairs 1 and 8 (one on each process) and 4 and 5 share a caption text; HN-NCE beta 0.5
 HN_BETA = 0.5
 POSITIVES = torch.eye(B, dtype=torch.bool)
 for i, j in ((1, 8), (4, 5)):
     POSITIVES[i, j] = POSITIVES[j, i] = True
+# extra wrong captions and the global batch row each belongs to: "negatives-one-side" has none on process 0
+NEGATIVE_OWNERS = {"negatives": torch.tensor([0, 0, 3, 6, 6, 7, 10]), "negatives-one-side": torch.tensor([6, 7, 10])}
 FLAGS = [(False, False), (False, True), (True, False), (True, True)]  # (local_loss, gather_with_grad)
 
 
@@ -72,10 +77,21 @@ def stepper(micro: int | None, temperature: str, hn_beta: float = 0.0, world: Wo
                    loss=ClipLoss(hn_beta=hn_beta) if local else run_loss(cfg, world), world=world)
 
 
-def one_process(micro: int | None, temperature: str, shared: bool = False) -> tuple[float, dict]:
+def negatives(name: str, rows: slice = slice(0, B)) -> NegativeBatch | None:
+    """The wrong captions of the global batch's rows `rows`, owners counted from the slice's start."""
+    if name not in NEGATIVE_OWNERS:
+        return None
+    owner = NEGATIVE_OWNERS[name]
+    texts = torch.randn(len(owner), TEXT_DIM, generator=torch.Generator().manual_seed(5))
+    mine = (owner >= rows.start) & (owner < rows.stop)
+    return NegativeBatch(texts[mine], (owner[mine] - rows.start).numpy())
+
+
+def one_process(micro: int | None, temperature: str, shared: bool = False,
+                name: str = "") -> tuple[float, dict]:
     s = stepper(micro, temperature, HN_BETA if shared else 0.0)
     images, texts = batch()
-    loss = s(images, texts, 0, POSITIVES if shared else None)
+    loss = s(images, texts, 0, POSITIVES if shared else None, negatives(name))
     return loss, {k: v.detach().clone() for k, v in s.model.state_dict().items()}
 
 
@@ -90,7 +106,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     for name, micro, temperature, loss in CASES:
         shared = name == "shared"
         s = stepper(micro, temperature, HN_BETA if shared else 0.0, world, local=loss == "local")
-        value = s(images[mine], texts[mine], 0, world.positives(POSITIVES, "cache") if shared else None)
+        value = s(images[mine], texts[mine], 0, world.positives(POSITIVES, "cache") if shared else None,
+                  negatives(name, mine))
         if rank == 0:
             state = {k: v.detach().contiguous() for k, v in s.model.state_dict().items()}
             save_file(state | {"loss": torch.tensor(value, dtype=torch.float64)},
@@ -132,6 +149,17 @@ def test_shared_captions_and_hn_nce_across_processes_equal_one_process(two_proce
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     plain, _ = one_process(2, "learned")
     assert abs(plain - loss) > 1e-3  # the positives and the weighting did change the loss
+
+
+@pytest.mark.parametrize("name, micro", [("negatives", 2), ("negatives-one-side", None)])
+def test_wrong_captions_across_processes_equal_one_process(two_processes, name, micro):
+    loss, weights = one_process(micro, "learned", name=name)
+    got = two_processes[name]
+    assert abs(float(got["loss"]) - loss) < 1e-5 * max(1.0, abs(loss))
+    for key, value in weights.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    plain, _ = one_process(micro, "learned")
+    assert loss > plain + 1e-3  # the wrong captions were counted
 
 
 def test_per_process_losses_without_the_gather_do_not_match(two_processes):

@@ -72,7 +72,8 @@ def test_links_inside_the_root_that_point_outside_are_left_out_unread(home, read
     home.baseline()
     result = prepare_folder(home)
     assert result.exit_code == 0, result.output
-    problems = {Path(p["item"]).name: p for p in pd.read_json(home / "data" / "t" / "dataset.json", typ="series")["problems"]}
+    info = pd.read_json(home / "data" / "t" / "dataset.json", typ="series")
+    problems = {Path(p["item"]).name: p for p in info["problems"]}
     secret = os.path.realpath(home / "outside" / "secret.png")
     assert problems["link.png"]["reason"] == (f"resolves to {secret}, outside {root}; left out unopened (pass "
                                               "--allow-outside-root to include such files)")

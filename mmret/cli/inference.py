@@ -32,8 +32,9 @@ def eval_command(
     split: Annotated[str, typer.Option(help="Split to score: test, val, train or all.")] = "test",
     task: Annotated[str, typer.Option(
         help="retrieval; classification (zero-shot, on a dataset from `prepare classes`); linear-probe (logistic "
-             "regression on the run's frozen item embeddings); or cross-modal (items of one kind finding items of "
-             "another through the run's space: --queries, --items).",
+             "regression on the run's frozen item embeddings); caption-selection (SugarCrepe / Winoground accuracy as "
+             "CLIP_benchmark scores it, on a dataset from `prepare sugar-crepe` or `prepare winoground`); or "
+             "cross-modal (items of one kind finding items of another through the run's space: --queries, --items).",
     )] = "retrieval",
     queries: Annotated[Optional[str], typer.Option(
         help="Cross-modal: the dataset whose --split holds the queries (e.g. sounds).",
@@ -91,7 +92,7 @@ def eval_command(
     data_dir: DataDir = None,
 ) -> None:
     """Retrieval (Recall@k, MRR, median rank, mAP, RSUM both ways, as papers report them), zero-shot
-    classification or a linear probe; optionally an embedding map and a failure gallery."""
+    classification, a linear probe or caption selection; optionally an embedding map and a failure gallery."""
     from mmret.evaluation.config import FORMATS, EvalConfig, parse_ks
 
     if format not in FORMATS:

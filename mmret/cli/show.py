@@ -195,6 +195,8 @@ def show_eval_report(report, format: str) -> None:
         show_classification(report.results, format)
     elif report.task == "cross-modal":
         show_cross_modal(report.results, format)
+    elif report.task == "caption-selection":
+        show_selection(report.results, format)
     else:
         show_linear_probe(report.results, format)
     if report.map is not None:
@@ -240,6 +242,23 @@ def show_classification(results, format: str) -> None:
     for r in results:
         ui.console.print(f"saved {r.path}" + (f" and {r.confusion_png.name}" if r.confusion_png else ""),
                          highlight=False, soft_wrap=True)
+
+
+def show_selection(results, format: str) -> None:
+    """One row per task and metric, a column per run, chance and the number of examples beside."""
+    first = results[0]
+    rows = []
+    for task, metrics in first.metrics.items():
+        for key in ("text_acc", "image_acc", "acc"):
+            cells = [_cell(r.metrics[task][key], (r.ci or {}).get(task, {}).get(key)) for r in results]
+            rows.append([task, key, *cells, f"{first.chance[task][key]:.4f}", str(metrics["n"])])
+    title = f"{first.dataset} {first.split}: caption selection (as CLIP_benchmark scores it)"
+    _markdown_or_table(title, ["task", "metric", *[r.run for r in results], "chance", "examples"], rows, format)
+    _seen_in_training(results)
+    for r in results:
+        if r.dropped:
+            ui.print_note(f"{r.run}: {r.dropped} examples left out (an item of theirs is not in {r.split})")
+        ui.console.print(f"saved {r.path}", highlight=False, soft_wrap=True)
 
 
 def show_linear_probe(results, format: str) -> None:

@@ -1,4 +1,5 @@
-"""`mmret prepare`'s options, checked before anything is read (importable without pandas)."""
+"""`mmret prepare`'s options, and the rules `--caption-negatives` names, checked before anything is read
+(importable without pandas)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from mmret.errors import MmretError
 def _check_fraction(name: str, value: float, top: float = 1.0) -> None:
     if not 0.0 <= value < top or value > 1.0:
         raise MmretError(f"--{name} must be a fraction in [0, {top:g}{']' if top > 1 else ')'}, got {value}")
+
+
+NEGATIVE_RULES = ("swap", "relation", "attribute", "table")  # the rules of `mmret.data.composition`
+
+
+def negative_rules(text: str | None) -> tuple[str, ...]:
+    """`--caption-negatives swap,relation` -> ("swap", "relation"): known rules, each once, in the order given."""
+    rules = tuple(dict.fromkeys(r.strip() for r in str(text or "").split(",") if r.strip()))
+    unknown = [r for r in rules if r not in NEGATIVE_RULES]
+    if unknown:
+        raise MmretError(f"--caption-negatives takes {', '.join(NEGATIVE_RULES)} (comma-separated), got "
+                         f"{', '.join(unknown)}")
+    return rules
 
 
 @dataclass

@@ -3,7 +3,10 @@
 `data/<ds>/` holds `dataset.json`, the item table named after its modality (`images.parquet`:
 image_id, path, split, width, height; `audio.parquet`: audio_id, path, split, sample_rate,
 channels, duration_ms) and `captions.parquet` (caption_id, image_id or audio_id, caption, split);
-in memory the key is `item_id` whatever the modality (see `mmret.data.prepared`).
+in memory the key is `item_id` whatever the modality (see `mmret.data.prepared`). A source with
+caption-selection examples (`prepare sugar-crepe`, `prepare winoground`) also gets
+`candidates.parquet` (task, example, position, caption, and the item the caption is right for,
+empty for a wrong one; see `mmret.data.tables.candidate_table`).
 The whole folder is built under a temporary name and renamed into place, so a failed or
 interrupted prepare leaves nothing behind.
 
@@ -34,7 +37,15 @@ from mmret.data.config import PrepareConfig
 from mmret.data.readers import get_reader, pattern_root
 from mmret.data.readers.base import SPLITS, ItemRecord, Problem
 from mmret.data.tables import (
-    assign_random_splits, check_files, clean_captions, inside_root, merge_duplicate_ids, problem_counts, to_tables,
+    CANDIDATES,
+    assign_random_splits,
+    candidate_table,
+    check_files,
+    clean_captions,
+    inside_root,
+    merge_duplicate_ids,
+    problem_counts,
+    to_tables,
 )
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
@@ -136,13 +147,18 @@ def prepare(cfg: PrepareConfig, reporter: Reporter = NULL) -> PrepareResult:
         key = {"item_id": modality.id_column}  # each modality names its table and key on disk (see prepared)
         write_parquet(tmp / modality.table, items.rename(columns=key))
         write_parquet(tmp / "captions.parquet", captions.rename(columns=key))
+        selection = {}
+        if source.selections:  # candidate captions of caption-selection examples (SugarCrepe, Winoground)
+            candidates = candidate_table(source.selections, set(items["item_id"]), problems)
+            write_parquet(tmp / CANDIDATES, candidates.rename(columns=key))
+            selection = {"selection": {t: int(n) for t, n in candidates.groupby("task")["example"].nunique().items()}}
         write_json(tmp / "dataset.json", {
             "name": cfg.name, "source": cfg.source, "modality": modality.name, "root": str(cfg.root or target),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generation": uuid.uuid4().hex,
             "mmret_version": __version__,
             "arguments": config_dict(cfg), "split_note": split_note, "annotation_files": source.files,
             **({"item_root": source.item_root} if source.item_root else {}),
-            **source.info,
+            **source.info, **selection,
             "counts": counts, "dropped": problem_counts(problems), "problems": [asdict(p) for p in problems],
         })
         _carry_caches(target, tmp)

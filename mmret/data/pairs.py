@@ -20,8 +20,8 @@ import torch
 
 from mmret.common.device import default_workers
 from mmret.common.paths import Roots
-from mmret.errors import MmretError
 from mmret.data.negatives import caption_keys
+from mmret.errors import MmretError
 from mmret.modalities import ItemError
 
 Batch = tuple[np.ndarray, np.ndarray]  # (item indices, caption indices) into a source
@@ -109,11 +109,42 @@ def mentions_sides(captions: list[str], share: float = 0.05) -> bool:
     return hits / len(captions) >= share
 
 
+@dataclass
+class NegativeBatch:
+    """The extra wrong captions of a batch's captions (`--caption-negatives`), for the loss to count
+    as negatives only."""
+
+    inputs: Any  # as `text_batch` gives captions: cached features, or token ids
+    owner: np.ndarray  # (n,) int64: the batch row of the caption each one is wrong for
+
+
 class Source:
     """What every source has: the split's tables, and captions in evaluation order."""
 
     tables: SplitTables
     sample_size = 128  # rows `sample` draws by default (the input-norm sample of `init_heads`)
+    negatives: pd.DataFrame | None = None  # wrong captions of this split's captions (`use_negatives`)
+
+    def use_negatives(self, table: pd.DataFrame) -> None:
+        """Bring each caption's wrong captions into its batches: the rows of `table`
+        (`mmret.data.composition.negative_table`) that belong to this split's captions."""
+        row = {int(c): i for i, c in enumerate(self.tables.caption_ids)}
+        mine = table[table["of_caption"].isin(row)].reset_index(drop=True)
+        self.negatives = mine
+        self.negatives_of = group_captions(mine["of_caption"].map(row).to_numpy(np.int64), self.num_captions)
+
+    def negative_batch(self, captions: np.ndarray) -> NegativeBatch | None:
+        """The wrong captions of a batch's captions (`captions`: their rows), or None without them."""
+        if self.negatives is None:
+            return None
+        parts = [self.negatives_of[c] for c in captions]
+        rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        owner = np.repeat(np.arange(len(captions), dtype=np.int64), [len(p) for p in parts])
+        return NegativeBatch(self.negative_inputs(rows), owner)
+
+    def negative_inputs(self, rows: np.ndarray) -> Any:
+        """The text inputs of wrong captions (rows of `negatives`)."""
+        raise NotImplementedError
 
     @property
     def num_items(self) -> int:
@@ -188,6 +219,13 @@ class FileSource(Source):
         if self.cached is None:
             return super().mining_features(by)
         return self.cached.mining_features(by)
+
+    def negative_inputs(self, rows: np.ndarray) -> Any:
+        if self.cached_side == "text":
+            return self.cached.negative_inputs(rows)
+        texts = self.negatives["caption"].to_numpy()[rows].tolist()
+        tokens = self.tokenize(texts or [""])  # a batch without any: the tokenizer's shape, no rows
+        return tokens if texts else {k: v[:0] for k, v in tokens.items()}
 
     def text_batch(self, idx: np.ndarray) -> Any:
         if self.cached_side == "text":

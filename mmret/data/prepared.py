@@ -26,7 +26,7 @@ from mmret.common.items import resolve_item
 from mmret.common.paths import Roots, check_name, data_root, within
 from mmret.data.readers.base import SPLITS
 from mmret.data.readers.classes import class_name
-from mmret.data.tables import SOURCE
+from mmret.data.tables import CANDIDATES, SOURCE
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
 
@@ -40,6 +40,9 @@ class PreparedDataset:
     info: dict
     items: pd.DataFrame  # item_id, path, split, the modality's columns (and label, and source_* fields)
     captions: pd.DataFrame  # caption_id, item_id, caption, split
+    # caption-selection examples (`mmret.data.tables.candidate_table`): task, example, position, caption,
+    # item_id (the item the caption is right for, None for a wrong one); None when the dataset has none
+    candidates: pd.DataFrame | None = None
 
     @property
     def generation(self) -> str:
@@ -94,7 +97,12 @@ class PreparedDataset:
             raise MmretError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or all")
         items = self.items[self.items["split"] == split].reset_index(drop=True)
         captions = self.captions[self.captions["split"] == split].reset_index(drop=True)
-        return PreparedDataset(self.name, self.path, self.info, items, captions)
+        return PreparedDataset(self.name, self.path, self.info, items, captions, self.candidates)
+
+    def with_captions(self, captions: pd.DataFrame) -> "PreparedDataset":
+        """The dataset with another caption table (caption_id, item_id, caption, split): generated
+        wrong captions are cached as the captions of this view (their own cache, keyed by their texts)."""
+        return PreparedDataset(self.name, self.path, self.info, self.items, captions, None)
 
     def with_folds(self, folds: int, fold: int, seed: int = 0, val: float = 0.1) -> "PreparedDataset":
         """Splits for k-fold cross-validation: fold `fold` of a seeded partition of the items is
@@ -110,7 +118,7 @@ class PreparedDataset:
         split = {i: "test" for i in test} | {i: "val" for i in rest[:n_val]} | {i: "train" for i in rest[n_val:]}
         items = self.items.assign(split=self.items["item_id"].map(split))
         captions = self.captions.assign(split=self.captions["item_id"].map(split))
-        return PreparedDataset(self.name, self.path, self.info, items, captions)
+        return PreparedDataset(self.name, self.path, self.info, items, captions, self.candidates)
 
 
 def prepared_names(data_dir: Path) -> list[str]:
@@ -141,7 +149,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDatas
     items["path"] = [resolve_item(Path(item_root) if item_root else path, p, absolute=not item_root)
                      for p in items["path"]]
     _check_within(items["path"], [path, item_root or info.get("root")], info, fix)
-    return PreparedDataset(name, path, info, items, captions)
+    candidates = None
+    if (path / CANDIDATES).is_file():
+        candidates = read_parquet(path / CANDIDATES, fix).rename(columns={key: "item_id"})
+    return PreparedDataset(name, path, info, items, captions, candidates)
 
 
 def _check_within(paths: Any, roots: list[Any], info: dict, fix: str) -> None:

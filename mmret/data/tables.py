@@ -17,7 +17,7 @@ import pandas as pd
 
 from mmret.common.paths import Roots, within
 from mmret.common.progress import NULL, Reporter
-from mmret.data.readers.base import ItemRecord, Problem
+from mmret.data.readers.base import ItemRecord, Problem, Selection
 from mmret.modalities import ItemError, Modality
 from mmret.modalities.base import open_source
 
@@ -159,6 +159,33 @@ def to_tables(records: list[ItemRecord], columns: list[dict[str, int]],
     captions = pd.DataFrame(rows, columns=["item_id", "caption", "split"])
     captions.insert(0, "caption_id", range(len(captions)))
     return items, captions
+
+
+CANDIDATES = "candidates.parquet"  # caption-selection examples, when a source has them
+CANDIDATE_COLUMNS = ["task", "example", "position", "caption", "item_id"]
+
+
+def candidate_table(selections: list[Selection], kept: set[str], problems: list[Problem]) -> pd.DataFrame:
+    """The caption-selection examples as `candidates.parquet` holds them: one row per candidate
+    caption (task, example, position among the example's captions, caption, and the item it is right
+    for, or None). An example with an item that was left out (a missing or broken file) is dropped and
+    reported; so is one with fewer captions than items, or an empty caption."""
+    rows, example = [], 0
+    for selection in selections:
+        captions = [_SPACES.sub(" ", c).strip() for c in selection.captions]
+        if not all(captions) or len(captions) < max(2, len(selection.items)):
+            problems.append(Problem("bad selection example", ", ".join(selection.items), "needs a caption for "
+                                    "every item and at least two captions; left out", "test"))
+            continue
+        lost = [i for i in selection.items if i not in kept]
+        if lost:
+            problems.append(Problem("selection example dropped", ", ".join(lost), "its item was left out", "test"))
+            continue
+        rows += [(selection.task, example, position, caption,
+                  selection.items[position] if position < len(selection.items) else None)
+                 for position, caption in enumerate(captions)]
+        example += 1
+    return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"example": "int64", "position": "int64"})
 
 
 def source_column(values: list) -> list:

@@ -7,7 +7,8 @@ CLIP_benchmark's `cli.py` writes one file per (dataset, model, pretrained, langu
 such files into one CSV. The metrics are the same numbers as mmret's own JSON under
 CLIP_benchmark's names: `image_retrieval_recall@K` is text→image Recall@K (`t2i_rK`: a caption
 finds its picture), `text_retrieval_recall@K` image→text (`i2t_rK`); classification gives `acc1`,
-`acc5`, `mean_per_class_recall`; the linear probe `lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`.
+`acc5`, `mean_per_class_recall`; the linear probe `lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall`;
+caption selection `text_acc`, `image_acc`, `acc`, one record per task (`sugar_crepe/swap_obj`, ...).
 
 Task names are CLIP_benchmark's (`zeroshot_retrieval`, `zeroshot_classification`,
 `linear_probe`) whether or not the run was trained on the dataset: "zeroshot" there names the
@@ -27,7 +28,7 @@ from typing import Any
 from mmret.common.io import write_json
 
 TASKS = {"retrieval": "zeroshot_retrieval", "classification": "zeroshot_classification",
-         "linear-probe": "linear_probe"}
+         "linear-probe": "linear_probe", "caption-selection": "image_caption_selection"}
 KNOWN_DATASETS = {"flickr30k": "flickr30k", "flickr8k": "flickr8k", "coco": "mscoco_captions"}
 
 
@@ -48,6 +49,16 @@ def model_names(cfg: Any, run_name: str, trained: bool, which: str = "best") -> 
         return short[0], "zero-shot"
     towers = short[0] if short[0] == short[1] else f"{short[0]}-{short[1]}"
     return f"mmret-{cfg.method.method}-{towers}", run_name if which == "best" else f"{run_name}@{which}"
+
+
+def selection_name(name: str, benchmark: str | None, task: str, split: str) -> str:
+    """CLIP_benchmark's name for one task of a caption-selection set: `sugar_crepe/<category>` for
+    SugarCrepe over COCO val2017, `winoground`; any other set `<name>/<task>` (split added unless test)."""
+    if split == "test" and benchmark == "sugar_crepe":
+        return f"sugar_crepe/{task}"
+    if split == "test" and benchmark == "winoground" and task == "winoground":
+        return "winoground"
+    return f"{dataset_name(name, None, split)}/{task}"
 
 
 def topk_recalls(item_emb: Any, text_emb: Any, text_item: Any, ks: tuple[int, ...], item: str = "i",

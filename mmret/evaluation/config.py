@@ -9,7 +9,7 @@ from pathlib import Path
 from mmret.errors import MmretError
 from mmret.figures import MAP_METHODS
 
-TASKS = ("retrieval", "classification", "linear-probe", "cross-modal")
+TASKS = ("retrieval", "classification", "linear-probe", "caption-selection", "cross-modal")
 FORMATS = ("table", "markdown", "json", "clip-benchmark")
 
 
@@ -26,7 +26,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 @dataclass
 class EvalConfig:
-    task: str = "retrieval"  # retrieval | classification | linear-probe
+    task: str = "retrieval"  # retrieval | classification | linear-probe | caption-selection
     dataset: str | None = None  # prepared dataset (default: the first run's)
     split: str = "test"
     recall_k: tuple[int, ...] = (1, 5, 10)  # retrieval cut-offs

@@ -1,6 +1,6 @@
-"""`mmret eval` as one call: a task (retrieval, zero-shot classification or a linear probe) for
-one run or several side by side, the pictures asked for (an embedding map, a failure gallery),
-and the results in CLIP_benchmark's schema when asked.
+"""`mmret eval` as one call: a task (retrieval, zero-shot classification, a linear probe or caption
+selection) for one run or several side by side, the pictures asked for (an embedding map, a
+failure gallery), and the results in CLIP_benchmark's schema when asked.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list
         return [evaluate_classification(r, cfg.dataset, cfg.split, templates=cfg.templates, bootstrap=cfg.bootstrap,
                                         seed=cfg.seed, which=cfg.which, device=cfg.device, reporter=reporter,
                                         data_dir=cfg.data_dir) for r in run_dirs]
+    if cfg.task == "caption-selection":
+        from mmret.evaluation.selection import evaluate_selection
+
+        return [evaluate_selection(r, cfg.dataset, cfg.split, bootstrap=cfg.bootstrap, seed=cfg.seed, which=cfg.which,
+                                   device=cfg.device, reporter=reporter, data_dir=cfg.data_dir) for r in run_dirs]
     if cfg.task == "linear-probe":
         from mmret.evaluation.linear_probe import evaluate_linear_probe
 
@@ -54,20 +59,26 @@ def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list
     return compare_runs(run_dirs, cfg.dataset, cfg.split, **options)
 
 
-def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
+def _benchmark_records(run: LoadedRun, result: Any, cfg: EvalConfig) -> list[dict]:
+    """The run's result as CLIP_benchmark's records: one, or one per task of caption selection."""
     ds = load_dataset(result.dataset, cfg.data_dir or run.cfg.data.data_dir)
     model, pretrained = cb.model_names(run.cfg, run.name, run.method.trainable, cfg.which)
     name = cb.dataset_name(ds.name, ds.info.get("source"), result.split, wds="clip_benchmark" in ds.info)
     if cfg.task == "retrieval":
-        return cb.record("retrieval", name, model=model, pretrained=pretrained,
-                         metrics=cb.retrieval_metrics(result.topk or result.metrics, cfg.recall_k))
+        return [cb.record("retrieval", name, model=model, pretrained=pretrained,
+                          metrics=cb.retrieval_metrics(result.topk or result.metrics, cfg.recall_k))]
+    if cfg.task == "caption-selection":
+        return [cb.record("caption-selection", cb.selection_name(ds.name, result.benchmark, task, result.split),
+                          model=model, pretrained=pretrained,
+                          metrics={k: v for k, v in metrics.items() if k != "n"})
+                for task, metrics in result.metrics.items() if task != "all"]
     if cfg.task == "classification":  # as with --dump_classnames, and --dump_templates for templates not the default
         own = {"templates": result.own_templates} if result.own_templates else {}
-        return cb.record("classification", name, model=model, pretrained=pretrained, metrics=result.metrics,
-                         classnames=result.labels, **own)
-    return cb.record("linear-probe", name, model=model, pretrained=pretrained,
-                     metrics={**result.metrics, "C": result.C, "fewshot_k": -1, "normalized": True,
-                              "seed": result.seed})
+        return [cb.record("classification", name, model=model, pretrained=pretrained, metrics=result.metrics,
+                          classnames=result.labels, **own)]
+    return [cb.record("linear-probe", name, model=model, pretrained=pretrained,
+                      metrics={**result.metrics, "C": result.C, "fewshot_k": -1, "normalized": True,
+                               "seed": result.seed})]
 
 
 def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, reporter: Reporter) -> None:
@@ -105,6 +116,6 @@ def run_eval(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter = NULL) -
         _draw(run_dirs[0], report.results[0], cfg, report, reporter)
     if cfg.clip_benchmark:
         for run_dir, result in zip(run_dirs, report.results):
-            rec = _benchmark_record(LoadedRun(run_dir, which=cfg.which, device=cfg.device), result, cfg)
-            report.clip_benchmark.append((cb.write_record(run_dir, rec), rec))
+            for rec in _benchmark_records(LoadedRun(run_dir, which=cfg.which, device=cfg.device), result, cfg):
+                report.clip_benchmark.append((cb.write_record(run_dir, rec), rec))
     return report

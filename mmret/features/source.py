@@ -66,6 +66,21 @@ class FeatureSource(Source):
     def text_batch(self, idx: np.ndarray) -> torch.Tensor:
         return self._gather(self.text_array, self.caption_rows[idx])  # (B, D)
 
+    def use_negatives(self, table: Any, features: CachedFeatures | None = None) -> None:
+        """Wrong captions, read from `features`: the cache of `table`'s texts (a caption cache of the
+        dataset with `table` as its captions, `PreparedDataset.with_captions`)."""
+        super().use_negatives(table)
+        if features is None:
+            raise MmretError("wrong captions of cached captions need a cache of their own texts")
+        rows = features.row_of()
+        self.negative_rows = np.array([rows[int(c)] for c in self.negatives["caption_id"]], dtype=np.int64)
+        self.negative_array = features.pooled
+
+    def negative_inputs(self, rows: np.ndarray) -> torch.Tensor:
+        if not len(rows):
+            return torch.zeros(0, self.negative_array.shape[1])
+        return self._gather(self.negative_array, self.negative_rows[rows])  # (n, D)
+
     def use_views(self, views: list[CachedFeatures], seed: int = 0) -> None:
         """Train on augmented views too: each epoch every item is read from one of the plain cache
         and `views` (caches of `mmret.features.views.ItemView`s of the same dataset), drawn by

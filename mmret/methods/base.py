@@ -77,6 +77,15 @@ class FrozenPart:
 SIDES = ("item", "text")  # the item side (a picture or a sound) and the caption side
 
 
+def negatives_of(cfg: Any, dataset: Any) -> Any:
+    """The wrong captions of every caption of `dataset` under the run's `--caption-negatives` (all
+    splits: the table, and a cache of its texts, serve every fold)."""
+    from mmret.data.composition import negative_table
+    from mmret.data.config import negative_rules
+
+    return negative_table(dataset.captions, negative_rules(cfg.train.caption_negatives), dataset.candidates)
+
+
 class Method:
     """Base of every method. Subclasses set the class attributes and implement `open`, `sources`,
     `build`, `query_loader`, `tokenizer` and `item_input`; the rest has defaults that fit most."""
@@ -104,6 +113,12 @@ class Method:
         """A source for each of `splits` of `dataset` (see `mmret.data.pairs`); feature caches
         the method reads are computed on the way."""
         raise NotImplementedError
+
+    def use_negatives(self, cfg: Any, ctx: Any, dataset: Any, source: Any, device: torch.device,
+                      reporter: Any) -> None:
+        """Give the training source the wrong captions `--caption-negatives` asks for (the rules of
+        `mmret.data.composition`); a source that tokenizes captions tokenizes them too."""
+        source.use_negatives(negatives_of(cfg, dataset))
 
     def build(self, cfg: Any, ctx: Any) -> nn.Module:
         """The model: `encode_item`, `encode_text`, `logit_scale_for`, `clamp_logit_scale_`."""

@@ -4,7 +4,9 @@ top of the heads method's projection of the pooled token.
 The item side is `ResidualBridge`: a projection head over the class (or mean) token, built as the
 heads method builds its item head, plus K learnable queries that attend over the cached token
 states through L blocks and add a correction whose last projection starts at zero, so training
-starts from the heads model (`--bridge-base none`: the queries alone, the first design). The text
+starts from the heads model (`--bridge-base none`: the queries alone, the first design).
+`--bridge-positions` adds a learned row and column embedding to each patch token the queries
+read, so a query can ask for a place, not only for what the states say of where they are. The text
 side is a projection head over the pooled caption feature. Only the bridge, the text head, their
 input norms and the temperature train.
 """
@@ -38,7 +40,7 @@ class BridgeMethod(HeadsMethod):
             return with_input_norm(d, QueryBridge(
                 d, m.embed_dim, num_queries=m.queries, depth=m.bridge_layers, width=m.bridge_width,
                 heads=m.bridge_heads, dropout=m.dropout, token_pool=m.token_pool, token_drop=m.token_drop,
-                query_drop=m.query_drop, zero_init=residual), m.input_norm)
+                query_drop=m.query_drop, zero_init=residual, positions=m.bridge_positions), m.input_norm)
 
         if residual:  # built in the heads method's order (item head, text head): one seed starts both alike
             pooled = PooledHead(head(d), m.bridge_base, m.input_norm)

@@ -7,10 +7,13 @@ mostly short titles) no costlier method beats `heads` beyond the folds' spread, 
 bridge takes 10-40x its training time (about 115 pairs/s against 7-9 on a 2-core CPU). So the rule
 picks heads on a CPU and on a GPU alike; what differs is the reason it gives.
 
-`Signals` is everything the rule sees; `signals` fills it. A new signal (say, the share of captions
-that name spatial relations, "a dog to the left of a cat", should the bridge be measured to win
-there) is one field of `Signals`, filled in `signals` from the prepared dataset, and read in
-`choose_method`; nothing else changes.
+`Signals` is everything the rule sees; `signals` fills it. A new signal is one field of `Signals`,
+filled in `signals` from the prepared dataset, and read in `choose_method`; nothing else changes.
+The next one measured: the share of captions that name an asymmetric relation between two things
+("a dog to the left of a cat": those `mmret.data.composition.swap_objects` rewrites). On such
+captions the bridge trained with `--caption-negatives swap,relation` beat heads (swap_obj 0.84
+against 0.63, docs/results/compositional.md); without wrong captions it was not measured to, so a
+rule picking it there must turn them on too.
 """
 
 from __future__ import annotations

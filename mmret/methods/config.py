@@ -89,6 +89,8 @@ class BridgeConfig(HeadsConfig):
                                      "token plus the patches' mean), or none for the queries alone")
     token_drop: float = option(0.0, "Share of patch tokens hidden per picture in training")
     query_drop: float = option(0.0, "Share of queries left out of the average in training")
+    bridge_positions: bool = option(False, "Add learned 2-D position embeddings (a row's plus a column's) to the "
+                                           "patch tokens the queries read")
 
     # what a config.json written before these settings existed meant
     SAVED_BEFORE: ClassVar[dict] = {"bridge_base": "none"}

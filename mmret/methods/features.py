@@ -18,7 +18,7 @@ from mmret.data.pairs import split_tables
 from mmret.data.prepared import run_tables
 from mmret.encoders import load_text_encoder, load_tower
 from mmret.features import CAPTIONS, FeatureSource, ensure_features
-from mmret.methods.base import SIDES, FeatureDims, FrozenPart, Inputs, Method
+from mmret.methods.base import SIDES, FeatureDims, FrozenPart, Inputs, Method, negatives_of
 
 
 @dataclass
@@ -75,6 +75,14 @@ class FeaturesMethod(Method):
 
     def cached_sides(self, cfg: Any) -> tuple[str, ...]:
         return SIDES
+
+    def use_negatives(self, cfg: Any, ctx: FeatureContext, dataset: Any, source: Any, device: torch.device,
+                      reporter: Any) -> None:
+        """The wrong captions and their frozen text features, cached once like captions (their own
+        cache: the dataset's caption cache with the wrong captions as its table)."""
+        table = negatives_of(cfg, dataset)
+        source.use_negatives(table, ensure_features(dataset.with_captions(table), ctx.text, CAPTIONS,
+                                                    reporter=reporter, device=device))
 
     def query_loader(self, cfg: Any, ctx: FeatureContext) -> Any:
         return ctx.item.item_loader()

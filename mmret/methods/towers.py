@@ -24,7 +24,7 @@ from mmret.data.pairs import FileSource, mentions_sides, split_tables
 from mmret.data.prepared import run_tables
 from mmret.encoders import load_text_encoder, load_tower
 from mmret.features import CAPTIONS, FeatureSource, ensure_features
-from mmret.methods.base import SIDES, FrozenPart, Inputs, Method
+from mmret.methods.base import SIDES, FrozenPart, Inputs, Method, negatives_of
 from mmret.methods.config import (
     AdapterConfig,
     FullConfig,
@@ -119,6 +119,16 @@ class TowerMethod(Method):
             sources.append(FileSource(part, train_load, eval_load, ctx.text.tokenize, cfg.train.seed,
                                       cfg.train.workers, device.type == "cuda", cached, ctx.cached))
         return sources
+
+    def use_negatives(self, cfg: Any, ctx: Towers, dataset: Any, source: Any, device: torch.device,
+                      reporter: Any) -> None:
+        """Wrong captions tokenized for an adapted text tower; read from their own cache when the text
+        tower stays frozen (its features cached, as the captions')."""
+        table = negatives_of(cfg, dataset)
+        if ctx.cached == "text":
+            source.cached.use_negatives(table, ensure_features(dataset.with_captions(table), ctx.text, CAPTIONS,
+                                                               reporter=reporter, device=device))
+        source.use_negatives(table)
 
     @staticmethod
     def _frozen_caches(ctx: Towers, dataset: Any, device: torch.device, reporter: Any) -> tuple | None:

@@ -16,7 +16,8 @@ out of the average) regularise the correction.
 
 Parameters (w = width, h = mlp_ratio*w, K queries, L blocks, attention = 4w² + 4w):
 queries K*w, input projection in_dim*w + w (only when in_dim != w), token norm 2w,
-per block 2*(4w² + 4w) + 3*2w + (2wh + h + w), final norm 2w, projection w*out + out.
+per block 2*(4w² + 4w) + 3*2w + (2wh + h + w), final norm 2w, projection w*out + out; with
+positions, 2*64*w + w (a row's and a column's embedding for grids up to 64 a side, the prefix's).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 
 from mmret.errors import MmretError
 from mmret.models.heads import InputNorm, Mlp, ProjectionHead, check_dims, check_dropout, init_input_norms
+
+MAX_GRID = 64  # patches a side --bridge-positions covers (896 px at a patch of 14)
 
 
 class Attention(nn.Module):
@@ -74,6 +77,16 @@ class BridgeBlock(nn.Module):
         return x + self.mlp(self.norm3(x))  # (B, Q, W)
 
 
+def patch_grid(num_tokens: int, option: str) -> tuple[int, int]:
+    """(prefix, side) of ViT token states: the leading class (and register) tokens, then a square
+    patch grid of side g; an error naming `option` when the tokens make no square grid."""
+    for prefix in (1, 5, 0):  # class token; class + 4 registers; no prefix (CNN feature maps)
+        g = math.isqrt(num_tokens - prefix)
+        if g > 0 and g * g == num_tokens - prefix:
+            return prefix, g
+    raise MmretError(f"bridge: {option} needs a square patch grid, got {num_tokens} tokens")
+
+
 def pool_patch_grid(tokens: Tensor, factor: int) -> Tensor:
     """Average-pool the square patch grid of ViT token states by `factor`, keeping the leading
     class (and register) tokens: (B, prefix + g*g, D) → (B, prefix + ceil(g/f)^2, D).
@@ -82,12 +95,7 @@ def pool_patch_grid(tokens: Tensor, factor: int) -> Tensor:
     pooling 2x2 patches cuts them by about 4 while every query still sees the whole picture.
     """
     B, T, D = tokens.shape
-    for prefix in (1, 5, 0):  # class token; class + 4 registers; no prefix (CNN feature maps)
-        g = math.isqrt(T - prefix)
-        if g > 0 and g * g == T - prefix:
-            break
-    else:
-        raise MmretError(f"bridge: --token-pool needs a square patch grid, got {T} tokens")
+    prefix, g = patch_grid(T, "--token-pool")
     grid = tokens[:, prefix:].transpose(1, 2).reshape(B, D, g, g)  # (B, D, g, g)
     pooled = F.avg_pool2d(grid, factor, ceil_mode=True).flatten(2).transpose(1, 2)  # (B, g'*g', D)
     return torch.cat([tokens[:, :prefix], pooled], dim=1)
@@ -110,6 +118,7 @@ class QueryBridge(nn.Module):
         token_drop: float = 0.0,
         query_drop: float = 0.0,
         zero_init: bool = False,
+        positions: bool = False,
     ) -> None:
         super().__init__()
         check_dims("bridge", in_dim=in_dim, out_dim=out_dim, num_queries=num_queries,
@@ -126,6 +135,13 @@ class QueryBridge(nn.Module):
         self.queries = nn.Parameter(torch.randn(num_queries, width) * 0.02)
         self.input_proj = nn.Linear(in_dim, width) if in_dim != width else nn.Identity()
         self.token_norm = nn.LayerNorm(width)
+        # a row's and a column's embedding added to each patch token (the class token gets its own):
+        # attention is blind to the order of its keys, so place reaches the queries only through
+        # what the states hold; these let a query ask for a place directly
+        self.rows = self.cols = self.prefix_pos = None
+        if positions:
+            self.rows, self.cols = (nn.Parameter(torch.randn(MAX_GRID, width) * 0.02) for _ in range(2))
+            self.prefix_pos = nn.Parameter(torch.zeros(width))
         self.blocks = nn.ModuleList(BridgeBlock(width, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, out_dim)
@@ -144,9 +160,12 @@ class QueryBridge(nn.Module):
                 raise MmretError("bridge: --token-pool pools a picture's patch grid; it does not apply to masked "
                                  "tokens")
             tokens = pool_patch_grid(tokens, self.token_pool)  # (B, T', in_dim)
+        tokens = self.input_proj(tokens)  # (B, T', W)
+        if self.rows is not None:
+            tokens = tokens + self.position_embeddings(tokens.shape[1])
         if self.training and self.token_drop > 0 and mask is None:
-            tokens = drop_tokens(tokens, self.token_drop)  # (B, T'', in_dim)
-        tokens = self.token_norm(self.input_proj(tokens))  # (B, T, W)
+            tokens = drop_tokens(tokens, self.token_drop)  # (B, T'', W)
+        tokens = self.token_norm(tokens)  # (B, T, W)
         mask = None if mask is None else mask.to(torch.bool)
         x = self.queries.expand(tokens.shape[0], -1, -1)  # (B, Q, W)
         for block in self.blocks:
@@ -159,6 +178,16 @@ class QueryBridge(nn.Module):
         else:
             pooled = x.mean(dim=1)  # (B, W)
         return self.proj(pooled)  # (B, out_dim)
+
+
+    def position_embeddings(self, num_tokens: int) -> Tensor:
+        """(T, W): the prefix tokens' embedding, then row r's plus column c's for patch (r, c)."""
+        prefix, g = patch_grid(num_tokens, "--bridge-positions")
+        if g > MAX_GRID:
+            raise MmretError(f"bridge: --bridge-positions covers grids up to {MAX_GRID}x{MAX_GRID} patches, "
+                             f"got {g}x{g}")
+        grid = (self.rows[:g, None, :] + self.cols[None, :g, :]).reshape(g * g, -1)  # (g*g, W), row-major
+        return torch.cat([self.prefix_pos.expand(prefix, -1), grid])
 
 
 def drop_tokens(tokens: Tensor, rate: float) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 from mmret.common.io import config_dict
 from mmret.common.options import coerce, option, settings_of
 from mmret.common.paths import DATA_DIR_ENV, RUNS_DIR_ENV, check_name, data_root, runs_root
+from mmret.data.config import negative_rules
 from mmret.errors import MmretError
 from mmret.methods import MethodConfig, config_class, config_for, method_settings, owners
 from mmret.methods.config import check_positive
@@ -89,6 +90,10 @@ class TrainConfig:
                                     "0 is random batches")
     mine_by: str = option("both", "Hard negatives are neighbours by cached item, text or both features")
     hn_beta: float = option(0.0, "HN-NCE: weight negatives by softmax(beta x logit); 0 is plain InfoNCE")
+    caption_negatives: str = option("", "Wrong captions each caption brings as extra negatives (NegCLIP), comma-"
+                                        "separated: swap (its objects swapped), relation (its relation reversed), "
+                                        "attribute (two attributes swapped), table (the dataset's candidate "
+                                        "captions); empty is off")
     bind_to: str | None = option(None, "Train into this run's space: its text tower and text head are taken frozen "
                                        "(text embeddings identical in both runs) and only this run's items train, "
                                        "so its items and that run's can find each other; the text settings come "
@@ -120,6 +125,7 @@ class TrainConfig:
             raise MmretError(f"--mine-by must be item, text or both, got {self.mine_by!r}")
         if self.hn_beta < 0:
             raise MmretError(f"--hn-beta must be 0 (off) or positive, got {self.hn_beta}")
+        self.caption_negatives = ",".join(negative_rules(self.caption_negatives))
 
 
 @dataclass

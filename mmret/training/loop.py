@@ -80,11 +80,11 @@ class RunResult:
     processes: int = 1
 
 
-def train_step(s: Session, items: Any, texts: Any) -> float:
+def train_step(s: Session, items: Any, texts: Any, negatives: Any = None) -> float:
     """One optimizer step over one contrastive batch (its right pairs beyond the diagonal, if any,
-    in `s.positives`); returns its loss."""
+    in `s.positives`; its captions' wrong captions in `negatives`); returns its loss."""
     try:
-        loss = s.stepper(items, texts, s.state.step, s.positives)
+        loss = s.stepper(items, texts, s.state.step, s.positives, negatives)
     except NonFiniteLoss as e:
         raise MmretError(
             f"the loss became {e.loss} at step {s.state.step + 1} (epoch {s.state.epoch + 1}); training stopped and "
@@ -102,14 +102,14 @@ def train_one_epoch(s: Session, task: Any) -> None:
     batches = s.plan.batches(st.epoch, s.world.min_last_batch)[st.batch:]
     mine = [(items[s.world.part(len(items))], captions[s.world.part(len(items))]) for items, captions in batches]
     s.model.train()
-    for (items, captions), (inputs, texts) in zip(batches, s.train.iter_pairs(mine, epoch=st.epoch)):
+    for (items, captions), (_, own), (inputs, texts) in zip(batches, mine, s.train.iter_pairs(mine, epoch=st.epoch)):
         n = len(items)  # pairs in the global batch
         rebalance()  # this process's share of the cores among the busy mmret processes
         s.positives = s.world.positives(s.plan.positives(items, captions), cfg.accumulation)
         before = StepSnapshot.take(s.model, s.stepper.scaler)
         with uninterrupted():  # a Ctrl-C lands after the step and its counts, never inside the update
             try:
-                loss = train_step(s, inputs, texts)
+                loss = train_step(s, inputs, texts, s.train.negative_batch(own))
             except KeyboardInterrupt:  # raised inside the step: undo what it changed (see `snapshot`)
                 before.restore(s.model, s.optimizer, s.stepper.scaler, s.stepper.sam)
                 raise

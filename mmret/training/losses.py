@@ -5,7 +5,7 @@ Pair i (item i, caption i) is the positive; every other item or caption in the b
 negative. The loss sees exactly the negatives in the tensors it is given, which is why
 `gradcache.py` exists.
 
-Two changes to CLIP's loss, both off unless asked for:
+Three changes to CLIP's loss, all off unless asked for:
 
 - `positives` (B, B) bool marks more positives than the diagonal: pair j's caption is also right
   for picture i (the same text, "A flower.", under two pictures). Those pairs are not pushed
@@ -15,6 +15,10 @@ Two changes to CLIP's loss, both off unless asked for:
   count, so the weights average 1), as HN-NCE does (Radenovic et al. 2023, after Robinson et al.
   2021): negatives that already score high count more. The weights are an importance-sampling
   distribution, so no gradient flows through them (detached). beta = 0 is plain InfoNCE.
+- `negatives` (n, D) are embeddings of extra captions that are right for no item of the batch
+  (generated wrong captions, `--caption-negatives`): NegCLIP's hard negatives (Yuksekgonul et al.
+  2023). They are extra columns of every item's row, so item→text must rank each item's caption
+  above them; they are never rows, so text→item is CLIP's.
 
 On many processes (`world_size` > 1) each process passes its slice of the global batch; the
 slices of every process are all-gathered in rank order (they may differ in size by a row or more)
@@ -58,18 +62,20 @@ class ClipLoss(nn.Module):
         self.rank, self.world_size, self.hn_beta = rank, world_size, hn_beta
 
     def forward(self, item_emb: Tensor, text_emb: Tensor, logit_scale: Scale,
-                positives: Tensor | None = None) -> Tensor:
+                positives: Tensor | None = None, negatives: Tensor | None = None) -> Tensor:
         """`item_emb`, `text_emb`: (b, D) this process's pairs, normally L2-normalised. `logit_scale`
         is the multiplier (exp of the learnable log-scale), as open_clip passes it, or a function of
         the whole batch's (item, text) embeddings that returns it. `positives` (B, B) bool: further
-        right pairs of the global batch (the diagonal always is)."""
-        per_item, per_text, start = self.logits(item_emb, text_emb, logit_scale)  # (R, B), (R, B)
-        rows, total = per_item.shape
+        right pairs of the global batch (the diagonal always is). `negatives` (n, D): this process's
+        extra wrong captions (possibly none), gathered like the pairs."""
+        per_item, per_text, start = self.logits(item_emb, text_emb, logit_scale, negatives)  # (R, B [+ N]), (R, B)
+        rows, total = per_text.shape
         labels = torch.arange(start, start + rows, device=per_item.device)
         if positives is None and not self.hn_beta:
             item_sum, text_sum = (F.cross_entropy(x, labels, reduction="sum") for x in (per_item, per_text))
         else:
             pos_item, pos_text = _row_positives(positives, labels, total)
+            pos_item = F.pad(pos_item, (0, per_item.shape[1] - total))  # the extra captions are never right
             item_sum = _row_losses(per_item, pos_item, self.hn_beta).sum()
             text_sum = _row_losses(per_text, pos_text, self.hn_beta).sum()
         shares = self.world_size if self._local else 1  # processes whose losses DDP averages into one
@@ -79,15 +85,18 @@ class ClipLoss(nn.Module):
     def _local(self) -> bool:
         return self.local_loss and self.world_size > 1
 
-    def logits(self, item_emb: Tensor, text_emb: Tensor, logit_scale: Scale) -> tuple[Tensor, Tensor, int]:
+    def logits(self, item_emb: Tensor, text_emb: Tensor, logit_scale: Scale,
+               negatives: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
         """(item rows, caption rows, where the rows start in the global batch): this process's rows
-        against every column with `local_loss`, else the whole batch's (alone: the whole batch)."""
+        against every column with `local_loss`, else the whole batch's (alone: the whole batch). The
+        item rows have a column per extra wrong caption after the batch's captions."""
         all_items, all_texts, start = self.gather(item_emb, text_emb)  # (B, D), (B, D)
         scale = logit_scale(all_items, all_texts) if callable(logit_scale) else logit_scale
+        columns = all_texts if negatives is None else torch.cat([all_texts, self.gather_one(negatives)])  # (B + N, D)
         if self._local:
-            return scale * item_emb @ all_texts.T, scale * text_emb @ all_items.T, start
-        per_item = scale * all_items @ all_texts.T  # (B, B)
-        return per_item, per_item.T, 0
+            return scale * item_emb @ columns.T, scale * text_emb @ all_items.T, start
+        per_item = scale * all_items @ columns.T  # (B, B + N)
+        return per_item, per_item[:, :len(all_texts)].T, 0
 
     def gather(self, item_emb: Tensor, text_emb: Tensor) -> tuple[Tensor, Tensor, int]:
         """Every process's embeddings in rank order, and where this process's rows start."""
@@ -96,6 +105,13 @@ class ClipLoss(nn.Module):
         sizes = _sizes(len(item_emb), item_emb.device, self.world_size)
         return (_gather(item_emb, sizes, self.rank, self.gather_with_grad),
                 _gather(text_emb, sizes, self.rank, self.gather_with_grad), sum(sizes[:self.rank]))
+
+    def gather_one(self, x: Tensor) -> Tensor:
+        """Every process's rows of `x` in rank order (the processes may hold different numbers)."""
+        if self.world_size == 1:
+            return x
+        sizes = _sizes(len(x), x.device, self.world_size)
+        return _gather(x, sizes, self.rank, self.gather_with_grad) if max(sizes) else x
 
 
 def _sizes(n: int, device: torch.device, world_size: int) -> list[int]:

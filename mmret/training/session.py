@@ -111,9 +111,14 @@ def setup(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
         raise MmretError(f"dataset {dataset.name!r} has no captions: a gallery without captions can be searched "
                          "(mmret search, mmret serve) but not trained on")
     cfg.data.modality = dataset.modality.name
+    if cfg.train.caption_negatives and method.batch_transform(cfg) is not None:
+        raise MmretError("--caption-negatives does not combine with --mixup: a blend of two captions has no wrong "
+                         "captions of its own")
     with world.main_first():  # the main process fills missing feature caches; the others read them
         context = method.open(cfg, dataset, resume_dir)
         train, val = method.sources(cfg, context, dataset, ("train", "val"), device, reporter)
+        if cfg.train.caption_negatives:
+            method.use_negatives(cfg, context, dataset, train, device, reporter)
     _seed_everything(cfg.train.seed)  # the same start whether or not the sources had caches to fill (which draws)
     model = method.build(cfg, context).to(device)
     if device.type == "cpu" and method.runs_towers:

@@ -108,10 +108,12 @@ class Stepper:
                              f"at least {self.world.min_last_batch} (two pairs a process)")
         self._embed = self.world.ddp(self.model, self.device)  # None alone
 
-    def __call__(self, items: Any, texts: Any, step: int, positives: torch.Tensor | None = None) -> float:
+    def __call__(self, items: Any, texts: Any, step: int, positives: torch.Tensor | None = None,
+                 negatives: Any = None) -> float:
         """Step `step` (0-based) of the run over one batch; returns its loss. Raises
         `NonFiniteLoss` before the optimizer moves when the loss is not finite. `positives` (B, B)
-        bool marks pairs the loss counts as right besides the diagonal (captions shared by pictures)."""
+        bool marks pairs the loss counts as right besides the diagonal (captions shared by pictures);
+        `negatives` (a `mmret.data.pairs.NegativeBatch`) brings extra wrong captions."""
         cfg = self.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.total_steps, int(cfg.warmup * self.total_steps), self.peak_lr)
@@ -122,10 +124,13 @@ class Stepper:
             positives = None  # mixed pairs blend two pictures each: which of them share a caption is undefined
         step_fn = contrastive_step if cfg.accumulation == "cache" else accumulate_step
         micro = cfg.micro_batch or cfg.batch_size
+        extra = {} if negatives is None else {
+            "negatives": to_device(negatives.inputs, self.device),
+            "negative_owner": torch.as_tensor(negatives.owner, device=self.device)}
 
         def forward_backward() -> torch.Tensor:
             return step_fn(self.model, items, texts, micro, loss_fn=self.loss, scaler=self.scaler,
-                           autocast=self.autocast, sync_embed=self._embed, positives=positives)
+                           autocast=self.autocast, sync_embed=self._embed, positives=positives, **extra)
 
         if self.sam is not None:
             loss_t, _ = self.sam.step(forward_backward, module=self.model, max_grad_norm=cfg.grad_clip or None)

@@ -31,6 +31,11 @@ BUILTIN_READERS = {
             "webdataset .tar shards as img2dataset writes them (key.jpg + key.txt, optional key.json), --root "
             "'shards/{00000..00099}.tar'; or a CLIP_benchmark webdataset folder (--root DIR holding test/nshards.txt, "
             "test/0.tar, ...; retrieval or classification)"),
+    "sugar-crepe": ("mmret.data.readers.sugar_crepe",
+                    "SugarCrepe's caption-selection examples: <category>.json (filename, caption, negative_caption) over a "
+                    "picture folder (COCO val2017), --root the pictures, the JSON files there or in its parent"),
+    "winoground": ("mmret.data.readers.winoground",
+                   "Winoground's caption-selection examples: examples.jsonl with images/ (2 pictures x 2 captions)"),
     "clotho": ("mmret.data.readers.clotho",
                "Clotho: clotho_captions_{development,validation,evaluation}.csv with the audio folders"),
     "audiocaps": ("mmret.data.readers.audiocaps",

@@ -31,6 +31,17 @@ class ItemRecord:
 
 
 @dataclass
+class Selection:
+    """One caption-selection example (SugarCrepe, Winoground): items and candidate captions, item i
+    right for caption i (as CLIP_benchmark's `image_caption_selection` reads them); captions past
+    the items are right for none (SugarCrepe's negative caption)."""
+
+    task: str  # what the example tests (a SugarCrepe category such as swap_obj, or winoground)
+    items: list[str]  # item ids
+    captions: list[str]
+
+
+@dataclass
 class Problem:
     kind: str  # short category shown in the summary, e.g. "missing image"
     item: str  # the file, line or item concerned
@@ -50,6 +61,7 @@ class SourceData:
     modality: str = "image"  # what the items are (see mmret.modalities)
     item_root: str | None = None  # the folder item paths are relative to, when not the dataset's (tar shards)
     info: dict = field(default_factory=dict)  # more entries for dataset.json (a CLIP_benchmark set's classnames)
+    selections: list[Selection] = field(default_factory=list)  # caption-selection examples over the items
 
 
 # ---------------------------------------------------------------- helpers for readers
