@@ -192,7 +192,7 @@ def test_bad_template_files(env, tmp_path, content, line):
      "error: dataset 'example' has no class labels; prepare a folder of class subfolders with "
      "`mmret prepare classes --root DIR` and evaluate on that"),
     (["--task", "sorting"],
-     "error: --task must be retrieval, classification, linear-probe, caption-selection, got 'sorting'"),
+     "error: --task must be retrieval, classification, linear-probe, caption-selection, cross-modal, got 'sorting'"),
     (["--recall-k", "1,x"],
      "error: --recall-k must be positive whole numbers separated by commas (e.g. 1,5,10), got '1,x'"),
     (["--recall-k", "0"],
