@@ -200,6 +200,9 @@ class Clock:
     def task(self, description, total=None, unit="it"):
         return self
 
+    def note(self, message: str, warning: bool = False) -> None:
+        pass
+
     def advance(self, n: int = 1, **fields) -> None:
         if n:
             self.marks.append((time.perf_counter(), time.process_time(), n))

@@ -118,7 +118,7 @@ def test_cli_search_by_text_and_by_sound_with_a_listening_page(env):
     found = runner.invoke(app, ["search", "--audio", str(query), "--run", "heads", "-k", "2", "--json"])
     assert found.exit_code == 0, found.output
     result = json.loads(found.stdout)["results"][0]
-    assert set(result) == {"query", "audio", "captions", "known"}
+    assert set(result) == {"query", "audio", "captions", "known", "unknown_words"}
     assert result["audio"][0]["path"] == str(query.absolute()) and "audio_id" in result["audio"][0]
     assert result["audio"][0]["score"] == pytest.approx(1.0, abs=1e-2) and len(result["captions"]) == 2
     wrong = runner.invoke(app, ["search", "--image", str(query), "--run", "heads"])

@@ -14,6 +14,7 @@ from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.encoders import load_image_encoder
 from mmret.features import ensure_features
 from mmret.features.views import ItemView
+from mmret.methods import config_for
 from mmret.models import ProjectionHead, QueryBridge, ResidualBridge
 from mmret.models.bridge import PooledHead, drop_tokens
 from mmret.models.heads import InputNorm, init_input_norms
@@ -85,7 +86,7 @@ def test_the_old_bridge_is_one_option_away_and_old_configs_load_as_it(world, tmp
     (s.run_dir / "config.json").write_text(json.dumps(saved))
     old = load_run_config(s.run_dir)
     assert old.method.bridge_base == "none" and old.train.same_caption == "negative"
-    assert RunConfig().method.bridge_base == "cls" and RunConfig().train.same_caption == "positive"
+    assert config_for("bridge").bridge_base == "cls" and RunConfig().train.same_caption == "positive"
 
 
 def test_residual_bridge_starts_at_its_pooled_head_and_reads_the_pooled_token():

@@ -133,3 +133,97 @@ def test_the_page_in_a_real_browser(live, memorised, tmp_path):
     assert seen["back"][0] == row.item_id and seen["errors"] == ""
     assert seen["phone_columns"] == 2 and not seen["phone_overflow"]
     assert (tmp_path / "serve.png").stat().st_size > 10_000 and (tmp_path / "serve-phone.png").is_file()
+
+
+def shelf(data_dir: Path) -> tuple[str, Path]:
+    """A gallery `shelf` beside the memorised run's dataset: six of its pictures, a tall and a wide
+    one, and three pictures whose captions differ only in case and punctuation."""
+    import shutil as sh
+
+    from PIL import Image
+
+    from mmret.data import PrepareConfig, prepare
+
+    root = data_dir.parent / "shelf-files"
+    if not root.is_dir():
+        root.mkdir()
+        ds = load_dataset("example", data_dir)
+        for row in ds.items.head(6).itertuples():
+            sh.copy(row.path, root / f"{row.item_id}.png")
+            (root / f"{row.item_id}.txt").write_text(ds.captions[ds.captions.item_id == row.item_id].caption.iloc[0])
+        for name, size, colour, caption in (("tall", (24, 240), (200, 30, 40), "A strawberry."),
+                                             ("berry", (60, 60), (210, 40, 40), "a strawberry"),
+                                             ("berry2", (50, 70), (190, 20, 50), "A Strawberry!"),
+                                             ("wide", (300, 20), (30, 60, 200), "A long blue banner.")):
+            Image.new("RGB", size, colour).save(root / f"{name}.png")
+            (root / f"{name}.txt").write_text(caption)
+        prepare(PrepareConfig(source="folder", root=root, name="shelf", val=0.0, test=0.0, data_dir=data_dir))
+    return "shelf", root
+
+
+def test_the_page_fits_every_picture_and_folds_the_captions(memorised, tmp_path):
+    """Thumbnails keep one height whatever the picture's shape; the captions that fit an upload are
+    each said once (×3 for the three strawberries) with all but three folded away; the upload is
+    shown; the page speaks of the gallery's own items and has an icon. Screenshots at a desktop's
+    and a phone's width go to the test's folder."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name, root = shelf(memorised["data"])
+    gallery = Gallery.open(memorised["run"], dataset=name, split="all", which="last")
+    service = SearchService(gallery, ServeConfig(memorised["run"], dataset=name, which="last", k=12))
+    service.warm_up()
+    heights = "return [...document.querySelectorAll('#results .hit .media')].map(e => e.getBoundingClientRect().height)"
+    try:
+        with LiveServer(create_app(service)) as server, tempfile.TemporaryDirectory(prefix="mmret-chromium-") as p:
+            browser = open_browser(Path(p))
+            wait = WebDriverWait(browser, WAIT)
+            try:
+                browser.get(server.url + "/")
+                wait.until(lambda b: "shelf" in b.find_element(By.ID, "about").text)
+                icon = browser.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href")
+                favicon = browser.execute_script("return fetch(arguments[0]).then(r => r.status + ' ' + "
+                                                 "r.headers.get('content-type'))", icon)
+                hint = browser.find_element(By.ID, "hint").text
+                browser.find_element(By.ID, "file").send_keys(str(root / "tall.png"))
+                wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
+                wait.until(lambda b: all(i.get_property("complete") and i.get_property("naturalWidth") > 0
+                                         for i in b.find_elements(By.CSS_SELECTOR, "#results img, #query-box img")))
+                shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#captions li")]
+                folded = browser.find_element(By.CSS_SELECTOR, "#more-captions summary").text
+                hidden_rest = browser.find_element(By.ID, "captions-rest").is_displayed()
+                query = browser.find_element(By.CSS_SELECTOR, "#query-box img")
+                query_seen = (query.is_displayed(), browser.find_element(By.ID, "query-name").text)
+                desktop = browser.execute_script(heights)
+                browser.save_screenshot(str(tmp_path / "upload-desktop.png"))
+                browser.set_window_size(390, 844)
+                phone = browser.execute_script(heights)
+                overflow = browser.execute_script(
+                    "return document.documentElement.scrollWidth > document.documentElement.clientWidth")
+                browser.save_screenshot(str(tmp_path / "upload-phone.png"))
+                browser.find_element(By.CSS_SELECTOR, "#more-captions summary").click()
+                rest = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#captions-rest li")]
+                real_info = service.info  # the same page over a gallery of sounds speaks of sounds
+                service.info = lambda: {**real_info(), "modality": "audio", "noun": "sound", "plural": "sounds"}
+                browser.get(server.url + "/")
+                wait.until(lambda b: b.find_element(By.ID, "file-label").text == "Search with a sound")
+                sound_words = (" ".join(browser.find_element(By.ID, "hint").get_attribute("textContent").split()),
+                               browser.find_element(By.ID, "file").get_attribute("accept"),
+                               browser.find_element(By.ID, "q").get_attribute("placeholder"))
+            finally:
+                browser.quit()
+    finally:
+        service.close()
+    assert favicon == "200 image/svg+xml"
+    assert "drop a picture anywhere" in hint
+    assert len(shown) == 3 and sum("strawberry" in t.lower() for t in shown + rest) == 1
+    berry = next(t for t in shown + rest if "strawberry" in t.lower())
+    assert "×3" in berry, berry
+    assert folded == f"{len(rest)} more captions" and rest and not hidden_rest
+    assert len(shown) + len(rest) == 10 - 2  # ten captions, the three strawberries one suggestion
+    assert query_seen == (True, "Searching with tall.png")
+    assert len(desktop) == 10 and set(desktop) == {170}, desktop  # the tall and the wide picture fit the same box
+    assert len(phone) == 10 and set(phone) == {140} and not overflow, phone
+    assert sound_words == ("Type a caption and press Enter, or drop a sound anywhere on the page. Press / to come "
+                           "back to the search box.", "audio/*", "Describe a sound, press Enter")
+    assert (tmp_path / "upload-desktop.png").stat().st_size > 10_000 and (tmp_path / "upload-phone.png").is_file()

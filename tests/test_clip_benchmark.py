@@ -161,3 +161,45 @@ def test_schema_names_and_file_name():
     assert cb.dataset_name("f30k", "flickr30k", "test") == "flickr30k"
     assert cb.dataset_name("f30k", "flickr30k", "val") == "f30k-val"
     assert cb.dataset_name("mine", "folder", "test") == "mine"
+
+
+def test_format_clip_benchmark_breaks_ties_as_clip_benchmarks_evaluate(tmp_path, monkeypatch):
+    """Pictures that share a caption text ("A fireman.", as 40 of Tux Paint's do) have captions with
+    equal embeddings: ties. mmret's own numbers count a tie against the query; `--format
+    clip-benchmark` gives what CLIP_benchmark's `evaluate` gives on the same embeddings."""
+    import json
+
+    import pandas as pd
+    import tiny_models
+    from typer.testing import CliRunner
+
+    from mmret.cli import app
+    from mmret.inference.embeddings import open_embeddings
+
+    root = tmp_path / "pictures"
+    rows = []
+    for i in range(10):
+        tiny_models.save_picture(root / f"p{i}.png", seed=i)
+        rows += [(f"p{i}.png", "A fireman."), (f"p{i}.png", f"picture number {i} of ten")]
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(root / "captions.csv", index=False)
+    clip = tiny_models.save_tiny_clip(tmp_path / "clip")
+    monkeypatch.setenv("MMRET_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(tmp_path / "runs"))
+    runner = CliRunner()
+    assert runner.invoke(app, ["prepare", "folder", "--root", str(root), "--name", "ties"]).exit_code == 0
+    eval_args = ["eval", "--zero-shot", str(clip), "--dataset", "ties", "--split", "all", "--recall-k", "1,2,5"]
+    out = runner.invoke(app, [*eval_args, "--format", "clip-benchmark"])
+    assert out.exit_code == 0, out.output
+    ours = json.loads(out.stdout)["metrics"]  # the one record, as CLIP_benchmark writes it
+    own = json.loads((tmp_path / "runs" / "zeroshot-clip" / "eval" / "ties-all.json").read_text())
+    assert own["clip_benchmark_ties"] != {k: own["metrics"][k] for k in own["clip_benchmark_ties"]}  # both kept
+    own = own["metrics"]
+
+    emb = open_embeddings(tmp_path / "runs" / "zeroshot-clip" / "embeddings" / "ties-all")
+    items, captions = torch.from_numpy(emb.items.astype(np.float32)), torch.from_numpy(emb.captions.astype(np.float32))
+    of_item = [[str(c) for c in np.flatnonzero(emb.caption_table["item"].to_numpy() == i)] for i in range(len(items))]
+    batches = [(items[s:s + 64], of_item[s:s + 64]) for s in range(0, len(items), 64)]  # as its loader yields them
+    tokenizer = lambda ids: torch.tensor([int(c) for c in ids])  # noqa: E731
+    theirs = cb_ret.evaluate(StandIn(captions), batches, tokenizer, "cpu", amp=False, recall_k_list=[1, 2, 5])
+    assert ours == theirs  # exactly: the same ties broken the same way
+    assert own["i2t_r1"] < theirs["text_retrieval_recall@1"]  # the pessimistic rule counts the ties as misses

@@ -59,13 +59,16 @@ def home(tmp_path, monkeypatch):
 
 
 def one_line(result, expected: str) -> None:
-    """Exit 1 and exactly one line on stderr, `error: ` + `expected` (a regex when it starts with ^)."""
+    """Exit 1 and one error line on stderr, the last, `error: ` + `expected` (a regex when it starts
+    with ^); before it only the lines a command says at start (the defaults it took, its plan)."""
     import re
 
     err = result.stderr
     assert result.exit_code == 1, (result.exit_code, result.output)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    line = err.strip()
+    lines = err.splitlines()
+    assert err.endswith("\n") and "Traceback" not in err, err
+    assert [n for n, text in enumerate(lines) if text.startswith("error:")] == [len(lines) - 1], err
+    line = lines[-1]
     if expected.startswith("^"):
         assert re.match(expected, line), line
     else:
@@ -396,9 +399,10 @@ def test_search_refuses_a_folder_picture_and_an_empty_query(home, trained):
 
 
 def test_resume_refuses_the_options_it_would_ignore(home, trained):
-    one_line(runner.invoke(app, ["train", "--resume", "r", "--epochs", "1", "--max-steps", "1"]),
-             "--resume continues run r with the settings it started with; leave out --epochs, --max-steps (to change "
-             "them, train a new run from its config: --config <run>/config.json)")
+    one_line(runner.invoke(app, ["train", "--resume", "r", "--epochs", "3", "--lr", "0.1", "--seed", "2"]),
+             "--resume continues run r with the settings it started with (only --epochs and --max-steps may change, to "
+             "train it longer); leave out --lr, --seed (to change them, train a new run from its config: --config "
+             "<run>/config.json)")
 
 
 def test_a_ragged_csv_row_is_reported_not_shifted(home):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import socket
 import threading
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 from mmret.cli import app as cli
 from mmret.data import load_dataset
-from mmret.inference.search import Gallery
+from mmret.inference.search import Gallery, near_duplicates
 from mmret.serve.app import create_app
 from mmret.serve.config import ServeConfig
 from mmret.serve.server import LiveServer
@@ -111,31 +112,85 @@ def test_an_uploaded_picture_finds_itself_and_its_captions(client, train):
     assert body["captions"][0]["id"] == row.item_id and body["captions"][0]["caption"]
 
 
-def test_knn_service_follows_clip_retrievals_shape(client, train):
+def test_knn_service_follows_clip_retrievals_shape(client, train, gallery):
     row = train.iloc[1]
     by_text = client.post("/knn-service", json={"text": row.caption, "modality": "image", "num_images": 3,
-                                                 "indice_name": "example", "use_safety_model": True,
-                                                 "deduplicate": True})
+                                                 "indice_name": "example", "use_safety_model": True})
     assert by_text.status_code == 200
     hits = by_text.json()
-    assert [set(h) for h in hits] == [{"id", "similarity", "caption", "url", "thumbnail"}] * 3
-    assert hits[0]["id"] == row.item_id
+    assert [set(h) for h in hits] == [{"id", "similarity", "caption", "url", "thumbnail", "image_id"}] * 3
+    first = hits[0]
+    assert first["image_id"] == row.item_id and first["id"] == gallery.row_of[row.item_id]  # an integer row
+    assert first["url"] == f"http://testserver/media/{row.item_id}"  # absolute: requests.get(url) works
+    assert client.get(first["url"]).content == open(row.path, "rb").read()
     picture = base64.b64encode(open(row.path, "rb").read()).decode()
     by_picture = client.post("/knn-service", json={"image": picture, "modality": "image", "num_images": 2}).json()
-    assert by_picture[0]["id"] == row.item_id
+    assert by_picture[0]["image_id"] == row.item_id
+    # "" is no text, as clip_back reads it (clip-front sends text "" beside a picture)
+    assert client.post("/knn-service", json={"text": "", "image": picture, "num_images": 2}).json() == by_picture
     captions = client.post("/knn-service", json={"image": picture, "modality": "text", "num_images": 2}).json()
-    assert captions[0]["id"] == row.item_id and captions[0]["caption"]
-    vector = client.post("/api/search", json={"id": row.item_id, "k": 1})  # warm; then the raw embedding
-    assert vector.status_code == 200
-    emb = client.app.state.service.gallery.vectors([client.app.state.service.gallery.row_of[row.item_id]])[0]
+    assert captions[0]["image_id"] == row.item_id and captions[0]["caption"] in gallery.captions_of[first["id"]]
+    emb = gallery.vectors([gallery.row_of[row.item_id]])[0]
     by_vector = client.post("/knn-service", json={"embedding_input": (emb * 3).tolist(), "num_images": 1}).json()
-    assert by_vector[0]["id"] == row.item_id
+    assert by_vector[0]["image_id"] == row.item_id
     assert client.get("/indices-list").json() == ["example"]
     refused(client.post("/knn-service", json={"text": "x", "indice_name": "other"}), 404, "no index 'other'")
     refused(client.post("/knn-service", json={"image_url": "http://example.com/a.jpg"}), 422,
             "image_url is not supported")
     refused(client.post("/knn-service", json={"embedding_input": [0.0] * 32}), 422, "embedding_input must be 32")
     refused(client.post("/knn-service", json={"image": "not base64!"}), 400, "image must be base64")
+    refused(client.post("/knn-service", json={"text": ""}), 422, "give exactly one of text, image")
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "text/plain;charset=UTF-8"},
+                                     {"content-type": "application/x-www-form-urlencoded"}])
+def test_knn_service_reads_json_whatever_the_content_type(client, train, headers):
+    """ClipClient posts `data=json.dumps(...)` with no Content-Type, clip-front's fetch says text/plain."""
+    body = json.dumps({"text": train.caption.iloc[2], "modality": "image", "num_images": 2}).encode()
+    r = client.post("/knn-service", content=body, headers=headers)
+    assert r.status_code == 200 and r.json()[0]["image_id"] == train.item_id.iloc[2]
+    ids = json.dumps({"ids": [r.json()[0]["id"]], "indice_name": "example"}).encode()
+    meta = client.post("/metadata", content=ids, headers=headers)
+    assert meta.status_code == 200 and meta.json()[0]["metadata"]["image_id"] == train.item_id.iloc[2]
+    refused(client.post("/knn-service", content=b"{not json", headers=headers), 400, "malformed JSON")
+
+
+def test_knn_service_past_num_images_and_metadata(client, gallery):
+    """num_result_ids results, the first num_images with caption and url, the rest as ids that
+    /metadata describes (clip-front's paging), up to --max-knn."""
+    r = client.post("/knn-service", json={"text": "a red circle", "num_images": 3, "num_result_ids": 10}).json()
+    assert len(r) == 10 and all(set(h) == {"id", "similarity"} for h in r[3:]) and "url" in r[2]
+    assert [h["similarity"] for h in r] == sorted((h["similarity"] for h in r), reverse=True)
+    meta = client.post("/metadata", json={"ids": [h["id"] for h in r[3:]], "indice_name": "example"}).json()
+    assert [m["id"] for m in meta] == [h["id"] for h in r[3:]]
+    assert meta[0]["metadata"]["caption"] == gallery.captions_of[r[3]["id"]][0]
+    assert meta[0]["metadata"]["url"].endswith(f"/media/{gallery.ids[r[3]['id']]}")
+    refused(client.post("/metadata", json={"ids": [12]}), 404, "no row 12 in the gallery: ids are rows 0 to 11")
+    refused(client.post("/knn-service", json={"text": "x", "num_images": 10_001}), 422, "num_images: Input should")
+    assert len(client.post("/knn-service", json={"text": "x", "num_images": 5000}).json()) == 12  # all there are
+
+
+def test_deduplicate_leaves_out_near_copies(client, gallery):
+    """Two results within 0.94 cosine are one picture to clip-retrieval: `deduplicate` keeps the better."""
+    query = gallery.vectors([0])[0]
+    plain = client.post("/knn-service", json={"embedding_input": query.tolist(), "num_images": 12}).json()
+    deduplicated = client.post("/knn-service", json={"embedding_input": query.tolist(), "num_images": 12,
+                                                      "deduplicate": True}).json()
+    rows = [h["id"] for h in plain]
+    vectors = gallery.vectors(rows)
+    dropped = near_duplicates(vectors, 0.94)
+    assert [h["id"] for h in deduplicated] == [r for i, r in enumerate(rows) if i not in dropped]
+    assert deduplicated[0]["id"] == 0
+
+
+def test_near_duplicates_are_connected_components():
+    """As clip_back's: a chain a~b~c drops b and c even when a and c are far apart."""
+    a = np.array([1.0, 0.0, 0.0])
+    b = np.array([np.cos(0.3), np.sin(0.3), 0.0])  # cos(a, b) = 0.955
+    c = np.array([np.cos(0.6), np.sin(0.6), 0.0])  # cos(b, c) = 0.955, cos(a, c) = 0.825
+    d = np.array([0.0, 0.0, 1.0])
+    assert near_duplicates(np.stack([a, d, b, c]), 0.94) == {2, 3}
+    assert near_duplicates(np.stack([c, b, a]), 0.94, block=1) == {1, 2}
 
 
 def test_media_and_thumbnails_by_id(client, train, service):

@@ -29,30 +29,33 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmret"
 
 # lowest first: a module may import from its own layer and the layers before it, never after
 LAYERS = ["errors", "common", "metrics", "modalities", "data", "encoders", "features", "models", "methods", "runs",
-          "training", "memory", "inference", "figures", "evaluation", "serve", "quickstart", "verify", "cli",
-          "__main__"]
+          "training", "memory", "inference", "api", "figures", "evaluation", "export", "serve", "quickstart", "verify",
+          "cli", "__main__"]
 # the same rule inside a subpackage, lowest first, for the modules (or folders) it names; modules it does not
 # name (package faces among them) stand outside that order
 SUBLAYERS: dict[str, list[str]] = {
-    "common": ["lazy", "registry", "options", "paths", "io", "digest", "items", "progress", "shards", "device"],
+    "common": ["version", "lazy", "registry", "options", "paths", "io", "digest", "items", "progress", "shards",
+               "device"],
     "metrics": ["retrieval", "classification"],
     "modalities": ["base", "spectrogram", "listening", "image", "audio"],
     "data": ["config", "stamps", "readers", "tables", "create", "prepared", "tokenizer", "negatives", "pairs"],
-    "encoders": ["base", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram", "load"],
+    "encoders": ["base", "convert", "presets", "hub", "preprocess", "registry", "image", "text", "audio", "spectrogram",
+                 "load"],
     "features": ["config", "cache", "runner", "encode", "shards", "views", "source", "precompute"],
-    "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "mixup", "dual", "bridge",
-               "miniclip", "scratch_clip"],
-    "methods": ["config", "base", "registry", "queries", "features", "heads", "bridge", "towers", "scratch",
-                "zeroshot", "catalog"],
-    "runs": ["config", "settings", "folders", "checkpoint"],
+    "models": ["batch", "temperature", "heads", "linformer", "tuners", "towers", "embed", "fused", "mixup", "dual",
+               "bridge", "miniclip", "scratch_clip"],
+    "methods": ["config", "queries", "base", "registry", "features", "heads", "bridge", "towers", "scratch",
+                "zeroshot", "catalog", "choice"],
+    "runs": ["config", "settings", "defaults", "folders", "checkpoint"],
     "training": ["losses", "batches", "sam", "snapshot", "gradcache", "world", "step", "session", "distributed",
                  "plots", "dry_run", "loop"],
     "memory": ["live", "probe", "plan"],
-    "inference": ["loaded", "embeddings", "exact", "index", "search", "zeroshot"],
+    "inference": ["inputs", "loaded", "embeddings", "exact", "index", "search", "zeroshot"],
     "figures": ["draw", "maps", "failures"],
     "evaluation": ["config", "templates", "clip_benchmark", "retrieval", "classification", "linear_probe", "suite"],
-    "serve": ["config", "schemas", "worker", "service", "app", "server"],
-    "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "verify", "quickstart"],
+    "export": ["registry", "card", "graphs", "peft_adapter", "onnx_format", "openvino_format", "sbert", "catalog"],
+    "serve": ["config", "schemas", "worker", "service", "knn", "app", "server"],
+    "cli": ["ui", "app", "options", "show", "prepare", "train", "inference", "serve", "export", "verify", "quickstart"],
 }
 
 
@@ -91,8 +94,10 @@ def _edges(tree: ast.AST, here: str, is_package: bool, modules: set[str]) -> lis
         elif isinstance(node, ast.Call) and _called(node.func) in ("import_module", "__import__") and node.args \
                 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
             found.append(Edge(node.args[0].value, "import_module", node.lineno))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules:
-            # a module named by a string is imported later: a lazy face's table, a registry of built-ins
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules \
+                and "." in node.value:
+            # a module named by a string is imported later: a lazy face's table, a registry of built-ins (the
+            # bare package name is a word there: a metadata key, a logger's name)
             found.append(Edge(node.value, "module string", node.lineno))
     return found
 

@@ -185,7 +185,39 @@ def test_cli_trains_and_prints_the_best_validation_table(world, tmp_path, monkey
     assert "best validation" in result.stdout and "finished all epochs after 2 epochs, 6 steps" in result.stdout
 
 
-def test_a_finished_run_is_not_resumed(world, tmp_path):
+def test_a_finished_run_is_resumed_only_to_train_longer(world, tmp_path):
     result = training.train(config(world, tmp_path, method="heads", epochs=1, name="done"))
-    with pytest.raises(MmretError, match=r"run done has already finished \(finished all epochs\); nothing to resume"):
+    with pytest.raises(MmretError, match=r"run done has already finished \(finished all epochs\) after 1 epochs; to "
+                                         r"train it longer: `mmret train --resume done --epochs N` with N above 1"):
         training.resume(result.run_dir)
+    with pytest.raises(MmretError, match=r"run done has trained 1 epochs \(3 steps\); --epochs 1 leaves nothing to do"):
+        training.resume(result.run_dir, epochs=1)
+
+
+def test_extending_a_run_follows_the_schedule_of_the_longer_run(world, tmp_path, monkeypatch):
+    """A finished 2-epoch run extended to 3 takes, at every step of its third epoch, the learning
+    rate a run started with --epochs 3 takes: the cosine over 9 steps (3 an epoch), not a new cycle."""
+    seen: list[tuple[int, int, int, float]] = []  # (step, planned total, warm-up, rate), once per parameter group
+    real = step_module.lr_at
+
+    def spy(step, total, warmup, peak):
+        seen.append((step, total, warmup, real(step, total, warmup, peak)))
+        return seen[-1][3]
+
+    monkeypatch.setattr(step_module, "lr_at", spy)
+    training.train(config(world, tmp_path, method="heads", epochs=3, name="three"))
+    three, seen[:] = list(seen), []
+    short = training.train(config(world, tmp_path, method="heads", epochs=2, name="two"))
+    assert short.steps == 6 and seen[-1][1] == 6 and seen[-1][3] < 0.1 * 5e-3  # decayed to near zero at its end
+    seen.clear()
+    longer = training.resume(short.run_dir, epochs=3)
+    assert (longer.epochs, longer.steps, longer.stopped) == (3, 9, "finished all epochs")
+    assert [row[0] for row in three] == [s for s in range(9) for _ in (0, 1)]  # two parameter groups
+    assert seen == three[12:]  # steps 6, 7, 8 of a 9-step plan: same total, warm-up and rates
+    peak, (step, total, warmup, lr) = 5e-3, seen[0]
+    assert (step, total, warmup) == (6, 9, 0)
+    assert lr == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 6 / 9)))  # a quarter of the peak, restarted
+    saved = json.loads((short.run_dir / "config.json").read_text())
+    assert saved["train"]["epochs"] == 3 and len(metrics(short.run_dir)) == 3
+    log = (short.run_dir / "train.log").read_text()
+    assert "extended from --epochs 2 to --epochs 3 at epoch 3, step 6 (it had finished: finished all epochs)" in log

@@ -2,7 +2,7 @@
 function and renders its result. No logic lives here.
 
 `app` holds the Typer app, the error handling and the shared options; `prepare`, `train`,
-`inference`, `serve` and `quickstart` register their commands on it; `ui` draws tables and progress bars.
+`inference`, `serve`, `export` and `quickstart` register their commands on it; `ui` draws tables and progress bars.
 """
 
 from mmret.cli.app import app  # noqa: I001  (the modules below register their commands, in the order --help lists them)
@@ -10,6 +10,7 @@ from mmret.cli import prepare  # noqa: F401
 from mmret.cli import train  # noqa: F401
 from mmret.cli import inference  # noqa: F401
 from mmret.cli import serve  # noqa: F401
+from mmret.cli import export  # noqa: F401
 from mmret.cli import quickstart  # noqa: F401
 from mmret.cli import verify  # noqa: F401
 

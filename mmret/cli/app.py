@@ -11,10 +11,10 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from mmret import __version__
 from mmret.common.options import settings_of
+from mmret.common.version import __version__
 from mmret.errors import MmretError, explain, printable
-from mmret.runs.config import EncoderConfig
+from mmret.runs.config import ITEM_FLAGS, EncoderConfig
 
 app = typer.Typer(
     name="mmret",
@@ -36,7 +36,6 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Checkpoint = Annotated[str, typer.Option(help="Which checkpoint: best or last.")]
 # the item tower is one setting (`item`), spelled the way a dataset's items are named (see EncoderConfig)
 ITEM_TOWER = next(s.flags for s in settings_of(EncoderConfig) if s.name == "item")
-ITEM_FLAGS = {"image": "--vision", "audio": "--audio"}  # modality -> how a command line names the tower
 
 
 def item_tower(help: str) -> Any:

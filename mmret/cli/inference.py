@@ -102,6 +102,8 @@ def eval_command(
                                             runs_dir=runs_dir))
     report = run_eval(run_dirs, cfg, ui.NullReporterIfJson(format in ("json", "clip-benchmark")))
     show.show_eval_report(report, format)
+    for run_dir in run_dirs:  # on stderr: what the numbers above came from, when that was not the user's choice
+        show.say_run(run_dir, checkpoint, newest=not (compare or run or zero_shot))
 
 
 @app.command()
@@ -158,8 +160,8 @@ def search(
     """The best-matching pictures or sounds for text queries (or items and captions for a picture or sound)."""
     import sys
 
+    from mmret.api import load
     from mmret.cli import ui
-    from mmret.inference.search import search as run_search
 
     texts = list(query or [])
     if queries is not None:
@@ -173,10 +175,10 @@ def search(
     if image is not None and audio is not None:
         raise MmretError("search with --image or --audio, not both")
     run_dir = run_or_zero_shot(run=run, zero_shot=zero_shot, dataset=dataset, data_dir=data_dir, runs_dir=runs_dir)
-    result = run_search(run_dir, texts, item=image or audio, dataset=dataset, split=split, k=k, index=index,
-                        rebuild_index=rebuild_index, which=checkpoint, device=device,
-                        reporter=ui.NullReporterIfJson(json_output), data_dir=data_dir,
-                        query_modality="audio" if audio is not None else "image" if image is not None else None)
+    result = load(run_dir, checkpoint=checkpoint, device=device).search(
+        texts, item=image or audio, dataset=dataset, split=split, k=k, index=index, rebuild_index=rebuild_index,
+        reporter=ui.NullReporterIfJson(json_output), data_dir=data_dir,
+        query_modality="audio" if audio is not None else "image" if image is not None else None)
     if grid is not None:
         from mmret.modalities import get_modality
 
@@ -187,5 +189,6 @@ def search(
         print(json.dumps(result.to_json(), indent=2))
         return
     show.show_search(result, grid)
+    show.say_run(run_dir, checkpoint, newest=not (run or zero_shot))
 
 

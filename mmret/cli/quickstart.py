@@ -20,7 +20,7 @@ def quickstart(
     runs_dir: RunsDir = None,
 ) -> None:
     """The whole pipeline offline on the built-in example: prepare, train a small scratch model,
-    evaluate it on held-out pictures, and search with a caption (under a minute on a quiet 2-core CPU)."""
+    evaluate it on held-out pictures, and search with a caption (about a minute on a 2-core CPU)."""
     from mmret.cli import ui
     from mmret.quickstart import quickstart as run_quickstart
 

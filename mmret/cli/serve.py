@@ -48,6 +48,10 @@ def serve(
     )] = None,
     k: Annotated[int, typer.Option("-k", "--top", help="Results the page shows.")] = 24,
     max_k: Annotated[int, typer.Option(help="The most results one request may ask for.")] = 1000,
+    max_knn: Annotated[int, typer.Option(
+        help="The most results one clip-retrieval /knn-service request may ask for (clip-front's download asks "
+             "10000).",
+    )] = 10_000,
     max_query_chars: Annotated[int, typer.Option(help="The longest text query, in characters.")] = 1000,
     max_upload_mb: Annotated[float, typer.Option(help="The largest uploaded picture, in MB.")] = 20.0,
     max_pixels: Annotated[int, typer.Option(
@@ -81,9 +85,12 @@ def serve(
     run_dir = run_or_zero_shot(run=run, zero_shot=zero_shot, dataset=dataset, data_dir=data_dir, runs_dir=runs_dir)
     cfg = ServeConfig(run_dir, dataset=dataset, split=split, index=index, rebuild_index=rebuild_index,
                       which=checkpoint, device=device, host=host, port=port, allow_host=tuple(allow_host or ()),
-                      cors=tuple(cors or ()), api_key=api_key, k=k, max_k=max_k,
+                      cors=tuple(cors or ()), api_key=api_key, k=k, max_k=max_k, max_knn=max_knn,
                       max_query_chars=max_query_chars, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
     sock = bind(cfg.host, cfg.port)  # before the minutes of loading: a taken port fails at once
+    from mmret.cli import show
+
+    show.say_run(run_dir, checkpoint, newest=not (run or zero_shot))
     service = SearchService.open(cfg, ui.RichReporter())
     log = logging.getLogger("mmret.serve")
     handler = logging.StreamHandler()

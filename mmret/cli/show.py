@@ -12,6 +12,17 @@ def _modality(name: str):
     return get_modality(name)
 
 
+def say_run(run_dir, which: str, newest: bool) -> None:
+    """On stderr: which run and checkpoint a command used, when either was not the user's own
+    choice (the newest run) or could surprise (the best checkpoint of a run that stopped before it
+    finished is not the best it would have reached)."""
+    from mmret.runs.checkpoint import checkpoint_line
+
+    line, finished = checkpoint_line(run_dir, which)
+    if newest or not finished:
+        ui.say(line + ("; the newest run (--run picks another)" if newest else ""))
+
+
 def show_prepare(result) -> None:
     rows = []
     for split, c in result.counts.items():
@@ -150,7 +161,19 @@ def show_eval(results, format: str) -> None:
     if any(r.diffs and any(d.significant for d in r.diffs.values()) for r in results):
         ui.console.print(f"* differs from {first.run} (paired bootstrap, 95%)", highlight=False)
     for r in results:
+        if r.comparison:
+            ui.console.print(r.comparison, highlight=False, soft_wrap=True)
+    _seen_in_training(results)
+    for r in results:
         ui.console.print(f"saved {r.path}", highlight=False)
+
+
+def _seen_in_training(results) -> None:
+    """A note for each run scored on items it trained on (its scores flatter it)."""
+    for r in results:
+        if r.train_overlap:
+            ui.print_note(f"{r.run} trained on {r.train_overlap:,} of these {r.n_items:,} items: its scores flatter "
+                          "it (score it on items it never saw: another split, or a dataset of other items)")
 
 
 def show_eval_report(report, format: str) -> None:
@@ -210,9 +233,8 @@ def show_classification(results, format: str) -> None:
              f"{len(first.labels)} classes, {first.templates} prompts each"
              + (" (the dataset's templates)" if first.templates_from == "dataset" else ""))
     _markdown_or_table(title, ["metric"] + [r.run for r in results], rows, format)
+    _seen_in_training(results)
     for r in results:
-        if r.train_overlap:
-            ui.print_note(f"{r.run} trained on {r.train_overlap} of these {r.n_items} items: its scores flatter it")
         ui.console.print(f"saved {r.path}" + (f" and {r.confusion_png.name}" if r.confusion_png else ""),
                          highlight=False, soft_wrap=True)
 
@@ -229,6 +251,7 @@ def show_linear_probe(results, format: str) -> None:
     title = (f"{first.dataset}: linear probe on {sizes['train']:,} train + {sizes['val']:,} val items, scored on "
              f"{sizes['test']:,} test items, {c} classes")
     _markdown_or_table(title, ["metric"] + [r.run for r in results], rows, format)
+    _seen_in_training(results)
     for r in results:
         ui.console.print(f"saved {r.path}", highlight=False, soft_wrap=True)
 
@@ -236,6 +259,12 @@ def show_linear_probe(results, format: str) -> None:
 def show_search(result, grid) -> None:
     items = _modality(result.modality)
     for q in result.results:
+        if q.unknown:
+            words = ", ".join(repr(w) for w in dict.fromkeys(q.unknown))
+            ui.print_note(f"{words} of {q.query!r} {'are' if len(q.unknown) > 1 else 'is'} in none of run "
+                          f"{result.run}'s training captions, the only words a model trained from scratch has "
+                          "learned: " + ("these scores mean little" if q.mostly_unknown else
+                                         "it reads the query as if they were not there"))
         rows = [(f"{h.rank}{' ✓' if h.right else ''}", f"{h.score:.4f}", h.item_id, " | ".join(h.captions[:2]))
                 for h in q.items]
         ui.console.print(ui.table(f"{q.query!r}: {items.plural}", ["#", "score", "id", "captions"], rows))

@@ -47,7 +47,9 @@ def train(
     recipe: Recipe = None,
     config: ConfigFile = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue this stopped run (name or folder) from its last "
-                                                       "checkpoint.", show_default=False)] = None,
+                                                       "checkpoint; with --epochs N (or --max-steps N), train a "
+                                                       "stopped or finished run on to that length.",
+                                                  show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the parameter table and the resolved config, "
                                                             "and stop.")] = False,
     nproc: Annotated[int, typer.Option(help="Train on this many processes on this machine (torchrun's launcher, "
@@ -62,17 +64,22 @@ def train(
     from mmret import training
     from mmret.cli import ui
     from mmret.runs import resolve_run
-    from mmret.runs.settings import build_config
+    from mmret.runs.defaults import settle
 
     if resume:
         _check_resume(resume, settings, recipe=recipe, config=config, dry_run=dry_run)
         run_dir = resolve_run(resume, settings["runs_dir"])
+        longer = {k: settings[k] for k in EXTEND if settings.get(k) is not None}
         if nproc > 1:
-            training.train_on_processes(nproc, resume_dir=run_dir)
+            training.train_on_processes(nproc, resume_dir=run_dir, **longer)
             return
-        show.show_train(training.resume(run_dir, ui.RichReporter()))
+        show.show_train(training.resume(run_dir, ui.RichReporter(), **longer))
         return
-    cfg = build_config(given=settings, file=config, recipe=recipe)
+    settled = settle(given=settings, file=config, recipe=recipe)
+    cfg = settled.cfg
+    if main_process():
+        for line in settled.lines:
+            ui.say(line)
     if dry_run:
         show.show_dry_run(training.dry_run(cfg))
         return
@@ -82,15 +89,27 @@ def train(
     show.show_train(training.train(cfg, ui.RichReporter()))
 
 
+EXTEND = ("epochs", "max_steps")  # what --resume may change: how long the run trains
+
+
 def _check_resume(resume: str, settings: dict[str, Any], *, recipe: str | None, config: Path | None,
                   dry_run: bool) -> None:
-    """A resumed run keeps the settings it started with: any other setting given is refused."""
-    given = sorted(k for k in _given(settings) if k not in ("runs_dir", "data_dir"))
+    """A resumed run keeps the settings it started with, except how long it trains (`EXTEND`): any
+    other setting given is refused."""
+    given = sorted(k for k in _given(settings) if k not in ("runs_dir", "data_dir") + EXTEND)
     own = [k for k, v in (("config", config), ("recipe", recipe), ("dry_run", dry_run)) if v]
     if given or own:
-        raise MmretError(f"--resume continues run {resume} with the settings it started with; leave out "
+        raise MmretError(f"--resume continues run {resume} with the settings it started with (only --epochs and "
+                         f"--max-steps may change, to train it longer); leave out "
                          f"{', '.join(flag(k) for k in given + own)} (to change them, train a new run from its "
                          "config: --config <run>/config.json)")
+
+
+def main_process() -> bool:
+    """Whether this is the process that speaks for a run (the first of several torchrun or srun started)."""
+    import os
+
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 # ---------------------------------------------------------------------------- probe-memory
@@ -122,16 +141,32 @@ def probe_memory(
     from mmret.cli import ui
     from mmret.memory import probe_memory as run_probe
     from mmret.memory import save_config
-    from mmret.runs.settings import build_config
+    from mmret.runs.defaults import settle
 
     if not math.isfinite(vram) or vram <= 0:
         raise MmretError(f"--vram must be a positive number of GB, got {vram}")
-    cfg = build_config(given=settings, file=config, recipe=recipe)
-    report = run_probe(cfg, vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
+    settled = settle(given=settings, file=config, recipe=recipe, target="cuda")  # the budget is a GPU's
+    for line in settled.lines:
+        ui.say(line)
+    report = run_probe(settled.cfg, vram, reserve, "estimate" if estimate else "auto", ui.RichReporter())
     given = [f"--config {config}"] if config else []
     given += [f"--recipe {recipe}"] if recipe else []
     given += [f"{flag(k, report.config.data.modality)} {v}" for k, v in _given(settings).items() if k != "data_dir"]
-    show.show_memory(report, " ".join(given))
+    show.show_memory(report, " ".join(given + _unnamed_flags(report.config, settings, config, recipe)))
     if save is not None:
         ui.console.print(f"saved {save_config(report.config, save)}: train with `mmret train --config {save}`",
                          highlight=False, soft_wrap=True)
+
+
+def _unnamed_flags(cfg: Any, settings: dict[str, Any], config: Path | None, recipe: str | None) -> list[str]:
+    """The method and towers a recommended command must name when the user did not (a default can
+    change, and `mmret train` chooses its method for the machine it runs on)."""
+    from mmret.methods import get_method
+    from mmret.runs.defaults import named_settings
+
+    named = named_settings(given=settings, file=config, recipe=recipe)
+    flags = [] if "method" in named else [f"--method {cfg.method.method}"]
+    if get_method(cfg.method.method).towers and not cfg.encoders.model:
+        flags += [f"{flag(k, cfg.data.modality)} {getattr(cfg.encoders, k)}" for k in ("item", "text")
+                  if k not in named]
+    return flags

@@ -1,9 +1,11 @@
-"""Terminal output for the command layer: rich progress bars behind the library's `Reporter`,
-the one-line error format, and small table helpers. Only `cli.py` imports this module.
+"""Terminal output for the command layer: rich progress bars behind the library's `Reporter` (plain
+lines every few seconds when stderr is not a terminal), the one-line error and note formats, and
+small table helpers. Only the command modules import this module.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Iterable
 
@@ -44,7 +46,29 @@ def print_error(message: str) -> None:
 
 
 def print_note(message: str) -> None:
+    """A number that would mislead without a word, or something the user should know before trusting a result."""
     err_console.print(f"[yellow]note:[/yellow] {escape(printable(message))}", soft_wrap=True, highlight=False)
+
+
+def say(message: str) -> None:
+    """One line on stderr about what a command chose on the user's behalf (stdout stays the result's)."""
+    err_console.print(escape(message), soft_wrap=True, highlight=False)
+
+
+PROGRESS_ENV = "MMRET_PROGRESS_SECONDS"  # seconds between the plain progress lines of output that is not a terminal
+
+
+def progress_seconds() -> float:
+    from mmret.errors import MmretError
+
+    text = os.environ.get(PROGRESS_ENV, "5")
+    try:
+        every = float(text)
+    except ValueError:
+        every = -1.0
+    if not every > 0:
+        raise MmretError(f"{PROGRESS_ENV} must be a positive number of seconds, got {text!r}")
+    return every
 
 
 class _RateColumn(ProgressColumn):
@@ -80,18 +104,32 @@ class _RichTask:
 
 
 class RichReporter:
-    """One live rich display shared by all open tasks (rich allows only one at a time)."""
+    """One live rich display shared by all open tasks (rich allows only one at a time) on a
+    terminal; elsewhere (a log file, a pipe, CI) plain lines every few seconds (`LineReporter`)."""
 
     def __init__(self, console: Console = err_console):
+        from mmret.common.progress import LineReporter
+
         self.console = console
         self.progress: Progress | None = None
         self.open: set[int] = set()
+        self.lines = None if console.is_terminal else LineReporter(self._write, progress_seconds())
+
+    def _write(self, line: str) -> None:
+        self.console.file.write(line + "\n")
+        self.console.file.flush()
+
+    def note(self, message: str, warning: bool = False) -> None:
+        if self.lines is not None:
+            self.lines.note(message, warning)
+        elif warning:
+            self.console.print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True, highlight=False)
+        else:
+            self.console.print(escape(message), soft_wrap=True, highlight=False)
 
     def task(self, description: str, total: int | None = None, unit: str = "it") -> _RichTask:
-        if not self.console.is_terminal:  # a log file or a pipe gets results, not bars redrawn in place
-            from mmret.common.progress import NULL
-
-            return NULL.task(description, total, unit)
+        if self.lines is not None:  # bars redrawn in place would be noise in a log
+            return self.lines.task(description, total, unit)
         if self.progress is None:
             self.progress = Progress(*self._columns(), console=self.console, transient=False)
             self.progress.start()

@@ -36,9 +36,27 @@ def damaged(path: str | Path, what: str, fix: str = REMAKE) -> DamagedFile:
     return DamagedFile(f"{path} is damaged ({what}); {fix}", path)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once, at import: os.umask is process-wide, and threads write files too
+
+
+def as_created(path: Path, folder: bool = False) -> None:
+    """Give a file (or `folder`) made under a temporary name the mode `open()` (`mkdir`) would have
+    given it: 0666 (0777) less the umask. tempfile makes them 0600 (0700), which left results that
+    other users of a machine could not read."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~UMASK)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path` (with the mode a new file
+    gets under the umask), on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,6 +64,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():  # the writer may have replaced the file in its own way; it is the one moved
+            as_created(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -105,6 +125,7 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        as_created(tmp, folder=True)
         if path.exists() and replace:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmret import __version__
+from mmret.common.version import __version__
 from mmret.common.io import atomic_dir, config_dict, write_json, write_parquet
 from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter

@@ -26,6 +26,7 @@ from mmret.common.items import resolve_item
 from mmret.common.paths import Roots, check_name, data_root, within
 from mmret.data.readers.base import SPLITS
 from mmret.data.readers.classes import class_name
+from mmret.data.tables import SOURCE
 from mmret.errors import MmretError
 from mmret.modalities import Modality, get_modality
 
@@ -37,7 +38,7 @@ class PreparedDataset:
     name: str
     path: Path
     info: dict
-    items: pd.DataFrame  # item_id, path, split, the modality's columns (and label)
+    items: pd.DataFrame  # item_id, path, split, the modality's columns (and label, and source_* fields)
     captions: pd.DataFrame  # caption_id, item_id, caption, split
 
     @property
@@ -68,6 +69,13 @@ class PreparedDataset:
     def modality(self) -> Modality:
         """What the items are: `dataset.json`'s modality (image for datasets that do not say)."""
         return get_modality(self.info.get("modality"))
+
+    def sources(self) -> pd.DataFrame:
+        """item_id and the source's own fields of each item, named as the source named them (an
+        img2dataset shard's `url`, `sha256`, `original_width`, ...; a captions table's other columns);
+        just item_id when the source had none."""
+        own = [c for c in self.items.columns if c.startswith(SOURCE)]
+        return self.items[["item_id", *own]].rename(columns={c: c[len(SOURCE):] for c in own})
 
     def classes(self) -> tuple[list[str], list[str]]:
         """(labels, names) of the classes zero-shot classification ranks: a CLIP_benchmark set's, all

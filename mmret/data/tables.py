@@ -22,6 +22,7 @@ from mmret.modalities import ItemError, Modality
 from mmret.modalities.base import open_source
 
 _SPACES = re.compile(r"\s+")
+SOURCE = "source_"  # the item table's columns that hold the source's own fields (`source_url`, ...)
 
 
 def clean_captions(records: list[ItemRecord], problems: list[Problem]) -> list[ItemRecord]:
@@ -151,10 +152,32 @@ def to_tables(records: list[ItemRecord], columns: list[dict[str, int]],
         items[name] = np.asarray([columns[i][name] for i in order], dtype=np.int32)
     if any(rec.label is not None for rec in records):
         items["label"] = [records[i].label for i in order]
+    sources = [records[i].source or {} for i in order]
+    for name in sorted({str(k) for s in sources for k in s}):
+        items[f"{SOURCE}{name}"] = source_column([s.get(name) for s in sources])
     rows = [(records[i].item_id, cap, records[i].split) for i in order for cap in records[i].captions]
     captions = pd.DataFrame(rows, columns=["item_id", "caption", "split"])
     captions.insert(0, "caption_id", range(len(captions)))
     return items, captions
+
+
+def source_column(values: list) -> list:
+    """A source field's values as one parquet column: numbers and text as they are; nested values
+    (img2dataset's exif) as JSON; a column that mixes kinds as text; NaN as missing."""
+    import json
+
+    def plain(v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return None
+        if isinstance(v, np.generic):
+            v = v.item()
+        return json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v
+
+    out = [plain(v) for v in values]
+    kinds = {type(v) for v in out if v is not None}
+    if len(kinds) > 1 and not kinds <= {int, float}:
+        out = [None if v is None else str(v) for v in out]
+    return out
 
 
 def problem_counts(problems: list[Problem]) -> dict[str, int]:

@@ -10,8 +10,9 @@ tokenizer folder, or a hub id (offline: only when it is in the local cache).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -22,6 +23,14 @@ from mmret.errors import MmretError
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2 in a trained BPE
 _BYTES = 256  # the byte-level alphabet every BPE vocabulary starts from
+
+
+WORD = re.compile(r"\w+(?:'\w+)?")  # a word of a caption or a query: letters and digits, with an inner apostrophe
+
+
+def words(text: str) -> list[str]:
+    """The words of a text, lower-cased, in order."""
+    return [w.lower() for w in WORD.findall(text)]
 
 
 def _pad_batch(rows: list[list[int]], pad_id: int) -> dict[str, Tensor]:
@@ -58,6 +67,10 @@ class BpeTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def standalone(self, max_length: int) -> Any:
+        """This tokenizer as a `tokenizers.Tokenizer` alone (see `standalone`)."""
+        return standalone(self.tokenizer, max_length, self.pad_id, PAD)
+
     def save(self, path: str | Path) -> Path:
         """Write `tokenizer.json` (or the given file name) atomically; return its path."""
         path = Path(path)
@@ -79,6 +92,18 @@ class BpeTokenizer:
             raise MmretError(f"{path} is not a tokenizer trained by mmret (it lacks {', '.join(SPECIAL_TOKENS)}); "
                              "to use it through transformers, pass a folder holding it and its tokenizer_config.json")
         return cls(tokenizer, Path(path))
+
+
+def standalone(backend: Any, max_length: int, pad_id: int, pad_token: str) -> Any:
+    """A copy of a `tokenizers.Tokenizer` that truncates to `max_length` tokens (special tokens
+    counted, as `tokenize` counts them) and pads a batch to its longest text with `pad_id`: called
+    with `encode_batch`, it gives the ids and attention masks `tokenize` gives."""
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.enable_truncation(max_length)
+    copy.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    return copy
 
 
 def train_bpe(captions: Iterable[str], vocab_size: int, path: str | Path | None = None) -> BpeTokenizer:
@@ -125,6 +150,14 @@ class HfTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def standalone(self, max_length: int) -> Any:
+        """This tokenizer as a `tokenizers.Tokenizer` alone (see `standalone`); a slow (Python)
+        transformers tokenizer has none."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise MmretError(f"the tokenizer {self.source} has no fast (tokenizers) form to save beside an export")
+        return standalone(backend, max_length, self.pad_id, self.tokenizer.pad_token or PAD)
 
 
 def load_tokenizer(source: str | Path) -> BpeTokenizer | HfTokenizer:

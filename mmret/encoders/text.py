@@ -66,6 +66,16 @@ class TextEncoder(Tower):
                              truncation=True, max_length=self.max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def standalone_tokenizer(self) -> Any:
+        """`tokenize` as a `tokenizers.Tokenizer` that needs nothing else (for exports)."""
+        from mmret.data.tokenizer import standalone
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise MmretError(f"the tokenizer of {self.name} has no fast (tokenizers) form to save beside an export")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return standalone(backend, self.max_length, pad, self.tokenizer.pad_token or "[PAD]")
+
     def blank_inputs(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """`forward`'s inputs for `n` empty captions padded to `max_length` (for shapes)."""
         return {k: v.to(device) for k, v in self.tokenize([""] * n, pad_to_max_length=True).items()}

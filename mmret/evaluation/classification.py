@@ -13,23 +13,22 @@ beside it. The dataset must carry class labels (`mmret prepare classes`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmret.api import load
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
-from mmret.data.prepared import PreparedDataset, load_dataset, run_tables
+from mmret.data.prepared import PreparedDataset, load_dataset
 from mmret.errors import MmretError
 from mmret.evaluation.templates import class_prompts, dataset_templates, load_templates
-from mmret.inference.embeddings import Embeddings, write_run_embeddings
-from mmret.inference.loaded import LoadedRun
+from mmret.inference.embeddings import Embeddings
 from mmret.metrics.classification import bootstrap_accuracy, classification_metrics, confusion_matrix
 
 PROMPT_BATCH = 256  # prompts embedded per call: ImageNet's 80 x 1000 never go through a tower at once
@@ -62,20 +61,6 @@ def item_labels(emb: Embeddings, ds: PreparedDataset, labels: list[str]) -> torc
     by_id = dict(zip(ds.items["item_id"], ds.items["label"]))
     index = {label: i for i, label in enumerate(labels)}
     return torch.tensor([index[by_id[i]] for i in emb.item_table["item_id"]], dtype=torch.int64)
-
-
-def training_overlap(run: LoadedRun, paths: Sequence[str]) -> int | None:
-    """How many of `paths` the run trained on (None for a run that was not trained, or whose
-    dataset is gone): a run evaluated on its own training pictures looks better than it is."""
-    cfg = run.cfg
-    if not run.method.trainable:
-        return None
-    try:
-        train = run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)).split("train")
-    except MmretError:
-        return None
-    seen = {os.path.realpath(p) for p in train.items["path"]}
-    return sum(os.path.realpath(p) in seen for p in paths)
 
 
 @dataclass
@@ -124,18 +109,19 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
                             data_dir: Path | None = None) -> ClassificationResult:
     """Zero-shot classification of one split (of a dataset in `data_dir`, default the run's data
     root); saves the JSON (and the confusion matrix PNG)."""
-    run = LoadedRun(run_dir, which=which, device=device)
-    ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    model = load(run_dir, checkpoint=which, device=device)
+    run = model.run
+    ds = labelled_dataset(dataset or model.dataset, data_dir or run.cfg.data.data_dir)
     shipped = ds.info.get("templates") if templates is None else None  # a CLIP_benchmark set's own
     prompts_from = dataset_templates(shipped, ds.name) if shipped else load_templates(templates)
-    emb = write_run_embeddings(run, ds.name, split, reporter=reporter, data_dir=data_dir)
+    emb = model.embed_split(ds.name, split, reporter=reporter, data_dir=data_dir)
     labels, names = ds.classes()  # every class of the dataset, so all splits share one order
     target = item_labels(emb, ds, labels)
     prompts = class_prompts(labels, names, prompts_from)
     n_prompts = sum(map(len, prompts))
     with reporter.task(f"embedding {n_prompts:,} prompts", total=n_prompts, unit="prompts") as task:
         def encode(texts: list[str]) -> torch.Tensor:
-            out = run.encode_texts(texts)
+            out = model.encode_text(texts, output="torch")
             task.advance(len(texts))
             return out
 
@@ -146,7 +132,7 @@ def evaluate_classification(run_dir: Path, dataset: str | None = None, split: st
         run=run_dir.name, dataset=ds.name, split=split, metrics=scores.metrics, labels=labels,
         counts=torch.bincount(target, minlength=len(labels)).tolist(), templates=max(map(len, prompts)),
         confusion=confusion_matrix(target, scores.pred, len(labels)).numpy(),
-        train_overlap=training_overlap(run, list(emb.item_table["path"])),
+        train_overlap=run.trained_on(list(emb.item_table["path"])),
         ci=bootstrap_accuracy(scores, target, len(labels), n_boot=bootstrap, seed=seed) if bootstrap else None,
         embeddings=emb, templates_from="dataset" if shipped else str(templates) if templates else None,
         own_templates=prompts_from if shipped or templates else None)

@@ -50,6 +50,36 @@ def model_names(cfg: Any, run_name: str, trained: bool, which: str = "best") -> 
     return f"mmret-{cfg.method.method}-{towers}", run_name if which == "best" else f"{run_name}@{which}"
 
 
+def topk_recalls(item_emb: Any, text_emb: Any, text_item: Any, ks: tuple[int, ...], item: str = "i",
+                 batch_size: int = 64) -> dict[str, float]:
+    """Recall@k both ways as CLIP_benchmark's `zeroshot_retrieval.evaluate` computes it, ties
+    included: captions grouped by their item in the items' order (the order its loader yields
+    them), one float32 score matrix `texts @ items.T` (and its transpose for item -> text), and for
+    each k and each block of `batch_size` query rows (its `batchify`) `torch.topk`, a hit when a
+    right answer is among the k indices it returns. Among equal scores topk picks by position,
+    where mmret's own rule counts a tie against the query; without ties the two agree. Like
+    CLIP_benchmark it holds the whole score matrix (COCO's 5K test: 500 MB)."""
+    import torch
+    import torch.nn.functional as F
+
+    # normalized again in float32, as its evaluate normalizes what the model returns
+    items, texts = (F.normalize(torch.as_tensor(x).float(), dim=-1) for x in (item_emb, text_emb))
+    text_item = torch.as_tensor(text_item).long()
+    order = torch.sort(text_item, stable=True).indices  # each item's captions together, in their order
+    texts, text_item = texts[order], text_item[order]
+    scores = texts @ items.T  # (n_text, n_item), as CLIP_benchmark's one product
+    rows = torch.arange(len(items))
+    out = {}
+    for k in ks:
+        t2x = [(scores[a:a + batch_size].topk(min(k, len(items)), dim=1).indices == text_item[a:a + batch_size, None])
+               .any(1) for a in range(0, len(texts), batch_size)]
+        x2t = [(text_item[scores.T[a:a + batch_size].topk(min(k, len(texts)), dim=1).indices]
+                == rows[a:a + batch_size, None]).any(1) for a in range(0, len(items), batch_size)]
+        out[f"t2{item}_r{k}"] = torch.cat(t2x).float().mean().item()
+        out[f"{item}2t_r{k}"] = torch.cat(x2t).float().mean().item()
+    return out
+
+
 def retrieval_metrics(metrics: dict[str, float], ks: tuple[int, ...]) -> dict[str, float]:
     out = {}
     for k in ks:

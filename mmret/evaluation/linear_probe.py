@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmret.api import load
 from mmret.common.io import write_json
 from mmret.common.progress import NULL, Reporter
 from mmret.errors import MmretError
 from mmret.evaluation.classification import item_labels, labelled_dataset
-from mmret.inference.embeddings import Embeddings, write_run_embeddings
-from mmret.inference.loaded import LoadedRun
+from mmret.inference.embeddings import Embeddings
 from mmret.metrics.classification import classification_metrics
 
 C_GRID = np.logspace(-6, 6, 97)  # inverse regularisation strengths, as in CLIP's sweep
@@ -48,12 +48,18 @@ class ProbeResult:
     seed: int = 0
     tried: dict[float, float] = field(default_factory=dict, repr=False)  # C -> val top-1
     path: Path | None = None
+    train_overlap: int | None = None  # scored (test) items the run trained on (None: not a trained run)
+
+    @property
+    def n_items(self) -> int:
+        return self.sizes["test"]
 
     def to_json(self) -> dict[str, Any]:
         c = len(self.labels)
         return {"run": self.run, "dataset": self.dataset, "split": self.split, "task": "linear-probe",
                 "metrics": self.metrics, "C": self.C, "val_acc1": self.val_acc1, "sizes": self.sizes,
                 "classes": self.labels, "seed": self.seed, "tried": {f"{k:.3g}": v for k, v in self.tried.items()},
+                "train_overlap": self.train_overlap,
                 "chance": {"acc1": 1 / c, "acc5": min(1.0, 5 / c), "mean_per_class_recall": 1 / c}}
 
 
@@ -132,17 +138,18 @@ def evaluate_linear_probe(run_dir: Path, dataset: str | None = None, split: str 
     if split != "test":
         raise MmretError(f"the linear probe fits on train, chooses its regularisation on val and is scored on "
                          f"test; drop --split {split}")
-    run = LoadedRun(run_dir, which=which, device=device)
-    ds = labelled_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    model = load(run_dir, checkpoint=which, device=device)
+    ds = labelled_dataset(dataset or model.dataset, data_dir or model.config.data.data_dir)
     labels = sorted(set(ds.items["label"]))
     _need_items({s: len(ds.split(s).items) for s in ("train", "val", "test")})
-    parts: dict[str, Embeddings] = {s: write_run_embeddings(run, ds.name, s, reporter=reporter, data_dir=data_dir)
+    parts: dict[str, Embeddings] = {s: model.embed_split(ds.name, s, reporter=reporter, data_dir=data_dir)
                                     for s in ("train", "val", "test")}
     x = {s: np.asarray(e.items, dtype=np.float32) for s, e in parts.items()}
     y = {s: item_labels(e, ds, labels).numpy() for s, e in parts.items()}
     metrics, C, val_acc, tried = probe_arrays(x, y, len(labels), seed)
     result = ProbeResult(run=run_dir.name, dataset=ds.name, split=split, metrics=metrics, C=C, val_acc1=val_acc,
-                         sizes={s: len(x[s]) for s in ("train", "val", "test")}, labels=labels, seed=seed, tried=tried)
+                         sizes={s: len(x[s]) for s in ("train", "val", "test")}, labels=labels, seed=seed, tried=tried,
+                         train_overlap=model.run.trained_on(list(parts["test"].item_table["path"])))
     result.path = run_dir / "eval" / f"{ds.name}-{split}-linear-probe.json"
     write_json(result.path, {**result.to_json(), "checkpoint": parts["train"].manifest["checkpoint"],
                              "which": which, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

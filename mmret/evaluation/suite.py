@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmret.api import load
 from mmret.common.progress import NULL, Reporter
 from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.evaluation import clip_benchmark as cb
 from mmret.evaluation.config import EvalConfig
-from mmret.inference.embeddings import write_run_embeddings
 from mmret.inference.loaded import LoadedRun
 
 
@@ -42,7 +42,7 @@ def _evaluate(run_dirs: list[Path], cfg: EvalConfig, reporter: Reporter) -> list
     from mmret.evaluation.retrieval import compare_runs, evaluate_run
 
     options = dict(bootstrap=cfg.bootstrap, seed=cfg.seed, which=cfg.which, device=cfg.device, reporter=reporter,
-                   data_dir=cfg.data_dir, ks=cfg.recall_k)
+                   data_dir=cfg.data_dir, ks=cfg.recall_k, clip_benchmark=cfg.clip_benchmark)
     if len(run_dirs) == 1:
         return [evaluate_run(run_dirs[0], cfg.dataset, cfg.split, **options)]
     return compare_runs(run_dirs, cfg.dataset, cfg.split, **options)
@@ -54,7 +54,7 @@ def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
     name = cb.dataset_name(ds.name, ds.info.get("source"), result.split, wds="clip_benchmark" in ds.info)
     if cfg.task == "retrieval":
         return cb.record("retrieval", name, model=model, pretrained=pretrained,
-                         metrics=cb.retrieval_metrics(result.metrics, cfg.recall_k))
+                         metrics=cb.retrieval_metrics(result.topk or result.metrics, cfg.recall_k))
     if cfg.task == "classification":  # as with --dump_classnames, and --dump_templates for templates not the default
         own = {"templates": result.own_templates} if result.own_templates else {}
         return cb.record("classification", name, model=model, pretrained=pretrained, metrics=result.metrics,
@@ -66,15 +66,15 @@ def _benchmark_record(run: LoadedRun, result: Any, cfg: EvalConfig) -> dict:
 
 def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, reporter: Reporter) -> None:
     """The map and the failure gallery of the first run, from its embeddings of the split."""
-    run = LoadedRun(run_dir, which=cfg.which, device=cfg.device)
-    emb = write_run_embeddings(run, result.dataset, cfg.split, reporter=reporter, data_dir=cfg.data_dir)
-    ds = load_dataset(emb.dataset, cfg.data_dir or run.cfg.data.data_dir)
+    model = load(run_dir, checkpoint=cfg.which, device=cfg.device)
+    emb = model.embed_split(result.dataset, cfg.split, reporter=reporter, data_dir=cfg.data_dir)
+    ds = load_dataset(emb.dataset, cfg.data_dir or model.config.data.data_dir)
     if cfg.map is not None:
         from mmret.figures.maps import embedding_map
 
         with reporter.task(f"drawing the {cfg.map_method} map", total=1, unit="maps") as task:
             report.map = embedding_map(emb, ds, ds.modality, cfg.map, method=cfg.map_method, seed=cfg.seed,
-                                       title=f"{run.name}: {emb.dataset} {emb.split}")
+                                       title=f"{model.name}: {emb.dataset} {emb.split}")
             task.advance()
     if cfg.failures is not None:
         from mmret.figures.failures import failure_gallery
@@ -82,7 +82,7 @@ def _draw(run_dir: Path, result: Any, cfg: EvalConfig, report: EvalReport, repor
         ranks = getattr(result, "ranks", None)
         report.failures = failure_gallery(emb, ds.modality, cfg.failures, count=cfg.worst,
                                           t2i_ranks=ranks.t2i_ranks if ranks is not None else None,
-                                          title=f"{run.name}: {emb.dataset} {emb.split}, the {cfg.worst} worst "
+                                          title=f"{model.name}: {emb.dataset} {emb.split}, the {cfg.worst} worst "
                                                 f"text→{ds.modality.noun} queries")
 
 

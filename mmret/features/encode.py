@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmret import __version__
 from mmret.common.device import check_precision, default_workers, synchronize
 from mmret.common.io import read_json
 from mmret.common.progress import NULL, Reporter
+from mmret.common.version import __version__
 from mmret.data.prepared import PreparedDataset
 from mmret.data.readers.base import SPLITS
 from mmret.data.stamps import match

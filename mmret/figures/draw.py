@@ -133,6 +133,18 @@ class GalleryRow:
     above: list[tuple[str, float]]  # (file, score) of the items ranked above it, best first
 
 
+QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "„": "“"}  # opening mark -> its closing mark
+
+
+def quoted(caption: str) -> str:
+    """The caption in quotation marks, unless it is quoted already (`“School Crossing”.`, a title as
+    some sets write it), which marks of ours around it would double."""
+    core = caption.strip().rstrip(".!?;:,")
+    if len(core) > 1 and core[0] in QUOTES and core[-1] == QUOTES[core[0]]:
+        return caption.strip()
+    return f"“{caption}”"
+
+
 def gallery_figure(rows: list[GalleryRow], modality: Modality, *, title: str, path: Path, roots: Any,
                    thumb_px: int = 160) -> None:
     """One row per failed query: its caption over the right item (green) and what ranked above it
@@ -143,7 +155,7 @@ def gallery_figure(rows: list[GalleryRow], modality: Modality, *, title: str, pa
     head, *subs = fig.subfigures(len(rows) + 1, 1, height_ratios=[0.5 / 2.55] + [1.0] * len(rows))
     head.suptitle(title, fontsize=11, y=0.6)
     for sub, row in zip(subs, rows):
-        sub.suptitle("\n".join(textwrap.wrap(f"“{row.caption}”", 40 * cols // 2)[:2]), fontsize=9, x=0.01,
+        sub.suptitle("\n".join(textwrap.wrap(quoted(row.caption), 40 * cols // 2)[:2]), fontsize=9, x=0.01,
                      ha="left")
         axes = sub.subplots(1, cols)
         cells = [(row.right, f"right {modality.noun}: rank {row.rank}\nscore {row.score:.3f}", _GOOD)]

@@ -2,14 +2,17 @@
 and a model built for the sides a task needs, so a text query builds only the text tower (and,
 for a method over cached features, loads only the frozen text tower's weights).
 
-Everything inference does with a run goes through `LoadedRun`: encoding captions or item files
-(search queries), and embedding a dataset split (eval and the search gallery).
+Everything inference does with a run goes through `LoadedRun`: encoding captions or items (search
+queries, and the Python API's `mmret.load`), and embedding a dataset split (eval and the search
+gallery).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,9 +20,14 @@ from torch import nn
 from mmret.common.device import autocast_context, pick_device
 from mmret.common.digest import file_digest
 from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import load_dataset, run_tables
+from mmret.errors import MmretError
+from mmret.inference.inputs import item_batch
 from mmret.methods import SIDES, get_method
+from mmret.modalities import ItemLoader, Modality, get_modality
 from mmret.models.batch import call
 from mmret.models.embed import embed_source, move_real
+from mmret.models.fused import FusedSide
 from mmret.runs import checkpoint_path, load_run_config
 from mmret.runs.checkpoint import load_weights
 
@@ -35,6 +43,7 @@ class LoadedRun:
         self.digest = file_digest(self.checkpoint)  # identifies the checkpoint's bytes
         self.device = pick_device(device)
         self._built: dict[frozenset, tuple[Any, nn.Module]] = {}
+        self._loader: ItemLoader | None = None
 
     @property
     def name(self) -> str:
@@ -53,19 +62,79 @@ class LoadedRun:
         self._built[frozenset(need)] = built
         return built
 
+    @property
+    def modality(self) -> Modality:
+        """What the run's items are."""
+        return get_modality(self.cfg.data.modality)
+
+    def item_loader(self) -> ItemLoader:
+        """One query item (a file, or its `decode`d form) -> the preprocessed tensor the model reads."""
+        if self._loader is None:
+            ctx, _ = self.model(("item",))
+            self._loader = self.method.query_loader(self.cfg, ctx)
+        return self._loader
+
+    def tokenizer(self) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        """Captions -> the token ids and attention mask the run's text side reads."""
+        ctx, _ = self.model(("text",))
+        return self.method.tokenizer(self.cfg, ctx)
+
+    def standalone_tokenizer(self) -> Any:
+        """The same tokenizer as a `tokenizers.Tokenizer` that needs nothing of mmret (for exports)."""
+        ctx, _ = self.model(("text",))
+        return self.method.standalone_tokenizer(self.cfg, ctx)
+
     @torch.inference_mode()
-    def encode(self, side: str, queries: list) -> torch.Tensor:
-        """(Q, D) normalized float32 embeddings of captions (`text`) or item files (`item`)."""
+    def encode(self, side: str, queries: Any) -> torch.Tensor:
+        """(Q, D) normalized float32 embeddings of captions (`text`) or of items (`item`): files,
+        items held in memory, or preprocessed tensors (see `mmret.inference.inputs`)."""
         ctx, model = self.model((side,))
-        inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
-        encode = model.encode_text if side == "text" else model.encode_item
-        return call(encode, inputs).float().cpu()
+        if side == "text":
+            inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(list(queries))
+            return call(model.encode_text, inputs).float().cpu()
+        batch = item_batch(self.modality, self.item_loader(), list(queries))
+        inputs = self.method.query_inputs(self.cfg, ctx, side, self.device)(batch)
+        return call(model.encode_item, inputs).float().cpu()
+
+    def trained_on(self, paths: Sequence[str]) -> int | None:
+        """How many of the item files `paths` the run trained on (None for a run that was not
+        trained, or whose dataset is gone): a run scored on its own training items looks better than
+        it is. Files are compared by real path, so the same picture under another dataset counts."""
+        cfg = self.cfg
+        if not self.method.trainable:
+            return None
+        try:
+            train = run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)).split("train")
+        except MmretError:
+            return None
+        seen = {os.path.realpath(p) for p in train.items["path"]}
+        return sum(os.path.realpath(p) in seen for p in paths)
+
+    @functools.cached_property
+    def vocabulary(self) -> set[str] | None:
+        """The words this run's text side learned, when it learned no others (see `Method.vocabulary`)."""
+        return self.method.vocabulary(self.cfg, self.model(("text",))[0])
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of a text query this run never learned (none for a pretrained text tower)."""
+        from mmret.data.tokenizer import words
+
+        return [] if self.vocabulary is None else [w for w in words(text) if w not in self.vocabulary]
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode("text", texts)
 
-    def encode_items(self, paths: list[str | Path]) -> torch.Tensor:
-        return self.encode("item", paths)
+    def encode_items(self, items: list[Any]) -> torch.Tensor:
+        return self.encode("item", items)
+
+    def fused(self, side: str) -> FusedSide:
+        """One side from its raw inputs (pixels or features; token ids and mask) to the normalized
+        embedding, as one module in eval mode on the run's device (what exports convert)."""
+        ctx, model = self.model(SIDES)
+        frozen = self.method.frozen_tower(self.cfg, ctx, side, self.device)
+        item_input = self.method.item_input(self.cfg, ctx)
+        fused = FusedSide(model, side, *(frozen or (None, "pooled")), item_input=item_input)
+        return fused.eval()
 
     def source(self, dataset: Any, split: str, reporter: Reporter = NULL) -> Any:
         """The source of one split of a prepared dataset, as this run's method reads it."""

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter
+from mmret.data.prepared import load_dataset
 from mmret.errors import MmretError
 from mmret.inference.embeddings import Embeddings, write_run_embeddings
 from mmret.inference.index import IndexConfig, StaleIndex, ensure_index
@@ -43,6 +45,9 @@ class Hit:
     path: str
     captions: list[str]  # the item's captions (item hits); or the one matching caption (caption hits)
     right: bool | None = None  # the query is one of the gallery's captions: whether this is its item
+    url: str | None = None  # where the item came from (img2dataset's url, a captions table's url column), if known
+    row: int = -1  # the item's row in the gallery (its embeddings' row)
+    caption_row: int = -1  # caption hits: the caption's row in the gallery's captions
 
 
 @dataclass
@@ -51,6 +56,14 @@ class QueryResult:
     items: list[Hit]  # best-matching items
     captions: list[Hit] = field(default_factory=list)  # best-matching captions (item queries)
     known: bool = False  # the query text is one of the gallery's captions (so its right item is known)
+    unknown: list[str] = field(default_factory=list)  # words of a text query the run never learned
+
+    @property
+    def mostly_unknown(self) -> bool:
+        """Whether most words of a text query are outside what the run learned: its scores then mean little."""
+        from mmret.data.tokenizer import words
+
+        return bool(self.unknown) and 2 * len(self.unknown) > len(words(self.query))
 
     def sheet_row(self) -> tuple[str, list]:
         """(title, items) for a results sheet: each hit's rank, score, id and captions, marked
@@ -86,8 +99,33 @@ class SearchResult:
             return {modality.id_column if k == "item_id" else k: v for k, v in h.items()}
 
         out["results"] = [{"query": q["query"], modality.plural: [hit(h) for h in q["items"]],
-                           "captions": [hit(h) for h in q["captions"]], "known": q["known"]} for q in out["results"]]
+                           "captions": [hit(h) for h in q["captions"]], "known": q["known"],
+                           "unknown_words": q["unknown"]} for q in out["results"]]
         return out
+
+
+def near_duplicates(vectors: np.ndarray, threshold: float = 0.94, block: int = 1024) -> set[int]:
+    """The positions clip-retrieval's `deduplicate` leaves out of a ranked list: results whose
+    embeddings are within `threshold` cosine of another's are one group, transitively (connected
+    components), and each group keeps only its best-ranked member. Compared block by block, so
+    10,000 results never hold a 10,000 x 10,000 matrix."""
+    x = np.asarray(vectors, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    parent = list(range(len(x)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start in range(0, len(x), block):
+        close = np.argwhere(x[start:start + block] @ x.T >= threshold)
+        for i, j in close.tolist():
+            a, b = root(start + i), root(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # a group's root is its best-ranked member
+    return {i for i in range(len(x)) if root(i) != i}
 
 
 def gallery_index(run_dir: Path, emb: Embeddings, side: str, *, cfg: IndexConfig, rebuild: bool,
@@ -118,7 +156,7 @@ class Gallery:
     (`vectors`); `items_for` and `captions_for` turn query embeddings into hits."""
 
     def __init__(self, run: LoadedRun, emb: Embeddings, items_index: Any, captions_index: Any | None, *,
-                 index: str = "exact"):
+                 index: str = "exact", sources: pd.DataFrame | None = None):
         self.run, self.emb, self.index = run, emb, index
         self.items_index, self.captions_index = items_index, captions_index
         self.ids = emb.item_table["item_id"].astype(str).tolist()
@@ -130,6 +168,17 @@ class Gallery:
         self.captions_of: list[list[str]] = [[] for _ in self.ids]
         for text, row in zip(self.caption_texts, self.caption_items.tolist()):
             self.captions_of[row].append(text)
+        # each row's source fields (item_id, then e.g. url, sha256), when the dataset kept any
+        known = sources is not None and len(sources.columns) > 1
+        self.sources = (sources.drop_duplicates("item_id").set_index("item_id").reindex(self.ids) if known
+                        else pd.DataFrame(index=pd.Index(self.ids, name="item_id")))
+        self.urls: list[str | None] = ([None if pd.isna(u) else str(u) for u in self.sources["url"]]
+                                       if "url" in self.sources.columns else [None] * len(self.ids))
+
+    def source(self, row: int) -> dict[str, Any]:
+        """The source's own fields of a gallery row (those it has), as JSON-ready values."""
+        fields = self.sources.iloc[row].to_dict() if len(self.sources.columns) else {}
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in fields.items() if not pd.isna(v)}
 
     @classmethod
     def open(cls, run: LoadedRun | Path, dataset: str | None = None, split: str = "all", *, index: str = "exact",
@@ -145,7 +194,8 @@ class Gallery:
         if captions and len(emb.captions):
             captions_index = gallery_index(run.run_dir, emb, "captions", cfg=cfg, rebuild=rebuild_index,
                                            reporter=reporter)
-        return cls(run, emb, items_index, captions_index, index=index)
+        sources = load_dataset(emb.dataset, data_dir or run.cfg.data.data_dir).sources()
+        return cls(run, emb, items_index, captions_index, index=index, sources=sources)
 
     # -- what the gallery is
     @property
@@ -182,9 +232,9 @@ class Gallery:
         """(Q, D) float32 embeddings of captions."""
         return self.run.encode_texts(list(texts)).numpy()
 
-    def encode_items(self, paths: list[str | Path]) -> np.ndarray:
-        """(Q, D) float32 embeddings of item files (the run's modality)."""
-        return self.run.encode_items(list(paths)).numpy()
+    def encode_items(self, items: list[Any]) -> np.ndarray:
+        """(Q, D) float32 embeddings of items of the run's modality (files, or items held in memory)."""
+        return self.run.encode_items(list(items)).numpy()
 
     def vectors(self, rows: list[int]) -> np.ndarray:
         """(Q, D) float32 gallery embeddings of rows: the query of "more like this"."""
@@ -202,7 +252,8 @@ class Gallery:
             s, i = s[keep][:k], i[keep][:k]
             ranked = enumerate(zip(s.tolist(), i.tolist()))
             out.append([Hit(rank=r + 1, score=float(score), item_id=self.ids[row], path=self.paths[row],
-                            captions=list(self.captions_of[row])) for r, (score, row) in ranked])
+                            captions=list(self.captions_of[row]), url=self.urls[row], row=row)
+                        for r, (score, row) in ranked])
         return out
 
     def captions_for(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
@@ -216,7 +267,7 @@ class Gallery:
             for r, (score, row) in enumerate((a, b) for a, b in zip(s.tolist(), i.tolist()) if b >= 0):
                 item = int(self.caption_items[row])
                 hits.append(Hit(rank=r + 1, score=float(score), item_id=self.ids[item], path=self.paths[item],
-                                captions=[self.caption_texts[row]]))
+                                captions=[self.caption_texts[row]], url=self.urls[item], row=item, caption_row=row))
             out.append(hits)
         return out
 
@@ -229,30 +280,32 @@ class Gallery:
             known = text in self.known_captions
             for h in found:
                 h.right = text in h.captions if known else None
-            out.append(QueryResult(text, found, known=known))
+            out.append(QueryResult(text, found, known=known, unknown=self.run.unknown_words(text)))
         return out
 
-    def search_items(self, paths: list[str | Path], k: int) -> list[QueryResult]:
-        """The items and captions nearest to each item file."""
-        queries = self.encode_items(paths)
-        items, captions = self.items_for(queries, k), self.captions_for(queries, k)
-        return [QueryResult(str(p), h, c) for p, h, c in zip(paths, items, captions)]
+    def search_items(self, items: list[Any], k: int) -> list[QueryResult]:
+        """The items and captions nearest to each query item (a file, or an item held in memory)."""
+        queries = self.encode_items(items)
+        hits, captions = self.items_for(queries, k), self.captions_for(queries, k)
+        names = [str(i) if isinstance(i, (str, Path)) else f"({type(i).__name__})" for i in items]
+        return [QueryResult(n, h, c) for n, h, c in zip(names, hits, captions)]
 
 
-def search(run_dir: Path, queries: list[str], *, item: Path | None = None, dataset: str | None = None,
+def search(run: Path | LoadedRun, queries: list[str], *, item: Any = None, dataset: str | None = None,
            split: str = "all", k: int = 10, index: str = "exact", rebuild_index: bool = False,
            which: str = "best", device: str = "auto", reporter: Reporter = NULL,
            data_dir: Path | None = None, query_modality: str | None = None) -> SearchResult:
-    """Top-k items for each text query, or items and captions for a query item file (`item`: a
-    picture or a sound, whichever the run's items are; `query_modality` says which the caller
-    meant, and a query of the other kind is refused)."""
+    """Top-k items for each text query, or items and captions for a query item (`item`: a picture
+    or a sound, whichever the run's items are, as a file or held in memory; `query_modality` says
+    which the caller meant, and a query of the other kind is refused). `run` is a run folder or a
+    loaded run (whose checkpoint and device then apply)."""
     if any(not q.strip() for q in queries):
         raise MmretError("a query is empty; give the words to search for")
-    if item is not None and Path(item).is_dir():
+    if isinstance(item, (str, Path)) and Path(item).is_dir():
         raise MmretError(f"--{query_modality or 'image'} {item} is a folder; give the path of one file to search with")
     if k < 1:
         raise MmretError(f"-k must be at least 1, got {k}")
-    run = LoadedRun(run_dir, which=which, device=device)
+    run = run if isinstance(run, LoadedRun) else LoadedRun(run, which=which, device=device)
     modality = get_modality(run.cfg.data.modality)
     if not queries and item is None:
         raise MmretError(f"nothing to search for: give a query text, --queries FILE, or --{modality.name} PATH")
@@ -264,5 +317,5 @@ def search(run_dir: Path, queries: list[str], *, item: Path | None = None, datas
     results = gallery.search_texts(queries, k) if queries else []
     if item is not None:
         results += gallery.search_items([item], k)
-    return SearchResult(run=run_dir.name, dataset=gallery.dataset, split=split, index=index, results=results,
+    return SearchResult(run=run.name, dataset=gallery.dataset, split=split, index=index, results=results,
                         modality=gallery.modality.name, roots=gallery.roots)

@@ -14,13 +14,19 @@ from mmret.runs import RunConfig, create_run_dir
 from mmret.runs.config import DataConfig, EncoderConfig
 
 
-def zero_shot_run(model: str, dataset: str, data_dir: Any = None, runs_dir: Any = None) -> Path:
-    """The run folder for `model` on `dataset` (made on first use)."""
+def zero_shot_run(model: str, dataset: str | None, data_dir: Any = None, runs_dir: Any = None) -> Path:
+    """The run folder for `model` on `dataset` (made on first use). Without a dataset the items'
+    modality is the one the model's item tower reads (a picture tower unless it says otherwise)."""
     from safetensors.torch import save_file
 
-    modality = load_dataset(dataset, data_dir).modality.name
-    cfg = RunConfig(name=f"zeroshot-{slug(model)}", runs_dir=runs_dir,
-                    data=DataConfig(dataset=dataset, data_dir=data_dir, modality=modality),
+    from mmret.encoders import tower_modality
+
+    if dataset is not None:
+        modality = load_dataset(dataset, data_dir).modality.name
+    else:
+        modality = tower_modality(model) or "image"
+    data = DataConfig(data_dir=data_dir, modality=modality, **({"dataset": dataset} if dataset else {}))
+    cfg = RunConfig(name=f"zeroshot-{slug(model)}", runs_dir=runs_dir, data=data,
                     encoders=EncoderConfig(item=model, text=model), method=config_for("zeroshot"))
     path = cfg.runs_dir / cfg.name
     if not (path / "config.json").is_file():

@@ -79,7 +79,7 @@ SIDES = ("item", "text")  # the item side (a picture or a sound) and the caption
 
 class Method:
     """Base of every method. Subclasses set the class attributes and implement `open`, `sources`,
-    `build` and `query_inputs`; the rest has defaults that fit most."""
+    `build`, `query_loader`, `tokenizer` and `item_input`; the rest has defaults that fit most."""
 
     name: str = ""
     help: str = ""  # one line for `--method`'s help (a built-in's is in `mmret.methods.catalog`, read without torch)
@@ -87,6 +87,7 @@ class Method:
     config: type[MethodConfig] = MethodConfig
     trainable: bool = True  # False for a pretrained model evaluated as is (zero-shot)
     runs_towers: bool = False  # pretrained towers (or whole models) run at every step
+    towers: bool = True  # built on pretrained towers (--vision / --audio and --text, or --model)
     checkpointable: bool = False  # --grad-checkpointing changes something
     sample_size: int = 128  # rows `init_heads` draws from a training source to start the input norms
 
@@ -115,10 +116,51 @@ class Method:
         """The sides whose frozen towers never run in training: their outputs come from the cache."""
         return ()
 
-    # -- search queries
-    def query_inputs(self, cfg: Any, ctx: Any, side: str, device: torch.device) -> Callable[[list], Any]:
-        """A function from raw queries (captions, or item files) to the model's input for `side`."""
+    # -- search queries, the Python API and exports
+    def query_loader(self, cfg: Any, ctx: Any) -> Any:
+        """The `ItemLoader` that turns one query item (a file; its `decode` and `transform` also
+        serve items given in memory) into the preprocessed tensor the item side reads."""
         raise NotImplementedError
+
+    def tokenizer(self, cfg: Any, ctx: Any) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        """Captions -> the text side's token ids and attention mask (B, L)."""
+        raise NotImplementedError
+
+    def standalone_tokenizer(self, cfg: Any, ctx: Any) -> Any:
+        """The same tokenizer as a `tokenizers.Tokenizer` that needs nothing of mmret: the same ids,
+        truncation and padding (exports save it as tokenizer.json)."""
+        raise NotImplementedError
+
+    def item_input(self, cfg: Any, ctx: Any) -> str:
+        """The keyword the item side's raw batch (what `query_loader` makes, stacked) goes in by."""
+        raise NotImplementedError
+
+    def frozen_tower(self, cfg: Any, ctx: Any, side: str, device: torch.device) -> tuple[nn.Module, str] | None:
+        """For a side whose frozen tower stands outside the model (its outputs are cached): the tower
+        with its weights on `device`, and which of its outputs the model reads (pooled | tokens)."""
+        return None
+
+    def query_inputs(self, cfg: Any, ctx: Any, side: str, device: torch.device) -> Callable[[Any], Any]:
+        """A function to the model's input for `side`: from captions (`text`), or from a stacked
+        batch of preprocessed items, (B, ...) as `query_loader` makes them (`item`)."""
+        from mmret.methods.queries import encode_with_tower
+
+        frozen = self.frozen_tower(cfg, ctx, side, device)
+        tokenize = self.tokenizer(cfg, ctx) if side == "text" else None
+        name = self.item_input(cfg, ctx) if side == "item" else None
+
+        def inputs(queries: Any) -> Any:
+            raw = ({k: v.to(device) for k, v in tokenize(list(queries)).items()} if tokenize is not None
+                   else {name: queries.to(device)})
+            return getattr(encode_with_tower(frozen[0], raw, device), frozen[1]) if frozen is not None else raw
+
+        return inputs
+
+    def vocabulary(self, cfg: Any, ctx: Any) -> set[str] | None:
+        """The words a run's text side learned, when it learned no others (a model trained from
+        scratch knows only the words of its training captions), lower-cased; None for a pretrained
+        text tower, which knows words beyond them."""
+        return None
 
     # -- memory probing and the parameter table
     def input_shapes(self, cfg: Any, ctx: Any, num_tokens: Callable[[nn.Module], int]) -> Inputs:

@@ -19,7 +19,6 @@ from mmret.data.prepared import run_tables
 from mmret.encoders import load_text_encoder, load_tower
 from mmret.features import CAPTIONS, FeatureSource, ensure_features
 from mmret.methods.base import SIDES, FeatureDims, FrozenPart, Inputs, Method
-from mmret.methods.queries import encode_with_tower, item_batch
 
 
 @dataclass
@@ -77,13 +76,20 @@ class FeaturesMethod(Method):
     def cached_sides(self, cfg: Any) -> tuple[str, ...]:
         return SIDES
 
-    def query_inputs(self, cfg: Any, ctx: FeatureContext, side: str, device: torch.device) -> Callable[[list], Any]:
-        tower = ctx.tower(side, device)
-        if side == "text":
-            return lambda texts: encode_with_tower(tower, tower.tokenize(list(texts)), device).pooled
-        load = tower.item_loader()
-        out = "tokens" if self.item_tokens else "pooled"
-        return lambda paths: getattr(encode_with_tower(tower, item_batch(tower, load, paths), device), out)
+    def query_loader(self, cfg: Any, ctx: FeatureContext) -> Any:
+        return ctx.item.item_loader()
+
+    def tokenizer(self, cfg: Any, ctx: FeatureContext) -> Any:
+        return ctx.text.tokenize
+
+    def standalone_tokenizer(self, cfg: Any, ctx: FeatureContext) -> Any:
+        return ctx.text.standalone_tokenizer()
+
+    def item_input(self, cfg: Any, ctx: FeatureContext) -> str:
+        return ctx.item.input_name
+
+    def frozen_tower(self, cfg: Any, ctx: FeatureContext, side: str, device: torch.device) -> tuple[nn.Module, str]:
+        return ctx.tower(side, device), "tokens" if side == "item" and self.item_tokens else "pooled"
 
     def input_shapes(self, cfg: Any, ctx: FeatureContext, num_tokens: Callable[[nn.Module], int]) -> Inputs:
         item = (num_tokens(ctx.item), ctx.item.token_dim) if self.item_tokens else (ctx.item.dim,)

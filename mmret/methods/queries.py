@@ -1,27 +1,11 @@
-"""Turning search queries into a tower's input: item files decoded and stacked (one line for a file
-that cannot be read), and a frozen tower run on them without gradients."""
+"""Running a frozen tower on a batch of query inputs, without gradients (the items themselves are
+turned into a batch by `mmret.inference.inputs`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-
-from mmret.common.paths import ANYWHERE
-from mmret.errors import MmretError
-from mmret.modalities import ItemError, get_modality
-
-
-def item_batch(tower: Any, load: Any, paths: list) -> dict[str, torch.Tensor]:
-    """`forward`'s keyword input for the item files `paths`, through the item loader `load`: files the
-    user names as queries, read wherever they are (but only if they are regular files)."""
-    items, load = [], load.reading(ANYWHERE)
-    for path in paths:
-        try:
-            items.append(load(path))
-        except ItemError as e:
-            raise MmretError(f"cannot read the query {get_modality(tower.modality).noun} {path}: {e}") from None
-    return {tower.input_name: torch.stack(items)}
 
 
 @torch.inference_mode()

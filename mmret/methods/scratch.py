@@ -19,11 +19,10 @@ from typing import Any, Callable
 import torch
 
 from mmret.data.pairs import FileSource, mentions_sides, split_tables
-from mmret.data.prepared import run_tables
+from mmret.data.prepared import load_dataset, run_tables
 from mmret.errors import MmretError
 from mmret.methods.base import SIDES, Inputs, Method
 from mmret.methods.config import ScratchConfig
-from mmret.methods.queries import item_batch
 from mmret.methods.registry import register_method
 from mmret.modalities.base import ItemLoader
 from mmret.modalities.image import load_rgb
@@ -42,6 +41,7 @@ class ScratchMethod(Method):
     lr = 1e-3
     config = ScratchConfig
     runs_towers = True
+    towers = False  # both towers are trained from nothing
 
     def open(self, cfg: Any, dataset: Any = None, run_dir: Any = None, *, weights: bool = True,
              need: tuple[str, ...] = SIDES) -> ScratchContext:
@@ -66,14 +66,16 @@ class ScratchMethod(Method):
     def _loaders(self, cfg: Any, hflip: bool) -> tuple[ItemLoader, ItemLoader]:
         from torchvision import transforms as T
 
-        from mmret.encoders.preprocess import resize_and_crop
-        from mmret.models.miniclip import IMAGENET_MEAN, IMAGENET_STD, image_transform
+        from mmret.encoders.preprocess import ImagePreprocess, ImageTransform, resize_and_crop
+        from mmret.models.miniclip import IMAGENET_MEAN, IMAGENET_STD
 
         size = cfg.method.image_size
         train = T.Compose(resize_and_crop(size, (size, size), T.InterpolationMode.BICUBIC)
                           + ([T.RandomHorizontalFlip()] if hflip else [])
                           + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        return ItemLoader(load_rgb, train), ItemLoader(load_rgb, image_transform(size))
+        # evaluation: resize, centre crop, ImageNet statistics (MiniCLIP's `image_transform`), as numbers exports read
+        pre = ImagePreprocess((size, size), size, "bicubic", IMAGENET_MEAN, IMAGENET_STD, "scratch")
+        return ItemLoader(load_rgb, train), ItemLoader(load_rgb, ImageTransform(pre))
 
     def _tokenize(self, cfg: Any, ctx: ScratchContext) -> Callable:
         return partial(ctx.tokenizer.tokenize, max_length=cfg.encoders.max_length)
@@ -106,13 +108,28 @@ class ScratchMethod(Method):
             text_depth=m.text_depth, linformer_k=min(m.linformer_k, cfg.encoders.max_length), dropout=m.dropout,
             embed_dim=m.embed_dim, temperature=m.temperature, temperature_init=m.init_temperature))
 
-    def query_inputs(self, cfg: Any, ctx: ScratchContext, side: str, device: torch.device) -> Callable[[list], Any]:
-        if side == "text":
-            tokenize = self._tokenize(cfg, ctx)
-            return lambda texts: {k: v.to(device) for k, v in tokenize(list(texts)).items()}
-        _, load = self._loaders(cfg, hflip=False)
-        picture = SimpleNamespace(modality="image", input_name="pixels")
-        return lambda paths: {k: v.to(device) for k, v in item_batch(picture, load, paths).items()}
+    def query_loader(self, cfg: Any, ctx: ScratchContext) -> ItemLoader:
+        return self._loaders(cfg, hflip=False)[1]
+
+    def tokenizer(self, cfg: Any, ctx: ScratchContext) -> Any:
+        return self._tokenize(cfg, ctx)
+
+    def standalone_tokenizer(self, cfg: Any, ctx: ScratchContext) -> Any:
+        return ctx.tokenizer.standalone(cfg.encoders.max_length)
+
+    def item_input(self, cfg: Any, ctx: ScratchContext) -> str:
+        return "pixels"
+
+    def vocabulary(self, cfg: Any, ctx: ScratchContext) -> set[str] | None:
+        """The words of the training captions, which are all the text tower ever read (None when
+        the run's dataset is gone)."""
+        from mmret.data.tokenizer import words
+
+        try:
+            captions = split_tables(run_tables(cfg, load_dataset(cfg.data.dataset, cfg.data.data_dir)), "train")
+        except MmretError:
+            return None
+        return {w for caption in captions.captions for w in words(caption)}
 
     def input_shapes(self, cfg: Any, ctx: ScratchContext, num_tokens: Callable) -> Inputs:
         m = cfg.method

@@ -32,7 +32,6 @@ from mmret.methods.config import (
     PrefixConfig,
     TowerConfig,
 )
-from mmret.methods.queries import encode_with_tower, item_batch
 from mmret.methods.registry import register_method
 from mmret.modalities import get_modality
 from mmret.models import DualEncoder, ProjectionHead
@@ -151,20 +150,25 @@ class TowerMethod(Method):
         temperature = build_temperature(m.temperature, CLIP_TEMPERATURE if clip else m.init_temperature)
         return DualEncoder(sides[0], sides[1], m.embed_dim, temperature)
 
-    def query_inputs(self, cfg: Any, ctx: Towers, side: str, device: torch.device) -> Callable[[list], Any]:
-        encoder = ctx.item if side == "item" else ctx.text
-        if side == ctx.cached:  # the frozen tower runs once on the query; the model reads its pooled output
-            if side not in ctx.loaded:
-                ctx.loaded[side] = encoder.with_weights().to(device).eval()
-            frozen = ctx.loaded[side]
-            if side == "text":
-                return lambda texts: encode_with_tower(frozen, frozen.tokenize(list(texts)), device).pooled
-            load = frozen.item_loader()
-            return lambda paths: encode_with_tower(frozen, item_batch(frozen, load, paths), device).pooled
-        if side == "text":
-            return lambda texts: {k: v.to(device) for k, v in encoder.tokenize(list(texts)).items()}
-        load = encoder.item_loader()
-        return lambda paths: {k: v.to(device) for k, v in item_batch(encoder, load, paths).items()}
+    def query_loader(self, cfg: Any, ctx: Towers) -> Any:
+        return ctx.item.item_loader()
+
+    def tokenizer(self, cfg: Any, ctx: Towers) -> Any:
+        return ctx.text.tokenize
+
+    def standalone_tokenizer(self, cfg: Any, ctx: Towers) -> Any:
+        return ctx.text.standalone_tokenizer()
+
+    def item_input(self, cfg: Any, ctx: Towers) -> str:
+        return ctx.item.input_name
+
+    def frozen_tower(self, cfg: Any, ctx: Towers, side: str, device: torch.device) -> tuple[nn.Module, str] | None:
+        """The tower that stays frozen runs once on a query; the model reads its pooled output."""
+        if side != ctx.cached:
+            return None
+        if side not in ctx.loaded:
+            ctx.loaded[side] = (ctx.item if side == "item" else ctx.text).with_weights().to(device).eval()
+        return ctx.loaded[side], "pooled"
 
     def input_shapes(self, cfg: Any, ctx: Towers, num_tokens: Callable[[nn.Module], int]) -> Inputs:
         text = ctx.text

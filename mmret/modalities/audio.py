@@ -297,6 +297,39 @@ class AudioDecoder:
     def __call__(self, source: str | Path | BinaryIO) -> np.ndarray:
         return load_audio(source, self.sample_rate, self.seconds, self.random_offset)
 
+    def wave(self, wave: Any, rate: int) -> np.ndarray:
+        """A waveform held in memory, as `__call__` gives a file's (from its start): mono, at
+        `sample_rate`, at most `seconds` long."""
+        return fit_wave(wave, rate, self.sample_rate, self.seconds)
+
+
+def fit_wave(wave: Any, rate: int, sample_rate: int, seconds: float | None = None) -> np.ndarray:
+    """(N,) samples, or (channels, N) as torchaudio gives them, or (N, channels) as soundfile does
+    (told apart by which side is longer) -> mono float32 at `sample_rate`, at most `seconds` long."""
+    _, soxr = _libs()
+    data = np.asarray(wave.detach().cpu() if hasattr(wave, "detach") else wave, dtype=np.float32)
+    if data.ndim == 2:
+        data = data.mean(axis=0 if data.shape[0] < data.shape[1] else 1)
+    if data.ndim != 1 or not len(data):
+        raise AudioError(f"a waveform must be (samples,) or (channels, samples), got shape {data.shape}")
+    if not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise AudioError(f"the sample rate must be a positive whole number of Hz, got {rate!r}")
+    if seconds is not None:
+        data = data[:math.ceil(seconds * rate)]
+    data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
+    if rate != sample_rate:
+        data = soxr.resample(data, int(rate), sample_rate, quality="HQ")
+    if seconds is not None:
+        data = data[:round(seconds * sample_rate)]
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _accept(sound: Any, decode: Any) -> np.ndarray:
+    """A (waveform, sample rate) pair, through the loader's decoder (an `AudioDecoder`)."""
+    if not (isinstance(sound, tuple) and len(sound) == 2):
+        raise AudioError(f"a sound in memory is a (waveform, sample_rate) pair, got {type(sound).__name__}")
+    return decode.wave(*sound)
+
 
 def _probe_columns(source: Path | BinaryIO, full: bool) -> dict[str, Any]:
     info = probe_audio(source, full)
@@ -321,4 +354,5 @@ def thumbnail(source: str | Path | BinaryIO, size: int) -> np.ndarray:
 AUDIO = register_modality(Modality(
     name="audio", plural="audio", short="a", noun="sound", unit="clip", extensions=AUDIO_EXTENSIONS,
     probe=_probe_columns, decode=load_audio, columns=("sample_rate", "channels", "duration_ms"),
-    results_sheet=_listening_page, thumbnail=thumbnail, sheet_name="listening page", map_at=(10,)))
+    results_sheet=_listening_page, thumbnail=thumbnail, sheet_name="listening page", map_at=(10,), accept=_accept,
+    given_as="a file path or a (waveform, sample_rate) pair"))

@@ -37,6 +37,10 @@ class Modality:
     thumbnail: Callable[[Any, int], Any] | None = None
     sheet_name: str = "contact sheet"  # what `results_sheet` writes, in messages ("listening page" for sounds)
     map_at: tuple[int, ...] = ()  # mAP@k cut-offs its benchmarks report besides full mAP (audio: DCASE's 10)
+    # (an item held in memory, the loader's `decode`) -> the item as `decode` gives it, or ItemError: what
+    # the Python API takes besides files (a PIL picture or pixel array; a (waveform, sample rate) pair)
+    accept: Callable[[Any, Any], Any] | None = None
+    given_as: str = ""  # what `accept` takes, for messages ("a PIL image or a uint8 array")
 
     def is_item_file(self, name: str) -> bool:
         return name.lower().endswith(self.extensions) and not name.startswith(".")

@@ -241,6 +241,27 @@ def thumbnail(source: str | Path | BinaryIO, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
+def as_picture(picture: Any, decode: Any = None) -> Image.Image:
+    """A picture held in memory as `load_rgb` gives a file: a PIL image (EXIF orientation applied,
+    as for a file) or a uint8 array (H, W), (H, W, 3) or (H, W, 4), in RGB."""
+    if isinstance(picture, np.ndarray):
+        if picture.dtype != np.uint8 or picture.ndim not in (2, 3) or (picture.ndim == 3 and picture.shape[2]
+                                                                          not in (1, 3, 4)):
+            raise ImageError(f"a pixel array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got "
+                             f"{picture.dtype} {picture.shape}")
+        picture = Image.fromarray(picture[..., 0] if picture.ndim == 3 and picture.shape[2] == 1 else picture)
+    if not isinstance(picture, Image.Image):
+        raise ImageError(f"not a picture: {type(picture).__name__}")
+    try:
+        try:
+            picture = ImageOps.exif_transpose(picture)
+        except Exception:  # broken EXIF: keep the pixels as stored
+            pass
+        return to_rgb(picture)
+    except Exception as e:
+        raise ImageError(f"cannot decode: {e}") from None
+
+
 def _probe_columns(path: Path | BinaryIO, full: bool) -> dict[str, int]:
     width, height = probe_image(path, full=full)
     return {"width": width, "height": height}
@@ -249,4 +270,4 @@ def _probe_columns(path: Path | BinaryIO, full: bool) -> dict[str, int]:
 IMAGE = register_modality(Modality(
     name="image", plural="images", short="i", noun="picture", unit="img", extensions=IMAGE_EXTENSIONS,
     probe=_probe_columns, decode=load_rgb, columns=("width", "height"), results_sheet=contact_sheet,
-    thumbnail=thumbnail))
+    thumbnail=thumbnail, accept=as_picture, given_as="a file path, a PIL image or a uint8 array (H, W, 3)"))

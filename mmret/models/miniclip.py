@@ -120,6 +120,10 @@ class MiniCLIP(nn.Module):
         self.temperature = build_temperature(cfg.temperature, cfg.temperature_init, cfg.temperature_max_scale,
                                              cfg.temperature_hidden)
 
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
     def encode_item(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """pixels (B, 3, S, S), ImageNet-normalized -> (B, embed_dim) (its items are pictures)."""
         x = self.projection(self.image_in(self.visual(pixels)))  # (B, E)

@@ -190,3 +190,27 @@ def load_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     set_rng_state(tensors, meta["rng"])
     return meta
+
+
+# ---------------------------------------------------------------- saying which
+
+
+def checkpoint_line(run_dir: Path, which: str = "best") -> tuple[str, bool]:
+    """(one line, whether the run finished): the run, which of its checkpoints a command uses and
+    from when, and whether the run finished (a stopped run's best is not the best it would reach).
+    A pretrained model evaluated as it is has no training to speak of: it counts as finished."""
+    from mmret.runs.folders import checkpoint_path, load_run_config
+
+    meta = read_meta(checkpoint_path(run_dir, which))
+    if "epoch" not in meta:
+        return f"run {run_dir.name}", True
+    score = meta.get("metrics", {}).get("mean_recall")
+    line = (f"run {run_dir.name}, its {which} checkpoint (epoch {meta['epoch']}, step {meta.get('step', 0):,}"
+            + (f", val mean recall {score:.3f})" if score is not None else ")"))
+    state = run_dir / "checkpoints" / "last.state.safetensors"
+    loop = read_meta(state).get("loop", {}) if state.is_file() else {}
+    if loop.get("finished"):
+        return f"{line}; the run ended after {loop.get('epoch', '?')} epochs: {loop['finished']}", True
+    epochs = load_run_config(run_dir).train.epochs
+    return (f"{line}; the run stopped at epoch {loop.get('epoch', '?')} of {epochs} without finishing "
+            f"(`mmret train --resume {run_dir.name}` goes on)"), False

@@ -54,6 +54,9 @@ class EncoderConfig:
     max_length: int = option(64, "Text tokens per caption")
 
 
+ITEM_FLAGS = {"image": "--vision", "audio": "--audio"}  # modality -> how a command line names the item tower
+
+
 @dataclass
 class TrainConfig:
     epochs: int = option(20, "Passes over the training items")
@@ -145,7 +148,7 @@ class RunConfig:
         for key, kind in SECTIONS.items():
             section = dict(data.get(key, {}))
             if key == "method":
-                name = section.pop("method", MethodConfig.method)
+                name = section.pop("method", LEGACY_METHOD)
                 section = {**getattr(config_class(name), "SAVED_BEFORE", {}), **section}
                 kwargs[key] = config_for(name, **_typed(config_class(name), section, key))
                 continue
@@ -173,6 +176,7 @@ RENAMED = {("encoders", "vision"): "item"}  # settings old config.json files hol
 # settings added later, and what a config.json written before them meant (a method's own are its
 # config class's SAVED_BEFORE)
 SAVED_BEFORE = {("train", "same_caption"): "negative"}
+LEGACY_METHOD = "bridge"  # the default when a method section without a name was written
 
 
 def settle_modality(cfg: RunConfig) -> str:

@@ -5,7 +5,8 @@
     GET  /api/info               the loaded run and gallery, and the limits
     POST /api/search             {"text": ...} or {"id": ...}, with "k"
     POST /api/search/upload      multipart: file (an item of the gallery's kind), k
-    POST /knn-service            clip-retrieval's request shape (see `schemas`)
+    POST /knn-service            clip-retrieval's back end: its request and answer (see `knn`)
+    POST /metadata               clip-retrieval's metadata of result ids
     GET  /indices-list           clip-retrieval's list of galleries (this one)
     GET  /media/{id}             a gallery item's file, by id only
     GET  /thumbnails/{id}        its thumbnail, made once and cached
@@ -19,8 +20,6 @@ bodies are limited before they are read (`BodyLimit`); each request is logged on
 
 # no `from __future__ import annotations`: FastAPI reads the request models from the annotations
 # of handlers defined inside `create_app`, which string annotations would hide from it
-import base64
-import binascii
 import hmac
 import io
 import logging
@@ -38,24 +37,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mmret import __version__
+from mmret.common.version import __version__
 from mmret.errors import MmretError
 from mmret.serve.guards import add_guards
-from mmret.serve.schemas import (
-    CaptionHit,
-    Health,
-    ItemHit,
-    KnnResult,
-    Query,
-    SearchResponse,
-    error_responses,
-    request_models,
-)
+from mmret.serve.knn import add_knn_routes
+from mmret.serve.schemas import CaptionHit, Health, ItemHit, Query, SearchResponse, error_responses, request_models
 from mmret.serve.service import Answer, ApiError, SearchService
 
 _logger = logging.getLogger("mmret.serve")
 
-STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
+STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html",
+          "favicon.svg": "image/svg+xml"}
 JSON_LIMIT = 1024 * 1024  # bytes of a JSON request without a picture in it (a long query gets its own message)
 NO_STORE = {"Cache-Control": "no-store"}
 
@@ -121,22 +113,6 @@ def create_app(service: SearchService) -> Any:
         finally:
             path.unlink(missing_ok=True)
 
-    @app.post("/knn-service", response_model=list[KnnResult], dependencies=keyed, tags=["clip-retrieval"],
-              responses=error_responses(cfg, 400, 403, 404, 413, 415, 422, 503))
-    async def knn_service(body: models.KnnRequest) -> list[KnnResult]:
-        """clip-retrieval's `/knn-service`: the nearest items (modality image) or captions (text)."""
-        answer = await _knn(service, body)
-        if body.modality == "text":
-            return [KnnResult(id=h.item_id, similarity=h.score, caption=h.captions[0], **_links(h.item_id))
-                    for h in answer.captions]
-        return [KnnResult(id=h.item_id, similarity=h.score, caption=h.captions[0] if h.captions else None,
-                          **_links(h.item_id)) for h in answer.items]
-
-    @app.get("/indices-list", dependencies=keyed, tags=["clip-retrieval"], responses=error_responses(cfg))
-    async def indices_list() -> list[str]:
-        """clip-retrieval's list of indices: the one gallery this server holds."""
-        return [service.gallery.dataset]
-
     @app.get("/media/{item:path}", dependencies=keyed, tags=["media"], response_class=FileResponse,
              responses=error_responses(cfg, 403, 404, 422))
     async def media(item: str) -> Response:
@@ -152,6 +128,7 @@ def create_app(service: SearchService) -> Any:
         path = await run_in_threadpool(service.thumbnail, item)
         return FileResponse(path, media_type="image/jpeg", headers=_media_headers(cfg))
 
+    add_knn_routes(app, service, models, keyed)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, upload_limit=cfg.max_upload_bytes)
     add_guards(app, cfg)  # the key, the origins, the Host names: in front of every route
@@ -229,36 +206,6 @@ async def _save(service: SearchService, file: UploadFile) -> Path:
     if size == 0:
         raise ApiError(422, "the upload is empty")
     return await run_in_threadpool(service.save_upload, chunks, Path(file.filename or "").suffix)
-
-
-async def _knn(service: SearchService, body: Any) -> Answer:
-    given = [name for name in ("text", "image", "image_url", "embedding_input", "id")
-             if getattr(body, name) is not None]
-    if len(given) != 1:
-        raise ApiError(422, "give exactly one of text, image, embedding_input and id")
-    if body.indice_name not in (None, service.gallery.dataset):
-        raise ApiError(404, f"no index {body.indice_name[:100]!r}; this server has {service.gallery.dataset!r}")
-    k = body.num_images
-    if body.text is not None:
-        return await service.text(body.text, k, captions=body.modality == "text")
-    if body.id is not None:
-        return await service.similar(body.id, k)
-    if body.embedding_input is not None:
-        return await service.vector(body.embedding_input, k)
-    if body.image_url is not None:
-        raise ApiError(422, "image_url is not supported: this server fetches nothing; send the picture in image "
-                            "(base64)")
-    try:
-        data = base64.b64decode(body.image, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "image must be base64") from None
-    if len(data) > service.cfg.max_upload_bytes:
-        raise ApiError(413, f"the picture is over the limit of {service.cfg.max_upload_bytes:,} bytes")
-    path = await run_in_threadpool(service.save_upload, [data], "")
-    try:
-        return await service.upload(path, k)
-    finally:
-        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -29,6 +29,7 @@ class ServeConfig:
     header_timeout_s: float = 10.0  # a request's line and headers must arrive within this; else the connection closes
     k: int = 24  # results the page asks for
     max_k: int = 1000  # the most results one request may ask for
+    max_knn: int = 10_000  # the most results one /knn-service request may ask for (clip-front's download asks 10,000)
     max_query_chars: int = 1000  # the longest text query
     max_upload_mb: float = 20.0  # the largest uploaded query item
     max_pixels: int = 40_000_000  # the largest uploaded picture (width x height), checked before decoding
@@ -55,7 +56,8 @@ class ServeConfig:
             raise MmretError(f"--port must be between 0 and 65535, got {self.port}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise MmretError("--api-key must be at least 8 characters long")
-        for name in ("k", "max_k", "max_query_chars", "max_pixels", "thumbnail_px", "max_batch", "max_waiting"):
+        for name in ("k", "max_k", "max_knn", "max_query_chars", "max_pixels", "thumbnail_px", "max_batch",
+                     "max_waiting"):
             if getattr(self, name) < 1:
                 raise MmretError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.k > self.max_k:

@@ -2,11 +2,12 @@
 config, so the OpenAPI document states the real ones.
 
 `/api/search` is mmret's own shape (item hits and caption hits in one answer). `/knn-service`
-follows clip-retrieval's back end: `text`, `image` (base64), `embedding_input`, `modality`
-(which index: `image` for items, `text` for captions), `num_images`, `indice_name`, answered by
-a list of `{id, similarity, caption, url}`; `image_url` is refused, since this server fetches
-nothing, and the flags of clip-retrieval's filters (safety, deduplication, ...) are accepted and
-ignored. mmret adds `id` (more like a gallery item).
+and `/metadata` follow clip-retrieval's back end (see `mmret.serve.knn`): `text`, `image`
+(base64), `embedding_input`, `modality` (which index: `image` for items, `text` for captions),
+`num_images`, `num_result_ids`, `deduplicate`, `indice_name`, answered by a list of `{id,
+similarity, caption, url}` with integer ids; `image_url` is refused, since this server fetches
+nothing, and the flags of clip-retrieval's other filters (safety, violence, aesthetics) are
+accepted and ignored. mmret adds `id` in the request (more like a gallery item).
 """
 
 from __future__ import annotations
@@ -52,11 +53,19 @@ class SearchResponse(BaseModel):
 
 
 class KnnResult(BaseModel):
-    id: str
-    similarity: float
-    caption: str | None = None
-    url: str
-    thumbnail: str
+    """One result as clip-retrieval's back end gives it; past `num_images`, only id and similarity."""
+
+    model_config = ConfigDict(extra="allow")  # the gallery's own id, under its table's name (image_id, audio_id)
+    id: int = Field(description="the item's row in the gallery's embeddings (stable while the gallery is)")
+    similarity: float = Field(description="cosine similarity to the query")
+    caption: str | None = Field(None, description="the item's first caption, or the caption that matched")
+    url: str | None = Field(None, description="where the item came from, when known; else this server's /media/ URL")
+    thumbnail: str | None = Field(None, description="this server's /thumbnails/ URL")
+
+
+class MetadataResult(BaseModel):
+    id: int
+    metadata: dict = Field(description="caption, url, the gallery's id and the item's source fields")
 
 
 class Health(BaseModel):
@@ -89,10 +98,16 @@ def error_responses(cfg: ServeConfig, *statuses: int) -> dict:
     return {status: {"model": ErrorBody, "description": ERRORS[status]} for status in wanted}
 
 
-def exactly_one(*names: str) -> dict:
+def exactly_one(*names: str, text_pattern: bool = False) -> dict:
     """The JSON schema's way to say a request gives exactly one of `names` (not null), which the
-    server checks itself, so its message says so."""
-    return {"oneOf": [{"required": [n], "properties": {n: {"not": {"type": "null"}}}} for n in names]}
+    server checks itself, so its message says so; with `text_pattern`, a text counts as given only
+    when it holds more than spaces (clip-retrieval's clients send "" beside a picture)."""
+    def given(name: str) -> dict:
+        if text_pattern and name == "text":
+            return {"type": "string", "pattern": r"\S"}
+        return {"not": {"type": "null"}}
+
+    return {"oneOf": [{"required": [n], "properties": {n: given(n)}} for n in names]}
 
 
 BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
@@ -118,10 +133,16 @@ def request_models(cfg: ServeConfig, dim: int | None = None) -> SimpleNamespace:
         id: str | None = Field(None, description="a gallery item's id: more like it", max_length=4096)
         k: int = Field(cfg.k, description="how many results", **k_field)
 
+    knn_field = dict(ge=1, le=cfg.max_knn)
+
     class KnnRequest(BaseModel):
+        """clip-retrieval's request; read as JSON whatever its Content-Type says (its clients send none,
+        or text/plain). A text of spaces only (or "") counts as none, as clip_back's does."""
+
         model_config = ConfigDict(extra="ignore", json_schema_extra=exactly_one("text", "image", "embedding_input",
-                                                                              "id"))
-        text: str | None = Field(None, **text_field)
+                                                                              "id", text_pattern=True))
+        text: str | None = Field(None, description="a caption to search with (\"\" counts as none)",
+                                 max_length=cfg.max_query_chars)
         image: str | None = Field(None, description="a picture (any file of the gallery's kind), base64",
                                   json_schema_extra={"pattern": BASE64})
         image_url: str | None = Field(None, description="refused: this server fetches nothing",
@@ -130,8 +151,15 @@ def request_models(cfg: ServeConfig, dim: int | None = None) -> SimpleNamespace:
                                                     json_schema_extra=_embedding(dim))
         id: str | None = Field(None, description="mmret: a gallery item's id (more like it)", max_length=4096)
         modality: Literal["image", "text"] = Field("image", description="image: search the items; text: the captions")
-        num_images: int = Field(40, **k_field)
-        num_result_ids: int | None = Field(None, description="accepted and ignored")
+        num_images: int = Field(40, description="results with their caption and url", **knn_field)
+        num_result_ids: int | None = Field(None, description="results in all (default: num_images); those past "
+                                                             "num_images come as id and similarity", **knn_field)
+        deduplicate: bool = Field(False, description="leave out results within 0.94 cosine of a better one")
         indice_name: str | None = Field(None, description="the gallery's name (see /indices-list)")
 
-    return SimpleNamespace(SearchRequest=SearchRequest, KnnRequest=KnnRequest)
+    class MetadataRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        ids: list[int] = Field(description="rows of the gallery, as /knn-service gives them", max_length=cfg.max_knn)
+        indice_name: str | None = Field(None, description="the gallery's name (see /indices-list)")
+
+    return SimpleNamespace(SearchRequest=SearchRequest, KnnRequest=KnnRequest, MetadataRequest=MetadataRequest)

@@ -18,10 +18,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from mmret import __version__
+from mmret.api import load
 from mmret.common.io import atomic_path
 from mmret.common.paths import ANYWHERE, Roots, data_root
 from mmret.common.progress import NULL, Reporter
+from mmret.common.version import __version__
 from mmret.data.stamps import item_stamps
 from mmret.errors import MmretError
 from mmret.inference.search import Gallery, Hit
@@ -73,8 +74,8 @@ class SearchService:
     @classmethod
     def open(cls, cfg: ServeConfig, reporter: Reporter = NULL) -> "SearchService":
         """Load the run, the gallery's embeddings and indexes, then warm every path a query takes."""
-        gallery = Gallery.open(cfg.run_dir, cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index,
-                               captions=True, which=cfg.which, device=cfg.device, reporter=reporter)
+        gallery = load(cfg.run_dir, checkpoint=cfg.which, device=cfg.device).gallery(
+            cfg.dataset, cfg.split, index=cfg.index, rebuild_index=cfg.rebuild_index, reporter=reporter)
         service = cls(gallery, cfg)
         service.warm_up()
         return service
@@ -156,8 +157,9 @@ class SearchService:
         return self.gallery.row_of[item]
 
     def _check_k(self, k: int) -> int:
-        if not 1 <= k <= self.cfg.max_k:
-            raise ApiError(422, f"k must be between 1 and {self.cfg.max_k}, got {k}")
+        most = max(self.cfg.max_k, self.cfg.max_knn)  # /knn-service may ask for more than the page's routes
+        if not 1 <= k <= most:
+            raise ApiError(422, f"k must be between 1 and {most}, got {k}")
         return k
 
     def _check_text(self, text: str) -> str:

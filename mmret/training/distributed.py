@@ -94,16 +94,19 @@ def launch_local(nproc: int, args: list[str]) -> None:
                          f"printed above; an interrupted run continues with `mmret train --resume RUN`") from None
 
 
-def train_on_processes(nproc: int, cfg: Any = None, resume_dir: Path | None = None) -> None:
-    """`mmret train --nproc N`: the run configured by `cfg` (or the stopped run `resume_dir`) on N
-    processes of this machine. The resolved config goes to the processes as a file, so each
-    builds exactly the same run; the first process prints what one process would."""
+def train_on_processes(nproc: int, cfg: Any = None, resume_dir: Path | None = None, *, epochs: int | None = None,
+                       max_steps: int | None = None) -> None:
+    """`mmret train --nproc N`: the run configured by `cfg` (or the stopped run `resume_dir`,
+    trained on to `epochs` or `max_steps` when given) on N processes of this machine. The resolved
+    config goes to the processes as a file, so each builds exactly the same run; the first process
+    prints what one process would."""
     import tempfile
 
     from mmret.common.io import write_json
 
     if resume_dir is not None:
-        return launch_local(nproc, ["--resume", str(resume_dir)])
+        longer = [f"--{k.replace('_', '-')}={v}" for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v]
+        return launch_local(nproc, ["--resume", str(resume_dir), *longer])
     if cfg.train.batch_size < 2 * nproc:
         raise MmretError(f"--batch-size {cfg.train.batch_size} is split over {nproc} processes; use at least "
                          f"{2 * nproc} (two pairs a process)")

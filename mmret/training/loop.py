@@ -10,10 +10,20 @@ seeded by (seed, step), and the checkpoint holds the optimizer, the global RNG s
 position inside the epoch, so `--resume` continues as if the run had never stopped. Ctrl-C lands
 between steps; a step cut short inside is undone first (`mmret.training.snapshot`), so the last
 checkpoint is the run after its last whole step, to the bit.
+
+Extending (`--resume RUN --epochs N`, or `--max-steps N`): a stopped or finished run trains on to
+its new length. The learning rate is a pure function of the step and the planned length
+(`mmret.training.step.lr_at`), so from its next step the run takes exactly the rates a run started
+with the new length takes at those steps: the warm-up over `warmup` x the new total, then the
+cosine from the peak to zero at the new last step. A finished run, whose rate had reached zero,
+starts again from that schedule's value at its step (a quarter of the peak, about, for 20 epochs
+extended to 30) and decays to zero at the new end; early stopping counts its patience afresh, and
+config.json records the new length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmret.common.io import ensure_free_space, uninterrupted, write_parquet
+from mmret.common.io import ensure_free_space, uninterrupted, write_json, write_parquet
 from mmret.common.progress import NULL, Reporter
 from mmret.errors import MmretError
 from mmret.modalities import get_modality
@@ -42,6 +52,9 @@ _logger = logging.getLogger(__name__)
 
 SELECT_METRIC = "mean_recall"  # mean of Recall@1/5/10 in both directions, on val
 PLOT_EVERY = 30.0  # seconds between redraws of the learning curve during training (and once at the end)
+# fewer optimizer steps than this are said to be too few to learn: the quick start's model is still near
+# chance after them (see `plan_notes`)
+MIN_STEPS = 50
 
 
 class TrainingInterrupted(MmretError):
@@ -197,8 +210,10 @@ def _plot(s: Session) -> None:
 # ---------------------------------------------------------------------------- the run
 
 
-def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = None) -> RunResult:
-    """Train a method as configured; with `resume_dir`, continue that run from its last checkpoint.
+def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = None, *,
+          extend: bool = False) -> RunResult:
+    """Train a method as configured; with `resume_dir`, continue that run from its last checkpoint
+    (`extend`: to the length `cfg` now gives, even when it had finished; see the module's docstring).
     Started by torchrun (or under SLURM) on several processes, each trains its slice of every
     batch (see `mmret.training.distributed`); only the main process reports progress and writes."""
     from mmret.training.distributed import run_on_world
@@ -207,23 +222,75 @@ def train(cfg: RunConfig, reporter: Reporter = NULL, resume_dir: Path | None = N
     finished = False
     try:
         if world.size > 1:
-            result = run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world),
+            result = run_on_world(lambda: _train(cfg, reporter if world.is_main else NULL, resume_dir, world, extend),
                                   world, cfg, resume_dir)
         else:
-            result = _train(cfg, reporter, resume_dir, world)
+            result = _train(cfg, reporter, resume_dir, world, extend)
         finished = True
         return result
     finally:
         stop_world(world, finished=finished)
 
 
-def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: World) -> RunResult:
+def plan_line(s: Session) -> str:
+    """One line: what trains on what, how long, in what precision, on which device and processes."""
+    cfg = s.cfg
+    warmup = int(cfg.train.warmup * s.total_steps)
+    processes = "1 process" if s.world.size == 1 else \
+        f"{s.world.size} processes ({torch.distributed.get_backend()})"
+    return (f"training {cfg.method.method} on {cfg.data.dataset}: {s.train.num_items:,} train / {s.val.num_items:,} "
+            f"val {get_modality(cfg.data.modality).plural}, {s.total_steps:,} steps ({s.steps_per_epoch:,} an epoch, "
+            f"{warmup:,} of warm-up), {s.precision} on {s.device}, {processes}")
+
+
+def plan_notes(total_steps: int, warmup: float) -> list[str]:
+    """What says, before any time is spent, that a run is too short to learn: fewer than `MIN_STEPS`
+    optimizer steps (the quick start's model, at 13 and 26 steps, is still near chance), or a
+    warm-up that takes half of them or more (the rate is near its peak only briefly)."""
+    notes, warm = [], int(warmup * total_steps)
+    if total_steps < MIN_STEPS:
+        notes.append(f"{total_steps} optimizer steps ({warm} of warm-up) are too few to learn (fewer than "
+                     f"{MIN_STEPS}): its numbers will sit near chance. Train longer: more --epochs, or a smaller "
+                     "--batch-size (more steps an epoch)")
+    elif warm >= total_steps / 2:
+        notes.append(f"{warm} of the {total_steps} steps warm up (--warmup {warmup:g}): the rate is near its peak only "
+                     "briefly; a --warmup of 0.05 to 0.1 is usual")
+    return notes
+
+
+def continue_run(s: Session, extend: bool) -> None:
+    """A resumed run goes on where it stopped; a finished one only when `extend`ed to a length that
+    leaves steps to take (then early stopping starts counting again and config.json says the new length)."""
+    st, tc, name = s.state, s.cfg.train, s.run_dir.name
+    saved = load_run_config(s.run_dir).train
+    length = f"--epochs {tc.epochs}" + (f" --max-steps {tc.max_steps}" if tc.max_steps else "")
+    if not extend:
+        if st.finished:
+            raise MmretError(f"run {name} has already finished ({st.finished}) after {st.epoch} epochs; to train it "
+                             f"longer: `mmret train --resume {name} --epochs N` with N above {st.epoch}")
+        return
+    if st.epoch >= tc.epochs or (tc.max_steps and st.step >= tc.max_steps):
+        raise MmretError(f"run {name} has trained {st.epoch} epochs ({st.step} steps); {length} leaves nothing to "
+                         f"do: give --epochs above {st.epoch}" + (" and a larger --max-steps" if tc.max_steps else ""))
+    was = f"--epochs {saved.epochs}" + (f" --max-steps {saved.max_steps}" if saved.max_steps else "")
+    s.log(f"extended from {was} to {length} at epoch {st.epoch + 1}, step {st.step}"
+          + (f" (it had finished: {st.finished})" if st.finished else ""))
+    st.finished, st.bad_evals = "", 0
+    if s.world.is_main:
+        write_json(s.run_dir / "config.json", s.cfg.to_dict())
+
+
+def _train(cfg: RunConfig, reporter: Reporter, resume_dir: Path | None, world: World, extend: bool) -> RunResult:
     s = setup(cfg, reporter, resume_dir, world)
     st, tc = s.state, cfg.train
-    if resume_dir is None:
-        s.log(f"training {cfg.method.method} on {cfg.data.dataset}: {s.train.num_items} train / "
-              f"{s.val.num_items} val {get_modality(cfg.data.modality).plural}, {s.total_steps} steps, "
-              f"{s.precision} on {s.device}")
+    if resume_dir is not None:
+        continue_run(s, extend)
+        reporter.note(f"resuming run {s.run_dir.name} at epoch {st.epoch + 1}, step {st.step:,}: " + plan_line(s))
+    else:
+        s.log(plan_line(s))
+        reporter.note(plan_line(s))
+    for note in plan_notes(s.total_steps, tc.warmup):
+        reporter.note(note, warning=True)
     stopped = "finished all epochs"
     total_pairs = s.train.num_items * tc.epochs
     with reporter.task("training", total=total_pairs, unit="pairs") as task:
@@ -264,7 +331,12 @@ def _result(s: Session, stopped: str) -> RunResult:
                      s.world.size)
 
 
-def resume(run_dir: Path, reporter: Reporter = NULL) -> RunResult:
-    """Continue a stopped run exactly where its last checkpoint left it."""
+def resume(run_dir: Path, reporter: Reporter = NULL, *, epochs: int | None = None,
+           max_steps: int | None = None) -> RunResult:
+    """Continue a stopped run exactly where its last checkpoint left it; with `epochs` or
+    `max_steps`, train a stopped or finished run on to that length (see the module's docstring)."""
     cfg = load_run_config(run_dir)
-    return train(cfg, reporter, resume_dir=run_dir)
+    longer = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
+    if longer:  # validated as a new run's would be
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **longer))
+    return train(cfg, reporter, resume_dir=run_dir, extend=bool(longer))

@@ -187,10 +187,7 @@ def restore(s: Session) -> None:
     if weights.get("step") != meta["loop"]["step"]:
         raise MmretError(f"the last checkpoint of {s.run_dir.name} is torn (weights at step {weights.get('step')}, "
                          f"optimizer at step {meta['loop']['step']}); resume from best or start again")
-    s.state = LoopState(**meta["loop"])
-    if s.state.finished:
-        raise MmretError(f"run {s.run_dir.name} has already finished ({s.state.finished}); nothing to resume. "
-                         f"Train a new run (`mmret train --config {s.run_dir / 'config.json'} ...`) to go further")
+    s.state = LoopState(**meta["loop"])  # a finished run is refused or extended by the loop (`continue_run`)
     s.step_rng = rng_state()
     if meta.get("scaler"):
         s.stepper.scaler.load_state_dict(meta["scaler"])

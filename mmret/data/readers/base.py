@@ -27,6 +27,7 @@ class ItemRecord:
     split: str | None = None  # the source's official split, if it has one
     label: str | None = None  # its class, in a dataset for classification (`prepare classes`)
     columns: dict[str, int] | None = None  # table columns a reader already probed (it had the bytes in hand)
+    source: dict | None = None  # the source's own fields for it (img2dataset's url, sha256, ...; a table's columns)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Either a caption file beside each item (`x.jpg` + `x.txt`, `x.ogg` + `x.txt`, one caption per
 non-empty line), or one table at the root, `captions.csv`, `captions.jsonl` or `captions.parquet`,
 with an `image` (or, for sounds, `audio`) column (path relative to the root) and a `caption`
-column, one row per caption. Pictures are jpg, png, webp, bmp or gif; sounds wav, flac, ogg, opus
+column, one row per caption; its other columns (a `url`, ...) are kept in the item table as
+`source_<column>`, from each item's first row. Pictures are jpg, png, webp, bmp or gif; sounds wav, flac, ogg, opus
 or mp3; in any sub-folder. Splits are seeded fractions (`--val`, `--test`). The modality is the
 one whose files the folder (or the table's item column) holds.
 With `--no-captions` every item file under the root is read and caption files are not looked for.
@@ -69,12 +70,14 @@ def records_from_table(path: Path, root: Path, problems: list[Problem]) -> list[
     import pandas as pd
 
     frame = read_table(path, problems)
+    extra = [c for c in frame.columns if c not in ("image", "caption")]  # kept as the item's source fields
     records: dict[str, ItemRecord] = {}
-    for name, caption in zip(frame["image"], frame["caption"]):
+    for row, (name, caption) in enumerate(zip(frame["image"], frame["caption"])):
         name = str(name).strip()
         caption = "" if caption is None or (isinstance(caption, float) and pd.isna(caption)) else str(caption)
-        if name not in records:
-            records[name] = ItemRecord(Path(name).as_posix(), str((root / name).absolute()), [])
+        if name not in records:  # an item's first row gives its source fields
+            source = {str(c): frame[c].iloc[row] for c in extra} or None
+            records[name] = ItemRecord(Path(name).as_posix(), str((root / name).absolute()), [], source=source)
         records[name].captions.append(caption)
     return list(records.values())
 

@@ -1,6 +1,7 @@
 """webdataset shards as img2dataset writes them and open_clip reads them: `.tar` files of
 `key.jpg|png|webp` (any item ending of a registered modality) + `key.txt` (the caption), with an
-optional `key.json` (img2dataset's metadata; its "caption" serves when `key.txt` is missing).
+optional `key.json` (img2dataset's metadata; its "caption" serves when `key.txt` is missing, and its
+other fields, the source `url` among them, are kept in the item table as `source_<field>`).
 
 `--root` is a shard pattern with braces, `shards/{00000..00099}.tar` (or one `.tar`). The shards
 are read with the `webdataset` package, one shard per DataLoader worker (never more workers than
@@ -177,7 +178,18 @@ def summarize(sample: dict, full: bool = False, labels: bool = False) -> dict:
         out["problems"].append({"kind": "no caption", "item": where, "reason": "no .txt (or json caption) beside it"})
         return out
     out["captions"] = [line for line in caption.splitlines() if line.strip()]
+    out["source"] = _source(sample)
     return out
+
+
+def _source(sample: dict) -> dict | None:
+    """The sample's `.json` fields but its caption (img2dataset's url, key, sha256, original size,
+    status and the input's extra columns), kept beside the item in the table."""
+    try:
+        fields = json.loads(sample["json"]) if sample.get("json") is not None else None
+    except ValueError:
+        return None
+    return {k: v for k, v in fields.items() if k != "caption"} if isinstance(fields, dict) else None
 
 
 def _skip(exn: Exception) -> bool:
@@ -240,7 +252,7 @@ def read_wds(root: Path, cfg) -> SourceData:
         seen[s["key"]] = s["url"]
         kinds.add(s["modality"])
         address = member_address(os.path.relpath(s["url"], base), s["member"])
-        records.append(ItemRecord(s["key"], address, s["captions"], columns=s["columns"]))
+        records.append(ItemRecord(s["key"], address, s["captions"], columns=s["columns"], source=s.get("source")))
     if len(kinds) > 1:
         raise MmretError(f"the shards hold {' and '.join(sorted(kinds))} items; prepare each kind from shards of its own")
     note = f"seeded random split (seed {cfg.seed}): val {cfg.val:g}, test {cfg.test:g} of the items"

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, key: sessionStorage.getItem("mmret-key") || "", objectUrls: [] };
+const state = { info: null, key: sessionStorage.getItem("mmret-key") || "", objectUrls: [], queryUrl: null };
+const CAPTIONS_SHOWN = 3;  // the best few captions stay in view; the rest fold away so results stay above the fold
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -127,21 +128,81 @@ function card(hit) {
   return li;
 }
 
+// Captions that differ only in case, spacing or punctuation ("A strawberry." and "a strawberry") are one
+// suggestion: the best-scoring one, with how many items of the gallery carry it.
+function captionKey(text) { return text.toLowerCase().replace(/[^\p{L}\p{N}]+/gu, " ").trim(); }
+
+function uniqueCaptions(captions) {
+  const seen = new Map();
+  captions.forEach((c) => {
+    const key = captionKey(c.caption);
+    if (seen.has(key)) seen.get(key).count += 1;
+    else seen.set(key, { caption: c.caption, score: c.score, count: 1 });
+  });
+  return [...seen.values()];
+}
+
+function captionItem(c) {
+  const li = document.createElement("li");
+  li.textContent = `${c.caption} `;
+  if (c.count > 1) {
+    const times = document.createElement("span");
+    times.className = "times";
+    times.textContent = `×${c.count} `;
+    times.title = `${c.count} items of the gallery have this caption`;
+    li.appendChild(times);
+  }
+  const s = document.createElement("span");
+  s.className = "score";
+  s.textContent = `(${c.score.toFixed(3)})`;
+  li.appendChild(s);
+  return li;
+}
+
+function renderCaptions(captions) {
+  const unique = uniqueCaptions(captions);
+  const rest = unique.slice(CAPTIONS_SHOWN);
+  $("captions").replaceChildren(...unique.slice(0, CAPTIONS_SHOWN).map(captionItem));
+  $("captions-rest").replaceChildren(...rest.map(captionItem));
+  $("captions-rest").start = CAPTIONS_SHOWN + 1;
+  $("more-captions").hidden = rest.length === 0;
+  $("more-captions").open = false;
+  $("more-captions").querySelector("summary").textContent = `${plural(rest.length, "more caption", "more captions")}`;
+  $("captions-box").hidden = unique.length === 0;
+}
+
+// What a search started from, shown above the results: the uploaded file, or the gallery item of "more like this".
+function showQuery(query) {
+  if (state.queryUrl) { URL.revokeObjectURL(state.queryUrl); state.queryUrl = null; }
+  const box = $("query-media");
+  if (!query || query.text !== undefined) {
+    box.replaceChildren();
+    $("query-box").hidden = true;
+    return;
+  }
+  const sound = state.info && state.info.modality === "audio";
+  let media;
+  if (query.file) {
+    state.queryUrl = URL.createObjectURL(query.file);
+    media = document.createElement(sound ? "audio" : "img");
+    media.src = state.queryUrl;
+    if (sound) media.controls = true;
+    $("query-name").textContent = `Searching with ${query.file.name}`;
+  } else {
+    media = document.createElement("img");
+    loadMedia(media, `/thumbnails/${encodeURIComponent(query.id)}`);
+    $("query-name").textContent = `More like ${query.id}`;
+  }
+  if (!sound || !query.file) media.alt = $("query-name").textContent;
+  box.replaceChildren(media);
+  $("query-box").hidden = false;
+}
+
 function render(answer, label) {
   releaseMedia();
   const list = $("results");
   list.replaceChildren(...answer.results.map(card));
-  const captions = answer.captions || [];
-  $("captions").replaceChildren(...captions.map((c) => {
-    const li = document.createElement("li");
-    li.textContent = `${c.caption} `;
-    const s = document.createElement("span");
-    s.className = "score";
-    s.textContent = `(${c.score.toFixed(3)})`;
-    li.appendChild(s);
-    return li;
-  }));
-  $("captions-box").hidden = captions.length === 0;
+  renderCaptions(answer.captions || []);
   const noun = state.info ? [state.info.noun, `${state.info.noun}s`] : ["result", "results"];
   setStatus(`${plural(answer.results.length, noun[0], noun[1])} ${label} · ${answer.ms.toFixed(1)} ms in the server`);
   document.body.dataset.state = "done";
@@ -154,6 +215,7 @@ async function run(query) {
   document.body.dataset.state = "searching";
   setStatus("Searching…");
   try {
+    showQuery(query);
     if (query.text !== undefined) {
       $("q").value = query.text;
       render(await api("/api/search", { method: "POST", headers: { "Content-Type": "application/json" },
@@ -174,6 +236,7 @@ async function upload(file) {
   showError("");
   document.body.dataset.state = "searching";
   setStatus(`Searching with ${file.name}…`);
+  showQuery({ file });
   const form = new FormData();
   form.append("file", file, file.name);
   form.append("k", String(k()));
@@ -213,6 +276,8 @@ async function loadInfo() {
     (i.captions ? ` · ${plural(i.captions, "caption", "captions")}` : "") + ` · run ${i.run} (${i.method})`;
   $("q").placeholder = `Describe a ${i.noun}, press Enter`;
   $("file-label").textContent = `Search with a ${i.noun}`;
+  document.querySelectorAll(".noun").forEach((e) => { e.textContent = i.noun; });  // a sound page says sound
+  $("file").accept = i.modality === "audio" ? "audio/*" : "image/*";
   $("k").value = [12, 24, 48, 96].includes(i.k) ? String(i.k) : $("k").value;
   const query = fromHash();
   if (query) run(query);

@@ -1,0 +1,237 @@
+"""What a new user meets in the first hour: progress lines when output goes to a file or a pipe, the
+default method chosen by a rule and said (with every other default taken), warnings where numbers
+mislead (too short a training, a query outside a scratch tokenizer's words, the paired test in
+words), and files other users of the machine may read."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import tiny_models
+import torch
+from typer.testing import CliRunner
+
+from mmret.cli import app
+from mmret.common import io
+from mmret.common.progress import LineReporter, _LineTask, duration
+from mmret.data import PrepareConfig, prepare
+from mmret.evaluation.retrieval import EvalResult, comparison_sentence
+from mmret.inference.search import QueryResult
+from mmret.methods.choice import Signals, choose_method, signals
+from mmret.metrics.retrieval import PairedDiff
+from mmret.training.loop import MIN_STEPS, plan_notes
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- progress without a terminal
+
+
+def test_a_line_says_count_rate_eta_and_the_latest_numbers():
+    task = _LineTask(LineReporter(print), "training", 1200, "pairs", started=100.0)
+    assert task.line(102.0) == "training: 0/1,200 pairs (0%), - pairs/s, 2s so far"
+    task.advance(32)  # the first batch: a rate is counted from here on
+    task.first = (110.0, 32)
+    task.advance(288, loss=1.23456, lr=0.003)
+    assert task.line(120.0) == ("training: 320/1,200 pairs (27%), 28.8 pairs/s, eta 31s, 20s so far, loss 1.235, "
+                                "lr 0.003")
+    assert task.end_line(150.0) == "training: 320 pairs in 50s (7.2 pairs/s), loss 1.235, lr 0.003"
+    assert [duration(s) for s in (4.4, 59.6, 185, 3725)] == ["4s", "1:00", "3:05", "1:02:05"]
+
+
+def test_lines_come_while_one_long_batch_holds_the_work():
+    lines: list[str] = []
+    reporter = LineReporter(lines.append, every=0.05)
+    with reporter.task("embedding", total=10, unit="rows") as task:
+        time.sleep(0.4)  # nothing advances: the lines still come, from the reporter's own thread
+        task.advance(10)
+    assert len(lines) >= 3 and all(re.fullmatch(r"embedding: 0/10 rows \(0%\), - rows/s, \d+s so far", x)
+                                   for x in lines[:-1]), lines
+    assert re.fullmatch(r"embedding: 10 rows in \d+s \(.+ rows/s\)", lines[-1])
+    assert not [t for t in threading.enumerate() if t.name == "mmret-progress"]  # the thread ends with the last task
+    quiet: list[str] = []
+    with LineReporter(quiet.append, every=5.0).task("short", total=3) as task:
+        task.advance(3)
+    assert quiet == []  # work shorter than a line's interval says nothing
+
+
+def test_the_quick_start_piped_to_a_file_prints_progress(tmp_path):
+    """`mmret quickstart > log 2>&1`: the steps, the plan, plain progress lines with rates and ETAs."""
+    env = {**os.environ, "MMRET_PROGRESS_SECONDS": "0.5", "MMRET_DATA_DIR": str(tmp_path / "data"),
+           "MMRET_RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    with open(tmp_path / "log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "mmret", "quickstart", "--epochs", "1"], stdout=log,
+                              stderr=subprocess.STDOUT, env=env, cwd=tmp_path, timeout=900)
+    text = (tmp_path / "log").read_text()
+    assert done.returncode == 0, text
+    for step in range(1, 5):
+        assert f"quick start {step} of 4: " in text
+    assert re.search(r"^training scratch on example: 400 train / 50 val images, 13 steps \(13 an epoch, 0 of "
+                     r"warm-up\), \w+ on cpu, 1 process$", text, re.M), text
+    assert "note: 13 optimizer steps (0 of warm-up) are too few to learn (fewer than 50)" in text
+    progress = re.findall(r"^training: ([\d,]+)/400 pairs \(\d+%\), ([\d.,-]+) pairs/s(, eta [\d:]+s?)?, .*so far",
+                          text, re.M)
+    assert len(progress) >= 2 and any(eta for _, _, eta in progress), text
+    assert re.search(r"^training: 400 pairs in [\d:]+s? \([\d.,]+ pairs/s\), loss [\d.]+", text, re.M)
+    assert "\x1b[" not in text and "━" not in text.split("example (example)")[0]  # no bars redrawn in a log
+
+
+# ---------------------------------------------------------------------------- the default method
+
+
+def test_the_rule_picks_heads_on_a_cpu_and_a_gpu_and_says_why():
+    cpu = choose_method(Signals(device="cpu", dataset="tux", captions=430))
+    assert cpu.method == "heads" and "10-40x faster than bridge on a CPU" in cpu.why
+    assert cpu.line().startswith("method: heads for the 430 captions of tux on cpu, chosen because heads train")
+    gpu = choose_method(Signals(device="cuda"))
+    assert gpu.method == "heads" and gpu.why.startswith("bridge has not beaten heads beyond noise")
+    assert choose_method(Signals(device="cpu", model=True)).method == "lora"
+    assert choose_method(Signals(device="cpu", asked=("bridge",), asked_by="--queries")).line().startswith(
+        "method: bridge on cpu, chosen because --queries is a setting of bridge")
+    assert signals({"rank": 64, "embed_dim": 32}, "cuda").asked == ("lora",)
+    assert signals({"head_layers": 1}, "cuda").asked[0] == "heads"  # heads has it too: no reason to leave heads
+
+
+def test_train_says_the_method_it_chose_and_every_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMRET_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(tmp_path / "runs"))
+    prepare(PrepareConfig(source="example", count=20, data_dir=tmp_path / "data"))
+    vit, bert = tiny_models.save_tiny_timm_vit(tmp_path / "vit"), tiny_models.save_tiny_bert(tmp_path / "bert")
+    out = runner.invoke(app, ["train", "--vision", str(vit), "--text", str(bert), "--epochs", "1", "--batch-size",
+                              "8", "--embed-dim", "16"])
+    assert out.exit_code == 0, out.output
+    said = out.stderr.splitlines()
+    assert said[0].startswith("method: heads for the 100 captions of example on cpu, chosen because heads train "
+                              "10-40x faster than bridge on a CPU") and said[0].endswith("(--method picks another)")
+    assert said[1] == "dataset: example, the default (--dataset NAME trains on one you prepared)"
+    assert said[2].startswith("training heads on example: 16 train / 2 val images, 2 steps (2 an epoch, 0 of warm-up)")
+    assert said[2].endswith("fp32 on cpu, 1 process") and said[3].startswith("note: 2 optimizer steps")
+    run = json.loads((tmp_path / "runs" / "latest" / "config.json").read_text())
+    assert run["method"]["method"] == "heads"
+    towers = runner.invoke(app, ["train", "--dry-run", "--method", "lora"])
+    assert towers.exit_code == 0, towers.output
+    assert ("towers: --vision dino-vits16 (timm/vit_small_patch16_224.dino) and --text distilbert "
+            "(distilbert/distilbert-base-uncased), the defaults; each takes a preset, a hub id or a local model "
+            "folder") in towers.stderr
+    plan = runner.invoke(app, ["probe-memory", "--vram", "6", "--estimate", "--vision", str(vit), "--text", str(bert),
+                               "--batch-size", "8", "--embed-dim", "16"])
+    assert plan.exit_code == 0, plan.output
+    assert plan.stderr.startswith("method: heads for the 100 captions of example on cuda")
+    command = plan.stdout.splitlines()[-1].strip()
+    assert command.startswith(f"mmret train --vision {vit} --text {bert} --batch-size 8 --embed-dim 16 --method heads")
+
+
+def test_a_training_too_short_to_learn_is_said_before_it_starts():
+    assert plan_notes(MIN_STEPS, 0.05) == []
+    short = plan_notes(8, 0.05)
+    assert short == ["8 optimizer steps (0 of warm-up) are too few to learn (fewer than 50): its numbers will sit "
+                     "near chance. Train longer: more --epochs, or a smaller --batch-size (more steps an epoch)"]
+    assert plan_notes(200, 0.6) == ["120 of the 200 steps warm up (--warmup 0.6): the rate is near its peak only "
+                                    "briefly; a --warmup of 0.05 to 0.1 is usual"]
+
+
+# ---------------------------------------------------------------------------- numbers that mislead
+
+
+def test_a_scratch_run_knows_the_words_of_its_training_captions_only(tmp_path, monkeypatch):
+    from mmret import training
+    from mmret.inference.loaded import LoadedRun
+    from mmret.runs import RunConfig, with_overrides
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    prepare(PrepareConfig(source="example", count=20, data_dir=data))
+    tiny = training.train(with_overrides(RunConfig(), dict(
+        method="scratch", dataset="example", data_dir=data, runs_dir=runs, epochs=1, batch_size=8,
+        image_model="resnet10t", text_width=16, text_depth=1, embed_dim=16, vocab_size=300, max_length=16,
+        workers=0, image_size=32, name="tiny"))).run_dir
+    run = LoadedRun(tiny)
+    assert {"a", "red", "circle", "above", "left", "of"} <= run.vocabulary and "dog" not in run.vocabulary
+    assert run.unknown_words("A dog on the Beach, a RED circle") == ["dog", "beach"]  # "on the left of" is there
+    assert QueryResult("a dog near a beach", [], unknown=["dog", "near", "beach"]).mostly_unknown
+    assert not QueryResult("a dog on the beach", [], unknown=["dog", "beach"]).mostly_unknown
+    monkeypatch.setenv("MMRET_DATA_DIR", str(data))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(runs))
+    out = runner.invoke(app, ["search", "a dog on the beach", "a dog near a beach", "-k", "2"])
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.stderr.split())
+    assert ("note: 'dog', 'beach' of 'a dog on the beach' are in none of run tiny's training captions, the only words "
+            "a model trained from scratch has learned: it reads the query as if they were not there") in said
+    assert "note: 'dog', 'near', 'beach' of 'a dog near a beach' are in none" in said and "scores mean little" in said
+    known = runner.invoke(app, ["search", "a red circle above a blue square", "-k", "2", "--json"])
+    assert json.loads(known.stdout)["results"][0]["unknown_words"] == [] and "note:" not in known.stderr
+
+
+def test_a_pretrained_text_tower_knows_words_beyond_the_captions(tmp_path):
+    memorised = tiny_models.train_memorised(tmp_path)
+    from mmret.inference.loaded import LoadedRun
+
+    run = LoadedRun(memorised["run"])
+    assert run.vocabulary is None and run.unknown_words("a dog on the beach") == []
+
+
+def _result(run: str, diffs: dict[str, PairedDiff] | None = None) -> EvalResult:
+    metrics = {"t2i_r1": 0.5, "t2i_r5": 0.8, "t2i_medr": 2.0, "rsum": 300.0}
+    return EvalResult(run=run, dataset="d", split="test", metrics=metrics, n_items=50, n_captions=250, diffs=diffs)
+
+
+def test_the_paired_test_is_said_in_words():
+    first = _result("a")
+    none = _result("b", {"t2i_r1": PairedDiff(0.02, -0.01, 0.05, 0.3), "t2i_r5": PairedDiff(-0.004, -0.02, 0.01, 0.6),
+                         "t2i_medr": PairedDiff(-1.0, -2.0, 0.5, 0.4)})
+    line = comparison_sentence(first, none, 1000)
+    assert line == ("b and a do not differ beyond chance in any metric (paired bootstrap over the 50 images, 1,000 "
+                    "resamples, 95%); the largest difference, t2i_r1 +0.020 [-0.010, +0.050], is within noise")
+    some = _result("c", {"t2i_r1": PairedDiff(0.1, 0.04, 0.16, 0.002), "t2i_r5": PairedDiff(0.0, -0.02, 0.02, 1.0),
+                         "t2i_medr": PairedDiff(2.0, 1.0, 3.0, 0.01)})
+    assert comparison_sentence(first, some, 200) == (
+        "c differs from a beyond chance in 2 metrics (paired bootstrap over the 50 images, 200 resamples, 95%): "
+        "t2i_r1 +0.100 [+0.040, +0.160] (better); t2i_medr +2.000 [+1.000, +3.000] (worse); 1 other does not")
+
+
+def test_eval_compare_prints_the_sentence(tmp_path, monkeypatch):
+    memorised = tiny_models.train_memorised(tmp_path)
+    monkeypatch.setenv("MMRET_DATA_DIR", str(memorised["data"]))
+    monkeypatch.setenv("MMRET_RUNS_DIR", str(memorised["runs"]))
+    out = runner.invoke(app, ["eval", "--compare", "memorised,memorised", "--bootstrap", "100", "--split", "train"])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.stdout.split())
+    assert ("memorised and memorised do not differ beyond chance in any metric (paired bootstrap over the 8 "
+            "images, 100 resamples, 95%)") in text
+    assert "note: memorised trained on 8 of these 8 items: its scores flatter it" in " ".join(out.stderr.split())
+    test = runner.invoke(app, ["eval", "--run", "memorised"])
+    assert test.exit_code == 0 and "note:" not in test.stderr  # the test split was never trained on
+
+
+# ---------------------------------------------------------------------------- files others may read
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_files_are_written_with_the_users_umask(tmp_path, monkeypatch, umask, file_mode, dir_mode):
+    from mmret.figures.draw import confusion_figure
+    from mmret.runs.checkpoint import save_weights
+
+    old = os.umask(umask)
+    monkeypatch.setattr(io, "UMASK", umask)  # what a process started under this umask reads at import
+    try:
+        io.write_json(tmp_path / "result.json", {"a": 1})
+        io.write_parquet(tmp_path / "table.parquet", pd.DataFrame({"a": [1]}))
+        save_weights(torch.nn.Linear(2, 2), tmp_path / "weights.safetensors", {"step": 1})
+        confusion_figure(torch.eye(2).numpy(), ["a", "b"], "t", tmp_path / "confusion.png")
+        with io.atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "inside.txt").write_text("x")
+    finally:
+        os.umask(old)
+    for name in ("result.json", "table.parquet", "weights.safetensors", "confusion.png", "folder/inside.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode, name
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == dir_mode
