@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import test_hardening
 import tiny_models
 from test_hardening import example, heads_cfg, one_line
 from typer.testing import CliRunner
@@ -21,7 +20,6 @@ from mmret.cli import app
 from mmret.training import train
 
 runner = CliRunner()
-home, towers = test_hardening.home, test_hardening.towers  # its fixtures: a working folder with bait, tiny towers
 
 
 @pytest.fixture
