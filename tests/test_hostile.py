@@ -393,6 +393,20 @@ def test_a_config_value_of_the_wrong_type_is_one_line(home, towers):
                                                         "got 'abc'")
 
 
+@pytest.mark.parametrize("fractions, advice", [
+    (["--test", "1.0"], "has no train images; prepare it again with smaller --val and --test fractions"),
+    (["--val", "0"], "has no val images; prepare it again with a val split (e.g. --val 0.1)"),
+])
+def test_a_missing_split_names_options_prepare_has(home, towers, fractions, advice):
+    assert runner.invoke(app, ["prepare", "example", "--count", "20", *fractions]).exit_code == 0
+    one_line(runner.invoke(app, ["train", "--method", "heads", "--vision", towers["vit"], "--text", towers["bert"],
+                                 "--epochs", "1", "--batch-size", "8", "--embed-dim", "8"]),
+             f"dataset 'example' {advice}, or train with --folds")
+    for option in ("--val", "--test", "--folds"):  # the options the line names exist where it says
+        command = ["train"] if option == "--folds" else ["prepare", "example"]
+        assert option in runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).stdout
+
+
 @pytest.mark.parametrize("name", [".", ".."])
 def test_a_name_of_dots_says_why_it_is_refused(home, name):
     one_line(runner.invoke(app, ["prepare", "example", "--name", name]),
@@ -411,6 +425,21 @@ def test_classes_too_small_for_val_and_test_say_so(home):
     assert [(p["kind"], p["item"], p["reason"]) for p in problems] == [
         ("empty split", split, f"no {split} items: the dataset (or each of its classes) is too small for a 0.1 share; "
                                f"add items, or pass --{split} 0") for split in ("val", "test")]
+
+
+def test_an_empty_shard_is_a_problem_line_not_webdatasets_warning(home, capfd):
+    from test_wds import write_shards
+
+    write_shards(home / "shards")
+    (home / "shards" / "00003.tar").write_bytes(b"")
+    home.baseline()
+    result = runner.invoke(app, ["prepare", "wds", "--root", "shards/{00000..00003}.tar", "--name", "w"])
+    assert result.exit_code == 0, result.output
+    raw = result.output + capfd.readouterr().err  # the readers' processes write to the real stderr
+    assert "WARNING" not in raw and "BufferedReader" not in raw, raw
+    problems = pd.read_json(home / "data" / "w" / "dataset.json", typ="series")["problems"]
+    assert [(p["kind"], Path(p["item"]).name) for p in problems if p["kind"] == "unreadable shard"] == [
+        ("unreadable shard", "00003.tar")]
 
 
 def test_a_key_twice_in_one_shard_is_not_blamed_on_an_earlier_shard():
