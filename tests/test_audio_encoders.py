@@ -11,6 +11,7 @@ import tiny_models
 import torch
 from safetensors.torch import load_file
 
+from mmret.common.paths import ANYWHERE
 from mmret.encoders import (
     AudioEncoder,
     SpectrogramEncoder,
@@ -39,7 +40,7 @@ def test_ast_folder_matches_transformers(towers):
     assert isinstance(enc, AudioEncoder) and enc.modality == "audio" and enc.input_name == "input_values"
     assert (enc.dim, enc.token_dim, enc.preprocessing.sample_rate) == (32, 32, 16000)
     assert enc.preprocessing.seconds == pytest.approx((127 * 160 + 400) / 16000)
-    x = enc.item_loader()(towers["sound"])  # decoded, resampled 44.1 -> 16 kHz, cut, features
+    x = enc.item_loader().reading(ANYWHERE)(towers["sound"])  # decoded, resampled 44.1 -> 16 kHz, cut, features
     extractor, model = (ASTFeatureExtractor.from_pretrained(towers["ast"]),
                         ASTModel.from_pretrained(towers["ast"]).eval())
     wave = load_audio(towers["sound"], 16000, enc.preprocessing.seconds)
@@ -84,7 +85,7 @@ def test_clap_towers_match_transformers_clap_model(towers):
     waves = [load_audio(tiny_audio.write_sound(towers["root"] / f"c{i}.wav", k, 0.6, 16000), 48000, 1.0)
              for i, k in enumerate(("low", "noise", "pulses"))]
     ref_in = extractor(waves, sampling_rate=48000, return_tensors="pt")
-    ours = torch.stack([audio.item_loader()(towers["root"] / f"c{i}.wav") for i in range(3)])
+    ours = torch.stack([audio.item_loader().reading(ANYWHERE)(towers["root"] / f"c{i}.wav") for i in range(3)])
     assert torch.allclose(ours, ref_in["input_features"], atol=1e-5)  # short clips repeated to fill 1 s
     captions = ["a low steady hum", "white noise hissing", "a clock ticking"]
     tokens = text.tokenize(captions)
@@ -133,7 +134,7 @@ def test_spectrogram_route_feeds_a_picture_tower(towers):
     enc = load_tower(f"spectrogram:{towers['dinov2']}", "audio")
     assert isinstance(enc, SpectrogramEncoder) and enc.modality == "audio" and enc.model is enc.image.model
     assert enc.spec["route"] == "spectrogram" and enc.spec["image"]["model"] == "dinov2"
-    x = enc.item_loader()(towers["sound"])
+    x = enc.item_loader().reading(ANYWHERE)(towers["sound"])
     assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
     with torch.no_grad():
         out = enc(pixels=x[None])
