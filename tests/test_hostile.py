@@ -17,6 +17,7 @@ from test_hardening import example, heads_cfg, one_line
 from typer.testing import CliRunner
 
 from mmret.cli import app
+from mmret.training import train
 
 runner = CliRunner()
 
