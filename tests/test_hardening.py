@@ -24,40 +24,6 @@ from mmret.training import train
 runner = CliRunner()
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `root` outside data/ and runs/: size and modification time."""
-    out = {}
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if path.is_file() and rel.parts[0] not in ("data", "runs"):
-            st = path.stat()
-            out[str(rel)] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-class Home(type(Path())):
-    """The test's working folder; `baseline()` records every file outside data/ and runs/ (call it
-    again after writing a raw dataset), and the fixture checks at the end that none changed."""
-
-    def baseline(self) -> None:
-        self.before = snapshot(self)
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """A working folder with data/ and runs/ (set as the roots), a file outside them as bait, and a
-    check, after the test, that nothing outside data/ and runs/ changed."""
-    monkeypatch.setenv("MMRET_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("MMRET_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.chdir(tmp_path)
-    tiny_models.save_picture(tmp_path / "outside" / "secret.png")
-    folder = Home(tmp_path)
-    folder.baseline()
-    yield folder
-    after = snapshot(folder)
-    assert after == folder.before, f"files outside data/ and runs/ changed: {sorted(set(after) ^ set(folder.before))}"
-
-
 def one_line(result, expected: str) -> None:
     """Exit 1 and one error line on stderr, the last, `error: ` + `expected` (a regex when it starts
     with ^); before it only the lines a command says at start (the defaults it took, its plan)."""
@@ -73,13 +39,6 @@ def one_line(result, expected: str) -> None:
         assert re.match(expected, line), line
     else:
         assert line == "error: " + expected, line
-
-
-@pytest.fixture(scope="module")
-def towers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("towers")
-    return {"vit": str(tiny_models.save_tiny_timm_vit(root / "vit")),
-            "bert": str(tiny_models.save_tiny_bert(root / "bert"))}
 
 
 def example(home: Path, count: int = 40) -> None:
@@ -127,6 +86,7 @@ def test_a_captions_table_cannot_pull_files_from_outside_its_root(home, kind):
     images = pd.read_parquet(home / "data" / "t" / "images.parquet")
     assert images["image_id"].tolist() == ["inside.png"]  # on disk a picture table names its key image_id
     problems = json.loads((home / "data" / "t" / "dataset.json").read_text())["problems"]
+    problems = [p for p in problems if p["kind"] != "empty split"]  # one picture: no val or test, said apart
     assert {p["kind"] for p in problems} == {"outside root"} and len(problems) == 3
     assert not any("exist" in p["reason"] or "found" in p["reason"] for p in problems)  # nothing was opened
 
@@ -289,7 +249,8 @@ def test_a_truncated_npy_is_one_line(home, trained, towers):
     cache = open_features(load_dataset("example"), load_image_encoder(towers["vit"]), "images").path
     (cache / "pooled.npy").write_bytes((cache / "pooled.npy").read_bytes()[:100])
     one_line(runner.invoke(app, ["verify", "--dataset", "example"]),
-             f"^error: {cache / 'pooled.npy'} is damaged \\(not a readable .npy array: .*\\); run the command again")
+             f"1 damaged: {cache} (pooled.npy); run the command that uses it again to compute the damaged shards anew "
+             f"(or delete {cache})")
 
 
 def test_malformed_dataset_json_and_truncated_parquet_are_one_line(home):

@@ -121,7 +121,7 @@ def test_knn_service_follows_clip_retrievals_shape(client, train, gallery):
     assert [set(h) for h in hits] == [{"id", "similarity", "caption", "url", "thumbnail", "image_id"}] * 3
     first = hits[0]
     assert first["image_id"] == row.item_id and first["id"] == gallery.row_of[row.item_id]  # an integer row
-    assert first["url"] == f"http://testserver/media/{row.item_id}"  # absolute: requests.get(url) works
+    assert first["url"] == f"http://127.0.0.1/media/{row.item_id}"  # absolute: requests.get(url) works
     assert client.get(first["url"]).content == open(row.path, "rb").read()
     picture = base64.b64encode(open(row.path, "rb").read()).decode()
     by_picture = client.post("/knn-service", json={"image": picture, "modality": "image", "num_images": 2}).json()
@@ -257,15 +257,16 @@ def test_path_traversal_sent_raw_to_the_real_server(service):
         for target in ("/media/../../etc/passwd", "/thumbnails/../../../etc/passwd", "/static/../config.py",
                        "/media/%2e%2e/%2e%2e/etc/passwd"):
             status, body = raw_request(host, int(port),
-                                       f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                                       f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             assert status == 404 and b"root:" not in body, (target, status, body)
         status, _ = raw_request(host, int(port), "NOT AN HTTP REQUEST\r\n\r\n")
         assert status == 400
-        status, body = raw_request(host, int(port), "POST /api/search/upload HTTP/1.1\r\nHost: x\r\n"
+        status, body = raw_request(host, int(port), "POST /api/search/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                                     "Content-Type: multipart/form-data; boundary=b\r\n"
                                                     "Content-Length: 52428800\r\nConnection: close\r\n\r\n")
         assert status == 413 and b"over the limit" in body  # refused before a byte of the body is read
-        status, body = raw_request(host, int(port), "GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, body = raw_request(host, int(port),
+                                   "GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert status == 200 and body.endswith(b'{"status":"ok"}')
 
 
@@ -442,7 +443,7 @@ def test_the_command_binds_first_and_warns_when_exposed(memorised, monkeypatch):
     import mmret.serve.server as server
 
     served = {}
-    monkeypatch.setattr(server, "run", lambda app, sock: served.update(app=app, port=sock.getsockname()[1]))
+    monkeypatch.setattr(server, "run", lambda app, sock, *_: served.update(app=app, port=sock.getsockname()[1]))
     monkeypatch.setenv("MMRET_RUNS_DIR", str(memorised["runs"]))
     result = CliRunner().invoke(cli, ["serve", "--run", "memorised", "--port", "0", "--checkpoint", "last"])
     assert result.exit_code == 0, result.output

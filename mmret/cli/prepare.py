@@ -47,7 +47,8 @@ def prepare(
     count: Annotated[int, typer.Option(help="Number of pictures in the generated `example` dataset.")] = 500,
     allow_outside_root: Annotated[bool, typer.Option(
         "--allow-outside-root",
-        help="Let a captions table name files outside --root (they are left out otherwise).",
+        help="Include files outside --root, named by a captions table or reached through a symbolic link (they are "
+             "left out otherwise); recorded, so later reads allow them too.",
     )] = False,
     no_captions: Annotated[bool, typer.Option(
         "--no-captions",

@@ -91,7 +91,7 @@ class Roots:
 
     @classmethod
     def of(cls, *folders: str | Path | None, anywhere: bool = False) -> "Roots":
-        return cls(tuple(os.path.realpath(f) for f in folders if f), anywhere)
+        return cls(tuple(dict.fromkeys(os.path.realpath(f) for f in folders if f)), anywhere)
 
     def __str__(self) -> str:
         return "anywhere" if self.anywhere else " or ".join(self.folders)

@@ -41,7 +41,7 @@ class PrepareConfig:
     count: int = 500  # number of pictures in the generated `example` dataset
     data_dir: Path | None = None  # data root (default $MMRET_DATA_DIR or ./data)
     captions: bool = True  # False: a gallery without captions (every item kept, all in test, searched not trained on)
-    allow_outside_root: bool = False  # let a captions table name files outside --root
+    allow_outside_root: bool = False  # include files outside --root (a table names them, or a link leads there)
 
     def __post_init__(self) -> None:
         self.name = check_name("--name", self.name or self.source)

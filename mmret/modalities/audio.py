@@ -27,16 +27,24 @@ What happens to each kind of bad file (each gets one line in `prepare`'s summary
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
 from mmret.errors import MmretError
 from mmret.modalities.base import ItemError, Modality, register_modality
+
+_logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
 SILENCE = 1e-4  # peak amplitude below this (-80 dBFS) is silence
@@ -58,6 +66,47 @@ def _libs() -> tuple[Any, Any]:
         raise MmretError(f"reading sound files needs soundfile and soxr ({e}); "
                          "install them with: pip install -e \".[audio]\"") from None
     return soundfile, soxr
+
+
+_C_STDERR = threading.Lock()
+
+
+def _mp3(source: Any) -> bool:
+    """Whether the file starts as an MP3 does (an ID3 tag, or an MPEG audio frame's sync bits)."""
+    if not hasattr(source, "read"):
+        with open(source, "rb") as f:
+            head = f.read(3)
+    else:
+        source.seek(0)
+        head = source.read(3)
+        source.seek(0)
+    return head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+
+
+@contextmanager
+def _c_notes_to_log(source: Any) -> Iterator[None]:
+    """libsndfile's MP3 decoder (libmpg123) writes its notes about a damaged stream ("Illegal
+    Audio-MPEG-Header", "Xing stream size off") to the C-level stderr, past Python: for an MP3 they
+    are caught there (file descriptor 2, pointed at an unnamed temporary file for the call) and go to
+    the debug log, so a command still ends in its one line. One MP3 at a time, so no thread loses them."""
+    if not _mp3(source):
+        yield
+        return
+    with _C_STDERR:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                caught.seek(0)
+                notes = caught.read().decode("utf-8", errors="replace").splitlines()
+    for note in notes:
+        if note.strip():
+            _logger.debug("libsndfile: %s", note.strip())
 
 
 def _check_file(source: Any) -> None:
@@ -97,7 +146,8 @@ def read_info(source: str | Path | BinaryIO) -> AudioInfo:
     sf, _ = _libs()
     _check_file(source)
     try:
-        info = sf.info(_opened(source))
+        with _c_notes_to_log(source):
+            info = sf.info(_opened(source))
     except (RuntimeError, TypeError) as e:
         raise AudioError(f"not a sound file libsndfile can read ({_first_line(e)})") from None
     if info.samplerate <= 0 or info.channels <= 0:
@@ -157,7 +207,7 @@ def _scan(source: Any, info: AudioInfo) -> None:
         raise AudioError(f"truncated: {info.truncated}")
     frames, peak = 0, 0.0
     try:
-        with sf.SoundFile(_opened(source)) as f:
+        with _c_notes_to_log(source), sf.SoundFile(_opened(source)) as f:
             for block in _blocks(f, info.frames, _BLOCK):
                 frames += len(block)
                 peak = max(peak, float(np.abs(block).max()))
@@ -186,7 +236,7 @@ def _read(source: Any, start: int, frames: int) -> tuple[np.ndarray, int]:
     the blocks decoded before it (a truncated FLAC or MP3 plays up to the damage)."""
     sf, _ = _libs()
     try:
-        with sf.SoundFile(_opened(source)) as f:
+        with _c_notes_to_log(source), sf.SoundFile(_opened(source)) as f:
             rate = f.samplerate
             f.seek(start)
             try:
@@ -194,7 +244,7 @@ def _read(source: Any, start: int, frames: int) -> tuple[np.ndarray, int]:
             except RuntimeError:
                 pass
         parts = []
-        with sf.SoundFile(_opened(source)) as f:
+        with _c_notes_to_log(source), sf.SoundFile(_opened(source)) as f:
             f.seek(start)
             try:
                 for block in _blocks(f, frames, 4096):

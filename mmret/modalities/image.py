@@ -142,8 +142,8 @@ def load_rgb(path: str | Path | BinaryIO, draft: int | None = None) -> Image.Ima
         if draft and img.format == "JPEG":
             img.draft(None, (draft, draft))  # a square request: the same whatever the EXIF rotation
         img.load()
-        try:
-            img = ImageOps.exif_transpose(img)
+        try:  # in place: else PIL returns a copy of the whole picture even when it needs no turning
+            ImageOps.exif_transpose(img, in_place=True)
         except Exception:  # broken EXIF: keep the pixels as stored
             pass
         return to_rgb(img)
@@ -228,8 +228,8 @@ def thumbnail(source: str | Path | BinaryIO, size: int) -> np.ndarray:
     try:
         img.draft("RGB", (2 * size, 2 * size))  # no-op for other formats
         img.load()
-        try:
-            img = ImageOps.exif_transpose(img)
+        try:  # in place: else PIL returns a copy of the whole picture even when it needs no turning
+            ImageOps.exif_transpose(img, in_place=True)
         except Exception:  # broken EXIF: keep the pixels as stored
             pass
         img = to_rgb(img)

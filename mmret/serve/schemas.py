@@ -13,9 +13,9 @@ accepted and ignored. mmret adds `id` in the request (more like a gallery item).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from mmret.serve.config import ServeConfig
 
@@ -112,6 +112,16 @@ def exactly_one(*names: str, text_pattern: bool = False) -> dict:
     return {"oneOf": [{"required": [n], "properties": {n: given(n)}} for n in names]}
 
 
+def _integral(value: object) -> object:
+    """JSON Schema's integer holds 3.0 as well as 3; the strict request models refuse other floats,
+    `true` and `"3"`, as the schema's types do."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_integral)]
+# not `WholeNumber | None`: pydantic would leave a field's bounds out of that union's schema
+MaybeWholeNumber = Annotated[int | None, BeforeValidator(_integral)]
+
 BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 
@@ -122,7 +132,8 @@ def _embedding(dim: int | None) -> dict:
 
 
 def request_models(cfg: ServeConfig, dim: int | None = None) -> SimpleNamespace:
-    """The request bodies, with this server's limits (and `dim`, the size of a query embedding)."""
+    """The request bodies, with this server's limits (and `dim`, the size of a query embedding).
+    Strict: a number is a JSON number, not `true` or `"3"`, as the schema's types say (`WholeNumber`)."""
     # a query of spaces only is refused as empty: the pattern says so in the schema (validated in `service`)
     text_field = dict(min_length=1, max_length=cfg.max_query_chars, json_schema_extra={"pattern": r"\S"})
     k_field = dict(ge=1, le=cfg.max_k)
@@ -130,10 +141,10 @@ def request_models(cfg: ServeConfig, dim: int | None = None) -> SimpleNamespace:
     class SearchRequest(BaseModel):
         """Exactly one of `text` and `id`."""
 
-        model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one("text", "id"))
+        model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=exactly_one("text", "id"))
         text: str | None = Field(None, description="a caption to search with", **text_field)
         id: str | None = Field(None, description="a gallery item's id: more like it", max_length=4096)
-        k: int = Field(cfg.k, description="how many results", **k_field)
+        k: WholeNumber = Field(cfg.k, description="how many results", **k_field)
 
     knn_field = dict(ge=1, le=cfg.max_knn)
 
@@ -141,8 +152,8 @@ def request_models(cfg: ServeConfig, dim: int | None = None) -> SimpleNamespace:
         """clip-retrieval's request; read as JSON whatever its Content-Type says (its clients send none,
         or text/plain). A text of spaces only (or "") counts as none, as clip_back's does."""
 
-        model_config = ConfigDict(extra="ignore", json_schema_extra=exactly_one("text", "image", "embedding_input",
-                                                                              "id", text_pattern=True))
+        model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=exactly_one(
+            "text", "image", "embedding_input", "id", text_pattern=True))
         text: str | None = Field(None, description="a caption to search with (\"\" counts as none)",
                                  max_length=cfg.max_query_chars)
         image: str | None = Field(None, description="a picture (any file of the gallery's kind), base64",
@@ -153,15 +164,16 @@ def request_models(cfg: ServeConfig, dim: int | None = None) -> SimpleNamespace:
                                                     json_schema_extra=_embedding(dim))
         id: str | None = Field(None, description="mmret: a gallery item's id (more like it)", max_length=4096)
         modality: Literal["image", "text"] = Field("image", description="image: search the items; text: the captions")
-        num_images: int = Field(40, description="results with their caption and url", **knn_field)
-        num_result_ids: int | None = Field(None, description="results in all (default: num_images); those past "
+        num_images: WholeNumber = Field(40, description="results with their caption and url", **knn_field)
+        num_result_ids: MaybeWholeNumber = Field(None, description="results in all (default: num_images); those past "
                                                              "num_images come as id and similarity", **knn_field)
         deduplicate: bool = Field(False, description="leave out results within 0.94 cosine of a better one")
         indice_name: str | None = Field(None, description="the gallery's name (see /indices-list)")
 
     class MetadataRequest(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        ids: list[int] = Field(description="rows of the gallery, as /knn-service gives them", max_length=cfg.max_knn)
+        model_config = ConfigDict(extra="ignore", strict=True)
+        ids: list[WholeNumber] = Field(description="rows of the gallery, as /knn-service gives them",
+                                       max_length=cfg.max_knn)
         indice_name: str | None = Field(None, description="the gallery's name (see /indices-list)")
 
     return SimpleNamespace(SearchRequest=SearchRequest, KnnRequest=KnnRequest, MetadataRequest=MetadataRequest)
