@@ -122,8 +122,9 @@ def test_cli_search_by_text_and_by_sound_with_a_listening_page(env):
     assert result["audio"][0]["path"] == str(query.absolute()) and "audio_id" in result["audio"][0]
     assert result["audio"][0]["score"] == pytest.approx(1.0, abs=1e-2) and len(result["captions"]) == 2
     wrong = runner.invoke(app, ["search", "--image", str(query), "--run", "heads"])
-    assert (wrong.exit_code, wrong.stderr.strip()) == (1, "error: run heads searches audio, not images: query with "
-                                                          "--audio PATH")
+    assert (wrong.exit_code, " ".join(wrong.stderr.split())) == (
+        1, "error: run heads searches audio, not images, and no run over images shares its space: query with --audio "
+           "PATH, or train one into it (mmret train --dataset <images> --bind-to heads)")
     nothing = runner.invoke(app, ["search", "--run", "heads"])
     assert nothing.stderr.strip() == "error: nothing to search for: give a query text, --queries FILE, or --audio PATH"
 

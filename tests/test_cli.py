@@ -56,7 +56,7 @@ def test_error_is_one_red_line_and_exit_code_1(data_dir):
 
 @pytest.mark.parametrize("args, line", [
     (["prepare", "imagenet"], "error: unknown source 'imagenet'; choose one of flickr30k, coco, flickr8k, folder, "
-                              "classes, example, wds, clotho, audiocaps"),
+                              "classes, example, wds, sugar-crepe, winoground, clotho, audiocaps"),
     (["prepare", "folder"], "error: prepare folder needs --root: the folder that holds the dataset"),
     (["prepare", "folder", "--val", "2"], "error: --val must be a fraction in [0, 1), got 2.0"),
 ])

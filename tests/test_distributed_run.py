@@ -40,12 +40,12 @@ def _rank(rank: int, size: int, port: int, cfg: dict, stop_at: int | None, die_a
                       LOCAL_RANK=str(rank))
     real_step = loop.train_step
 
-    def step(s, images, texts):
+    def step(s, images, texts, *negatives):
         if s.state.step == stop_at:
             raise KeyboardInterrupt
         if s.state.step == die_at and rank == 1:
             os._exit(7)
-        return real_step(s, images, texts)
+        return real_step(s, images, texts, *negatives)
 
     loop.train_step = step
     try:

@@ -156,10 +156,10 @@ def test_eval_and_search_of_a_stopped_run_say_which_checkpoint(busy, monkeypatch
 
     real_step = loop.train_step
 
-    def step_then_stop(s, items, texts):
+    def step_then_stop(s, items, texts, *negatives):
         if s.state.step == 3:  # in the middle of epoch 2 of 3 (2 steps an epoch)
             raise KeyboardInterrupt
-        return real_step(s, items, texts)
+        return real_step(s, items, texts, *negatives)
 
     monkeypatch.setattr(loop, "train_step", step_then_stop)
     with pytest.raises(training.TrainingInterrupted):

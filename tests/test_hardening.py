@@ -111,11 +111,11 @@ def test_a_dataset_prepared_again_during_training_stops_it(home, towers, monkeyp
     real = loop.train_step
     calls = []
 
-    def reprepare_then_step(s, images, texts):
+    def reprepare_then_step(s, images, texts, *negatives):
         calls.append(1)
         if len(calls) == 2:  # in the middle of epoch 1, someone runs `mmret prepare example --force`
             prepare(PrepareConfig(source="example", count=40, seed=7, force=True, data_dir=home / "data"))
-        return real(s, images, texts)
+        return real(s, images, texts, *negatives)
 
     monkeypatch.setattr(loop, "train_step", reprepare_then_step)
     with pytest.raises(MmretError, match="dataset 'example' was prepared again while training was reading it; its "

@@ -51,10 +51,10 @@ def test_scratch_resume_is_exact(data, tmp_path, monkeypatch):
     whole = training.train(config(data, tmp_path, name="whole", epochs=2))
     real = loop.train_step
 
-    def kill_at_step_4(s, images, texts):
+    def kill_at_step_4(s, images, texts, *negatives):
         if s.state.step == 4:
             raise KeyboardInterrupt
-        return real(s, images, texts)
+        return real(s, images, texts, *negatives)
 
     monkeypatch.setattr(loop, "train_step", kill_at_step_4)
     with pytest.raises(training.TrainingInterrupted):

@@ -136,8 +136,8 @@ def test_a_run_without_a_partner_of_the_query_kind_says_how_to_make_one(copy, mo
     sound = next(p for p in sorted((env["sounds"] / "low").iterdir()) if p.suffix != ".txt")
     result = runner.invoke(app, ["search", "--audio", str(sound), "--run", "alone"])
     assert result.exit_code == 1
-    assert ("no run over audio shares a space with run alone (anchor alone); train one into it: mmret train "
-            "--dataset <audio> --bind-to alone") in " ".join(result.output.split())
+    assert ("run alone searches images, not audio, and no run over audio shares its space: query with --image PATH, "
+            "or train one into it (mmret train --dataset <audio> --bind-to alone)") in " ".join(result.output.split())
 
 
 def test_the_python_api_searches_pictures_with_a_sound(space):

@@ -66,10 +66,10 @@ def test_killed_and_resumed_run_ends_with_the_same_metrics(world, tmp_path, monk
     whole = training.train(config(world, tmp_path, method="bridge", name="whole"))
     real_step = loop.train_step
 
-    def step_then_kill(s, images, texts):
+    def step_then_kill(s, images, texts, *negatives):
         if s.state.step == 5:  # in the middle of epoch 2 (3 steps an epoch)
             raise KeyboardInterrupt
-        return real_step(s, images, texts)
+        return real_step(s, images, texts, *negatives)
 
     monkeypatch.setattr(loop, "train_step", step_then_kill)
     with pytest.raises(training.TrainingInterrupted, match="continue with `mmret train --resume killed`"):

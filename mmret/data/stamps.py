@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 
 from mmret.common.items import split_address
+from mmret.common.paths import Roots, UnsafePath
 
 MISSING = "missing"
 
@@ -45,10 +46,11 @@ def item_stamps(ids: Iterable, paths: Iterable[str], root: str | Path) -> np.nda
     return np.asarray(out, dtype=object)
 
 
-def content_stamps(paths: Iterable[str]) -> np.ndarray:
+def content_stamps(paths: Iterable[str], roots: Roots) -> np.ndarray:
     """(N,) digests of item files' bytes: the same picture under another dataset's name, path or
-    modification time has the same one (features are lent across datasets by it). A file that cannot
-    be read, or a member of a `.tar` shard, gets MISSING, which never lends."""
+    modification time has the same one (features are lent across datasets by it). Files are read
+    through the dataset's `roots`, as every item file is; a file that cannot or may not be read, or
+    a member of a `.tar` shard, gets MISSING, which never lends."""
     out = []
     for path in paths:
         path = str(path)
@@ -57,10 +59,10 @@ def content_stamps(paths: Iterable[str]) -> np.ndarray:
             continue
         h = hashlib.blake2b(digest_size=16)
         try:
-            with open(path, "rb") as f:
+            with roots.open(path) as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
-        except OSError:
+        except (OSError, UnsafePath):
             out.append(MISSING)
             continue
         out.append(h.hexdigest())

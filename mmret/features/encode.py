@@ -231,7 +231,7 @@ class _Job:
     @functools.cached_property
     def content(self) -> np.ndarray:
         """What each row is, whatever its dataset: its file's bytes (items) or its text (captions)."""
-        return self.stamps if self.which == CAPTIONS else content_stamps(self.rows["path"])
+        return self.stamps if self.which == CAPTIONS else content_stamps(self.rows["path"], self.dataset.roots)
 
     def prepare(self, cache: FeatureCache) -> None:
         """Open the half-built cache in the folder, or allocate a new one."""

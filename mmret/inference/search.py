@@ -316,7 +316,13 @@ def search(run: Path | LoadedRun, queries: list[str], *, item: Any = None, datas
     encoder = None  # a query item of another modality is embedded by the run of the space that has its kind
     if item is not None and query_modality not in (None, modality.name):
         kind = get_modality(query_modality)
-        encoder = LoadedRun(space_member(run.run_dir, kind.name, kind.plural), which=run.which, device=str(run.device))
+        try:
+            member = space_member(run.run_dir, kind.name, kind.plural)
+        except MmretError:
+            raise MmretError(f"run {run.name} searches {modality.plural}, not {kind.plural}, and no run over "
+                             f"{kind.plural} shares its space: query with --{modality.name} PATH, or train one into "
+                             f"it (mmret train --dataset <{kind.plural}> --bind-to {run.name})") from None
+        encoder = LoadedRun(member, which=run.which, device=str(run.device))
     gallery = Gallery.open(run, dataset, split, index=index, rebuild_index=rebuild_index, captions=item is not None,
                            reporter=reporter, data_dir=data_dir)
     results = gallery.search_texts(queries, k) if queries else []
