@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model, loadavg  # benchmarks/machine.py
+
 BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def start(folder: Path, epochs: int | None, env: dict[str, str]) -> subprocess.Popen:
@@ -62,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores available")
-    print(f"loadavg before: {Path('/proc/loadavg').read_text().strip()}")
+    print(f"loadavg before: {loadavg()}")
     where = subprocess.check_output([sys.executable, "-c", "import mmret; print(mmret.__file__)"], env=env, text=True,
                                     cwd=tempfile.gettempdir())  # as the quick starts run: not from this checkout
     print(f"env: {' '.join(args.env) or '(none set)'}; mmret from {Path(where.strip()).parent}")
@@ -82,7 +75,7 @@ def main() -> None:
     for label, seconds, ratio in rows:
         print(f"{label:<32} {seconds:8.1f} {'' if ratio is None else f'{ratio:7.2f}x':>8}")
     print(f"worst of the two: {max(pair) / alone:.2f}x alone (target <= 2.5x; a fair share is 2x)")
-    print(f"loadavg after:  {Path('/proc/loadavg').read_text().strip()}")
+    print(f"loadavg after:  {loadavg()}")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model, loadavg  # benchmarks/machine.py
+
 OFFLINE = Path.home() / ".cache" / "mmret-offline"
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def wall(command: list[str], cwd: Path, env: dict[str, str], runs: int = 1) -> float:
@@ -53,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     mmret = [sys.executable, "-m", "mmret"]
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores available")
-    print(f"loadavg before: {Path('/proc/loadavg').read_text().strip()}")
+    print(f"loadavg before: {loadavg()}")
     with tempfile.TemporaryDirectory(prefix="mmret-never-twice-") as tmp:
         home = Path(tmp)
         env = dict(os.environ, MMRET_DATA_DIR=str(home / "data"), MMRET_RUNS_DIR=str(home / "runs"))
@@ -78,7 +75,7 @@ def main() -> None:
     for label, seconds, target in rows:
         print(f"{label:<45} {seconds:8.2f}  {'' if target is None else f'<= {target:.0f} s'}")
     print(f"runtime choice: {reason}")
-    print(f"loadavg after:  {Path('/proc/loadavg').read_text().strip()}")
+    print(f"loadavg after:  {loadavg()}")
 
 
 if __name__ == "__main__":

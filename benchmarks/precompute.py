@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model, loadavg  # benchmarks/machine.py
 from PIL import Image
 
 from mmret.common.paths import ANYWHERE
@@ -307,9 +308,7 @@ def main() -> None:
         THREADS = args.threads
     logging.basicConfig(level=logging.WARNING, format="  %(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    print(f"{cpu}; /proc/loadavg {Path('/proc/loadavg').read_text().strip()}")
+    print(f"{cpu_model()}; /proc/loadavg {loadavg()}")
     print(f"torch {torch.__version__}, {THREADS} threads, {os.cpu_count()} CPUs, "
           f"load average at start {os.getloadavg()[0]:.1f}")
     size = tuple(int(v) for v in args.photo.split("x"))
@@ -337,7 +336,7 @@ def main() -> None:
                 runs[(precision, form)] = pipeline(dataset, encoder, precision, form, args.workers)
                 print(f"  {precision}, {form} done, load average {os.getloadavg()[0]:.1f}", flush=True)
         report(b, flops, decode, naive_rate, runs, batch)
-    print(f"load average at end {os.getloadavg()[0]:.1f}; /proc/loadavg {Path('/proc/loadavg').read_text().strip()}")
+    print(f"load average at end {os.getloadavg()[0]:.1f}; /proc/loadavg {loadavg()}")
 
 
 if __name__ == "__main__":

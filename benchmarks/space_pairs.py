@@ -18,31 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model, loadavg  # benchmarks/machine.py
 
 from mmret.data import PrepareConfig, load_dataset, prepare
 from mmret.errors import MmretError
 from mmret.evaluation.cross_modal import evaluate_cross_modal
 from mmret.runs import RunConfig, with_overrides
 from mmret.training import train
-
-
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def run(options: dict) -> Path:
@@ -63,7 +49,7 @@ def main() -> None:
     dino, minilm = str(args.models / "dinov2-small"), str(args.models / "all-minilm-l6-v2")
     common = dict(data_dir=data, runs_dir=runs, text=minilm, method="heads", batch_size=32, patience=10,
                   epochs=args.epochs)
-    print(f"CPU: {cpu()}; load before: {load()}", flush=True)
+    print(f"CPU: {cpu_model()}; load before: {loadavg()}", flush=True)
     try:
         load_dataset("pictures", data)
     except MmretError:
@@ -99,7 +85,7 @@ def main() -> None:
             print(f"  {direction:16s} {'chance':14s} " + "  ".join(f"{k} {chance[k]:.3f}" for k in ("r1", "r5", "r10",
                                                                                                    "mrr")))
             table.setdefault((direction, "chance"), []).append(chance)
-    print(f"\nmean ± std over {len(args.seeds)} seeds (load after: {load()})")
+    print(f"\nmean ± std over {len(args.seeds)} seeds (load after: {loadavg()})")
     print("| direction | route | R@1 | R@5 | R@10 | MRR |\n|---|---|---|---|---|---|")
     for (direction, route), rows in table.items():
         cells = " | ".join(f"{np.mean([m[k] for m in rows]):.3f} ± {np.std([m[k] for m in rows]):.3f}"

@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model, loadavg  # benchmarks/machine.py
 
 OFFLINE = Path.home() / ".cache" / "mmret-offline" / "models"
 BOUND_MB = 300
@@ -188,9 +189,7 @@ def main() -> None:
         return dataset_child(*args.child, train=args.train)
     from serve import build_run  # benchmarks/serve.py: a heads run over the offline towers
 
-    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    print(f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores; load average before: "
-          f"{Path('/proc/loadavg').read_text().strip()}")
+    print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; load average before: {loadavg()}")
     run_dir = build_run(args.work, str(OFFLINE / "all-minilm-l6-v2"), str(OFFLINE / "dinov2-small"))
     normal = picture(*NORMAL)
     worst = 0.0
@@ -214,7 +213,7 @@ def main() -> None:
             worst = max(worst, r["peak_over_idle_mb"])
             print(f"{size[0]:>7,} x {size[1]:<,} {r['ms']:>8.0f} {r['peak_over_idle_mb']:>8.1f}  {r['outcome']}")
     print(f"\nworst peak over idle: {worst:.1f} MB (bound {BOUND_MB} MB: {'met' if worst <= BOUND_MB else 'MISSED'})")
-    print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")
+    print(f"load average after: {loadavg()}")
 
 
 if __name__ == "__main__":
