@@ -342,6 +342,8 @@ def search_space(run: Path | LoadedRun, queries: list[str], *, item: Any = None,
     comparable (each run's items sit at their own distance from the text)."""
     run_dir = run.run_dir if isinstance(run, LoadedRun) else Path(run)
     which, device = (run.which, str(run.device)) if isinstance(run, LoadedRun) else (which, device)
-    return [search(member, queries, item=item, split=split, k=k, index=index, which=which, device=device,
-                   reporter=reporter, data_dir=data_dir, query_modality=query_modality)
+    loaded = run if isinstance(run, LoadedRun) else None  # the run already loaded is not loaded again
+    return [search(loaded if loaded is not None and member.name == loaded.name else member, queries, item=item,
+                   split=split, k=k, index=index, which=which, device=device, reporter=reporter, data_dir=data_dir,
+                   query_modality=query_modality)
             for member in space_runs(run_dir)]
