@@ -100,6 +100,35 @@ def test_a_file_swapped_for_a_link_after_prepare_is_never_read(home, reads, towe
                                      f"{os.path.realpath(root)}"}
 
 
+def test_a_table_opens_by_names_and_its_links_are_followed_only_when_read(home, monkeypatch, reads, towers):
+    """Opening 100,000 items must not cost 100,000 link resolutions (a cold search spent 10 s on
+    them): the table is checked by names, and a link is caught when its file is read."""
+    import shutil
+
+    from mmret.data import load_dataset
+    from mmret.encoders import load_image_encoder
+    from mmret.features import ensure_features
+
+    raw_folder(home)
+    assert prepare_folder(home).exit_code == 0
+    folder = home / "data" / "t"
+    shutil.copytree(home / "raw", folder / "items")  # items kept in the dataset's folder, named relative to it
+    table = pd.read_parquet(folder / "images.parquet")
+    table["path"] = [f"items/{Path(p).name}" for p in table["path"]]
+    table.to_parquet(folder / "images.parquet", index=False)
+    (folder / "items" / "2.png").unlink()
+    os.symlink(home / "outside" / "secret.png", folder / "items" / "2.png")
+    home.baseline()
+    followed: list[str] = []
+    realpath = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, **kw: followed.append(str(p)) or realpath(p, **kw))
+    ds = load_dataset("t")
+    assert ds.items["path"].tolist()[0] == str(folder / "items" / "0.png")
+    assert not [p for p in followed if p.endswith(".png")] and len(ds.items) == 6
+    feats = ensure_features(ds, load_image_encoder(towers["vit"]), "images")
+    assert list(feats.failed) == ["2.png"] and str(folder / "items" / "2.png") in followed  # refused when read
+
+
 def test_allow_outside_root_is_recorded_and_honoured_when_reading(home, towers):
     from mmret.data import load_dataset
     from mmret.encoders import load_image_encoder

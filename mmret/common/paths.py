@@ -64,8 +64,21 @@ def slug(text: str, limit: int = 40) -> str:
 def within(path: str | Path, root: str | Path) -> bool:
     """Whether `path` lies inside `root`, by the names alone (`..` resolved, symbolic links not
     followed: `Roots` follows them)."""
-    path, root = os.path.abspath(path), os.path.abspath(root)
+    path, root = _absolute(path), _absolute(root)
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def plain(path: str) -> bool:
+    """Whether an absolute name is normal already (no `.`, `..` or empty part, no trailing `/`), so
+    `os.path.abspath` would return it unchanged: tables of 100,000 items are checked one name at a
+    time, and abspath is most of that time."""
+    return (path.startswith("/") and "//" not in path and "/./" not in path and "/../" not in path
+            and not path.endswith(("/", "/.", "/..")))
+
+
+def _absolute(path: str | Path) -> str:
+    path = os.fspath(path)
+    return path if plain(path) else os.path.abspath(path)
 
 
 class UnsafePath(MmretError):
