@@ -42,7 +42,7 @@ from mmret.common.io import atomic_dir, atomic_path, load_npy, read_json, read_p
 from mmret.common.paths import Roots
 from mmret.common.progress import NULL, Reporter
 from mmret.common.shards import Shard, shard_of
-from mmret.data.prepared import load_dataset
+from mmret.data.prepared import PreparedDataset, load_dataset
 from mmret.data.stamps import caption_stamps, item_stamps, match
 from mmret.errors import MmretError
 from mmret.features import CAPTIONS, FeatureCache, dataset_fingerprint
@@ -142,17 +142,18 @@ def identity(run: LoadedRun, ds: Any, split: str) -> dict:
             "folds": [cfg.data.folds, cfg.data.fold] if ds.name == cfg.data.dataset else [0, 0]}
 
 
-def write_run_embeddings(run: LoadedRun | Path, dataset: str | None = None, split: str = "test", *,
+def write_run_embeddings(run: LoadedRun | Path, dataset: str | PreparedDataset | None = None, split: str = "test", *,
                          which: str = "best", device: str = "auto", batch_size: int = 256, reporter: Reporter = NULL,
                          data_dir: Path | None = None, shard: str | None = None,
                          finalize: bool = False) -> Embeddings | None:
     """Embed a split (or `all`) of a dataset (default: the run's, from `data_dir` or the run's data
-    root) with the run's `which` checkpoint (`run` may be a loaded run, whose checkpoint and device
-    then apply). With `shard` ("i/N", or torchrun's rank) this process embeds its blocks only, and
+    root; or one loaded already) with the run's `which` checkpoint (`run` may be a loaded run, whose
+    checkpoint and device then apply). With `shard` ("i/N", or torchrun's rank) this process embeds its blocks only, and
     None comes back unless it was the last and assembled the folder; `finalize` only assembles."""
     start = time.perf_counter()
     run = run if isinstance(run, LoadedRun) else LoadedRun(run, which=which, device=device)
-    ds = load_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+    ds = dataset if isinstance(dataset, PreparedDataset) else load_dataset(dataset or run.cfg.data.dataset,
+                                                                             data_dir or run.cfg.data.data_dir)
     emb = _embed(run, ds, split, batch_size=batch_size, reporter=reporter, shard=shard, finalize=finalize, start=start)
     if emb is not None:
         emb.roots = ds.roots

@@ -189,15 +189,15 @@ class Gallery:
         """Load `run` (a folder or a loaded run) and its gallery; `captions` also opens the caption
         index (for item queries), when the gallery has captions."""
         run = run if isinstance(run, LoadedRun) else LoadedRun(run, which=which, device=device)
-        emb = write_run_embeddings(run, dataset, split, reporter=reporter, data_dir=data_dir)
+        ds = load_dataset(dataset or run.cfg.data.dataset, data_dir or run.cfg.data.data_dir)
+        emb = write_run_embeddings(run, ds, split, reporter=reporter)
         cfg = IndexConfig(kind=index)
         items_index = gallery_index(run.run_dir, emb, "items", cfg=cfg, rebuild=rebuild_index, reporter=reporter)
         captions_index = None
         if captions and len(emb.captions):
             captions_index = gallery_index(run.run_dir, emb, "captions", cfg=cfg, rebuild=rebuild_index,
                                            reporter=reporter)
-        sources = load_dataset(emb.dataset, data_dir or run.cfg.data.data_dir).sources()
-        return cls(run, emb, items_index, captions_index, index=index, sources=sources)
+        return cls(run, emb, items_index, captions_index, index=index, sources=ds.sources())
 
     # -- what the gallery is
     @property
