@@ -67,9 +67,12 @@ def test_a_forced_choice_runs_each_runtime_like_torch(run_dir, monkeypatch):
     with monkeypatch.context() as m:
         m.setenv(runtime.RUNTIME_ENV, "torch")
         expected = LoadedRun(run_dir).encode_texts(texts).numpy()
+    folder = runtime.folder_of(run_dir, run.digest)
     for backend in runtime.installed_runtimes():
-        rt = runtime.TextRuntime(runtime.folder_of(run_dir, run.digest), runtime.Choice(backend, ""))
+        rt = runtime.TextRuntime(folder, runtime.Choice(backend, ""))
         assert _cosines(rt(texts), expected) >= runtime.MIN_COSINE
+    if "openvino" in runtime.installed_runtimes():  # its compiled form is kept for the next start
+        assert list((folder / "openvino-cache").glob("*.blob"))
     assert choice.cosine and all(c > 0.999 for c in choice.cosine.values())
 
 
