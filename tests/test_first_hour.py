@@ -27,7 +27,7 @@ from mmret.common.progress import LineReporter, _LineTask, duration
 from mmret.data import PrepareConfig, prepare
 from mmret.evaluation.retrieval import EvalResult, comparison_sentence
 from mmret.inference.search import QueryResult
-from mmret.methods.choice import Signals, choose_method, signals
+from mmret.methods.choice import RELATIONAL_SETTINGS, Signals, choose_method, relational_share, signals
 from mmret.metrics.retrieval import PairedDiff
 from mmret.training.loop import MIN_STEPS, plan_notes
 
@@ -237,6 +237,21 @@ def test_the_rule_picks_heads_on_a_cpu_and_a_gpu_and_says_why():
     assert signals({"head_layers": 1}, "cuda").asked[0] == "heads"  # heads has it too: no reason to leave heads
 
 
+def test_captions_that_name_relations_get_the_bridge_with_wrong_captions():
+    titles_and_relations = ["A shipwreck.", "sleeping bear", "a dog to the left of a cat", "a cup above a bowl"]
+    assert relational_share(titles_and_relations) == 0.5
+    assert relational_share(["a dog next to a cat", "A chick inside an egg.", None]) == 0.5  # next to: symmetric
+    titles = choose_method(Signals(device="cpu", dataset="tux", captions=538, relational=1 / 538))
+    assert titles.method == "heads" and titles.settings == {}
+    rel = choose_method(Signals(device="cpu", dataset="rel", captions=2358, relational=1.0))
+    assert rel.method == "bridge" and rel.settings == RELATIONAL_SETTINGS
+    assert rel.line().startswith("method: bridge with --caption-negatives swap,relation --queries 8 --bridge-width 192 "
+                                 "--token-pool 2 --lr 0.001 for the 2,358 captions of rel on cpu, chosen because 100% "
+                                 "of its captions say where one thing is relative to another")
+    heads_only = Signals(device="cpu", relational=1.0, asked=("heads",), asked_by="--head-layers")
+    assert choose_method(heads_only).method == "heads"  # a setting only heads has keeps heads
+
+
 def test_train_says_the_method_it_chose_and_every_default(tmp_path, monkeypatch):
     monkeypatch.setenv("MMRET_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MMRET_RUNS_DIR", str(tmp_path / "runs"))
@@ -246,13 +261,16 @@ def test_train_says_the_method_it_chose_and_every_default(tmp_path, monkeypatch)
                               "8", "--embed-dim", "16"])
     assert out.exit_code == 0, out.output
     said = out.stderr.splitlines()
-    assert said[0].startswith("method: heads for the 100 captions of example on cpu, chosen because heads train "
-                              "10-40x faster than bridge on a CPU") and said[0].endswith("(--method picks another)")
+    # the example's captions name relations ("a red circle above a blue square"): the rule takes the bridge
+    assert said[0].startswith("method: bridge with --caption-negatives swap,relation --queries 8 --bridge-width 192 "
+                              "--token-pool 2 --lr 0.001 for the 100 captions of example on cpu, chosen because ")
+    assert said[0].endswith("(--method picks another)")
     assert said[1] == "dataset: example, the default (--dataset NAME trains on one you prepared)"
-    assert said[2].startswith("training heads on example: 16 train / 2 val images, 2 steps (2 an epoch, 0 of warm-up)")
+    assert said[2].startswith("training bridge on example: 16 train / 2 val images, 2 steps (2 an epoch, 0 of warm-up)")
     assert said[2].endswith("fp32 on cpu, 1 process") and said[3].startswith("note: 2 optimizer steps")
     run = json.loads((tmp_path / "runs" / "latest" / "config.json").read_text())
-    assert run["method"]["method"] == "heads"
+    assert run["method"]["method"] == "bridge" and run["train"]["caption_negatives"] == "swap,relation"
+    assert run["method"]["queries"] == 8 and run["train"]["lr"] == 0.001
     towers = runner.invoke(app, ["train", "--dry-run", "--method", "lora"])
     assert towers.exit_code == 0, towers.output
     assert ("towers: --vision dino-vits16 (timm/vit_small_patch16_224.dino) and --text distilbert "
@@ -261,9 +279,11 @@ def test_train_says_the_method_it_chose_and_every_default(tmp_path, monkeypatch)
     plan = runner.invoke(app, ["probe-memory", "--vram", "6", "--estimate", "--vision", str(vit), "--text", str(bert),
                                "--batch-size", "8", "--embed-dim", "16"])
     assert plan.exit_code == 0, plan.output
-    assert plan.stderr.startswith("method: heads for the 100 captions of example on cuda")
+    assert plan.stderr.startswith("method: bridge with --caption-negatives swap,relation")
     command = plan.stdout.splitlines()[-1].strip()
-    assert command.startswith(f"mmret train --vision {vit} --text {bert} --batch-size 8 --embed-dim 16 --method heads")
+    assert command.startswith(f"mmret train --vision {vit} --text {bert} --batch-size 8 --embed-dim 16 "
+                              "--method bridge --caption-negatives swap,relation --queries 8 --bridge-width 192 "
+                              "--token-pool 2 --lr 0.001")
 
 
 def test_a_training_too_short_to_learn_is_said_before_it_starts():

@@ -172,20 +172,24 @@ def probe_memory(
     given = [f"--config {config}"] if config else []
     given += [f"--recipe {recipe}"] if recipe else []
     given += [f"{flag(k, report.config.data.modality)} {v}" for k, v in _given(settings).items() if k != "data_dir"]
-    show.show_memory(report, " ".join(given + _unnamed_flags(report.config, settings, config, recipe)))
+    chosen = settled.choice.settings if settled.choice else {}
+    show.show_memory(report, " ".join(given + _unnamed_flags(report.config, settings, config, recipe, chosen)))
     if save is not None:
         ui.console.print(f"saved {save_config(report.config, save)}: train with `mmret train --config {save}`",
                          highlight=False, soft_wrap=True)
 
 
-def _unnamed_flags(cfg: Any, settings: dict[str, Any], config: Path | None, recipe: str | None) -> list[str]:
-    """The method and towers a recommended command must name when the user did not (a default can
-    change, and `mmret train` chooses its method for the machine it runs on)."""
+def _unnamed_flags(cfg: Any, settings: dict[str, Any], config: Path | None, recipe: str | None,
+                   chosen: dict[str, Any]) -> list[str]:
+    """The method (and the settings the rule chose with it) and towers a recommended command must
+    name when the user did not (a default can change, and `mmret train` chooses its method for the
+    machine it runs on and the captions it reads)."""
     from mmret.methods import get_method
     from mmret.runs.defaults import named_settings
 
     named = named_settings(given=settings, file=config, recipe=recipe)
     flags = [] if "method" in named else [f"--method {cfg.method.method}"]
+    flags += [f"{flag(k, cfg.data.modality)} {v}" for k, v in chosen.items()]
     if get_method(cfg.method.method).towers and not cfg.encoders.model:
         flags += [f"{flag(k, cfg.data.modality)} {getattr(cfg.encoders, k)}" for k in ("item", "text")
                   if k not in named]

@@ -29,9 +29,9 @@ def check_fraction(name: str, value: float) -> None:
 class MethodConfig:
     """The settings every method has; a method's own config class adds its own."""
 
-    # the library's default; `mmret train` without a method asks `mmret.methods.choice` (heads today)
-    method: str = option("heads", "Training method", shown="chosen for the hardware and the settings given, said at "
-                                                           "start (heads today)")
+    # the library's default; `mmret train` without a method asks `mmret.methods.choice`
+    method: str = option("heads", "Training method", shown="chosen for the settings and captions given, said at "
+                                                           "start (heads; bridge for captions that name relations)")
     embed_dim: int = option(512, "Size of the shared embedding space")
     dropout: float = option(0.1, "Dropout in heads, bridge and scratch towers")
     temperature: str = option("learned", "Softmax temperature: learned, fixed or dynamic")

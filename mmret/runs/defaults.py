@@ -6,7 +6,7 @@ default a user may not know they are getting (the dataset, the method, the tower
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,10 @@ def settle(*, given: dict[str, Any], file: Path | None = None, recipe: str | Non
     the lines that say what was taken by default."""
     named = named_settings(given=given, file=file, recipe=recipe)
     choice = None if "method" in named else choose_method(signals(named, target))
-    cfg = build_config(given={**given, **({"method": choice.method} if choice else {})}, file=file, recipe=recipe)
+    if choice is not None:  # what the user set stays as they set it; the line says only what the rule set
+        choice = replace(choice, settings={k: v for k, v in choice.settings.items() if k not in named})
+    chosen = {"method": choice.method, **choice.settings} if choice else {}
+    cfg = build_config(given={**given, **chosen}, file=file, recipe=recipe)
     get_method(cfg.method.method, training=True)  # a method that cannot train is refused before anything is said
     lines = [choice.line()] if choice else []
     if "dataset" not in named:
