@@ -51,7 +51,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(index_mod, "_SCORE_BUDGET", 7 * 6007)
 
 
-@pytest.mark.parametrize("n_queries", [1, 2, 5, 40])  # float16 products for 1 and 2, float32 for 5, bfloat16 for 40
+@pytest.mark.parametrize("n_queries", [1, 2, 5, 40])  # float16 for 1 and 2, the bfloat16 copy (else float32) for 5
 @pytest.mark.parametrize("k", [1, 10, 100])
 def test_exact_top_k_equals_brute_force(small_chunks, n_queries, k):
     gallery, queries = _gallery(6007, 64), _queries(n_queries, 64)
@@ -62,6 +62,30 @@ def test_exact_top_k_equals_brute_force(small_chunks, n_queries, k):
     np.testing.assert_allclose(scores, want_scores, atol=1e-6)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_small_batches_read_a_bfloat16_copy_made_once_and_stay_exact(small_chunks, monkeypatch, native_bf16):
+    if not native_bf16:  # as on a CPU that emulates bfloat16 (slower than float32): no copy, float32 chunks
+        monkeypatch.setattr(index_mod, "bf16_supported", lambda device: False)
+    elif not index_mod.bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bfloat16")
+    gallery, queries = _gallery(6007, 64, clusters=30), _queries(4, 64)
+    index = ExactIndex(gallery)
+    index.search(queries[:2], 10)  # one or two queries: float16 products, no copy
+    assert index._bf16 is None
+    scores, ids = index.search(queries, 10)
+    np.testing.assert_array_equal(ids, _brute_force(gallery, queries, 10)[1])
+    assert (index._bf16 is not None) == native_bf16
+    if native_bf16:
+        copy = index._bf16
+        index.search(queries[:3], 5)
+        assert index._bf16 is copy  # made once
+        q = torch.from_numpy(queries)  # the same scores as the chunked bfloat16 product
+        assert torch.equal(index_mod._product(q, index.gallery, "bf16", copy), index_mod._product(q, index.gallery,
+                                                                                                   "bf16"))
+    monkeypatch.setattr(index_mod, "_BF16_COPY_MAX_BYTES", 6007 * 64 * 2 - 1)  # a gallery too large for a copy
+    assert not ExactIndex(gallery)._copy_allowed()
+
+
 def _count_rescored(monkeypatch) -> list[int]:
     rescored = []
     real = index_mod._exact_scores
@@ -70,7 +94,7 @@ def _count_rescored(monkeypatch) -> list[int]:
     return rescored
 
 
-@pytest.mark.parametrize("n_queries", [2, 4, 40])  # float16, float32 and bfloat16 products
+@pytest.mark.parametrize("n_queries", [2, 4, 40])  # float16, the bfloat16 copy (or float32) and bfloat16 chunks
 @pytest.mark.parametrize("kernels_pass_their_check", [True, False])
 def test_duplicates_tie_by_row(small_chunks, monkeypatch, n_queries, kernels_pass_their_check):
     if not kernels_pass_their_check:  # as on a machine whose float16 / bfloat16 products are off
@@ -101,14 +125,14 @@ def test_product_error_stays_within_its_bound(precision):
     assert index_mod._product_within_bound(precision)
 
 
-@pytest.mark.parametrize("n_queries", [1, 3, 40])  # float16's, float32's and bfloat16's bound
+@pytest.mark.parametrize("n_queries", [1, 3, 40])  # float16's, bfloat16's (float32's without native bf16) bound
 def test_result_is_exact_with_a_product_as_bad_as_its_bound(small_chunks, monkeypatch, n_queries):
     """A product whose every score is off by up to the full error bound still gives exact results:
     the rows its errors could misplace are rescored."""
     gallery, queries = _gallery(4000, 48, seed=3, clusters=20), _queries(n_queries, 48, seed=4)
     g = torch.Generator().manual_seed(0)
 
-    def noisy_product(q, gal, precision):
+    def noisy_product(q, gal, precision, copy=None):
         scores = q @ gal.float().T
         bound = index_mod._error_bound(q, 1.0, precision)[:, None]
         return scores + bound * (2 * torch.rand(scores.shape, generator=g) - 1) * 0.99
