@@ -72,6 +72,23 @@ def test_the_remembered_spec_is_the_towers_and_is_dropped_when_its_files_change(
     assert json.loads((folder / named.MEMO).read_text())
 
 
+def test_a_tower_by_hub_id_is_remembered_from_the_hub_cache(example_ds, towers, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    tiny_models.install_in_hub_cache(towers["vit"], cache, "tiny-org/tiny-vit")
+    folder = example_ds.path / "features"
+    first = named.named_tower(folder, "tiny-org/tiny-vit", "image")
+    assert first.is_meta and not isinstance(first, named.NamedTower)
+    again = named.named_tower(folder, "tiny-org/tiny-vit", "image")
+    assert isinstance(again, named.NamedTower) and feature_key(again, example_ds) == feature_key(first, example_ds)
+    # a newer download is another snapshot (refs/main moves): its files are other files, so built again
+    tiny_models.install_in_hub_cache(towers["vit"], cache, "tiny-org/tiny-vit", commit="f" * 40)
+    assert not isinstance(named.named_tower(folder, "tiny-org/tiny-vit", "image"), named.NamedTower)
+    assert named.memo_key("tiny-org/not-downloaded", "image", {}) is None  # found without asking the Hub
+
+
 def test_the_same_pictures_under_another_dataset_name_encode_nothing(example_ds, towers, data_dir, monkeypatch):
     import shutil
 

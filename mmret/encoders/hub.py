@@ -160,6 +160,18 @@ def _download(repo_id: str, revision: str | None, need_weights: bool = True, loc
     return folder
 
 
+def cached_folder(hub_id: str) -> Path | None:
+    """The hub cache's snapshot folder of `hub_id` (`owner/name[@revision]`) when this machine has
+    it, without asking the Hub; else None."""
+    from huggingface_hub import errors as hub_errors
+
+    repo_id, _, revision = hub_id.partition("@")
+    try:
+        return _snapshot(repo_id, revision or None, True, CONFIG_FILES + ["*.safetensors", "*.bin"])
+    except (hub_errors.LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def resolve_source(name_or_path: str, weights: str | Path | None = None, need_weights: bool = True,
                    local_only: bool = False) -> ModelSource | None:
     """A local folder, `timm:NAME`, or a hub id (`owner/name[@revision]`) resolved to local files;

@@ -5,9 +5,10 @@ the caches, keyed by the tower's name and options, the versions that build it an
 size, modification time) of its model files; a matching entry gives a `NamedTower` that opens caches
 and loads the real tower only when something has to be encoded.
 
-Towers by local folder (and presets whose source is one) are remembered; hub ids and `timm:` names
-are built each time (knowing that their files did not change needs the hub's cache, whose resolution
-is what they cost).
+Towers by local folder, by a hub id this machine has downloaded (its snapshot folder in the hub's
+cache, found without asking the Hub: a newer download is another snapshot, so other stamps), and
+presets whose source is either, are remembered; `timm:` names are built each time (their hub id is
+known only to timm, whose import is what they cost).
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ class NamedTower:
 
 
 def _folder(name: str) -> Path | None:
+    from mmret.encoders.hub import HUB_ID, cached_folder
     from mmret.encoders.presets import ENCODERS
 
     preset = ENCODERS.get(name)
-    folder = Path(preset.source if preset is not None else name).expanduser()
-    return folder.absolute() if folder.is_dir() else None
+    source = preset.source if preset is not None else name
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder.absolute()
+    return cached_folder(source) if HUB_ID.match(source) else None
 
 
 def _version(package: str) -> str | None:
