@@ -43,6 +43,9 @@ small for int8 to gain much (oneDNN's int8 GEMMs at its shapes ran 0.6-1.6x its 
 attention, GELU and the quantisation itself remain, so `auto` keeps bf16 here. Nor does it pass
 the retrieval check (`benchmarks/int8_recall.py`, Tux Paint, one heads run): cosine to fp32 0.9946
 on the first batch, and Recall@1/5/10 up to 1.12 points below the same run on bf16 features.
+OpenVINO's int8 from NNCF (static activation scales, `benchmarks/int8_recall.py --form runtime`, 2-core
+EPYC with VNNI, no AMX) ran 1.51x OpenVINO's bf16 but at cosine 0.9773 and up to 2.04 points of recall,
+so the rule sends `--precision int8` on DINOv2-S to PT2E; a tower that quantises better keeps it.
 """
 
 from __future__ import annotations
