@@ -29,6 +29,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INFERENCE_PRECISIONS = PRECISIONS + ("int8",)  # int8: frozen towers' encoding on the CPU only
 DEVICES = ("auto", "cpu", "cuda")
 COSINE_THRESHOLD = 0.999
+# The one rule every reduced form of a frozen tower is kept by: its smallest cosine to float32 on a real
+# batch is at least this (and it is faster). int8 keeps the float bound: the int8 forms measured so far
+# that fell below it also moved retrieval (`benchmarks/int8_recall.py`, Tux Paint over DINOv2-S: torch's
+# PT2E int8 at cosine 0.9946 on the first batch moved Recall@K by up to 1.12 points, OpenVINO's NNCF int8 at
+# 0.9773 by up to 2.04; the check allows 0.5).
+MIN_COSINE = {"bf16": COSINE_THRESHOLD, "fp16": COSINE_THRESHOLD, "int8": COSINE_THRESHOLD}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,7 +67,8 @@ def check_precision(device: torch.device, precision: str, inference: bool = Fals
             raise MmretError(f"--precision int8 needs a CPU with AVX512-VNNI or AMX int8 instructions, not this "
                              f"{device.type}; use --precision bf16 or fp32")
         if not int8_installed():
-            raise MmretError("--precision int8 quantises with torchao: pip install 'mmret[int8]' (or torchao)")
+            raise MmretError("--precision int8 quantises with torchao or NNCF: pip install 'mmret[int8]' or "
+                             "'mmret[export]'")
     if precision == "fp16" and device.type != "cuda":
         raise MmretError("--precision fp16 needs a CUDA GPU (CPUs compute float16 slowly and "
                          "without loss scaling); use --precision bf16 or fp32 on the CPU")
@@ -86,9 +93,17 @@ def int8_supported(device: torch.device) -> bool:
 
 
 def int8_installed() -> bool:
+    """An int8 quantiser: torchao (torch's PT2E) or NNCF with OpenVINO (the runtime's own)."""
     import importlib.util
 
-    return importlib.util.find_spec("torchao") is not None
+    runtime = all(importlib.util.find_spec(m) is not None for m in ("nncf", "openvino", "onnxscript"))
+    return importlib.util.find_spec("torchao") is not None or runtime
+
+
+def agrees(precision: str, cosine: float) -> bool:
+    """The rule of `MIN_COSINE`: a `precision` form whose smallest cosine to float32 is `cosine` may be kept
+    (False for NaN)."""
+    return bool(cosine >= MIN_COSINE.get(precision, COSINE_THRESHOLD))
 
 
 def reduced_precision(device: torch.device) -> str | None:

@@ -341,6 +341,16 @@ class _Job:
                            precision=manifest.get("precision") or "",
                            precision_reason=manifest.get("precision_reason") or "")
 
+    def calibration(self, batches: list[np.ndarray], n: int) -> Iterator[dict]:
+        """Inputs of `n` of the rows in `batches`, spread evenly over them (so over a dataset's folders and kinds),
+        in batches of the usual size, without the items that could not be read: what int8's scales are set on."""
+        todo = np.concatenate(batches)
+        pick = np.unique(todo[np.linspace(0, len(todo) - 1, min(n, len(todo))).astype(int)])
+        size = max(len(b) for b in batches)
+        for _, inputs, reasons in self.batches([pick[a:a + size] for a in range(0, len(pick), size)]):
+            ok = torch.tensor([not r for r in reasons])
+            yield {k: v[ok] for k, v in inputs.items()}
+
     def encode(self, cache: FeatureCache, record: Any, batches: list[np.ndarray], stats: EncodeStats) -> None:
         """Encode `batches` of rows; `record(idx, values, reasons)` keeps each batch's arrays and
         returns how many of its rows failed."""
@@ -354,7 +364,8 @@ class _Job:
         with self.reporter.task(f"{label} · {self.encoder.name}", total=total, unit=unit) as task:
             runner = TowerRunner(self.encoder, self.device, manifest, self.compile if self.which != CAPTIONS else False,
                                  max(len(b) for b in batches), total, lambda note: task.advance(0, status=note),
-                                 pooled_only=not self.tokens and self.which != CAPTIONS)
+                                 pooled_only=not self.tokens and self.which != CAPTIONS,
+                                 calibration=functools.partial(self.calibration, batches))
             for idx, inputs, reasons in self.batches(batches):
                 rebalance()  # this process's share of the cores among the busy mmret processes
                 ok = np.array([not r for r in reasons])

@@ -6,6 +6,8 @@ A tower runs in one of three forms:
             oneDNN prepacks them for AMX / AVX-512 and fuses the pointwise work into the matrix
             multiplies, at a fixed batch size (a short last batch is padded); for bf16 the tower's
             weights are cast to bfloat16 first, so attention runs as a bfloat16 SDPA kernel;
+  runtime   the tower in an inference runtime (`mmret.features.backend`): OpenVINO or ONNX Runtime
+            for fp32/bf16, OpenVINO's int8 model quantised by NNCF for int8;
   int8      the linear layers quantised to int8 (PT2E quantisation with torchao's
             X86InductorQuantizer: int8 weights per channel, activations quantised per batch),
             compiled the same way, the rest in bfloat16 where that is native; oneDNN runs the int8
@@ -16,7 +18,13 @@ What is chosen, all on the first batch of a run, against its float32 output:
              faster); an explicit precision is used as asked (its cosine is recorded);
   compile    True compiles; None (auto) compiles on a CPU when the eager work left would take
              longer than `AUTO_COMPILE_SECONDS`, since a compile costs a minute or two once;
-  int8       asked for: always compiled. Under `auto` it is also tried once the compiled tower
+  int8       asked for: the runtime's int8 (NNCF, calibrated on real items of the dataset) when OpenVINO
+             and NNCF are installed, the tower's pooled output is all that is cached and compile is not
+             forced, kept when it passes the rule (`mmret.common.device.agrees`: cosine to fp32, on this
+             batch) and is faster than torch's eager bf16 (torch's own int8 measured 1.05x its compiled
+             bf16 on a 2-core EPYC, so eager bf16 stands in for it without a compile); what was measured
+             is saved beside the quantised model, so a later start reuses the verdict. Otherwise torch's
+             PT2E int8, always compiled, used as asked. Under `auto` PT2E int8 is also tried once the compiled tower
              runs, when the work left is at least `INT8_TRIAL_RATIO` times the compile that a
              trial costs, and kept only when its cosine to fp32 is >= 0.999 and it is faster.
 A compiled or quantised form that fails, or disagrees with fp32, leaves the run in the last
@@ -35,6 +43,9 @@ small for int8 to gain much (oneDNN's int8 GEMMs at its shapes ran 0.6-1.6x its 
 attention, GELU and the quantisation itself remain, so `auto` keeps bf16 here. Nor does it pass
 the retrieval check (`benchmarks/int8_recall.py`, Tux Paint, one heads run): cosine to fp32 0.9946
 on the first batch, and Recall@1/5/10 up to 1.12 points below the same run on bf16 features.
+OpenVINO's int8 from NNCF (static activation scales, `benchmarks/int8_recall.py --form runtime`, 2-core
+EPYC with VNNI, no AMX) ran 1.51x OpenVINO's bf16 but at cosine 0.9773 and up to 2.04 points of recall,
+so the rule sends `--precision int8` on DINOv2-S to PT2E; a tower that quantises better keeps it.
 """
 
 from __future__ import annotations
@@ -43,14 +54,16 @@ import copy
 import logging
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from mmret.common import device as _device
 from mmret.common.device import (
     COSINE_THRESHOLD,
+    MIN_COSINE,
     PrecisionChoice,
+    agrees,
     autocast_context,
     choose_inference_precision,
     min_cosine,
@@ -131,8 +144,10 @@ class TowerRunner:
     batch when None), switching to a compiled or int8 form as the module docstring says."""
 
     def __init__(self, tower: Any, device: torch.device, manifest: dict, compile: bool | None, batch_size: int,
-                 rows_left: int, status: Callable[[str], None] | None = None, pooled_only: bool = False):
+                 rows_left: int, status: Callable[[str], None] | None = None, pooled_only: bool = False,
+                 calibration: Callable[[int], Iterable[dict]] | None = None):
         self.tower, self.device, self.manifest, self.batch_size = tower, device, manifest, batch_size
+        self.calibration = calibration  # n -> batches of real inputs spread over the rows (int8's scales)
         self.want_compile, self.rows_left, self.pooled_only = compile, rows_left, pooled_only
         self.compiled: Any = None  # the compiled (or int8) tower, once it runs
         self.runtime: Any = None  # the tower in an inference runtime (`mmret.features.backend`), once kept
@@ -161,6 +176,8 @@ class TowerRunner:
     def _first_batch(self, inputs: dict) -> Any:
         """Decide the precision and the form on this batch; return its output in the chosen one."""
         n = len(next(iter(inputs.values())))
+        if self.precision == "int8":
+            return self._first_int8(inputs)
         auto = self.precision is None
         outputs: dict[str, Any] = {}
         seconds: dict[str, float] = {}  # CPU time of the eager batch per precision
@@ -169,21 +186,14 @@ class TowerRunner:
             self.manifest["precision"], self.manifest["precision_reason"] = choice.precision, choice.reason
             seconds.update(choice.timings)
             _logger.info("precision for %s: %s", self.tower.name, choice.reason)
-        eager = "fp32" if self.precision == "int8" else self.precision
-        checked = self.want_compile is not False or self.precision == "int8"  # a form to check against fp32
+        eager = self.precision
+        checked = self.want_compile is not False  # a form to check against fp32
         for p in dict.fromkeys(["fp32", eager] if checked else [eager]):
             if p not in seconds:
                 start = _clock(self.device)
                 outputs[p] = forward(self.tower, inputs, self.device, p)
                 seconds[p] = _clock(self.device) - start
         reference = outputs.get("fp32")
-        if self.precision == "int8":
-            started = self._start(inputs, reference, "int8")
-            if started is not None:
-                return started[0]
-            self.manifest["precision"] = "fp32"
-            self.manifest["precision_reason"] += "; int8 failed, fp32 instead"
-            return reference
         out = outputs[eager]
         if self.pooled_only and self.device.type == "cpu" and self.precision in ("fp32", "bf16"):
             kept = self._try_runtime(inputs, outputs, eager, seconds[eager] * self.rows_left / n)
@@ -199,6 +209,79 @@ class TowerRunner:
                 if auto and self._int8_worth_trying(compile_seconds, batch_seconds, n):
                     out = self._try_int8(inputs, reference, out, batch_seconds)
         return out
+
+    def _first_int8(self, inputs: dict) -> Any:
+        """int8 asked for: the runtime's when it is kept, else torch's (PT2E), else fp32."""
+        out, reference = self._try_runtime_int8(inputs)
+        if out is not None:
+            return out
+        if reference is None:
+            reference = forward(self.tower, inputs, self.device, "fp32")
+        started = self._start(inputs, reference, "int8")
+        if started is not None:
+            return started[0]
+        self.manifest["precision"] = "fp32"
+        self.manifest["precision_reason"] += "; int8 failed, fp32 instead"
+        return reference
+
+    def _try_runtime_int8(self, inputs: dict) -> tuple[Any, Any]:
+        """The tower quantised by NNCF and run by OpenVINO (`mmret.features.backend.quantize`), kept by the
+        rule and when faster than torch's eager bf16 (fp32 without bf16), or as a saved verdict says.
+        Returns (its output or None, the fp32 output when it was computed)."""
+        from mmret.features import backend
+
+        if not (self.pooled_only and self.device.type == "cpu" and self.want_compile is not True
+                and len(inputs) == 1 and backend.int8_installed()):
+            return None, None
+        bound = MIN_COSINE["int8"]
+        decision = backend.int8_decision(self.tower, inputs)
+        if decision is not None and decision.get("bound") == bound:  # measured by an earlier start
+            if not decision["kept"]:
+                self.manifest["precision_reason"] += f"; not the runtime's int8: {decision['reason']}"
+                return None, None
+            try:
+                self.runtime = backend.RuntimeTower("openvino", backend.int8_folder(self.tower, inputs) / "tower.xml")
+                out = self.runtime(**inputs)
+            except Exception as e:  # noqa: BLE001 - a model that no longer opens: torch's int8
+                _logger.warning("the int8 model of %s failed: %s", self.tower.name, str(e).splitlines()[0])
+                self.runtime = None
+                return None, None
+            self.manifest["backend"] = "openvino"
+            self.manifest["precision_reason"] += f"; {decision['reason']} (measured before)"
+            return out, None
+        self.status("quantising to int8 for an inference runtime")
+        try:
+            candidate = backend.RuntimeTower("openvino", backend.quantize(self.tower, inputs,
+                                                                          self.calibration or (lambda n: [inputs])))
+            candidate(**inputs)  # the first call builds the runtime's kernels
+            start = time.perf_counter()
+            out = candidate(**inputs)
+            seconds = time.perf_counter() - start
+        except Exception as e:  # noqa: BLE001 - no converter, an op NNCF or OpenVINO refuses: torch's int8
+            _logger.warning("no runtime int8 for %s: %s", self.tower.name, (str(e) or repr(e)).splitlines()[0])
+            return None, None
+        finally:
+            self.status("")
+        reference = forward(self.tower, inputs, self.device, "fp32")
+        against = "bf16" if _device.bf16_supported(self.device) else "fp32"
+        forward(self.tower, _slice(inputs, 2), self.device, against)  # one-time kernel setup, untimed
+        start = time.perf_counter()
+        forward(self.tower, inputs, self.device, against)
+        torch_seconds = time.perf_counter() - start
+        cosine = min_cosine(reference.pooled, out.pooled)
+        kept = agrees("int8", cosine) and seconds < torch_seconds
+        reason = (f"openvino int8 (NNCF): cosine to fp32 {cosine:.4f} {'>=' if agrees('int8', cosine) else '<'} "
+                  f"{bound}, {torch_seconds / seconds:.2f}x torch {against}")
+        backend.record_int8(self.tower, inputs, {"kept": kept, "cosine": cosine, "speedup": torch_seconds / seconds,
+                                                 "against": against, "bound": bound, "reason": reason})
+        if not kept:
+            _logger.info("the runtime's int8 is not kept for %s: %s", self.tower.name, reason)
+            self.manifest["precision_reason"] += f"; not the runtime's int8: {reason}"
+            return None, reference
+        self.runtime = candidate
+        self.manifest["backend"] = "openvino"
+        self.manifest["precision_reason"] += f"; {reason}"
+        return out, reference
 
     def _try_runtime(self, inputs: dict, outputs: dict, eager: str, seconds_left: float) -> Any:
         """Keep an inference runtime's form of the tower (`mmret.features.backend`) when it agrees with
@@ -231,14 +314,15 @@ class TowerRunner:
             cosine = min_cosine(reference.pooled, out.pooled)
             _logger.info("%s on %s: cosine %.5f, %.2fs vs torch %s %.2fs", candidate.backend, self.tower.name, cosine,
                          seconds, eager, torch_seconds)
-            if cosine >= COSINE_THRESHOLD and seconds < torch_seconds and (best is None or seconds < best[2]):
+            if agrees(eager, cosine) and seconds < torch_seconds and (best is None or seconds < best[2]):
                 best = (candidate, out, seconds, cosine)
         if best is None:
             return None
         self.runtime, out, seconds, cosine = best
         self.manifest["backend"] = self.runtime.backend
-        self.manifest["precision_reason"] += (f"; {self.runtime.backend}: cosine to fp32 {cosine:.4f} >= "
-                                              f"{COSINE_THRESHOLD}, {torch_seconds / seconds:.2f}x torch {eager}")
+        bound = MIN_COSINE.get(eager, COSINE_THRESHOLD)
+        self.manifest["precision_reason"] += (f"; {self.runtime.backend}: cosine to fp32 {cosine:.4f} >= {bound}, "
+                                              f"{torch_seconds / seconds:.2f}x torch {eager}")
         return out
 
     def _int8_worth_trying(self, compile_seconds: float, batch_seconds: float, n: int) -> bool:
@@ -255,8 +339,8 @@ class TowerRunner:
             return out
         int8_out, _, int8_seconds = started
         cosine = min_cosine(reference.pooled, int8_out.pooled)
-        if cosine >= COSINE_THRESHOLD and int8_seconds < seconds:
-            self.manifest["precision_reason"] = (f"int8: cosine to fp32 {cosine:.4f} >= {COSINE_THRESHOLD}, "
+        if agrees("int8", cosine) and int8_seconds < seconds:
+            self.manifest["precision_reason"] = (f"int8: cosine to fp32 {cosine:.4f} >= {MIN_COSINE['int8']}, "
                                                  f"{seconds / int8_seconds:.2f}x the compiled {self.precision}")
             self.manifest["precision"] = "int8"
             return int8_out
@@ -295,14 +379,14 @@ class TowerRunner:
         finally:
             self.status("")
         cosine = min_cosine(reference.pooled, out.pooled)
-        if precision != "int8" and not cosine >= COSINE_THRESHOLD:
+        if precision != "int8" and not agrees(precision, cosine):
             _logger.warning("the compiled tower disagrees with fp32 (cosine %.4f); encoding without it", cosine)
             self.compiled = None
             return None
         if record:
             form = "int8, compiled" if precision == "int8" else "compiled"
             self.manifest["precision_reason"] += f"; {form}, cosine to fp32 {cosine:.4f}"
-            if precision == "int8" and not cosine >= COSINE_THRESHOLD:
+            if precision == "int8" and not agrees("int8", cosine):
                 _logger.warning("int8 features differ from fp32 more than the auto check allows (cosine %.4f)", cosine)
         return out, compile_seconds, seconds
 
