@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -432,6 +433,39 @@ def test_the_worker_batches_what_waits_and_fails_requests_alone():
             futures[2].result(10)
         # "a" alone; then b, bad, c, d together, which fails and is run one by one; then e
         assert sizes == [1, 4, 1, 1, 1, 1, 1] and worker.largest == 4
+    finally:
+        worker.close()
+
+
+def test_after_a_batch_of_several_the_worker_waits_a_little_for_as_many():
+    sizes, gate, entered = [], threading.Event(), threading.Event()
+
+    def run(jobs):
+        entered.set()
+        gate.wait(10)
+        sizes.append(len(jobs))
+        return jobs
+
+    worker = BatchWorker("test", run, max_batch=8, linger=0.5)
+    try:
+        alone = [worker.submit("x")]  # a lone client's request is not held back
+        time.sleep(0.05)
+        alone.append(worker.submit("y"))
+        gate.set()
+        [f.result(10) for f in alone]
+        assert sizes == [1, 1]
+        gate.clear()
+        entered.clear()
+        held = worker.submit("hold")  # three queue behind it and go as one batch of 3
+        assert entered.wait(10)
+        three = [worker.submit(j) for j in "abc"]
+        gate.set()
+        [f.result(10) for f in [held, *three]]
+        assert sizes[2:] == [1, 3]
+        two = [worker.submit("d")]  # after a batch of 3 the worker waits for the second one, 0.05 s later
+        time.sleep(0.05)
+        two.append(worker.submit("e"))
+        assert [f.result(10) for f in two] == ["d", "e"] and sizes[4:] == [2]
     finally:
         worker.close()
 

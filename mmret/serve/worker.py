@@ -1,13 +1,15 @@
 """The one thread that runs a kind of model call for every request, batching what is waiting.
 
-The web server answers many requests at once; the model must not be: two threads inside one
-PyTorch module can race on its lazily built parts, and on two cores parallel forward passes only
-fight over them. So each kind of query (text, uploaded item) has one `BatchWorker` thread that
-owns its side of the model. Requests queue up; the thread takes every request waiting (up to
-`max_batch`) and runs them as one batch, so concurrent text queries share one forward pass and
-one index search. The queue is bounded: when it is full a request is refused at once (`Busy`)
-rather than left to wait without end. If a batch fails, its requests are run one by one, so a bad
-request fails alone and the thread goes on.
+The web server answers many requests at once; the model must not be: two threads inside one PyTorch
+module can race on its lazily built parts, and on two cores parallel forward passes only fight over
+them. So each kind of query (text, uploaded item) has one `BatchWorker` thread that owns its side of
+the model. Requests queue up; the thread takes every request waiting (up to `max_batch`) and runs
+them as one batch, so concurrent text queries share one forward pass and one index search. Clients
+that wait for their answers come back together, a little apart: when the last batch held several
+requests, the next one waits up to `linger` seconds (2 ms) for as many, so that they share one pass
+instead of taking turns in two; a lone client never waits. The queue is bounded: when it is full a
+request is refused at once (`Busy`) rather than left to wait without end. If a batch fails, its
+requests are run one by one, so a bad request fails alone and the thread goes on.
 
 Written here rather than taken from a library: the batching servers that exist (Triton, Ray
 Serve, TorchServe) are whole deployments of their own, for a loop of a few dozen lines.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -32,8 +35,9 @@ class Busy(Exception):
 
 class BatchWorker:
     def __init__(self, name: str, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 32,
-                 max_waiting: int = 256):
-        self.name, self.run_batch, self.max_batch = name, run_batch, max_batch
+                 max_waiting: int = 256, linger: float = 0.002):
+        self.name, self.run_batch, self.max_batch, self.linger = name, run_batch, max_batch, linger
+        self._last = 1  # the size of the last batch: how many requests to wait `linger` for
         self._queue: queue.Queue = queue.Queue(max_waiting)
         self._thread = threading.Thread(target=self._loop, name=f"mmret-{name}", daemon=True)
         self._thread.start()
@@ -58,15 +62,18 @@ class BatchWorker:
         if first is _STOP:
             return None
         batch = [first]
+        deadline = time.monotonic() + self.linger
         while len(batch) < self.max_batch:
+            wait = deadline - time.monotonic() if len(batch) < self._last else 0.0
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
                 self._queue.put(_STOP)  # stop after this batch
                 break
             batch.append(item)
+        self._last = len(batch)
         return batch
 
     def _loop(self) -> None:
