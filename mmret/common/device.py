@@ -94,16 +94,32 @@ def int8_supported(device: torch.device) -> bool:
 
 def int8_installed() -> bool:
     """An int8 quantiser: torchao (torch's PT2E) or NNCF with OpenVINO (the runtime's own)."""
+    return torch_int8_installed() or runtime_int8_installed()
+
+
+def torch_int8_installed() -> bool:
+    """torchao, which torch's PT2E int8 quantises with."""
     import importlib.util
 
-    runtime = all(importlib.util.find_spec(m) is not None for m in ("nncf", "openvino", "onnxscript"))
-    return importlib.util.find_spec("torchao") is not None or runtime
+    return importlib.util.find_spec("torchao") is not None
+
+
+def runtime_int8_installed() -> bool:
+    """NNCF, OpenVINO and the ONNX converter: the runtime's own int8 (`mmret.features.backend.quantize`)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("nncf", "openvino", "onnxscript"))
+
+
+def cosine_bound(precision: str) -> float:
+    """The smallest cosine to float32 a `precision` form may have and be kept (`MIN_COSINE`)."""
+    return MIN_COSINE.get(precision, COSINE_THRESHOLD)
 
 
 def agrees(precision: str, cosine: float) -> bool:
     """The rule of `MIN_COSINE`: a `precision` form whose smallest cosine to float32 is `cosine` may be kept
     (False for NaN)."""
-    return bool(cosine >= MIN_COSINE.get(precision, COSINE_THRESHOLD))
+    return bool(cosine >= cosine_bound(precision))
 
 
 def reduced_precision(device: torch.device) -> str | None:

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmret.common.device import runtime_int8_installed
 from mmret.common.io import atomic_dir, read_json, write_json
 from mmret.common.paths import slug
 from mmret.common.threads import compute_threads
-from mmret.encoders.convert import installed_runtimes, runtime_session, to_onnx
+from mmret.encoders.convert import installed_runtimes, runtime_mode, runtime_session, to_onnx
 
 TRIAL_SECONDS = 60.0  # torch work left (CPU seconds) above which converting a tower not converted yet pays
 CACHE_ENV = "MMRET_CACHE_DIR"
@@ -129,9 +130,8 @@ def record_int8(tower: Any, inputs: dict, decision: dict) -> None:
 
 
 def int8_installed() -> bool:
-    import importlib.util
-
-    return "openvino" in installed_runtimes() and importlib.util.find_spec("nncf") is not None
+    """The runtime's int8 can be tried: its packages are installed and runtimes are not turned off."""
+    return runtime_mode() != "torch" and runtime_int8_installed()
 
 
 def quantize(tower: Any, inputs: dict, calibration: Callable[[int], Iterable[dict]]) -> Path:

@@ -60,12 +60,11 @@ import torch
 
 from mmret.common import device as _device
 from mmret.common.device import (
-    COSINE_THRESHOLD,
-    MIN_COSINE,
     PrecisionChoice,
     agrees,
     autocast_context,
     choose_inference_precision,
+    cosine_bound,
     min_cosine,
     synchronize,
 )
@@ -233,7 +232,7 @@ class TowerRunner:
         if not (self.pooled_only and self.device.type == "cpu" and self.want_compile is not True
                 and len(inputs) == 1 and backend.int8_installed()):
             return None, None
-        bound = MIN_COSINE["int8"]
+        bound = cosine_bound("int8")
         decision = backend.int8_decision(self.tower, inputs)
         if decision is not None and decision.get("bound") == bound:  # measured by an earlier start
             if not decision["kept"]:
@@ -269,8 +268,9 @@ class TowerRunner:
         forward(self.tower, inputs, self.device, against)
         torch_seconds = time.perf_counter() - start
         cosine = min_cosine(reference.pooled, out.pooled)
-        kept = agrees("int8", cosine) and seconds < torch_seconds
-        reason = (f"openvino int8 (NNCF): cosine to fp32 {cosine:.4f} {'>=' if agrees('int8', cosine) else '<'} "
+        close = agrees("int8", cosine)
+        kept = close and seconds < torch_seconds
+        reason = (f"openvino int8 (NNCF): cosine to fp32 {cosine:.4f} {'>=' if close else '<'} "
                   f"{bound}, {torch_seconds / seconds:.2f}x torch {against}")
         backend.record_int8(self.tower, inputs, {"kept": kept, "cosine": cosine, "speedup": torch_seconds / seconds,
                                                  "against": against, "bound": bound, "reason": reason})
@@ -320,7 +320,7 @@ class TowerRunner:
             return None
         self.runtime, out, seconds, cosine = best
         self.manifest["backend"] = self.runtime.backend
-        bound = MIN_COSINE.get(eager, COSINE_THRESHOLD)
+        bound = cosine_bound(eager)
         self.manifest["precision_reason"] += (f"; {self.runtime.backend}: cosine to fp32 {cosine:.4f} >= {bound}, "
                                               f"{torch_seconds / seconds:.2f}x torch {eager}")
         return out
@@ -328,7 +328,7 @@ class TowerRunner:
     def _int8_worth_trying(self, compile_seconds: float, batch_seconds: float, n: int) -> bool:
         work_left = batch_seconds * self.rows_left / max(n, 1)
         worth = work_left > INT8_TRIAL_RATIO * compile_seconds
-        return worth and _device.int8_supported(self.device) and _device.int8_installed()
+        return worth and _device.int8_supported(self.device) and _device.torch_int8_installed()  # a PT2E trial
 
     def _try_int8(self, inputs: dict, reference: Any, out: Any, seconds: float) -> Any:
         """Keep the int8 form when it agrees with fp32 and beats the compiled tower on this batch."""
@@ -340,7 +340,7 @@ class TowerRunner:
         int8_out, _, int8_seconds = started
         cosine = min_cosine(reference.pooled, int8_out.pooled)
         if agrees("int8", cosine) and int8_seconds < seconds:
-            self.manifest["precision_reason"] = (f"int8: cosine to fp32 {cosine:.4f} >= {MIN_COSINE['int8']}, "
+            self.manifest["precision_reason"] = (f"int8: cosine to fp32 {cosine:.4f} >= {cosine_bound('int8')}, "
                                                  f"{seconds / int8_seconds:.2f}x the compiled {self.precision}")
             self.manifest["precision"] = "int8"
             return int8_out

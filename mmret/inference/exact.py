@@ -82,8 +82,9 @@ class ExactIndex:
         """(scores, ids), both (n_queries, k): float32 exact scores, best first, and int64 rows."""
         q = _check_queries(queries, self.dim)
         k = _check_k(k, self.n)
-        precision = _precision(q, self.max_norm, copy=self._copy_allowed())
-        copy = self._bf16_copy() if precision == "bf16" and self._copy_allowed() else None
+        allowed = self._copy_allowed()
+        precision = _precision(q, self.max_norm, copy=allowed)
+        copy = self._bf16_copy() if precision == "bf16" and allowed else None
         scores = np.empty((len(q), k), dtype=np.float32)
         ids = np.empty((len(q), k), dtype=np.int64)
         step = max(1, _SCORE_BUDGET // self.n)
